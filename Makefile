@@ -1,0 +1,29 @@
+# Every target does its own setup: a virtualenv in .venv with torch==2.13.0 (CPU) installed in the
+# same pip run as the project, so nothing can pull a CUDA build of torch.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-all bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==2.13.0" -e ".[test,plot]"
+	touch $(STAMP)
+
+demo: $(STAMP)  ## QAT+KD of the bundled teacher on the bundled books (<= 10 min on 2 cores)
+	$(BIN)/ternary-mamba quantize
+
+test: $(STAMP)  ## the offline test suite (no ../shared, no network)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)  ## including the slow tests
+	$(BIN)/python -m pytest -q -m ""
+
+bench: $(STAMP)
+	$(BIN)/ternary-mamba bench model
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

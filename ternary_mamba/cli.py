@@ -1,0 +1,169 @@
+"""The `ternary-mamba` command line.  Heavy imports (torch, transformers) live inside the commands so
+that `--help` is instant.  A `UserError` prints as one line and exits 1."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EPILOG = """examples:
+  ternary-mamba quantize                                   # bundled teacher + bundled books (the demo)
+  ternary-mamba quantize --teacher state-spaces/mamba2-130m --data books/ --tokens 5000000 --out runs/130m
+  ternary-mamba info models/teacher                        # config, parameter counts, FP16 size
+  ternary-mamba info mamba2-1.3b                           # a preset: 1,343,757,312 parameters
+  ternary-mamba pretrain --config teacher-8k --tokenizer tok.json --data books/ --tokens 20000000 --out runs/t
+  ternary-mamba tokenizer train --data books/ --vocab-size 8192 --out tokenizer.json
+  ternary-mamba generate models/teacher --prompt "Once upon a time"
+  ternary-mamba bench model
+"""
+
+
+def _add_train_args(p: argparse.ArgumentParser, tokens: int, lr: float, seq_len: int = 256, batch: int = 8) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--tokens", type=int, default=tokens, help="token budget (default %(default)s)")
+    g.add_argument("--seq-len", type=int, default=seq_len)
+    g.add_argument("--batch-size", type=int, default=batch, help="sequences per micro-batch (per rank)")
+    g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--warmup-frac", type=float, default=0.05)
+    g.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations (0: never)")
+    g.add_argument("--eval-batches", type=int, default=8)
+    g.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--chunk-size", type=int, default=None, help="SSD chunk length (compute knob; default from config)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    g.add_argument("--cache-dir", default=None, help="where tokenized data is cached")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ternary-mamba", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Grouped ternary (W1.58A16) QAT + distillation for Mamba-2, packed export and CPU inference.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("info", help="config, parameter counts by component and sizes of a model, run or preset")
+    p.add_argument("path", help="model folder, run folder, packed folder, config.json, preset name or hub id")
+
+    p = sub.add_parser("pretrain", help="train a Mamba-2 from scratch (the teacher; --ternary: the from-scratch control)")
+    p.add_argument("--config", required=True, help="preset name or JSON file of Mamba2Config fields")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json")
+    p.add_argument("--data", nargs="+", required=True, help="text files / folders / jsonl")
+    p.add_argument("--eval-data", nargs="+", default=None, help="held-out text (default: 1%% split off --data)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--ternary", action="store_true", help="ternary QAT from random init (from-scratch control)")
+    p.add_argument("--group-size", type=int, default=128)
+    _add_train_args(p, tokens=10_000_000, lr=3e-3)
+
+    p = sub.add_parser("quantize", help="grouped ternary QAT + distillation from a frozen teacher (no args: the demo)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--teacher", default=None, help="teacher folder or hub id (default: the bundled teacher)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the teacher's)")
+    p.add_argument("--data", nargs="+", default=None, help="text files / folders / jsonl (default: bundled books)")
+    p.add_argument("--eval-data", nargs="+", default=None, help="held-out text (default: bundled held-out book, "
+                   "or 2%% split off --data)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/ternary-<teacher>-<time>)")
+    q = p.add_argument_group("quantization")
+    q.add_argument("--group-size", type=int, default=128, help="weights per scale along in_features; -1: per row")
+    q.add_argument("--scale-mode", default="absmean", choices=["absmean", "learned", "guarded"])
+    q.add_argument("--guard-band", type=float, nargs=2, default=(0.5, 1.5), metavar=("LOW", "HIGH"),
+                   help="guarded: scale kept within [LOW, HIGH] x the group's current absmean")
+    q.add_argument("--scale-lr-mult", type=float, default=1.0, help="lr multiplier of the learned scales")
+    q.add_argument("--lam-warmup", type=int, default=0, help="steps of quantization warm-up w + lam (q(w) - w)")
+    q.add_argument("--tau", type=float, default=1.0, help="distillation temperature")
+    q.add_argument("--alpha-ce", type=float, default=0.0, help="weight of the cross-entropy on the data")
+    q.add_argument("--beta-hidden", type=float, default=0.0, help="weight of per-block hidden-state matching")
+    q.add_argument("--on-collapse", default="warn", choices=["warn", "guard", "stop"])
+    q.add_argument("--collapse-threshold", type=float, default=0.6, help="zero ratio that counts as collapse")
+    q.add_argument("--monitor-every", type=int, default=10, help="steps between zero-ratio measurements")
+    q.add_argument("--final-eval-batches", type=int, default=16)
+    _add_train_args(p, tokens=300_000, lr=2e-3)
+    p.set_defaults(weight_decay=0.0, eval_every=50, save_every=50)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="tok_command", metavar="ACTION")
+    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer")
+    t.add_argument("--data", nargs="+", required=True)
+    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--out", required=True)
+    return parser
+
+
+def cmd_info(args) -> None:
+    from pathlib import Path
+    from .config import PRESETS, Mamba2Config
+    from .info import format_info
+    if args.path in PRESETS:
+        print(format_info(Mamba2Config(**PRESETS[args.path]), args.path))
+        return
+    p = Path(args.path)
+    from .checkpoint import config_from_json, resolve_model_dir
+    if p.is_file():
+        print(format_info(config_from_json(p), str(p)))
+        return
+    folder = resolve_model_dir(args.path)
+    if (folder / "run.json").exists() and (folder / "model").exists():
+        folder = folder / "model"
+    if (folder / "config.json").exists() and (folder / "config.json").stat():
+        print(format_info(config_from_json(folder / "config.json"), str(folder)))
+        return
+    from .errors import UserError
+    raise UserError(f"{folder}: no config.json")
+
+
+def cmd_pretrain(args) -> None:
+    from .train.pretrain import run_pretrain
+    run_pretrain(args)
+
+
+def cmd_quantize(args) -> None:
+    from .train.quantize import run_quantize
+    run_quantize(args)
+
+
+def cmd_tokenizer(args) -> None:
+    from pathlib import Path
+    from .errors import UserError
+    if args.tok_command != "train":
+        raise UserError("usage: ternary-mamba tokenizer train --data PATH... --vocab-size N --out tokenizer.json")
+    from .tokenizer import train_bpe_tokenizer
+    from .train.data import find_text_files
+    out = Path(args.out)
+    if out.exists():
+        raise UserError(f"{out}: already exists; choose another --out")
+    if args.vocab_size < 300:
+        raise UserError("--vocab-size must be at least 300 (256 bytes + merges)")
+    tok = train_bpe_tokenizer(find_text_files(args.data), args.vocab_size, out)
+    sample = "It was the best of times."
+    print(f"wrote {out}: {tok.vocab_size} tokens; {sample!r} -> {len(tok.encode(sample))} tokens")
+
+
+COMMANDS = {"info": cmd_info, "pretrain": cmd_pretrain, "quantize": cmd_quantize, "tokenizer": cmd_tokenizer}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    threads = getattr(args, "threads", None)
+    from .errors import UserError
+    try:
+        import torch
+        if threads:
+            torch.set_num_threads(threads)
+        COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"ternary-mamba {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"ternary-mamba {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

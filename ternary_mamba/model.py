@@ -1,0 +1,222 @@
+"""Mamba-2 language model in pure PyTorch (fp32 on CPU), numerically the published architecture.
+
+Module names follow mamba_ssm so that its checkpoints load key-for-key:
+    backbone.embedding, backbone.layers.{i}.norm, backbone.layers.{i}.mixer.{in_proj, conv1d, dt_bias,
+    A_log, D, norm, out_proj}, backbone.norm_f, lm_head (weight tied to the embedding).
+Every projection is called as a module (`self.in_proj(u)`), never by reaching into its `.weight`, so a
+swapped-in quantized module is always the one that runs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import Mamba2Config
+from .ssd import ssd_chunked, ssd_sequential, ssd_step
+
+
+@dataclass
+class LayerState:
+    conv: Tensor  # (b, conv_dim, d_conv - 1): the last inputs of the causal conv
+    ssm: Tensor   # (b, nheads, headdim, d_state)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class GatedRMSNorm(nn.Module):
+    """norm(y * silu(z)) with one RMS statistic per group of d_inner/ngroups channels (norm_before_gate=False)."""
+
+    def __init__(self, d: int, ngroups: int, eps: float):
+        super().__init__()
+        self.eps, self.ngroups = eps, ngroups
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, y: Tensor, z: Tensor) -> Tensor:
+        y = y * F.silu(z)
+        yg = y.unflatten(-1, (self.ngroups, -1))
+        yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + self.eps)
+        return yg.flatten(-2) * self.weight
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, cfg: Mamba2Config):
+        super().__init__()
+        self.cfg = cfg
+        self.in_proj = nn.Linear(cfg.d_model, cfg.d_in_proj, bias=cfg.bias)
+        self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.d_conv, groups=cfg.conv_dim, bias=cfg.conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(cfg.nheads))
+        self.A_log = nn.Parameter(torch.empty(cfg.nheads))
+        self.D = nn.Parameter(torch.ones(cfg.nheads))
+        self.norm = GatedRMSNorm(cfg.d_inner, cfg.ngroups, cfg.norm_eps)
+        self.out_proj = nn.Linear(cfg.d_inner, cfg.d_model, bias=cfg.bias)
+        self.ssd_impl = "chunked"  # or "sequential": the slow reference, for tests
+
+    def _split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        c = self.cfg
+        return zxbcdt.split([c.d_inner, c.conv_dim, c.nheads], dim=-1)
+
+    def _ssm_inputs(self, xBC: Tensor, dt: Tensor):
+        c = self.cfg
+        x, B, C = F.silu(xBC).split([c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
+        dt = F.softplus(dt + self.dt_bias)
+        A = -torch.exp(self.A_log)
+        return x, B, C, dt, A
+
+    def forward(self, u: Tensor, state: LayerState | None = None) -> tuple[Tensor, LayerState]:
+        """u (b, l, d_model) -> (b, l, d_model) and the state after the last token."""
+        c = self.cfg
+        b, l, _ = u.shape
+        z, xBC, dt = self._split(self.in_proj(u))
+        # causal depthwise conv over time, continuing from the previous inputs (zeros at the start)
+        prev = state.conv if state is not None else u.new_zeros(b, c.conv_dim, c.d_conv - 1)
+        xBC_t = torch.cat([prev, xBC.transpose(1, 2)], dim=2)               # (b, conv_dim, d_conv-1+l)
+        conv_state = xBC_t[:, :, -(c.d_conv - 1):]
+        xBC = F.conv1d(xBC_t, self.conv1d.weight, self.conv1d.bias, groups=c.conv_dim).transpose(1, 2)
+        x, B, C, dt, A = self._ssm_inputs(xBC, dt)
+        x = x.view(b, l, c.nheads, c.headdim)
+        B, C = B.view(b, l, c.ngroups, c.d_state), C.view(b, l, c.ngroups, c.d_state)
+        init = state.ssm if state is not None else None
+        if self.ssd_impl == "sequential":
+            y, ssm_state = ssd_sequential(x, dt, A, B, C, init)
+        else:
+            y, ssm_state = ssd_chunked(x, dt, A, B, C, c.chunk_size, init)
+        y = (y + x * self.D[:, None]).reshape(b, l, c.d_inner)
+        return self.out_proj(self.norm(y, z)), LayerState(conv_state, ssm_state)
+
+    def step(self, u: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
+        """One token: u (b, d_model) -> (b, d_model); O(1) in the sequence length."""
+        c = self.cfg
+        z, xBC, dt = self._split(self.in_proj(u))
+        window = torch.cat([state.conv, xBC[:, :, None]], dim=2)            # (b, conv_dim, d_conv)
+        xBC = (window * self.conv1d.weight[:, 0]).sum(-1)
+        if self.conv1d.bias is not None:
+            xBC = xBC + self.conv1d.bias
+        x, B, C, dt, A = self._ssm_inputs(xBC, dt)
+        x = x.view(-1, c.nheads, c.headdim)
+        y, ssm = ssd_step(state.ssm, x, dt, A, B.view(-1, c.ngroups, c.d_state), C.view(-1, c.ngroups, c.d_state))
+        y = (y + x * self.D[:, None]).reshape(-1, c.d_inner)
+        return self.out_proj(self.norm(y, z)), LayerState(window[:, :, 1:], ssm)
+
+
+class Mamba2Block(nn.Module):
+    def __init__(self, cfg: Mamba2Config):
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = Mamba2Mixer(cfg)
+
+    def forward(self, h: Tensor, state: LayerState | None = None) -> tuple[Tensor, LayerState]:
+        out, state = self.mixer(self.norm(h), state)
+        return h + out, state
+
+    def step(self, h: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
+        out, state = self.mixer.step(self.norm(h), state)
+        return h + out, state
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: Mamba2Config):
+        super().__init__()
+        self.embedding = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Mamba2Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+
+class Mamba2LM(nn.Module):
+    def __init__(self, cfg: Mamba2Config, init: bool = True):
+        super().__init__()
+        self.config = cfg
+        self.backbone = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+        if init:
+            self.reset_parameters()
+
+    # ---- initialisation (mamba_ssm's recipe) ----
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        cfg = self.config
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        nn.init.normal_(self.backbone.embedding.weight, std=cfg.initializer_range, generator=gen)
+        if not cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=cfg.initializer_range, generator=gen)
+        for layer in self.backbone.layers:
+            m = layer.mixer
+            for lin in (m.in_proj, m.out_proj):
+                bound = 1 / math.sqrt(lin.in_features)
+                nn.init.uniform_(lin.weight, -bound, bound, generator=gen)
+                if lin.bias is not None:
+                    lin.bias.zero_()
+            m.out_proj.weight /= math.sqrt(cfg.n_layer)  # prenorm residual rescale
+            bound = 1 / math.sqrt(cfg.d_conv)
+            nn.init.uniform_(m.conv1d.weight, -bound, bound, generator=gen)
+            if m.conv1d.bias is not None:
+                nn.init.uniform_(m.conv1d.bias, -bound, bound, generator=gen)
+            u = torch.rand(cfg.nheads, generator=gen)
+            dt = torch.exp(u * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+            dt = dt.clamp(min=cfg.dt_init_floor)
+            m.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            A = torch.empty(cfg.nheads).uniform_(cfg.A_init_min, cfg.A_init_max, generator=gen)
+            m.A_log.copy_(torch.log(A))
+            m.D.fill_(1.0)
+            m.norm.weight.fill_(1.0)
+            layer.norm.weight.fill_(1.0)
+        self.backbone.norm_f.weight.fill_(1.0)
+
+    # ---- inference ----
+    def forward(self, input_ids: Tensor, state: list[LayerState] | None = None, *,
+                return_state: bool = False, return_hidden: bool = False):
+        """input_ids (b, l) -> logits (b, l, padded_vocab).
+
+        return_state: also return the per-layer states after the last token (continue with `step`).
+        return_hidden: also return the residual stream after every block (for hidden-state distillation)."""
+        h = self.backbone.embedding(input_ids)
+        new_state, hidden = [], []
+        for i, layer in enumerate(self.backbone.layers):
+            h, s = layer(h, state[i] if state is not None else None)
+            new_state.append(s)
+            if return_hidden:
+                hidden.append(h)
+        logits = self.lm_head(self.backbone.norm_f(h))
+        if not (return_state or return_hidden):
+            return logits
+        out = (logits,)
+        if return_state:
+            out += (new_state,)
+        if return_hidden:
+            out += (hidden,)
+        return out
+
+    def step(self, token_ids: Tensor, state: list[LayerState]) -> tuple[Tensor, list[LayerState]]:
+        """token_ids (b,) -> logits (b, padded_vocab) and the next state."""
+        h = self.backbone.embedding(token_ids)
+        new_state = []
+        for layer, s in zip(self.backbone.layers, state):
+            h, s = layer.step(h, s)
+            new_state.append(s)
+        return self.lm_head(self.backbone.norm_f(h)), new_state
+
+    def empty_state(self, batch_size: int) -> list[LayerState]:
+        c = self.config
+        p = next(self.parameters())
+        return [LayerState(p.new_zeros(batch_size, c.conv_dim, c.d_conv - 1),
+                           p.new_zeros(batch_size, c.nheads, c.headdim, c.d_state))
+                for _ in range(c.n_layer)]
+
+    def set_ssd_impl(self, impl: str) -> None:
+        assert impl in ("chunked", "sequential"), impl
+        for layer in self.backbone.layers:
+            layer.mixer.ssd_impl = impl

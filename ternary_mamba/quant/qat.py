@@ -1,0 +1,159 @@
+"""`quantize_(model, TernaryConfig(...))`: swap the target linears of a Mamba-2 for `TernaryLinear`
+QAT modules that keep the latent full-precision weight (the same Parameter, not a copy) and per-group
+scales.  Scale modes:
+
+  absmean  s_g = mean|w_g| recomputed from the latent weights at every forward (BitNet b1.58), not trained.
+  learned  s_g is a parameter initialised from absmean and trained with an LSQ gradient.  From a
+           pretrained checkpoint this drifts upward and more and more weights round to 0: the paper's
+           zero-ratio collapse.
+  guarded  learned, but the effective scale is clamped into [lo, hi] × the group's *current* absmean
+           (detached).  The zero threshold of a group is s/2, so tying s to mean|w| bounds the group's
+           zero ratio (≈ 1 − exp(−hi/2) for Laplace-like weights: 53 % at hi = 1.5) while still letting the
+           scale adapt inside the band.  The band is the guard; the LSQ gradient still trains s inside it.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import UserError
+from .ternary import TernarySTE, absmean_scale, round_scale, ternary_codes
+
+SCALE_MODES = ("absmean", "learned", "guarded")
+
+
+@dataclass
+class TernaryConfig:
+    group_size: int = 128            # G > 0: groups of G along in_features; -1: one scale per row
+    scale_mode: str = "absmean"      # absmean | learned | guarded
+    guard_low: float = 0.5           # guarded: effective scale within [low, high] x current absmean
+    guard_high: float = 1.5
+    targets: tuple[str, ...] = ("in_proj", "out_proj")
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        if self.scale_mode not in SCALE_MODES:
+            raise UserError(f"scale mode '{self.scale_mode}' unknown; choose one of {', '.join(SCALE_MODES)}")
+        if self.group_size == 0 or self.group_size < -1:
+            raise UserError(f"group size {self.group_size}: use a positive size (64, 128, 256) or -1 for one per row")
+        if not 0 < self.guard_low < 1 < self.guard_high:
+            raise UserError(f"guard band [{self.guard_low}, {self.guard_high}] must satisfy 0 < low < 1 < high")
+        bad = [t for t in self.targets if t not in ("in_proj", "out_proj")]
+        if bad:
+            raise UserError(f"targets {bad}: only in_proj and out_proj can be ternary (the embedding/head stay fp16)")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TernaryConfig":
+        return cls(**d)
+
+
+class TernaryLinear(nn.Module):
+    """A linear layer whose forward uses s16 · ternary(w) instead of w (fake quantization)."""
+
+    def __init__(self, linear: nn.Linear, cfg: TernaryConfig, name: str = ""):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        G = self.in_features if cfg.group_size == -1 else cfg.group_size
+        if self.in_features % G:
+            ok = [g for g in (32, 64, 128, 256) if self.in_features % g == 0]
+            raise UserError(f"group size {G} does not divide in_features={self.in_features} of {name or 'a linear'}; "
+                            f"use one of {ok or [-1]} (or -1 for one scale per row)")
+        self.group_size, self.mode = G, cfg.scale_mode
+        self.guard = (cfg.guard_low, cfg.guard_high)
+        self.weight = linear.weight  # the same Parameter: the latent full-precision weight
+        self.bias = linear.bias
+        self.enabled = True          # False: behave exactly like the original nn.Linear (for tests/ablations)
+        self.lam = 1.0               # quantization warm-up: w + lam * (q - w); 1.0 = fully ternary
+        if self.mode != "absmean":
+            with torch.no_grad():
+                self.scale = nn.Parameter(absmean_scale(self.weight.detach().float(), G))
+
+    def effective_scale(self) -> Tensor:
+        """The scale the forward uses, (out, in // G), before fp16 rounding."""
+        w = self.weight
+        if self.mode == "absmean":
+            return absmean_scale(w.detach(), self.group_size)
+        if self.mode == "guarded":
+            a = absmean_scale(w.detach(), self.group_size)
+            return torch.maximum(torch.minimum(self.scale, self.guard[1] * a), self.guard[0] * a)
+        return self.scale
+
+    def quantized_weight(self) -> Tensor:
+        q = TernarySTE.apply(self.weight, self.effective_scale(), self.group_size, self.mode != "absmean")
+        if self.lam >= 1.0:
+            return q  # exact: identical to the packed export
+        return self.weight + self.lam * (q - self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.quantized_weight() if self.enabled else self.weight
+        return F.linear(x, w, self.bias)
+
+    @torch.no_grad()
+    def export(self) -> tuple[Tensor, Tensor]:
+        """(codes int8 (out, in), fp16 scales (out, in // G)): exactly what the forward uses."""
+        s16 = round_scale(self.effective_scale().float())
+        return ternary_codes(self.weight.float(), s16, self.group_size), s16.half()
+
+    @torch.no_grad()
+    def stats(self) -> dict[str, float]:
+        codes, s16 = self.export()
+        return {"zero_ratio": (codes == 0).float().mean().item(),
+                "scale_over_absmean": (s16.float().mean() / self.weight.abs().mean().clamp_min(1e-12)).item()}
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, group_size={self.group_size}, scale={self.mode}"
+
+
+def default_filter(cfg: TernaryConfig) -> Callable[[nn.Module, str], bool]:
+    return lambda module, fqn: isinstance(module, nn.Linear) and fqn.rsplit(".", 1)[-1] in cfg.targets
+
+
+def quantize_(model: nn.Module, cfg: TernaryConfig,
+              filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
+    """Swap, in place, every nn.Linear accepted by filter_fn(module, fqn) for a TernaryLinear sharing
+    its weight.  Records the config on the model (`model.ternary_config`) so checkpoints rebuild it."""
+    if getattr(model, "ternary_config", None) is not None:
+        raise UserError("model is already quantized")
+    filter_fn = filter_fn or default_filter(cfg)
+    swaps = [(fqn, m) for fqn, m in model.named_modules() if fqn and filter_fn(m, fqn)]
+    if not swaps:
+        raise UserError("quantize_: no module matched the filter")
+    for fqn, m in swaps:
+        parent_name, _, child = fqn.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, TernaryLinear(m, cfg, fqn))
+    model.ternary_config = cfg
+    return model
+
+
+def ternary_modules(model: nn.Module) -> list[tuple[str, TernaryLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, TernaryLinear)]
+
+
+def set_quant_enabled(model: nn.Module, enabled: bool) -> None:
+    for _, m in ternary_modules(model):
+        m.enabled = enabled
+
+
+def set_lambda(model: nn.Module, lam: float) -> None:
+    for _, m in ternary_modules(model):
+        m.lam = lam
+
+
+def set_scale_mode(model: nn.Module, mode: str) -> None:
+    """Switch learned <-> guarded in place (the --on-collapse guard action)."""
+    for _, m in ternary_modules(model):
+        if m.mode == "absmean" or mode == "absmean":
+            raise UserError("cannot switch to or from absmean scales during training")
+        m.mode = mode
+    model.ternary_config.scale_mode = mode

@@ -1,0 +1,70 @@
+"""Pure functions of grouped ternary quantization.  A weight W (out, in) is cut into groups of G
+consecutive weights along `in`; each group g has one scale s_g and W ≈ s_g · t with t ∈ {-1, 0, +1}.
+
+Scales are rounded to fp16 *before* the codes are computed, so the fake-quant weights used in
+training are bit-identical to what a packed fp16-scale export dequantizes to."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SCALE_MIN = 1e-4     # keeps fp16 scales normal-ish and all-zero groups harmless
+SCALE_MAX = 65504.0  # largest fp16
+
+
+def grouped(w: Tensor, group_size: int) -> Tensor:
+    """(out, in) -> (out, in // G, G).  A view, never a copy of the caller's data being modified."""
+    out_f, in_f = w.shape
+    return w.reshape(out_f, in_f // group_size, group_size)
+
+
+def absmean_scale(w: Tensor, group_size: int) -> Tensor:
+    """BitNet b1.58's scale per group: mean |w|.  (out, in) -> (out, in // G)."""
+    return grouped(w, group_size).abs().mean(-1)
+
+
+def round_scale(s: Tensor) -> Tensor:
+    """The fp16 value a packed file stores, back in fp32."""
+    return s.clamp(SCALE_MIN, SCALE_MAX).half().float()
+
+
+def ternary_codes(w: Tensor, s16: Tensor, group_size: int) -> Tensor:
+    """Codes t = round(clamp(w / s, -1, 1)) as int8, (out, in).  `s16` must already be fp16-rounded."""
+    v = grouped(w, group_size) / s16[..., None]
+    return v.clamp(-1, 1).round().to(torch.int8).reshape(w.shape)
+
+
+def dequantize(codes: Tensor, s16: Tensor, group_size: int) -> Tensor:
+    """codes (out, in) int8 and scales (out, in // G) -> fp32 weight, exactly as fake-quant computes it."""
+    return (grouped(codes.float(), group_size) * s16[..., None]).reshape(codes.shape)
+
+
+class TernarySTE(torch.autograd.Function):
+    """q = s16 · round(clamp(w / s16, -1, 1)) with straight-through gradients.
+
+    learned=False: pure STE for w (BitNet), no gradient to the scale (it is recomputed, not trained).
+    learned=True:  LSQ — w gets the gradient inside the clipping range; the scale gets
+                   sum_g dq/ds · grad with dq/ds = round(v) - v inside, sign(v) outside, times 1/sqrt(G)."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, scale: Tensor, group_size: int, learned: bool) -> Tensor:
+        s16 = round_scale(scale)
+        codes = ternary_codes(w, s16, group_size)
+        if learned:
+            ctx.save_for_backward(w, s16, codes)
+        ctx.group_size, ctx.learned = group_size, learned
+        return dequantize(codes, s16, group_size)
+
+    @staticmethod
+    def backward(ctx, grad_q: Tensor):
+        if not ctx.learned:
+            return grad_q, None, None, None
+        w, s16, codes = ctx.saved_tensors
+        G = ctx.group_size
+        v = grouped(w, G) / s16[..., None]
+        inside = v.abs() <= 1
+        g = grouped(grad_q, G)
+        grad_w = (g * inside).reshape(w.shape)
+        dq_ds = torch.where(inside, grouped(codes.float(), G) - v, v.sign())
+        grad_s = (g * dq_ds).sum(-1) / G ** 0.5
+        return grad_w, grad_s, None, None

@@ -1,0 +1,1 @@
+"""Training: data packing, the shared training loop, and the pretrain / QAT+KD objectives."""

@@ -1,0 +1,174 @@
+"""Text -> a token file on disk -> fixed-length training sequences in a deterministic, resumable order.
+
+Files are tokenized one at a time and appended to a flat binary token file (uint16 when the vocabulary
+fits), documents separated by the end-of-text id; training reads it through np.memmap, so the corpus is
+never held in memory twice.  Token files are cached by a hash of (file paths, sizes, mtimes, tokenizer).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+TEXT_SUFFIXES = {".txt", ".md", ".text", ".jsonl"}
+
+
+def find_text_files(paths: list[str | os.PathLike]) -> list[Path]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+            if not found:
+                raise UserError(f"{p}: no text files ({', '.join(sorted(TEXT_SUFFIXES))}) in this folder")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UserError(f"{p}: no such file or folder")
+    return files
+
+
+def read_documents(path: Path) -> list[str]:
+    """A .jsonl file gives one document per line (its "text" field); any other file is one document.
+    Files that are not UTF-8 text are rejected, naming the file."""
+    raw = path.read_bytes()
+    if b"\x00" in raw[:8192]:
+        raise UserError(f"{path}: looks binary (NUL bytes), not a text file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); convert it or leave it out") from None
+    if path.suffix != ".jsonl":
+        return [text] if text.strip() else []
+    docs = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            docs.append(json.loads(line)["text"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{path}:{i}: expected a JSON object with a \"text\" field") from None
+    return docs
+
+
+def _cache_key(files: list[Path], tokenizer) -> str:
+    h = hashlib.sha256(Path(tokenizer.path).read_bytes())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:20]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TERNARY_MAMBA_CACHE", Path.home() / ".cache" / "ternary-mamba")) / "tokens"
+
+
+def tokenize_to_file(paths: list[str | os.PathLike], tokenizer, cache_dir: Path | None = None,
+                     verbose: bool = True) -> Path:
+    """Tokenize text files/folders into a cached .bin token file and return its path."""
+    files = find_text_files(paths)
+    cache_dir = Path(cache_dir or default_cache_dir())
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
+    out = cache_dir / f"{_cache_key(files, tokenizer)}.{np.dtype(dtype).name}.bin"
+    if out.exists():
+        return out
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    n_tokens, n_docs = 0, 0
+    sep = tokenizer.eos_id
+    with open(tmp, "wb") as f:
+        for i, path in enumerate(files):
+            for doc in read_documents(path):
+                ids = tokenizer_encode_pieces(tokenizer, doc)
+                if sep is not None:
+                    ids.append(sep)
+                np.asarray(ids, dtype=dtype).tofile(f)
+                n_tokens += len(ids)
+                n_docs += 1
+            if verbose and sys.stderr.isatty():
+                print(f"\rtokenizing {i + 1}/{len(files)} files, {n_tokens:,} tokens", end="", file=sys.stderr)
+    if verbose:
+        print(f"{chr(13) if sys.stderr.isatty() else ''}tokenized {len(files)} files: {n_docs:,} documents, "
+              f"{n_tokens:,} tokens -> {out}", file=sys.stderr)
+    if n_tokens == 0:
+        tmp.unlink()
+        raise UserError(f"{', '.join(map(str, paths))}: no text to train on (all files empty)")
+    os.replace(tmp, out)
+    return out
+
+
+def tokenizer_encode_pieces(tokenizer, doc: str, piece_chars: int = 1 << 16) -> list[int]:
+    """Encode a long document in newline-aligned pieces (parallel in the Rust tokenizer).  Pieces end at
+    a newline so no word is split; byte-level BPE merges never cross a newline boundary in practice."""
+    pieces, start = [], 0
+    while start < len(doc):
+        end = min(len(doc), start + piece_chars)
+        if end < len(doc):
+            nl = doc.rfind("\n", start, end)
+            end = nl + 1 if nl > start else end
+        pieces.append(doc[start:end])
+        start = end
+    ids: list[int] = []
+    for enc in tokenizer.encode_batch(pieces):
+        ids += enc
+    return ids
+
+
+def load_tokens(path: Path) -> np.ndarray:
+    dtype = np.uint16 if ".uint16." in path.name else np.uint32
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+@dataclass
+class PackedSequences:
+    """A token stream cut into non-overlapping windows of seq_len+1 tokens (inputs + shifted targets)."""
+    tokens: np.ndarray
+    seq_len: int
+    start: int = 0          # window range [start, stop) — used for the train / held-out split
+    stop: int | None = None
+
+    def __post_init__(self):
+        total = (len(self.tokens) - 1) // self.seq_len
+        self.stop = total if self.stop is None else self.stop
+        if self.stop - self.start < 1:
+            raise UserError(f"data: {len(self.tokens):,} tokens is less than one sequence of {self.seq_len}")
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def window(self, i: int) -> torch.Tensor:
+        s = (self.start + i) * self.seq_len
+        return torch.from_numpy(self.tokens[s:s + self.seq_len + 1].astype(np.int64))
+
+    def batch(self, indices) -> torch.Tensor:
+        return torch.stack([self.window(int(i)) for i in indices])
+
+
+def split_heldout(tokens: np.ndarray, seq_len: int, heldout_fraction: float) -> tuple[PackedSequences, PackedSequences]:
+    """The last `heldout_fraction` of windows (at least one) is held out; the rest is training data."""
+    full = PackedSequences(tokens, seq_len)
+    n_held = max(1, int(len(full) * heldout_fraction))
+    if len(full) - n_held < 1:
+        raise UserError(f"data: only {len(full)} sequences of {seq_len} tokens; need at least 2 to split off held-out data")
+    return PackedSequences(tokens, seq_len, 0, len(full) - n_held), PackedSequences(tokens, seq_len, len(full) - n_held, len(full))
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0, world: int = 1) -> np.ndarray:
+    """Window indices of global step `step` for one rank: a fresh seeded permutation every epoch, so
+    any step's batch is a pure function of (seed, step) and a resumed run sees exactly the same data."""
+    global_bs = batch_size * world
+    per_epoch = max(1, n // global_bs)
+    epoch, k = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    idx = perm[k * global_bs:(k + 1) * global_bs]
+    if len(idx) < global_bs:  # fewer windows than one global batch: wrap around
+        idx = np.resize(perm, global_bs)
+    return idx[rank * batch_size:(rank + 1) * batch_size]

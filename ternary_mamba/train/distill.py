@@ -1,0 +1,108 @@
+"""The QAT + knowledge-distillation objective: a frozen full-precision teacher, a ternary student.
+
+    loss = τ² · KL(p_teacher^τ ‖ p_student^τ) + α · CE(student, data) + β · mean_l ‖h_s^l − h_t^l‖² / ‖h_t^l‖²
+
+The teacher runs under no_grad in eval mode (fp32 on CPU; half precision is ~100x slower on these CPUs).
+Logits are compared over the real vocabulary only (the padded rows never receive probability mass).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .pretrain import param_groups
+
+
+def kl_div(t_logits: torch.Tensor, s_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Mean over tokens of KL(softmax(t/τ) ‖ softmax(s/τ)); logits (..., V)."""
+    t = F.log_softmax(t_logits.float() / tau, dim=-1)
+    s = F.log_softmax(s_logits.float() / tau, dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+class DistillObjective:
+    def __init__(self, teacher, *, tau: float = 1.0, alpha_ce: float = 0.0, beta_hidden: float = 0.0,
+                 weight_decay: float = 0.0, scale_lr_mult: float = 1.0, scale_weight_decay: float = 0.0,
+                 monitor=None, lam_warmup_steps: int = 0):
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.vocab = teacher.config.vocab_size
+        self.tau, self.alpha, self.beta = tau, alpha_ce, beta_hidden
+        self.wd, self.scale_lr_mult, self.scale_wd = weight_decay, scale_lr_mult, scale_weight_decay
+        self._mon, self.lam_warmup = monitor, lam_warmup_steps
+
+    def param_groups(self, model):
+        scales = [p for n, p in model.named_parameters() if n.endswith(".scale")]
+        ids = {id(p) for p in scales}
+        groups = param_groups(model, self.wd)
+        for g in groups:
+            g["params"] = [p for p in g["params"] if id(p) not in ids]
+        if scales:  # the trainer multiplies every group's lr by the schedule; this one starts scaled
+            groups.append({"params": scales, "weight_decay": self.scale_wd, "lr_mult": self.scale_lr_mult})
+        return groups
+
+    def loss(self, student, batch):
+        x, y = batch[:, :-1], batch[:, 1:]
+        with torch.no_grad():
+            t_out = self.teacher(x, return_hidden=self.beta > 0)
+        s_out = student(x, return_hidden=self.beta > 0)
+        t_logits, s_logits = (t_out[0], s_out[0]) if self.beta > 0 else (t_out, s_out)
+        t_logits, s_logits = t_logits[..., :self.vocab], s_logits[..., :self.vocab]
+        kl = kl_div(t_logits, s_logits, self.tau)
+        loss = self.tau ** 2 * kl
+        metrics = {"kl": kl.item()}
+        if self.alpha > 0:
+            ce = F.cross_entropy(s_logits.flatten(0, 1), y.flatten())
+            loss = loss + self.alpha * ce
+            metrics["ce"] = ce.item()
+        if self.beta > 0:
+            hid = sum(((hs - ht).pow(2).mean() / ht.pow(2).mean()) for hs, ht in zip(s_out[1], t_out[1])) / len(s_out[1])
+            loss = loss + self.beta * hid
+            metrics["hidden_mse"] = hid.item()
+        metrics["loss"] = loss.item()
+        return loss, metrics
+
+    @torch.no_grad()
+    def evaluate(self, student, heldout, n_batches: int, batch_size: int) -> dict:
+        return evaluate_vs_teacher(student, self.teacher, heldout, n_batches, batch_size)
+
+    def monitor(self, model, step):
+        return self._mon.record(model, step) if self._mon else {}
+
+    def check(self, rec):
+        if self._mon:
+            self._mon.check(rec)
+
+    def after_step(self, model, step):
+        if self.lam_warmup:
+            from ..quant.qat import set_lambda
+            set_lambda(model, min(1.0, (step + 1) / self.lam_warmup))
+
+    def progress(self, rec):
+        s = f"loss {rec['loss']:.3f} | kl {rec['kl']:.3f}"
+        if "eval_ppl" in rec:
+            s += f" | held-out ppl {rec['eval_ppl']:.2f} kl {rec['eval_kl']:.3f}"
+        if "zero_ratio" in rec:
+            s += f" | zero {rec['zero_ratio']:.3f}"
+        return s
+
+
+@torch.no_grad()
+def evaluate_vs_teacher(student, teacher, heldout, n_batches: int, batch_size: int) -> dict:
+    """Held-out CE / perplexity of the student, KL(teacher ‖ student) and top-1 agreement."""
+    vocab = teacher.config.vocab_size
+    n = min(len(heldout), n_batches * batch_size)
+    ce = kl = agree = 0.0
+    count = 0
+    for s in range(0, n, batch_size):
+        batch = heldout.batch(range(s, min(n, s + batch_size)))
+        x, y = batch[:, :-1], batch[:, 1:]
+        sl, tl = student(x)[..., :vocab], teacher(x)[..., :vocab]
+        k = y.numel()
+        ce += F.cross_entropy(sl.flatten(0, 1), y.flatten(), reduction="sum").item()
+        kl += kl_div(tl, sl).item() * k
+        agree += (sl.argmax(-1) == tl.argmax(-1)).float().sum().item()
+        count += k
+    ce /= count
+    return {"loss": ce, "ppl": math.exp(min(ce, 50)), "kl": kl / count, "top1_agree": agree / count}

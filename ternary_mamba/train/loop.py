@@ -1,0 +1,218 @@
+"""The training loop shared by `pretrain` and `quantize`: AdamW with param groups, warm-up + cosine,
+gradient accumulation and clipping, a token budget, periodic held-out evaluation, atomic checkpoints,
+exact resume, NaN detection, metrics.jsonl and a progress line.
+
+An *objective* supplies the task-specific parts:
+    objective.loss(model, batch)       -> (loss, {metric: float})     # batch (b, seq_len + 1)
+    objective.evaluate(model, heldout) -> {metric: float}
+    objective.param_groups(model)      -> list of AdamW param groups
+    objective.progress(metrics)        -> short string for the progress line
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import atomic_dir, model_state_for_saving
+from ..errors import UserError
+from .data import PackedSequences, batch_indices
+
+
+@dataclass
+class TrainConfig:
+    tokens: int = 1_000_000          # token budget (inputs seen by the student)
+    seq_len: int = 256
+    batch_size: int = 8              # per rank, per micro-step
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1        # cosine decays to lr * min_lr_ratio
+    warmup_frac: float = 0.05
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 100            # steps; 0 disables
+    eval_batches: int = 8
+    save_every: int = 100            # steps
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        for k in ("tokens", "seq_len", "batch_size", "grad_accum"):
+            if getattr(self, k) < 1:
+                raise UserError(f"--{k.replace('_', '-')} must be >= 1")
+        if self.lr <= 0:
+            raise UserError("--lr must be > 0")
+
+    @property
+    def tokens_per_step(self) -> int:
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        return self.batch_size * self.seq_len * self.grad_accum * world
+
+    @property
+    def total_steps(self) -> int:
+        steps = self.tokens // self.tokens_per_step
+        if steps < 1:
+            raise UserError(f"--tokens {self.tokens:,} is smaller than one optimizer step "
+                            f"({self.tokens_per_step:,} tokens = batch x seq-len x grad-accum x ranks)")
+        return steps
+
+
+def lr_factor(step: int, total: int, warmup_frac: float, min_ratio: float) -> float:
+    warm = max(1, int(total * warmup_frac))
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Progress:
+    """One status line on a terminal (rewritten in place), plain lines every log_every steps otherwise."""
+
+    def __init__(self, total_steps: int, enabled: bool = True):
+        self.total, self.enabled = total_steps, enabled
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.time()
+
+    def update(self, step: int, tokens: int, tok_s: float, text: str, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        done = step / self.total
+        eta = (time.time() - self.t0) / max(done, 1e-9) * (1 - done) if done > 0 else 0
+        line = (f"step {step}/{self.total} ({100 * done:4.1f}%) | {tokens / 1e6:.2f}M tok | "
+                f"{tok_s:,.0f} tok/s | {text} | ETA {eta / 60:.1f} min")
+        if self.tty:
+            print("\r" + line.ljust(120), end="\n" if force else "", file=sys.stderr, flush=True)
+        elif force or step % 100 == 0:
+            print(line, file=sys.stderr, flush=True)
+
+
+class Trainer:
+    def __init__(self, model, objective, cfg: TrainConfig, run_dir: Path, train: PackedSequences,
+                 heldout: PackedSequences | None, verbose: bool = True):
+        self.model, self.objective, self.cfg = model, objective, cfg
+        self.run_dir, self.train_data, self.heldout = Path(run_dir), train, heldout
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.verbose = verbose and self.rank == 0
+        self.opt = torch.optim.AdamW(objective.param_groups(model), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+        for g in self.opt.param_groups:
+            g["base_lr"] = g["lr"] * g.pop("lr_mult", 1.0)
+        self.step = 0
+        self.ckpt_dir = self.run_dir / "checkpoint"
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> None:
+        if self.rank != 0:
+            return
+        from safetensors.torch import save_file
+        with atomic_dir(self.ckpt_dir, overwrite=True) as tmp:
+            save_file(model_state_for_saving(self.model), str(tmp / "model.safetensors"))
+            torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step}))
+
+    def load_checkpoint(self) -> None:
+        from safetensors.torch import load_file
+        from ..checkpoint import load_state_dict_strict
+        state = json.loads((self.ckpt_dir / "trainer_state.json").read_text())
+        load_state_dict_strict(self.model, load_file(str(self.ckpt_dir / "model.safetensors")), str(self.ckpt_dir))
+        self.opt.load_state_dict(torch.load(self.ckpt_dir / "optimizer.pt", weights_only=True))
+        self.step = state["step"]
+        # drop metrics logged after the checkpoint: the resumed run re-logs them identically
+        if self.metrics_path.exists():
+            keep = [l for l in self.metrics_path.read_text().splitlines() if _step_of(l) <= self.step]
+            self.metrics_path.write_text("".join(l + "\n" for l in keep))
+
+    def log(self, record: dict) -> None:
+        if self.rank == 0:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ---------------------------------------------------------------- loop
+    def evaluate(self) -> dict:
+        if self.heldout is None:
+            return {}
+        self.model.eval()
+        with torch.no_grad():
+            out = self.objective.evaluate(self.model, self.heldout, self.cfg.eval_batches, self.cfg.batch_size)
+        self.model.train()
+        return out
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        for g in self.opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_factor(self.step, cfg.total_steps, cfg.warmup_frac, cfg.min_lr_ratio)
+        sums: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            idx = batch_indices(len(self.train_data), cfg.batch_size, self.step * cfg.grad_accum + micro,
+                                cfg.seed, self.rank, self.world)
+            loss, metrics = self.objective.loss(self.model, self.train_data.batch(idx))
+            if not torch.isfinite(loss):
+                raise UserError(f"step {self.step}: loss is {loss.item()}; stopping without saving "
+                                f"(last good checkpoint: {self.ckpt_dir}); try a lower --lr")
+            (loss / cfg.grad_accum).backward()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if not torch.isfinite(gnorm):
+            raise UserError(f"step {self.step}: gradient norm is {gnorm.item()}; stopping without saving; try a lower --lr")
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.objective.after_step(self.model, self.step)
+        sums["grad_norm"] = gnorm.item()
+        sums["lr"] = self.opt.param_groups[0]["lr"]
+        return sums
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        total = cfg.total_steps
+        progress = Progress(total, self.verbose)
+        self.model.train()
+        last = {}
+        if self.step == 0 and cfg.eval_every:
+            ev = self.evaluate()
+            self.log({"step": 0, "tokens": 0, **{f"eval_{k}": v for k, v in ev.items()}})
+        t_last, tok_last = time.time(), self.step * cfg.tokens_per_step
+        while self.step < total:
+            metrics = self.train_step()
+            self.step += 1
+            tokens = self.step * cfg.tokens_per_step
+            rec = {"step": self.step, "tokens": tokens, **metrics, **self.objective.monitor(self.model, self.step)}
+            is_eval = cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == total)
+            if is_eval:
+                rec.update({f"eval_{k}": v for k, v in self.evaluate().items()})
+            now = time.time()
+            tok_s = (tokens - tok_last) / max(now - t_last, 1e-9)
+            rec["tok_per_s"] = tok_s
+            t_last, tok_last = now, tokens
+            self.log(rec)
+            last = rec
+            if self.step % cfg.log_every == 0 or is_eval or self.step == total:
+                progress.update(self.step, tokens, tok_s, self.objective.progress(rec), force=bool(is_eval))
+            if self.step % cfg.save_every == 0 or self.step == total:
+                self.save_checkpoint()
+            self.objective.check(rec)  # e.g. the zero-ratio collapse detector; may raise
+        return last
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:  # a line cut short by a kill
+        return float("inf")
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    from ..checkpoint import atomic_write_bytes
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def config_dict(cfg) -> dict:
+    return asdict(cfg)

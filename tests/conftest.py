@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny configs and models made on the fly, and the tokenizer shipped with the package.
+Nothing here reads ../shared or the network."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from ternary_mamba.assets import ASSETS  # noqa: E402
+from ternary_mamba.config import Mamba2Config  # noqa: E402
+
+BUNDLED_TOKENIZER = ASSETS / "gutenberg-bpe-8k.json"
+
+
+def tiny_config(**kw) -> Mamba2Config:
+    base = dict(d_model=64, n_layer=2, d_state=16, headdim=16, vocab_size=512, chunk_size=16)
+    base.update(kw)
+    return Mamba2Config(**base)
+
+
+def random_model(cfg: Mamba2Config, seed: int = 0):
+    """A model with every parameter perturbed (norm weights, A_log, D, dt_bias too), so parity tests
+    exercise all of them rather than their default values."""
+    from ternary_mamba.model import Mamba2LM
+    torch.manual_seed(seed)
+    m = Mamba2LM(cfg)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return m.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory):
+    """A tiny random Mamba-2 folder in the project's format, with the bundled 8k tokenizer."""
+    from ternary_mamba.checkpoint import save_model
+    d = tmp_path_factory.mktemp("teacher") / "tiny"
+    save_model(random_model(tiny_config(vocab_size=8192, d_model=64)), d, tokenizer_path=BUNDLED_TOKENIZER)
+    return d
+
+
+@pytest.fixture(scope="session")
+def text_dir(tmp_path_factory):
+    """A small folder of text: an excerpt of the bundled books (~120 k characters)."""
+    d = tmp_path_factory.mktemp("text")
+    src = sorted((ASSETS / "books" / "train").glob("*.txt"))[:2]
+    for f in src:
+        (d / f.name).write_text(f.read_text()[:60_000])
+    return d

@@ -1,0 +1,127 @@
+"""Checkpoint formats (ours, mamba_ssm, transformers incl. sharded) and their strict error handling."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import random_model, tiny_config
+from ternary_mamba.checkpoint import load_model, model_state_for_saving, save_model
+from ternary_mamba.errors import UserError
+
+
+def _same(a, b):
+    ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return torch.allclose(a(ids), b(ids), atol=1e-5)  # chunk size may differ: last-bit differences
+
+
+def test_own_format_roundtrip_and_tied_weight_stored_once(tmp_path):
+    m = random_model(tiny_config())
+    save_model(m, tmp_path / "m")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    loaded = load_model(tmp_path / "m")
+    assert loaded.lm_head.weight.data_ptr() == loaded.backbone.embedding.weight.data_ptr()
+    assert _same(m, loaded)
+
+
+def test_save_refuses_to_overwrite(tmp_path):
+    m = random_model(tiny_config())
+    save_model(m, tmp_path / "m")
+    with pytest.raises(UserError, match="already exists"):
+        save_model(m, tmp_path / "m")
+
+
+def _mamba_ssm_folder(tmp_path, m, as_pickle=True):
+    cfg = m.config
+    (tmp_path / "config.json").write_text(json.dumps({
+        "d_model": cfg.d_model, "d_intermediate": 0, "n_layer": cfg.n_layer, "vocab_size": cfg.vocab_size,
+        "ssm_cfg": {"layer": "Mamba2", "d_state": cfg.d_state, "headdim": cfg.headdim, "ngroups": cfg.ngroups},
+        "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True,
+        "pad_vocab_size_multiple": cfg.pad_vocab_size_multiple, "tie_embeddings": True}))
+    sd = {k: v.clone() for k, v in m.state_dict().items()}  # includes lm_head.weight, as mamba_ssm saves it
+    if as_pickle:
+        torch.save(sd, tmp_path / "pytorch_model.bin")
+    else:
+        save_file(model_state_for_saving(m), str(tmp_path / "model.safetensors"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("as_pickle", [True, False])
+def test_mamba_ssm_folder(tmp_path, as_pickle):
+    m = random_model(tiny_config(ngroups=2))
+    loaded = load_model(_mamba_ssm_folder(tmp_path, m, as_pickle))
+    assert _same(m, loaded)
+
+
+def test_transformers_sharded_folder(tmp_path):
+    m = random_model(tiny_config())
+    cfg = m.config
+    sd = {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in model_state_for_saving(m).items()}
+    keys = sorted(sd)
+    half = len(keys) // 2
+    shards = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
+    for name, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, str(tmp_path / name))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: n for n, ks in shards.items() for k in ks}}))
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "mamba2", "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer,
+        "state_size": cfg.d_state, "head_dim": cfg.headdim, "n_groups": cfg.ngroups, "expand": 2,
+        "conv_kernel": 4, "vocab_size": cfg.padded_vocab_size, "num_heads": cfg.nheads, "tie_word_embeddings": True}))
+    assert _same(m, load_model(tmp_path))
+
+
+def test_pickle_with_objects_is_refused(tmp_path):
+    m = random_model(tiny_config())
+    _mamba_ssm_folder(tmp_path, m)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    torch.save({"x": Evil()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(UserError, match="weights_only"):
+        load_model(tmp_path)
+
+
+def test_wrong_shape_missing_and_unknown_keys(tmp_path):
+    m = random_model(tiny_config())
+    save_model(m, tmp_path / "m")
+    sd = model_state_for_saving(m)
+    for label, bad in [("shape", {**sd, "backbone.norm_f.weight": torch.ones(3)}),
+                       ("missing", {k: v for k, v in sd.items() if "A_log" not in k}),
+                       ("unexpected", {**sd, "foo.weight": torch.ones(2)})]:
+        save_file(bad, str(tmp_path / "m" / "model.safetensors"))
+        with pytest.raises(UserError, match=label):
+            load_model(tmp_path / "m")
+
+
+def test_truncated_safetensors(tmp_path):
+    m = random_model(tiny_config())
+    save_model(m, tmp_path / "m")
+    f = tmp_path / "m" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(UserError, match="model.safetensors"):
+        load_model(tmp_path / "m")
+
+
+def test_other_architecture_and_absurd_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    with pytest.raises(UserError, match="not Mamba-2"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"d_model": 10**6, "n_layer": 10**4, "vocab_size": 10, "d_state": 128}))
+    with pytest.raises(UserError, match="absurd|multiple"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"d_model": 64, "n_layer": 2, "vocab_size": 10,
+                                                      "ssm_cfg": {"layer": "Mamba1"}}))
+    with pytest.raises(UserError, match="Mamba1"):
+        load_model(tmp_path)
+
+
+def test_missing_folder_and_offline_hub_id(tmp_path):
+    with pytest.raises(UserError, match="no such folder"):
+        load_model(tmp_path / "nope")
+    with pytest.raises(UserError, match="local folder"):
+        load_model("state-spaces/mamba2-130m")  # HF_HUB_OFFLINE=1 in conftest

@@ -1,0 +1,40 @@
+"""The command line: instant help, info on presets/folders, one-line errors."""
+import subprocess
+import sys
+import time
+
+from ternary_mamba.cli import main
+
+
+def test_help_is_instant_and_does_not_import_torch():
+    code = "import sys, ternary_mamba.cli as c; c.build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    t = time.time()
+    r = subprocess.run([sys.executable, "-m", "ternary_mamba", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "quantize" in r.stdout and time.time() - t < 10
+
+
+def test_info_on_the_1_3b_preset(capsys):
+    assert main(["info", "mamba2-1.3b"]) == 0
+    out = capsys.readouterr().out
+    assert "1,343,757,312" in out and "2,687.5 MB" in out
+
+
+def test_info_on_a_folder_with_only_a_config(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"d_model": 768, "n_layer": 24, "vocab_size": 50277, '
+                                          '"ssm_cfg": {"layer": "Mamba2"}, "pad_vocab_size_multiple": 16}')
+    assert main(["info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "in_proj" in out and "out_proj" in out and "FP16 size" in out
+
+
+def test_info_on_a_saved_model(tiny_teacher_dir, capsys):
+    assert main(["info", str(tiny_teacher_dir)]) == 0
+    assert "d_model" in capsys.readouterr().out
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such folder" in err[0]

@@ -1,0 +1,70 @@
+"""Our Mamba2LM against transformers' Mamba2ForCausalLM on the same random weights, and decoding
+(prefill + step) against the full forward."""
+import pytest
+import torch
+
+from conftest import random_model, tiny_config
+from ternary_mamba.checkpoint import load_model
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_model(ngroups: int, tmp_path):
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(ngroups)
+    hc = Mamba2Config(hidden_size=64, num_hidden_layers=2, state_size=16, head_dim=16, n_groups=ngroups, expand=2,
+                      num_heads=8, vocab_size=512, chunk_size=16, tie_word_embeddings=True, initializer_range=0.1)
+    hf = Mamba2ForCausalLM(hc).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    return hf
+
+
+@pytest.mark.parametrize("ngroups", [1, 2])
+@pytest.mark.parametrize("seqlen", [37, 64])
+def test_logits_match_transformers(ngroups, seqlen, tmp_path):
+    hf = _hf_model(ngroups, tmp_path)
+    ours = load_model(tmp_path)
+    ids = torch.randint(0, 512, (2, seqlen), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        got = ours(ids)[..., :ref.size(-1)]
+    assert (got - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("ngroups", [1, 2])
+def test_prefill_then_step_reproduces_forward(ngroups):
+    model = random_model(tiny_config(ngroups=ngroups, chunk_size=8))
+    ids = torch.randint(0, 512, (2, 29), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids)
+        logits, state = model(ids[:, :13], return_state=True)
+        assert torch.allclose(logits, full[:, :13], atol=1e-5)
+        for t in range(13, 29):
+            step_logits, state = model.step(ids[:, t], state)
+            assert (step_logits - full[:, t]).abs().max().item() <= 1e-4
+
+
+def test_step_from_empty_state_equals_forward():
+    model = random_model(tiny_config())
+    ids = torch.randint(0, 512, (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(ids)
+        state = model.empty_state(1)
+        for t in range(10):
+            out, state = model.step(ids[:, t], state)
+            assert (out - full[:, t]).abs().max().item() <= 1e-4
+
+
+def test_sequential_reference_matches_chunked_model():
+    model = random_model(tiny_config(ngroups=2))
+    ids = torch.randint(0, 512, (2, 45), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        fast = model(ids)
+        model.set_ssd_impl("sequential")
+        slow = model(ids)
+    assert (fast - slow).abs().max().item() <= 1e-4
