@@ -82,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p, tokens=300_000, lr=2e-3)
     p.set_defaults(weight_decay=0.0, eval_every=50, save_every=50)
 
+    p = sub.add_parser("bench", help="speed benchmarks (ratios against a reference measured in the same run)")
+    bsub = p.add_subparsers(dest="bench_command", metavar="WHAT")
+    b = bsub.add_parser("model", help="training / prefill / decode of our Mamba-2 vs transformers'")
+    b.add_argument("--skip-130m", action="store_true", help="only the training benchmark")
+    b.add_argument("--json", default=None, help="also write the results here")
+    b.add_argument("--threads", type=int, default=2)
+
+    b = bsub.add_parser("qat", help="cost of a QAT+KD step relative to a plain training step")
+    b.add_argument("--config", default="teacher-8k")
+    b.add_argument("--scale-mode", default="absmean", choices=["absmean", "learned", "guarded"])
+    b.add_argument("--threads", type=int, default=2)
+
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tok_command", metavar="ACTION")
     t = tsub.add_parser("train", help="train a byte-level BPE tokenizer")
@@ -123,6 +135,17 @@ def cmd_quantize(args) -> None:
     run_quantize(args)
 
 
+def cmd_bench(args) -> None:
+    from .errors import UserError
+    if args.bench_command == "model":
+        from .bench import run_bench_model
+        return run_bench_model(args)
+    if args.bench_command == "qat":
+        from .bench import run_bench_qat
+        return run_bench_qat(args)
+    raise UserError("usage: ternary-mamba bench {model,qat}")
+
+
 def cmd_tokenizer(args) -> None:
     from pathlib import Path
     from .errors import UserError
@@ -140,7 +163,8 @@ def cmd_tokenizer(args) -> None:
     print(f"wrote {out}: {tok.vocab_size} tokens; {sample!r} -> {len(tok.encode(sample))} tokens")
 
 
-COMMANDS = {"info": cmd_info, "pretrain": cmd_pretrain, "quantize": cmd_quantize, "tokenizer": cmd_tokenizer}
+COMMANDS = {"info": cmd_info, "pretrain": cmd_pretrain, "quantize": cmd_quantize, "tokenizer": cmd_tokenizer,
+            "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,153 @@
+"""`ternary-mamba bench model`: our Mamba-2 vs transformers' Mamba2ForCausalLM (its pure-PyTorch path)
+on the same weights, in one run, as ratios.  Also the fp32 GEMM FLOP/s measured in the same run, so
+training speed is reported as a model-FLOPs utilisation.  Benchmarks belong on an idle machine."""
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .config import PRESETS, Mamba2Config
+from .model import Mamba2LM
+
+
+def _best_time(fn, repeats: int = 3, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def gemm_flops(n: int = 2048) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n ** 3 / _best_time(lambda: a @ b, repeats=5)
+
+
+def train_flops_per_token(cfg: Mamba2Config) -> float:
+    """6 x matmul parameters (in/out_proj, lm_head) + the SSD's matmuls (forward 2x, backward 4x)."""
+    mm = cfg.n_layer * (cfg.d_model * cfg.d_in_proj + cfg.d_inner * cfg.d_model) + cfg.d_model * cfg.padded_vocab_size
+    k, n, p = cfg.chunk_size, cfg.d_state, cfg.headdim
+    ssd = cfg.n_layer * cfg.nheads * (2 * k * n / cfg.headdim + 2 * k * p + 2 * p * n * 2 + 2 * p * n)
+    return 6 * mm + 3 * ssd
+
+
+def hf_model(cfg: Mamba2Config, ours: Mamba2LM):
+    """transformers' model with our weights (silences its one-time 'fast path unavailable' warnings)."""
+    import transformers
+    from transformers import Mamba2Config as HC, Mamba2ForCausalLM
+    transformers.logging.set_verbosity_error()
+    hc = HC(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer, state_size=cfg.d_state, head_dim=cfg.headdim,
+            n_groups=cfg.ngroups, expand=cfg.expand, num_heads=cfg.nheads, vocab_size=cfg.padded_vocab_size,
+            chunk_size=cfg.chunk_size, conv_kernel=cfg.d_conv, tie_word_embeddings=True)
+    hf = Mamba2ForCausalLM(hc)
+    sd = {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in ours.state_dict().items()}
+    hf.load_state_dict(sd, strict=False)
+    return hf
+
+
+def _train_tok_s(model, vocab: int, batch: int, seq: int, hf: bool = False, steps: int = 3) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, vocab, (batch, seq + 1))
+
+    def step():
+        logits = model(ids[:, :-1]).logits if hf else model(ids[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+    model.train()
+    return batch * seq / _best_time(step, repeats=steps)
+
+
+def bench_training(log) -> dict:
+    cfg = Mamba2Config(**PRESETS["bench-5m"], chunk_size=64)
+    ours = Mamba2LM(cfg)
+    hf = hf_model(cfg, ours)
+    flops = gemm_flops()
+    t_ours = _train_tok_s(ours, cfg.vocab_size, 8, 256)
+    t_hf = _train_tok_s(hf, cfg.vocab_size, 8, 256, hf=True)
+    mfu = t_ours * train_flops_per_token(cfg) / flops
+    r = {"config": "bench-5m", "params": cfg.n_params, "gemm_gflops": flops / 1e9, "ours_tok_s": t_ours,
+         "transformers_tok_s": t_hf, "ratio": t_ours / t_hf, "mfu": mfu}
+    log(f"training 8x256, {cfg.n_params / 1e6:.1f} M params: ours {t_ours:,.0f} tok/s, transformers {t_hf:,.0f} tok/s "
+        f"-> {t_ours / t_hf:.2f}x; {mfu * 100:.0f} % of the {flops / 1e9:.0f} GFLOP/s fp32 GEMM measured now")
+    return r
+
+
+@torch.no_grad()
+def bench_130m(log, decode_tokens: int = 32) -> dict:
+    cfg = Mamba2Config(**PRESETS["mamba2-130m"], chunk_size=64)
+    ours = Mamba2LM(cfg).eval()
+    hf = hf_model(cfg.replace(chunk_size=256), ours).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 512))
+    t_ours = _best_time(lambda: ours(ids), repeats=2)
+    t_hf = _best_time(lambda: hf(ids), repeats=1)
+    prompt = ids[:, :8]
+
+    def decode_ours():
+        _, state = ours(prompt, return_state=True)
+        tok = prompt[:, -1]
+        for _ in range(decode_tokens):
+            logits, state = ours.step(tok, state)
+            tok = logits.argmax(-1)
+    d_ours = _best_time(decode_ours, repeats=2) / decode_tokens
+    t0 = time.perf_counter()
+    hf.generate(prompt, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False, use_cache=True)
+    d_hf = (time.perf_counter() - t0) / decode_tokens
+    log(f"130m prefill 1x512: ours {512 / t_ours:,.0f} tok/s ({t_ours:.2f} s), transformers {512 / t_hf:,.0f} tok/s "
+        f"({t_hf:.2f} s) -> {t_hf / t_ours:.2f}x  [llama.cpp f32: 330 tok/s]")
+    log(f"130m decode: ours {d_ours * 1e3:.1f} ms/token ({1 / d_ours:.1f} tok/s), transformers generate "
+        f"{d_hf * 1e3:.1f} ms/token -> {d_hf / d_ours:.2f}x  [llama.cpp f32: 41 tok/s]")
+    return {"prefill_ours_tok_s": 512 / t_ours, "prefill_transformers_tok_s": 512 / t_hf,
+            "decode_ours_ms": d_ours * 1e3, "decode_transformers_ms": d_hf * 1e3}
+
+
+def run_bench_model(args) -> None:
+    torch.manual_seed(0)
+    out = {"threads": torch.get_num_threads()}
+    out["training"] = bench_training(print)
+    if not args.skip_130m:
+        out["mamba2_130m"] = bench_130m(print)
+    if args.json:
+        from .checkpoint import atomic_write_bytes
+        atomic_write_bytes(args.json, (json.dumps(out, indent=2) + "\n").encode())
+        print(f"wrote {args.json}")
+
+
+def run_bench_qat(args) -> None:
+    """Cost of one QAT+KD step (frozen teacher forward + ternary student forward/backward) relative
+    to one plain training step of the same model without teacher or quantization."""
+    import copy
+
+    from .quant.qat import TernaryConfig, quantize_
+    from .train.distill import DistillObjective
+    from .train.pretrain import next_token_loss
+    torch.manual_seed(0)
+    cfg = Mamba2Config(**PRESETS[args.config], chunk_size=64)
+    plain = Mamba2LM(cfg)
+    teacher = copy.deepcopy(plain).eval()
+    student = copy.deepcopy(plain)
+    quantize_(student, TernaryConfig(group_size=128, scale_mode=args.scale_mode))
+    obj = DistillObjective(teacher)
+    ids = torch.randint(0, cfg.vocab_size, (8, 257))
+    opt_p = torch.optim.AdamW(plain.parameters(), lr=1e-4)
+    opt_s = torch.optim.AdamW(obj.param_groups(student), lr=1e-4)
+
+    def plain_step():
+        next_token_loss(plain, ids).backward()
+        opt_p.step()
+        opt_p.zero_grad()
+
+    def qat_step():
+        obj.loss(student, ids)[0].backward()
+        opt_s.step()
+        opt_s.zero_grad()
+    t_plain = min(_best_time(plain_step), _best_time(plain_step))
+    t_qat = min(_best_time(qat_step), _best_time(qat_step))
+    print(f"{args.config} ({cfg.n_params / 1e6:.1f} M params), batch 8x256: plain step {t_plain * 1e3:.0f} ms, "
+          f"QAT+KD step ({args.scale_mode} scales) {t_qat * 1e3:.0f} ms -> {t_qat / t_plain:.2f}x  [target <= 1.5x]")
