@@ -1,0 +1,101 @@
+// Ternary matrix x vector products straight from 2-bit packed codes (tq2 layout, see quant/packing.py).
+//   y[b, o] = sum_g s[o, g] * sum_{i in g} t[o, i] * x[b, i],   t in {-1, 0, +1}
+// Codes of row o occupy in/4 bytes; each byte holds 4 codes (code + 1, 2 bits each, low bits first).
+// A 256-entry table turns one byte into 4 floats; with AVX2 two bytes make one 8-wide FMA operand.
+// Rows are split across OpenMP threads; the packed weights are read once per call for all b rows of x.
+#include <stdint.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+static float LUT[256][4] __attribute__((aligned(16)));
+static int lut_ready = 0;
+
+static void init_lut(void) {
+    if (lut_ready) return;
+    for (int b = 0; b < 256; b++)
+        for (int j = 0; j < 4; j++) LUT[b][j] = (float)(((b >> (2 * j)) & 3) - 1);
+    lut_ready = 1;
+}
+
+int tq2_has_avx2(void) {
+#ifdef __AVX2__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#define MAXB 8
+
+// codes (out, in/4) uint8; scales (out, in/G) fp32; x (nb, in); y (nb, out).  Requires in % G == 0, G % 8 == 0.
+void tq2_gemv(const uint8_t *codes, const float *scales, const float *x, float *y,
+              int64_t out, int64_t in, int64_t G, int64_t nb) {
+    init_lut();
+    const int64_t row_bytes = in / 4, ngroups = in / G, gbytes = G / 4;
+    for (int64_t b0 = 0; b0 < nb; b0 += MAXB) {
+        const int64_t bn = nb - b0 < MAXB ? nb - b0 : MAXB;
+        #pragma omp parallel for schedule(static)
+        for (int64_t o = 0; o < out; o++) {
+            const uint8_t *row = codes + o * row_bytes;
+            const float *srow = scales + o * ngroups;
+            float res[MAXB] = {0};
+#ifdef __AVX2__
+            __m256 acc_row[MAXB];
+            for (int64_t k = 0; k < bn; k++) acc_row[k] = _mm256_setzero_ps();
+            for (int64_t g = 0; g < ngroups; g++) {
+                __m256 acc[MAXB];
+                for (int64_t k = 0; k < bn; k++) acc[k] = _mm256_setzero_ps();
+                const uint8_t *p = row + g * gbytes;
+                const int64_t i0 = g * G;
+                for (int64_t j = 0; j < gbytes; j += 2) {
+                    __m256 w = _mm256_set_m128(_mm_load_ps(LUT[p[j + 1]]), _mm_load_ps(LUT[p[j]]));
+                    for (int64_t k = 0; k < bn; k++)
+                        acc[k] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + (b0 + k) * in + i0 + 4 * j), acc[k]);
+                }
+                __m256 s = _mm256_set1_ps(srow[g]);
+                for (int64_t k = 0; k < bn; k++) acc_row[k] = _mm256_fmadd_ps(acc[k], s, acc_row[k]);
+            }
+            for (int64_t k = 0; k < bn; k++) {
+                __m128 lo = _mm256_castps256_ps128(acc_row[k]), hi = _mm256_extractf128_ps(acc_row[k], 1);
+                lo = _mm_add_ps(lo, hi);
+                lo = _mm_hadd_ps(lo, lo);
+                lo = _mm_hadd_ps(lo, lo);
+                res[k] = _mm_cvtss_f32(lo);
+            }
+#else
+            for (int64_t g = 0; g < ngroups; g++) {
+                float acc[MAXB] = {0};
+                const uint8_t *p = row + g * gbytes;
+                const int64_t i0 = g * G;
+                for (int64_t j = 0; j < gbytes; j++) {
+                    const float *w = LUT[p[j]];
+                    for (int64_t k = 0; k < bn; k++) {
+                        const float *xx = x + (b0 + k) * in + i0 + 4 * j;
+                        acc[k] += w[0] * xx[0] + w[1] * xx[1] + w[2] * xx[2] + w[3] * xx[3];
+                    }
+                }
+                for (int64_t k = 0; k < bn; k++) res[k] += acc[k] * srow[g];
+            }
+#endif
+            for (int64_t k = 0; k < bn; k++) y[(b0 + k) * out + o] = res[k];
+        }
+    }
+}
+
+// Dequantize a whole tq2 matrix into w (out, in) fp32: w = t * s, bit-identical to the fake-quant weight.
+void tq2_dequant(const uint8_t *codes, const float *scales, float *w, int64_t out, int64_t in, int64_t G) {
+    init_lut();
+    const int64_t row_bytes = in / 4, ngroups = in / G;
+    #pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < out; o++) {
+        const uint8_t *row = codes + o * row_bytes;
+        float *wr = w + o * in;
+        for (int64_t i = 0; i < in; i += 4) {
+            const float s = scales[o * ngroups + i / G];
+            const float *l = LUT[row[i / 4]];
+            wr[i] = l[0] * s; wr[i + 1] = l[1] * s; wr[i + 2] = l[2] * s; wr[i + 3] = l[3] * s;
+        }
+    }
+}

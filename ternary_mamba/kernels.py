@@ -1,0 +1,88 @@
+"""The compiled ternary kernel (csrc/tq2_gemv.c), built once with the system C compiler and loaded with
+ctypes.  Built with -march=native (AVX2 + FMA where the CPU has them, a portable loop otherwise) and
+OpenMP.  If no compiler is available, `get_kernel()` returns None after one warning and callers use the
+pure-PyTorch reference."""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+SRC = Path(__file__).parent / "csrc" / "tq2_gemv.c"
+_lib = None
+_tried = False
+
+
+def _build_dir() -> Path:
+    return Path(os.environ.get("TERNARY_MAMBA_CACHE", Path.home() / ".cache" / "ternary-mamba")) / "kernels"
+
+
+def _compile() -> Path:
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
+    if cc is None:
+        raise RuntimeError("no C compiler found (gcc/cc/clang)")
+    src = SRC.read_bytes()
+    tag = hashlib.sha256(src + cc.encode() + os.uname().machine.encode()).hexdigest()[:16]
+    out = _build_dir() / f"tq2_gemv-{tag}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp{os.getpid()}.so")
+    base = [cc, "-O3", "-shared", "-fPIC", "-std=c11", str(SRC), "-o", str(tmp)]
+    for extra in (["-march=native", "-fopenmp"], ["-fopenmp"], []):
+        r = subprocess.run(base[:2] + extra + base[2:], capture_output=True, text=True)
+        if r.returncode == 0:
+            os.replace(tmp, out)
+            return out
+    raise RuntimeError(f"compiling {SRC.name} failed: {r.stderr.strip().splitlines()[-1] if r.stderr else '?'}")
+
+
+def get_kernel():
+    """The loaded library, or None (after one warning) when it cannot be built."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("TERNARY_MAMBA_NO_KERNEL"):
+        return None
+    try:
+        lib = ctypes.CDLL(str(_compile()))
+    except (RuntimeError, OSError) as e:
+        warnings.warn(f"ternary kernel unavailable ({e}); using the slower pure-PyTorch path", stacklevel=2)
+        return None
+    i64, p = ctypes.c_int64, ctypes.c_void_p
+    lib.tq2_gemv.argtypes = [p, p, p, p, i64, i64, i64, i64]
+    lib.tq2_gemv.restype = None
+    lib.tq2_dequant.argtypes = [p, p, p, i64, i64, i64]
+    lib.tq2_dequant.restype = None
+    lib.tq2_has_avx2.restype = ctypes.c_int
+    _lib = lib
+    return lib
+
+
+def tq2_gemv(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """codes (out, in/4) uint8, scales (out, in/G) fp32, x (nb, in) fp32 -> y (nb, out) fp32."""
+    lib = get_kernel()
+    assert lib is not None
+    x = x.contiguous()
+    out_f, in_f = codes.size(0), codes.size(1) * 4
+    y = torch.empty(x.size(0), out_f, dtype=torch.float32)
+    lib.tq2_gemv(codes.data_ptr(), scales.data_ptr(), x.data_ptr(), y.data_ptr(), out_f, in_f, group_size, x.size(0))
+    return y
+
+
+def tq2_dequant(codes: torch.Tensor, scales: torch.Tensor, group_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """codes (out, in/4) uint8, scales (out, in/G) fp32 -> the fp32 weight (out, in)."""
+    lib = get_kernel()
+    assert lib is not None
+    out_f, in_f = codes.size(0), codes.size(1) * 4
+    w = out if out is not None else torch.empty(out_f, in_f, dtype=torch.float32)
+    lib.tq2_dequant(codes.data_ptr(), scales.data_ptr(), w.data_ptr(), out_f, in_f, group_size)
+    return w

@@ -1,0 +1,117 @@
+"""Packed export: exact agreement with the fake-quant student, the compiled kernel against the
+reference, sizes, and tampered files."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import random_model, tiny_config
+from ternary_mamba.checkpoint import load_model
+from ternary_mamba.errors import UserError
+from ternary_mamba.packed import PackedTernaryLinear, export_packed
+from ternary_mamba.quant.qat import TernaryConfig, quantize_, ternary_modules
+
+
+def _student(seed, mode="learned", group=32, **kw):
+    m = random_model(tiny_config(**kw), seed=seed)
+    quantize_(m, TernaryConfig(group_size=group, scale_mode=mode))
+    if mode != "absmean":
+        with torch.no_grad():
+            for _, t in ternary_modules(m):
+                t.scale.mul_(torch.empty_like(t.scale).uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(seed)))
+    return m.eval()
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("packing", ["tq2", "tq1"])
+def test_packed_logits_equal_fake_quant_exactly(seed, packing, tmp_path):
+    student = _student(seed, mode=["absmean", "learned", "guarded", "learned"][seed], ngroups=1 + seed % 2)
+    export_packed(student, tmp_path / "p", packing=packing, other_dtype="fp32")
+    packed = load_model(tmp_path / "p")
+    ids = torch.randint(0, 512, (2, 5 + 7 * seed), generator=torch.Generator().manual_seed(seed))
+    PackedTernaryLinear.reference = True
+    try:
+        with torch.no_grad():
+            assert torch.equal(packed(ids), student(ids))
+    finally:
+        PackedTernaryLinear.reference = False
+
+
+def test_fp16_export_equals_student_with_fp16_rounded_params(tmp_path):
+    student = _student(7)
+    export_packed(student, tmp_path / "p", packing="tq1", other_dtype="fp16")
+    with torch.no_grad():
+        for n, p in student.named_parameters():
+            if not n.endswith((".weight", ".scale")) or "norm" in n or "conv1d" in n or "embedding" in n:
+                p.copy_(p.half().float())
+    packed = load_model(tmp_path / "p")
+    ids = torch.randint(0, 512, (1, 19))
+    PackedTernaryLinear.reference = True
+    try:
+        with torch.no_grad():
+            assert torch.equal(packed(ids), student(ids))
+    finally:
+        PackedTernaryLinear.reference = False
+
+
+def test_kernel_paths_agree_with_reference(tmp_path):
+    from ternary_mamba.kernels import get_kernel
+    if get_kernel() is None:
+        pytest.skip("no C compiler")
+    student = _student(3, group=64)
+    export_packed(student, tmp_path / "p")
+    packed = load_model(tmp_path / "p")
+    ids = torch.randint(0, 512, (1, 40))
+    with torch.no_grad():
+        fast_prefill, state = packed(ids, return_state=True)
+        fast_step, _ = packed.step(ids[:, -1], state)
+        PackedTernaryLinear.reference = True
+        try:
+            ref_prefill, state = packed(ids, return_state=True)
+            ref_step, _ = packed.step(ids[:, -1], state)
+        finally:
+            PackedTernaryLinear.reference = False
+    assert torch.equal(fast_prefill, ref_prefill)  # dequantize kernel is exact; same GEMM
+    assert (fast_step - ref_step).abs().max() < 1e-4  # GEMV kernel: different summation order
+
+
+def test_packed_size_and_no_weight_copy(tmp_path):
+    student = _student(0)
+    export_packed(student, tmp_path / "p2", packing="tq2")
+    export_packed(student, tmp_path / "p1", packing="tq1")
+    s2 = load_file(str(tmp_path / "p2" / "model.safetensors"))
+    s1 = load_file(str(tmp_path / "p1" / "model.safetensors"))
+    name = "backbone.layers.0.mixer.in_proj"
+    n = student.get_submodule(name).weight.numel()
+    assert s2[f"{name}.codes"].numel() == -(-n // 4) and s1[f"{name}.codes"].numel() == -(-n // 5)
+    assert f"{name}.weight" not in s2 and "lm_head.weight" not in s2
+
+
+def _tamper(folder, fn):
+    h = json.loads((folder / "config.json").read_text())
+    fn(h)
+    (folder / "config.json").write_text(json.dumps(h))
+
+
+def test_tampered_files_fail_clearly(tmp_path):
+    student = _student(1)
+    export_packed(student, tmp_path / "p", packing="tq1")
+    p = tmp_path / "p"
+    good = (p / "config.json").read_text()
+    for fn, msg in [(lambda h: h.update(format_version=99), "version"),
+                    (lambda h: h.update(packing="tq3"), "unknown packing"),
+                    (lambda h: h["ternary"]["backbone.layers.0.mixer.in_proj"].update(shape=[8, 8]), "does not match")]:
+        _tamper(p, fn)
+        with pytest.raises(UserError, match=msg):
+            load_model(p)
+        (p / "config.json").write_text(good)
+    sd = load_file(str(p / "model.safetensors"))
+    sd["backbone.layers.0.mixer.out_proj.codes"] = sd["backbone.layers.0.mixer.out_proj.codes"][:-3].clone()
+    save_file(sd, str(p / "model.safetensors"))
+    with pytest.raises(UserError, match="bytes"):
+        load_model(p)
+    raw = (p / "model.safetensors").read_bytes()
+    (p / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(UserError, match="safetensors"):
+        load_model(p)
