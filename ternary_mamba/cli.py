@@ -82,6 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p, tokens=300_000, lr=2e-3)
     p.set_defaults(weight_decay=0.0, eval_every=50, save_every=50)
 
+    p = sub.add_parser("export", help="pack a QAT student (or PTQ a full-precision model) into tq2/tq1")
+    p.add_argument("model", help="QAT run folder, student folder, or full-precision model")
+    p.add_argument("--format", default="tq2", choices=["tq2", "tq1"], help="tq2: 2 bits/weight; tq1: 1.6")
+    p.add_argument("--out", required=True)
+    p.add_argument("--other-dtype", default="fp16", choices=["fp16", "fp32"], help="dtype of non-ternary tensors")
+    p.add_argument("--group-size", type=int, default=128, help="for PTQ of a full-precision model")
+
+    p = sub.add_parser("generate", help="generate text (FP checkpoints, QAT runs and packed folders alike)")
+    p.add_argument("model")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--threads", type=int, default=None)
+
     p = sub.add_parser("bench", help="speed benchmarks (ratios against a reference measured in the same run)")
     bsub = p.add_subparsers(dest="bench_command", metavar="WHAT")
     b = bsub.add_parser("model", help="training / prefill / decode of our Mamba-2 vs transformers'")
@@ -93,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--config", default="teacher-8k")
     b.add_argument("--scale-mode", default="absmean", choices=["absmean", "learned", "guarded"])
     b.add_argument("--threads", type=int, default=2)
+
+    for what, n in (("decode", 64), ("prefill", 512)):
+        b = bsub.add_parser(what, help=f"{what} tokens/s: dense fp32 vs packed ternary with our runtime")
+        b.add_argument("--models", nargs="+", default=["mamba2-130m"], help="presets (random weights) or FP model folders")
+        b.add_argument("--tokens", type=int, default=n)
+        b.add_argument("--threads", type=int, default=2)
+        b.set_defaults(what=what)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tok_command", metavar="ACTION")
@@ -115,11 +139,19 @@ def cmd_info(args) -> None:
     if p.is_file():
         print(format_info(config_from_json(p), str(p)))
         return
-    folder = resolve_model_dir(args.path)
-    if (folder / "run.json").exists() and (folder / "model").exists():
-        folder = folder / "model"
-    if (folder / "config.json").exists() and (folder / "config.json").stat():
-        print(format_info(config_from_json(folder / "config.json"), str(folder)))
+    from .export import format_size_table, packed_info, resolve_student_dir
+    folder = resolve_student_dir(args.path)
+    if (folder / "config.json").exists():
+        import json
+        meta = json.loads((folder / "config.json").read_text())
+        if meta.get("format") == "ternary-mamba-packed" and (folder / "model.safetensors").exists():
+            print(format_info(config_from_json(folder / "config.json"), str(folder)))
+            print(packed_info(folder))
+            return
+        cfg = config_from_json(folder / "config.json")
+        print(format_info(cfg, str(folder)))
+        q = meta.get("quantization")
+        print(format_size_table(cfg, q["group_size"] if q else 128))
         return
     from .errors import UserError
     raise UserError(f"{folder}: no config.json")
@@ -135,6 +167,16 @@ def cmd_quantize(args) -> None:
     run_quantize(args)
 
 
+def cmd_export(args) -> None:
+    from .export import run_export
+    run_export(args)
+
+
+def cmd_generate(args) -> None:
+    from .generate import run_generate
+    run_generate(args)
+
+
 def cmd_bench(args) -> None:
     from .errors import UserError
     if args.bench_command == "model":
@@ -143,7 +185,10 @@ def cmd_bench(args) -> None:
     if args.bench_command == "qat":
         from .bench import run_bench_qat
         return run_bench_qat(args)
-    raise UserError("usage: ternary-mamba bench {model,qat}")
+    if args.bench_command in ("decode", "prefill"):
+        from .bench_runtime import run_bench_runtime
+        return run_bench_runtime(args)
+    raise UserError("usage: ternary-mamba bench {model,qat,decode,prefill}")
 
 
 def cmd_tokenizer(args) -> None:
@@ -164,7 +209,7 @@ def cmd_tokenizer(args) -> None:
 
 
 COMMANDS = {"info": cmd_info, "pretrain": cmd_pretrain, "quantize": cmd_quantize, "tokenizer": cmd_tokenizer,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "export": cmd_export, "generate": cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,6 +62,10 @@ def get_kernel():
     lib.tq2_gemv.restype = None
     lib.tq2_dequant.argtypes = [p, p, p, i64, i64, i64]
     lib.tq2_dequant.restype = None
+    lib.ssd_step_inplace.argtypes = [p] * 7 + [i64] * 5
+    lib.ssd_step_inplace.restype = None
+    lib.i8_gemv.argtypes = [p, p, p, p, i64, i64, i64]
+    lib.i8_gemv.restype = None
     lib.tq2_has_avx2.restype = ctypes.c_int
     _lib = lib
     return lib
@@ -86,3 +90,24 @@ def tq2_dequant(codes: torch.Tensor, scales: torch.Tensor, group_size: int, out:
     w = out if out is not None else torch.empty(out_f, in_f, dtype=torch.float32)
     lib.tq2_dequant(codes.data_ptr(), scales.data_ptr(), w.data_ptr(), out_f, in_f, group_size)
     return w
+
+
+def ssd_step_inplace(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, dA: torch.Tensor,
+                     B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """Fused recurrent step (see ssd.ssd_step for the reference); updates `state` in place, returns y."""
+    lib = get_kernel()
+    b, h, p, n = state.shape
+    assert state.is_contiguous() and state.dtype == torch.float32
+    x, dt, dA, B, C = (t.contiguous().float() for t in (x, dt, dA, B, C))
+    y = torch.empty(b, h, p)
+    lib.ssd_step_inplace(state.data_ptr(), x.data_ptr(), dt.data_ptr(), dA.data_ptr(), B.data_ptr(), C.data_ptr(),
+                         y.data_ptr(), b, h, p, B.size(1), n)
+    return y
+
+
+def i8_gemv(w: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    lib = get_kernel()
+    x = x.contiguous()
+    y = torch.empty(x.size(0), w.size(0))
+    lib.i8_gemv(w.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), w.size(0), w.size(1), x.size(0))
+    return y

@@ -20,6 +20,11 @@ from .config import Mamba2Config
 from .ssd import ssd_chunked, ssd_sequential, ssd_step
 
 
+def _fused_step_kernel():
+    from .kernels import get_kernel, ssd_step_inplace
+    return ssd_step_inplace if get_kernel() is not None else None
+
+
 @dataclass
 class LayerState:
     conv: Tensor  # (b, conv_dim, d_conv - 1): the last inputs of the causal conv
@@ -96,8 +101,9 @@ class Mamba2Mixer(nn.Module):
         y = (y + x * self.D[:, None]).reshape(b, l, c.d_inner)
         return self.out_proj(self.norm(y, z)), LayerState(conv_state, ssm_state)
 
-    def step(self, u: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
-        """One token: u (b, d_model) -> (b, d_model); O(1) in the sequence length."""
+    def step(self, u: Tensor, state: LayerState, inplace: bool = False) -> tuple[Tensor, LayerState]:
+        """One token: u (b, d_model) -> (b, d_model); O(1) in the sequence length.
+        inplace=True updates state.ssm in place with the fused C kernel when it is available."""
         c = self.cfg
         z, xBC, dt = self._split(self.in_proj(u))
         window = torch.cat([state.conv, xBC[:, :, None]], dim=2)            # (b, conv_dim, d_conv)
@@ -106,7 +112,12 @@ class Mamba2Mixer(nn.Module):
             xBC = xBC + self.conv1d.bias
         x, B, C, dt, A = self._ssm_inputs(xBC, dt)
         x = x.view(-1, c.nheads, c.headdim)
-        y, ssm = ssd_step(state.ssm, x, dt, A, B.view(-1, c.ngroups, c.d_state), C.view(-1, c.ngroups, c.d_state))
+        B, C = B.view(-1, c.ngroups, c.d_state), C.view(-1, c.ngroups, c.d_state)
+        kernel = _fused_step_kernel() if inplace and state.ssm.is_contiguous() else None
+        if kernel is not None:
+            y, ssm = kernel(state.ssm, x, dt, torch.exp(dt * A), B, C), state.ssm
+        else:
+            y, ssm = ssd_step(state.ssm, x, dt, A, B, C)
         y = (y + x * self.D[:, None]).reshape(-1, c.d_inner)
         return self.out_proj(self.norm(y, z)), LayerState(window[:, :, 1:], ssm)
 
@@ -121,8 +132,8 @@ class Mamba2Block(nn.Module):
         out, state = self.mixer(self.norm(h), state)
         return h + out, state
 
-    def step(self, h: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
-        out, state = self.mixer.step(self.norm(h), state)
+    def step(self, h: Tensor, state: LayerState, inplace: bool = False) -> tuple[Tensor, LayerState]:
+        out, state = self.mixer.step(self.norm(h), state, inplace)
         return h + out, state
 
 
@@ -200,12 +211,14 @@ class Mamba2LM(nn.Module):
             out += (hidden,)
         return out
 
-    def step(self, token_ids: Tensor, state: list[LayerState]) -> tuple[Tensor, list[LayerState]]:
-        """token_ids (b,) -> logits (b, padded_vocab) and the next state."""
+    def step(self, token_ids: Tensor, state: list[LayerState], inplace: bool = False
+             ) -> tuple[Tensor, list[LayerState]]:
+        """token_ids (b,) -> logits (b, padded_vocab) and the next state.
+        inplace=True (generation) lets the fused kernel overwrite the given state instead of copying it."""
         h = self.backbone.embedding(token_ids)
         new_state = []
         for layer, s in zip(self.backbone.layers, state):
-            h, s = layer.step(h, s)
+            h, s = layer.step(h, s, inplace)
             new_state.append(s)
         return self.lm_head(self.backbone.norm_f(h)), new_state
 

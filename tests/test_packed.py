@@ -115,3 +115,30 @@ def test_tampered_files_fail_clearly(tmp_path):
     (p / "model.safetensors").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(UserError, match="safetensors"):
         load_model(p)
+
+
+def test_fused_inplace_step_matches_reference():
+    from conftest import random_model, tiny_config
+    m = random_model(tiny_config(ngroups=2))
+    ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = m(ids)
+        _, st = m(ids[:, :5], return_state=True)
+        for t in range(5, 20):
+            out, st = m.step(ids[:, t], st, inplace=True)
+            assert (out - full[:, t]).abs().max() < 1e-4
+
+
+def test_int8_head_is_close_to_fp32():
+    from conftest import random_model, tiny_config
+    from ternary_mamba.int8_head import use_int8_head
+    m = random_model(tiny_config())
+    ids = torch.randint(0, 512, (1, 8))
+    with torch.no_grad():
+        ref = m(ids)
+        use_int8_head(m)
+        got = m(ids)
+        _, st = m(ids[:, :4], return_state=True)
+        step, _ = m.step(ids[:, 4], st)
+    rel = (got - ref).norm() / ref.norm()
+    assert rel < 0.02 and (step - got[:, 4]).abs().max() < 1e-3

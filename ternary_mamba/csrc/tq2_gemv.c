@@ -99,3 +99,57 @@ void tq2_dequant(const uint8_t *codes, const float *scales, float *w, int64_t ou
         }
     }
 }
+
+// One recurrent SSD step, in place on the state, one pass over it:
+//   state[b,h,p,:] = state * dA[b,h] + (dt[b,h] * x[b,h,p]) * B[b,g(h),:];   y[b,h,p] = state[b,h,p,:] . C[b,g(h),:]
+void ssd_step_inplace(float *state, const float *x, const float *dt, const float *dA, const float *B, const float *C,
+                      float *y, int64_t nb, int64_t nh, int64_t hp, int64_t ng, int64_t n) {
+    const int64_t heads_per_group = nh / ng;
+    #pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t b = 0; b < nb; b++) {
+        for (int64_t h = 0; h < nh; h++) {
+            const int64_t g = h / heads_per_group;
+            const float *Bv = B + (b * ng + g) * n, *Cv = C + (b * ng + g) * n;
+            const float a = dA[b * nh + h], d = dt[b * nh + h];
+            for (int64_t p = 0; p < hp; p++) {
+                float *s = state + ((b * nh + h) * hp + p) * n;
+                const float u = d * x[(b * nh + h) * hp + p];
+                float acc = 0.f;
+                for (int64_t k = 0; k < n; k++) {
+                    const float v = s[k] * a + u * Bv[k];
+                    s[k] = v;
+                    acc += v * Cv[k];
+                }
+                y[(b * nh + h) * hp + p] = acc;
+            }
+        }
+    }
+}
+
+// y (nb, out) = x (nb, in) . (w int8 (out, in) * scale[out])^T : the 8-bit embedding/head at inference.
+void i8_gemv(const int8_t *w, const float *scale, const float *x, float *y, int64_t out, int64_t in, int64_t nb) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < out; o++) {
+        const int8_t *row = w + o * in;
+        for (int64_t b = 0; b < nb; b++) {
+            const float *xx = x + b * in;
+            float acc = 0.f;
+#ifdef __AVX2__
+            __m256 a = _mm256_setzero_ps();
+            int64_t i = 0;
+            for (; i + 8 <= in; i += 8) {
+                __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + i))));
+                a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xx + i), a);
+            }
+            __m128 lo = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+            lo = _mm_hadd_ps(lo, lo);
+            lo = _mm_hadd_ps(lo, lo);
+            acc = _mm_cvtss_f32(lo);
+            for (; i < in; i++) acc += row[i] * xx[i];
+#else
+            for (int64_t i = 0; i < in; i++) acc += row[i] * xx[i];
+#endif
+            y[b * out + o] = acc * scale[o];
+        }
+    }
+}

@@ -1,0 +1,108 @@
+"""`ternary-mamba bench decode|prefill`: our runtime on one model, dense fp32 vs packed ternary, in one
+run, plus the memory bandwidth measured in the same run (achieved GB/s = bytes read per token x tok/s)."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .config import PRESETS, Mamba2Config
+from .model import Mamba2LM
+
+LLAMA_CPP = {  # measured on these machines, 2 threads (../shared/MACHINE.md)
+    "mamba2-130m": {"decode": {"f32": 41, "tq2": 128, "tq1": 114}, "prefill": {"f32": 330, "tq2": 405}},
+    "mamba2-1.3b": {"decode": {"f16": 7.7, "tq2": 23, "tq1": 18}, "prefill": {"f16": 45, "tq2": 48}},
+}
+
+
+def memory_bandwidth_gbs(mb: int = 512) -> float:
+    x = torch.ones(mb * 2 ** 20 // 4)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+@torch.no_grad()
+def pack_in_place(model: Mamba2LM, group_size: int = 128) -> None:
+    """Replace in_proj/out_proj by packed ternary modules made from absmean PTQ of the current weights."""
+    from .packed import PackedTernaryLinear
+    from .quant.packing import pack
+    from .quant.ternary import absmean_scale, round_scale, ternary_codes
+    for layer in model.backbone.layers:
+        for name in ("in_proj", "out_proj"):
+            lin = getattr(layer.mixer, name)
+            s16 = round_scale(absmean_scale(lin.weight, group_size))
+            codes = pack(ternary_codes(lin.weight, s16, group_size), "tq2").view(lin.out_features, -1)
+            setattr(layer.mixer, name, PackedTernaryLinear(codes, s16.half(), lin.in_features, group_size, None))
+
+
+def bytes_per_token(model) -> int:
+    """Bytes a decode step reads: every buffer/parameter once, but only one embedding row (tied head reads all)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _decode_tok_s(model, n: int) -> float:
+    state = model.empty_state(1)
+    tok = torch.zeros(1, dtype=torch.long)
+    for _ in range(3):
+        _, state = model.step(tok, state, inplace=True)
+    t = time.perf_counter()
+    for _ in range(n):
+        logits, state = model.step(tok, state, inplace=True)
+    return n / (time.perf_counter() - t)
+
+
+def _prefill_tok_s(model, n: int) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (1, n))
+    model(ids[:, :64])
+    best = float("inf")
+    for _ in range(2):
+        t = time.perf_counter()
+        model(ids)
+        best = min(best, time.perf_counter() - t)
+    return n / best
+
+
+def load_bench_model(name: str):
+    if name in PRESETS:
+        torch.manual_seed(0)
+        return Mamba2LM(Mamba2Config(**PRESETS[name], chunk_size=64)).eval()
+    from .checkpoint import load_model
+    return load_model(name)
+
+
+@torch.no_grad()
+def run_bench_runtime(args) -> None:
+    bw = memory_bandwidth_gbs()
+    print(f"memory read bandwidth (measured now): {bw:.1f} GB/s; threads {torch.get_num_threads()}")
+    for name in args.models:
+        model = load_bench_model(name)
+        if getattr(model, "ternary_config", None) is not None or getattr(model, "packed_header", None):
+            print(f"{name}: pass a full-precision model or a preset; skipping")
+            continue
+        results = {}
+        for variant in ("fp32", "tq2"):
+            if variant == "tq2":
+                pack_in_place(model)
+            nbytes = bytes_per_token(model)
+            if args.what == "decode":
+                r = _decode_tok_s(model, args.tokens)
+                results[variant] = r
+                print(f"{name} decode {variant:>5}: {r:8.1f} tok/s  {nbytes / 1e6:8.1f} MB/token  "
+                      f"{nbytes * r / 1e9:5.1f} GB/s = {100 * nbytes * r / 1e9 / bw:3.0f} % of bandwidth")
+            else:
+                r = _prefill_tok_s(model, args.tokens)
+                results[variant] = r
+                print(f"{name} prefill {variant:>5} 1x{args.tokens}: {r:8.1f} tok/s")
+        ref = LLAMA_CPP.get(name, {}).get(args.what, {})
+        print(f"{name} {args.what}: tq2 / fp32 = {results['tq2'] / results['fp32']:.2f}x  (tq1 is re-packed to "
+              f"the tq2 layout at load: same speed)  llama.cpp reference: {ref or 'n/a'}")
+        del model

@@ -1,0 +1,81 @@
+"""Text generation: chunked-scan prefill of the prompt, then O(1) recurrent decoding, streamed."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable, Iterator
+
+import torch
+
+from .errors import UserError
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    """logits (b, V) -> token ids (b,).  temperature 0 = greedy; top_p < 1 = nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8,
+                 top_p: float = 0.95, seed: int = 0, stop_id: int | None = None) -> Iterator[int]:
+    if not prompt_ids:
+        raise UserError("the prompt encodes to no tokens")
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    logits, state = model(torch.tensor([prompt_ids]), return_state=True)
+    logits = logits[:, -1]
+    for _ in range(max_new_tokens):
+        tok = sample_next(logits[:, :vocab], temperature, top_p, gen)
+        if stop_id is not None and tok.item() == stop_id:
+            return
+        yield tok.item()
+        logits, state = model.step(tok, state, inplace=True)
+
+
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
+                  top_p: float = 0.95, seed: int = 0, on_text: Callable[[str], None] | None = None) -> str:
+    """Generate a continuation; `on_text` receives each new piece of text as soon as it decodes cleanly."""
+    ids: list[int] = []
+    shown = ""
+    for tok in generate_ids(model, tokenizer.encode(prompt), max_new_tokens, temperature, top_p, seed,
+                            tokenizer.eos_id):
+        ids.append(tok)
+        text = tokenizer.decode(ids)
+        if on_text and not text.endswith("\ufffd") and len(text) > len(shown):  # wait for complete UTF-8
+            on_text(text[len(shown):])
+            shown = text
+    text = tokenizer.decode(ids)
+    if on_text and len(text) > len(shown):
+        on_text(text[len(shown):])
+    return text
+
+
+def run_generate(args) -> None:
+    from .checkpoint import find_tokenizer, load_model, resolve_model_dir
+    from .tokenizer import load_tokenizer
+    folder = resolve_model_dir(args.model)
+    if (folder / "run.json").exists():
+        folder = next((folder / d for d in ("student", "model") if (folder / d).exists()), None)
+        if folder is None:
+            raise UserError(f"{args.model}: run folder without a finished model (student/ or model/)")
+    model = load_model(folder)
+    tok_path = args.tokenizer or find_tokenizer(folder)
+    if tok_path is None:
+        raise UserError(f"{folder}: no tokenizer.json; pass --tokenizer")
+    tok = load_tokenizer(tok_path)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    t0 = time.perf_counter()
+    text = generate_text(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                         on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    dt = time.perf_counter() - t0
+    n = len(tok.encode(text))
+    print(f"\n[{n} tokens in {dt:.2f} s, {n / max(dt, 1e-9):.1f} tok/s incl. prefill]", file=sys.stderr)
