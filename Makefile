@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "torch==2.13.0" -e ".[test,plot]"
+	$(BIN)/pip install -q "torch==2.13.0" -e ".[test,plot,eval]"
 	touch $(STAMP)
 
 demo: $(STAMP)  ## QAT+KD of the bundled teacher on the bundled books (<= 10 min on 2 cores)

@@ -99,6 +99,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--threads", type=int, default=None)
 
+    p = sub.add_parser("eval", help="zero-shot tasks (lm-eval prompts) from local files, models side by side")
+    p.add_argument("models", nargs="+", help="model / run / packed folders")
+    p.add_argument("--tasks", default="all", help="comma-separated: boolq,piqa,hellaswag,winogrande,arc_easy,"
+                   "arc_challenge,openbookqa,lambada_openai (default: all)")
+    p.add_argument("--data-dir", default="../shared/data/evals", help="folder with the task files")
+    p.add_argument("--limit", type=int, default=None, help="first N documents per task")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-len", type=int, default=1024, help="context length (tokens) for scoring")
+    p.add_argument("--out", default=None, help="write results JSON here (+ a .md table beside it)")
+    p.add_argument("--harness", action="store_true", help="score with lm-evaluation-harness itself (offline task "
+                   "YAMLs generated for the local files) instead of the built-in evaluator")
+    p.add_argument("--threads", type=int, default=None)
+
+    p = sub.add_parser("lm-eval", help="lm-evaluation-harness's CLI with the ternary-mamba model type registered",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser("ppl", help="perplexity and bits per byte on held-out text")
+    p.add_argument("models", nargs="+")
+    p.add_argument("--text", nargs="+", required=True, help="text files or folders")
+    p.add_argument("--seq-len", type=int, default=1024, help="context length of each scored window")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
+    p.add_argument("--threads", type=int, default=None)
+
     p = sub.add_parser("bench", help="speed benchmarks (ratios against a reference measured in the same run)")
     bsub = p.add_subparsers(dest="bench_command", metavar="WHAT")
     b = bsub.add_parser("model", help="training / prefill / decode of our Mamba-2 vs transformers'")
@@ -177,6 +202,21 @@ def cmd_generate(args) -> None:
     run_generate(args)
 
 
+def cmd_eval(args) -> None:
+    from .eval.evaluate import run_eval
+    run_eval(args)
+
+
+def cmd_lm_eval(args) -> None:
+    from .eval.lm_eval_main import main as lm_eval_main
+    lm_eval_main(args.rest)
+
+
+def cmd_ppl(args) -> None:
+    from .eval.perplexity import run_ppl
+    run_ppl(args)
+
+
 def cmd_bench(args) -> None:
     from .errors import UserError
     if args.bench_command == "model":
@@ -209,7 +249,8 @@ def cmd_tokenizer(args) -> None:
 
 
 COMMANDS = {"info": cmd_info, "pretrain": cmd_pretrain, "quantize": cmd_quantize, "tokenizer": cmd_tokenizer,
-            "bench": cmd_bench, "export": cmd_export, "generate": cmd_generate}
+            "bench": cmd_bench, "export": cmd_export, "generate": cmd_generate,
+            "eval": cmd_eval, "ppl": cmd_ppl, "lm-eval": cmd_lm_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,57 @@
+"""`ternary-mamba ppl`: perplexity and bits per byte of held-out text, in non-overlapping windows of the
+model's context length, batched.  bits/byte = total NLL (nats) / ln 2 / UTF-8 bytes of the scored text,
+which compares models with different tokenizers."""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+
+
+@torch.no_grad()
+def text_perplexity(model, tok, texts: list[str], seq_len: int, batch_size: int, max_tokens: int | None = None) -> dict:
+    ids: list[int] = []
+    for t in texts:
+        ids += tok.encode(t) + ([tok.eos_id] if tok.eos_id is not None else [])
+    if max_tokens:
+        ids = ids[:max_tokens + 1]
+    if len(ids) < 2:
+        raise UserError("no text to score")
+    data = torch.tensor(ids)
+    windows = [(s, min(s + seq_len, len(ids) - 1)) for s in range(0, len(ids) - 1, seq_len)]
+    nll, n = 0.0, 0
+    vocab = model.config.vocab_size
+    for b in range(0, len(windows), batch_size):
+        group = windows[b:b + batch_size]
+        L = max(e - s for s, e in group)
+        x = torch.zeros(len(group), L, dtype=torch.long)
+        y = torch.full((len(group), L), -100, dtype=torch.long)
+        for j, (s, e) in enumerate(group):
+            x[j, :e - s], y[j, :e - s] = data[s:e], data[s + 1:e + 1]
+        logits = model(x)[..., :vocab]
+        nll += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum").item()
+        n += int((y != -100).sum())
+    nbytes = len(tok.decode(ids[1:n + 1]).encode("utf-8"))
+    return {"tokens": n, "ppl": math.exp(nll / n), "bits_per_byte": nll / math.log(2) / max(nbytes, 1), "bytes": nbytes}
+
+
+def run_ppl(args) -> None:
+    from ..checkpoint import find_tokenizer, load_model
+    from ..export import resolve_student_dir
+    from ..tokenizer import load_tokenizer
+    from ..train.data import find_text_files, read_documents
+    texts = [doc for f in find_text_files(args.text) for doc in read_documents(f)]
+    print(f"{'model':<40} {'tokens':>10} {'ppl':>10} {'bits/byte':>10} {'time':>8}")
+    for m in args.models:
+        folder = resolve_student_dir(m)
+        model = load_model(folder)
+        tp = find_tokenizer(folder)
+        if tp is None:
+            raise UserError(f"{folder}: no tokenizer.json next to the model")
+        t0 = time.time()
+        r = text_perplexity(model, load_tokenizer(tp), texts, args.seq_len, args.batch_size, args.max_tokens)
+        print(f"{m:<40} {r['tokens']:>10,} {r['ppl']:>10.3f} {r['bits_per_byte']:>10.4f} {time.time() - t0:>7.1f}s")

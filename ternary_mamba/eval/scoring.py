@@ -1,0 +1,60 @@
+"""Batched log-likelihood scoring of (context, continuation) pairs, the primitive behind every task.
+
+Tokenization follows lm-eval: trailing spaces of the context move to the continuation, the pair is
+encoded whole and the continuation's tokens are those after the context's; an empty context is
+replaced by the end-of-text token.  Sequences longer than `max_len` keep their last `max_len` tokens."""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tok.encode(context + continuation)
+    ctx = tok.encode(context)
+    cont = whole[len(ctx):]
+    if not ctx:
+        ctx = [tok.eos_id if tok.eos_id is not None else 0]
+    return ctx, cont
+
+
+@torch.no_grad()
+def loglikelihoods(model, tok, pairs: list[tuple[str, str]], batch_size: int = 16, max_len: int = 1024,
+                   progress: bool = False) -> list[tuple[float, bool]]:
+    """[(sum log p(continuation | context), continuation is the greedy decode)] in input order."""
+    encoded = [encode_pair(tok, c, x) for c, x in pairs]
+    seqs = []
+    for ctx, cont in encoded:
+        full = (ctx + cont)[-(max_len + 1):]
+        seqs.append((full[:-1], full[1:], len(cont)))
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
+    vocab = model.config.vocab_size
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(seqs)
+    t0 = time.time()
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        L = len(seqs[idx[0]][0])
+        inp = torch.zeros(len(idx), L, dtype=torch.long)
+        for j, i in enumerate(idx):
+            x = seqs[i][0]
+            inp[j, :len(x)] = torch.tensor(x)  # right padding: a causal model never sees it
+        logp = F.log_softmax(model(inp)[..., :vocab].float(), dim=-1)
+        for j, i in enumerate(idx):
+            x, y, n = seqs[i]
+            pos = torch.arange(len(x) - n, len(x))
+            tgt = torch.tensor(y[-n:])
+            lp = logp[j, pos]
+            results[i] = (lp.gather(-1, tgt[:, None]).sum().item(), bool((lp.argmax(-1) == tgt).all()))
+        if progress and sys.stderr.isatty():
+            done = min(b + batch_size, len(order))
+            print(f"\r  {done}/{len(order)} requests, {done / (time.time() - t0):.1f} req/s", end="", file=sys.stderr)
+    if progress and sys.stderr.isatty():
+        print(file=sys.stderr)
+    return results
