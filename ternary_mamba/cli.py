@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "YAMLs generated for the local files) instead of the built-in evaluator")
     p.add_argument("--threads", type=int, default=None)
 
+    p = sub.add_parser("report", help="(re)generate report.md with plots for a run folder")
+    p.add_argument("run")
+
     p = sub.add_parser("lm-eval", help="lm-evaluation-harness's CLI with the ternary-mamba model type registered",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -207,6 +210,11 @@ def cmd_eval(args) -> None:
     run_eval(args)
 
 
+def cmd_report(args) -> None:
+    from .report import run_report
+    run_report(args)
+
+
 def cmd_lm_eval(args) -> None:
     from .eval.lm_eval_main import main as lm_eval_main
     lm_eval_main(args.rest)
@@ -250,7 +258,8 @@ def cmd_tokenizer(args) -> None:
 
 COMMANDS = {"info": cmd_info, "pretrain": cmd_pretrain, "quantize": cmd_quantize, "tokenizer": cmd_tokenizer,
             "bench": cmd_bench, "export": cmd_export, "generate": cmd_generate,
-            "eval": cmd_eval, "ppl": cmd_ppl, "lm-eval": cmd_lm_eval}
+            "eval": cmd_eval, "ppl": cmd_ppl, "lm-eval": cmd_lm_eval,
+            "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -129,6 +129,8 @@ def run_pretrain(args) -> Path:
     save_model(model, out / "model", tokenizer_path=tok.path, overwrite=True,
                extra={"training": {"kind": "pretrain", **summary}})
     write_json_atomic(out / "summary.json", summary)
+    from .quantize import _try_report
+    _try_report(out)
     print(f"done: held-out ppl {ev['ppl']:.2f} (loss {ev['loss']:.4f}) over {summary['heldout_tokens']:,} tokens; "
           f"model in {out / 'model'}")
     return out

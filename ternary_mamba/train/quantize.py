@@ -95,6 +95,7 @@ def run_quantize(args) -> dict:
     save_model(student, out / "student", tokenizer_path=tok.path, overwrite=True,
                extra={"teacher": str(args.teacher), "training": {"kind": "quantize", "tokens": summary["tokens"]}})
     write_json_atomic(out / "summary.json", summary)
+    _try_report(out)
     print(format_summary(summary, out))
     return summary
 
@@ -119,6 +120,14 @@ def final_summary(teacher, student, qcfg, held, args, wall, tokens, monitor) -> 
             "collapse_events": monitor.events}
 
 
+def _try_report(out: Path) -> None:
+    try:
+        from ..report import make_report
+        make_report(out)
+    except ImportError:
+        pass  # matplotlib not installed: `ternary-mamba report RUN` after installing it
+
+
 def format_summary(s: dict, out: Path) -> str:
     lines = [f"\n{'model':<30} {'held-out ppl':>12} {'KL to teacher':>14} {'top-1 agree':>12} {'zero ratio':>11}"]
     for name, r in s["rows"].items():
@@ -128,6 +137,6 @@ def format_summary(s: dict, out: Path) -> str:
     lines.append(f"size: FP16 {sz['fp16'] / MB:.2f} MB -> ternary tq2 {sz['tq2'] / MB:.2f} MB "
                  f"({sz['fp16'] / sz['tq2']:.1f}x), tq1 {sz['tq1'] / MB:.2f} MB ({sz['fp16'] / sz['tq1']:.1f}x)")
     lines.append(f"{s['tokens']:,} tokens in {s['wall_s'] / 60:.1f} min; held-out: {s['heldout_tokens']:,} tokens")
-    lines.append(f"run folder: {out}  (student: {out / 'student'}, summary: {out / 'summary.json'}, "
+    lines.append(f"run folder: {out}  (student: {out / 'student'}, report: {out / 'report.md'}, "
                  f"metrics: {out / 'metrics.jsonl'})")
     return "\n".join(lines)
