@@ -78,15 +78,16 @@ class TernaryLinear(nn.Module):
             with torch.no_grad():
                 self.scale = nn.Parameter(absmean_scale(self.weight.detach().float(), G))
 
-    def effective_scale(self) -> Tensor:
+    def effective_scale(self, w: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
         """The scale the forward uses, (out, in // G), before fp16 rounding."""
-        w = self.weight
+        w = self.weight if w is None else w
         if self.mode == "absmean":
             return absmean_scale(w.detach(), self.group_size)
+        scale = self.scale if scale is None else scale
         if self.mode == "guarded":
             a = absmean_scale(w.detach(), self.group_size)
-            return torch.maximum(torch.minimum(self.scale, self.guard[1] * a), self.guard[0] * a)
-        return self.scale
+            return torch.maximum(torch.minimum(scale, self.guard[1] * a), self.guard[0] * a)
+        return scale
 
     def quantized_weight(self) -> Tensor:
         q = TernarySTE.apply(self.weight, self.effective_scale(), self.group_size, self.mode != "absmean")
@@ -101,17 +102,23 @@ class TernaryLinear(nn.Module):
     @torch.no_grad()
     def export(self) -> tuple[Tensor, Tensor]:
         """(codes int8 (out, in), fp16 scales (out, in // G)): exactly what the forward uses."""
-        s16 = round_scale(self.effective_scale().float())
-        return ternary_codes(self.weight.float(), s16, self.group_size), s16.half()
+        w = _full(self.weight)
+        s16 = round_scale(self.effective_scale(w, _full(getattr(self, "scale", None))).float())
+        return ternary_codes(w.float(), s16, self.group_size), s16.half()
 
     @torch.no_grad()
     def stats(self) -> dict[str, float]:
         codes, s16 = self.export()
         return {"zero_ratio": (codes == 0).float().mean().item(),
-                "scale_over_absmean": (s16.float().mean() / self.weight.abs().mean().clamp_min(1e-12)).item()}
+                "scale_over_absmean": (s16.float().mean() / _full(self.weight).abs().mean().clamp_min(1e-12)).item()}
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, group_size={self.group_size}, scale={self.mode}"
+
+
+def _full(t: Tensor | None) -> Tensor | None:
+    """A DTensor (FSDP2-sharded parameter) gathered to a plain tensor; anything else unchanged."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def default_filter(cfg: TernaryConfig) -> Callable[[nn.Module, str], bool]:

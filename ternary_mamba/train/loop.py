@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import atomic_dir, model_state_for_saving
+from ..checkpoint import atomic_dir
 from ..errors import UserError
+from . import distributed as D
 from .data import PackedSequences, batch_indices
 
 
@@ -94,12 +95,13 @@ class Progress:
 
 class Trainer:
     def __init__(self, model, objective, cfg: TrainConfig, run_dir: Path, train: PackedSequences,
-                 heldout: PackedSequences | None, verbose: bool = True):
-        self.model, self.objective, self.cfg = model, objective, cfg
+                 heldout: PackedSequences | None, verbose: bool = True, fsdp: bool = False):
+        self.objective, self.cfg = objective, cfg
         self.run_dir, self.train_data, self.heldout = Path(run_dir), train, heldout
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank, self.world = D.world()
         self.verbose = verbose and self.rank == 0
+        self.inner = model                    # the Mamba2LM (sharded in place under FSDP)
+        self.model = D.wrap(model, fsdp)      # what forward is called on (DDP wrapper, or the same module)
         self.opt = torch.optim.AdamW(objective.param_groups(model), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
         for g in self.opt.param_groups:
             g["base_lr"] = g["lr"] * g.pop("lr_mult", 1.0)
@@ -109,20 +111,32 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
-        if self.rank != 0:
-            return
+        """Full state dicts (gathered under FSDP, a collective), written by rank 0, swapped in atomically."""
         from safetensors.torch import save_file
-        with atomic_dir(self.ckpt_dir, overwrite=True) as tmp:
-            save_file(model_state_for_saving(self.model), str(tmp / "model.safetensors"))
-            torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step}))
+        msd, osd = D.full_state(self.inner, self.opt)
+        if self.rank == 0:
+            if self.inner.config.tie_embeddings:
+                msd.pop("lm_head.weight", None)  # stored once, as the embedding
+            with atomic_dir(self.ckpt_dir, overwrite=True) as tmp:
+                save_file({k: v.contiguous() for k, v in msd.items()}, str(tmp / "model.safetensors"))
+                torch.save(osd, tmp / "optimizer.pt")
+                (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "world_size": self.world}))
+        D.barrier()
 
     def load_checkpoint(self) -> None:
         from safetensors.torch import load_file
-        from ..checkpoint import load_state_dict_strict
-        state = json.loads((self.ckpt_dir / "trainer_state.json").read_text())
-        load_state_dict_strict(self.model, load_file(str(self.ckpt_dir / "model.safetensors")), str(self.ckpt_dir))
-        self.opt.load_state_dict(torch.load(self.ckpt_dir / "optimizer.pt", weights_only=True))
+        try:
+            state = json.loads((self.ckpt_dir / "trainer_state.json").read_text())
+            msd = load_file(str(self.ckpt_dir / "model.safetensors"))
+            osd = torch.load(self.ckpt_dir / "optimizer.pt", weights_only=True)
+        except Exception as e:
+            raise UserError(f"{self.ckpt_dir}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+        if self.inner.config.tie_embeddings:
+            msd["lm_head.weight"] = msd["backbone.embedding.weight"]
+        try:
+            D.load_full_state(self.inner, self.opt, msd, osd)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise UserError(f"{self.ckpt_dir}: checkpoint does not fit this run ({str(e).splitlines()[0][:200]})") from None
         self.step = state["step"]
         # drop metrics logged after the checkpoint: the resumed run re-logs them identically
         if self.metrics_path.exists():
@@ -161,11 +175,14 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
         params = [p for g in self.opt.param_groups for p in g["params"]]
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor
+            gnorm = gnorm.full_tensor()
         if not torch.isfinite(gnorm):
             raise UserError(f"step {self.step}: gradient norm is {gnorm.item()}; stopping without saving; try a lower --lr")
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        self.objective.after_step(self.model, self.step)
+        self.objective.after_step(self.inner, self.step)
+        sums = D.mean_metrics(sums)
         sums["grad_norm"] = gnorm.item()
         sums["lr"] = self.opt.param_groups[0]["lr"]
         return sums
@@ -184,7 +201,7 @@ class Trainer:
             metrics = self.train_step()
             self.step += 1
             tokens = self.step * cfg.tokens_per_step
-            rec = {"step": self.step, "tokens": tokens, **metrics, **self.objective.monitor(self.model, self.step)}
+            rec = {"step": self.step, "tokens": tokens, **metrics, **self.objective.monitor(self.inner, self.step)}
             is_eval = cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == total)
             if is_eval:
                 rec.update({f"eval_{k}": v for k, v in self.evaluate().items()})

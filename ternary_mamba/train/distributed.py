@@ -1,0 +1,89 @@
+"""Data-parallel training on torch.distributed: DDP, or FSDP2 (`fully_shard`) with --fsdp.
+
+Launch with torchrun; the backend is NCCL on GPUs and gloo on CPU.  Each rank reads its own slice of
+every global batch (data.batch_indices), so the global batch is per-rank batch x ranks x accumulation
+and the trajectory equals a single process run with that global batch.  Rank 0 alone prints and writes;
+checkpoints hold full (unsharded) state dicts, so a run can resume on any number of ranks... of the same
+world size (the run.json check enforces it, since the global batch depends on it)."""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def init_if_launched() -> None:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1)."""
+    rank, size = world()
+    if size > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=10))
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def wrap(model: torch.nn.Module, fsdp: bool) -> torch.nn.Module:
+    """DDP by default; with fsdp, shard each block then the root (parameters, grads, optimizer state)."""
+    if not active():
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.backbone.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def mean_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Average logged scalars over ranks (so logs equal the single-process global-batch values)."""
+    if not active() or not metrics:
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def full_state(model, optimizer=None) -> tuple[dict, dict | None]:
+    """Full (unsharded, CPU) model and optimizer state dicts, keyed by parameter names; collective."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=opts)
+    osd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
+    return msd, osd
+
+
+def load_full_state(model, optimizer, msd: dict, osd: dict | None) -> None:
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, strict=True)
+    set_model_state_dict(model, msd, options=opts)
+    if optimizer is not None and osd is not None:
+        set_optimizer_state_dict(model, optimizer, osd, options=opts)
