@@ -36,6 +36,8 @@ def _add_train_args(p: argparse.ArgumentParser, tokens: int, lr: float, seq_len:
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     g.add_argument("--cache-dir", default=None, help="where tokenized data is cached")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--fsdp", action="store_true", help="under torchrun: shard the student with FSDP2 "
+                   "(parameters, gradients, optimizer state) instead of DDP")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         if threads:
             torch.set_num_threads(threads)
+        if args.command in ("pretrain", "quantize"):
+            from .train.distributed import init_if_launched, is_main
+            init_if_launched()
+            if not is_main():  # rank 0 alone prints
+                sys.stdout = open(os.devnull, "w")
         COMMANDS[args.command](args)
     except UserError as e:
         print(f"ternary-mamba {args.command}: error: {e}", file=sys.stderr)

@@ -87,3 +87,16 @@ def load_full_state(model, optimizer, msd: dict, osd: dict | None) -> None:
     set_model_state_dict(model, msd, options=opts)
     if optimizer is not None and osd is not None:
         set_optimizer_state_dict(model, optimizer, osd, options=opts)
+
+
+def gathered_model(trainer, factory):
+    """The trained model as a plain module: itself under DDP / one process; under FSDP a fresh copy
+    from `factory()` loaded with the gathered full state dict (a collective: every rank calls this)."""
+    if not (active() and trainer.fsdp):
+        return trainer.inner
+    msd, _ = full_state(trainer.inner)
+    if not is_main():  # with cpu_offload only rank 0 receives the gathered tensors
+        return trainer.inner
+    model = factory()
+    model.load_state_dict(msd)
+    return model

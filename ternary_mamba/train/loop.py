@@ -100,6 +100,7 @@ class Trainer:
         self.run_dir, self.train_data, self.heldout = Path(run_dir), train, heldout
         self.rank, self.world = D.world()
         self.verbose = verbose and self.rank == 0
+        self.fsdp = fsdp
         self.inner = model                    # the Mamba2LM (sharded in place under FSDP)
         self.model = D.wrap(model, fsdp)      # what forward is called on (DDP wrapper, or the same module)
         self.opt = torch.optim.AdamW(objective.param_groups(model), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
@@ -113,7 +114,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Full state dicts (gathered under FSDP, a collective), written by rank 0, swapped in atomically."""
         from safetensors.torch import save_file
-        msd, osd = D.full_state(self.inner, self.opt)
+        msd, osd = D.full_state(self.inner, self.opt)  # complete on rank 0 only
         if self.rank == 0:
             if self.inner.config.tie_embeddings:
                 msd.pop("lm_head.weight", None)  # stored once, as the embedding

@@ -16,7 +16,8 @@ from ..config import resolve_config
 from ..errors import UserError
 from ..tokenizer import load_tokenizer
 from .loop import TrainConfig, Trainer, write_json_atomic
-from .runs import prepare_data, prepare_run_dir
+from . import distributed as D
+from .runs import prepare_run_and_data
 
 NO_DECAY = ("norm", "A_log", "D", "dt_bias", "bias", "scale")
 
@@ -99,20 +100,25 @@ def run_pretrain(args) -> Path:
             "tokenizer": str(Path(args.tokenizer).resolve()), "data": [str(Path(d).resolve()) for d in args.data],
             "eval_data": [str(Path(d).resolve()) for d in (args.eval_data or [])], "ternary": bool(args.ternary),
             "group_size": args.group_size}
-    train, held = prepare_data(args.data, args.eval_data, tok, args.seq_len, 0.01, args.cache_dir)
     out = Path(args.out)
-    resume = prepare_run_dir(out, spec, args.resume)
+    resume, train, held = prepare_run_and_data(out, spec, args.resume, args.data, args.eval_data, tok,
+                                               args.seq_len, 0.01, args.cache_dir)
 
     from ..model import Mamba2LM
-    model = Mamba2LM(cfg)
-    model.reset_parameters(seed=args.seed)
+
+    def build():
+        m = Mamba2LM(cfg)
+        m.reset_parameters(seed=args.seed)
+        if args.ternary:
+            from ..quant.qat import TernaryConfig, quantize_
+            quantize_(m, TernaryConfig(group_size=args.group_size, scale_mode="absmean"))
+        return m
+    model = build()
     qmon = None
     if args.ternary:
         from ..quant.monitor import ZeroRatioMonitor
-        from ..quant.qat import TernaryConfig, quantize_
-        quantize_(model, TernaryConfig(group_size=args.group_size, scale_mode="absmean"))
         qmon = ZeroRatioMonitor()
-    trainer = Trainer(model, LMObjective(args.weight_decay, qmon), tcfg, out, train, held)
+    trainer = Trainer(model, LMObjective(args.weight_decay, qmon), tcfg, out, train, held, fsdp=args.fsdp)
     if resume:
         trainer.load_checkpoint()
         print(f"resuming {out} at step {trainer.step}")
@@ -121,6 +127,9 @@ def run_pretrain(args) -> Path:
     t0 = time.time()
     last = trainer.run()
     wall = time.time() - t0
+    model = D.gathered_model(trainer, build)
+    if not D.is_main():
+        return out
     model.eval()
     ev = LMObjective(0).evaluate(model, held, 10**9, args.batch_size)  # the whole held-out set
     summary = {"params": cfg.n_params, "tokens": trainer.step * tcfg.tokens_per_step, "wall_s_this_session": wall,

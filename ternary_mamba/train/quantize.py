@@ -17,7 +17,8 @@ from ..quant.qat import TernaryConfig, quantize_
 from ..tokenizer import load_tokenizer
 from .distill import DistillObjective, evaluate_vs_teacher
 from .loop import TrainConfig, Trainer, write_json_atomic
-from .runs import prepare_data, prepare_run_dir
+from . import distributed as D
+from .runs import prepare_run_and_data
 
 
 def _defaults(args) -> None:
@@ -66,9 +67,9 @@ def run_quantize(args) -> dict:
             "quantization": qcfg.to_dict(), "train": vars(tcfg),
             "loss": {"tau": args.tau, "alpha_ce": args.alpha_ce, "beta_hidden": args.beta_hidden},
             "scale_lr_mult": args.scale_lr_mult, "lam_warmup": args.lam_warmup, "on_collapse": args.on_collapse}
-    train, held = prepare_data(args.data, args.eval_data, tok, args.seq_len, 0.02, args.cache_dir)
     out = Path(args.out)
-    resume = prepare_run_dir(out, spec, args.resume)
+    resume, train, held = prepare_run_and_data(out, spec, args.resume, args.data, args.eval_data, tok,
+                                               args.seq_len, 0.02, args.cache_dir)
 
     monitor = ZeroRatioMonitor(every=args.monitor_every, threshold=args.collapse_threshold, action=args.on_collapse)
     objective = DistillObjective(teacher, tau=args.tau, alpha_ce=args.alpha_ce, beta_hidden=args.beta_hidden,
@@ -77,7 +78,7 @@ def run_quantize(args) -> dict:
     if args.lam_warmup:
         from ..quant.qat import set_lambda
         set_lambda(student, 1.0 / args.lam_warmup)
-    trainer = Trainer(student, objective, tcfg, out, train, held)
+    trainer = Trainer(student, objective, tcfg, out, train, held, fsdp=args.fsdp)
     if resume:
         trainer.load_checkpoint()
         if args.lam_warmup:
@@ -90,6 +91,9 @@ def run_quantize(args) -> dict:
     t0 = time.time()
     trainer.run()
     wall = time.time() - t0
+    student = D.gathered_model(trainer, lambda: build_student(teacher, qcfg))
+    if not D.is_main():
+        return {}
 
     summary = final_summary(teacher, student, qcfg, held, args, wall, trainer.step * tcfg.tokens_per_step, monitor)
     save_model(student, out / "student", tokenizer_path=tok.path, overwrite=True,

@@ -24,6 +24,7 @@ def prepare_run_dir(out: Path, spec: dict, resume: bool) -> bool:
         if not run_json.exists():
             raise UserError(f"{out}: not a run folder (no run.json); cannot --resume")
         old = json.loads(run_json.read_text())
+        old.setdefault("world_size", 1)  # runs written before distributed support
         diff = sorted(k for k in set(old) | set(spec)
                       if k not in RESUME_FREE and old.get(k) != spec.get(k))
         if diff:
@@ -37,6 +38,22 @@ def prepare_run_dir(out: Path, spec: dict, resume: bool) -> bool:
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_json, spec)
     return False
+
+
+def prepare_run_and_data(out: Path, spec: dict, resume: bool, data, eval_data, tok, seq_len: int,
+                         heldout_fraction: float, cache_dir) -> tuple[bool, PackedSequences, PackedSequences]:
+    """Rank 0 tokenizes (filling the cache) and creates / checks the run folder; the other ranks wait,
+    then read the cached tokens.  Returns (load checkpoint?, train, held-out)."""
+    from . import distributed as D
+    spec = {**spec, "world_size": D.world()[1]}
+    if D.is_main():
+        train, held = prepare_data(data, eval_data, tok, seq_len, heldout_fraction, cache_dir)
+        load = prepare_run_dir(out, spec, resume)
+    D.barrier()
+    if not D.is_main():
+        train, held = prepare_data(data, eval_data, tok, seq_len, heldout_fraction, cache_dir, verbose=False)
+        load = resume and (Path(out) / "checkpoint" / "trainer_state.json").exists()
+    return load, train, held
 
 
 def prepare_data(data: list[str], eval_data: list[str] | None, tokenizer, seq_len: int,

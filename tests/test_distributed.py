@@ -1,0 +1,78 @@
+"""torchrun with 2 CPU processes (gloo): DDP and FSDP2 runs follow the single-process trajectory with
+the same global batch, and a killed distributed run resumes onto the same trajectory."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import BUNDLED_TOKENIZER
+
+TINY = '{"d_model": 32, "n_layer": 2, "d_state": 16, "headdim": 16, "vocab_size": 8192, "chunk_size": 16}'
+pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+
+
+def _args(cfg, data, out, batch, extra=()):
+    return ["pretrain", "--config", str(cfg), "--tokenizer", str(BUNDLED_TOKENIZER), "--data", str(data),
+            "--tokens", str(16 * 64 * 12), "--seq-len", "64", "--batch-size", str(batch), "--eval-every", "0",
+            "--save-every", "2", "--out", str(out), "--lr", "3e-3", "--threads", "1", *extra]
+
+
+def _torchrun(args, **kw):
+    exe = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [exe, "--standalone", "--nproc_per_node=2", "-m", "ternary_mamba", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _losses(run):
+    return [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines() if "loss" in l]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, text_dir):
+    d = tmp_path_factory.mktemp("dist")
+    cfg = d / "tiny.json"
+    cfg.write_text(TINY)
+    from ternary_mamba.cli import main
+    assert main(_args(cfg, text_dir, d / "single", batch=16)) == 0
+    return cfg, d, _losses(d / "single")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_single_process(setup, text_dir, mode):
+    cfg, d, ref = setup
+    out = d / mode
+    p = _torchrun(_args(cfg, text_dir, out, batch=8, extra=["--fsdp"] if mode == "fsdp" else []))
+    log = p.communicate(timeout=600)[0]
+    assert p.returncode == 0, log[-3000:]
+    got = _losses(out)
+    assert len(got) == len(ref) == 12
+    diff = max(abs(a - b) for a, b in zip(got, ref))
+    print(f"{mode}: max |loss difference| vs single process = {diff:.2e}")
+    assert diff < 2e-4
+    from ternary_mamba import load_model
+    assert load_model(out / "model").config.d_model == 32
+
+
+def test_killed_distributed_run_resumes_onto_the_same_trajectory(setup, text_dir):
+    cfg, d, ref = setup
+    out = d / "killed"
+    p = _torchrun(_args(cfg, text_dir, out, batch=8), start_new_session=True)
+    state = out / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (state.exists() and json.loads(state.read_text())["step"] >= 6):
+        time.sleep(0.1)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert json.loads(state.read_text())["step"] < 12
+    p = _torchrun(_args(cfg, text_dir, out, batch=8, extra=["--resume"]))
+    log = p.communicate(timeout=600)[0]
+    assert p.returncode == 0, log[-3000:]
+    got = _losses(out)
+    assert len(got) == 12 and max(abs(a - b) for a, b in zip(got, ref)) < 2e-4
