@@ -209,6 +209,7 @@ class Trainer:
             now = time.time()
             tok_s = (tokens - tok_last) / max(now - t_last, 1e-9)
             rec["tok_per_s"] = tok_s
+            rec["max_rss_mb"] = _max_rss_mb()
             t_last, tok_last = now, tokens
             self.log(rec)
             last = rec
@@ -218,6 +219,11 @@ class Trainer:
                 self.save_checkpoint()
             self.objective.check(rec)  # e.g. the zero-ratio collapse detector; may raise
         return last
+
+
+def _max_rss_mb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def _step_of(line: str) -> float:
