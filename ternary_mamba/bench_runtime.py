@@ -46,6 +46,9 @@ def bytes_per_token(model) -> int:
         if id(t) not in seen:
             seen.add(id(t))
             total += t.numel() * t.element_size()
+    emb = model.backbone.embedding.weight
+    if getattr(model.lm_head, "weight", None) is not emb:  # the head no longer reads the embedding: one row
+        total -= emb.numel() * emb.element_size() - emb.size(1) * emb.element_size()
     return total
 
 
@@ -89,9 +92,14 @@ def run_bench_runtime(args) -> None:
             print(f"{name}: pass a full-precision model or a preset; skipping")
             continue
         results = {}
-        for variant in ("fp32", "tq2"):
+        for variant in ("fp32", "tq2", "tq2+i8head"):
             if variant == "tq2":
                 pack_in_place(model)
+            if variant == "tq2+i8head":
+                if args.what != "decode":
+                    continue
+                from .int8_head import use_int8_head
+                use_int8_head(model)
             nbytes = bytes_per_token(model)
             if args.what == "decode":
                 r = _decode_tok_s(model, args.tokens)
@@ -103,6 +111,7 @@ def run_bench_runtime(args) -> None:
                 results[variant] = r
                 print(f"{name} prefill {variant:>5} 1x{args.tokens}: {r:8.1f} tok/s")
         ref = LLAMA_CPP.get(name, {}).get(args.what, {})
-        print(f"{name} {args.what}: tq2 / fp32 = {results['tq2'] / results['fp32']:.2f}x  (tq1 is re-packed to "
+        extra = f", tq2+int8 head / fp32 = {results['tq2+i8head'] / results['fp32']:.2f}x" if "tq2+i8head" in results else ""
+        print(f"{name} {args.what}: tq2 / fp32 = {results['tq2'] / results['fp32']:.2f}x{extra}  (tq1 is re-packed to "
               f"the tq2 layout at load: same speed)  llama.cpp reference: {ref or 'n/a'}")
         del model

@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=1024, help="context length of each scored window")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
+    p.add_argument("--int8-head", action="store_true", help="also score with the 8-bit inference head")
     p.add_argument("--threads", type=int, default=None)
 
     p = sub.add_parser("bench", help="speed benchmarks (ratios against a reference measured in the same run)")

@@ -67,6 +67,9 @@ def run_generate(args) -> None:
         if folder is None:
             raise UserError(f"{args.model}: run folder without a finished model (student/ or model/)")
     model = load_model(folder)
+    if args.int8_head:
+        from .int8_head import use_int8_head
+        use_int8_head(model)
     tok_path = args.tokenizer or find_tokenizer(folder)
     if tok_path is None:
         raise UserError(f"{folder}: no tokenizer.json; pass --tokenizer")

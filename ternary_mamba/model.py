@@ -86,10 +86,15 @@ class Mamba2Mixer(nn.Module):
         b, l, _ = u.shape
         z, xBC, dt = self._split(self.in_proj(u))
         # causal depthwise conv over time, continuing from the previous inputs (zeros at the start)
-        prev = state.conv if state is not None else u.new_zeros(b, c.conv_dim, c.d_conv - 1)
-        xBC_t = torch.cat([prev, xBC.transpose(1, 2)], dim=2)               # (b, conv_dim, d_conv-1+l)
+        xBC_t = xBC.transpose(1, 2)                                          # (b, conv_dim, l)
+        if state is None:  # zero history: let conv1d pad (no concatenation in the training path)
+            out = F.conv1d(xBC_t, self.conv1d.weight, self.conv1d.bias, padding=c.d_conv - 1, groups=c.conv_dim)
+            xBC_t = F.pad(xBC_t, (max(0, c.d_conv - 1 - l), 0))
+        else:
+            xBC_t = torch.cat([state.conv, xBC_t], dim=2)                   # (b, conv_dim, d_conv-1+l)
+            out = F.conv1d(xBC_t, self.conv1d.weight, self.conv1d.bias, groups=c.conv_dim)
         conv_state = xBC_t[:, :, -(c.d_conv - 1):]
-        xBC = F.conv1d(xBC_t, self.conv1d.weight, self.conv1d.bias, groups=c.conv_dim).transpose(1, 2)
+        xBC = out[:, :, :l].transpose(1, 2)
         x, B, C, dt, A = self._ssm_inputs(xBC, dt)
         x = x.view(b, l, c.nheads, c.headdim)
         B, C = B.view(b, l, c.ngroups, c.d_state), C.view(b, l, c.ngroups, c.d_state)

@@ -52,6 +52,16 @@ def run_ppl(args) -> None:
         tp = find_tokenizer(folder)
         if tp is None:
             raise UserError(f"{folder}: no tokenizer.json next to the model")
-        t0 = time.time()
-        r = text_perplexity(model, load_tokenizer(tp), texts, args.seq_len, args.batch_size, args.max_tokens)
-        print(f"{m:<40} {r['tokens']:>10,} {r['ppl']:>10.3f} {r['bits_per_byte']:>10.4f} {time.time() - t0:>7.1f}s")
+        variants = [("", model)]
+        if args.int8_head:
+            import copy
+
+            from ..int8_head import use_int8_head
+            m8 = copy.deepcopy(model)
+            use_int8_head(m8)
+            variants.append((" +int8 head", m8))
+        for suffix, mdl in variants:
+            t0 = time.time()
+            r = text_perplexity(mdl, load_tokenizer(tp), texts, args.seq_len, args.batch_size, args.max_tokens)
+            print(f"{m + suffix:<40} {r['tokens']:>10,} {r['ppl']:>10.3f} {r['bits_per_byte']:>10.4f} "
+                  f"{time.time() - t0:>7.1f}s")
