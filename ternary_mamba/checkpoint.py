@@ -218,6 +218,8 @@ def atomic_dir(out: Path, overwrite: bool = False):
         os.chmod(tmp, 0o755)
         try:
             yield tmp
+            for f in tmp.rglob("*"):
+                os.chmod(f, 0o755 if f.is_dir() else 0o644)
             if out_p.exists():
                 shutil.rmtree(out_p)
             os.replace(tmp, out_p)
