@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--collapse-threshold", type=float, default=0.6, help="zero ratio that counts as collapse")
     q.add_argument("--monitor-every", type=int, default=10, help="steps between zero-ratio measurements")
     q.add_argument("--final-eval-batches", type=int, default=16)
-    _add_train_args(p, tokens=300_000, lr=2e-3)
+    _add_train_args(p, tokens=250_000, lr=2e-3)
     p.set_defaults(weight_decay=0.0, eval_every=50, save_every=50)
 
     p = sub.add_parser("export", help="pack a QAT student (or PTQ a full-precision model) into tq2/tq1")
