@@ -181,8 +181,8 @@ def resolve_model_dir(path_or_id: str | os.PathLike) -> Path:
 
 
 def load_model(path_or_id: str | os.PathLike, device: str = "cpu"):
-    """Any supported checkpoint -> an fp32 `Mamba2LM` in eval mode.  Packed ternary folders load as
-    the dense fake-quant equivalent is the job of `ternary_mamba.packed`; QAT run folders as students."""
+    """Any supported checkpoint -> an fp32 `Mamba2LM` in eval mode.  Packed folders load through
+    `ternary_mamba.packed` (ternary weights stay packed); QAT students get their ternary modules back."""
     from .model import Mamba2LM
     folder = resolve_model_dir(path_or_id)
     meta = _read_json(folder / "config.json")

@@ -1,5 +1,6 @@
 """Packed export: exact agreement with the fake-quant student, the compiled kernel against the
 reference, sizes, and tampered files."""
+import contextlib
 import json
 
 import pytest
@@ -11,6 +12,16 @@ from ternary_mamba.checkpoint import load_model
 from ternary_mamba.errors import UserError
 from ternary_mamba.packed import PackedTernaryLinear, export_packed
 from ternary_mamba.quant.qat import TernaryConfig, quantize_, ternary_modules
+
+
+@contextlib.contextmanager
+def reference_path():
+    """Run packed modules through the pure-PyTorch reference instead of the compiled kernels."""
+    PackedTernaryLinear.reference = True
+    try:
+        yield
+    finally:
+        PackedTernaryLinear.reference = False
 
 
 def _student(seed, mode="learned", group=32, **kw):
@@ -30,12 +41,8 @@ def test_packed_logits_equal_fake_quant_exactly(seed, packing, tmp_path):
     export_packed(student, tmp_path / "p", packing=packing, other_dtype="fp32")
     packed = load_model(tmp_path / "p")
     ids = torch.randint(0, 512, (2, 5 + 7 * seed), generator=torch.Generator().manual_seed(seed))
-    PackedTernaryLinear.reference = True
-    try:
-        with torch.no_grad():
-            assert torch.equal(packed(ids), student(ids))
-    finally:
-        PackedTernaryLinear.reference = False
+    with reference_path(), torch.no_grad():
+        assert torch.equal(packed(ids), student(ids))
 
 
 def test_fp16_export_equals_student_with_fp16_rounded_params(tmp_path):
@@ -47,12 +54,8 @@ def test_fp16_export_equals_student_with_fp16_rounded_params(tmp_path):
                 p.copy_(p.half().float())
     packed = load_model(tmp_path / "p")
     ids = torch.randint(0, 512, (1, 19))
-    PackedTernaryLinear.reference = True
-    try:
-        with torch.no_grad():
-            assert torch.equal(packed(ids), student(ids))
-    finally:
-        PackedTernaryLinear.reference = False
+    with reference_path(), torch.no_grad():
+        assert torch.equal(packed(ids), student(ids))
 
 
 def test_kernel_paths_agree_with_reference(tmp_path):
@@ -66,12 +69,9 @@ def test_kernel_paths_agree_with_reference(tmp_path):
     with torch.no_grad():
         fast_prefill, state = packed(ids, return_state=True)
         fast_step, _ = packed.step(ids[:, -1], state)
-        PackedTernaryLinear.reference = True
-        try:
+        with reference_path():
             ref_prefill, state = packed(ids, return_state=True)
             ref_step, _ = packed.step(ids[:, -1], state)
-        finally:
-            PackedTernaryLinear.reference = False
     assert torch.equal(fast_prefill, ref_prefill)  # dequantize kernel is exact; same GEMM
     assert (fast_step - ref_step).abs().max() < 1e-4  # GEMV kernel: different summation order
 

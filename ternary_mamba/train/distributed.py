@@ -3,8 +3,8 @@
 Launch with torchrun; the backend is NCCL on GPUs and gloo on CPU.  Each rank reads its own slice of
 every global batch (data.batch_indices), so the global batch is per-rank batch x ranks x accumulation
 and the trajectory equals a single process run with that global batch.  Rank 0 alone prints and writes;
-checkpoints hold full (unsharded) state dicts, so a run can resume on any number of ranks... of the same
-world size (the run.json check enforces it, since the global batch depends on it)."""
+checkpoints hold full (unsharded) state dicts.  A run resumes with the same world size only (run.json
+records it), since the global batch depends on it."""
 from __future__ import annotations
 
 import os
