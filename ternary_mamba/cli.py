@@ -84,6 +84,41 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p, tokens=250_000, lr=2e-3)
     p.set_defaults(weight_decay=0.0, eval_every=50, save_every=50)
 
+    p = sub.add_parser("ptq", help="post-training ternarization (no training) + post-hoc corrections",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--teacher", default=None, help="full-precision model (default: the bundled teacher)")
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--data", nargs="+", default=None, help="calibration text (default: bundled books)")
+    p.add_argument("--eval-data", nargs="+", default=None, help="held-out text (default: bundled held-out book)")
+    p.add_argument("--out", default=None, help="write the student folder + summary.json here")
+    p.add_argument("--correct", nargs="*", default=[], choices=["bias", "lowrank", "qep"],
+                   help="post-hoc corrections, applied layer by layer in this order: qep, lowrank, bias")
+    p.add_argument("--rank", type=int, default=8, help="rank of the low-rank correction")
+    p.add_argument("--plain-svd", action="store_true", help="low-rank: plain SVD of W - Q (default: "
+                   "activation-weighted)")
+    p.add_argument("--qep-alpha", type=float, default=1.0, help="QEP: strength of the propagation correction")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--calib-seqs", type=int, default=32, help="calibration windows of --seq-len tokens")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--eval-batches", type=int, default=16, help="held-out batches of 8 windows")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+
+    p = sub.add_parser("experiment", help="reproducible experiments (claims: PTQ/corrections vs QAT+KD vs scratch)")
+    esub = p.add_subparsers(dest="exp_command", metavar="WHICH")
+    e = esub.add_parser("claims", help="the paper's claims on one teacher: table + plots (resumable)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("--teacher", default=None, help="full-precision model (default: the bundled teacher)")
+    e.add_argument("--data", nargs="+", default=None, help="training / calibration text (default: bundled books)")
+    e.add_argument("--eval-data", nargs="+", default=None, help="held-out text (default: bundled held-out book)")
+    e.add_argument("--tokens", type=int, default=500_000, help="training tokens of every QAT / scratch run")
+    e.add_argument("--out", default="runs/claims", help="experiment folder (re-run the command to resume)")
+    e.add_argument("--skip", nargs="*", default=[], help="training runs to leave out (e.g. qat-learned-lr10 scratch-fp)")
+    e.add_argument("--positions", type=int, default=512, help="sequence length of the recurrence analysis")
+    e.add_argument("--sequences", type=int, default=8, help="held-out sequences of the recurrence analysis")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--threads", type=int, default=None)
+
     p = sub.add_parser("export", help="pack a QAT student (or PTQ a full-precision model) into tq2/tq1")
     p.add_argument("model", help="QAT run folder, student folder, or full-precision model")
     p.add_argument("--format", default="tq2", choices=["tq2", "tq1"], help="tq2: 2 bits/weight; tq1: 1.6")
@@ -199,6 +234,19 @@ def cmd_quantize(args) -> None:
     run_quantize(args)
 
 
+def cmd_ptq(args) -> None:
+    from .ptq import run_ptq
+    run_ptq(args)
+
+
+def cmd_experiment(args) -> None:
+    from .errors import UserError
+    if args.exp_command != "claims":
+        raise UserError("usage: ternary-mamba experiment claims [--tokens N] [--out DIR]")
+    from .experiment.claims import run_claims
+    run_claims(args)
+
+
 def cmd_export(args) -> None:
     from .export import run_export
     run_export(args)
@@ -261,7 +309,7 @@ def cmd_tokenizer(args) -> None:
 
 
 COMMANDS = {"info": cmd_info, "pretrain": cmd_pretrain, "quantize": cmd_quantize, "tokenizer": cmd_tokenizer,
-            "bench": cmd_bench, "export": cmd_export, "generate": cmd_generate,
+            "bench": cmd_bench, "ptq": cmd_ptq, "experiment": cmd_experiment, "export": cmd_export, "generate": cmd_generate,
             "eval": cmd_eval, "ppl": cmd_ppl, "lm-eval": cmd_lm_eval,
             "report": cmd_report}
 

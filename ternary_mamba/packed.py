@@ -75,6 +75,9 @@ def export_packed(model, out: Path, packing: str = "tq2", other_dtype: str = "fp
     mods = ternary_modules(model)
     if not mods:
         raise UserError("nothing to export: the model has no ternary modules")
+    if any(m.has_corrections for _, m in mods):
+        raise UserError("this model carries post-hoc corrections (bias / low-rank), which the packed format "
+                        "does not hold; export a plain PTQ, QEP or QAT student")
     tensors, header_t = {}, {}
     skip = set()
     for name, m in mods:

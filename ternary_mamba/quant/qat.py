@@ -34,6 +34,10 @@ class TernaryConfig:
     guard_low: float = 0.5           # guarded: effective scale within [low, high] x current absmean
     guard_high: float = 1.5
     targets: tuple[str, ...] = ("in_proj", "out_proj")
+    # post-hoc corrections (set by `ternary-mamba ptq`, not trained): an fp output bias per ternary
+    # linear and a rank-r term U @ V beside the ternary weight.  Not part of the packed format.
+    corr_bias: bool = False
+    corr_rank: int = 0
 
     def __post_init__(self):
         self.targets = tuple(self.targets)
@@ -43,6 +47,8 @@ class TernaryConfig:
             raise UserError(f"group size {self.group_size}: use a positive size (64, 128, 256) or -1 for one per row")
         if not 0 < self.guard_low < 1 < self.guard_high:
             raise UserError(f"guard band [{self.guard_low}, {self.guard_high}] must satisfy 0 < low < 1 < high")
+        if self.corr_rank < 0:
+            raise UserError(f"correction rank {self.corr_rank} must be >= 0")
         bad = [t for t in self.targets if t not in ("in_proj", "out_proj")]
         if bad:
             raise UserError(f"targets {bad}: only in_proj and out_proj can be ternary (the embedding/head stay fp16)")
@@ -77,6 +83,10 @@ class TernaryLinear(nn.Module):
         if self.mode != "absmean":
             with torch.no_grad():
                 self.scale = nn.Parameter(absmean_scale(self.weight.detach().float(), G))
+        w = self.weight
+        self.corr_bias = nn.Parameter(w.new_zeros(self.out_features)) if cfg.corr_bias else None
+        self.corr_u = nn.Parameter(w.new_zeros(self.out_features, cfg.corr_rank)) if cfg.corr_rank else None
+        self.corr_v = nn.Parameter(w.new_zeros(cfg.corr_rank, self.in_features)) if cfg.corr_rank else None
 
     def effective_scale(self, w: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
         """The scale the forward uses, (out, in // G), before fp16 rounding."""
@@ -97,7 +107,16 @@ class TernaryLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.quantized_weight() if self.enabled else self.weight
-        return F.linear(x, w, self.bias)
+        y = F.linear(x, w, self.bias)
+        if self.enabled and self.corr_u is not None:
+            y = y + F.linear(F.linear(x, self.corr_v), self.corr_u)
+        if self.enabled and self.corr_bias is not None:
+            y = y + self.corr_bias
+        return y
+
+    @property
+    def has_corrections(self) -> bool:
+        return self.corr_u is not None or self.corr_bias is not None
 
     @torch.no_grad()
     def export(self) -> tuple[Tensor, Tensor]:
