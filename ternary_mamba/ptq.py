@@ -3,6 +3,7 @@
 calibrated on the bundled training books, evaluated on the bundled held-out book."""
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -63,10 +64,12 @@ def run_ptq(args, teacher=None, data=None) -> dict:
     train, held = data
     calib = calibration_batches(train, args.calib_seqs, 8, args.seed)
     t0 = time.time()
+    tty = sys.stdout.isatty()   # a live progress line on terminals only (no \r noise in logs)
     student, fit = posthoc_quantize(teacher, calib, args.group_size, cfg,
-                                    progress=lambda i, n, name: print(f"\r{cfg.label}: {i + 1}/{n} {name}   ",
-                                                                      end="", flush=True))
-    print()
+                                    progress=(lambda i, n, name: print(f"\r{cfg.label}: {i + 1}/{n} {name}   ",
+                                                                       end="", flush=True)) if tty else None)
+    if tty:
+        print()
     wall = time.time() - t0
     row = {**evaluate_vs_teacher(student, teacher, held, args.eval_batches, 8),
            "zero_ratio": zero_ratio_stats(student)["zero_ratio"]}

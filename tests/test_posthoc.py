@@ -1,0 +1,145 @@
+"""PTQ and the post-hoc corrections (bias, low-rank, QEP), and the recurrence error analysis."""
+import json
+
+import pytest
+import torch
+
+from conftest import random_model, tiny_config
+from ternary_mamba.analysis import error_vs_position, growth, inject_noise, trajectories
+from ternary_mamba.checkpoint import load_model, save_model
+from ternary_mamba.cli import main
+from ternary_mamba.errors import UserError
+from ternary_mamba.quant.posthoc import (PosthocConfig, capture_inputs, correction_params, lowrank_fit,
+                                         posthoc_quantize, qep_weight)
+from ternary_mamba.quant.qat import TernaryConfig, TernaryLinear
+
+
+def test_qep_weight_is_the_damped_least_squares_solution():
+    torch.manual_seed(0)
+    W, X = torch.randn(12, 20), torch.randn(300, 20)
+    Xq = X + 0.3 * torch.randn_like(X)
+    Ws = qep_weight(W, X, Xq, alpha=1.0, damp=0.0)
+    ref = torch.linalg.lstsq(Xq.double(), (X @ W.T).double()).solution.T.float()
+    assert torch.allclose(Ws, ref, atol=1e-4)
+    assert torch.equal(qep_weight(W, X, Xq, alpha=0.0, damp=0.01), W)  # α = 0: no change
+    assert torch.allclose(qep_weight(W, X, X, alpha=1.0, damp=0.01), W, atol=1e-5)  # no input error
+
+
+def test_lowrank_fit_plain_is_truncated_svd_and_weighted_wins_on_its_objective():
+    torch.manual_seed(1)
+    E = torch.randn(16, 32)
+    X = torch.randn(500, 32) * torch.linspace(0.05, 3.0, 32)  # strongly anisotropic inputs
+    U, V = lowrank_fit(E, 4, None, 0.01)
+    s = torch.linalg.svdvals(E)
+    assert U.shape == (16, 4) and V.shape == (4, 32)
+    assert torch.allclose((E - U @ V).norm(), s[4:].norm(), atol=1e-4)  # Eckart–Young
+    Uw, Vw = lowrank_fit(E, 4, X, 1e-6)
+    err = lambda A, B: (X @ (E - A @ B).T).norm()  # noqa: E731
+    assert err(Uw, Vw) < err(U, V)
+
+
+def test_correction_terms_enter_the_forward():
+    lin = torch.nn.Linear(64, 8, bias=False)
+    q = TernaryLinear(lin, TernaryConfig(group_size=32, corr_bias=True, corr_rank=2))
+    x = torch.randn(3, 64)
+    y0 = q(x)
+    with torch.no_grad():
+        q.corr_bias.fill_(0.5)
+    assert torch.allclose(q(x), y0 + 0.5)
+    with pytest.raises(UserError):
+        TernaryConfig(corr_rank=-1)
+
+
+@pytest.fixture(scope="module")
+def calib():
+    torch.manual_seed(3)
+    return [torch.randint(0, 512, (4, 48)) for _ in range(2)]
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return random_model(tiny_config(), seed=7)
+
+
+def test_capture_inputs_sees_what_the_module_sees(teacher, calib):
+    m = teacher.backbone.layers[1].mixer.out_proj
+    X = capture_inputs(teacher, m, calib)
+    assert X.shape == (2 * 4 * 48, m.in_features)
+    seen = []
+    h = m.register_forward_hook(lambda mod, a, o: seen.append(a[0].reshape(-1, m.in_features)))
+    with torch.no_grad():
+        for b in calib:
+            teacher(b)
+    h.remove()
+    assert torch.allclose(X, torch.cat(seen))
+
+
+def test_posthoc_quantize_fits_and_does_not_touch_the_teacher(teacher, calib):
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    plain, _ = posthoc_quantize(teacher, calib, 32)
+    qep, fit = posthoc_quantize(teacher, calib, 32, PosthocConfig(methods=("qep", "lowrank", "bias"), rank=2))
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert correction_params(plain) == 0 and correction_params(qep) > 0
+    assert set(fit) and all(0 <= st["output_rel_err"] < 2 for st in fit.values())
+    # the first ternary module sees exactly the teacher's inputs
+    assert next(iter(fit.values()))["input_rel_err"] == 0.0
+    with torch.no_grad():
+        t = teacher(calib[0])
+        kl = lambda s: torch.nn.functional.kl_div(s(calib[0]).log_softmax(-1), t.log_softmax(-1),  # noqa: E731
+                                                  log_target=True, reduction="batchmean")
+        assert kl(qep) < kl(plain)  # on its calibration data the compensated student is closer
+
+
+def test_corrected_student_saves_loads_and_refuses_packing(teacher, calib, tmp_path):
+    st, _ = posthoc_quantize(teacher, calib, 32, PosthocConfig(methods=("lowrank", "bias"), rank=2))
+    save_model(st, tmp_path / "s")
+    back = load_model(tmp_path / "s")
+    with torch.no_grad():
+        assert torch.equal(back(calib[0]), st(calib[0]))
+    from ternary_mamba.packed import export_packed
+    with pytest.raises(UserError, match="correction"):
+        export_packed(back, tmp_path / "p", "tq2")
+
+
+def test_posthoc_config_rejects_bad_input():
+    with pytest.raises(UserError, match="unknown correction"):
+        PosthocConfig(methods=("gptq",))
+    with pytest.raises(UserError):
+        PosthocConfig(methods=("lowrank",), rank=0)
+    with pytest.raises(UserError):
+        PosthocConfig(qep_alpha=2.0)
+
+
+def test_recurrence_error_is_zero_against_itself_and_grows_with_noise(teacher):
+    tokens = torch.randint(0, 512, (2, 24))
+    S, O = trajectories(teacher, tokens)
+    assert S.shape[:3] == (24, 2, 2) and O.shape == (24, 2, 2, 64)
+    with torch.no_grad():  # step() trajectories are the forward's per-block residual streams
+        _, hidden = teacher(tokens, return_hidden=True)
+    for layer, h in enumerate(hidden):
+        assert torch.allclose(O[:, layer].transpose(0, 1), h, atol=1e-4)
+    same = error_vs_position(teacher, teacher, tokens, ref=(S, O))
+    assert max(max(r) for r in same["state"]) == 0.0
+    noisy = inject_noise(teacher, 1, group_size=32)
+    err = error_vs_position(noisy, teacher, tokens, ref=(S, O))
+    assert all(row[0] == 0.0 for row in err["output"])        # layer 0 untouched
+    assert min(row[1] for row in err["output"]) > 0.0         # layer 1 perturbed at every position
+    assert growth([1.0] * 16 + [2.0] * 16) == pytest.approx(2.0)
+
+
+def test_ptq_cli_end_to_end_and_bad_input(tiny_teacher_dir, text_dir, tmp_path, capsys):
+    out = tmp_path / "ptq"
+    args = ["ptq", "--teacher", str(tiny_teacher_dir), "--data", str(text_dir), "--group-size", "32",
+            "--calib-seqs", "4", "--seq-len", "32", "--eval-batches", "2", "--correct", "qep", "lowrank",
+            "--rank", "2", "--out", str(out)]
+    assert main(args) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["method"] == "PTQ + QEP + low-rank r2 (act.-weighted)" and s["extra_params"] > 0
+    assert s["row"]["ppl"] > 1 and 0 < s["row"]["top1_agree"] <= 1
+    assert s["sizes_bytes"]["tq2"] < s["sizes_bytes"]["fp16"]
+    assert (out / "student" / "config.json").exists()
+    capsys.readouterr()
+    assert main(args) == 1  # refuses to overwrite
+    assert "already exists" in capsys.readouterr().err
+    assert main(["ptq", "--teacher", str(tmp_path / "none"), "--data", str(text_dir)]) == 1
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
