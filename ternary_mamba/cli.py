@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tokens", type=int, default=500_000, help="training tokens of every QAT / scratch run")
     e.add_argument("--out", default="runs/claims", help="experiment folder (re-run the command to resume)")
     e.add_argument("--skip", nargs="*", default=[], help="training runs to leave out (e.g. qat-learned-lr10 scratch-fp)")
+    e.add_argument("--group-size", type=int, default=128, help="weights per scale, every ternary model")
     e.add_argument("--positions", type=int, default=512, help="sequence length of the recurrence analysis")
     e.add_argument("--sequences", type=int, default=8, help="held-out sequences of the recurrence analysis")
     e.add_argument("--seed", type=int, default=0)

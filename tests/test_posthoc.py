@@ -143,3 +143,23 @@ def test_ptq_cli_end_to_end_and_bad_input(tiny_teacher_dir, text_dir, tmp_path, 
     assert "already exists" in capsys.readouterr().err
     assert main(["ptq", "--teacher", str(tmp_path / "none"), "--data", str(text_dir)]) == 1
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_claims_experiment_end_to_end_and_resume(tiny_teacher_dir, text_dir, tmp_path, capsys):
+    out = tmp_path / "claims"
+    args = ["experiment", "claims", "--teacher", str(tiny_teacher_dir), "--data", str(text_dir), "--eval-data",
+            str(text_dir), "--tokens", "10000", "--positions", "24", "--sequences", "2", "--group-size", "32", "--out", str(out),
+            "--skip", "qat-learned", "qat-learned-lr10", "qat-guarded-lr10", "scratch-fp"]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert {"teacher", "ptq", "ptq-qep", "qat-absmean", "scratch-ternary"} <= set(res["results"])
+    for png in ("zero_ratio.png", "state_error_vs_position.png", "noise_injection.png"):
+        assert (out / png).stat().st_size > 1000
+    assert "| PTQ + QEP |" in (out / "results.md").read_text()
+    capsys.readouterr()
+    assert main(args) == 0  # resume: every stage cached
+    assert capsys.readouterr().out.count("done (cached)") >= 8
+    other = [("20000" if a == "10000" else a) for a in args]
+    assert main(other) == 1  # different experiment in the same folder
+    assert "different tokens" in capsys.readouterr().err

@@ -4,8 +4,8 @@ Stages (each writes its result under OUT/ and is skipped when re-run; training r
 last checkpoint):
 
   posthoc/*      PTQ and PTQ + post-hoc corrections (bias, low-rank plain / activation-weighted, QEP)
-  runs/qat-*     QAT+KD with scale modes absmean, learned, guarded (+ learned with a 10x scale lr: the
-                 collapse stress test), N tokens each
+  runs/qat-*     QAT+KD with scale modes absmean, learned, guarded (+ learned and guarded with a 10x scale
+                 lr: the collapse stress test), N tokens each
   runs/scratch-* from-scratch training with the same N tokens and data: ternary (the paper's control) and
                  full precision (what N tokens buy without a teacher)
   recurrence     error of SSM states / layer outputs vs token position, and the noise-injection control
@@ -39,6 +39,7 @@ QAT = {  # name -> (label, quantize CLI arguments)
     "qat-learned": ("QAT+KD, learned scales", ["--scale-mode", "learned"]),
     "qat-guarded": ("QAT+KD, guarded scales", ["--scale-mode", "guarded"]),
     "qat-learned-lr10": ("QAT+KD, learned scales, scale lr x10", ["--scale-mode", "learned", "--scale-lr-mult", "10"]),
+    "qat-guarded-lr10": ("QAT+KD, guarded scales, scale lr x10", ["--scale-mode", "guarded", "--scale-lr-mult", "10"]),
 }
 SCRATCH = {
     "scratch-ternary": ("from scratch, ternary (same tokens)", ["--ternary"]),
@@ -72,7 +73,7 @@ class Claims:
     def _check_spec(self) -> None:
         spec = {"teacher": str(Path(self.teacher_path).resolve()), "data": [str(Path(d).resolve()) for d in self.data],
                 "eval_data": [str(Path(d).resolve()) for d in self.eval_data], "tokens": self.args.tokens,
-                "seed": self.args.seed}
+                "seed": self.args.seed, "group_size": self.args.group_size}
         path = self.out / "experiment.json"
         if path.exists():
             old = json.loads(path.read_text())
@@ -108,7 +109,8 @@ class Claims:
             import shutil
             shutil.rmtree(folder)
         args = self._cli(["ptq", "--teacher", self.teacher_path, "--out", str(folder), "--seed", str(self.args.seed),
-                          "--eval-batches", str(EVAL_BATCHES), *POSTHOC[name]])
+                          "--eval-batches", str(EVAL_BATCHES), "--group-size", str(self.args.group_size),
+                          *POSTHOC[name]])
         s = run_ptq(args, teacher=self.teacher, data=(self.train, self.held))
         return {"label": s["method"], "model": str(folder / "student"), "row": s["row"],
                 "size_bytes": s["sizes_bytes"]["tq2"], "tokens": 0, "calib_tokens": s["calib_tokens"],
@@ -120,7 +122,8 @@ class Claims:
             return
         resume = ["--resume"] if (run / "run.json").exists() else []
         args = self._cli(argv + ["--out", str(run), "--tokens", str(self.args.tokens), "--seed", str(self.args.seed),
-                                 "--data", *self.data, "--eval-data", *self.eval_data] + resume)
+                                 "--group-size", str(self.args.group_size), "--data", *self.data,
+                                 "--eval-data", *self.eval_data] + resume)
         if argv[0] == "quantize":
             from ..train.quantize import run_quantize
             run_quantize(args)
@@ -180,10 +183,11 @@ class Claims:
                 print(f"[claims] recurrence: {name}", flush=True)
                 curves[name] = error_vs_position(load_model(results[name]["model"]), self.teacher, tokens, ref)
         L = self.teacher.config.n_layer
+        G = self.args.group_size
         noise = {}
         for layer in sorted({0, L // 2, L - 1}):
             print(f"[claims] recurrence: noise in layer {layer}", flush=True)
-            noise[str(layer)] = error_vs_position(inject_noise(self.teacher, layer, seed=self.args.seed),
+            noise[str(layer)] = error_vs_position(inject_noise(self.teacher, layer, G, seed=self.args.seed),
                                                   self.teacher, tokens, ref)
         summary = {name: {"state_growth": growth([sum(r) / L for r in c["state"]]),
                           "output_growth": growth([sum(r) / L for r in c["output"]]),

@@ -105,8 +105,8 @@ def write_results(out: Path, results: dict, rec: dict, args) -> str:
     except ImportError:
         print("matplotlib is not installed: no plots (pip install 'ternary-mamba[plot]')")
     lines = ["# Ternary Mamba claims experiment", "",
-             f"Command: `ternary-mamba experiment claims --tokens {args.tokens} --out {out}`", "",
-             f"Held-out: {EVAL_TOKENS_NOTE}; teacher `{results['teacher']['model']}`.", "",
+             f"Command: `{command(args)}`", "",
+             f"Held-out: {held_note(args)}; teacher `{results['teacher']['model']}`.", "",
              table(results), "",
              "## Error along the recurrence (mean over layers; growth = mean error over the second half of "
              f"the {rec['positions']} positions / mean over the first 16)", "",
@@ -120,4 +120,22 @@ def write_results(out: Path, results: dict, rec: dict, args) -> str:
     return md
 
 
-EVAL_TOKENS_NOTE = "first 128 windows of 256 tokens (32,768 tokens) of the held-out text"
+def command(args) -> str:
+    """The command line that regenerates these results."""
+    parts = ["ternary-mamba experiment claims"]
+    for flag, value, default in (("--teacher", args.teacher, None), ("--tokens", args.tokens, None),
+                                 ("--positions", args.positions, 512), ("--sequences", args.sequences, 8),
+                                 ("--seed", args.seed, 0), ("--group-size", args.group_size, 128)):
+        if value is not None and value != default:
+            parts.append(f"{flag} {value}")
+    for flag, values in (("--data", args.data), ("--eval-data", args.eval_data), ("--skip", args.skip)):
+        if values:
+            parts.append(f"{flag} {' '.join(values)}")
+    return " ".join(parts + [f"--out {args.out}"])
+
+
+def held_note(args) -> str:
+    from .claims import EVAL_BATCHES, SEQ_LEN
+    n = EVAL_BATCHES * 8
+    return (f"at most the first {n} windows of {SEQ_LEN} tokens ({n * SEQ_LEN:,} tokens) of "
+            + ("the bundled held-out book" if not args.eval_data and not args.data else "the --eval-data text"))
