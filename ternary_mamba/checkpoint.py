@@ -184,6 +184,9 @@ def load_model(path_or_id: str | os.PathLike, device: str = "cpu"):
     """Any supported checkpoint -> an fp32 `Mamba2LM` in eval mode.  Packed folders load through
     `ternary_mamba.packed` (ternary weights stay packed); QAT students get their ternary modules back."""
     from .model import Mamba2LM
+    if str(path_or_id).endswith(".gguf") and Path(path_or_id).is_file():
+        from .gguf_io import load_gguf
+        return load_gguf(Path(path_or_id)).to(device)
     folder = resolve_model_dir(path_or_id)
     meta = _read_json(folder / "config.json")
     if meta.get("format") == PACKED_FORMAT_NAME:

@@ -120,12 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--threads", type=int, default=None)
 
-    p = sub.add_parser("export", help="pack a QAT student (or PTQ a full-precision model) into tq2/tq1")
+    p = sub.add_parser("export", help="pack a QAT student (or PTQ a full-precision model) into tq2/tq1, or GGUF")
     p.add_argument("model", help="QAT run folder, student folder, or full-precision model")
-    p.add_argument("--format", default="tq2", choices=["tq2", "tq1"], help="tq2: 2 bits/weight; tq1: 1.6")
-    p.add_argument("--out", required=True)
+    p.add_argument("--format", default="tq2", choices=["tq2", "tq1", "gguf"],
+                   help="tq2: 2 bits/weight; tq1: 1.6; gguf: one .gguf file for llama.cpp")
+    p.add_argument("--gguf-type", default="tq2_0", choices=["tq2_0", "tq1_0", "f16"],
+                   help="GGUF type of the ternary projections (tq*_0 need groups of 256; f16 is exact for any)")
+    p.add_argument("--out", required=True, help="output folder (tq2/tq1) or .gguf file")
     p.add_argument("--other-dtype", default="fp16", choices=["fp16", "fp32"], help="dtype of non-ternary tensors")
-    p.add_argument("--group-size", type=int, default=128, help="for PTQ of a full-precision model")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="for PTQ of a full-precision model (default 128; 256 for GGUF tq types)")
 
     p = sub.add_parser("generate", help="generate text (FP checkpoints, QAT runs and packed folders alike)")
     p.add_argument("model")

@@ -29,9 +29,17 @@ def run_export(args) -> None:
     if getattr(model, "packed_header", None):
         raise UserError(f"{folder}: already packed")
     if getattr(model, "ternary_config", None) is None:
-        print(f"{folder} is full precision: applying absmean PTQ (group {args.group_size}) before packing")
-        quantize_(model, TernaryConfig(group_size=args.group_size))
+        G = args.group_size or (256 if args.format == "gguf" and args.gguf_type != "f16" else 128)
+        print(f"{folder} is full precision: applying absmean PTQ (group {G}) before packing")
+        quantize_(model, TernaryConfig(group_size=G))
         source += " (absmean PTQ)"
+    if args.format == "gguf":
+        from .gguf_io import export_gguf
+        out = Path(args.out)
+        types = export_gguf(model, out, args.gguf_type, find_tokenizer(folder), name=folder.name)
+        print(f"wrote {out}: {out.stat().st_size / MB:.2f} MB, {len(types)} tensors, ternary projections as "
+              f"{args.gguf_type.upper()}, embedding fp16 (llama.cpp architecture mamba2)")
+        return
     export_packed(model, Path(args.out), args.format, args.other_dtype, find_tokenizer(folder), source)
     print(f"wrote {args.out}")
     print(format_size_table(model.config, model.ternary_config.group_size))

@@ -1,0 +1,75 @@
+"""GGUF export (llama.cpp's mamba2 layout, TQ2_0 / TQ1_0 / F16 ternary projections) and loading it back."""
+import pytest
+import torch
+
+from conftest import random_model, tiny_config
+from ternary_mamba.checkpoint import load_model, save_model
+from ternary_mamba.cli import main
+from ternary_mamba.errors import UserError
+from ternary_mamba.quant.qat import TernaryConfig, quantize_
+
+gguf = pytest.importorskip("gguf")
+from ternary_mamba.gguf_io import export_gguf  # noqa: E402
+
+
+def student(G: int, seed: int = 0, **kw):
+    m = random_model(tiny_config(d_model=256, n_layer=2, headdim=32, **kw), seed=seed)
+    quantize_(m, TernaryConfig(group_size=G))
+    with torch.no_grad():  # GGUF holds the embedding in fp16
+        m.backbone.embedding.weight.copy_(m.backbone.embedding.weight.half().float())
+    return m
+
+
+@pytest.mark.parametrize("qtype,G", [("tq2_0", 256), ("tq1_0", 256), ("f16", 128), ("tq2_0", -1)])
+def test_gguf_round_trip_is_exact(tmp_path, qtype, G):
+    from conftest import BUNDLED_TOKENIZER
+    m = student(G, seed=len(qtype) + G, ngroups=2 if qtype == "f16" else 1)
+    with torch.no_grad():  # an all-zero block must survive too
+        m.backbone.layers[0].mixer.out_proj.weight[:, :256] = 0
+    types = export_gguf(m, tmp_path / "m.gguf", qtype, BUNDLED_TOKENIZER)
+    assert types["blk.0.ssm_in.weight"] == {"tq2_0": "TQ2_0", "tq1_0": "TQ1_0", "f16": "float16"}[qtype]
+    back = load_model(tmp_path / "m.gguf")
+    for a, b in zip(m.backbone.layers, back.backbone.layers):
+        assert torch.equal(a.mixer.in_proj.quantized_weight(), b.mixer.in_proj.weight)
+        assert torch.equal(a.mixer.out_proj.quantized_weight(), b.mixer.out_proj.weight)
+    ids = torch.randint(0, 512, (2, 40))
+    with torch.no_grad():
+        assert (m(ids) - back(ids)).abs().max().item() <= 1e-5   # A is stored as -exp(A_log)
+
+
+def test_gguf_metadata_and_vocab(tmp_path):
+    from conftest import BUNDLED_TOKENIZER
+    m = student(256)
+    export_gguf(m, tmp_path / "m.gguf", "tq2_0", BUNDLED_TOKENIZER)
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    f = r.fields
+    val = lambda k: f[k].parts[f[k].data[0]]  # noqa: E731
+    assert bytes(val("general.architecture")).decode() == "mamba2"
+    assert val("mamba2.ssm.inner_size").item() == 512 and val("mamba2.ssm.time_step_rank").item() == 16
+    assert len(f["tokenizer.ggml.tokens"].data) == m.backbone.embedding.weight.shape[0]
+    assert {t.name for t in r.tensors} >= {"token_embd.weight", "blk.1.ssm_a", "blk.1.ssm_norm.weight"}
+    assert "output.weight" not in {t.name for t in r.tensors}  # tied head stored once
+
+
+def test_gguf_refuses_inexact_and_bad_input(tmp_path, capsys):
+    from conftest import BUNDLED_TOKENIZER
+    with pytest.raises(UserError, match="groups of 128"):
+        export_gguf(student(128), tmp_path / "a.gguf", "tq2_0", BUNDLED_TOKENIZER)
+    assert not (tmp_path / "a.gguf").exists() and not list(tmp_path.iterdir())
+    with pytest.raises(UserError, match="not ternary"):
+        export_gguf(random_model(tiny_config()), tmp_path / "b.gguf", "f16", None)
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    with pytest.raises(UserError, match="not a readable GGUF"):
+        load_model(tmp_path / "bad.gguf")
+
+
+def test_export_cli_gguf(tmp_path, capsys):
+    from conftest import BUNDLED_TOKENIZER
+    save_model(random_model(tiny_config(d_model=256, n_layer=1, headdim=32)), tmp_path / "fp",
+               tokenizer_path=BUNDLED_TOKENIZER)
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(tmp_path / "fp"), "--format", "gguf", "--out", str(out)]) == 0
+    assert "TQ2_0" in capsys.readouterr().out and out.stat().st_size > 0
+    before = out.read_bytes()
+    assert main(["export", str(tmp_path / "fp"), "--format", "gguf", "--out", str(out)]) == 1
+    assert "already exists" in capsys.readouterr().err and out.read_bytes() == before
