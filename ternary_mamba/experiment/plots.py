@@ -8,21 +8,25 @@ from ..checkpoint import atomic_write_bytes
 from ..info import MB
 from ..train.loop import write_json_atomic
 
-ORDER = ("teacher", "ptq", "ptq-bias", "ptq-lowrank", "ptq-lowrank-aw", "ptq-qep", "ptq-qep-lowrank",
-         "qat-absmean", "qat-learned", "qat-guarded", "qat-learned-lr10", "scratch-ternary", "scratch-fp")
+
+def _order() -> tuple[str, ...]:
+    from .claims import POSTHOC, QAT, SCRATCH
+    return ("teacher", *POSTHOC, *QAT, *SCRATCH)
 
 
 def table(results: dict) -> str:
-    lines = ["| method | held-out ppl | KL to teacher | top-1 agree | zero ratio | size (MB) | training tokens |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for name in ORDER:
+    lines = ["| method | held-out ppl | KL to teacher | top-1 agree | zero ratio | collapse flagged | size (MB) "
+             "| training tokens |", "|---|---:|---:|---:|---:|---|---:|---:|"]
+    for name in _order():
         if name not in results:
             continue
         r = results[name]
         row = r["row"]
         z = f"{row['zero_ratio']:.3f}" if "zero_ratio" in row else "-"
         toks = f"{r['tokens']:,}" if r.get("tokens") else (f"0 (calib. {r['calib_tokens']:,})" if "calib_tokens" in r else "-")
-        lines.append(f"| {r['label']} | {row['ppl']:.2f} | {row['kl']:.4f} | {row['top1_agree']:.3f} | {z} | "
+        ev = r.get("collapse_events")
+        flag = "-" if ev is None else (f"step {ev[0]['step']} ({len(ev)}x)" if ev else "no")
+        lines.append(f"| {r['label']} | {row['ppl']:.2f} | {row['kl']:.4f} | {row['top1_agree']:.3f} | {z} | {flag} | "
                      f"{r['size_bytes'] / MB:.2f} | {toks} |")
     return "\n".join(lines)
 
