@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="QAT run folder, student folder, or full-precision model")
     p.add_argument("--format", default="tq2", choices=["tq2", "tq1", "gguf"],
                    help="tq2: 2 bits/weight; tq1: 1.6; gguf: one .gguf file for llama.cpp")
-    p.add_argument("--gguf-type", default="tq2_0", choices=["tq2_0", "tq1_0", "f16"],
+    p.add_argument("--gguf-type", default="tq2_0", choices=["tq2_0", "tq1_0", "f16", "f32"],
                    help="GGUF type of the ternary projections (tq*_0 need groups of 256; f16 is exact for any)")
     p.add_argument("--out", required=True, help="output folder (tq2/tq1) or .gguf file")
     p.add_argument("--other-dtype", default="fp16", choices=["fp16", "fp32"], help="dtype of non-ternary tensors")

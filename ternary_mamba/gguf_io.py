@@ -13,6 +13,7 @@ Ternary projections are written as
                    i.e. the student's group size is a multiple of 256 (or -1 with rows a multiple of 256);
                    otherwise the export refuses rather than silently re-scaling.
     f16            codes × fp16 scale, which fp16 represents exactly: exact for any group size, 16 bits/weight.
+    f32            the same in fp32 (also what a full-precision model is written as, e.g. for benchmarks).
 The tokenizer (byte-level BPE from tokenizer.json) is embedded as `gpt2` tokens + merges, padded to the
 model's padded vocabulary with [PADi] tokens as llama.cpp's converter does.
 """
@@ -27,7 +28,7 @@ import torch
 
 from .errors import UserError
 
-GGUF_TYPES = ("tq2_0", "tq1_0", "f16")
+GGUF_TYPES = ("tq2_0", "tq1_0", "f16", "f32")
 ARCH = "mamba2"
 
 
@@ -45,8 +46,8 @@ def _ternary_weight(module, qtype: str):
     codes, s16 = module.export()
     G = module.group_size
     dense = (codes.float().view(codes.shape[0], -1, G) * s16.float().unsqueeze(-1)).view_as(codes)
-    if qtype == "f16":
-        return dense.half().numpy(), None
+    if qtype in ("f16", "f32"):
+        return dense.to(torch.float16 if qtype == "f16" else torch.float32).numpy(), None
     if G % 256:
         raise UserError(f"GGUF {qtype.upper()} has one scale per 256 weights but this student has groups of {G}; "
                         f"export with --gguf-type f16 (exact) or train with --group-size 256")
@@ -96,8 +97,8 @@ def export_gguf(model, out: Path, qtype: str = "tq2_0", tokenizer_path: Path | N
     out = Path(out)
     if out.exists():
         raise UserError(f"{out}: already exists; choose another --out")
-    if getattr(model, "ternary_config", None) is None:
-        raise UserError("the model is not ternary; GGUF export takes a QAT/PTQ student or a packed folder")
+    if getattr(model, "ternary_config", None) is None and qtype not in ("f16", "f32"):
+        raise UserError(f"the model is not ternary: {qtype.upper()} needs a QAT/PTQ student (f16/f32 write it dense)")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     w = gguf.GGUFWriter(tmp, ARCH)
     types: dict[str, str] = {}
@@ -122,19 +123,21 @@ def export_gguf(model, out: Path, qtype: str = "tq2_0", tokenizer_path: Path | N
         w.add_ssm_group_count(cfg.ngroups)
         w.add_layer_norm_rms_eps(cfg.norm_eps)
         w.add_file_type({"tq2_0": gguf.LlamaFileType.MOSTLY_TQ2_0, "tq1_0": gguf.LlamaFileType.MOSTLY_TQ1_0,
-                         "f16": gguf.LlamaFileType.MOSTLY_F16}[qtype])
+                         "f16": gguf.LlamaFileType.MOSTLY_F16, "f32": gguf.LlamaFileType.ALL_F32}[qtype])
         emb = model.backbone.embedding.weight
         _vocab(w, tokenizer_path, emb.shape[0])
-        add("token_embd.weight", emb.detach().half().numpy())
+        edt = torch.float32 if qtype == "f32" else torch.float16
+        add("token_embd.weight", emb.detach().to(edt).numpy())
         add("output_norm.weight", model.backbone.norm_f.weight)
         if not cfg.tie_embeddings:
-            add("output.weight", model.lm_head.weight.detach().half().numpy())
+            add("output.weight", model.lm_head.weight.detach().to(edt).numpy())
         for i, layer in enumerate(model.backbone.layers):
             mx, b = layer.mixer, f"blk.{i}."
             add(b + "attn_norm.weight", layer.norm.weight)
             for gname, lin in (("ssm_in.weight", mx.in_proj), ("ssm_out.weight", mx.out_proj)):
-                if not isinstance(lin, TernaryLinear):
-                    raise UserError(f"layer {i}: {gname.split('.')[0]} is not ternary")
+                if not isinstance(lin, TernaryLinear):   # full precision (f16 / f32 only, checked above)
+                    add(b + gname, lin.weight.detach().to(edt).numpy())
+                    continue
                 if lin.has_corrections:
                     raise UserError("this model carries post-hoc corrections (bias / low-rank), which GGUF's "
                                     "mamba2 graph does not hold")

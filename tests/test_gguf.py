@@ -57,7 +57,7 @@ def test_gguf_refuses_inexact_and_bad_input(tmp_path, capsys):
         export_gguf(student(128), tmp_path / "a.gguf", "tq2_0", BUNDLED_TOKENIZER)
     assert not (tmp_path / "a.gguf").exists() and not list(tmp_path.iterdir())
     with pytest.raises(UserError, match="not ternary"):
-        export_gguf(random_model(tiny_config()), tmp_path / "b.gguf", "f16", None)
+        export_gguf(random_model(tiny_config()), tmp_path / "b.gguf", "tq2_0", BUNDLED_TOKENIZER)
     (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00garbage")
     with pytest.raises(UserError, match="not a readable GGUF"):
         load_model(tmp_path / "bad.gguf")
@@ -73,3 +73,14 @@ def test_export_cli_gguf(tmp_path, capsys):
     before = out.read_bytes()
     assert main(["export", str(tmp_path / "fp"), "--format", "gguf", "--out", str(out)]) == 1
     assert "already exists" in capsys.readouterr().err and out.read_bytes() == before
+
+
+def test_full_precision_model_as_f32_gguf_is_exact(tmp_path):
+    from conftest import BUNDLED_TOKENIZER
+    m = random_model(tiny_config(d_model=128, n_layer=2, headdim=32, tie_embeddings=False), seed=3)
+    types = export_gguf(m, tmp_path / "fp.gguf", "f32", BUNDLED_TOKENIZER)
+    assert types["output.weight"] == "float32"
+    back = load_model(tmp_path / "fp.gguf")
+    ids = torch.randint(0, 512, (1, 33))
+    with torch.no_grad():
+        assert (m(ids) - back(ids)).abs().max().item() <= 1e-5
