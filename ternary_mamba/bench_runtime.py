@@ -74,6 +74,50 @@ def _prefill_tok_s(model, n: int) -> float:
     return n / best
 
 
+def llama_cpp_tok_s(model, what: str, n: int, threads: int) -> dict[str, float] | None:
+    """The same weights through llama.cpp (llama-cpp-python, if installed): f32 and TQ2_0 GGUF files written
+    by our exporter (absmean PTQ with groups of 256 for TQ2_0), timed like ours.  None if unavailable."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    import copy
+    import tempfile
+    from pathlib import Path
+    from .assets import ASSETS
+    from .gguf_io import export_gguf
+    from .quant.qat import TernaryConfig, quantize_
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        for qtype in ("f32", "tq2_0"):
+            m = copy.deepcopy(model)
+            if qtype == "tq2_0":
+                quantize_(m, TernaryConfig(group_size=256))
+            path = Path(d) / f"{qtype}.gguf"
+            # token texts do not matter for timing: the bundled tokenizer, padded to the model's vocabulary
+            export_gguf(m, path, qtype, ASSETS / "gutenberg-bpe-8k.json")
+            del m
+            llm = llama_cpp.Llama(str(path), n_ctx=max(n, 64) + 8, n_batch=max(n, 64), n_ubatch=max(n, 64),
+                                  n_threads=threads, n_threads_batch=threads, verbose=False)
+            toks = [int(t) for t in torch.randint(10, 8000, (n,))]
+            if what == "decode":
+                llm.eval(toks[:3])
+                t = time.perf_counter()
+                for tok in toks[:n]:
+                    llm.eval([tok])
+                out[qtype] = n / (time.perf_counter() - t)
+            else:
+                best = float("inf")
+                for _ in range(2):
+                    llm.reset()
+                    t = time.perf_counter()
+                    llm.eval(toks)
+                    best = min(best, time.perf_counter() - t)
+                out[qtype] = n / best
+            del llm
+    return out
+
+
 def load_bench_model(name: str):
     if name in PRESETS:
         torch.manual_seed(0)
@@ -111,6 +155,13 @@ def run_bench_runtime(args) -> None:
                 results[variant] = r
                 print(f"{name} prefill {variant:>5} 1x{args.tokens}: {r:8.1f} tok/s")
         ref = LLAMA_CPP.get(name, {}).get(args.what, {})
+        same_run = llama_cpp_tok_s(load_bench_model(name), args.what, args.tokens, torch.get_num_threads())
+        if same_run:
+            ref = {k: round(v, 1) for k, v in same_run.items()}
+            print(f"{name} {args.what} llama.cpp (same run, our GGUF export): "
+                  + ", ".join(f"{k} {v:.1f} tok/s" for k, v in same_run.items())
+                  + f"; ours fp32 / llama.cpp f32 = {results['fp32'] / same_run['f32']:.2f}x, "
+                  f"ours tq2 / llama.cpp TQ2_0 = {results['tq2'] / same_run['tq2_0']:.2f}x")
         extra = f", tq2+int8 head / fp32 = {results['tq2+i8head'] / results['fp32']:.2f}x" if "tq2+i8head" in results else ""
         print(f"{name} {args.what}: tq2 / fp32 = {results['tq2'] / results['fp32']:.2f}x{extra}  (tq1 is re-packed to "
               f"the tq2 layout at load: same speed)  llama.cpp reference: {ref or 'n/a'}")

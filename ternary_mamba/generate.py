@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 import time
 from typing import Callable, Iterator
 
@@ -61,19 +62,28 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 100, temp
 def run_generate(args) -> None:
     from .checkpoint import find_tokenizer, load_model, resolve_model_dir
     from .tokenizer import load_tokenizer
+    if str(args.model).endswith(".gguf") and Path(args.model).is_file():   # one file: weights + tokenizer
+        from .gguf_io import load_gguf, load_gguf_tokenizer
+        model = load_gguf(Path(args.model))
+        tok = load_tokenizer(args.tokenizer) if args.tokenizer else load_gguf_tokenizer(Path(args.model))
+        return _stream(args, model, tok)
     folder = resolve_model_dir(args.model)
     if (folder / "run.json").exists():
         folder = next((folder / d for d in ("student", "model") if (folder / d).exists()), None)
         if folder is None:
             raise UserError(f"{args.model}: run folder without a finished model (student/ or model/)")
     model = load_model(folder)
-    if args.int8_head:
-        from .int8_head import use_int8_head
-        use_int8_head(model)
     tok_path = args.tokenizer or find_tokenizer(folder)
     if tok_path is None:
         raise UserError(f"{folder}: no tokenizer.json; pass --tokenizer")
     tok = load_tokenizer(tok_path)
+    _stream(args, model, tok)
+
+
+def _stream(args, model, tok) -> None:
+    if args.int8_head:
+        from .int8_head import use_int8_head
+        use_int8_head(model)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     t0 = time.perf_counter()

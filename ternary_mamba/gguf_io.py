@@ -217,3 +217,32 @@ def load_gguf(path: Path):
     if missing or unexpected:
         raise UserError(f"{path}: tensors do not match a mamba2 model (missing {missing[:2]}, unexpected {unexpected[:2]})")
     return model.eval()
+
+
+def load_gguf_tokenizer(path: Path):
+    """The byte-level BPE tokenizer embedded in a GGUF file (tokenizer.ggml.model = gpt2) as our Tokenizer."""
+    gguf = _gguf()
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+    from .tokenizer import Tokenizer
+    r = gguf.GGUFReader(path)
+
+    def strings(key):
+        f = r.fields.get(key)
+        if f is None:
+            raise UserError(f"{path}: has no embedded tokenizer ({key}); pass --tokenizer")
+        return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+
+    model_kind = strings("tokenizer.ggml.model")[0]
+    if model_kind != "gpt2":
+        raise UserError(f"{path}: embedded tokenizer {model_kind!r} is not supported (gpt2 BPE only); pass --tokenizer")
+    tokens = strings("tokenizer.ggml.tokens")
+    f = r.fields["tokenizer.ggml.token_type"]
+    types = [int(f.parts[i][0]) for i in f.data]
+    vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty != 5}      # drop [PADi]
+    merges = [tuple(m.split(" ", 1)) for m in strings("tokenizer.ggml.merges")]
+    tok = HFTokenizer(models.BPE(vocab, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([t for t, ty in zip(tokens, types) if ty == 3])
+    return Tokenizer(tok, Path(path))
