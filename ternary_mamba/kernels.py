@@ -35,7 +35,7 @@ def _compile() -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}.so")
-    base = [cc, "-O3", "-shared", "-fPIC", "-std=c11", str(SRC), "-o", str(tmp)]
+    base = [cc, "-O3", "-shared", "-fPIC", "-std=c11", str(SRC), "-o", str(tmp), "-lm"]
     for extra in (["-march=native", "-fopenmp"], ["-fopenmp"], []):
         r = subprocess.run(base[:2] + extra + base[2:], capture_output=True, text=True)
         if r.returncode == 0:
@@ -64,6 +64,8 @@ def get_kernel():
     lib.tq2_dequant.restype = None
     lib.ssd_step_inplace.argtypes = [p] * 7 + [i64] * 5
     lib.ssd_step_inplace.restype = None
+    lib.mixer_step_inplace.argtypes = [p] * 11 + [i64] * 7 + [ctypes.c_float]
+    lib.mixer_step_inplace.restype = None
     lib.i8_gemv.argtypes = [p, p, p, p, i64, i64, i64]
     lib.i8_gemv.restype = None
     lib.tq2_has_avx2.restype = ctypes.c_int
@@ -110,4 +112,25 @@ def i8_gemv(w: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tens
     x = x.contiguous()
     y = torch.empty(x.size(0), w.size(0))
     lib.i8_gemv(w.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), w.size(0), w.size(1), x.size(0))
+    return y
+
+
+def mixer_step_inplace(mixer, zxbcdt: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+    """Everything of Mamba2Mixer.step between in_proj and out_proj in one C call (conv, SSM step, D skip,
+    gated RMSNorm); conv_state / ssm_state (contiguous fp32) are updated in place.  Returns y (b, d_inner)."""
+    lib = get_kernel()
+    c = mixer.cfg
+    zxbcdt = zxbcdt.contiguous()
+    assert conv_state.is_contiguous() and ssm_state.is_contiguous() and zxbcdt.dtype == torch.float32
+    nb = zxbcdt.size(0)
+    y = torch.empty(nb, c.d_inner)
+    work = torch.empty(c.conv_dim)
+    params = [mixer.conv1d.weight, mixer.dt_bias, mixer.A_log, mixer.D, mixer.norm.weight]
+    assert all(t.is_contiguous() and t.dtype == torch.float32 for t in params)
+    bias = mixer.conv1d.bias
+    lib.mixer_step_inplace(zxbcdt.data_ptr(), conv_state.data_ptr(), mixer.conv1d.weight.data_ptr(),
+                           bias.data_ptr() if bias is not None else None, mixer.dt_bias.data_ptr(),
+                           mixer.A_log.data_ptr(), mixer.D.data_ptr(), mixer.norm.weight.data_ptr(),
+                           ssm_state.data_ptr(), y.data_ptr(), work.data_ptr(),
+                           nb, c.d_inner, c.ngroups, c.d_state, c.nheads, c.headdim, c.d_conv, float(mixer.norm.eps))
     return y

@@ -110,7 +110,13 @@ class Mamba2Mixer(nn.Module):
         """One token: u (b, d_model) -> (b, d_model); O(1) in the sequence length.
         inplace=True updates state.ssm in place with the fused C kernel when it is available."""
         c = self.cfg
-        z, xBC, dt = self._split(self.in_proj(u))
+        zxbcdt = self.in_proj(u)
+        if inplace and _fused_step_kernel() is not None and state.ssm.is_contiguous() \
+                and not torch.is_grad_enabled() and zxbcdt.dtype == torch.float32:
+            from .kernels import mixer_step_inplace   # conv + SSM step + gated norm in one C call
+            conv = state.conv if state.conv.is_contiguous() else state.conv.contiguous()
+            return self.out_proj(mixer_step_inplace(self, zxbcdt, conv, state.ssm)), LayerState(conv, state.ssm)
+        z, xBC, dt = self._split(zxbcdt)
         window = torch.cat([state.conv, xBC[:, :, None]], dim=2)            # (b, conv_dim, d_conv)
         xBC = (window * self.conv1d.weight[:, 0]).sum(-1)
         if self.conv1d.bias is not None:

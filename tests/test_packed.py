@@ -142,3 +142,18 @@ def test_int8_head_is_close_to_fp32():
         step, _ = m.step(ids[:, 4], st)
     rel = (got - ref).norm() / ref.norm()
     assert rel < 0.02 and (step - got[:, 4]).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("conv_bias,ngroups", [(True, 1), (False, 2)])
+def test_fused_mixer_step_matches_the_torch_step(conv_bias, ngroups):
+    from conftest import random_model, tiny_config
+    m = random_model(tiny_config(ngroups=ngroups, conv_bias=conv_bias))
+    ids = torch.randint(0, 512, (3, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref_st, st = m.empty_state(3), m.empty_state(3)
+        for t in range(12):
+            ref, ref_st = m.step(ids[:, t], ref_st, inplace=False)
+            out, st = m.step(ids[:, t], st, inplace=True)
+            assert (out - ref).abs().max() < 1e-4
+        for a, b in zip(ref_st, st):
+            assert torch.allclose(a.conv, b.conv, atol=1e-5) and torch.allclose(a.ssm, b.ssm, atol=1e-5)
