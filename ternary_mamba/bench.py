@@ -93,7 +93,7 @@ def bench_130m(log, decode_tokens: int = 32) -> dict:
         _, state = ours(prompt, return_state=True)
         tok = prompt[:, -1]
         for _ in range(decode_tokens):
-            logits, state = ours.step(tok, state)
+            logits, state = ours.step(tok, state, inplace=True)   # as `generate` does
             tok = logits.argmax(-1)
     d_ours = _best_time(decode_ours, repeats=2) / decode_tokens
     t0 = time.perf_counter()
