@@ -136,24 +136,28 @@ def run_bench_runtime(args) -> None:
             print(f"{name}: pass a full-precision model or a preset; skipping")
             continue
         results = {}
-        for variant in ("fp32", "tq2", "tq2+i8head"):
+        for variant in ("fp32", "tq2", "tq2+i8head", "tq2+i8head+a8"):
             if variant == "tq2":
                 pack_in_place(model)
-            if variant == "tq2+i8head":
+            if variant.startswith("tq2+"):
                 if args.what != "decode":
                     continue
+            if variant == "tq2+i8head":
                 from .int8_head import use_int8_head
                 use_int8_head(model)
+            if variant == "tq2+i8head+a8":   # opt-in, not bit-exact: int8 activations in the ternary GEMV
+                from .packed import use_a8_activations
+                use_a8_activations(model)
             nbytes = bytes_per_token(model)
             if args.what == "decode":
                 r = _decode_tok_s(model, args.tokens)
                 results[variant] = r
-                print(f"{name} decode {variant:>5}: {r:8.1f} tok/s  {nbytes / 1e6:8.1f} MB/token  "
+                print(f"{name} decode {variant:>13}: {r:8.1f} tok/s  {nbytes / 1e6:8.1f} MB/token  "
                       f"{nbytes * r / 1e9:5.1f} GB/s = {100 * nbytes * r / 1e9 / bw:3.0f} % of bandwidth")
             else:
                 r = _prefill_tok_s(model, args.tokens)
                 results[variant] = r
-                print(f"{name} prefill {variant:>5} 1x{args.tokens}: {r:8.1f} tok/s")
+                print(f"{name} prefill {variant:>13} 1x{args.tokens}: {r:8.1f} tok/s")
         ref = LLAMA_CPP.get(name, {}).get(args.what, {})
         same_run = llama_cpp_tok_s(load_bench_model(name), args.what, args.tokens, torch.get_num_threads())
         if same_run:
@@ -162,7 +166,8 @@ def run_bench_runtime(args) -> None:
                   + ", ".join(f"{k} {v:.1f} tok/s" for k, v in same_run.items())
                   + f"; ours fp32 / llama.cpp f32 = {results['fp32'] / same_run['f32']:.2f}x, "
                   f"ours tq2 / llama.cpp TQ2_0 = {results['tq2'] / same_run['tq2_0']:.2f}x")
-        extra = f", tq2+int8 head / fp32 = {results['tq2+i8head'] / results['fp32']:.2f}x" if "tq2+i8head" in results else ""
+        extra = "".join(f", {v} / fp32 = {results[v] / results['fp32']:.2f}x" for v in ("tq2+i8head", "tq2+i8head+a8")
+                        if v in results)
         print(f"{name} {args.what}: tq2 / fp32 = {results['tq2'] / results['fp32']:.2f}x{extra}  (tq1 is re-packed to "
               f"the tq2 layout at load: same speed)  llama.cpp reference: {ref or 'n/a'}")
         del model

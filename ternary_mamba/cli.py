@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--int8-head", action="store_true", help="8-bit output head (4x less to read per token)")
+    p.add_argument("--a8", action="store_true", help="packed models: int8 activations in the ternary GEMV "
+                   "(faster decode, not bit-exact; groups of 128k)")
     p.add_argument("--threads", type=int, default=None)
 
     p = sub.add_parser("eval", help="zero-shot tasks (lm-eval prompts) from local files, models side by side")

@@ -84,6 +84,10 @@ def _stream(args, model, tok) -> None:
     if args.int8_head:
         from .int8_head import use_int8_head
         use_int8_head(model)
+    if getattr(args, "a8", False):
+        from .packed import use_a8_activations
+        if use_a8_activations(model) == 0:
+            print("--a8: no packed projections with groups of a multiple of 128; nothing changed", file=sys.stderr)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     t0 = time.perf_counter()

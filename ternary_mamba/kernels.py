@@ -66,6 +66,10 @@ def get_kernel():
     lib.ssd_step_inplace.restype = None
     lib.mixer_step_inplace.argtypes = [p] * 11 + [i64] * 7 + [ctypes.c_float]
     lib.mixer_step_inplace.restype = None
+    lib.tq2_quantize_x.argtypes = [p, p, p, p, i64, i64, i64]
+    lib.tq2_quantize_x.restype = None
+    lib.tq2_gemv_a8.argtypes = [p] * 6 + [i64] * 4
+    lib.tq2_gemv_a8.restype = None
     lib.i8_gemv.argtypes = [p, p, p, p, i64, i64, i64]
     lib.i8_gemv.restype = None
     lib.tq2_has_avx2.restype = ctypes.c_int
@@ -134,3 +138,33 @@ def mixer_step_inplace(mixer, zxbcdt: torch.Tensor, conv_state: torch.Tensor, ss
                            ssm_state.data_ptr(), y.data_ptr(), work.data_ptr(),
                            nb, c.d_inner, c.ngroups, c.d_state, c.nheads, c.headdim, c.d_conv, float(mixer.norm.eps))
     return y
+
+
+def tq2_gemv_a8(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Like tq2_gemv, but with x quantized to int8 (one absmax scale per row) and integer dot products — the
+    opt-in fast path (llama.cpp's TQ2_0 does the same); needs group_size % 128 == 0."""
+    lib = get_kernel()
+    assert lib is not None and group_size % 128 == 0
+    x = x.contiguous().float()
+    nb, in_f = x.shape
+    out_f = codes.size(0)
+    xq = torch.empty(nb, in_f, dtype=torch.int8)
+    xs = torch.empty(nb)
+    qsum = torch.empty(nb, in_f // group_size, dtype=torch.int32)
+    lib.tq2_quantize_x(x.data_ptr(), xq.data_ptr(), xs.data_ptr(), qsum.data_ptr(), in_f, group_size, nb)
+    y = torch.empty(nb, out_f)
+    lib.tq2_gemv_a8(codes.data_ptr(), scales.data_ptr(), xq.data_ptr(), xs.data_ptr(), qsum.data_ptr(), y.data_ptr(),
+                    out_f, in_f, group_size, nb)
+    return y
+
+
+def a8_reference(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Pure-PyTorch reference of tq2_gemv_a8 (same int8 rounding, exact integer group sums)."""
+    from .quant.packing import unpack
+    out_f, in_f = codes.size(0), codes.size(1) * 4
+    t = unpack(codes.reshape(-1), "tq2", (out_f, in_f)).to(torch.int64)            # {-1, 0, 1}
+    m = x.abs().amax(-1, keepdim=True)
+    q = torch.round(x * torch.where(m > 0, 127.0 / m, torch.zeros_like(m))).to(torch.int64)   # (nb, in)
+    G = group_size
+    isum = torch.einsum("ogi,bgi->bog", t.view(out_f, in_f // G, G), q.view(-1, in_f // G, G))  # exact ints
+    return (isum.double() * scales.double()).sum(-1).mul(m.double() / 127.0).float()

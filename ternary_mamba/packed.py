@@ -37,6 +37,7 @@ class PackedTernaryLinear(nn.Module):
         self.register_buffer("codes", codes2, persistent=False)          # (out, in/4) uint8, tq2 layout
         self.register_buffer("scales", scales16.float(), persistent=False)  # (out, in/G)
         self.register_buffer("bias", bias.float() if bias is not None else None, persistent=False)
+        self.a8 = False  # opt-in: int8 activations in the decode GEMV (see use_a8_activations); not exact
 
     def dequantized_weight(self) -> Tensor:
         if not self.reference:
@@ -50,9 +51,10 @@ class PackedTernaryLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if not self.reference and x2.size(0) <= KERNEL_MAX_ROWS and self.group_size % 8 == 0:
-            from .kernels import get_kernel, tq2_gemv
+            from .kernels import get_kernel, tq2_gemv, tq2_gemv_a8
             if get_kernel() is not None:
-                y = tq2_gemv(self.codes, self.scales, x2.float(), self.group_size)
+                gemv = tq2_gemv_a8 if self.a8 and self.group_size % 128 == 0 else tq2_gemv
+                y = gemv(self.codes, self.scales, x2.float(), self.group_size)
                 if self.bias is not None:
                     y = y + self.bias
                 return y.reshape(*lead, self.out_features)
@@ -162,3 +164,15 @@ def load_packed(folder: Path):
     load_state_dict_strict(model, {k: get(k) for k in keys}, str(path))
     model.packed_header = h
     return model.eval()
+
+
+def use_a8_activations(model, enabled: bool = True) -> int:
+    """Opt-in fast decode: packed projections quantize their input to int8 (one absmax scale per token) and use
+    integer dot products, as llama.cpp's TQ2_0 does.  No longer bit-exact to the fake-quant student (≈ 1 %
+    relative error per projection).  Needs groups that are a multiple of 128.  Returns how many modules use it."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, PackedTernaryLinear) and m.group_size % 128 == 0:
+            m.a8 = enabled
+            n += 1
+    return n

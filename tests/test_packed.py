@@ -157,3 +157,40 @@ def test_fused_mixer_step_matches_the_torch_step(conv_bias, ngroups):
             assert (out - ref).abs().max() < 1e-4
         for a, b in zip(ref_st, st):
             assert torch.allclose(a.conv, b.conv, atol=1e-5) and torch.allclose(a.ssm, b.ssm, atol=1e-5)
+
+
+def test_a8_gemv_matches_its_integer_reference_and_is_close_to_fp32():
+    from ternary_mamba.kernels import a8_reference, get_kernel, tq2_gemv, tq2_gemv_a8
+    from ternary_mamba.quant.packing import pack
+    if get_kernel() is None:
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(0)
+    for out_f, in_f, G in [(40, 256, 128), (24, 512, 256)]:
+        t = torch.randint(-1, 2, (out_f, in_f), generator=g, dtype=torch.int8)
+        codes = pack(t, "tq2").reshape(out_f, in_f // 4)
+        sc = torch.rand(out_f, in_f // G, generator=g) + 0.1
+        x = torch.randn(3, in_f, generator=g)
+        x[1] = 0  # an all-zero row must give zeros, not NaN
+        ya = tq2_gemv_a8(codes, sc, x, G)
+        assert torch.allclose(ya, a8_reference(codes, sc, x, G), atol=1e-4, rtol=1e-5)
+        yf = tq2_gemv(codes, sc, x, G)
+        assert torch.equal(ya[1], torch.zeros(out_f))
+        assert (ya - yf).norm() / yf.norm() < 0.03
+
+
+def test_a8_is_opt_in_and_close(tmp_path):
+    from conftest import random_model, tiny_config
+    from ternary_mamba.packed import export_packed, use_a8_activations
+    m = random_model(tiny_config(d_model=128, headdim=32))
+    quantize_(m, TernaryConfig(group_size=128))
+    export_packed(m, tmp_path / "p", "tq2", "fp32")
+    p = load_model(tmp_path / "p")
+    ids = torch.randint(0, 512, (1, 6))
+    with torch.no_grad():
+        st, st8 = p.empty_state(1), p.empty_state(1)
+        exact, _ = p.step(ids[:, 0], st)
+        ref = m.step(ids[:, 0], m.empty_state(1))[0]
+        assert (exact - ref).abs().max() < 1e-5          # default: the fp32 kernel (summation order only)
+        assert use_a8_activations(p) > 0
+        fast, _ = p.step(ids[:, 0], st8)
+        assert not torch.equal(fast, exact) and (fast - exact).norm() / exact.norm() < 0.05

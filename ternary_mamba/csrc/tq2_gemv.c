@@ -211,3 +211,68 @@ void mixer_step_inplace(const float *zxbcdt, float *conv_state, const float *con
         }
     }
 }
+
+// ---- 8-bit-activation variant (opt-in; what llama.cpp's TQ2_0 does): x is quantized per row to int8 with one
+// absmax scale, then sum_i t_i x_i = sum_i (t_i + 1) q_i - sum_i q_i is computed in integers per group.
+// Requires G % 128 == 0.  xq (nb, in) int8 in the "deinterleaved" order below, xs (nb) scales, qsum (nb, in/G).
+// Within each 128-element chunk, byte i of a 32-byte code block holds elements 4i+0..4i+3 (2 bits each), so
+// xq stores the chunk as [x[4i] for i<32] [x[4i+1] ...] [x[4i+2] ...] [x[4i+3] ...].
+void tq2_quantize_x(const float *x, int8_t *xq, float *xs, int32_t *qsum, int64_t in, int64_t G, int64_t nb) {
+    for (int64_t b = 0; b < nb; b++) {
+        const float *xr = x + b * in;
+        float m = 0.f;
+        for (int64_t i = 0; i < in; i++) m = fmaxf(m, fabsf(xr[i]));
+        const float inv = m > 0.f ? 127.f / m : 0.f;
+        xs[b] = m / 127.f;
+        int8_t *q = xq + b * in;
+        for (int64_t c = 0; c < in; c += 128)
+            for (int64_t i = 0; i < 32; i++)
+                for (int64_t j = 0; j < 4; j++)
+                    q[c + 32 * j + i] = (int8_t)lrintf(xr[c + 4 * i + j] * inv);
+        for (int64_t g = 0; g < in / G; g++) {
+            int32_t s = 0;
+            for (int64_t i = 0; i < G; i++) s += q[g * G + i];
+            qsum[b * (in / G) + g] = s;
+        }
+    }
+}
+
+void tq2_gemv_a8(const uint8_t *codes, const float *scales, const int8_t *xq, const float *xs, const int32_t *qsum,
+                 float *y, int64_t out, int64_t in, int64_t G, int64_t nb) {
+    const int64_t row_bytes = in / 4, ngroups = in / G, chunks = G / 128;
+    #pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < out; o++) {
+        const uint8_t *row = codes + o * row_bytes;
+        for (int64_t b = 0; b < nb; b++) {
+            const int8_t *q = xq + b * in;
+            float acc = 0.f;
+            for (int64_t g = 0; g < ngroups; g++) {
+                int32_t s = 0;
+                for (int64_t c = 0; c < chunks; c++) {
+                    const int64_t e0 = (g * chunks + c) * 128;           // first element of this chunk
+                    const uint8_t *p = row + e0 / 4;
+                    const int8_t *qc = q + e0;
+#ifdef __AVX2__
+                    const __m256i packed = _mm256_loadu_si256((const __m256i *)p), m3 = _mm256_set1_epi8(3);
+                    const __m256i ones = _mm256_set1_epi16(1);
+                    __m256i sum = _mm256_setzero_si256();
+                    for (int j = 0; j < 4; j++) {
+                        const __m256i u = _mm256_and_si256(_mm256_srli_epi16(packed, 2 * j), m3);
+                        const __m256i xv = _mm256_loadu_si256((const __m256i *)(qc + 32 * j));
+                        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(u, xv), ones));
+                    }
+                    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+                    t = _mm_hadd_epi32(t, t);
+                    t = _mm_hadd_epi32(t, t);
+                    s += _mm_cvtsi128_si32(t);
+#else
+                    for (int64_t i = 0; i < 32; i++)
+                        for (int j = 0; j < 4; j++) s += (int32_t)((p[i] >> (2 * j)) & 3) * qc[32 * j + i];
+#endif
+                }
+                acc += scales[o * ngroups + g] * (float)(s - qsum[b * ngroups + g]);
+            }
+            y[b * out + o] = acc * xs[b];
+        }
+    }
+}
