@@ -165,7 +165,9 @@ def run_bench_runtime(args) -> None:
             print(f"{name} {args.what} llama.cpp (same run, our GGUF export): "
                   + ", ".join(f"{k} {v:.1f} tok/s" for k, v in same_run.items())
                   + f"; ours fp32 / llama.cpp f32 = {results['fp32'] / same_run['f32']:.2f}x, "
-                  f"ours tq2 / llama.cpp TQ2_0 = {results['tq2'] / same_run['tq2_0']:.2f}x")
+                  f"ours tq2 / llama.cpp TQ2_0 = {results['tq2'] / same_run['tq2_0']:.2f}x"
+                  + (f", ours tq2+i8head+a8 / llama.cpp TQ2_0 = {results['tq2+i8head+a8'] / same_run['tq2_0']:.2f}x"
+                     if "tq2+i8head+a8" in results else ""))
         extra = "".join(f", {v} / fp32 = {results[v] / results['fp32']:.2f}x" for v in ("tq2+i8head", "tq2+i8head+a8")
                         if v in results)
         print(f"{name} {args.what}: tq2 / fp32 = {results['tq2'] / results['fp32']:.2f}x{extra}  (tq1 is re-packed to "
