@@ -103,7 +103,7 @@ def llama_cpp_tok_s(model, what: str, n: int, threads: int) -> dict[str, float] 
             if what == "decode":
                 llm.eval(toks[:3])
                 t = time.perf_counter()
-                for tok in toks[:n]:
+                for tok in toks:
                     llm.eval([tok])
                 out[qtype] = n / (time.perf_counter() - t)
             else:

@@ -38,7 +38,8 @@ def run_export(args) -> None:
         out = Path(args.out)
         types = export_gguf(model, out, args.gguf_type, find_tokenizer(folder), name=folder.name)
         print(f"wrote {out}: {out.stat().st_size / MB:.2f} MB, {len(types)} tensors, ternary projections as "
-              f"{args.gguf_type.upper()}, embedding fp16 (llama.cpp architecture mamba2)")
+              f"{args.gguf_type.upper()}, embedding {'fp32' if args.gguf_type == 'f32' else 'fp16'} "
+              "(llama.cpp architecture mamba2)")
         return
     export_packed(model, Path(args.out), args.format, args.other_dtype, find_tokenizer(folder), source)
     print(f"wrote {args.out}")

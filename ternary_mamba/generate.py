@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 import time
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch

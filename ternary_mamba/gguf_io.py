@@ -67,6 +67,9 @@ def _vocab(writer, tokenizer_path: Path | None, n_vocab: int) -> None:
     vocab = dict(model["vocab"])
     added = {a["content"]: a["id"] for a in tj.get("added_tokens", [])}
     vocab.update(added)
+    if max(vocab.values()) >= n_vocab:
+        raise UserError(f"{tokenizer_path}: has token ids up to {max(vocab.values())} but the model's vocabulary "
+                        f"is {n_vocab}; this tokenizer does not belong to this model")
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     types = [5] * n_vocab                     # 5 = unused (padding)
     for tok, i in vocab.items():

@@ -13,7 +13,7 @@ from ternary_mamba.gguf_io import export_gguf  # noqa: E402
 
 
 def student(G: int, seed: int = 0, **kw):
-    m = random_model(tiny_config(d_model=256, n_layer=2, headdim=32, **kw), seed=seed)
+    m = random_model(tiny_config(d_model=256, n_layer=2, headdim=32, vocab_size=8192, **kw), seed=seed)
     quantize_(m, TernaryConfig(group_size=G))
     with torch.no_grad():  # GGUF holds the embedding in fp16
         m.backbone.embedding.weight.copy_(m.backbone.embedding.weight.half().float())
@@ -58,6 +58,9 @@ def test_gguf_refuses_inexact_and_bad_input(tmp_path, capsys):
     assert not (tmp_path / "a.gguf").exists() and not list(tmp_path.iterdir())
     with pytest.raises(UserError, match="not ternary"):
         export_gguf(random_model(tiny_config()), tmp_path / "b.gguf", "tq2_0", BUNDLED_TOKENIZER)
+    with pytest.raises(UserError, match="does not belong"):   # 8k tokenizer, 512-token model
+        export_gguf(random_model(tiny_config()), tmp_path / "b.gguf", "f16", BUNDLED_TOKENIZER)
+    assert not list(tmp_path.iterdir())
     (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00garbage")
     with pytest.raises(UserError, match="not a readable GGUF"):
         load_model(tmp_path / "bad.gguf")
@@ -65,7 +68,7 @@ def test_gguf_refuses_inexact_and_bad_input(tmp_path, capsys):
 
 def test_export_cli_gguf(tmp_path, capsys):
     from conftest import BUNDLED_TOKENIZER
-    save_model(random_model(tiny_config(d_model=256, n_layer=1, headdim=32)), tmp_path / "fp",
+    save_model(random_model(tiny_config(d_model=256, n_layer=1, headdim=32, vocab_size=8192)), tmp_path / "fp",
                tokenizer_path=BUNDLED_TOKENIZER)
     out = tmp_path / "m.gguf"
     assert main(["export", str(tmp_path / "fp"), "--format", "gguf", "--out", str(out)]) == 0
@@ -77,10 +80,24 @@ def test_export_cli_gguf(tmp_path, capsys):
 
 def test_full_precision_model_as_f32_gguf_is_exact(tmp_path):
     from conftest import BUNDLED_TOKENIZER
-    m = random_model(tiny_config(d_model=128, n_layer=2, headdim=32, tie_embeddings=False), seed=3)
+    m = random_model(tiny_config(d_model=128, n_layer=2, headdim=32, vocab_size=8192, tie_embeddings=False), seed=3)
     types = export_gguf(m, tmp_path / "fp.gguf", "f32", BUNDLED_TOKENIZER)
     assert types["output.weight"] == "float32"
     back = load_model(tmp_path / "fp.gguf")
     ids = torch.randint(0, 512, (1, 33))
     with torch.no_grad():
         assert (m(ids) - back(ids)).abs().max().item() <= 1e-5
+
+
+def test_generate_from_a_gguf_file_uses_its_embedded_tokenizer(tmp_path, capsys):
+    from conftest import BUNDLED_TOKENIZER
+    from ternary_mamba.gguf_io import load_gguf_tokenizer
+    from ternary_mamba.tokenizer import load_tokenizer
+    export_gguf(student(256), tmp_path / "m.gguf", "tq2_0", BUNDLED_TOKENIZER)
+    text = "Dorothy lived in the midst of the great Kansas prairies, with Uncle Henry.\n<|endoftext|>"
+    emb, ref = load_gguf_tokenizer(tmp_path / "m.gguf"), load_tokenizer(BUNDLED_TOKENIZER)
+    assert emb.encode(text) == ref.encode(text) and emb.decode(emb.encode(text)) == text
+    assert emb.eos_id == ref.eos_id
+    assert main(["generate", str(tmp_path / "m.gguf"), "--prompt", "Once", "--max-new-tokens", "4",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("Once")
