@@ -52,70 +52,72 @@ def bytes_per_token(model) -> int:
     return total
 
 
-def _decode_tok_s(model, n: int) -> float:
+# ---- timers: each call runs one round (n tokens) and returns tok/s; rounds of all variants are interleaved
+def _decode_timer(model, n: int):
     state = model.empty_state(1)
     tok = torch.zeros(1, dtype=torch.long)
     for _ in range(3):
         _, state = model.step(tok, state, inplace=True)
-    t = time.perf_counter()
-    for _ in range(n):
-        logits, state = model.step(tok, state, inplace=True)
-    return n / (time.perf_counter() - t)
 
-
-def _prefill_tok_s(model, n: int) -> float:
-    ids = torch.randint(0, model.config.vocab_size, (1, n))
-    model(ids[:, :64])
-    best = float("inf")
-    for _ in range(2):
+    def run() -> float:
+        nonlocal state
         t = time.perf_counter()
-        model(ids)
-        best = min(best, time.perf_counter() - t)
-    return n / best
+        for _ in range(n):
+            _, state = model.step(tok, state, inplace=True)
+        return n / (time.perf_counter() - t)
+    return run
 
 
-def llama_cpp_tok_s(model, what: str, n: int, threads: int) -> dict[str, float] | None:
+def _prefill_timer(model, n: int):
+    ids = torch.randint(0, model.config.vocab_size, (1, n))
+    model(ids[:, :64], last_only=True)
+
+    def run() -> float:
+        t = time.perf_counter()
+        model(ids, last_only=True)   # the prompt's states + next-token logits (as llama.cpp computes them)
+        return n / (time.perf_counter() - t)
+    return run
+
+
+def llama_cpp_timers(model, what: str, n: int, threads: int, workdir) -> dict | None:
     """The same weights through llama.cpp (llama-cpp-python, if installed): f32 and TQ2_0 GGUF files written
-    by our exporter (absmean PTQ with groups of 256 for TQ2_0), timed like ours.  None if unavailable."""
+    by our exporter (absmean PTQ with groups of 256 for TQ2_0).  None if unavailable."""
     try:
         import llama_cpp
     except ImportError:
         return None
     import copy
-    import tempfile
     from pathlib import Path
     from .assets import ASSETS
     from .gguf_io import export_gguf
     from .quant.qat import TernaryConfig, quantize_
-    out = {}
-    with tempfile.TemporaryDirectory() as d:
-        for qtype in ("f32", "tq2_0"):
-            m = copy.deepcopy(model)
-            if qtype == "tq2_0":
-                quantize_(m, TernaryConfig(group_size=256))
-            path = Path(d) / f"{qtype}.gguf"
-            # token texts do not matter for timing: the bundled tokenizer, padded to the model's vocabulary
-            export_gguf(m, path, qtype, ASSETS / "gutenberg-bpe-8k.json")
-            del m
-            llm = llama_cpp.Llama(str(path), n_ctx=max(n, 64) + 8, n_batch=max(n, 64), n_ubatch=max(n, 64),
-                                  n_threads=threads, n_threads_batch=threads, verbose=False)
-            toks = [int(t) for t in torch.randint(10, 8000, (n,))]
+    timers = {}
+    for qtype in ("f32", "tq2_0"):
+        m = copy.deepcopy(model)
+        if qtype == "tq2_0":
+            quantize_(m, TernaryConfig(group_size=256))
+        path = Path(workdir) / f"{qtype}.gguf"
+        # token texts do not matter for timing: the bundled tokenizer, padded to the model's vocabulary
+        export_gguf(m, path, qtype, ASSETS / "gutenberg-bpe-8k.json")
+        del m
+        llm = llama_cpp.Llama(str(path), n_ctx=max(n, 64) * 4 + 8, n_batch=max(n, 64), n_ubatch=max(n, 64),
+                              n_threads=threads, n_threads_batch=threads, verbose=False)
+        toks = [int(t) for t in torch.randint(10, 8000, (n,))]
+
+        def run(llm=llm, toks=toks) -> float:
             if what == "decode":
+                llm.reset()
                 llm.eval(toks[:3])
                 t = time.perf_counter()
                 for tok in toks:
                     llm.eval([tok])
-                out[qtype] = n / (time.perf_counter() - t)
             else:
-                best = float("inf")
-                for _ in range(2):
-                    llm.reset()
-                    t = time.perf_counter()
-                    llm.eval(toks)
-                    best = min(best, time.perf_counter() - t)
-                out[qtype] = n / best
-            del llm
-    return out
+                llm.reset()
+                t = time.perf_counter()
+                llm.eval(toks)
+            return len(toks) / (time.perf_counter() - t)
+        timers[f"llama.cpp {qtype.upper()}"] = run
+    return timers
 
 
 def load_bench_model(name: str):
@@ -126,50 +128,86 @@ def load_bench_model(name: str):
     return load_model(name)
 
 
+def build_variants(model: Mamba2LM, what: str) -> dict[str, Mamba2LM]:
+    """fp32 (the model itself), packed tq2 (exact), + 8-bit head, + int8 activations (decode only)."""
+    import copy
+    from .int8_head import use_int8_head
+    from .packed import use_a8_activations
+    out = {"fp32": model}
+    tq2 = copy.deepcopy(model)
+    pack_in_place(tq2)
+    out["tq2"] = tq2
+    i8 = copy.deepcopy(tq2)
+    use_int8_head(i8)
+    out["tq2+i8head"] = i8
+    if what == "decode":
+        a8 = copy.deepcopy(i8)
+        use_a8_activations(a8)   # opt-in, not bit-exact: int8 activations in the ternary GEMV
+        out["tq2+i8head+a8"] = a8
+    return out
+
+
+def decode_profile(model, n: int) -> dict[str, float] | None:
+    """ms per token in each phase of the C decode step (None if the model does not use the engine)."""
+    from .decode_engine import DecodeEngine, engine_for
+    eng = engine_for(model)
+    if eng is None:
+        return None
+    state = model.empty_state(1)
+    tok = torch.zeros(1, dtype=torch.long)
+    eng.profile = torch.zeros(len(DecodeEngine.PHASES), dtype=torch.float64)
+    for _ in range(n):
+        _, state = model.step(tok, state, inplace=True)
+    prof, eng.profile = eng.profile, None
+    return {k: 1e3 * v / n for k, v in zip(DecodeEngine.PHASES, prof.tolist())}
+
+
 @torch.no_grad()
 def run_bench_runtime(args) -> None:
+    import tempfile
     bw = memory_bandwidth_gbs()
-    print(f"memory read bandwidth (measured now): {bw:.1f} GB/s; threads {torch.get_num_threads()}")
+    rounds = getattr(args, "rounds", 5)
+    print(f"memory read bandwidth (measured now): {bw:.1f} GB/s; threads {torch.get_num_threads()}; "
+          f"best of {rounds} interleaved rounds per variant")
     for name in args.models:
         model = load_bench_model(name)
         if getattr(model, "ternary_config", None) is not None or getattr(model, "packed_header", None):
             print(f"{name}: pass a full-precision model or a preset; skipping")
             continue
-        results = {}
-        for variant in ("fp32", "tq2", "tq2+i8head", "tq2+i8head+a8"):
-            if variant == "tq2":
-                pack_in_place(model)
-            if variant.startswith("tq2+"):
-                if args.what != "decode":
-                    continue
-            if variant == "tq2+i8head":
-                from .int8_head import use_int8_head
-                use_int8_head(model)
-            if variant == "tq2+i8head+a8":   # opt-in, not bit-exact: int8 activations in the ternary GEMV
-                from .packed import use_a8_activations
-                use_a8_activations(model)
-            nbytes = bytes_per_token(model)
-            if args.what == "decode":
-                r = _decode_tok_s(model, args.tokens)
-                results[variant] = r
-                print(f"{name} decode {variant:>13}: {r:8.1f} tok/s  {nbytes / 1e6:8.1f} MB/token  "
-                      f"{nbytes * r / 1e9:5.1f} GB/s = {100 * nbytes * r / 1e9 / bw:3.0f} % of bandwidth")
-            else:
-                r = _prefill_tok_s(model, args.tokens)
-                results[variant] = r
-                print(f"{name} prefill {variant:>13} 1x{args.tokens}: {r:8.1f} tok/s")
-        ref = LLAMA_CPP.get(name, {}).get(args.what, {})
-        same_run = llama_cpp_tok_s(load_bench_model(name), args.what, args.tokens, torch.get_num_threads())
-        if same_run:
-            ref = {k: round(v, 1) for k, v in same_run.items()}
-            print(f"{name} {args.what} llama.cpp (same run, our GGUF export): "
-                  + ", ".join(f"{k} {v:.1f} tok/s" for k, v in same_run.items())
-                  + f"; ours fp32 / llama.cpp f32 = {results['fp32'] / same_run['f32']:.2f}x, "
-                  f"ours tq2 / llama.cpp TQ2_0 = {results['tq2'] / same_run['tq2_0']:.2f}x"
-                  + (f", ours tq2+i8head+a8 / llama.cpp TQ2_0 = {results['tq2+i8head+a8'] / same_run['tq2_0']:.2f}x"
-                     if "tq2+i8head+a8" in results else ""))
-        extra = "".join(f", {v} / fp32 = {results[v] / results['fp32']:.2f}x" for v in ("tq2+i8head", "tq2+i8head+a8")
-                        if v in results)
-        print(f"{name} {args.what}: tq2 / fp32 = {results['tq2'] / results['fp32']:.2f}x{extra}  (tq1 is re-packed to "
-              f"the tq2 layout at load: same speed)  llama.cpp reference: {ref or 'n/a'}")
-        del model
+        variants = build_variants(model, args.what)
+        per_round = max(1, args.tokens // rounds) if args.what == "decode" else args.tokens
+        make = _decode_timer if args.what == "decode" else _prefill_timer
+        timers = {k: make(m, per_round) for k, m in variants.items()}
+        with tempfile.TemporaryDirectory() as tmp:
+            llama = llama_cpp_timers(model, args.what, per_round, torch.get_num_threads(), tmp)
+            timers.update(llama or {})
+            best = {k: 0.0 for k in timers}
+            for _ in range(rounds):
+                for k, run in timers.items():
+                    best[k] = max(best[k], run())
+            del timers, llama
+        what = "decode" if args.what == "decode" else f"prefill 1x{args.tokens}"
+        for k, r in best.items():
+            line = f"{name} {what} {k:>17}: {r:8.1f} tok/s"
+            if k in variants:
+                nbytes = bytes_per_token(variants[k])
+                line += f"  x{r / best['fp32']:5.2f} of fp32"
+                if args.what == "decode":
+                    line += (f"  {nbytes / 1e6:7.1f} MB/token  {nbytes * r / 1e9:5.1f} GB/s = "
+                             f"{100 * nbytes * r / 1e9 / bw:3.0f} % of bandwidth")
+            print(line)
+        if "llama.cpp F32" in best:
+            lf, lt = best["llama.cpp F32"], best["llama.cpp TQ2_0"]
+            print(f"{name} {what} vs llama.cpp (same run, same weights via our GGUF export): "
+                  + ", ".join(f"{k} / llama.cpp {'F32' if k == 'fp32' else 'TQ2_0'} = "
+                              f"{best[k] / (lf if k == 'fp32' else lt):.2f}x" for k in variants))
+        else:
+            print(f"{name}: llama.cpp not installed (pip install '.[llama]'); figures measured earlier on these "
+                  f"machines: {LLAMA_CPP.get(name, {}).get(args.what, 'n/a')}")
+        if args.what == "decode":
+            for k, m in variants.items():
+                prof = decode_profile(m, max(8, per_round))
+                if prof:
+                    print(f"{name} decode profile {k:>13} (ms/token): "
+                          + ", ".join(f"{p} {v:.2f}" for p, v in prof.items()))
+        del model, variants

@@ -185,10 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--scale-mode", default="absmean", choices=["absmean", "learned", "guarded"])
     b.add_argument("--threads", type=int, default=2)
 
-    for what, n in (("decode", 64), ("prefill", 512)):
+    for what, n, tok_help in (("decode", 160, "tokens decoded per variant, spread over the rounds"),
+                              ("prefill", 512, "prompt length")):
         b = bsub.add_parser(what, help=f"{what} tokens/s: dense fp32 vs packed ternary with our runtime")
         b.add_argument("--models", nargs="+", default=["mamba2-130m"], help="presets (random weights) or FP model folders")
-        b.add_argument("--tokens", type=int, default=n)
+        b.add_argument("--tokens", type=int, default=n, help=f"{tok_help} (default %(default)s)")
+        b.add_argument("--rounds", type=int, default=5,
+                       help="interleaved rounds over all variants; each variant's best round counts (default 5)")
         b.add_argument("--threads", type=int, default=2)
         b.set_defaults(what=what)
 

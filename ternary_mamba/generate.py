@@ -31,7 +31,7 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
         raise UserError("the prompt encodes to no tokens")
     gen = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
-    logits, state = model(torch.tensor([prompt_ids]), return_state=True)
+    logits, state = model(torch.tensor([prompt_ids]), return_state=True, last_only=True)
     logits = logits[:, -1]
     for _ in range(max_new_tokens):
         tok = sample_next(logits[:, :vocab], temperature, top_p, gen)

@@ -1,5 +1,5 @@
-"""The compiled ternary kernel (csrc/tq2_gemv.c), built once with the system C compiler and loaded with
-ctypes.  Built with -march=native (AVX2 + FMA where the CPU has them, a portable loop otherwise) and
+"""The compiled kernels (csrc/*.c: tq2_gemv.c the ternary and int8 products and the fused mixer step,
+lm_step.c the whole-model decode step), built once with the system C compiler and loaded with ctypes.  Built with -march=native (AVX2 + FMA where the CPU has them, a portable loop otherwise) and
 OpenMP.  If no compiler is available, `get_kernel()` returns None after one warning and callers use the
 pure-PyTorch reference."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-SRC = Path(__file__).parent / "csrc" / "tq2_gemv.c"
+CSRC = Path(__file__).parent / "csrc"   # every .c file here is built into one library
 _lib = None
 _tried = False
 
@@ -28,20 +28,21 @@ def _compile() -> Path:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
     if cc is None:
         raise RuntimeError("no C compiler found (gcc/cc/clang)")
-    src = SRC.read_bytes()
+    sources = sorted(CSRC.glob("*.c"))
+    src = b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()) if p.suffix in (".c", ".h"))
     tag = hashlib.sha256(src + cc.encode() + os.uname().machine.encode()).hexdigest()[:16]
     out = _build_dir() / f"tq2_gemv-{tag}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}.so")
-    base = [cc, "-O3", "-shared", "-fPIC", "-std=c11", str(SRC), "-o", str(tmp), "-lm"]
+    base = [cc, "-O3", "-shared", "-fPIC", "-std=c11", *map(str, sources), "-o", str(tmp), "-lm"]
     for extra in (["-march=native", "-fopenmp"], ["-fopenmp"], []):
         r = subprocess.run(base[:2] + extra + base[2:], capture_output=True, text=True)
         if r.returncode == 0:
             os.replace(tmp, out)
             return out
-    raise RuntimeError(f"compiling {SRC.name} failed: {r.stderr.strip().splitlines()[-1] if r.stderr else '?'}")
+    raise RuntimeError(f"compiling {CSRC} failed: {r.stderr.strip().splitlines()[-1] if r.stderr else '?'}")
 
 
 def get_kernel():
@@ -72,6 +73,14 @@ def get_kernel():
     lib.tq2_gemv_a8.restype = None
     lib.i8_gemv.argtypes = [p, p, p, p, i64, i64, i64]
     lib.i8_gemv.restype = None
+    lib.f32_gemv.argtypes = [p, p, p, i64, i64, i64]
+    lib.f32_gemv.restype = None
+    lib.tm_step.argtypes = [p, p, i64, p, p, p, p, p, p]
+    lib.tm_step.restype = ctypes.c_int
+    lib.tm_work_floats.argtypes = [p, i64]
+    lib.tm_work_floats.restype = i64
+    lib.tm_qwork_bytes.argtypes = [p, i64]
+    lib.tm_qwork_bytes.restype = i64
     lib.tq2_has_avx2.restype = ctypes.c_int
     _lib = lib
     return lib

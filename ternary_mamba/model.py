@@ -200,11 +200,12 @@ class Mamba2LM(nn.Module):
 
     # ---- inference ----
     def forward(self, input_ids: Tensor, state: list[LayerState] | None = None, *,
-                return_state: bool = False, return_hidden: bool = False):
+                return_state: bool = False, return_hidden: bool = False, last_only: bool = False):
         """input_ids (b, l) -> logits (b, l, padded_vocab).
 
         return_state: also return the per-layer states after the last token (continue with `step`).
-        return_hidden: also return the residual stream after every block (for hidden-state distillation)."""
+        return_hidden: also return the residual stream after every block (for hidden-state distillation).
+        last_only: logits of the last position only, (b, 1, padded_vocab) — prefill before generation."""
         h = self.backbone.embedding(input_ids)
         new_state, hidden = [], []
         for i, layer in enumerate(self.backbone.layers):
@@ -212,7 +213,7 @@ class Mamba2LM(nn.Module):
             new_state.append(s)
             if return_hidden:
                 hidden.append(h)
-        logits = self.lm_head(self.backbone.norm_f(h))
+        logits = self.lm_head(self.backbone.norm_f(h[:, -1:] if last_only else h))
         if not (return_state or return_hidden):
             return logits
         out = (logits,)
@@ -226,6 +227,11 @@ class Mamba2LM(nn.Module):
              ) -> tuple[Tensor, list[LayerState]]:
         """token_ids (b,) -> logits (b, padded_vocab) and the next state.
         inplace=True (generation) lets the fused kernel overwrite the given state instead of copying it."""
+        if inplace and not torch.is_grad_enabled():
+            from .decode_engine import fast_step   # the whole step in one C call when the model allows it
+            out = fast_step(self, token_ids, state)
+            if out is not None:
+                return out
         h = self.backbone.embedding(token_ids)
         new_state = []
         for layer, s in zip(self.backbone.layers, state):

@@ -2,10 +2,11 @@
 //   y[b, o] = sum_g s[o, g] * sum_{i in g} t[o, i] * x[b, i],   t in {-1, 0, +1}
 // Codes of row o occupy in/4 bytes; each byte holds 4 codes (code + 1, 2 bits each, low bits first).
 // A 256-entry table turns one byte into 4 floats; with AVX2 two bytes make one 8-wide FMA operand.
-// Rows are split across OpenMP threads; the packed weights are read once per call for all b rows of x.
+// Rows are split across OpenMP threads; a row's codes stay in L1 while all b rows of x use them.
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include "kernels.h"
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -28,61 +29,77 @@ int tq2_has_avx2(void) {
 #endif
 }
 
-#define MAXB 8
+// One output row: sum_g s[g] * sum_{i in g} t[i] x[i].  Four independent accumulators per group keep the
+// FMA latency chain off the critical path (G % 32 == 0 for the unrolled loop; else 8 at a time).
+static inline float tq2_row_dot(const uint8_t *row, const float *srow, const float *x, int64_t ngroups,
+                                int64_t G) {
+    const int64_t gbytes = G / 4;
+#ifdef __AVX2__
+    // 16 codes = 32 bits: broadcast, shift each lane to its code and map {0,1,2} -> {-1,0,+1} with an
+    // in-register table (permutevar), then FMA.  No memory table: two loads per 8 weights (codes, x).
+    const __m256i sh_lo = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m256i sh_hi = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
+    // permutevar reads only the low 3 bits of each lane: bit 2 (the next code's low bit) is ignored by
+    // repeating the table, so no mask is needed (code 3 never occurs).
+    const __m256 tbl = _mm256_setr_ps(-1.f, 0.f, 1.f, 0.f, -1.f, 0.f, 1.f, 0.f);
+    __m256 acc_row = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ngroups; g++) {
+        const uint8_t *p = row + g * gbytes;
+        const float *xg = x + g * G;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+               a3 = _mm256_setzero_ps();
+        int64_t j = 0;
+        for (; j + 8 <= gbytes; j += 8) {       // 32 weights
+            uint32_t c0, c1;
+            memcpy(&c0, p + j, 4);
+            memcpy(&c1, p + j + 4, 4);
+            const __m256i b0 = _mm256_set1_epi32((int)c0), b1 = _mm256_set1_epi32((int)c1);
+            const __m256 w0 = _mm256_permutevar8x32_ps(tbl, _mm256_srlv_epi32(b0, sh_lo));
+            const __m256 w1 = _mm256_permutevar8x32_ps(tbl, _mm256_srlv_epi32(b0, sh_hi));
+            const __m256 w2 = _mm256_permutevar8x32_ps(tbl, _mm256_srlv_epi32(b1, sh_lo));
+            const __m256 w3 = _mm256_permutevar8x32_ps(tbl, _mm256_srlv_epi32(b1, sh_hi));
+            a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xg + 4 * j), a0);
+            a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xg + 4 * j + 8), a1);
+            a2 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xg + 4 * j + 16), a2);
+            a3 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xg + 4 * j + 24), a3);
+        }
+        for (; j < gbytes; j += 2) {            // 8 weights
+            const __m256i b0 = _mm256_set1_epi32((int)(p[j] | (p[j + 1] << 8)));
+            const __m256 w0 = _mm256_permutevar8x32_ps(tbl, _mm256_srlv_epi32(b0, sh_lo));
+            a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xg + 4 * j), a0);
+        }
+        const __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+        acc_row = _mm256_fmadd_ps(a, _mm256_set1_ps(srow[g]), acc_row);
+    }
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(acc_row), _mm256_extractf128_ps(acc_row, 1));
+    lo = _mm_hadd_ps(lo, lo);
+    lo = _mm_hadd_ps(lo, lo);
+    return _mm_cvtss_f32(lo);
+#else
+    float res = 0.f;
+    for (int64_t g = 0; g < ngroups; g++) {
+        float acc = 0.f;
+        const uint8_t *p = row + g * gbytes;
+        const float *xg = x + g * G;
+        for (int64_t j = 0; j < gbytes; j++) {
+            const float *w = LUT[p[j]];
+            acc += w[0] * xg[4 * j] + w[1] * xg[4 * j + 1] + w[2] * xg[4 * j + 2] + w[3] * xg[4 * j + 3];
+        }
+        res += acc * srow[g];
+    }
+    return res;
+#endif
+}
 
 // codes (out, in/4) uint8; scales (out, in/G) fp32; x (nb, in); y (nb, out).  Requires in % G == 0, G % 8 == 0.
 void tq2_gemv(const uint8_t *codes, const float *scales, const float *x, float *y,
               int64_t out, int64_t in, int64_t G, int64_t nb) {
     init_lut();
-    const int64_t row_bytes = in / 4, ngroups = in / G, gbytes = G / 4;
-    for (int64_t b0 = 0; b0 < nb; b0 += MAXB) {
-        const int64_t bn = nb - b0 < MAXB ? nb - b0 : MAXB;
-        #pragma omp parallel for schedule(static)
-        for (int64_t o = 0; o < out; o++) {
-            const uint8_t *row = codes + o * row_bytes;
-            const float *srow = scales + o * ngroups;
-            float res[MAXB] = {0};
-#ifdef __AVX2__
-            __m256 acc_row[MAXB];
-            for (int64_t k = 0; k < bn; k++) acc_row[k] = _mm256_setzero_ps();
-            for (int64_t g = 0; g < ngroups; g++) {
-                __m256 acc[MAXB];
-                for (int64_t k = 0; k < bn; k++) acc[k] = _mm256_setzero_ps();
-                const uint8_t *p = row + g * gbytes;
-                const int64_t i0 = g * G;
-                for (int64_t j = 0; j < gbytes; j += 2) {
-                    __m256 w = _mm256_set_m128(_mm_load_ps(LUT[p[j + 1]]), _mm_load_ps(LUT[p[j]]));
-                    for (int64_t k = 0; k < bn; k++)
-                        acc[k] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + (b0 + k) * in + i0 + 4 * j), acc[k]);
-                }
-                __m256 s = _mm256_set1_ps(srow[g]);
-                for (int64_t k = 0; k < bn; k++) acc_row[k] = _mm256_fmadd_ps(acc[k], s, acc_row[k]);
-            }
-            for (int64_t k = 0; k < bn; k++) {
-                __m128 lo = _mm256_castps256_ps128(acc_row[k]), hi = _mm256_extractf128_ps(acc_row[k], 1);
-                lo = _mm_add_ps(lo, hi);
-                lo = _mm_hadd_ps(lo, lo);
-                lo = _mm_hadd_ps(lo, lo);
-                res[k] = _mm_cvtss_f32(lo);
-            }
-#else
-            for (int64_t g = 0; g < ngroups; g++) {
-                float acc[MAXB] = {0};
-                const uint8_t *p = row + g * gbytes;
-                const int64_t i0 = g * G;
-                for (int64_t j = 0; j < gbytes; j++) {
-                    const float *w = LUT[p[j]];
-                    for (int64_t k = 0; k < bn; k++) {
-                        const float *xx = x + (b0 + k) * in + i0 + 4 * j;
-                        acc[k] += w[0] * xx[0] + w[1] * xx[1] + w[2] * xx[2] + w[3] * xx[3];
-                    }
-                }
-                for (int64_t k = 0; k < bn; k++) res[k] += acc[k] * srow[g];
-            }
-#endif
-            for (int64_t k = 0; k < bn; k++) y[(b0 + k) * out + o] = res[k];
-        }
-    }
+    const int64_t row_bytes = in / 4, ngroups = in / G;
+    #pragma omp parallel for schedule(dynamic, 16)
+    for (int64_t o = 0; o < out; o++)
+        for (int64_t b = 0; b < nb; b++)
+            y[b * out + o] = tq2_row_dot(codes + o * row_bytes, scales + o * ngroups, x + b * in, ngroups, G);
 }
 
 // Dequantize a whole tq2 matrix into w (out, in) fp32: w = t * s, bit-identical to the fake-quant weight.
@@ -129,19 +146,26 @@ void ssd_step_inplace(float *state, const float *x, const float *dt, const float
 
 // y (nb, out) = x (nb, in) . (w int8 (out, in) * scale[out])^T : the 8-bit embedding/head at inference.
 void i8_gemv(const int8_t *w, const float *scale, const float *x, float *y, int64_t out, int64_t in, int64_t nb) {
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(dynamic, 64)
     for (int64_t o = 0; o < out; o++) {
         const int8_t *row = w + o * in;
         for (int64_t b = 0; b < nb; b++) {
             const float *xx = x + b * in;
             float acc = 0.f;
 #ifdef __AVX2__
-            __m256 a = _mm256_setzero_ps();
+#define I8W(off) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + i + (off)))))
+            __m256 a = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+                   a3 = _mm256_setzero_ps();
             int64_t i = 0;
-            for (; i + 8 <= in; i += 8) {
-                __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + i))));
-                a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xx + i), a);
+            for (; i + 32 <= in; i += 32) {
+                a = _mm256_fmadd_ps(I8W(0), _mm256_loadu_ps(xx + i), a);
+                a1 = _mm256_fmadd_ps(I8W(8), _mm256_loadu_ps(xx + i + 8), a1);
+                a2 = _mm256_fmadd_ps(I8W(16), _mm256_loadu_ps(xx + i + 16), a2);
+                a3 = _mm256_fmadd_ps(I8W(24), _mm256_loadu_ps(xx + i + 24), a3);
             }
+            for (; i + 8 <= in; i += 8) a = _mm256_fmadd_ps(I8W(0), _mm256_loadu_ps(xx + i), a);
+#undef I8W
+            a = _mm256_add_ps(_mm256_add_ps(a, a1), _mm256_add_ps(a2, a3));
             __m128 lo = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
             lo = _mm_hadd_ps(lo, lo);
             lo = _mm_hadd_ps(lo, lo);
@@ -162,6 +186,36 @@ void i8_gemv(const int8_t *w, const float *scale, const float *x, float *y, int6
 //   (nb, nh, P, N) are updated in place; y (nb, d_inner) is written.  conv_b may be NULL.
 static inline float silu_f(float v) { return v / (1.f + expf(-v)); }
 static inline float softplus_f(float v) { return v > 20.f ? v : log1pf(expf(v)); }
+
+// s = s * a + u * B (in place), returns s . C — one pass over a state row of n floats.
+static inline float state_update_dot(float *s, float a, float u, const float *B, const float *C, int64_t n) {
+    float acc = 0.f;
+    int64_t k = 0;
+#ifdef __AVX2__
+    const __m256 va = _mm256_set1_ps(a), vu = _mm256_set1_ps(u);
+    __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
+    for (; k + 16 <= n; k += 16) {
+        const __m256 v0 = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(s + k), va), _mm256_mul_ps(vu, _mm256_loadu_ps(B + k)));
+        const __m256 v1 = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(s + k + 8), va),
+                                        _mm256_mul_ps(vu, _mm256_loadu_ps(B + k + 8)));
+        _mm256_storeu_ps(s + k, v0);
+        _mm256_storeu_ps(s + k + 8, v1);
+        c0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(C + k), c0);
+        c1 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(C + k + 8), c1);
+    }
+    const __m256 c = _mm256_add_ps(c0, c1);
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));
+    lo = _mm_hadd_ps(lo, lo);
+    lo = _mm_hadd_ps(lo, lo);
+    acc = _mm_cvtss_f32(lo);
+#endif
+    for (; k < n; k++) {
+        const float v = s[k] * a + u * B[k];
+        s[k] = v;
+        acc += v * C[k];
+    }
+    return acc;
+}
 
 void mixer_step_inplace(const float *zxbcdt, float *conv_state, const float *conv_w, const float *conv_b,
                         const float *dt_bias, const float *A_log, const float *Dp, const float *norm_w,
@@ -184,7 +238,7 @@ void mixer_step_inplace(const float *zxbcdt, float *conv_state, const float *con
         }
         const float *x = u, *B = u + d_inner, *C = u + d_inner + ng * n;
         float *yb = y + b * d_inner;
-        #pragma omp parallel for schedule(static)
+        #pragma omp parallel for schedule(dynamic, 2)
         for (int64_t h = 0; h < nh; h++) {
             const int64_t g = h / heads_per_group;
             const float dt = softplus_f(dtr[h] + dt_bias[h]);
@@ -193,13 +247,7 @@ void mixer_step_inplace(const float *zxbcdt, float *conv_state, const float *con
             for (int64_t p = 0; p < hp; p++) {
                 float *s = ssm_state + ((b * nh + h) * hp + p) * n;
                 const float xv = x[h * hp + p], uu = dt * xv;
-                float acc = 0.f;
-                for (int64_t k = 0; k < n; k++) {
-                    const float v = s[k] * a + uu * Bv[k];
-                    s[k] = v;
-                    acc += v * Cv[k];
-                }
-                yb[h * hp + p] = (acc + Dp[h] * xv) * silu_f(z[h * hp + p]);
+                yb[h * hp + p] = (state_update_dot(s, a, uu, Bv, Cv, n) + Dp[h] * xv) * silu_f(z[h * hp + p]);
             }
         }
         const int64_t gs = d_inner / ng;
@@ -240,7 +288,7 @@ void tq2_quantize_x(const float *x, int8_t *xq, float *xs, int32_t *qsum, int64_
 void tq2_gemv_a8(const uint8_t *codes, const float *scales, const int8_t *xq, const float *xs, const int32_t *qsum,
                  float *y, int64_t out, int64_t in, int64_t G, int64_t nb) {
     const int64_t row_bytes = in / 4, ngroups = in / G, chunks = G / 128;
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(dynamic, 16)
     for (int64_t o = 0; o < out; o++) {
         const uint8_t *row = codes + o * row_bytes;
         for (int64_t b = 0; b < nb; b++) {

@@ -1,0 +1,142 @@
+// One decoding step of the whole Mamba-2 language model in a single call (reference: Mamba2LM.step in
+// model.py, which runs the same arithmetic module by module from Python):
+//   h = embedding[token];  per layer: h += out_proj(mixer_step(in_proj(rmsnorm(h))));  logits = head(rmsnorm(h)).
+// Each projection is one of four kinds (fp32 dense, packed ternary exact, packed ternary with int8 activations,
+// int8 rows for the head); the recurrent conv/SSM states are updated in place.  Python describes the model once
+// (tm_model, built by kernels.DecodeEngine) and then calls tm_step per token: no per-layer interpreter overhead.
+#include <math.h>
+#include <string.h>
+#include <time.h>
+#include "kernels.h"
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+enum { TM_F32 = 0, TM_TQ2 = 1, TM_TQ2_A8 = 2, TM_I8 = 3 };
+
+typedef struct {
+    int64_t kind, out, in, G;
+    const void *w;        // fp32 (out, in) | tq2 codes (out, in/4) | int8 (out, in)
+    const float *scales;  // tq2: (out, in/G) | int8: (out) | unused
+    const float *bias;    // (out) or NULL
+} tm_linear;
+
+typedef struct {
+    const float *norm_w;
+    tm_linear in_proj, out_proj;
+    const float *conv_w, *conv_b, *dt_bias, *A_log, *D, *gnorm_w;
+} tm_layer;
+
+typedef struct {
+    int64_t n_layer, d_model, d_inner, ngroups, d_state, nheads, headdim, d_conv, max_in;
+    double eps, gnorm_eps;
+    const float *embedding, *norm_f;
+    tm_linear head;
+    const tm_layer *layers;
+} tm_model;
+
+static int64_t d_in_proj(const tm_model *m) { return 2 * m->d_inner + 2 * m->ngroups * m->d_state + m->nheads; }
+
+// Scratch floats tm_step needs for a batch of nb (the int8 scratch is tm_qwork_bytes).
+int64_t tm_work_floats(const tm_model *m, int64_t nb) {
+    const int64_t conv_dim = m->d_inner + 2 * m->ngroups * m->d_state;
+    return nb * (3 * m->d_model + d_in_proj(m) + m->d_inner) + conv_dim + 2 * nb;
+}
+int64_t tm_qwork_bytes(const tm_model *m, int64_t nb) { return nb * m->max_in + 16 + 4 * nb * (m->max_in / 128 + 1); }
+
+void f32_gemv(const float *w, const float *x, float *y, int64_t out, int64_t in, int64_t nb) {
+    #pragma omp parallel for schedule(dynamic, 16)
+    for (int64_t o = 0; o < out; o++) {
+        const float *row = w + o * in;
+        for (int64_t b = 0; b < nb; b++) {
+            const float *xx = x + b * in;
+            float acc = 0.f;
+            int64_t i = 0;
+#ifdef __AVX2__
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+                   a3 = _mm256_setzero_ps();
+            for (; i + 32 <= in; i += 32) {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i), _mm256_loadu_ps(xx + i), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i + 8), _mm256_loadu_ps(xx + i + 8), a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i + 16), _mm256_loadu_ps(xx + i + 16), a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i + 24), _mm256_loadu_ps(xx + i + 24), a3);
+            }
+            const __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+            __m128 lo = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+            lo = _mm_hadd_ps(lo, lo);
+            lo = _mm_hadd_ps(lo, lo);
+            acc = _mm_cvtss_f32(lo);
+#endif
+            for (; i < in; i++) acc += row[i] * xx[i];
+            y[b * out + o] = acc;
+        }
+    }
+}
+
+static void linear(const tm_linear *L, const float *x, float *y, int64_t nb, int8_t *qwork) {
+    switch (L->kind) {
+    case TM_F32: f32_gemv((const float *)L->w, x, y, L->out, L->in, nb); break;
+    case TM_TQ2: tq2_gemv((const uint8_t *)L->w, L->scales, x, y, L->out, L->in, L->G, nb); break;
+    case TM_TQ2_A8: {
+        int8_t *xq = qwork;
+        int32_t *qsum = (int32_t *)(qwork + ((nb * L->in + 15) & ~(int64_t)15));
+        float xs[64];                               // nb <= 64 (checked by the caller)
+        tq2_quantize_x(x, xq, xs, qsum, L->in, L->G, nb);
+        tq2_gemv_a8((const uint8_t *)L->w, L->scales, xq, xs, qsum, y, L->out, L->in, L->G, nb);
+        break;
+    }
+    case TM_I8: i8_gemv((const int8_t *)L->w, L->scales, x, y, L->out, L->in, nb); break;
+    }
+    if (L->bias)
+        for (int64_t b = 0; b < nb; b++)
+            for (int64_t o = 0; o < L->out; o++) y[b * L->out + o] += L->bias[o];
+}
+
+static void rmsnorm(const float *x, const float *w, float *y, int64_t nb, int64_t d, float eps) {
+    for (int64_t b = 0; b < nb; b++) {
+        const float *xr = x + b * d;
+        float ss = 0.f;
+        for (int64_t i = 0; i < d; i++) ss += xr[i] * xr[i];
+        const float r = 1.f / sqrtf(ss / (float)d + eps);
+        for (int64_t i = 0; i < d; i++) y[b * d + i] = xr[i] * r * w[i];
+    }
+}
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + 1e-9 * t.tv_nsec;
+}
+#define TM_MARK(i) if (prof) { const double t_ = now(); prof[i] += t_ - t0; t0 = t_; }
+
+// tokens (nb), states per layer: conv (nb, conv_dim, K-1), ssm (nb, nh, P, N) contiguous fp32, updated in place;
+// logits (nb, head.out).  Returns 0, or -1 for nb outside 1..64.
+// prof (or NULL) accumulates seconds per phase: [embed+norms+residual, in_proj, mixer, out_proj, head].
+int tm_step(const tm_model *m, const int64_t *tokens, int64_t nb, float *const *conv_states,
+            float *const *ssm_states, float *logits, float *work, int8_t *qwork, double *prof) {
+    if (nb < 1 || nb > 64) return -1;
+    double t0 = prof ? now() : 0.0;
+    const int64_t D = m->d_model;
+    float *h = work, *u = h + nb * D, *o = u + nb * D, *zx = o + nb * D, *y = zx + nb * d_in_proj(m);
+    float *cwork = y + nb * m->d_inner;
+    for (int64_t b = 0; b < nb; b++) memcpy(h + b * D, m->embedding + tokens[b] * D, D * sizeof(float));
+    for (int64_t l = 0; l < m->n_layer; l++) {
+        const tm_layer *L = m->layers + l;
+        rmsnorm(h, L->norm_w, u, nb, D, (float)m->eps);
+        TM_MARK(0)
+        linear(&L->in_proj, u, zx, nb, qwork);
+        TM_MARK(1)
+        mixer_step_inplace(zx, conv_states[l], L->conv_w, L->conv_b, L->dt_bias, L->A_log, L->D, L->gnorm_w,
+                           ssm_states[l], y, cwork, nb, m->d_inner, m->ngroups, m->d_state, m->nheads,
+                           m->headdim, m->d_conv, (float)m->gnorm_eps);
+        TM_MARK(2)
+        linear(&L->out_proj, y, o, nb, qwork);
+        TM_MARK(3)
+        for (int64_t i = 0; i < nb * D; i++) h[i] += o[i];
+    }
+    rmsnorm(h, m->norm_f, u, nb, D, (float)m->eps);
+    TM_MARK(0)
+    linear(&m->head, u, logits, nb, qwork);
+    TM_MARK(4)
+    return 0;
+}

@@ -1,0 +1,101 @@
+"""The whole-model C decode step (decode_engine.py + csrc/lm_step.c) against the module-by-module step."""
+import copy
+
+import pytest
+import torch
+
+from conftest import random_model, tiny_config
+from ternary_mamba import decode_engine
+from ternary_mamba.bench_runtime import pack_in_place
+from ternary_mamba.decode_engine import engine_for
+from ternary_mamba.int8_head import use_int8_head
+from ternary_mamba.kernels import get_kernel
+from ternary_mamba.packed import use_a8_activations
+from ternary_mamba.quant.qat import TernaryConfig, quantize_
+
+pytestmark = pytest.mark.skipif(get_kernel() is None, reason="no C compiler")
+TOKENS = torch.tensor([[3, 5, 100, 7, 0, 509, 42, 9]] * 3) + torch.arange(3)[:, None]
+
+
+@torch.no_grad()
+def decode(m, inplace: bool, state=None):
+    st = state if state is not None else m.empty_state(3)
+    outs = []
+    for t in range(TOKENS.size(1)):
+        o, st = m.step(TOKENS[:, t], st, inplace=inplace)
+        outs.append(o)
+    return torch.stack(outs, 1), st
+
+
+def assert_engine_matches_modules(m, atol=1e-5):
+    got, st = decode(m, inplace=True)
+    assert engine_for(m) is not None, "the engine should handle this model"
+    ref, ref_st = decode(m, inplace=False)          # the PyTorch module path (the reference)
+    assert (got - ref).abs().max() < atol
+    for a, b in zip(st, ref_st):
+        assert torch.allclose(a.conv, b.conv, atol=1e-6) and torch.allclose(a.ssm, b.ssm, atol=atol)
+
+
+@pytest.mark.parametrize("kw", [{}, {"ngroups": 2, "conv_bias": False}, {"bias": True}])
+def test_engine_matches_the_module_step_for_every_projection_kind(kw):
+    m = random_model(tiny_config(d_model=128, headdim=32, **kw))
+    if kw.get("bias"):
+        with torch.no_grad():
+            for layer in m.backbone.layers:
+                layer.mixer.in_proj.bias.normal_()
+                layer.mixer.out_proj.bias.normal_()
+    assert_engine_matches_modules(m)                      # fp32 dense
+    pack_in_place(m, 128)
+    assert_engine_matches_modules(m)                      # packed ternary, exact fp32 products
+    use_int8_head(m)
+    assert_engine_matches_modules(m)                      # + 8-bit head
+    assert use_a8_activations(m) > 0
+    assert_engine_matches_modules(m)                      # + int8 activations (same kernel on both paths)
+
+
+def test_engine_notices_swapped_modules_and_prefill_states():
+    m = random_model(tiny_config(d_model=128, headdim=32))
+    ref = copy.deepcopy(m)
+    first, _ = decode(m, inplace=True)
+    use_int8_head(m)                                      # swapped after the engine was built
+    second, _ = decode(m, inplace=True)
+    assert not torch.equal(first, second)
+    use_int8_head(ref)
+    expect, _ = decode(ref, inplace=False)
+    assert (second - expect).abs().max() < 1e-5
+    # states from a chunked prefill (non-contiguous conv slice) continue exactly like the full forward
+    with torch.no_grad():
+        full = m(TOKENS)
+        _, st = m(TOKENS[:, :5], return_state=True)
+        out, _ = m.step(TOKENS[:, 5], st, inplace=True)
+    assert (out - full[:, 5]).abs().max() < 1e-4
+
+
+def test_engine_declines_what_it_cannot_run_and_checks_token_ids():
+    m = random_model(tiny_config(d_model=128, headdim=32))
+    q = copy.deepcopy(m)
+    quantize_(q, TernaryConfig(group_size=128))           # fake-quant modules: the module path runs
+    got, _ = decode(q, inplace=True)
+    assert engine_for(q) is None
+    ref, _ = decode(q, inplace=False)
+    assert (got - ref).abs().max() < 1e-5
+    with pytest.raises(IndexError), torch.no_grad():
+        m.step(torch.tensor([m.config.padded_vocab_size]), m.empty_state(1), inplace=True)
+
+
+def test_engine_profile_accumulates_phases():
+    m = random_model(tiny_config())
+    decode(m, inplace=True)
+    eng = engine_for(m)
+    eng.profile = torch.zeros(5, dtype=torch.float64)
+    decode(m, inplace=True)
+    assert (eng.profile > 0).all() and len(eng.PHASES) == 5
+
+
+def test_module_path_fused_mixer_still_matches(monkeypatch):
+    monkeypatch.setattr(decode_engine, "enabled", False)
+    m = random_model(tiny_config(ngroups=2))
+    got, _ = decode(m, inplace=True)
+    assert engine_for(m) is not None and decode_engine.enabled is False
+    ref, _ = decode(m, inplace=False)
+    assert (got - ref).abs().max() < 1e-4
