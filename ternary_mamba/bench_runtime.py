@@ -129,13 +129,15 @@ def load_bench_model(name: str):
 
 
 def build_variants(model: Mamba2LM, what: str) -> dict[str, Mamba2LM]:
-    """fp32 (the model itself), packed tq2 (exact), + 8-bit head, + int8 activations (decode only)."""
+    """fp32 (the model itself); packed tq2 as a packed folder loads (exact ternary products, the fp16 head it
+    stores); + 8-bit head; + int8 activations (decode only)."""
     import copy
-    from .int8_head import use_int8_head
+    from .int8_head import use_fp16_head, use_int8_head
     from .packed import use_a8_activations
     out = {"fp32": model}
     tq2 = copy.deepcopy(model)
     pack_in_place(tq2)
+    use_fp16_head(tq2)
     out["tq2"] = tq2
     i8 = copy.deepcopy(tq2)
     use_int8_head(i8)

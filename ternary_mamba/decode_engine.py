@@ -4,7 +4,8 @@
 (pointers to every weight, the kind of each projection) and then decodes a token with a single ctypes call,
 instead of ~10 PyTorch ops per layer: at 130m that interpreter and dispatch overhead was larger than the
 arithmetic of a packed ternary model.  Supported projections: fp32 `nn.Linear`, `PackedTernaryLinear`
-(exact fp32 products, or int8 activations when opted in with `use_a8_activations`), and `Int8Head`.
+(exact fp32 products, or int8 activations when opted in with `use_a8_activations`), `Fp16Head` and
+`Int8Head`.
 Anything else (fake-quant QAT modules, fp16 weights, no C compiler) returns None and the module-by-module
 step runs instead — which is also the reference the tests compare against.
 """
@@ -22,7 +23,7 @@ MAX_BATCH = 64            # tm_step's limit
 _ENGINES: "weakref.WeakKeyDictionary[nn.Module, DecodeEngine]" = weakref.WeakKeyDictionary()
 
 _i64, _p = ctypes.c_int64, ctypes.c_void_p
-TM_F32, TM_TQ2, TM_TQ2_A8, TM_I8 = 0, 1, 2, 3
+TM_F32, TM_TQ2, TM_TQ2_A8, TM_I8, TM_F16 = 0, 1, 2, 3, 4
 
 
 class _Linear(ctypes.Structure):
@@ -58,7 +59,7 @@ def _ptr(t: Tensor | None) -> int | None:
 
 
 def _linear(m: nn.Module, keep: list) -> _Linear:
-    from .int8_head import Int8Head
+    from .int8_head import Fp16Head, Int8Head
     from .packed import PackedTernaryLinear
     if type(m) is nn.Linear:
         w, b = _f32(m.weight.detach()), _f32(m.bias.detach() if m.bias is not None else None)
@@ -74,6 +75,9 @@ def _linear(m: nn.Module, keep: list) -> _Linear:
         w8, sc = m.w8.contiguous(), _f32(m.scale)
         keep += [w8, sc]
         return _Linear(TM_I8, m.out_features, m.in_features, 0, w8.data_ptr(), sc.data_ptr(), None)
+    if isinstance(m, Fp16Head):
+        keep.append(m.w16)
+        return _Linear(TM_F16, m.out_features, m.in_features, 0, m.w16.data_ptr(), None, None)
     raise Unsupported(f"{type(m).__name__} projection")
 
 

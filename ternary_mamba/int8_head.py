@@ -1,12 +1,18 @@
-"""An 8-bit output head for inference: the tied fp32 head is the largest single read per decoded token
-(50288 x 768 x 4 B = 154 MB at 130m).  Per-row absmax int8 + fp32 scale reads 4x less.  The embedding
-lookup is untouched (it reads one row per token)."""
+"""Smaller output heads for inference.  The tied head is the largest single read per decoded token
+(50288 x 768 x 4 B = 154 MB in fp32 at 130m):
+  - Fp16Head: the weights in fp16, converted exactly to fp32 inside the kernel — bit-for-bit the same
+    products as the fp32 head when the weights are fp16 values already (a packed model's embedding is stored
+    in fp16), half the bytes;
+  - Int8Head: per-row absmax int8 + fp32 scale, a quarter of the bytes (changes logits slightly).
+The embedding lookup is untouched (it reads one row per token)."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+KERNEL_MAX_ROWS = 16
 
 
 class Int8Head(nn.Module):
@@ -22,13 +28,46 @@ class Int8Head(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         from .kernels import get_kernel, i8_gemv
-        if x2.size(0) <= 16 and get_kernel() is not None:
+        if x2.size(0) <= KERNEL_MAX_ROWS and get_kernel() is not None:
             y = i8_gemv(self.w8, self.scale, x2.float())
         else:
             y = F.linear(x2, self.w8.float()) * self.scale
         return y.reshape(*lead, self.out_features)
 
 
+class Fp16Head(nn.Module):
+    def __init__(self, weight: Tensor):
+        super().__init__()
+        self.register_buffer("w16", weight.detach().to(torch.float16).contiguous(), persistent=False)
+        self.in_features, self.out_features = weight.size(1), weight.size(0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        from .kernels import f16_gemv, get_kernel
+        if x2.size(0) <= KERNEL_MAX_ROWS and get_kernel() is not None:
+            y = f16_gemv(self.w16, x2)
+        else:
+            y = F.linear(x2.float(), self.w16.float())
+        return y.reshape(*lead, self.out_features)
+
+
+def _head_weight(model) -> Tensor:
+    head = model.lm_head
+    if isinstance(head, nn.Linear):
+        return head.weight
+    if model.config.tie_embeddings:
+        return model.backbone.embedding.weight
+    if isinstance(head, Fp16Head):
+        return head.w16.float()
+    raise ValueError("the head is already 8-bit; start from the full-precision model")
+
+
 def use_int8_head(model) -> None:
     """Swap the model's lm_head for an Int8Head (inference only; the embedding keeps its weights)."""
-    model.lm_head = Int8Head(model.lm_head.weight)
+    model.lm_head = Int8Head(_head_weight(model))
+
+
+def use_fp16_head(model) -> None:
+    """Swap the model's lm_head for an Fp16Head (inference only; exact when the weights are fp16 values)."""
+    model.lm_head = Fp16Head(_head_weight(model))

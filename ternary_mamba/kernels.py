@@ -74,6 +74,8 @@ def get_kernel():
     lib.i8_gemv.argtypes = [p, p, p, p, i64, i64, i64]
     lib.i8_gemv.restype = None
     lib.f32_gemv.argtypes = [p, p, p, i64, i64, i64]
+    lib.f16_gemv.argtypes = [p, p, p, i64, i64, i64]
+    lib.f16_gemv.restype = None
     lib.f32_gemv.restype = None
     lib.tm_step.argtypes = [p, p, i64, p, p, p, p, p, p]
     lib.tm_step.restype = ctypes.c_int
@@ -125,6 +127,16 @@ def i8_gemv(w: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tens
     x = x.contiguous()
     y = torch.empty(x.size(0), w.size(0))
     lib.i8_gemv(w.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), w.size(0), w.size(1), x.size(0))
+    return y
+
+
+def f16_gemv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w (out, in) fp16, x (nb, in) fp32 -> x w^T (nb, out) fp32, the fp16 weights converted exactly."""
+    lib = get_kernel()
+    assert w.dtype == torch.float16 and w.is_contiguous()
+    x = x.contiguous().float()
+    y = torch.empty(x.size(0), w.size(0))
+    lib.f16_gemv(w.data_ptr(), x.data_ptr(), y.data_ptr(), w.size(0), w.size(1), x.size(0))
     return y
 
 

@@ -162,6 +162,9 @@ def load_packed(folder: Path):
         setattr(model.get_submodule(parent), child, packed)
         keys -= {f"{name}.codes", f"{name}.scales", f"{name}.bias"}
     load_state_dict_strict(model, {k: get(k) for k in keys}, str(path))
+    if h.get("other_dtype") == "fp16" and cfg.tie_embeddings:
+        from .int8_head import Fp16Head   # the stored fp16 head, read at half the bytes of fp32, same values
+        model.lm_head = Fp16Head(model.backbone.embedding.weight)
     model.packed_header = h
     return model.eval()
 

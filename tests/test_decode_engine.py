@@ -8,7 +8,7 @@ from conftest import random_model, tiny_config
 from ternary_mamba import decode_engine
 from ternary_mamba.bench_runtime import pack_in_place
 from ternary_mamba.decode_engine import engine_for
-from ternary_mamba.int8_head import use_int8_head
+from ternary_mamba.int8_head import use_fp16_head, use_int8_head
 from ternary_mamba.kernels import get_kernel
 from ternary_mamba.packed import use_a8_activations
 from ternary_mamba.quant.qat import TernaryConfig, quantize_
@@ -47,6 +47,8 @@ def test_engine_matches_the_module_step_for_every_projection_kind(kw):
     assert_engine_matches_modules(m)                      # fp32 dense
     pack_in_place(m, 128)
     assert_engine_matches_modules(m)                      # packed ternary, exact fp32 products
+    use_fp16_head(m)
+    assert_engine_matches_modules(m)                      # + the fp16 head a packed folder stores
     use_int8_head(m)
     assert_engine_matches_modules(m)                      # + 8-bit head
     assert use_a8_activations(m) > 0
@@ -99,3 +101,36 @@ def test_module_path_fused_mixer_still_matches(monkeypatch):
     assert engine_for(m) is not None and decode_engine.enabled is False
     ref, _ = decode(m, inplace=False)
     assert (got - ref).abs().max() < 1e-4
+
+
+def test_fp16_head_equals_the_fp32_head_on_fp16_weights():
+    from ternary_mamba.kernels import f16_gemv
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 136, generator=g).half()
+    x = torch.randn(3, 136, generator=g)
+    w[0, :5] = torch.tensor([0.0, -0.0, 6e-8, -65504.0, 1e-5]).half()   # zeros, subnormal, extremes
+    ref = x @ w.float().T
+    assert torch.allclose(f16_gemv(w, x), ref, rtol=1e-5, atol=1e-3)
+    m = random_model(tiny_config(d_model=128, headdim=32))
+    with torch.no_grad():
+        m.backbone.embedding.weight.copy_(m.backbone.embedding.weight.half().float())
+    fp32_logits, _ = decode(m, inplace=False)
+    use_fp16_head(m)
+    got, _ = decode(m, inplace=True)
+    assert (got - fp32_logits).abs().max() < 1e-5
+
+
+def test_packed_folder_decodes_through_the_engine_with_its_fp16_head(tmp_path):
+    from ternary_mamba.checkpoint import load_model
+    from ternary_mamba.int8_head import Fp16Head
+    from ternary_mamba.packed import export_packed
+    m = random_model(tiny_config(d_model=128, headdim=32))
+    quantize_(m, TernaryConfig(group_size=64))
+    export_packed(m, tmp_path / "p", "tq1", "fp16")
+    p = load_model(tmp_path / "p")
+    assert isinstance(p.lm_head, Fp16Head)
+    with torch.no_grad():
+        full = p(TOKENS)
+    got, _ = decode(p, inplace=True)
+    assert engine_for(p) is not None
+    assert (got - full).abs().max() < 1e-4

@@ -8,6 +8,7 @@ void tq2_quantize_x(const float *x, int8_t *xq, float *xs, int32_t *qsum, int64_
 void tq2_gemv_a8(const uint8_t *codes, const float *scales, const int8_t *xq, const float *xs, const int32_t *qsum,
                  float *y, int64_t out, int64_t in, int64_t G, int64_t nb);
 void i8_gemv(const int8_t *w, const float *scale, const float *x, float *y, int64_t out, int64_t in, int64_t nb);
+void f16_gemv(const uint16_t *w, const float *x, float *y, int64_t out, int64_t in, int64_t nb);
 void f32_gemv(const float *w, const float *x, float *y, int64_t out, int64_t in, int64_t nb);
 void mixer_step_inplace(const float *zxbcdt, float *conv_state, const float *conv_w, const float *conv_b,
                         const float *dt_bias, const float *A_log, const float *Dp, const float *norm_w,

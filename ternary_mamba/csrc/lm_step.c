@@ -12,11 +12,11 @@
 #include <immintrin.h>
 #endif
 
-enum { TM_F32 = 0, TM_TQ2 = 1, TM_TQ2_A8 = 2, TM_I8 = 3 };
+enum { TM_F32 = 0, TM_TQ2 = 1, TM_TQ2_A8 = 2, TM_I8 = 3, TM_F16 = 4 };
 
 typedef struct {
     int64_t kind, out, in, G;
-    const void *w;        // fp32 (out, in) | tq2 codes (out, in/4) | int8 (out, in)
+    const void *w;        // fp32 (out, in) | tq2 codes (out, in/4) | int8 (out, in) | fp16 (out, in)
     const float *scales;  // tq2: (out, in/G) | int8: (out) | unused
     const float *bias;    // (out) or NULL
 } tm_linear;
@@ -45,7 +45,7 @@ int64_t tm_work_floats(const tm_model *m, int64_t nb) {
 int64_t tm_qwork_bytes(const tm_model *m, int64_t nb) { return nb * m->max_in + 16 + 4 * nb * (m->max_in / 128 + 1); }
 
 void f32_gemv(const float *w, const float *x, float *y, int64_t out, int64_t in, int64_t nb) {
-    #pragma omp parallel for schedule(dynamic, 16)
+    #pragma omp parallel for schedule(guided)
     for (int64_t o = 0; o < out; o++) {
         const float *row = w + o * in;
         for (int64_t b = 0; b < nb; b++) {
@@ -73,6 +73,55 @@ void f32_gemv(const float *w, const float *x, float *y, int64_t out, int64_t in,
     }
 }
 
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 31, mant = h & 1023;
+    uint32_t bits;
+    if (e == 0) {                                       // zero / subnormal: mant * 2^-24
+        float f = (float)mant * 5.9604644775390625e-8f;
+        memcpy(&bits, &f, 4);
+        bits |= sign;
+    } else if (e == 31) {
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else {
+        bits = sign | ((e + 112) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+// y (nb, out) = x (nb, in) . w^T with w stored as fp16 (converted exactly to fp32 on the fly; F16C when present).
+void f16_gemv(const uint16_t *w, const float *x, float *y, int64_t out, int64_t in, int64_t nb) {
+    #pragma omp parallel for schedule(guided)
+    for (int64_t o = 0; o < out; o++) {
+        const uint16_t *row = w + o * in;
+        for (int64_t b = 0; b < nb; b++) {
+            const float *xx = x + b * in;
+            float acc = 0.f;
+            int64_t i = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+#define F16W(off) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + i + (off))))
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+                   a3 = _mm256_setzero_ps();
+            for (; i + 32 <= in; i += 32) {
+                a0 = _mm256_fmadd_ps(F16W(0), _mm256_loadu_ps(xx + i), a0);
+                a1 = _mm256_fmadd_ps(F16W(8), _mm256_loadu_ps(xx + i + 8), a1);
+                a2 = _mm256_fmadd_ps(F16W(16), _mm256_loadu_ps(xx + i + 16), a2);
+                a3 = _mm256_fmadd_ps(F16W(24), _mm256_loadu_ps(xx + i + 24), a3);
+            }
+#undef F16W
+            const __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+            __m128 lo = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+            lo = _mm_hadd_ps(lo, lo);
+            lo = _mm_hadd_ps(lo, lo);
+            acc = _mm_cvtss_f32(lo);
+#endif
+            for (; i < in; i++) acc += half_to_float(row[i]) * xx[i];
+            y[b * out + o] = acc;
+        }
+    }
+}
+
 static void linear(const tm_linear *L, const float *x, float *y, int64_t nb, int8_t *qwork) {
     switch (L->kind) {
     case TM_F32: f32_gemv((const float *)L->w, x, y, L->out, L->in, nb); break;
@@ -86,6 +135,7 @@ static void linear(const tm_linear *L, const float *x, float *y, int64_t nb, int
         break;
     }
     case TM_I8: i8_gemv((const int8_t *)L->w, L->scales, x, y, L->out, L->in, nb); break;
+    case TM_F16: f16_gemv((const uint16_t *)L->w, x, y, L->out, L->in, nb); break;
     }
     if (L->bias)
         for (int64_t b = 0; b < nb; b++)

@@ -96,7 +96,7 @@ void tq2_gemv(const uint8_t *codes, const float *scales, const float *x, float *
               int64_t out, int64_t in, int64_t G, int64_t nb) {
     init_lut();
     const int64_t row_bytes = in / 4, ngroups = in / G;
-    #pragma omp parallel for schedule(dynamic, 16)
+    #pragma omp parallel for schedule(guided)
     for (int64_t o = 0; o < out; o++)
         for (int64_t b = 0; b < nb; b++)
             y[b * out + o] = tq2_row_dot(codes + o * row_bytes, scales + o * ngroups, x + b * in, ngroups, G);
@@ -146,7 +146,7 @@ void ssd_step_inplace(float *state, const float *x, const float *dt, const float
 
 // y (nb, out) = x (nb, in) . (w int8 (out, in) * scale[out])^T : the 8-bit embedding/head at inference.
 void i8_gemv(const int8_t *w, const float *scale, const float *x, float *y, int64_t out, int64_t in, int64_t nb) {
-    #pragma omp parallel for schedule(dynamic, 64)
+    #pragma omp parallel for schedule(guided)
     for (int64_t o = 0; o < out; o++) {
         const int8_t *row = w + o * in;
         for (int64_t b = 0; b < nb; b++) {
@@ -288,39 +288,57 @@ void tq2_quantize_x(const float *x, int8_t *xq, float *xs, int32_t *qsum, int64_
 void tq2_gemv_a8(const uint8_t *codes, const float *scales, const int8_t *xq, const float *xs, const int32_t *qsum,
                  float *y, int64_t out, int64_t in, int64_t G, int64_t nb) {
     const int64_t row_bytes = in / 4, ngroups = in / G, chunks = G / 128;
-    #pragma omp parallel for schedule(dynamic, 16)
+    #pragma omp parallel for schedule(guided)
     for (int64_t o = 0; o < out; o++) {
         const uint8_t *row = codes + o * row_bytes;
+        const float *srow = scales + o * ngroups;
         for (int64_t b = 0; b < nb; b++) {
             const int8_t *q = xq + b * in;
+            const int32_t *qs = qsum + b * ngroups;
+#ifdef __AVX2__
+            // per group: int16 sums of 4 maddubs (|.| <= 4 * 2 * 2 * 127), widened once per chunk; the group's
+            // integer total (minus qsum, in lane 0) is scaled in 8 float lanes; one horizontal sum per row.
+            const __m256i m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+            __m256 accf = _mm256_setzero_ps();
+            for (int64_t g = 0; g < ngroups; g++) {
+                __m256i acc = _mm256_castsi128_si256(_mm_cvtsi32_si128(-qs[g]));
+                acc = _mm256_permute2x128_si256(acc, acc, 0x08);   // keep lane 0 of the low half only
+                for (int64_t c = 0; c < chunks; c++) {
+                    const int64_t e0 = (g * chunks + c) * 128;
+                    const __m256i packed = _mm256_loadu_si256((const __m256i *)(row + e0 / 4));
+                    const int8_t *qc = q + e0;
+                    const __m256i s0 = _mm256_maddubs_epi16(_mm256_and_si256(packed, m3),
+                                                            _mm256_loadu_si256((const __m256i *)qc));
+                    const __m256i s1 = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(packed, 2), m3),
+                                                            _mm256_loadu_si256((const __m256i *)(qc + 32)));
+                    const __m256i s2 = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(packed, 4), m3),
+                                                            _mm256_loadu_si256((const __m256i *)(qc + 64)));
+                    const __m256i s3 = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(packed, 6), m3),
+                                                            _mm256_loadu_si256((const __m256i *)(qc + 96)));
+                    const __m256i s16 = _mm256_add_epi16(_mm256_add_epi16(s0, s1), _mm256_add_epi16(s2, s3));
+                    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s16, ones));
+                }
+                accf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(srow[g]), accf);
+            }
+            __m128 lo = _mm_add_ps(_mm256_castps256_ps128(accf), _mm256_extractf128_ps(accf, 1));
+            lo = _mm_hadd_ps(lo, lo);
+            lo = _mm_hadd_ps(lo, lo);
+            y[b * out + o] = _mm_cvtss_f32(lo) * xs[b];
+#else
             float acc = 0.f;
             for (int64_t g = 0; g < ngroups; g++) {
                 int32_t s = 0;
                 for (int64_t c = 0; c < chunks; c++) {
-                    const int64_t e0 = (g * chunks + c) * 128;           // first element of this chunk
+                    const int64_t e0 = (g * chunks + c) * 128;
                     const uint8_t *p = row + e0 / 4;
                     const int8_t *qc = q + e0;
-#ifdef __AVX2__
-                    const __m256i packed = _mm256_loadu_si256((const __m256i *)p), m3 = _mm256_set1_epi8(3);
-                    const __m256i ones = _mm256_set1_epi16(1);
-                    __m256i sum = _mm256_setzero_si256();
-                    for (int j = 0; j < 4; j++) {
-                        const __m256i u = _mm256_and_si256(_mm256_srli_epi16(packed, 2 * j), m3);
-                        const __m256i xv = _mm256_loadu_si256((const __m256i *)(qc + 32 * j));
-                        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(u, xv), ones));
-                    }
-                    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-                    t = _mm_hadd_epi32(t, t);
-                    t = _mm_hadd_epi32(t, t);
-                    s += _mm_cvtsi128_si32(t);
-#else
                     for (int64_t i = 0; i < 32; i++)
                         for (int j = 0; j < 4; j++) s += (int32_t)((p[i] >> (2 * j)) & 3) * qc[32 * j + i];
-#endif
                 }
-                acc += scales[o * ngroups + g] * (float)(s - qsum[b * ngroups + g]);
+                acc += srow[g] * (float)(s - qs[g]);
             }
             y[b * out + o] = acc * xs[b];
+#endif
         }
     }
 }
