@@ -6,8 +6,8 @@ instead of ~10 PyTorch ops per layer: at 130m that interpreter and dispatch over
 arithmetic of a packed ternary model.  Supported projections: fp32 `nn.Linear`, `PackedTernaryLinear`
 (exact fp32 products, or int8 activations when opted in with `use_a8_activations`), `Fp16Head` and
 `Int8Head`.
-Anything else (fake-quant QAT modules, fp16 weights, no C compiler) returns None and the module-by-module
-step runs instead — which is also the reference the tests compare against.
+Anything else (fake-quant QAT modules, fp16 weights, forward hooks on any module, no C compiler) returns
+None and the module-by-module step runs instead — which is also the reference the tests compare against.
 """
 from __future__ import annotations
 
@@ -183,5 +183,15 @@ def engine_for(model) -> "DecodeEngine | None":
 
 def fast_step(model, token_ids: Tensor, state: list) -> tuple[Tensor, list] | None:
     """One decode step through the engine, or None when this model/state cannot use it."""
-    eng = engine_for(model) if enabled else None
+    if not enabled or _has_hooks(model):
+        return None
+    eng = engine_for(model)
     return eng.step(token_ids, state) if eng is not None else None
+
+
+def _has_hooks(model) -> bool:
+    """Forward hooks (capture, analysis) must see every module run: then the module path is used."""
+    from torch.nn.modules import module as M
+    if M._global_forward_hooks or M._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

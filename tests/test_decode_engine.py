@@ -81,6 +81,11 @@ def test_engine_declines_what_it_cannot_run_and_checks_token_ids():
     assert engine_for(q) is None
     ref, _ = decode(q, inplace=False)
     assert (got - ref).abs().max() < 1e-5
+    seen = []
+    h = m.backbone.layers[1].mixer.out_proj.register_forward_hook(lambda mod, i, o: seen.append(o))
+    decode(m, inplace=True)                               # a hook must see its module run: module path
+    h.remove()
+    assert len(seen) == TOKENS.size(1)
     with pytest.raises(IndexError), torch.no_grad():
         m.step(torch.tensor([m.config.padded_vocab_size]), m.empty_state(1), inplace=True)
 

@@ -12,6 +12,8 @@
 #include <immintrin.h>
 #endif
 
+#define PREFETCH_ROWS 4   // dense GEMVs prefetch the row this many rows ahead (prefetching past the end is harmless)
+
 enum { TM_F32 = 0, TM_TQ2 = 1, TM_TQ2_A8 = 2, TM_I8 = 3, TM_F16 = 4 };
 
 typedef struct {
@@ -56,6 +58,8 @@ void f32_gemv(const float *w, const float *x, float *y, int64_t out, int64_t in,
             __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
                    a3 = _mm256_setzero_ps();
             for (; i + 32 <= in; i += 32) {
+                _mm_prefetch((const char *)(row + PREFETCH_ROWS * in + i), _MM_HINT_T0);   // memory-bound:
+                _mm_prefetch((const char *)(row + PREFETCH_ROWS * in + i + 16), _MM_HINT_T0);  // fetch ahead
                 a0 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i), _mm256_loadu_ps(xx + i), a0);
                 a1 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i + 8), _mm256_loadu_ps(xx + i + 8), a1);
                 a2 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i + 16), _mm256_loadu_ps(xx + i + 16), a2);
@@ -104,6 +108,7 @@ void f16_gemv(const uint16_t *w, const float *x, float *y, int64_t out, int64_t 
             __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
                    a3 = _mm256_setzero_ps();
             for (; i + 32 <= in; i += 32) {
+                _mm_prefetch((const char *)(row + PREFETCH_ROWS * in + i), _MM_HINT_T0);
                 a0 = _mm256_fmadd_ps(F16W(0), _mm256_loadu_ps(xx + i), a0);
                 a1 = _mm256_fmadd_ps(F16W(8), _mm256_loadu_ps(xx + i + 8), a1);
                 a2 = _mm256_fmadd_ps(F16W(16), _mm256_loadu_ps(xx + i + 16), a2);

@@ -158,6 +158,7 @@ void i8_gemv(const int8_t *w, const float *scale, const float *x, float *y, int6
                    a3 = _mm256_setzero_ps();
             int64_t i = 0;
             for (; i + 32 <= in; i += 32) {
+                if ((i & 63) == 0) _mm_prefetch((const char *)(row + 4 * in + i), _MM_HINT_T0);
                 a = _mm256_fmadd_ps(I8W(0), _mm256_loadu_ps(xx + i), a);
                 a1 = _mm256_fmadd_ps(I8W(8), _mm256_loadu_ps(xx + i + 8), a1);
                 a2 = _mm256_fmadd_ps(I8W(16), _mm256_loadu_ps(xx + i + 16), a2);
@@ -226,6 +227,7 @@ void mixer_step_inplace(const float *zxbcdt, float *conv_state, const float *con
     for (int64_t b = 0; b < nb; b++) {
         const float *row = zxbcdt + b * d_in, *z = row, *xbc = row + d_inner, *dtr = row + d_inner + conv_dim;
         float *cs = conv_state + b * conv_dim * (K - 1), *u = work;      // u: conv output after silu
+        #pragma omp parallel for schedule(static)
         for (int64_t c = 0; c < conv_dim; c++) {
             float *s = cs + c * (K - 1);
             const float *w = conv_w + c * K;
