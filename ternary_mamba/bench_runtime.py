@@ -54,16 +54,25 @@ def bytes_per_token(model) -> int:
 
 # ---- timers: each call runs one round (n tokens) and returns tok/s; rounds of all variants are interleaved
 def _decode_timer(model, n: int):
+    """Decoding as `generate` does it: a DecodeSession (one C call per token) when the engine runs the model."""
+    from .decode_engine import session
     state = model.empty_state(1)
+    sess = session(model, state)
     tok = torch.zeros(1, dtype=torch.long)
+
+    def one() -> None:
+        nonlocal state
+        if sess is not None:
+            sess.step([0])
+        else:
+            _, state = model.step(tok, state, inplace=True)
     for _ in range(3):
-        _, state = model.step(tok, state, inplace=True)
+        one()
 
     def run() -> float:
-        nonlocal state
         t = time.perf_counter()
         for _ in range(n):
-            _, state = model.step(tok, state, inplace=True)
+            one()
         return n / (time.perf_counter() - t)
     return run
 

@@ -135,30 +135,70 @@ class DecodeEngine:
                                  torch.empty(self.lib.tm_qwork_bytes(ref, nb), dtype=torch.int8))
         return self._scratch[nb]
 
-    def step(self, token_ids: Tensor, state: list) -> tuple[Tensor, list] | None:
+    def prepare_state(self, state: list, nb: int) -> list | None:
+        """The state as tm_step needs it (contiguous fp32 of the right shapes), or None if it cannot be."""
         from .model import LayerState
-        nb = token_ids.size(0)
-        if token_ids.dim() != 1 or not 1 <= nb <= MAX_BATCH or len(state) != self.n_layer:
+        if not 1 <= nb <= MAX_BATCH or len(state) != self.n_layer:
             return None
-        new_state = []
+        out = []
         for s in state:
             if s.conv.dtype != torch.float32 or s.ssm.dtype != torch.float32 \
                     or tuple(s.conv.shape) != (nb, *self.conv_shape) or tuple(s.ssm.shape) != (nb, *self.ssm_shape):
                 return None
-            new_state.append(s if s.conv.is_contiguous() and s.ssm.is_contiguous()
-                             else LayerState(s.conv.contiguous(), s.ssm.contiguous()))
+            out.append(s if s.conv.is_contiguous() and s.ssm.is_contiguous()
+                       else LayerState(s.conv.contiguous(), s.ssm.contiguous()))
+        return out
+
+    def _call(self, tok_ptr: int, nb: int, conv_ptrs, ssm_ptrs) -> Tensor:
+        logits = torch.empty(nb, self.n_out)
+        work, qwork = self._work(nb)
+        rc = self.lib.tm_step(ctypes.byref(self.model_struct), tok_ptr, nb, conv_ptrs, ssm_ptrs,
+                              logits.data_ptr(), work.data_ptr(), qwork.data_ptr(),
+                              self.profile.data_ptr() if self.profile is not None else None)
+        assert rc == 0, rc
+        return logits
+
+    def step(self, token_ids: Tensor, state: list) -> tuple[Tensor, list] | None:
+        if token_ids.dim() != 1:
+            return None
+        nb = token_ids.size(0)
+        new_state = self.prepare_state(state, nb)
+        if new_state is None:
+            return None
         tok = token_ids.to(torch.int64).contiguous()
         if int(tok.min()) < 0 or int(tok.max()) >= self.vocab:
             raise IndexError(f"token id out of range [0, {self.vocab})")
         conv_ptrs = (_p * self.n_layer)(*[s.conv.data_ptr() for s in new_state])
         ssm_ptrs = (_p * self.n_layer)(*[s.ssm.data_ptr() for s in new_state])
-        logits = torch.empty(nb, self.n_out)
-        work, qwork = self._work(nb)
-        rc = self.lib.tm_step(ctypes.byref(self.model_struct), tok.data_ptr(), nb, conv_ptrs, ssm_ptrs,
-                              logits.data_ptr(), work.data_ptr(), qwork.data_ptr(),
-                              self.profile.data_ptr() if self.profile is not None else None)
-        assert rc == 0, rc
-        return logits, new_state
+        return self._call(tok.data_ptr(), nb, conv_ptrs, ssm_ptrs), new_state
+
+
+class DecodeSession:
+    """Token-by-token generation with one engine and one state: everything is checked once here, so a step is
+    just the C call (what `generate` uses; `Mamba2LM.step` re-checks the model and state on every call)."""
+
+    def __init__(self, engine: DecodeEngine, state: list, nb: int):
+        self.engine, self.state, self.nb = engine, state, nb
+        self.tokens = (ctypes.c_int64 * nb)()
+        self._conv = (_p * engine.n_layer)(*[s.conv.data_ptr() for s in state])
+        self._ssm = (_p * engine.n_layer)(*[s.ssm.data_ptr() for s in state])
+
+    def step(self, token_ids: list[int]) -> Tensor:
+        """token_ids: nb ints -> logits (nb, padded_vocab); the session's state advances in place."""
+        for i, t in enumerate(token_ids):
+            if not 0 <= t < self.engine.vocab:
+                raise IndexError(f"token id {t} out of range [0, {self.engine.vocab})")
+            self.tokens[i] = t
+        return self.engine._call(ctypes.addressof(self.tokens), self.nb, self._conv, self._ssm)
+
+
+def session(model, state: list, nb: int = 1) -> DecodeSession | None:
+    """A DecodeSession continuing from `state` (e.g. after prefill), or None when the engine cannot run it."""
+    if not enabled or _has_hooks(model):
+        return None
+    eng = engine_for(model)
+    prepared = eng.prepare_state(state, nb) if eng is not None else None
+    return DecodeSession(eng, prepared, nb) if prepared is not None else None
 
 
 class _Failed:

@@ -33,12 +33,17 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
     vocab = model.config.vocab_size
     logits, state = model(torch.tensor([prompt_ids]), return_state=True, last_only=True)
     logits = logits[:, -1]
+    from .decode_engine import session
+    sess = session(model, state)   # the C decode step, checked once (None: step module by module)
     for _ in range(max_new_tokens):
         tok = sample_next(logits[:, :vocab], temperature, top_p, gen)
         if stop_id is not None and tok.item() == stop_id:
             return
         yield tok.item()
-        logits, state = model.step(tok, state, inplace=True)
+        if sess is not None:
+            logits = sess.step([tok.item()])
+        else:
+            logits, state = model.step(tok, state, inplace=True)
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,

@@ -139,3 +139,27 @@ def test_packed_folder_decodes_through_the_engine_with_its_fp16_head(tmp_path):
     got, _ = decode(p, inplace=True)
     assert engine_for(p) is not None
     assert (got - full).abs().max() < 1e-4
+
+
+def test_session_decodes_like_model_step_and_generate_uses_it():
+    from ternary_mamba.decode_engine import session
+    from ternary_mamba.generate import generate_ids
+    m = random_model(tiny_config(d_model=128, headdim=32))
+    pack_in_place(m, 128)
+    ref, _ = decode(m, inplace=False)
+    with torch.no_grad():
+        _, st = m(TOKENS[:, :1], return_state=True)       # prefill state (non-contiguous conv slice)
+        sess = session(m, st, nb=3)
+        assert sess is not None
+        outs = [sess.step(TOKENS[:, t].tolist()) for t in range(1, TOKENS.size(1))]
+    assert (torch.stack(outs, 1) - ref[:, 1:]).abs().max() < 1e-4
+    with pytest.raises(IndexError):
+        sess.step([0, 1, m.config.padded_vocab_size])
+    prompt = TOKENS[0, :4].tolist()
+    fast = list(generate_ids(m, prompt, 12, temperature=0))
+    decode_engine.enabled = False
+    try:
+        slow = list(generate_ids(m, prompt, 12, temperature=0))
+    finally:
+        decode_engine.enabled = True
+    assert fast == slow
