@@ -89,12 +89,10 @@ def bench_130m(log, decode_tokens: int = 32) -> dict:
     t_hf = _best_time(lambda: hf(ids), repeats=1)
     prompt = ids[:, :8]
 
-    def decode_ours():
-        _, state = ours(prompt, return_state=True)
-        tok = prompt[:, -1]
-        for _ in range(decode_tokens):
-            logits, state = ours.step(tok, state, inplace=True)   # as `generate` does
-            tok = logits.argmax(-1)
+    def decode_ours():   # greedy, like transformers' generate below: prompt prefill + decode_tokens steps
+        from .generate import generate_ids
+        n = sum(1 for _ in generate_ids(ours, prompt[0].tolist(), decode_tokens, temperature=0))
+        assert n == decode_tokens
     d_ours = _best_time(decode_ours, repeats=2) / decode_tokens
     t0 = time.perf_counter()
     hf.generate(prompt, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False, use_cache=True)
