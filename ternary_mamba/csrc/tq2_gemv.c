@@ -29,11 +29,46 @@ int tq2_has_avx2(void) {
 #endif
 }
 
+static inline int load_u32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return (int)v;
+}
+
 // One output row: sum_g s[g] * sum_{i in g} t[i] x[i].  Four independent accumulators per group keep the
 // FMA latency chain off the critical path (G % 32 == 0 for the unrolled loop; else 8 at a time).
 static inline float tq2_row_dot(const uint8_t *row, const float *srow, const float *x, int64_t ngroups,
                                 int64_t G) {
     const int64_t gbytes = G / 4;
+#ifdef __AVX512F__
+    if (G % 16 == 0) {
+        // 16 codes per 32-bit broadcast; permutexvar reads the low 4 bits of each lane, so the table repeats
+        // {-1, 0, +1, -} four times and the neighbouring code's bits are ignored.
+        const __m512i sh = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        const __m512 tbl = _mm512_setr_ps(-1.f, 0.f, 1.f, 0.f, -1.f, 0.f, 1.f, 0.f,
+                                          -1.f, 0.f, 1.f, 0.f, -1.f, 0.f, 1.f, 0.f);
+        __m512 acc_row = _mm512_setzero_ps();
+        for (int64_t g = 0; g < ngroups; g++) {
+            const uint8_t *p = row + g * gbytes;
+            const float *xg = x + g * G;
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
+                   a3 = _mm512_setzero_ps();
+            int64_t j = 0;
+#define TQ2_W16(off) _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi32(load_u32(p + j + (off))), sh), tbl)
+            for (; j + 16 <= gbytes; j += 16) {       // 64 weights
+                a0 = _mm512_fmadd_ps(TQ2_W16(0), _mm512_loadu_ps(xg + 4 * j), a0);
+                a1 = _mm512_fmadd_ps(TQ2_W16(4), _mm512_loadu_ps(xg + 4 * j + 16), a1);
+                a2 = _mm512_fmadd_ps(TQ2_W16(8), _mm512_loadu_ps(xg + 4 * j + 32), a2);
+                a3 = _mm512_fmadd_ps(TQ2_W16(12), _mm512_loadu_ps(xg + 4 * j + 48), a3);
+            }
+            for (; j < gbytes; j += 4) a0 = _mm512_fmadd_ps(TQ2_W16(0), _mm512_loadu_ps(xg + 4 * j), a0);
+#undef TQ2_W16
+            const __m512 a = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+            acc_row = _mm512_fmadd_ps(a, _mm512_set1_ps(srow[g]), acc_row);
+        }
+        return _mm512_reduce_add_ps(acc_row);
+    }
+#endif
 #ifdef __AVX2__
     // 16 codes = 32 bits: broadcast, shift each lane to its code and map {0,1,2} -> {-1,0,+1} with an
     // in-register table (permutevar), then FMA.  No memory table: two loads per 8 weights (codes, x).
@@ -309,6 +344,17 @@ void tq2_gemv_a8(const uint8_t *codes, const float *scales, const int8_t *xq, co
                     const int64_t e0 = (g * chunks + c) * 128;
                     const __m256i packed = _mm256_loadu_si256((const __m256i *)(row + e0 / 4));
                     const int8_t *qc = q + e0;
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+                    // VNNI: u8 x s8 dot products of 4 accumulated straight into int32 lanes
+                    acc = _mm256_dpbusd_epi32(acc, _mm256_and_si256(packed, m3), _mm256_loadu_si256((const __m256i *)qc));
+                    acc = _mm256_dpbusd_epi32(acc, _mm256_and_si256(_mm256_srli_epi16(packed, 2), m3),
+                                              _mm256_loadu_si256((const __m256i *)(qc + 32)));
+                    acc = _mm256_dpbusd_epi32(acc, _mm256_and_si256(_mm256_srli_epi16(packed, 4), m3),
+                                              _mm256_loadu_si256((const __m256i *)(qc + 64)));
+                    acc = _mm256_dpbusd_epi32(acc, _mm256_and_si256(_mm256_srli_epi16(packed, 6), m3),
+                                              _mm256_loadu_si256((const __m256i *)(qc + 96)));
+                    (void)ones;
+#else
                     const __m256i s0 = _mm256_maddubs_epi16(_mm256_and_si256(packed, m3),
                                                             _mm256_loadu_si256((const __m256i *)qc));
                     const __m256i s1 = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(packed, 2), m3),
@@ -319,6 +365,7 @@ void tq2_gemv_a8(const uint8_t *codes, const float *scales, const int8_t *xq, co
                                                             _mm256_loadu_si256((const __m256i *)(qc + 96)));
                     const __m256i s16 = _mm256_add_epi16(_mm256_add_epi16(s0, s1), _mm256_add_epi16(s2, s3));
                     acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s16, ones));
+#endif
                 }
                 accf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(srow[g]), accf);
             }
