@@ -1,5 +1,5 @@
 """The compiled kernels (csrc/*.c: tq2_gemv.c the ternary and int8 products and the fused mixer step,
-lm_step.c the whole-model decode step), built once with the system C compiler and loaded with ctypes.  Built with -march=native (AVX2 + FMA where the CPU has them, a portable loop otherwise) and
+lm_step.c the whole-model decode step, ssd_prefill.c the fused chunked scan for inference), built once with the system C compiler and loaded with ctypes.  Built with -march=native (AVX2 + FMA where the CPU has them, a portable loop otherwise) and
 OpenMP.  If no compiler is available, `get_kernel()` returns None after one warning and callers use the
 pure-PyTorch reference."""
 from __future__ import annotations
@@ -30,15 +30,15 @@ def _compile() -> Path:
         raise RuntimeError("no C compiler found (gcc/cc/clang)")
     sources = sorted(CSRC.glob("*.c"))
     src = b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()) if p.suffix in (".c", ".h"))
-    tag = hashlib.sha256(src + cc.encode() + os.uname().machine.encode()).hexdigest()[:16]
-    out = _build_dir() / f"tq2_gemv-{tag}.so"
+    flags = ["-O3", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11"]   # fp-contract: a*b+c as one FMA
+    tag = hashlib.sha256(src + cc.encode() + os.uname().machine.encode() + " ".join(flags).encode()).hexdigest()[:16]
+    out = _build_dir() / f"kernels-{tag}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}.so")
-    base = [cc, "-O3", "-shared", "-fPIC", "-std=c11", *map(str, sources), "-o", str(tmp), "-lm"]
     for extra in (["-march=native", "-fopenmp"], ["-fopenmp"], []):
-        r = subprocess.run(base[:2] + extra + base[2:], capture_output=True, text=True)
+        r = subprocess.run([cc, *flags, *extra, *map(str, sources), "-o", str(tmp), "-lm"], capture_output=True, text=True)
         if r.returncode == 0:
             os.replace(tmp, out)
             return out
@@ -73,6 +73,8 @@ def get_kernel():
     lib.tq2_gemv_a8.restype = None
     lib.i8_gemv.argtypes = [p, p, p, p, i64, i64, i64]
     lib.i8_gemv.restype = None
+    lib.ssd_prefill.argtypes = [p] * 8 + [i64] * 7
+    lib.ssd_prefill.restype = ctypes.c_int
     lib.f32_gemv.argtypes = [p, p, p, i64, i64, i64]
     lib.f16_gemv.argtypes = [p, p, p, i64, i64, i64]
     lib.f16_gemv.restype = None
@@ -128,6 +130,25 @@ def i8_gemv(w: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tens
     y = torch.empty(x.size(0), w.size(0))
     lib.i8_gemv(w.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), w.size(0), w.size(1), x.size(0))
     return y
+
+
+def ssd_prefill(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                chunk_size: int, initial_state: torch.Tensor | None = None):
+    """The chunked SSD scan fused in C for inference (same signature and result as ssd.ssd_chunked).
+    Returns None when it cannot run (no kernel, headdim not a multiple of 16, not fp32)."""
+    lib = get_kernel()
+    if lib is None or any(t.dtype != torch.float32 for t in (x, dt, A, B, C)):
+        return None
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
+    init = initial_state.contiguous().float() if initial_state is not None else None
+    y = torch.empty(b, l, h, p)
+    state = torch.empty(b, h, p, n)
+    rc = lib.ssd_prefill(x.data_ptr(), dt.data_ptr(), A.data_ptr(), B.data_ptr(), C.data_ptr(),
+                         init.data_ptr() if init is not None else None, y.data_ptr(), state.data_ptr(),
+                         b, l, h, p, g, n, chunk_size)
+    return (y, state) if rc == 0 else None
 
 
 def f16_gemv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -67,7 +67,9 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.ones(cfg.nheads))
         self.norm = GatedRMSNorm(cfg.d_inner, cfg.ngroups, cfg.norm_eps)
         self.out_proj = nn.Linear(cfg.d_inner, cfg.d_model, bias=cfg.bias)
-        self.ssd_impl = "chunked"  # or "sequential": the slow reference, for tests
+        # "chunked": the C scan under no_grad, PyTorch's chunked scan with autograd; "torch": always PyTorch's;
+        # "sequential": the slow token-by-token reference, for tests
+        self.ssd_impl = "chunked"
 
     def _split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         c = self.cfg
@@ -99,7 +101,13 @@ class Mamba2Mixer(nn.Module):
         x = x.view(b, l, c.nheads, c.headdim)
         B, C = B.view(b, l, c.ngroups, c.d_state), C.view(b, l, c.ngroups, c.d_state)
         init = state.ssm if state is not None else None
-        if self.ssd_impl == "sequential":
+        fused = None
+        if self.ssd_impl == "chunked" and not torch.is_grad_enabled():
+            from .kernels import ssd_prefill   # inference: the scan fused in C (None if it cannot run)
+            fused = ssd_prefill(x, dt, A, B, C, c.chunk_size, init)
+        if fused is not None:
+            y, ssm_state = fused
+        elif self.ssd_impl == "sequential":
             y, ssm_state = ssd_sequential(x, dt, A, B, C, init)
         else:
             y, ssm_state = ssd_chunked(x, dt, A, B, C, c.chunk_size, init)
@@ -247,6 +255,6 @@ class Mamba2LM(nn.Module):
                 for _ in range(c.n_layer)]
 
     def set_ssd_impl(self, impl: str) -> None:
-        assert impl in ("chunked", "sequential"), impl
+        assert impl in ("chunked", "torch", "sequential"), impl
         for layer in self.backbone.layers:
             layer.mixer.ssd_impl = impl

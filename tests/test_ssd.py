@@ -39,3 +39,32 @@ def test_chunk_size_does_not_change_the_math():
     y8, _ = ssd_chunked(x, dt, A, B, C, 8)
     y64, _ = ssd_chunked(x, dt, A, B, C, 64)
     assert torch.allclose(y8, y64, atol=1e-4)
+
+
+@pytest.mark.parametrize("b,l,h,p,g,n,k", [(2, 37, 4, 16, 2, 16, 8), (1, 100, 6, 32, 1, 64, 16),
+                                            (3, 5, 2, 16, 1, 8, 64), (1, 64, 4, 48, 4, 32, 32)])
+def test_fused_c_scan_matches_the_torch_chunked_scan(b, l, h, p, g, n, k):
+    from ternary_mamba.kernels import get_kernel, ssd_prefill
+    if get_kernel() is None:
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(l)
+    x = torch.randn(b, l, h, p, generator=gen)
+    dt = torch.rand(b, l, h, generator=gen) * 0.5
+    A = -torch.rand(h, generator=gen) * 4
+    B, C = torch.randn(b, l, g, n, generator=gen), torch.randn(b, l, g, n, generator=gen)
+    for init in (None, torch.randn(b, h, p, n, generator=gen)):
+        y_ref, s_ref = ssd_chunked(x, dt, A, B, C, k, init)
+        y, s = ssd_prefill(x, dt, A, B, C, k, init)
+        assert torch.allclose(y, y_ref, atol=1e-4, rtol=1e-4) and torch.allclose(s, s_ref, atol=1e-4, rtol=1e-4)
+    assert ssd_prefill(x[..., :8], dt, A, B, C, k) is None       # headdim not a multiple of 16: declined
+
+
+def test_model_forward_uses_the_same_result_with_and_without_autograd():
+    from conftest import random_model, tiny_config
+    m = random_model(tiny_config(ngroups=2))
+    ids = torch.randint(0, 512, (2, 45), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fused = m(ids)
+        m.set_ssd_impl("torch")
+        ref = m(ids)
+    assert (fused - ref).abs().max() < 1e-4

@@ -15,3 +15,6 @@ void mixer_step_inplace(const float *zxbcdt, float *conv_state, const float *con
                         float *ssm_state, float *y, float *work,
                         int64_t nb, int64_t d_inner, int64_t ng, int64_t n, int64_t nh, int64_t hp, int64_t K,
                         float eps);
+int ssd_prefill(const float *x, const float *dt, const float *A, const float *B, const float *C, const float *init,
+                float *y, float *final_state, int64_t nb, int64_t l, int64_t nh, int64_t p, int64_t ng, int64_t n,
+                int64_t k);

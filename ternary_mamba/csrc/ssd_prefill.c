@@ -1,0 +1,146 @@
+// The chunked SSD scan for inference (no autograd), fused per (batch, head).  Reference: ssd.ssd_chunked.
+//   x (b,l,h,p), dt (b,l,h) after softplus, A (h), B/C (b,l,g,n), init (b,h,p,n) or NULL
+//   -> y (b,l,h,p) (without the D skip) and the final state (b,h,p,n).
+// Per chunk of k positions, with a = cumsum(dt A) inside the chunk and the entering state S (kept as S^T, n x p):
+//   y_i   = exp(a_i) C_i S^T  +  sum_{j<=i} exp(a_i - a_j) (C_i . B_j) dt_j x_j
+//   S^T  <- exp(a_end) S^T   +  sum_j B_j^T (exp(a_end - a_j) dt_j x_j)
+// The three products are small GEMMs done by one register-blocked kernel; nothing of size (chunks x p x n) or
+// (heads x k x k) is materialised, which is where the PyTorch version spends its time on a CPU.
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include "kernels.h"
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));   // 16 floats: one zmm, two ymm, or scalar code
+
+static inline v16 vload(const float *p) { return *(const v16 *)p; }
+static inline void vstore(float *p, v16 v) { *(v16 *)p = v; }
+
+// C[i, 0:N] += sum_q A[i*sar + q*sac] * B[q*ldb + 0:N]   for i < m.   N % 16 == 0.
+static void gemm_acc(int64_t m, int64_t N, int64_t K, const float *A, int64_t sar, int64_t sac,
+                     const float *B, int64_t ldb, float *C, int64_t ldc) {
+    int64_t i0 = 0;
+    for (; i0 + 4 <= m; i0 += 4) {
+        int64_t j0 = 0;
+        for (; j0 + 32 <= N; j0 += 32) {
+            v16 c00 = vload(C + i0 * ldc + j0), c01 = vload(C + i0 * ldc + j0 + 16);
+            v16 c10 = vload(C + (i0 + 1) * ldc + j0), c11 = vload(C + (i0 + 1) * ldc + j0 + 16);
+            v16 c20 = vload(C + (i0 + 2) * ldc + j0), c21 = vload(C + (i0 + 2) * ldc + j0 + 16);
+            v16 c30 = vload(C + (i0 + 3) * ldc + j0), c31 = vload(C + (i0 + 3) * ldc + j0 + 16);
+            const float *a0 = A + i0 * sar, *a1 = a0 + sar, *a2 = a1 + sar, *a3 = a2 + sar;
+            for (int64_t q = 0; q < K; q++) {
+                const v16 b0 = vload(B + q * ldb + j0), b1 = vload(B + q * ldb + j0 + 16);
+                const float x0 = a0[q * sac], x1 = a1[q * sac], x2 = a2[q * sac], x3 = a3[q * sac];
+                c00 += x0 * b0; c01 += x0 * b1;
+                c10 += x1 * b0; c11 += x1 * b1;
+                c20 += x2 * b0; c21 += x2 * b1;
+                c30 += x3 * b0; c31 += x3 * b1;
+            }
+            vstore(C + i0 * ldc + j0, c00); vstore(C + i0 * ldc + j0 + 16, c01);
+            vstore(C + (i0 + 1) * ldc + j0, c10); vstore(C + (i0 + 1) * ldc + j0 + 16, c11);
+            vstore(C + (i0 + 2) * ldc + j0, c20); vstore(C + (i0 + 2) * ldc + j0 + 16, c21);
+            vstore(C + (i0 + 3) * ldc + j0, c30); vstore(C + (i0 + 3) * ldc + j0 + 16, c31);
+        }
+        for (; j0 < N; j0 += 16)
+            for (int64_t r = 0; r < 4; r++) {
+                v16 c = vload(C + (i0 + r) * ldc + j0);
+                for (int64_t q = 0; q < K; q++) c += A[(i0 + r) * sar + q * sac] * vload(B + q * ldb + j0);
+                vstore(C + (i0 + r) * ldc + j0, c);
+            }
+    }
+    for (; i0 < m; i0++)
+        for (int64_t j0 = 0; j0 < N; j0 += 16) {
+            v16 c = vload(C + i0 * ldc + j0);
+            for (int64_t q = 0; q < K; q++) c += A[i0 * sar + q * sac] * vload(B + q * ldb + j0);
+            vstore(C + i0 * ldc + j0, c);
+        }
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    v16 acc = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) acc += vload(a + i) * vload(b + i);
+    float s = 0.f;
+    for (int j = 0; j < 16; j++) s += acc[j];
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+// Returns 0, or -1 if p is not a multiple of 16 (the caller then uses the PyTorch scan).
+int ssd_prefill(const float *x, const float *dt, const float *A, const float *B, const float *C, const float *init,
+                float *y, float *final_state, int64_t nb, int64_t l, int64_t nh, int64_t p, int64_t ng, int64_t n,
+                int64_t k) {
+    if (p % 16 || k < 1) return -1;
+    const int64_t nc = (l + k - 1) / k, r = nh / ng;
+    // C_i . B_j for every chunk and group (lower triangle), shared by the heads of a group
+    float *CB = malloc(sizeof(float) * nb * nc * ng * k * k);
+    #pragma omp parallel for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < nb; b++)
+        for (int64_t c = 0; c < nc; c++) {
+            const int64_t t0 = c * k, kk = l - t0 < k ? l - t0 : k;
+            for (int64_t gi = 0; gi < ng; gi++) {
+                float *M = CB + ((b * nc + c) * ng + gi) * k * k;
+                for (int64_t i = 0; i < kk; i++)
+                    for (int64_t j = 0; j <= i; j++)
+                        M[i * k + j] = dot(C + ((b * l + t0 + i) * ng + gi) * n, B + ((b * l + t0 + j) * ng + gi) * n, n);
+            }
+        }
+    #pragma omp parallel for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < nb; b++)
+        for (int64_t h = 0; h < nh; h++) {
+            const int64_t gi = h / r;
+            float *ST = malloc(sizeof(float) * (n * p + 2 * k * p + k * k + 2 * k));
+            float *xdt = ST + n * p, *xw = xdt + k * p, *M = xw + k * p, *acum = M + k * k, *drow = acum + k;
+            const float *S0 = init ? init + (b * nh + h) * p * n : NULL;
+            for (int64_t q = 0; q < n; q++)
+                for (int64_t pp = 0; pp < p; pp++) ST[q * p + pp] = S0 ? S0[pp * n + q] : 0.f;
+            const float Ah = A[h];
+            for (int64_t c = 0; c < nc; c++) {
+                const int64_t t0 = c * k, kk = l - t0 < k ? l - t0 : k;
+                float run = 0.f;
+                for (int64_t j = 0; j < kk; j++) {
+                    const float d = dt[(b * l + t0 + j) * nh + h];
+                    run += d * Ah;
+                    acum[j] = run;
+                    const float *xj = x + ((b * l + t0 + j) * nh + h) * p;
+                    for (int64_t pp = 0; pp < p; pp++) xdt[j * p + pp] = xj[pp] * d;
+                }
+                // y rows of this chunk, written in place (row stride nh * p)
+                float *yc = y + ((b * l + t0) * nh + h) * p;
+                const int64_t ldy = nh * p;
+                for (int64_t i = 0; i < kk; i++) memset(yc + i * ldy, 0, sizeof(float) * p);
+                const float *Cc = C + ((b * l + t0) * ng + gi) * n, *Bc = B + ((b * l + t0) * ng + gi) * n;
+                gemm_acc(kk, p, n, Cc, ng * n, 1, ST, p, yc, ldy);                      // C_i S^T
+                const float *CBc = CB + ((b * nc + c) * ng + gi) * k * k;
+                // decay row i: D[i][j] = exp(a_i - a_j) = exp(dt_i A) * D[i-1][j]  (one exp per row; values
+                // below 1e-30 are flushed to zero so that long products never reach slow denormals)
+                for (int64_t i = 0; i < kk; i++) {
+                    const float e = expf(acum[i]);
+                    float *yi = yc + i * ldy;
+                    for (int64_t pp = 0; pp < p; pp++) yi[pp] *= e;
+                    const float step = expf(acum[i] - (i ? acum[i - 1] : 0.f));
+                    for (int64_t j = 0; j < i; j++) {
+                        const float v = drow[j] * step;
+                        drow[j] = v < 1e-30f ? 0.f : v;
+                    }
+                    drow[i] = 1.f;
+                    for (int64_t j = 0; j <= i; j++) M[i * k + j] = drow[j] * CBc[i * k + j];
+                    for (int64_t j = i + 1; j < kk; j++) M[i * k + j] = 0.f;
+                }
+                gemm_acc(kk, p, kk, M, k, 1, xdt, p, yc, ldy);                          // intra-chunk
+                const float a_end = acum[kk - 1], e_end = expf(a_end);
+                for (int64_t j = 0; j < kk; j++) {
+                    const float w = expf(a_end - acum[j]);
+                    for (int64_t pp = 0; pp < p; pp++) xw[j * p + pp] = xdt[j * p + pp] * w;
+                }
+                for (int64_t q = 0; q < n * p; q++) ST[q] *= e_end;
+                gemm_acc(n, p, kk, Bc, 1, ng * n, xw, p, ST, p);                         // state update
+            }
+            float *Sf = final_state + (b * nh + h) * p * n;
+            for (int64_t q = 0; q < n; q++)
+                for (int64_t pp = 0; pp < p; pp++) Sf[pp * n + q] = ST[q * p + pp];
+            free(ST);
+        }
+    free(CB);
+    return 0;
+}
