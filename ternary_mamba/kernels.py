@@ -73,7 +73,9 @@ def get_kernel():
     lib.tq2_gemv_a8.restype = None
     lib.i8_gemv.argtypes = [p, p, p, p, i64, i64, i64]
     lib.i8_gemv.restype = None
-    lib.ssd_prefill.argtypes = [p] * 8 + [i64] * 7
+    lib.ssd_prefill.argtypes = [p] * 8 + [i64] * 9
+    lib.conv_silu_prefill.argtypes = [p, i64, p, p, p, p, p, i64, i64, i64, i64]
+    lib.conv_silu_prefill.restype = None
     lib.ssd_prefill.restype = ctypes.c_int
     lib.f32_gemv.argtypes = [p, p, p, i64, i64, i64]
     lib.f16_gemv.argtypes = [p, p, p, i64, i64, i64]
@@ -132,23 +134,63 @@ def i8_gemv(w: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tens
     return y
 
 
+def _rows(t: torch.Tensor, inner: int) -> tuple[torch.Tensor, int]:
+    """t (b, l, ...) whose trailing `inner` elements per position are contiguous -> (t, stride between
+    positions); copies only when positions are not evenly strided."""
+    b, l = t.shape[:2]
+    inner_ok = t[0, 0].is_contiguous() if b and l else True
+    if not inner_ok or (b > 1 and l > 1 and t.stride(0) != l * t.stride(1)) or t.dtype != torch.float32:
+        t = t.contiguous().float()
+    return t, (t.stride(1) if l > 1 else t.stride(0) if b > 1 else inner)
+
+
 def ssd_prefill(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                 chunk_size: int, initial_state: torch.Tensor | None = None):
-    """The chunked SSD scan fused in C for inference (same signature and result as ssd.ssd_chunked).
-    Returns None when it cannot run (no kernel, headdim not a multiple of 16, not fp32)."""
+    """The chunked SSD scan fused in C for inference (same signature and result as ssd.ssd_chunked); x, B and C
+    may be views into a wider (b, l, ·) tensor.  Returns None when it cannot run (no kernel, headdim not a
+    multiple of 16, not fp32)."""
     lib = get_kernel()
     if lib is None or any(t.dtype != torch.float32 for t in (x, dt, A, B, C)):
         return None
     b, l, h, p = x.shape
     g, n = B.shape[-2:]
-    x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
+    if p % 16 or l == 0:
+        return None
+    x, x_rs = _rows(x, h * p)
+    B, bc_rs = _rows(B, g * n)
+    C, c_rs = _rows(C, g * n)
+    if c_rs != bc_rs:
+        B, C = B.contiguous(), C.contiguous()
+        bc_rs = g * n
+    dt, A = dt.contiguous(), A.contiguous()
     init = initial_state.contiguous().float() if initial_state is not None else None
     y = torch.empty(b, l, h, p)
     state = torch.empty(b, h, p, n)
     rc = lib.ssd_prefill(x.data_ptr(), dt.data_ptr(), A.data_ptr(), B.data_ptr(), C.data_ptr(),
                          init.data_ptr() if init is not None else None, y.data_ptr(), state.data_ptr(),
-                         b, l, h, p, g, n, chunk_size)
+                         b, l, h, p, g, n, chunk_size, x_rs, bc_rs)
     return (y, state) if rc == 0 else None
+
+
+def conv_silu_prefill(xbc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      prev: torch.Tensor | None):
+    """Causal depthwise conv + SiLU over a sequence, in C.  xbc (b, l, conv_dim) (a view is fine), weight
+    (conv_dim, 1, K), prev (b, conv_dim, K-1) or None -> (silu(conv) (b, l, conv_dim), new conv state)."""
+    lib = get_kernel()
+    if lib is None:
+        return None
+    b, l, cd = xbc.shape
+    K = weight.size(-1)
+    xbc, rs = _rows(xbc, cd)
+    w = weight.detach().reshape(cd, K).contiguous().float()
+    bias = bias.detach().contiguous().float() if bias is not None else None
+    prev = prev.contiguous().float() if prev is not None else None
+    out = torch.empty(b, l, cd)
+    new_state = torch.empty(b, cd, K - 1)
+    lib.conv_silu_prefill(xbc.data_ptr(), rs, prev.data_ptr() if prev is not None else None, w.data_ptr(),
+                          bias.data_ptr() if bias is not None else None, out.data_ptr(), new_state.data_ptr(),
+                          b, l, cd, K)
+    return out, new_state
 
 
 def f16_gemv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -87,6 +87,10 @@ class Mamba2Mixer(nn.Module):
         c = self.cfg
         b, l, _ = u.shape
         z, xBC, dt = self._split(self.in_proj(u))
+        if self.ssd_impl == "chunked" and not torch.is_grad_enabled() and xBC.dtype == torch.float32:
+            fast = self._forward_fused(z, xBC, dt, state)   # inference: conv + scan in C
+            if fast is not None:
+                return fast
         # causal depthwise conv over time, continuing from the previous inputs (zeros at the start)
         xBC_t = xBC.transpose(1, 2)                                          # (b, conv_dim, l)
         if state is None:  # zero history: let conv1d pad (no concatenation in the training path)
@@ -101,16 +105,31 @@ class Mamba2Mixer(nn.Module):
         x = x.view(b, l, c.nheads, c.headdim)
         B, C = B.view(b, l, c.ngroups, c.d_state), C.view(b, l, c.ngroups, c.d_state)
         init = state.ssm if state is not None else None
-        fused = None
-        if self.ssd_impl == "chunked" and not torch.is_grad_enabled():
-            from .kernels import ssd_prefill   # inference: the scan fused in C (None if it cannot run)
-            fused = ssd_prefill(x, dt, A, B, C, c.chunk_size, init)
-        if fused is not None:
-            y, ssm_state = fused
-        elif self.ssd_impl == "sequential":
+        if self.ssd_impl == "sequential":
             y, ssm_state = ssd_sequential(x, dt, A, B, C, init)
         else:
             y, ssm_state = ssd_chunked(x, dt, A, B, C, c.chunk_size, init)
+        y = (y + x * self.D[:, None]).reshape(b, l, c.d_inner)
+        return self.out_proj(self.norm(y, z)), LayerState(conv_state, ssm_state)
+
+    def _forward_fused(self, z: Tensor, xBC: Tensor, dt: Tensor, state: LayerState | None):
+        """forward() without autograd: conv + SiLU and the chunked scan as C kernels, reading x/B/C in place."""
+        from .kernels import conv_silu_prefill, ssd_prefill
+        c = self.cfg
+        b, l, _ = xBC.shape
+        conv = conv_silu_prefill(xBC, self.conv1d.weight, self.conv1d.bias, state.conv if state is not None else None)
+        if conv is None or c.headdim % 16:
+            return None
+        xBC, conv_state = conv
+        x, B, C = xBC.split([c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
+        dt = F.softplus(dt + self.dt_bias)
+        A = -torch.exp(self.A_log)
+        x = x.view(b, l, c.nheads, c.headdim)
+        B, C = B.view(b, l, c.ngroups, c.d_state), C.view(b, l, c.ngroups, c.d_state)
+        out = ssd_prefill(x, dt, A, B, C, c.chunk_size, state.ssm if state is not None else None)
+        if out is None:
+            return None
+        y, ssm_state = out
         y = (y + x * self.D[:, None]).reshape(b, l, c.d_inner)
         return self.out_proj(self.norm(y, z)), LayerState(conv_state, ssm_state)
 

@@ -17,4 +17,6 @@ void mixer_step_inplace(const float *zxbcdt, float *conv_state, const float *con
                         float eps);
 int ssd_prefill(const float *x, const float *dt, const float *A, const float *B, const float *C, const float *init,
                 float *y, float *final_state, int64_t nb, int64_t l, int64_t nh, int64_t p, int64_t ng, int64_t n,
-                int64_t k);
+                int64_t k, int64_t x_rs, int64_t bc_rs);
+void conv_silu_prefill(const float *xbc, int64_t in_rs, const float *prev, const float *w, const float *bias,
+                       float *out, float *new_state, int64_t nb, int64_t l, int64_t cd, int64_t K);

@@ -56,6 +56,74 @@ static void gemm_acc(int64_t m, int64_t N, int64_t K, const float *A, int64_t sa
         }
 }
 
+typedef int32_t vi16 __attribute__((vector_size(64), aligned(4)));
+
+// exp on 16 lanes (Cephes' expf: range reduction by ln 2, degree-5 polynomial; ~1 ulp), inputs clamped.
+static inline v16 vexp(v16 x) {
+    const v16 hi = (v16){0} + 88.3762626647949f, lo = (v16){0} + -87.3365447505531f;
+    vi16 m = x > hi;
+    x = (v16)(((vi16)x & ~m) | ((vi16)hi & m));
+    m = x < lo;
+    x = (v16)(((vi16)x & ~m) | ((vi16)lo & m));
+    v16 fx = x * 1.44269504088896341f + 0.5f;
+    v16 t = __builtin_convertvector(__builtin_convertvector(fx, vi16), v16);   // truncation
+    m = t > fx;                                                                    // -> floor
+    fx = t - (v16)(m & (vi16)((v16){0} + 1.f));
+    x = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+    const v16 z = x * x;
+    v16 y = (v16){0} + 1.9875691500e-4f;
+    y = y * x + 1.3981999507e-3f;
+    y = y * x + 8.3334519073e-3f;
+    y = y * x + 4.1665795894e-2f;
+    y = y * x + 1.6666665459e-1f;
+    y = y * x + 5.0000001201e-1f;
+    y = y * z + x + 1.f;
+    const vi16 e = (__builtin_convertvector(fx, vi16) + 127) << 23;
+    return y * (v16)e;
+}
+
+// Causal depthwise conv + SiLU over a whole sequence (reference: the conv1d + silu of Mamba2Mixer.forward).
+//   xbc rows (b, l) at stride in_rs, conv_dim channels each; prev (b, conv_dim, K-1) = the inputs before
+//   position 0 (NULL: zeros); w (conv_dim, K), bias (conv_dim) or NULL
+//   -> out (b, l, conv_dim) = silu(conv), and new_state (b, conv_dim, K-1) = the last K-1 inputs.
+void conv_silu_prefill(const float *xbc, int64_t in_rs, const float *prev, const float *w, const float *bias,
+                       float *out, float *new_state, int64_t nb, int64_t l, int64_t cd, int64_t K) {
+    float *wt = malloc(sizeof(float) * (K * cd + 16));                 // (K, conv_dim): taps contiguous in c
+    for (int64_t c = 0; c < cd; c++)
+        for (int64_t q = 0; q < K; q++) wt[q * cd + c] = w[c * K + q];
+    #pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t b = 0; b < nb; b++)
+        for (int64_t t = 0; t < l; t++) {
+            float *o = out + (b * l + t) * cd;
+            for (int64_t c = 0; c < cd; c++) o[c] = bias ? bias[c] : 0.f;
+            for (int64_t q = 0; q < K; q++) {
+                const int64_t src = t - (K - 1) + q;
+                const float *wq = wt + q * cd;
+                if (src >= 0) {
+                    const float *in = xbc + (b * l + src) * in_rs;
+                    for (int64_t c = 0; c < cd; c++) o[c] += wq[c] * in[c];
+                } else if (prev) {
+                    const float *pv = prev + b * cd * (K - 1) + (K - 1 + src);
+                    for (int64_t c = 0; c < cd; c++) o[c] += wq[c] * pv[c * (K - 1)];
+                }
+            }
+            int64_t c = 0;
+            for (; c + 16 <= cd; c += 16) {
+                const v16 v = vload(o + c);
+                vstore(o + c, v / (1.f + vexp(-v)));
+            }
+            for (; c < cd; c++) o[c] = o[c] / (1.f + expf(-o[c]));
+        }
+    for (int64_t b = 0; b < nb; b++)
+        for (int64_t c = 0; c < cd; c++)
+            for (int64_t q = 0; q < K - 1; q++) {
+                const int64_t src = l - (K - 1) + q;
+                new_state[(b * cd + c) * (K - 1) + q] = src >= 0 ? xbc[(b * l + src) * in_rs + c]
+                    : prev ? prev[(b * cd + c) * (K - 1) + (K - 1 + src)] : 0.f;
+            }
+    free(wt);
+}
+
 static inline float dot(const float *a, const float *b, int64_t n) {
     v16 acc = {0};
     int64_t i = 0;
@@ -66,10 +134,11 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return s;
 }
 
+// x_rs / bc_rs: elements between consecutive positions of x and of B/C (x may be a view into xBC).
 // Returns 0, or -1 if p is not a multiple of 16 (the caller then uses the PyTorch scan).
 int ssd_prefill(const float *x, const float *dt, const float *A, const float *B, const float *C, const float *init,
                 float *y, float *final_state, int64_t nb, int64_t l, int64_t nh, int64_t p, int64_t ng, int64_t n,
-                int64_t k) {
+                int64_t k, int64_t x_rs, int64_t bc_rs) {
     if (p % 16 || k < 1) return -1;
     const int64_t nc = (l + k - 1) / k, r = nh / ng;
     // C_i . B_j for every chunk and group (lower triangle), shared by the heads of a group
@@ -82,7 +151,7 @@ int ssd_prefill(const float *x, const float *dt, const float *A, const float *B,
                 float *M = CB + ((b * nc + c) * ng + gi) * k * k;
                 for (int64_t i = 0; i < kk; i++)
                     for (int64_t j = 0; j <= i; j++)
-                        M[i * k + j] = dot(C + ((b * l + t0 + i) * ng + gi) * n, B + ((b * l + t0 + j) * ng + gi) * n, n);
+                        M[i * k + j] = dot(C + (b * l + t0 + i) * bc_rs + gi * n, B + (b * l + t0 + j) * bc_rs + gi * n, n);
             }
         }
     #pragma omp parallel for collapse(2) schedule(dynamic)
@@ -102,15 +171,15 @@ int ssd_prefill(const float *x, const float *dt, const float *A, const float *B,
                     const float d = dt[(b * l + t0 + j) * nh + h];
                     run += d * Ah;
                     acum[j] = run;
-                    const float *xj = x + ((b * l + t0 + j) * nh + h) * p;
+                    const float *xj = x + (b * l + t0 + j) * x_rs + h * p;
                     for (int64_t pp = 0; pp < p; pp++) xdt[j * p + pp] = xj[pp] * d;
                 }
                 // y rows of this chunk, written in place (row stride nh * p)
                 float *yc = y + ((b * l + t0) * nh + h) * p;
                 const int64_t ldy = nh * p;
                 for (int64_t i = 0; i < kk; i++) memset(yc + i * ldy, 0, sizeof(float) * p);
-                const float *Cc = C + ((b * l + t0) * ng + gi) * n, *Bc = B + ((b * l + t0) * ng + gi) * n;
-                gemm_acc(kk, p, n, Cc, ng * n, 1, ST, p, yc, ldy);                      // C_i S^T
+                const float *Cc = C + (b * l + t0) * bc_rs + gi * n, *Bc = B + (b * l + t0) * bc_rs + gi * n;
+                gemm_acc(kk, p, n, Cc, bc_rs, 1, ST, p, yc, ldy);                      // C_i S^T
                 const float *CBc = CB + ((b * nc + c) * ng + gi) * k * k;
                 // decay row i: D[i][j] = exp(a_i - a_j) = exp(dt_i A) * D[i-1][j]  (one exp per row; values
                 // below 1e-30 are flushed to zero so that long products never reach slow denormals)
@@ -134,7 +203,7 @@ int ssd_prefill(const float *x, const float *dt, const float *A, const float *B,
                     for (int64_t pp = 0; pp < p; pp++) xw[j * p + pp] = xdt[j * p + pp] * w;
                 }
                 for (int64_t q = 0; q < n * p; q++) ST[q] *= e_end;
-                gemm_acc(n, p, kk, Bc, 1, ng * n, xw, p, ST, p);                         // state update
+                gemm_acc(n, p, kk, Bc, 1, bc_rs, xw, p, ST, p);                         // state update
             }
             float *Sf = final_state + (b * nh + h) * p * n;
             for (int64_t q = 0; q < n; q++)
