@@ -76,6 +76,8 @@ def get_kernel():
     lib.ssd_prefill.argtypes = [p] * 8 + [i64] * 9
     lib.conv_silu_prefill.argtypes = [p, i64, p, p, p, p, p, i64, i64, i64, i64]
     lib.conv_silu_prefill.restype = None
+    lib.gated_norm_prefill.argtypes = [p, p, i64, p, i64, p, p, i64, i64, i64, i64, ctypes.c_float]
+    lib.gated_norm_prefill.restype = None
     lib.ssd_prefill.restype = ctypes.c_int
     lib.f32_gemv.argtypes = [p, p, p, i64, i64, i64]
     lib.f16_gemv.argtypes = [p, p, p, i64, i64, i64]
@@ -170,6 +172,21 @@ def ssd_prefill(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
                          init.data_ptr() if init is not None else None, y.data_ptr(), state.data_ptr(),
                          b, l, h, p, g, n, chunk_size, x_rs, bc_rs)
     return (y, state) if rc == 0 else None
+
+
+def gated_norm_prefill(y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, mixer) -> torch.Tensor:
+    """GatedRMSNorm(y + D x, z) of a whole sequence in one C pass; y (b, l, h, p) contiguous is overwritten and
+    returned as (b, l, d_inner).  x (b, l, h, p) and z (b, l, d_inner) may be views."""
+    lib = get_kernel()
+    c = mixer.cfg
+    b, l = y.shape[:2]
+    assert y.is_contiguous()
+    x, x_rs = _rows(x, c.d_inner)
+    z, z_rs = _rows(z, c.d_inner)
+    D, w = mixer.D.detach().contiguous().float(), mixer.norm.weight.detach().contiguous().float()
+    lib.gated_norm_prefill(y.data_ptr(), x.data_ptr(), x_rs, z.data_ptr(), z_rs, D.data_ptr(), w.data_ptr(),
+                           b * l, c.nheads, c.headdim, c.ngroups, float(mixer.norm.eps))
+    return y.view(b, l, c.d_inner)
 
 
 def conv_silu_prefill(xbc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -25,6 +25,13 @@ def _fused_step_kernel():
     return ssd_step_inplace if get_kernel() is not None else None
 
 
+def _hooked(*mods: nn.Module) -> bool:
+    """A forward hook must see its module run, so fused paths that skip these modules step aside."""
+    from torch.nn.modules import module as M
+    return bool(M._global_forward_hooks or M._global_forward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks for m in mods))
+
+
 @dataclass
 class LayerState:
     conv: Tensor  # (b, conv_dim, d_conv - 1): the last inputs of the causal conv
@@ -87,7 +94,8 @@ class Mamba2Mixer(nn.Module):
         c = self.cfg
         b, l, _ = u.shape
         z, xBC, dt = self._split(self.in_proj(u))
-        if self.ssd_impl == "chunked" and not torch.is_grad_enabled() and xBC.dtype == torch.float32:
+        if self.ssd_impl == "chunked" and not torch.is_grad_enabled() and xBC.dtype == torch.float32 \
+                and not _hooked(self.conv1d, self.norm):
             fast = self._forward_fused(z, xBC, dt, state)   # inference: conv + scan in C
             if fast is not None:
                 return fast
@@ -114,7 +122,7 @@ class Mamba2Mixer(nn.Module):
 
     def _forward_fused(self, z: Tensor, xBC: Tensor, dt: Tensor, state: LayerState | None):
         """forward() without autograd: conv + SiLU and the chunked scan as C kernels, reading x/B/C in place."""
-        from .kernels import conv_silu_prefill, ssd_prefill
+        from .kernels import conv_silu_prefill, gated_norm_prefill, ssd_prefill
         c = self.cfg
         b, l, _ = xBC.shape
         conv = conv_silu_prefill(xBC, self.conv1d.weight, self.conv1d.bias, state.conv if state is not None else None)
@@ -130,8 +138,11 @@ class Mamba2Mixer(nn.Module):
         if out is None:
             return None
         y, ssm_state = out
-        y = (y + x * self.D[:, None]).reshape(b, l, c.d_inner)
-        return self.out_proj(self.norm(y, z)), LayerState(conv_state, ssm_state)
+        if type(self.norm) is GatedRMSNorm:
+            y = gated_norm_prefill(y, x, z, self)            # D skip + gate + grouped RMSNorm in one pass
+        else:
+            y = self.norm((y + x * self.D[:, None]).reshape(b, l, c.d_inner), z)
+        return self.out_proj(y), LayerState(conv_state, ssm_state)
 
     def step(self, u: Tensor, state: LayerState, inplace: bool = False) -> tuple[Tensor, LayerState]:
         """One token: u (b, d_model) -> (b, d_model); O(1) in the sequence length.

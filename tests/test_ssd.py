@@ -86,3 +86,13 @@ def test_fused_forward_with_prefill_states_matches_torch(b, l):
     assert (a - r).abs().max() < 1e-4
     for x, y in zip(sa, sr):
         assert torch.allclose(x.conv, y.conv, atol=1e-6) and torch.allclose(x.ssm, y.ssm, atol=1e-4)
+
+
+def test_fused_forward_steps_aside_for_hooks_on_the_modules_it_skips():
+    from conftest import random_model, tiny_config
+    m = random_model(tiny_config())
+    seen = []
+    m.backbone.layers[0].mixer.norm.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        m(torch.randint(0, 512, (1, 20)))
+    assert seen == [torch.Size([1, 20, 64 * 2])]

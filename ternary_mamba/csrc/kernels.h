@@ -20,3 +20,5 @@ int ssd_prefill(const float *x, const float *dt, const float *A, const float *B,
                 int64_t k, int64_t x_rs, int64_t bc_rs);
 void conv_silu_prefill(const float *xbc, int64_t in_rs, const float *prev, const float *w, const float *bias,
                        float *out, float *new_state, int64_t nb, int64_t l, int64_t cd, int64_t K);
+void gated_norm_prefill(float *y, const float *x, int64_t x_rs, const float *z, int64_t z_rs, const float *D,
+                        const float *norm_w, int64_t rows, int64_t nh, int64_t p, int64_t ng, float eps);
