@@ -140,15 +140,36 @@ void tq2_gemv(const uint8_t *codes, const float *scales, const float *x, float *
 // Dequantize a whole tq2 matrix into w (out, in) fp32: w = t * s, bit-identical to the fake-quant weight.
 void tq2_dequant(const uint8_t *codes, const float *scales, float *w, int64_t out, int64_t in, int64_t G) {
     init_lut();
-    const int64_t row_bytes = in / 4, ngroups = in / G;
+    const int64_t row_bytes = in / 4, ngroups = in / G, gbytes = G / 4;
     #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < out; o++) {
         const uint8_t *row = codes + o * row_bytes;
         float *wr = w + o * in;
-        for (int64_t i = 0; i < in; i += 4) {
-            const float s = scales[o * ngroups + i / G];
-            const float *l = LUT[row[i / 4]];
-            wr[i] = l[0] * s; wr[i + 1] = l[1] * s; wr[i + 2] = l[2] * s; wr[i + 3] = l[3] * s;
+        for (int64_t g = 0; g < ngroups; g++) {
+            const float s = scales[o * ngroups + g];
+            const uint8_t *p = row + g * gbytes;
+            float *d = wr + g * G;
+            int64_t j = 0;
+#ifdef __AVX512F__
+            const __m512i sh = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            const __m512 tbl = _mm512_setr_ps(-1.f, 0.f, 1.f, 0.f, -1.f, 0.f, 1.f, 0.f,
+                                              -1.f, 0.f, 1.f, 0.f, -1.f, 0.f, 1.f, 0.f);
+            const __m512 vs = _mm512_set1_ps(s);
+            for (; j + 4 <= gbytes; j += 4)        // 16 weights
+                _mm512_storeu_ps(d + 4 * j, _mm512_mul_ps(_mm512_permutexvar_ps(
+                    _mm512_srlv_epi32(_mm512_set1_epi32(load_u32(p + j)), sh), tbl), vs));
+#elif defined(__AVX2__)
+            const __m256i sh = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+            const __m256 tbl = _mm256_setr_ps(-1.f, 0.f, 1.f, 0.f, -1.f, 0.f, 1.f, 0.f);
+            const __m256 vs = _mm256_set1_ps(s);
+            for (; j + 2 <= gbytes; j += 2)        // 8 weights
+                _mm256_storeu_ps(d + 4 * j, _mm256_mul_ps(_mm256_permutevar8x32_ps(
+                    tbl, _mm256_srlv_epi32(_mm256_set1_epi32(p[j] | (p[j + 1] << 8)), sh)), vs));
+#endif
+            for (; j < gbytes; j++) {
+                const float *l = LUT[p[j]];
+                d[4 * j] = l[0] * s; d[4 * j + 1] = l[1] * s; d[4 * j + 2] = l[2] * s; d[4 * j + 3] = l[3] * s;
+            }
         }
     }
 }
