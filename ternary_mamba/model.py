@@ -99,16 +99,19 @@ class Mamba2Mixer(nn.Module):
             fast = self._forward_fused(z, xBC, dt, state)   # inference: conv + scan in C
             if fast is not None:
                 return fast
-        # causal depthwise conv over time, continuing from the previous inputs (zeros at the start)
-        xBC_t = xBC.transpose(1, 2)                                          # (b, conv_dim, l)
-        if state is None:  # zero history: let conv1d pad (no concatenation in the training path)
-            out = F.conv1d(xBC_t, self.conv1d.weight, self.conv1d.bias, padding=c.d_conv - 1, groups=c.conv_dim)
-            xBC_t = F.pad(xBC_t, (max(0, c.d_conv - 1 - l), 0))
-        else:
-            xBC_t = torch.cat([state.conv, xBC_t], dim=2)                   # (b, conv_dim, d_conv-1+l)
-            out = F.conv1d(xBC_t, self.conv1d.weight, self.conv1d.bias, groups=c.conv_dim)
-        conv_state = xBC_t[:, :, -(c.d_conv - 1):]
-        xBC = out[:, :, :l].transpose(1, 2)
+        # causal depthwise conv over time, continuing from the previous inputs (zeros at the start), as K
+        # shifted multiply-adds in the (b, l, channels) layout: no transposes, cheap backward
+        K = c.d_conv
+        hist = state.conv.transpose(1, 2) if state is not None else xBC.new_zeros(b, K - 1, c.conv_dim)
+        xp = torch.cat([hist.to(xBC.dtype), xBC], dim=1)                    # (b, K-1+l, conv_dim)
+        w = self.conv1d.weight[:, 0, :]                                      # (conv_dim, K)
+        out = xp[:, K - 1:] * w[:, K - 1]
+        for k in range(K - 1):
+            out = out + xp[:, k:k + l] * w[:, k]
+        if self.conv1d.bias is not None:
+            out = out + self.conv1d.bias
+        conv_state = xp[:, xp.size(1) - (K - 1):].transpose(1, 2)           # (b, conv_dim, K-1)
+        xBC = out
         x, B, C, dt, A = self._ssm_inputs(xBC, dt)
         x = x.view(b, l, c.nheads, c.headdim)
         B, C = B.view(b, l, c.ngroups, c.d_state), C.view(b, l, c.ngroups, c.d_state)

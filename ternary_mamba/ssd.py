@@ -13,15 +13,34 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+class _DecayMatrix(torch.autograd.Function):
+    """L[i, j] = exp(a_cum[i] - a_cum[j]) for i >= j, else 0, with a hand-written backward:
+    dL[i, j]/da_cum[i] = L[i, j] and dL[i, j]/da_cum[j] = -L[i, j], so with G = grad_L * L
+    grad_a_cum[i] = sum_j G[i, j] - sum_i' G[i', i]  (two reductions instead of autograd's chain of
+    k x k temporaries through sub, clamp, exp and the mask)."""
+
+    @staticmethod
+    def forward(ctx, a_cum: Tensor) -> Tensor:
+        k = a_cum.size(-1)
+        causal = torch.ones(k, k, dtype=a_cum.dtype, device=a_cum.device).tril()
+        # Entries with i >= j are <= 0 (a <= 0), so clamping at 0 changes nothing there and keeps exp finite
+        # above the diagonal, which the mask then zeroes.  (Masking with -inf before exp gives the same values
+        # but hits a ~10x slower path of the vectorised exp on CPU.)
+        L = torch.exp((a_cum[..., :, None] - a_cum[..., None, :]).clamp_max_(0)).mul_(causal)
+        ctx.save_for_backward(L)
+        return L
+
+    @staticmethod
+    def backward(ctx, grad_L: Tensor) -> Tensor:
+        (L,) = ctx.saved_tensors
+        G = grad_L * L
+        return G.sum(-1) - G.sum(-2)
+
+
 def decay_matrix(a_cum: Tensor) -> Tensor:
     """a_cum (..., k) cumulative log-decays within a chunk -> L (..., k, k), L[i, j] = exp(a_cum[i] - a_cum[j])
     for i >= j, else 0.  Differences of a within-chunk cumsum: exact enough in fp32 for chunks of <= 256."""
-    k = a_cum.size(-1)
-    causal = torch.ones(k, k, dtype=a_cum.dtype, device=a_cum.device).tril()
-    # Entries with i >= j are <= 0 (a <= 0), so clamping at 0 changes nothing there and keeps exp finite above
-    # the diagonal, which the mask then zeroes.  (Masking with -inf before exp gives the same values but hits
-    # a ~10x slower path of the vectorised exp on CPU.)
-    return torch.exp((a_cum[..., :, None] - a_cum[..., None, :]).clamp_max(0)) * causal
+    return _DecayMatrix.apply(a_cum)
 
 
 def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,

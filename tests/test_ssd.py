@@ -96,3 +96,19 @@ def test_fused_forward_steps_aside_for_hooks_on_the_modules_it_skips():
     with torch.no_grad():
         m(torch.randint(0, 512, (1, 20)))
     assert seen == [torch.Size([1, 20, 64 * 2])]
+
+
+def test_decay_matrix_backward_matches_autograd_of_the_formula():
+    from ternary_mamba.ssd import decay_matrix
+    g = torch.Generator().manual_seed(0)
+    a = (-torch.rand(2, 3, 16, generator=g, dtype=torch.float64)).cumsum(-1).requires_grad_(True)
+    k = a.size(-1)
+    mask = torch.ones(k, k, dtype=torch.bool).tril()
+    ref = torch.exp((a[..., :, None] - a[..., None, :]).masked_fill(~mask, float("-inf")))
+    got = decay_matrix(a)
+    assert torch.allclose(got, ref)
+    gL = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    (g_ref,) = torch.autograd.grad(ref, a, gL)
+    (g_got,) = torch.autograd.grad(got, a, gL)
+    assert torch.allclose(g_got, g_ref, atol=1e-12)
+    assert torch.autograd.gradcheck(decay_matrix, (a.detach().requires_grad_(True),))
