@@ -26,6 +26,7 @@ from .quant.ternary import dequantize
 
 FORMAT_VERSION = 1
 KERNEL_MAX_ROWS = 16  # up to this many tokens per call use the packed GEMV kernel
+_SCRATCH: dict[str, Tensor | None] = {"w": None}   # dequantization buffer for prefill (no autograd)
 
 
 class PackedTernaryLinear(nn.Module):
@@ -39,11 +40,19 @@ class PackedTernaryLinear(nn.Module):
         self.register_buffer("bias", bias.float() if bias is not None else None, persistent=False)
         self.a8 = False  # opt-in: int8 activations in the decode GEMV (see use_a8_activations); not exact
 
-    def dequantized_weight(self) -> Tensor:
+    def dequantized_weight(self, scratch: bool = False) -> Tensor:
+        """The fp32 weight.  scratch=True (no autograd only) writes it into a buffer shared by all packed
+        modules: no fresh allocation (page faults, zeroing) per call, which costs more than the dequantization."""
         if not self.reference:
             from .kernels import get_kernel, tq2_dequant
             if get_kernel() is not None:
-                return tq2_dequant(self.codes, self.scales, self.group_size)
+                out = None
+                if scratch:
+                    n = self.out_features * self.in_features
+                    if _SCRATCH.get("w") is None or _SCRATCH["w"].numel() < n:
+                        _SCRATCH["w"] = torch.empty(n)
+                    out = _SCRATCH["w"][:n].view(self.out_features, self.in_features)
+                return tq2_dequant(self.codes, self.scales, self.group_size, out)
         codes = unpack(self.codes.reshape(-1), "tq2", (self.out_features, self.in_features))
         return dequantize(codes, self.scales, self.group_size)
 
@@ -58,7 +67,8 @@ class PackedTernaryLinear(nn.Module):
                 if self.bias is not None:
                     y = y + self.bias
                 return y.reshape(*lead, self.out_features)
-        return F.linear(x, self.dequantized_weight(), self.bias)
+        scratch = not torch.is_grad_enabled()   # the shared buffer is overwritten by the next call
+        return F.linear(x, self.dequantized_weight(scratch), self.bias)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, group_size={self.group_size}, packed=tq2"

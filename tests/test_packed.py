@@ -194,3 +194,20 @@ def test_a8_is_opt_in_and_close(tmp_path):
         assert use_a8_activations(p) > 0
         fast, _ = p.step(ids[:, 0], st8)
         assert not torch.equal(fast, exact) and (fast - exact).norm() / exact.norm() < 0.05
+
+
+def test_prefill_scratch_buffer_is_only_used_without_autograd():
+    from ternary_mamba.quant.packing import pack
+    g = torch.Generator().manual_seed(0)
+    mods = []
+    for _ in range(2):
+        t = torch.randint(-1, 2, (64, 64), generator=g, dtype=torch.int8)
+        mods.append(PackedTernaryLinear(pack(t, "tq2").view(64, 16), (torch.rand(64, 2, generator=g) + .1).half(),
+                                        64, 32, None))
+    x = torch.randn(40, 64, generator=g, requires_grad=True)      # 40 rows: the dequantize + GEMM path
+    mods[1](mods[0](x)).sum().backward()
+    w0, w1 = (m.dequantized_weight().clone() for m in mods)
+    expect = (torch.ones(40, 64) @ w1) @ w0
+    assert torch.allclose(x.grad, expect, atol=1e-4)
+    with torch.no_grad():
+        assert torch.allclose(mods[1](mods[0](x)), (x @ w0.T) @ w1.T, atol=1e-4)
