@@ -231,7 +231,5 @@ def fast_step(model, token_ids: Tensor, state: list) -> tuple[Tensor, list] | No
 
 def _has_hooks(model) -> bool:
     """Forward hooks (capture, analysis) must see every module run: then the module path is used."""
-    from torch.nn.modules import module as M
-    if M._global_forward_hooks or M._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    from .model import _hooked
+    return _hooked(*model.modules())

@@ -1,6 +1,17 @@
 // Prototypes shared by the C sources of the ternary-mamba kernel library (all built into one .so).
 #pragma once
 #include <stdint.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+
+// Sum of the 8 lanes of an AVX register.
+static inline float hsum8(__m256 a) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    lo = _mm_hadd_ps(lo, lo);
+    lo = _mm_hadd_ps(lo, lo);
+    return _mm_cvtss_f32(lo);
+}
+#endif
 
 void tq2_gemv(const uint8_t *codes, const float *scales, const float *x, float *y,
               int64_t out, int64_t in, int64_t G, int64_t nb);

@@ -66,10 +66,7 @@ void f32_gemv(const float *w, const float *x, float *y, int64_t out, int64_t in,
                 a3 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i + 24), _mm256_loadu_ps(xx + i + 24), a3);
             }
             const __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-            __m128 lo = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-            lo = _mm_hadd_ps(lo, lo);
-            lo = _mm_hadd_ps(lo, lo);
-            acc = _mm_cvtss_f32(lo);
+            acc = hsum8(a);
 #endif
             for (; i < in; i++) acc += row[i] * xx[i];
             y[b * out + o] = acc;
@@ -116,10 +113,7 @@ void f16_gemv(const uint16_t *w, const float *x, float *y, int64_t out, int64_t 
             }
 #undef F16W
             const __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-            __m128 lo = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-            lo = _mm_hadd_ps(lo, lo);
-            lo = _mm_hadd_ps(lo, lo);
-            acc = _mm_cvtss_f32(lo);
+            acc = hsum8(a);
 #endif
             for (; i < in; i++) acc += half_to_float(row[i]) * xx[i];
             y[b * out + o] = acc;

@@ -106,10 +106,7 @@ static inline float tq2_row_dot(const uint8_t *row, const float *srow, const flo
         const __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
         acc_row = _mm256_fmadd_ps(a, _mm256_set1_ps(srow[g]), acc_row);
     }
-    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(acc_row), _mm256_extractf128_ps(acc_row, 1));
-    lo = _mm_hadd_ps(lo, lo);
-    lo = _mm_hadd_ps(lo, lo);
-    return _mm_cvtss_f32(lo);
+    return hsum8(acc_row);
 #else
     float res = 0.f;
     for (int64_t g = 0; g < ngroups; g++) {
@@ -223,10 +220,7 @@ void i8_gemv(const int8_t *w, const float *scale, const float *x, float *y, int6
             for (; i + 8 <= in; i += 8) a = _mm256_fmadd_ps(I8W(0), _mm256_loadu_ps(xx + i), a);
 #undef I8W
             a = _mm256_add_ps(_mm256_add_ps(a, a1), _mm256_add_ps(a2, a3));
-            __m128 lo = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-            lo = _mm_hadd_ps(lo, lo);
-            lo = _mm_hadd_ps(lo, lo);
-            acc = _mm_cvtss_f32(lo);
+            acc = hsum8(a);
             for (; i < in; i++) acc += row[i] * xx[i];
 #else
             for (int64_t i = 0; i < in; i++) acc += row[i] * xx[i];
@@ -261,10 +255,7 @@ static inline float state_update_dot(float *s, float a, float u, const float *B,
         c1 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(C + k + 8), c1);
     }
     const __m256 c = _mm256_add_ps(c0, c1);
-    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));
-    lo = _mm_hadd_ps(lo, lo);
-    lo = _mm_hadd_ps(lo, lo);
-    acc = _mm_cvtss_f32(lo);
+    acc = hsum8(c);
 #endif
     for (; k < n; k++) {
         const float v = s[k] * a + u * B[k];
@@ -390,10 +381,7 @@ void tq2_gemv_a8(const uint8_t *codes, const float *scales, const int8_t *xq, co
                 }
                 accf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(srow[g]), accf);
             }
-            __m128 lo = _mm_add_ps(_mm256_castps256_ps128(accf), _mm256_extractf128_ps(accf, 1));
-            lo = _mm_hadd_ps(lo, lo);
-            lo = _mm_hadd_ps(lo, lo);
-            y[b * out + o] = _mm_cvtss_f32(lo) * xs[b];
+            y[b * out + o] = hsum8(accf) * xs[b];
 #else
             float acc = 0.f;
             for (int64_t g = 0; g < ngroups; g++) {
