@@ -334,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import UserError
     try:
         import torch
+
+        from .runtime import keep_freed_memory
+        keep_freed_memory()   # no page faults on every step's fresh activations (see runtime.py)
         if threads:
             torch.set_num_threads(threads)
         if args.command in ("pretrain", "quantize"):

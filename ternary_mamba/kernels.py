@@ -1,7 +1,9 @@
-"""The compiled kernels (csrc/*.c: tq2_gemv.c the ternary and int8 products and the fused mixer step,
-lm_step.c the whole-model decode step, ssd_prefill.c the fused chunked scan for inference), built once with the system C compiler and loaded with ctypes.  Built with -march=native (AVX2 + FMA where the CPU has them, a portable loop otherwise) and
-OpenMP.  If no compiler is available, `get_kernel()` returns None after one warning and callers use the
-pure-PyTorch reference."""
+"""The compiled kernels (csrc/*.c), built once with the system C compiler and loaded with ctypes:
+tq2_gemv.c the ternary and int8 products and the fused mixer step; lm_step.c the whole-model decode step;
+ssd_prefill.c the fused conv and chunked scan for inference (and the forward of training); ssd_train.c and
+conv_train.c the backward passes of training.  Built with -march=native (AVX2 + FMA where the CPU has them, a
+portable loop otherwise) and OpenMP.  If no compiler is available, `get_kernel()` returns None after one warning
+and callers use the pure-PyTorch reference."""
 from __future__ import annotations
 
 import ctypes
@@ -73,7 +75,11 @@ def get_kernel():
     lib.tq2_gemv_a8.restype = None
     lib.i8_gemv.argtypes = [p, p, p, p, i64, i64, i64]
     lib.i8_gemv.restype = None
-    lib.ssd_prefill.argtypes = [p] * 8 + [i64] * 9
+    lib.ssd_prefill.argtypes = [p] * 8 + [i64] * 9 + [p, p]
+    lib.ssd_backward.argtypes = [p, i64] + [p] * 11 + [i64] * 7
+    lib.ssd_backward.restype = ctypes.c_int
+    lib.conv_silu_backward.argtypes = [p, i64] + [p] * 8 + [i64] * 4
+    lib.conv_silu_backward.restype = None
     lib.conv_silu_prefill.argtypes = [p, i64, p, p, p, p, p, i64, i64, i64, i64]
     lib.conv_silu_prefill.restype = None
     lib.gated_norm_prefill.argtypes = [p, p, i64, p, i64, p, p, i64, i64, i64, i64, ctypes.c_float]
@@ -170,7 +176,7 @@ def ssd_prefill(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     state = torch.empty(b, h, p, n)
     rc = lib.ssd_prefill(x.data_ptr(), dt.data_ptr(), A.data_ptr(), B.data_ptr(), C.data_ptr(),
                          init.data_ptr() if init is not None else None, y.data_ptr(), state.data_ptr(),
-                         b, l, h, p, g, n, chunk_size, x_rs, bc_rs)
+                         b, l, h, p, g, n, chunk_size, x_rs, bc_rs, None, None)
     return (y, state) if rc == 0 else None
 
 

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .config import Mamba2Config
 from .ssd import ssd_chunked, ssd_sequential, ssd_step
+from . import fused_train as fused
 
 
 def _fused_step_kernel():
@@ -74,8 +75,8 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.ones(cfg.nheads))
         self.norm = GatedRMSNorm(cfg.d_inner, cfg.ngroups, cfg.norm_eps)
         self.out_proj = nn.Linear(cfg.d_inner, cfg.d_model, bias=cfg.bias)
-        # "chunked": the C scan under no_grad, PyTorch's chunked scan with autograd; "torch": always PyTorch's;
-        # "sequential": the slow token-by-token reference, for tests
+        # "chunked": C kernels (the inference ones under no_grad, those of fused_train.py with autograd);
+        # "torch": PyTorch's conv and chunked scan (the reference); "sequential": the token-by-token scan
         self.ssd_impl = "chunked"
 
     def _split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -99,8 +100,17 @@ class Mamba2Mixer(nn.Module):
             fast = self._forward_fused(z, xBC, dt, state)   # inference: conv + scan in C
             if fast is not None:
                 return fast
-        # causal depthwise conv over time, continuing from the previous inputs (zeros at the start), as K
-        # shifted multiply-adds in the (b, l, channels) layout: no transposes, cheap backward
+        init = state.ssm if state is not None else None
+        if self.ssd_impl == "chunked" and fused.conv_supported(xBC, self.conv1d.weight) \
+                and fused.ssd_supported(xBC, c.headdim, c.d_state, c.chunk_size):
+            # training: conv + SiLU and the scan + D skip as C kernels with hand-written backward passes
+            xBC, conv_state = fused.conv_silu_train(xBC, self.conv1d.weight, self.conv1d.bias,
+                                                    state.conv if state is not None else None)
+            y, ssm_state = fused.ssd_train(xBC, F.softplus(dt + self.dt_bias), -torch.exp(self.A_log), self.D,
+                                           c.nheads, c.headdim, c.ngroups, c.d_state, c.chunk_size, init)
+            return self.out_proj(self.norm(y.view(b, l, c.d_inner), z)), LayerState(conv_state, ssm_state)
+        # the PyTorch reference: causal depthwise conv over time, continuing from the previous inputs (zeros at
+        # the start), as K shifted multiply-adds in the (b, l, channels) layout: no transposes, cheap backward
         K = c.d_conv
         hist = state.conv.transpose(1, 2) if state is not None else xBC.new_zeros(b, K - 1, c.conv_dim)
         xp = torch.cat([hist.to(xBC.dtype), xBC], dim=1)                    # (b, K-1+l, conv_dim)
@@ -115,7 +125,6 @@ class Mamba2Mixer(nn.Module):
         x, B, C, dt, A = self._ssm_inputs(xBC, dt)
         x = x.view(b, l, c.nheads, c.headdim)
         B, C = B.view(b, l, c.ngroups, c.d_state), C.view(b, l, c.ngroups, c.d_state)
-        init = state.ssm if state is not None else None
         if self.ssd_impl == "sequential":
             y, ssm_state = ssd_sequential(x, dt, A, B, C, init)
         else:

@@ -10,77 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "kernels.h"
-
-typedef float v16 __attribute__((vector_size(64), aligned(4)));   // 16 floats: one zmm, two ymm, or scalar code
-
-static inline v16 vload(const float *p) { return *(const v16 *)p; }
-static inline void vstore(float *p, v16 v) { *(v16 *)p = v; }
-
-// C[i, 0:N] += sum_q A[i*sar + q*sac] * B[q*ldb + 0:N]   for i < m.   N % 16 == 0.
-static void gemm_acc(int64_t m, int64_t N, int64_t K, const float *A, int64_t sar, int64_t sac,
-                     const float *B, int64_t ldb, float *C, int64_t ldc) {
-    int64_t i0 = 0;
-    for (; i0 + 4 <= m; i0 += 4) {
-        int64_t j0 = 0;
-        for (; j0 + 32 <= N; j0 += 32) {
-            v16 c00 = vload(C + i0 * ldc + j0), c01 = vload(C + i0 * ldc + j0 + 16);
-            v16 c10 = vload(C + (i0 + 1) * ldc + j0), c11 = vload(C + (i0 + 1) * ldc + j0 + 16);
-            v16 c20 = vload(C + (i0 + 2) * ldc + j0), c21 = vload(C + (i0 + 2) * ldc + j0 + 16);
-            v16 c30 = vload(C + (i0 + 3) * ldc + j0), c31 = vload(C + (i0 + 3) * ldc + j0 + 16);
-            const float *a0 = A + i0 * sar, *a1 = a0 + sar, *a2 = a1 + sar, *a3 = a2 + sar;
-            for (int64_t q = 0; q < K; q++) {
-                const v16 b0 = vload(B + q * ldb + j0), b1 = vload(B + q * ldb + j0 + 16);
-                const float x0 = a0[q * sac], x1 = a1[q * sac], x2 = a2[q * sac], x3 = a3[q * sac];
-                c00 += x0 * b0; c01 += x0 * b1;
-                c10 += x1 * b0; c11 += x1 * b1;
-                c20 += x2 * b0; c21 += x2 * b1;
-                c30 += x3 * b0; c31 += x3 * b1;
-            }
-            vstore(C + i0 * ldc + j0, c00); vstore(C + i0 * ldc + j0 + 16, c01);
-            vstore(C + (i0 + 1) * ldc + j0, c10); vstore(C + (i0 + 1) * ldc + j0 + 16, c11);
-            vstore(C + (i0 + 2) * ldc + j0, c20); vstore(C + (i0 + 2) * ldc + j0 + 16, c21);
-            vstore(C + (i0 + 3) * ldc + j0, c30); vstore(C + (i0 + 3) * ldc + j0 + 16, c31);
-        }
-        for (; j0 < N; j0 += 16)
-            for (int64_t r = 0; r < 4; r++) {
-                v16 c = vload(C + (i0 + r) * ldc + j0);
-                for (int64_t q = 0; q < K; q++) c += A[(i0 + r) * sar + q * sac] * vload(B + q * ldb + j0);
-                vstore(C + (i0 + r) * ldc + j0, c);
-            }
-    }
-    for (; i0 < m; i0++)
-        for (int64_t j0 = 0; j0 < N; j0 += 16) {
-            v16 c = vload(C + i0 * ldc + j0);
-            for (int64_t q = 0; q < K; q++) c += A[i0 * sar + q * sac] * vload(B + q * ldb + j0);
-            vstore(C + i0 * ldc + j0, c);
-        }
-}
-
-typedef int32_t vi16 __attribute__((vector_size(64), aligned(4)));
-
-// exp on 16 lanes (Cephes' expf: range reduction by ln 2, degree-5 polynomial; ~1 ulp), inputs clamped.
-static inline v16 vexp(v16 x) {
-    const v16 hi = (v16){0} + 88.3762626647949f, lo = (v16){0} + -87.3365447505531f;
-    vi16 m = x > hi;
-    x = (v16)(((vi16)x & ~m) | ((vi16)hi & m));
-    m = x < lo;
-    x = (v16)(((vi16)x & ~m) | ((vi16)lo & m));
-    v16 fx = x * 1.44269504088896341f + 0.5f;
-    v16 t = __builtin_convertvector(__builtin_convertvector(fx, vi16), v16);   // truncation
-    m = t > fx;                                                                    // -> floor
-    fx = t - (v16)(m & (vi16)((v16){0} + 1.f));
-    x = x - fx * 0.693359375f + fx * 2.12194440e-4f;
-    const v16 z = x * x;
-    v16 y = (v16){0} + 1.9875691500e-4f;
-    y = y * x + 1.3981999507e-3f;
-    y = y * x + 8.3334519073e-3f;
-    y = y * x + 4.1665795894e-2f;
-    y = y * x + 1.6666665459e-1f;
-    y = y * x + 5.0000001201e-1f;
-    y = y * z + x + 1.f;
-    const vi16 e = (__builtin_convertvector(fx, vi16) + 127) << 23;
-    return y * (v16)e;
-}
+#include "vec16.h"
 
 // Causal depthwise conv + SiLU over a whole sequence (reference: the conv1d + silu of Mamba2Mixer.forward).
 //   xbc rows (b, l) at stride in_rs, conv_dim channels each; prev (b, conv_dim, K-1) = the inputs before
@@ -124,16 +54,6 @@ void conv_silu_prefill(const float *xbc, int64_t in_rs, const float *prev, const
     free(wt);
 }
 
-static inline float dot(const float *a, const float *b, int64_t n) {
-    v16 acc = {0};
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) acc += vload(a + i) * vload(b + i);
-    float s = 0.f;
-    for (int j = 0; j < 16; j++) s += acc[j];
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
 // The mixer's tail over a sequence (reference: GatedRMSNorm(y + D x, z)):  v = (y + D_h x) * silu(z), then one
 // RMS statistic per group of d_inner/ng channels, times norm_w.  y (b*l, d_inner) contiguous is overwritten
 // with the result; x and z rows are read at strides x_rs / z_rs (views into wider tensors).
@@ -165,9 +85,11 @@ void gated_norm_prefill(float *y, const float *x, int64_t x_rs, const float *z, 
 
 // x_rs / bc_rs: elements between consecutive positions of x and of B/C (x may be a view into xBC).
 // Returns 0, or -1 if p is not a multiple of 16 (the caller then uses the PyTorch scan).
+// Training (ssd_train.c) also passes D (the skip y += D_h x, else NULL) and chunk_states (b,h,chunks,p,n): the
+// state entering every chunk, which the backward pass starts from.
 int ssd_prefill(const float *x, const float *dt, const float *A, const float *B, const float *C, const float *init,
                 float *y, float *final_state, int64_t nb, int64_t l, int64_t nh, int64_t p, int64_t ng, int64_t n,
-                int64_t k, int64_t x_rs, int64_t bc_rs) {
+                int64_t k, int64_t x_rs, int64_t bc_rs, float *chunk_states, const float *D) {
     if (p % 16 || k < 1) return -1;
     const int64_t nc = (l + k - 1) / k, r = nh / ng;
     // C_i . B_j for every chunk and group (lower triangle), shared by the heads of a group
@@ -195,6 +117,11 @@ int ssd_prefill(const float *x, const float *dt, const float *A, const float *B,
             const float Ah = A[h];
             for (int64_t c = 0; c < nc; c++) {
                 const int64_t t0 = c * k, kk = l - t0 < k ? l - t0 : k;
+                if (chunk_states) {
+                    float *Sc = chunk_states + ((b * nh + h) * nc + c) * p * n;
+                    for (int64_t pp = 0; pp < p; pp++)
+                        for (int64_t q = 0; q < n; q++) Sc[pp * n + q] = ST[q * p + pp];
+                }
                 float run = 0.f;
                 for (int64_t j = 0; j < kk; j++) {
                     const float d = dt[(b * l + t0 + j) * nh + h];
@@ -225,7 +152,12 @@ int ssd_prefill(const float *x, const float *dt, const float *A, const float *B,
                     for (int64_t j = 0; j <= i; j++) M[i * k + j] = drow[j] * CBc[i * k + j];
                     for (int64_t j = i + 1; j < kk; j++) M[i * k + j] = 0.f;
                 }
-                gemm_acc(kk, p, kk, M, k, 1, xdt, p, yc, ldy);                          // intra-chunk
+                gemm_tri(A_LOWER, 1, kk, p, kk, M, k, 1, xdt, p, yc, ldy);                          // intra-chunk
+                if (D)
+                    for (int64_t i = 0; i < kk; i++) {
+                        const float *xi = x + (b * l + t0 + i) * x_rs + h * p;
+                        for (int64_t pp = 0; pp < p; pp++) yc[i * ldy + pp] += D[h] * xi[pp];
+                    }
                 const float a_end = acum[kk - 1], e_end = expf(a_end);
                 for (int64_t j = 0; j < kk; j++) {
                     const float w = expf(a_end - acum[j]);

@@ -1,0 +1,123 @@
+// 16-float vector helpers shared by the sequence kernels (ssd_prefill.c, ssd_train.c): GCC vector types, so the
+// same code becomes one zmm (AVX-512), two ymm (AVX2) or scalar code.
+#pragma once
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));   // 16 floats: one zmm, two ymm, or scalar code
+
+static inline v16 vload(const float *p) { return *(const v16 *)p; }
+static inline void vstore(float *p, v16 v) { *(v16 *)p = v; }
+
+// Triangular shapes of the products inside a chunk (gemm_tri's `tri`), so that known zeros are skipped:
+enum { DENSE = 0, A_LOWER = 1,   // A[i, q] == 0 for q > i
+       A_UPPER = 2,              // A[i, q] == 0 for q < i
+       C_LOWER = 3 };            // only C[i, j] with j <= i is needed (columns past the diagonal block: garbage)
+
+// C[i, 0:N] (+)= sum_q A[i*sar + q*sac] * B[q*ldb + 0:N]   for i < m.   N % 16 == 0.  acc = 0 overwrites C.
+#define LOADC(p) (acc ? vload(p) : (v16){0})
+static inline void gemm_tri(int tri, int acc, int64_t m, int64_t N, int64_t K, const float *A, int64_t sar, int64_t sac,
+                            const float *B, int64_t ldb, float *C, int64_t ldc) {
+    int64_t i0 = 0;
+    for (; i0 + 4 <= m; i0 += 4) {
+        const int64_t qlo = tri == A_UPPER ? i0 : 0, qhi = tri == A_LOWER && i0 + 4 < K ? i0 + 4 : K;
+        const int64_t nhi = tri == C_LOWER && (i0 + 4 + 15) / 16 * 16 < N ? (i0 + 4 + 15) / 16 * 16 : N;
+        int64_t j0 = 0;
+        for (; j0 + 32 <= nhi; j0 += 32) {
+            v16 c00 = LOADC(C + i0 * ldc + j0), c01 = LOADC(C + i0 * ldc + j0 + 16);
+            v16 c10 = LOADC(C + (i0 + 1) * ldc + j0), c11 = LOADC(C + (i0 + 1) * ldc + j0 + 16);
+            v16 c20 = LOADC(C + (i0 + 2) * ldc + j0), c21 = LOADC(C + (i0 + 2) * ldc + j0 + 16);
+            v16 c30 = LOADC(C + (i0 + 3) * ldc + j0), c31 = LOADC(C + (i0 + 3) * ldc + j0 + 16);
+            const float *a0 = A + i0 * sar, *a1 = a0 + sar, *a2 = a1 + sar, *a3 = a2 + sar;
+            for (int64_t q = qlo; q < qhi; q++) {
+                const v16 b0 = vload(B + q * ldb + j0), b1 = vload(B + q * ldb + j0 + 16);
+                const float x0 = a0[q * sac], x1 = a1[q * sac], x2 = a2[q * sac], x3 = a3[q * sac];
+                c00 += x0 * b0; c01 += x0 * b1;
+                c10 += x1 * b0; c11 += x1 * b1;
+                c20 += x2 * b0; c21 += x2 * b1;
+                c30 += x3 * b0; c31 += x3 * b1;
+            }
+            vstore(C + i0 * ldc + j0, c00); vstore(C + i0 * ldc + j0 + 16, c01);
+            vstore(C + (i0 + 1) * ldc + j0, c10); vstore(C + (i0 + 1) * ldc + j0 + 16, c11);
+            vstore(C + (i0 + 2) * ldc + j0, c20); vstore(C + (i0 + 2) * ldc + j0 + 16, c21);
+            vstore(C + (i0 + 3) * ldc + j0, c30); vstore(C + (i0 + 3) * ldc + j0 + 16, c31);
+        }
+        for (; j0 < nhi; j0 += 16) {
+            v16 c0 = LOADC(C + i0 * ldc + j0), c1 = LOADC(C + (i0 + 1) * ldc + j0);
+            v16 c2 = LOADC(C + (i0 + 2) * ldc + j0), c3 = LOADC(C + (i0 + 3) * ldc + j0);
+            const float *a0 = A + i0 * sar, *a1 = a0 + sar, *a2 = a1 + sar, *a3 = a2 + sar;
+            for (int64_t q = qlo; q < qhi; q++) {
+                const v16 b0 = vload(B + q * ldb + j0);
+                c0 += a0[q * sac] * b0; c1 += a1[q * sac] * b0; c2 += a2[q * sac] * b0; c3 += a3[q * sac] * b0;
+            }
+            vstore(C + i0 * ldc + j0, c0); vstore(C + (i0 + 1) * ldc + j0, c1);
+            vstore(C + (i0 + 2) * ldc + j0, c2); vstore(C + (i0 + 3) * ldc + j0, c3);
+        }
+    }
+    for (; i0 < m; i0++) {
+        const int64_t qlo = tri == A_UPPER ? i0 : 0, qhi = tri == A_LOWER && i0 + 1 < K ? i0 + 1 : K;
+        const int64_t nhi = tri == C_LOWER && (i0 + 1 + 15) / 16 * 16 < N ? (i0 + 1 + 15) / 16 * 16 : N;
+        for (int64_t j0 = 0; j0 < nhi; j0 += 16) {
+            v16 c = LOADC(C + i0 * ldc + j0);
+            for (int64_t q = qlo; q < qhi; q++) c += A[i0 * sar + q * sac] * vload(B + q * ldb + j0);
+            vstore(C + i0 * ldc + j0, c);
+        }
+    }
+}
+
+static inline void gemm_acc(int64_t m, int64_t N, int64_t K, const float *A, int64_t sar, int64_t sac,
+                            const float *B, int64_t ldb, float *C, int64_t ldc) {
+    gemm_tri(DENSE, 1, m, N, K, A, sar, sac, B, ldb, C, ldc);
+}
+#undef LOADC
+
+typedef int32_t vi16 __attribute__((vector_size(64), aligned(4)));
+
+// exp on 16 lanes (Cephes' expf: range reduction by ln 2, degree-5 polynomial; ~1 ulp), inputs clamped.
+static inline v16 vexp(v16 x) {
+    const v16 hi = (v16){0} + 88.3762626647949f, lo = (v16){0} + -87.3365447505531f;
+    vi16 m = x > hi;
+    x = (v16)(((vi16)x & ~m) | ((vi16)hi & m));
+    m = x < lo;
+    x = (v16)(((vi16)x & ~m) | ((vi16)lo & m));
+    v16 fx = x * 1.44269504088896341f + 0.5f;
+    v16 t = __builtin_convertvector(__builtin_convertvector(fx, vi16), v16);   // truncation
+    m = t > fx;                                                                    // -> floor
+    fx = t - (v16)(m & (vi16)((v16){0} + 1.f));
+    x = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+    const v16 z = x * x;
+    v16 y = (v16){0} + 1.9875691500e-4f;
+    y = y * x + 1.3981999507e-3f;
+    y = y * x + 8.3334519073e-3f;
+    y = y * x + 4.1665795894e-2f;
+    y = y * x + 1.6666665459e-1f;
+    y = y * x + 5.0000001201e-1f;
+    y = y * z + x + 1.f;
+    const vi16 e = (__builtin_convertvector(fx, vi16) + 127) << 23;
+    return y * (v16)e;
+}
+
+// Sum of the 16 lanes (halving: 16 -> 8 -> 4 -> 1).
+static inline float hsum16(v16 v) {
+    typedef float v8 __attribute__((vector_size(32), aligned(4)));
+    typedef float v4 __attribute__((vector_size(16), aligned(4)));
+    v8 lo, hi;
+    memcpy(&lo, &v, 32);
+    memcpy(&hi, (const char *)&v + 32, 32);
+    lo += hi;
+    v4 a, b;
+    memcpy(&a, &lo, 16);
+    memcpy(&b, (const char *)&lo + 16, 16);
+    a += b;
+    return (a[0] + a[2]) + (a[1] + a[3]);
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    v16 acc = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) acc += vload(a + i) * vload(b + i);
+    float s = hsum16(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
