@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .config import PRESETS, Mamba2Config
 from .model import Mamba2LM
+from .train.pretrain import next_token_loss
 
 
 def _best_time(fn, repeats: int = 3, warmup: int = 1) -> float:
@@ -51,31 +52,56 @@ def hf_model(cfg: Mamba2Config, ours: Mamba2LM):
     return hf
 
 
-def _train_tok_s(model, vocab: int, batch: int, seq: int, hf: bool = False, steps: int = 3) -> float:
+def _train_step(model, vocab: int, batch: int, seq: int, hf: bool = False):
+    """One closure = one optimizer step of forward + backward (fp32, AdamW) on a fixed random batch."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, vocab, (batch, seq + 1))
 
-    def step():
-        logits = model(ids[:, :-1]).logits if hf else model(ids[:, :-1])
-        F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+    def step():   # each side with its own loss: transformers' is F.cross_entropy, ours the fused one of training
+        if hf:
+            F.cross_entropy(model(ids[:, :-1]).logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+        else:
+            next_token_loss(model, ids).backward()
         opt.step()
         opt.zero_grad()
     model.train()
-    return batch * seq / _best_time(step, repeats=steps)
+    return step
 
 
-def bench_training(log) -> dict:
-    cfg = Mamba2Config(**PRESETS["bench-5m"], chunk_size=64)
-    ours = Mamba2LM(cfg)
-    hf = hf_model(cfg, ours)
-    flops = gemm_flops()
-    t_ours = _train_tok_s(ours, cfg.vocab_size, 8, 256)
-    t_hf = _train_tok_s(hf, cfg.vocab_size, 8, 256, hf=True)
-    mfu = t_ours * train_flops_per_token(cfg) / flops
-    r = {"config": "bench-5m", "params": cfg.n_params, "gemm_gflops": flops / 1e9, "ours_tok_s": t_ours,
-         "transformers_tok_s": t_hf, "ratio": t_ours / t_hf, "mfu": mfu}
-    log(f"training 8x256, {cfg.n_params / 1e6:.1f} M params: ours {t_ours:,.0f} tok/s, transformers {t_hf:,.0f} tok/s "
-        f"-> {t_ours / t_hf:.2f}x; {mfu * 100:.0f} % of the {flops / 1e9:.0f} GFLOP/s fp32 GEMM measured now")
+def bench_training(log, rounds: int = 3, chunks=(32, 64, 128)) -> dict:
+    """Training tokens/s of ours and of transformers, each at every chunk size in `chunks` (the chunk length is a
+    compute knob; each side is reported at its best), on the same weights.  The variants are interleaved over
+    `rounds` rounds and each keeps its best step, so a noisy spell hits all of them alike."""
+    base = Mamba2Config(**PRESETS["bench-5m"], chunk_size=64)
+    ref = Mamba2LM(base)
+    batch, seq = 8, 256
+    steps = {}
+    for k in chunks:
+        cfg = base.replace(chunk_size=k)
+        ours = Mamba2LM(cfg, init=False)
+        ours.load_state_dict(ref.state_dict())
+        steps[("ours", k)] = _train_step(ours, cfg.vocab_size, batch, seq)
+        steps[("transformers", k)] = _train_step(hf_model(cfg, ref), cfg.vocab_size, batch, seq, hf=True)
+    best = {key: float("inf") for key in steps}
+    flops = 0.0
+    for r in range(rounds):
+        flops = max(flops, gemm_flops())
+        for key, step in steps.items():
+            if r == 0:
+                step()   # warm-up
+            best[key] = min(best[key], _best_time(step, repeats=2, warmup=0))
+        log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n}@{k} {batch * seq / best[(n, k)]:,.0f}" for n, k in best))
+    tok_s = {key: batch * seq / t for key, t in best.items()}
+    k_ours = max(chunks, key=lambda k: tok_s[("ours", k)])
+    k_hf = max(chunks, key=lambda k: tok_s[("transformers", k)])
+    t_ours, t_hf = tok_s[("ours", k_ours)], tok_s[("transformers", k_hf)]
+    mfu = t_ours * train_flops_per_token(base.replace(chunk_size=k_ours)) / flops
+    r = {"config": "bench-5m", "params": base.n_params, "gemm_gflops": flops / 1e9, "ours_tok_s": t_ours,
+         "ours_chunk": k_ours, "transformers_tok_s": t_hf, "transformers_chunk": k_hf, "ratio": t_ours / t_hf,
+         "mfu": mfu, "all_tok_s": {f"{n}@{k}": v for (n, k), v in tok_s.items()}}
+    log(f"training {batch}x{seq}, {base.n_params / 1e6:.1f} M params: ours {t_ours:,.0f} tok/s (chunk {k_ours}), "
+        f"transformers {t_hf:,.0f} tok/s (chunk {k_hf}) -> {t_ours / t_hf:.2f}x; {mfu * 100:.0f} % of the "
+        f"{flops / 1e9:.0f} GFLOP/s fp32 GEMM measured now")
     return r
 
 
@@ -107,7 +133,7 @@ def bench_130m(log, decode_tokens: int = 32) -> dict:
 def run_bench_model(args) -> None:
     torch.manual_seed(0)
     out = {"threads": torch.get_num_threads()}
-    out["training"] = bench_training(print)
+    out["training"] = bench_training(print, rounds=args.rounds)
     if not args.skip_130m:
         out["mamba2_130m"] = bench_130m(print)
     if args.json:

@@ -6,6 +6,7 @@
   backward) work per (batch, head) on small in-cache GEMMs and keep only the state entering every chunk.
 - `conv_silu_train`: the causal depthwise conv + SiLU (csrc/ssd_prefill.c forward, csrc/conv_train.c backward).
   Reference: the shifted multiply-adds of `Mamba2Mixer.forward` followed by F.silu.
+- `gated_norm_train`: the mixer's gated RMSNorm (csrc/norm_train.c).  Reference: `model.GatedRMSNorm`.
 
 Tests compare values and every gradient with the references (tests/test_fused_train.py).
 """
@@ -117,3 +118,37 @@ def conv_silu_train(xbc: Tensor, weight: Tensor, bias: Tensor | None, prev: Tens
     the new conv state (b, conv_dim, K-1)).  Differentiable in all tensor inputs.  Check `conv_supported`."""
     prev = prev.contiguous() if prev is not None else None
     return _ConvSiLU.apply(xbc, weight, bias, prev)
+
+
+class _GatedNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y: Tensor, z: Tensor, weight: Tensor, ngroups: int, eps: float):
+        from .kernels import _rows
+        b, l, d = y.shape
+        zr, z_rs = _rows(z, d)
+        out, rstd = y.new_empty(b, l, d), y.new_empty(b * l, ngroups)
+        get_kernel().gated_norm_fwd(y.data_ptr(), zr.data_ptr(), z_rs, weight.data_ptr(), out.data_ptr(),
+                                    rstd.data_ptr(), b * l, d, ngroups, eps)
+        ctx.save_for_backward(y, zr, weight, rstd)
+        ctx.z_rs, ctx.ngroups = z_rs, ngroups
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        y, zr, weight, rstd = ctx.saved_tensors
+        b, l, d = y.shape
+        dout = dout.contiguous()
+        dy, dz, dw = y.new_empty(b, l, d), y.new_empty(b, l, d), torch.empty_like(weight)
+        get_kernel().gated_norm_bwd(y.data_ptr(), zr.data_ptr(), ctx.z_rs, weight.data_ptr(), rstd.data_ptr(),
+                                    dout.data_ptr(), dy.data_ptr(), dz.data_ptr(), dw.data_ptr(), b * l, d, ctx.ngroups)
+        return dy, dz, dw, None, None
+
+
+def gated_norm_supported(y: Tensor, z: Tensor, weight: Tensor) -> bool:
+    return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (y, z, weight))
+            and weight.is_contiguous() and get_kernel() is not None)
+
+
+def gated_norm_train(y: Tensor, z: Tensor, weight: Tensor, ngroups: int, eps: float) -> Tensor:
+    """GatedRMSNorm(y, z) with `weight`: y (b, l, d) (made contiguous), z (b, l, d) (a view is fine)."""
+    return _GatedNorm.apply(y.contiguous(), z, weight, ngroups, float(eps))

@@ -1,9 +1,9 @@
 """The compiled kernels (csrc/*.c), built once with the system C compiler and loaded with ctypes:
 tq2_gemv.c the ternary and int8 products and the fused mixer step; lm_step.c the whole-model decode step;
-ssd_prefill.c the fused conv and chunked scan for inference (and the forward of training); ssd_train.c and
-conv_train.c the backward passes of training.  Built with -march=native (AVX2 + FMA where the CPU has them, a
-portable loop otherwise) and OpenMP.  If no compiler is available, `get_kernel()` returns None after one warning
-and callers use the pure-PyTorch reference."""
+ssd_prefill.c the fused conv and chunked scan for inference (and the forward of training); ssd_train.c,
+conv_train.c and norm_train.c the backward passes of training (and the norm's forward); losses.c cross-entropy and the distillation KL.  Built with
+-march=native (AVX2 + FMA where the CPU has them, a portable loop otherwise) and OpenMP.  If no compiler is
+available, `get_kernel()` returns None after one warning and callers use the pure-PyTorch reference."""
 from __future__ import annotations
 
 import ctypes
@@ -80,6 +80,15 @@ def get_kernel():
     lib.ssd_backward.restype = ctypes.c_int
     lib.conv_silu_backward.argtypes = [p, i64] + [p] * 8 + [i64] * 4
     lib.conv_silu_backward.restype = None
+    f = ctypes.c_float
+    lib.ce_forward.argtypes = [p, i64, p, p, p, i64, i64]
+    lib.ce_backward.argtypes = [p, i64, p, p, f, p, i64, i64]
+    lib.kl_forward.argtypes = [p, i64, p, i64, f, p, p, p, i64, i64]
+    lib.kl_backward.argtypes = [p, i64, p, i64, f, p, p, f, p, i64, i64]
+    lib.gated_norm_fwd.argtypes = [p, p, i64, p, p, p, i64, i64, i64, f]
+    lib.gated_norm_bwd.argtypes = [p, p, i64] + [p] * 6 + [i64] * 3
+    for fn in (lib.ce_forward, lib.ce_backward, lib.kl_forward, lib.kl_backward, lib.gated_norm_fwd, lib.gated_norm_bwd):
+        fn.restype = None
     lib.conv_silu_prefill.argtypes = [p, i64, p, p, p, p, p, i64, i64, i64, i64]
     lib.conv_silu_prefill.restype = None
     lib.gated_norm_prefill.argtypes = [p, p, i64, p, i64, p, p, i64, i64, i64, i64, ctypes.c_float]

@@ -108,7 +108,13 @@ class Mamba2Mixer(nn.Module):
                                                     state.conv if state is not None else None)
             y, ssm_state = fused.ssd_train(xBC, F.softplus(dt + self.dt_bias), -torch.exp(self.A_log), self.D,
                                            c.nheads, c.headdim, c.ngroups, c.d_state, c.chunk_size, init)
-            return self.out_proj(self.norm(y.view(b, l, c.d_inner), z)), LayerState(conv_state, ssm_state)
+            y = y.view(b, l, c.d_inner)
+            if type(self.norm) is GatedRMSNorm and not _hooked(self.norm) \
+                    and fused.gated_norm_supported(y, z, self.norm.weight):
+                y = fused.gated_norm_train(y, z, self.norm.weight, self.norm.ngroups, self.norm.eps)
+            else:
+                y = self.norm(y, z)
+            return self.out_proj(y), LayerState(conv_state, ssm_state)
         # the PyTorch reference: causal depthwise conv over time, continuing from the previous inputs (zeros at
         # the start), as K shifted multiply-adds in the (b, l, channels) layout: no transposes, cheap backward
         K = c.d_conv

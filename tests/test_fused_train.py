@@ -129,3 +129,24 @@ def test_the_fused_path_is_the_one_training_takes():
     finally:
         fused._SSDTrain.forward = staticmethod(orig)
     assert len(seen) == cfg.n_layer
+
+
+@pytest.mark.parametrize("ngroups,d", [(1, 64), (2, 48), (4, 20)])
+def test_gated_norm_train_matches_the_module(ngroups, d):
+    from ternary_mamba.model import GatedRMSNorm
+    gen = torch.Generator().manual_seed(d)
+    norm = GatedRMSNorm(d, ngroups, 1e-5)
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(d, generator=gen) * 0.3)
+    y = torch.randn(2, 9, d, generator=gen).requires_grad_()
+    zbase = torch.randn(2, 9, d + 7, generator=gen).requires_grad_()
+    z = zbase[..., 3:3 + d]                                            # a strided view, like the split of in_proj
+    go = torch.randn(2, 9, d, generator=gen)
+    results = []
+    for fn in (lambda: norm(y, z), lambda: fused.gated_norm_train(y, z, norm.weight, ngroups, norm.eps)):
+        out = fn()
+        results.append((out.detach(), torch.autograd.grad((out * go).sum(), (y, zbase, norm.weight))))
+    (o_ref, g_ref), (o, g) = results
+    assert _close(o, o_ref)
+    for a, r in zip(g, g_ref):
+        assert _close(a, r, rtol=1e-5)

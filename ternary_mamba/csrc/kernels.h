@@ -39,3 +39,14 @@ int ssd_backward(const float *xbc, int64_t rs, const float *dt, const float *A, 
 void conv_silu_backward(const float *x, int64_t in_rs, const float *prev, const float *w, const float *bias,
                         const float *dout, float *dx, float *dw, float *dbias, float *dprev,
                         int64_t nb, int64_t l, int64_t cd, int64_t K);
+void ce_forward(const float *x, int64_t ld, const int64_t *tgt, float *lse, float *loss, int64_t N, int64_t V);
+void ce_backward(const float *x, int64_t ld, const int64_t *tgt, const float *lse, float g, float *dx,
+                 int64_t N, int64_t V);
+void kl_forward(const float *t, int64_t ldt, const float *s, int64_t lds, float tau, float *lse_t, float *lse_s,
+                float *kl, int64_t N, int64_t V);
+void kl_backward(const float *t, int64_t ldt, const float *s, int64_t lds, float tau, const float *lse_t,
+                 const float *lse_s, float g, float *ds, int64_t N, int64_t V);
+void gated_norm_fwd(const float *y, const float *z, int64_t z_rs, const float *w, float *out, float *rstd,
+                    int64_t rows, int64_t d, int64_t ng, float eps);
+void gated_norm_bwd(const float *y, const float *z, int64_t z_rs, const float *w, const float *rstd,
+                    const float *dout, float *dy, float *dz, float *dw, int64_t rows, int64_t d, int64_t ng);

@@ -12,14 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..losses import cross_entropy, kl_div
 from .pretrain import param_groups
-
-
-def kl_div(t_logits: torch.Tensor, s_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-    """Mean over tokens of KL(softmax(t/τ) ‖ softmax(s/τ)); logits (..., V)."""
-    t = F.log_softmax(t_logits.float() / tau, dim=-1)
-    s = F.log_softmax(s_logits.float() / tau, dim=-1)
-    return (t.exp() * (t - s)).sum(-1).mean()
 
 
 class DistillObjective:
@@ -53,7 +47,7 @@ class DistillObjective:
         loss = self.tau ** 2 * kl
         metrics = {"kl": kl.item()}
         if self.alpha > 0:
-            ce = F.cross_entropy(s_logits.flatten(0, 1), y.flatten())
+            ce = cross_entropy(s_logits, y)
             loss = loss + self.alpha * ce
             metrics["ce"] = ce.item()
         if self.beta > 0:
