@@ -197,24 +197,26 @@ class Trainer:
         if self.step == 0 and cfg.eval_every:
             ev = self.evaluate()
             self.log({"step": 0, "tokens": 0, **{f"eval_{k}": v for k, v in ev.items()}})
-        t_last, tok_last = time.time(), self.step * cfg.tokens_per_step
+        span_s, span_tok = 0.0, 0   # training time and tokens since the last printed line (evaluation excluded)
         while self.step < total:
+            t0 = time.time()
             metrics = self.train_step()
+            step_s = time.time() - t0
             self.step += 1
             tokens = self.step * cfg.tokens_per_step
             rec = {"step": self.step, "tokens": tokens, **metrics, **self.objective.monitor(self.inner, self.step)}
             is_eval = cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == total)
             if is_eval:
                 rec.update({f"eval_{k}": v for k, v in self.evaluate().items()})
-            now = time.time()
-            tok_s = (tokens - tok_last) / max(now - t_last, 1e-9)
-            rec["tok_per_s"] = tok_s
+            rec["tok_per_s"] = cfg.tokens_per_step / max(step_s, 1e-9)
             rec["max_rss_mb"] = _max_rss_mb()
-            t_last, tok_last = now, tokens
+            span_s, span_tok = span_s + step_s, span_tok + cfg.tokens_per_step
             self.log(rec)
             last = rec
             if self.step % cfg.log_every == 0 or is_eval or self.step == total:
-                progress.update(self.step, tokens, tok_s, self.objective.progress(rec), force=bool(is_eval))
+                progress.update(self.step, tokens, span_tok / max(span_s, 1e-9), self.objective.progress(rec),
+                                force=bool(is_eval))
+                span_s, span_tok = 0.0, 0
             if self.step % cfg.save_every == 0 or self.step == total:
                 self.save_checkpoint()
             self.objective.check(rec)  # e.g. the zero-ratio collapse detector; may raise
