@@ -57,19 +57,25 @@ static void f32_rows4(const float *w, const float *x, float *y, int64_t out, int
     int64_t b = 0;
     for (; b + 4 <= nb; b += 4) {
         const float *x0 = x + b * in, *x1 = x0 + in, *x2 = x1 + in, *x3 = x2 + in;
-        v16 a[4][4] = {{{0}}};
+        // sixteen named accumulators (an array of vectors is kept on the stack by GCC)
+        v16 a00 = {0}, a01 = {0}, a02 = {0}, a03 = {0}, a10 = {0}, a11 = {0}, a12 = {0}, a13 = {0};
+        v16 a20 = {0}, a21 = {0}, a22 = {0}, a23 = {0}, a30 = {0}, a31 = {0}, a32 = {0}, a33 = {0};
         for (int64_t i = 0; i < in; i += 16) {
             const v16 w0 = vload(r0 + i), w1 = vload(r1 + i), w2 = vload(r2 + i), w3 = vload(r3 + i);
-            const v16 xv[4] = {vload(x0 + i), vload(x1 + i), vload(x2 + i), vload(x3 + i)};
-            for (int q = 0; q < 4; q++) {
-                a[q][0] += w0 * xv[q];
-                a[q][1] += w1 * xv[q];
-                a[q][2] += w2 * xv[q];
-                a[q][3] += w3 * xv[q];
-            }
+            v16 xv = vload(x0 + i);
+            a00 += w0 * xv; a01 += w1 * xv; a02 += w2 * xv; a03 += w3 * xv;
+            xv = vload(x1 + i);
+            a10 += w0 * xv; a11 += w1 * xv; a12 += w2 * xv; a13 += w3 * xv;
+            xv = vload(x2 + i);
+            a20 += w0 * xv; a21 += w1 * xv; a22 += w2 * xv; a23 += w3 * xv;
+            xv = vload(x3 + i);
+            a30 += w0 * xv; a31 += w1 * xv; a32 += w2 * xv; a33 += w3 * xv;
         }
-        for (int q = 0; q < 4; q++)
-            for (int r = 0; r < 4; r++) y[(b + q) * out + o + r] = hsum16(a[q][r]);
+        float *y0 = y + b * out + o, *y1 = y0 + out, *y2 = y1 + out, *y3 = y2 + out;
+        y0[0] = hsum16(a00); y0[1] = hsum16(a01); y0[2] = hsum16(a02); y0[3] = hsum16(a03);
+        y1[0] = hsum16(a10); y1[1] = hsum16(a11); y1[2] = hsum16(a12); y1[3] = hsum16(a13);
+        y2[0] = hsum16(a20); y2[1] = hsum16(a21); y2[2] = hsum16(a22); y2[3] = hsum16(a23);
+        y3[0] = hsum16(a30); y3[1] = hsum16(a31); y3[2] = hsum16(a32); y3[3] = hsum16(a33);
     }
     for (; b < nb; b++) {
         const float *xb = x + b * in;
