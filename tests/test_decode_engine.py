@@ -163,3 +163,16 @@ def test_session_decodes_like_model_step_and_generate_uses_it():
     finally:
         decode_engine.enabled = True
     assert fast == slow
+
+
+@pytest.mark.parametrize("out_f,in_f", [(37, 64), (64, 48), (5, 40)])
+@pytest.mark.parametrize("nb", [1, 3, 4, 5, 9])
+def test_f32_gemv_matches_linear_for_any_number_of_tokens(out_f, in_f, nb):
+    """Blocks of four rows and four tokens, their ragged edges, and the fallback for in % 16 != 0."""
+    from ternary_mamba.kernels import get_kernel
+    lib = get_kernel()
+    gen = torch.Generator().manual_seed(nb)
+    w, x = torch.randn(out_f, in_f, generator=gen), torch.randn(nb, in_f, generator=gen)
+    y = torch.full((nb, out_f), float("nan"))
+    lib.f32_gemv(w.data_ptr(), x.data_ptr(), y.data_ptr(), out_f, in_f, nb)
+    assert torch.allclose(y, x @ w.T, atol=1e-5)
