@@ -126,18 +126,28 @@ def bench_130m(log, decode_tokens: int = 32, rounds: int = 3) -> dict:
                     use_cache=True)
     runs = {"prefill_ours": lambda: ours(ids), "prefill_hf": lambda: hf(ids), "decode_ours": decode_ours,
             "decode_hf": decode_hf}
+    from .bench_runtime import bytes_per_token, memory_bandwidth_gbs
     best = {k: float("inf") for k in runs}
+    bw = 0.0
     for r in range(rounds):
+        bw = max(bw, memory_bandwidth_gbs())
         for k, fn in runs.items():
             best[k] = min(best[k], _best_time(fn, repeats=1, warmup=1 if r == 0 else 0))
     t_ours, t_hf = best["prefill_ours"], best["prefill_hf"]
     d_ours, d_hf = best["decode_ours"] / decode_tokens, best["decode_hf"] / decode_tokens
+    nbytes = bytes_per_token(ours) + 2 * sum(4 * cfg.nheads * cfg.headdim * cfg.d_state for _ in range(cfg.n_layer))
+    floor = nbytes / (bw * 1e9)   # every weight read once and the SSM state read + written, at the measured rate
     log(f"130m prefill 1x512: ours {512 / t_ours:,.0f} tok/s ({t_ours:.2f} s), transformers {512 / t_hf:,.0f} tok/s "
         f"({t_hf:.2f} s) -> {t_hf / t_ours:.2f}x  [llama.cpp f32: 330 tok/s]")
     log(f"130m decode: ours {d_ours * 1e3:.1f} ms/token ({1 / d_ours:.1f} tok/s), transformers generate "
         f"{d_hf * 1e3:.1f} ms/token -> {d_hf / d_ours:.2f}x  [llama.cpp f32: 41 tok/s]  (best of {rounds} rounds)")
+    log(f"130m decode is memory-bound: {nbytes / 1e6:.0f} MB per token (weights + SSM state in and out) at the "
+        f"{bw:.1f} GB/s read bandwidth measured now -> at least {floor * 1e3:.1f} ms/token, at most "
+        f"{d_hf / floor:.2f}x transformers in fp32; ours runs at {nbytes / d_ours / 1e9:.1f} GB/s including the "
+        f"prompt's prefill")
     return {"prefill_ours_tok_s": 512 / t_ours, "prefill_transformers_tok_s": 512 / t_hf,
-            "decode_ours_ms": d_ours * 1e3, "decode_transformers_ms": d_hf * 1e3}
+            "decode_ours_ms": d_ours * 1e3, "decode_transformers_ms": d_hf * 1e3, "bandwidth_gbs": bw,
+            "decode_bytes_per_token": nbytes, "decode_floor_ms": floor * 1e3}
 
 
 def run_bench_model(args) -> None:
