@@ -35,15 +35,22 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
     logits = logits[:, -1]
     from .decode_engine import session
     sess = session(model, state)   # the C decode step, checked once (None: step module by module)
-    for _ in range(max_new_tokens):
-        tok = sample_next(logits[:, :vocab], temperature, top_p, gen)
-        if stop_id is not None and tok.item() == stop_id:
+    greedy = temperature <= 0 and sess is not None   # the engine's certified greedy step: same tokens
+    tok = sample_next(logits[:, :vocab], temperature, top_p, gen).item()
+    for i in range(max_new_tokens):
+        if stop_id is not None and tok == stop_id:
             return
-        yield tok.item()
+        yield tok
+        if i + 1 == max_new_tokens:
+            return
+        if greedy:
+            tok = sess.step_greedy([tok], vocab)[0]
+            continue
         if sess is not None:
-            logits = sess.step([tok.item()])
+            logits = sess.step([tok])
         else:
-            logits, state = model.step(tok, state, inplace=True)
+            logits, state = model.step(torch.tensor([tok]), state, inplace=True)
+        tok = sample_next(logits[:, :vocab], temperature, top_p, gen).item()
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,

@@ -100,6 +100,8 @@ def get_kernel():
     lib.f32_gemv.restype = None
     lib.tm_step.argtypes = [p, p, i64, p, p, p, p, p, p]
     lib.tm_step.restype = ctypes.c_int
+    lib.tm_step_greedy.argtypes = [p, p, p, i64, p, p, i64, p, p, p, p, p, p]
+    lib.tm_step_greedy.restype = ctypes.c_int
     lib.tm_work_floats.argtypes = [p, i64]
     lib.tm_work_floats.restype = i64
     lib.tm_qwork_bytes.argtypes = [p, i64]

@@ -176,3 +176,47 @@ def test_f32_gemv_matches_linear_for_any_number_of_tokens(out_f, in_f, nb):
     y = torch.full((nb, out_f), float("nan"))
     lib.f32_gemv(w.data_ptr(), x.data_ptr(), y.data_ptr(), out_f, in_f, nb)
     assert torch.allclose(y, x @ w.T, atol=1e-5)
+
+
+def _greedy_vs_full(m, steps=12, nb=3):
+    """step_greedy and argmax(step) from identical states, token for token."""
+    vocab = m.config.vocab_size
+    s1 = decode_engine.session(m, m.empty_state(nb), nb)
+    s2 = decode_engine.session(m, m.empty_state(nb), nb)
+    toks = [1 + b for b in range(nb)]
+    for _ in range(steps):
+        full = s1.step(toks)[:, :vocab].argmax(-1).tolist()
+        greedy = s2.step_greedy(toks, vocab)
+        assert greedy == full
+        toks = full
+    return s2.engine.rescored / (steps * nb)
+
+
+@pytest.mark.parametrize("head", ["fp32", "fp16"])
+def test_greedy_step_gives_exactly_the_argmax_of_the_full_logits(head):
+    m = random_model(tiny_config(vocab_size=600))
+    if head == "fp16":
+        with torch.no_grad():
+            m.backbone.embedding.weight.copy_(m.backbone.embedding.weight.half().float())
+        use_fp16_head(m)
+    per_token = _greedy_vs_full(m)
+    assert per_token < 0.2 * m.config.padded_vocab_size   # the pre-pass leaves only a few rows to rescore
+
+
+def test_greedy_step_is_exact_on_ties_and_near_ties():
+    """Rows that are copies of one another (exact ties: the first index wins, as in argmax) or differ by less than
+    the int8 step (many rows must be rescored)."""
+    m = random_model(tiny_config(vocab_size=300))
+    with torch.no_grad():
+        w = m.backbone.embedding.weight
+        w[100:200] = w[10] + 1e-6 * torch.randn(100, w.size(1))
+        w[250:260] = w[20]
+    _greedy_vs_full(m, steps=20)
+
+
+def test_greedy_generate_matches_the_module_path_token_for_token(monkeypatch):
+    from ternary_mamba.generate import generate_ids
+    m = random_model(tiny_config(vocab_size=500))
+    fast = list(generate_ids(m, [5, 6, 7], 30, temperature=0))
+    monkeypatch.setattr(decode_engine, "enabled", False)
+    assert list(generate_ids(m, [5, 6, 7], 30, temperature=0)) == fast

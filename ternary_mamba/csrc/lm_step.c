@@ -133,33 +133,32 @@ static inline float half_to_float(uint16_t h) {
 }
 
 // y (nb, out) = x (nb, in) . w^T with w stored as fp16 (converted exactly to fp32 on the fly; F16C when present).
-void f16_gemv(const uint16_t *w, const float *x, float *y, int64_t out, int64_t in, int64_t nb) {
-    #pragma omp parallel for schedule(guided)
-    for (int64_t o = 0; o < out; o++) {
-        const uint16_t *row = w + o * in;
-        for (int64_t b = 0; b < nb; b++) {
-            const float *xx = x + b * in;
-            float acc = 0.f;
-            int64_t i = 0;
+// One fp16 row . x (the arithmetic of every f16_gemv product, also used to rescore single rows exactly).
+static inline float f16_dot(const uint16_t *row, const float *xx, int64_t in) {
+    float acc = 0.f;
+    int64_t i = 0;
 #if defined(__AVX2__) && defined(__F16C__)
 #define F16W(off) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + i + (off))))
-            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
-                   a3 = _mm256_setzero_ps();
-            for (; i + 32 <= in; i += 32) {
-                _mm_prefetch((const char *)(row + PREFETCH_ROWS * in + i), _MM_HINT_T0);
-                a0 = _mm256_fmadd_ps(F16W(0), _mm256_loadu_ps(xx + i), a0);
-                a1 = _mm256_fmadd_ps(F16W(8), _mm256_loadu_ps(xx + i + 8), a1);
-                a2 = _mm256_fmadd_ps(F16W(16), _mm256_loadu_ps(xx + i + 16), a2);
-                a3 = _mm256_fmadd_ps(F16W(24), _mm256_loadu_ps(xx + i + 24), a3);
-            }
-#undef F16W
-            const __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-            acc = hsum8(a);
-#endif
-            for (; i < in; i++) acc += half_to_float(row[i]) * xx[i];
-            y[b * out + o] = acc;
-        }
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (; i + 32 <= in; i += 32) {
+        _mm_prefetch((const char *)(row + PREFETCH_ROWS * in + i), _MM_HINT_T0);
+        a0 = _mm256_fmadd_ps(F16W(0), _mm256_loadu_ps(xx + i), a0);
+        a1 = _mm256_fmadd_ps(F16W(8), _mm256_loadu_ps(xx + i + 8), a1);
+        a2 = _mm256_fmadd_ps(F16W(16), _mm256_loadu_ps(xx + i + 16), a2);
+        a3 = _mm256_fmadd_ps(F16W(24), _mm256_loadu_ps(xx + i + 24), a3);
     }
+#undef F16W
+    const __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    acc = hsum8(a);
+#endif
+    for (; i < in; i++) acc += half_to_float(row[i]) * xx[i];
+    return acc;
+}
+
+void f16_gemv(const uint16_t *w, const float *x, float *y, int64_t out, int64_t in, int64_t nb) {
+    #pragma omp parallel for schedule(guided)
+    for (int64_t o = 0; o < out; o++)
+        for (int64_t b = 0; b < nb; b++) y[b * out + o] = f16_dot(w + o * in, x + b * in, in);
 }
 
 static void linear(const tm_linear *L, const float *x, float *y, int64_t nb, int8_t *qwork) {
@@ -199,13 +198,11 @@ static double now(void) {
 }
 #define TM_MARK(i) if (prof) { const double t_ = now(); prof[i] += t_ - t0; t0 = t_; }
 
-// tokens (nb), states per layer: conv (nb, conv_dim, K-1), ssm (nb, nh, P, N) contiguous fp32, updated in place;
-// logits (nb, head.out).  Returns 0, or -1 for nb outside 1..64.
-// prof (or NULL) accumulates seconds per phase: [embed+norms+residual, in_proj, mixer, out_proj, head].
-int tm_step(const tm_model *m, const int64_t *tokens, int64_t nb, float *const *conv_states,
-            float *const *ssm_states, float *logits, float *work, int8_t *qwork, double *prof) {
-    if (nb < 1 || nb > 64) return -1;
-    double t0 = prof ? now() : 0.0;
+// Everything up to the head: embedding, the layers (states updated in place), the final norm -> u (nb, d_model)
+// inside work, which is returned.
+static float *tm_trunk(const tm_model *m, const int64_t *tokens, int64_t nb, float *const *conv_states,
+                       float *const *ssm_states, float *work, int8_t *qwork, double *prof, double *t0p) {
+    double t0 = *t0p;
     const int64_t D = m->d_model;
     float *h = work, *u = h + nb * D, *o = u + nb * D, *zx = o + nb * D, *y = zx + nb * d_in_proj(m);
     float *cwork = y + nb * m->d_inner;
@@ -226,7 +223,69 @@ int tm_step(const tm_model *m, const int64_t *tokens, int64_t nb, float *const *
     }
     rmsnorm(h, m->norm_f, u, nb, D, (float)m->eps);
     TM_MARK(0)
+    *t0p = t0;
+    return u;
+}
+
+// tokens (nb), states per layer: conv (nb, conv_dim, K-1), ssm (nb, nh, P, N) contiguous fp32, updated in place;
+// logits (nb, head.out).  Returns 0, or -1 for nb outside 1..64.
+// prof (or NULL) accumulates seconds per phase: [embed+norms+residual, in_proj, mixer, out_proj, head].
+int tm_step(const tm_model *m, const int64_t *tokens, int64_t nb, float *const *conv_states,
+            float *const *ssm_states, float *logits, float *work, int8_t *qwork, double *prof) {
+    if (nb < 1 || nb > 64) return -1;
+    double t0 = prof ? now() : 0.0;
+    const float *u = tm_trunk(m, tokens, nb, conv_states, ssm_states, work, qwork, prof, &t0);
     linear(&m->head, u, logits, nb, qwork);
+    TM_MARK(4)
+    return 0;
+}
+
+// The head's own product for one row (bit-identical to what linear(&m->head, ...) writes for that row).
+static float head_row(const tm_linear *H, int64_t j, const float *u) {
+    const float v = H->kind == TM_F32 ? dot((const float *)H->w + j * H->in, u, H->in)
+                                      : f16_dot((const uint16_t *)H->w + j * H->in, u, H->in);
+    return H->bias ? v + H->bias[j] : v;
+}
+
+// Greedy decoding with a certified 8-bit pre-pass over the head (fp32 or fp16 heads).  `pre` is the head rounded
+// to int8 per row (w = s q + e, |e| <= s/2), so |u.w - s (q.u)| <= s/2 |u|_1; with both products' fp32
+// rounding (<= in * 2^-24 * 127 s |u|_1 each, doubled for margin) every row j gets an interval around its
+// approximate logit.  Rows whose interval reaches the best lower bound are rescored with the head's exact
+// arithmetic; the first row with the largest exact logit is the next token, exactly argmax(logits[:n_valid]) of
+// tm_step.  next (nb) gets the tokens; rescored (nb) how many rows each needed.  approx: nb * head.out floats.
+int tm_step_greedy(const tm_model *m, const tm_linear *pre, const int64_t *tokens, int64_t nb,
+                   float *const *conv_states, float *const *ssm_states, int64_t n_valid, int64_t *next,
+                   int64_t *rescored, float *approx, float *work, int8_t *qwork, double *prof) {
+    if (nb < 1 || nb > 64 || (m->head.kind != TM_F32 && m->head.kind != TM_F16) || pre->kind != TM_I8
+            || pre->out != m->head.out || n_valid < 1 || n_valid > m->head.out) return -1;
+    double t0 = prof ? now() : 0.0;
+    const float *u = tm_trunk(m, tokens, nb, conv_states, ssm_states, work, qwork, prof, &t0);
+    linear(pre, u, approx, nb, qwork);
+    const int64_t in = m->head.in, V = m->head.out;
+    const float factor = 0.5f + 2.f * (float)in * 127.f * 5.9604645e-8f;
+    for (int64_t b = 0; b < nb; b++) {
+        const float *ub = u + b * in, *a = approx + b * V;
+        float l1 = 0.f;
+        for (int64_t i = 0; i < in; i++) l1 += fabsf(ub[i]);
+        l1 *= 1.0001f;                                  // the sum itself was rounded
+        float lower = -INFINITY;
+        int ok = isfinite(l1);
+        for (int64_t j = 0; j < n_valid && ok; j++) {
+            const float lo = a[j] - factor * pre->scales[j] * l1 - 1e-30f;
+            ok = isfinite(a[j]);
+            if (lo > lower) lower = lo;
+        }
+        int64_t best = -1, count = 0;
+        float best_v = -INFINITY;
+        for (int64_t j = 0; j < n_valid; j++) {
+            if (ok && a[j] + factor * pre->scales[j] * l1 + 1e-30f < lower) continue;   // certainly not the max
+            const float v = head_row(&m->head, j, ub);
+            count++;
+            if (best < 0 || v > best_v) { best = j; best_v = v; }       // first index of the maximum (argmax)
+        }
+        next[b] = best;
+        rescored[b] = count;
+    }
     TM_MARK(4)
     return 0;
 }
