@@ -204,14 +204,27 @@ def test_greedy_step_gives_exactly_the_argmax_of_the_full_logits(head):
 
 
 def test_greedy_step_is_exact_on_ties_and_near_ties():
-    """Rows that are copies of one another (exact ties: the first index wins, as in argmax) or differ by less than
-    the int8 step (many rows must be rescored)."""
+    """A cluster of head rows closer to one another than the int8 rounding error, so the approximate logits order
+    them wrongly and the exact rescoring must decide; plus exact copies (ties: the first index wins, as in
+    argmax).  The hidden state is steered towards the cluster so the maximum is inside it."""
     m = random_model(tiny_config(vocab_size=300))
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         w = m.backbone.embedding.weight
-        w[100:200] = w[10] + 1e-6 * torch.randn(100, w.size(1))
-        w[250:260] = w[20]
-    _greedy_vs_full(m, steps=20)
+        base = w[10] * 20
+        step = base.abs().max() / 127                                   # the int8 rounding step of these rows
+        w[100:200] = base + 0.3 * step * torch.randn(100, w.size(1), generator=gen)
+        w[250:260] = w[150]
+        m.backbone.norm_f.weight.copy_(torch.sign(base) * 3)           # hidden states lean towards the cluster
+    s_greedy = decode_engine.session(m, m.empty_state(1), 1)
+    s_full = decode_engine.session(m, m.empty_state(1), 1)
+    tok, in_cluster = [1], 0
+    for _ in range(30):
+        full = s_full.step(tok)[:, :300].argmax(-1).tolist()
+        assert s_greedy.step_greedy(tok, 300) == full
+        in_cluster += 100 <= full[0] < 200
+        tok = full
+    assert in_cluster > 5, "the maximum should fall inside the cluster"
 
 
 def test_greedy_generate_matches_the_module_path_token_for_token(monkeypatch):
