@@ -107,9 +107,9 @@ def bench_training(log, rounds: int = 3, chunks=(32, 64, 128)) -> dict:
 
 @torch.no_grad()
 def bench_130m(log, decode_tokens: int = 32, rounds: int = 3) -> dict:
-    """130m shape: prefill 1 x 512 (all logits, like transformers' forward) and greedy decode through each side's
-    generate (prompt prefill + `decode_tokens` steps).  The four measurements are interleaved over `rounds`
-    rounds; each keeps its best."""
+    """130m shape: prefill 1 x 512 (all logits, like transformers' forward) and the per-token cost of greedy
+    decoding through each side's generate.  The measurements are interleaved over `rounds` rounds; each keeps
+    its best."""
     cfg = Mamba2Config(**PRESETS["mamba2-130m"], chunk_size=64)
     ours = Mamba2LM(cfg).eval()
     hf = hf_model(cfg.replace(chunk_size=256), ours).eval()
@@ -122,21 +122,32 @@ def bench_130m(log, decode_tokens: int = 32, rounds: int = 3) -> dict:
 
     def decode_hf(n):
         hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True)
-    # ms/token of the recurrent decode = (time for 1 + decode_tokens new tokens - time for 1) / decode_tokens:
-    # the prompt's prefill and the first token (from the prefill logits) cancel out, for both sides alike
+    # ms/token of the recurrent decode = (time for 1 + decode_tokens new tokens - time for 1) / decode_tokens, the
+    # two timed back to back in each round: the prompt's prefill and the first token (from the prefill logits)
+    # cancel out, for both sides alike
+    def per_token(gen):
+        t = time.perf_counter()
+        gen(1)
+        t1 = time.perf_counter() - t
+        t = time.perf_counter()
+        gen(1 + decode_tokens)
+        return (time.perf_counter() - t - t1) / decode_tokens
     runs = {"prefill_ours": lambda: ours(ids), "prefill_hf": lambda: hf(ids),
-            "gen1_ours": lambda: decode_ours(1), "gen_ours": lambda: decode_ours(1 + decode_tokens),
-            "gen1_hf": lambda: decode_hf(1), "gen_hf": lambda: decode_hf(1 + decode_tokens)}
+            "decode_ours": lambda: per_token(decode_ours), "decode_hf": lambda: per_token(decode_hf)}
     from .bench_runtime import bytes_per_token, memory_bandwidth_gbs
     best = {k: float("inf") for k in runs}
     bw = 0.0
     for r in range(rounds):
         bw = max(bw, memory_bandwidth_gbs())
         for k, fn in runs.items():
-            best[k] = min(best[k], _best_time(fn, repeats=1, warmup=1 if r == 0 else 0))
+            if r == 0:
+                fn()   # warm-up
+            if k.startswith("decode"):
+                best[k] = min(best[k], fn())
+            else:
+                best[k] = min(best[k], _best_time(fn, repeats=1, warmup=0))
     t_ours, t_hf = best["prefill_ours"], best["prefill_hf"]
-    d_ours = (best["gen_ours"] - best["gen1_ours"]) / decode_tokens
-    d_hf = (best["gen_hf"] - best["gen1_hf"]) / decode_tokens
+    d_ours, d_hf = best["decode_ours"], best["decode_hf"]
     state = 2 * 4 * cfg.n_layer * cfg.nheads * cfg.headdim * cfg.d_state   # the SSM state, read and written
     head = cfg.padded_vocab_size * cfg.d_model
     nbytes = bytes_per_token(ours) + state                           # a full-logits step (transformers' too)
