@@ -53,8 +53,9 @@ def hf_model(cfg: Mamba2Config, ours: Mamba2LM):
 
 
 def _train_step(model, vocab: int, batch: int, seq: int, hf: bool = False):
-    """One closure = one optimizer step of forward + backward (fp32, AdamW) on a fixed random batch."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    """One closure = one optimizer step of forward + backward (fp32, AdamW as our trainer runs it) on a fixed
+    random batch."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)   # both sides: the fused CPU AdamW
     ids = torch.randint(0, vocab, (batch, seq + 1))
 
     def step():   # each side with its own loss: transformers' is F.cross_entropy, ours the fused one of training
@@ -196,8 +197,8 @@ def run_bench_qat(args) -> None:
     quantize_(student, TernaryConfig(group_size=128, scale_mode=args.scale_mode))
     obj = DistillObjective(teacher)
     ids = torch.randint(0, cfg.vocab_size, (8, 257))
-    opt_p = torch.optim.AdamW(plain.parameters(), lr=1e-4)
-    opt_s = torch.optim.AdamW(obj.param_groups(student), lr=1e-4)
+    opt_p = torch.optim.AdamW(plain.parameters(), lr=1e-4, fused=True)
+    opt_s = torch.optim.AdamW(obj.param_groups(student), lr=1e-4, fused=True)
 
     def plain_step():
         next_token_loss(plain, ids).backward()

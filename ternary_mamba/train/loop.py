@@ -103,7 +103,10 @@ class Trainer:
         self.fsdp = fsdp
         self.inner = model                    # the Mamba2LM (sharded in place under FSDP)
         self.model = D.wrap(model, fsdp)      # what forward is called on (DDP wrapper, or the same module)
-        self.opt = torch.optim.AdamW(objective.param_groups(model), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+        # the fused (single-kernel) AdamW: ~5x faster than the default on a CPU; not with sharded (DTensor) params
+        fused = not fsdp and all(p.device.type == "cpu" for p in model.parameters())
+        self.opt = torch.optim.AdamW(objective.param_groups(model), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+                                     fused=fused or None)
         for g in self.opt.param_groups:
             g["base_lr"] = g["lr"] * g.pop("lr_mult", 1.0)
         self.step = 0
