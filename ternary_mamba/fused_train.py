@@ -7,6 +7,7 @@
 - `conv_silu_train`: the causal depthwise conv + SiLU (csrc/ssd_prefill.c forward, csrc/conv_train.c backward).
   Reference: the shifted multiply-adds of `Mamba2Mixer.forward` followed by F.silu.
 - `gated_norm_train`: the mixer's gated RMSNorm (csrc/norm_train.c).  Reference: `model.GatedRMSNorm`.
+- `rms_norm_train`: the block RMSNorm (csrc/norm_train.c).  Reference: `model.RMSNorm`'s formula.
 
 Tests compare values and every gradient with the references (tests/test_fused_train.py).
 """
@@ -152,3 +153,34 @@ def gated_norm_supported(y: Tensor, z: Tensor, weight: Tensor) -> bool:
 def gated_norm_train(y: Tensor, z: Tensor, weight: Tensor, ngroups: int, eps: float) -> Tensor:
     """GatedRMSNorm(y, z) with `weight`: y (b, l, d) (made contiguous), z (b, l, d) (a view is fine)."""
     return _GatedNorm.apply(y.contiguous(), z, weight, ngroups, float(eps))
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float):
+        d = x.size(-1)
+        rows = x.numel() // d
+        out, rstd = torch.empty_like(x), x.new_empty(rows)
+        get_kernel().rms_norm_fwd(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rstd.data_ptr(), rows, d, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        d = x.size(-1)
+        dout = dout.contiguous()
+        dx, dw = torch.empty_like(x), torch.empty_like(weight)
+        get_kernel().rms_norm_bwd(x.data_ptr(), weight.data_ptr(), rstd.data_ptr(), dout.data_ptr(), dx.data_ptr(),
+                                  dw.data_ptr(), x.numel() // d, d)
+        return dx, dw, None
+
+
+def rms_norm_supported(x: Tensor, weight: Tensor) -> bool:
+    return (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
+            and weight.is_contiguous() and x.numel() > 0 and get_kernel() is not None)
+
+
+def rms_norm_train(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x * rsqrt(mean(x^2, -1) + eps) * weight, forward and backward in C; x (..., d) is made contiguous."""
+    return _RMSNorm.apply(x.contiguous(), weight, float(eps))

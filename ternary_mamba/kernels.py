@@ -87,7 +87,10 @@ def get_kernel():
     lib.kl_backward.argtypes = [p, i64, p, i64, f, p, p, f, p, i64, i64]
     lib.gated_norm_fwd.argtypes = [p, p, i64, p, p, p, i64, i64, i64, f]
     lib.gated_norm_bwd.argtypes = [p, p, i64] + [p] * 6 + [i64] * 3
-    for fn in (lib.ce_forward, lib.ce_backward, lib.kl_forward, lib.kl_backward, lib.gated_norm_fwd, lib.gated_norm_bwd):
+    lib.rms_norm_fwd.argtypes = [p, p, p, p, i64, i64, f]
+    lib.rms_norm_bwd.argtypes = [p] * 6 + [i64, i64]
+    for fn in (lib.ce_forward, lib.ce_backward, lib.kl_forward, lib.kl_backward, lib.gated_norm_fwd, lib.gated_norm_bwd,
+               lib.rms_norm_fwd, lib.rms_norm_bwd):
         fn.restype = None
     lib.conv_silu_prefill.argtypes = [p, i64, p, p, p, p, p, i64, i64, i64, i64]
     lib.conv_silu_prefill.restype = None

@@ -50,3 +50,6 @@ void gated_norm_fwd(const float *y, const float *z, int64_t z_rs, const float *w
                     int64_t rows, int64_t d, int64_t ng, float eps);
 void gated_norm_bwd(const float *y, const float *z, int64_t z_rs, const float *w, const float *rstd,
                     const float *dout, float *dy, float *dz, float *dw, int64_t rows, int64_t d, int64_t ng);
+void rms_norm_fwd(const float *x, const float *w, float *out, float *rstd, int64_t rows, int64_t d, float eps);
+void rms_norm_bwd(const float *x, const float *w, const float *rstd, const float *dout, float *dx, float *dw,
+                  int64_t rows, int64_t d);

@@ -90,3 +90,45 @@ void gated_norm_bwd(const float *y, const float *z, int64_t z_rs, const float *w
     }
     free(part);
 }
+
+// The block RMSNorm for training (reference: model.RMSNorm): out = x r w, r = 1/sqrt(mean(x^2) + eps).
+// Backward with a = dout w, S = sum(a x):  dx = r a - r^3 x S / d,  dw = sum_rows dout x r.
+void rms_norm_fwd(const float *x, const float *w, float *out, float *rstd, int64_t rows, int64_t d, float eps) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * d;
+        float *o = out + r * d;
+        const float inv = 1.f / sqrtf(dot(xr, xr, d) / (float)d + eps);
+        rstd[r] = inv;
+        for (int64_t i = 0; i < d; i++) o[i] = xr[i] * inv * w[i];
+    }
+}
+
+void rms_norm_bwd(const float *x, const float *w, const float *rstd, const float *dout, float *dx, float *dw,
+                  int64_t rows, int64_t d) {
+    const int nt = omp_get_max_threads();
+    float *part = calloc((size_t)nt * d, sizeof(float));
+    #pragma omp parallel
+    {
+        float *pw = part + (size_t)omp_get_thread_num() * d;
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            const float *xr = x + r * d, *go = dout + r * d;
+            float *o = dx + r * d;
+            const float rs = rstd[r];
+            float S = 0.f;
+            for (int64_t i = 0; i < d; i++) {
+                S += go[i] * w[i] * xr[i];
+                pw[i] += go[i] * xr[i] * rs;
+            }
+            const float c = rs * rs * rs * S / (float)d;
+            for (int64_t i = 0; i < d; i++) o[i] = rs * go[i] * w[i] - c * xr[i];
+        }
+    }
+    for (int64_t i = 0; i < d; i++) {
+        float acc = 0.f;
+        for (int t = 0; t < nt; t++) acc += part[(size_t)t * d + i];
+        dw[i] = acc;
+    }
+    free(part);
+}
