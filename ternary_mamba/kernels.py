@@ -26,6 +26,14 @@ def _build_dir() -> Path:
     return Path(os.environ.get("TERNARY_MAMBA_CACHE", Path.home() / ".cache" / "ternary-mamba")) / "kernels"
 
 
+def _cpu_flags() -> bytes:
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            return next((line for line in f if line.startswith((b"flags", b"Features"))), b"")
+    except OSError:
+        return b""
+
+
 def _compile() -> Path:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
     if cc is None:
@@ -33,13 +41,19 @@ def _compile() -> Path:
     sources = sorted(CSRC.glob("*.c"))
     src = b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()) if p.suffix in (".c", ".h"))
     flags = ["-O3", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11"]   # fp-contract: a*b+c as one FMA
-    tag = hashlib.sha256(src + cc.encode() + os.uname().machine.encode() + " ".join(flags).encode()).hexdigest()[:16]
+    # TERNARY_MAMBA_MARCH: the target instead of the build machine's (e.g. haswell = AVX2 without AVX-512, to
+    # build for, or test the code paths of, older CPUs)
+    march = os.environ.get("TERNARY_MAMBA_MARCH", "native")
+    # the CPU's feature flags are part of the key: a cache shared between machines must not hand an AVX-512
+    # build to an AVX2-only CPU
+    tag = hashlib.sha256(src + cc.encode() + os.uname().machine.encode() + " ".join(flags).encode()
+                         + march.encode() + _cpu_flags()).hexdigest()[:16]
     out = _build_dir() / f"kernels-{tag}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}.so")
-    for extra in (["-march=native", "-fopenmp"], ["-fopenmp"], []):
+    for extra in ([f"-march={march}", "-fopenmp"], ["-fopenmp"], []):
         r = subprocess.run([cc, *flags, *extra, *map(str, sources), "-o", str(tmp), "-lm"], capture_output=True, text=True)
         if r.returncode == 0:
             os.replace(tmp, out)
