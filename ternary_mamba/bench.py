@@ -25,6 +25,23 @@ def _best_time(fn, repeats: int = 3, warmup: int = 1) -> float:
     return best
 
 
+def _interleave(timers: dict, rounds: int, probe=None, after_round=None) -> tuple[dict, float]:
+    """Call every timer (a function returning seconds) once per round, after one warm-up call each in the first
+    round, and keep each one's smallest time: a noisy spell then hits all variants alike.  `probe` (the machine's
+    GEMM rate or bandwidth) is measured every round and its largest value returned."""
+    best, top = {key: float("inf") for key in timers}, 0.0
+    for r in range(rounds):
+        if probe is not None:
+            top = max(top, probe())
+        for key, timer in timers.items():
+            if r == 0:
+                timer()
+            best[key] = min(best[key], timer())
+        if after_round is not None:
+            after_round(r, best)
+    return best, top
+
+
 def gemm_flops(n: int = 2048) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     return 2 * n ** 3 / _best_time(lambda: a @ b, repeats=5)
@@ -83,15 +100,9 @@ def bench_training(log, rounds: int = 3, chunks=(32, 64, 128)) -> dict:
         ours.load_state_dict(ref.state_dict())
         steps[("ours", k)] = _train_step(ours, cfg.vocab_size, batch, seq)
         steps[("transformers", k)] = _train_step(hf_model(cfg, ref), cfg.vocab_size, batch, seq, hf=True)
-    best = {key: float("inf") for key in steps}
-    flops = 0.0
-    for r in range(rounds):
-        flops = max(flops, gemm_flops())
-        for key, step in steps.items():
-            if r == 0:
-                step()   # warm-up
-            best[key] = min(best[key], _best_time(step, repeats=2, warmup=0))
-        log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n}@{k} {batch * seq / best[(n, k)]:,.0f}" for n, k in best))
+    timers = {key: (lambda step=step: _best_time(step, repeats=2, warmup=0)) for key, step in steps.items()}
+    best, flops = _interleave(timers, rounds, gemm_flops, lambda r, best: log(
+        f"  round {r + 1}/{rounds}: " + ", ".join(f"{n}@{k} {batch * seq / best[(n, k)]:,.0f}" for n, k in best)))
     tok_s = {key: batch * seq / t for key, t in best.items()}
     k_ours = max(chunks, key=lambda k: tok_s[("ours", k)])
     k_hf = max(chunks, key=lambda k: tok_s[("transformers", k)])
@@ -133,20 +144,11 @@ def bench_130m(log, decode_tokens: int = 32, rounds: int = 3) -> dict:
         t = time.perf_counter()
         gen(1 + decode_tokens)
         return (time.perf_counter() - t - t1) / decode_tokens
-    runs = {"prefill_ours": lambda: ours(ids), "prefill_hf": lambda: hf(ids),
-            "decode_ours": lambda: per_token(decode_ours), "decode_hf": lambda: per_token(decode_hf)}
     from .bench_runtime import bytes_per_token, memory_bandwidth_gbs
-    best = {k: float("inf") for k in runs}
-    bw = 0.0
-    for r in range(rounds):
-        bw = max(bw, memory_bandwidth_gbs())
-        for k, fn in runs.items():
-            if r == 0:
-                fn()   # warm-up
-            if k.startswith("decode"):
-                best[k] = min(best[k], fn())
-            else:
-                best[k] = min(best[k], _best_time(fn, repeats=1, warmup=0))
+    timers = {"prefill_ours": lambda: _best_time(lambda: ours(ids), repeats=1, warmup=0),
+              "prefill_hf": lambda: _best_time(lambda: hf(ids), repeats=1, warmup=0),
+              "decode_ours": lambda: per_token(decode_ours), "decode_hf": lambda: per_token(decode_hf)}
+    best, bw = _interleave(timers, rounds, memory_bandwidth_gbs)
     t_ours, t_hf = best["prefill_ours"], best["prefill_hf"]
     d_ours, d_hf = best["decode_ours"], best["decode_hf"]
     state = 2 * 4 * cfg.n_layer * cfg.nheads * cfg.headdim * cfg.d_state   # the SSM state, read and written
