@@ -53,16 +53,20 @@ def bytes_per_token(model) -> int:
 
 
 # ---- timers: each call runs one round (n tokens) and returns tok/s; rounds of all variants are interleaved
-def _decode_timer(model, n: int):
-    """Decoding as `generate` does it: a DecodeSession (one C call per token) when the engine runs the model."""
+def _decode_timer(model, n: int, greedy: bool = False):
+    """Decoding as `generate` does it: a DecodeSession (one C call per token) when the engine runs the model;
+    greedy: the session's certified greedy step (an int8 pre-pass over the head, the same tokens)."""
     from .decode_engine import session
     state = model.empty_state(1)
     sess = session(model, state)
     tok = torch.zeros(1, dtype=torch.long)
+    vocab = model.config.vocab_size
 
     def one() -> None:
         nonlocal state
-        if sess is not None:
+        if sess is not None and greedy:
+            sess.step_greedy([0], vocab)
+        elif sess is not None:
             sess.step([0])
         else:
             _, state = model.step(tok, state, inplace=True)
@@ -189,6 +193,9 @@ def run_bench_runtime(args) -> None:
         per_round = max(1, args.tokens // rounds) if args.what == "decode" else args.tokens
         make = _decode_timer if args.what == "decode" else _prefill_timer
         timers = {k: make(m, per_round) for k, m in variants.items()}
+        if args.what == "decode":   # greedy decoding: the same tokens as argmax of the full logits
+            timers.update({f"{k} greedy": _decode_timer(variants[k], per_round, greedy=True)
+                           for k in ("fp32", "tq2") if k in variants})
         with tempfile.TemporaryDirectory() as tmp:
             llama = llama_cpp_timers(model, args.what, per_round, torch.get_num_threads(), tmp)
             timers.update(llama or {})
@@ -212,6 +219,11 @@ def run_bench_runtime(args) -> None:
             print(f"{name} {what} vs llama.cpp (same run, same weights via our GGUF export): "
                   + ", ".join(f"{k} / llama.cpp {'F32' if k == 'fp32' else 'TQ2_0'} = "
                               f"{best[k] / (lf if k == 'fp32' else lt):.2f}x" for k in variants))
+            greedy = [k for k in best if k.endswith(" greedy")]
+            if greedy:
+                print(f"{name} {what} greedy vs llama.cpp (whose greedy decoding computes the full logits): "
+                      + ", ".join(f"{k} / llama.cpp {'F32' if k.startswith('fp32') else 'TQ2_0'} = "
+                                  f"{best[k] / (lf if k.startswith('fp32') else lt):.2f}x" for k in greedy))
         else:
             print(f"{name}: llama.cpp not installed (pip install '.[llama]'); figures measured earlier on these "
                   f"machines: {LLAMA_CPP.get(name, {}).get(args.what, 'n/a')}")
