@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .kernels import get_kernel
 
@@ -39,6 +40,7 @@ class _SSDTrain(torch.autograd.Function):
         return y, final
 
     @staticmethod
+    @once_differentiable   # the C backward is not itself differentiable: double backward raises
     def backward(ctx, dy: Tensor | None, dfinal: Tensor | None):
         xbc, dt, A, D, states = ctx.saved_tensors
         nh, p, ng, n, k = ctx.dims
@@ -83,6 +85,7 @@ class _ConvSiLU(torch.autograd.Function):
         return out, new_state
 
     @staticmethod
+    @once_differentiable   # the C backward is not itself differentiable: double backward raises
     def backward(ctx, dout: Tensor | None, dnew: Tensor | None):
         from .kernels import _rows
         xbc, weight, bias, prev = ctx.saved_tensors
@@ -135,6 +138,7 @@ class _GatedNorm(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable   # the C backward is not itself differentiable: double backward raises
     def backward(ctx, dout: Tensor):
         y, zr, weight, rstd = ctx.saved_tensors
         b, l, d = y.shape
@@ -166,6 +170,7 @@ class _RMSNorm(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable   # the C backward is not itself differentiable: double backward raises
     def backward(ctx, dout: Tensor):
         x, weight, rstd = ctx.saved_tensors
         d = x.size(-1)

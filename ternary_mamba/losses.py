@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .kernels import get_kernel
 
@@ -35,6 +36,7 @@ class _CrossEntropy(torch.autograd.Function):
         return loss.double().sum().float() / max(count, 1)
 
     @staticmethod
+    @once_differentiable   # the C backward is not itself differentiable: double backward raises
     def backward(ctx, g: Tensor):
         x, target, lse = ctx.saved_tensors
         N, V = x.shape
@@ -68,6 +70,7 @@ class _KL(torch.autograd.Function):
         return kl.double().mean().float()
 
     @staticmethod
+    @once_differentiable   # the C backward is not itself differentiable: double backward raises
     def backward(ctx, g: Tensor):
         t, s, lse_t, lse_s = ctx.saved_tensors
         N, V = s.shape

@@ -168,3 +168,11 @@ def test_rms_norm_train_matches_the_formula():
     assert _close(out.detach(), ref.detach())
     for a, r in zip(g, g_ref):
         assert _close(a, r, rtol=1e-5)
+
+
+def test_double_backward_through_a_c_kernel_raises_instead_of_returning_zeros():
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    w = torch.ones(16, requires_grad=True)
+    (g,) = torch.autograd.grad(fused.rms_norm_train(x, w, 1e-5).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
