@@ -87,11 +87,6 @@ def _linear(m: nn.Module, keep: list) -> _Linear:
     raise Unsupported(f"{type(m).__name__} projection")
 
 
-def _head_weight_f32(model) -> Tensor:
-    from .int8_head import _head_weight
-    return _head_weight(model).detach().float()
-
-
 def _signature(model) -> tuple:
     """What the engine's pointers depend on: module identities, opt-in flags and tensor storage."""
     sig = [id(model.lm_head), getattr(model.lm_head, "a8", None), _ptr(getattr(model.lm_head, "weight", None)),
@@ -135,8 +130,12 @@ class DecodeEngine:
         self.conv_shape, self.ssm_shape = (c.conv_dim, c.d_conv - 1), (c.nheads, c.headdim, c.d_state)
         self.signature = signature
         self.head_kind = head.kind
-        self._head_weight = (lambda: model.lm_head.w16.float()) if head.kind == TM_F16 else \
-            (lambda: _head_weight_f32(model))
+        # the head's weights for greedy decoding's int8 pre-pass (a tensor, not the model: the engine is cached
+        # per model in a WeakKeyDictionary and must not keep it alive)
+        self._head_src = None
+        if head.kind in (TM_F32, TM_F16):
+            from .int8_head import _head_weight
+            self._head_src = model.lm_head.w16 if head.kind == TM_F16 else _head_weight(model).detach()
         self._pre = None   # the int8 pre-pass of greedy decoding, built on first use
         self.rescored = 0  # rows rescored exactly by step_greedy, summed over tokens (statistics)
         self._scratch: dict[int, tuple[Tensor, Tensor]] = {}
@@ -181,7 +180,7 @@ class DecodeEngine:
     def _call_greedy(self, tok_ptr: int, nb: int, conv_ptrs, ssm_ptrs, n_valid: int) -> list[int]:
         if self._pre is None:
             from .int8_head import Int8Head
-            pre = Int8Head(self._head_weight())
+            pre = Int8Head(self._head_src)
             w8, sc = pre.w8.contiguous(), pre.scale.contiguous()
             self._pre = (_Linear(TM_I8, self.n_out, w8.size(1), 0, w8.data_ptr(), sc.data_ptr(), None), w8, sc)
         work, qwork = self._work(nb)

@@ -233,3 +233,15 @@ def test_greedy_generate_matches_the_module_path_token_for_token(monkeypatch):
     fast = list(generate_ids(m, [5, 6, 7], 30, temperature=0))
     monkeypatch.setattr(decode_engine, "enabled", False)
     assert list(generate_ids(m, [5, 6, 7], 30, temperature=0)) == fast
+
+
+def test_the_engine_cache_does_not_keep_the_model_alive():
+    import gc
+    import weakref
+    m = random_model(tiny_config(vocab_size=500))
+    sess = decode_engine.session(m, m.empty_state(1))
+    sess.step_greedy([1], 500)
+    ref = weakref.ref(m)
+    del m, sess
+    gc.collect()
+    assert ref() is None
