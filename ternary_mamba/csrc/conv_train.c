@@ -9,13 +9,6 @@
 #include "kernels.h"
 #include "vec16.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#else
-static int omp_get_max_threads(void) { return 1; }
-static int omp_get_thread_num(void) { return 0; }
-#endif
-
 // x rows (b, l) at stride in_rs; prev (b, cd, K-1) or NULL; w (cd, K); bias (cd) or NULL; dout (b, l, cd).
 // Writes dx (b, l, cd), dw (cd, K), dbias (cd) unless NULL, dprev (b, cd, K-1) unless NULL.
 void conv_silu_backward(const float *x, int64_t in_rs, const float *prev, const float *w, const float *bias,

@@ -7,13 +7,6 @@
 #include "kernels.h"
 #include "vec16.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#else
-static int omp_get_max_threads(void) { return 1; }
-static int omp_get_thread_num(void) { return 0; }
-#endif
-
 static inline float silu_f(float z) { return z / (1.f + expf(-z)); }
 
 // y (rows, d) contiguous, z rows at stride z_rs -> out (rows, d), rstd (rows, ng)

@@ -17,12 +17,6 @@
 #include "kernels.h"
 #include "vec16.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#else
-static int omp_get_max_threads(void) { return 1; }
-#endif
-
 // xbc (b, l, rs): x = columns [0, h*p), B = [h*p, h*p + g*n), C = the next g*n.  dy (b,l,h,p) contiguous;
 // states (b,h,chunks,p,n) from the forward; dfinal (b,h,p,n) or NULL.  Writes dxbc (b, l, h*p + 2*g*n) (all of
 // its columns), ddt (b,l,h), dA (h), dD (h), and dinit (b,h,p,n) unless NULL.  Returns -1 on unsupported sizes.

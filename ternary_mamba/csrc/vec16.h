@@ -1,9 +1,17 @@
-// 16-float vector helpers shared by the sequence kernels (ssd_prefill.c, ssd_train.c): GCC vector types, so the
-// same code becomes one zmm (AVX-512), two ymm (AVX2) or scalar code.
+// 16-float vector helpers shared by the C kernels (GCC vector types, so the same code becomes one zmm with
+// AVX-512, two ymm with AVX2, or scalar code), small in-cache GEMMs, and the OpenMP fallback.
 #pragma once
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+// Builds without OpenMP run the parallel loops on one thread.
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static inline int omp_get_max_threads(void) { return 1; }
+static inline int omp_get_thread_num(void) { return 0; }
+#endif
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));   // 16 floats: one zmm, two ymm, or scalar code
 
