@@ -4,6 +4,8 @@ training speed is reported as a model-FLOPs utilisation.  Benchmarks belong on a
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 
 import torch
@@ -144,11 +146,21 @@ def bench_130m(log, decode_tokens: int = 32, rounds: int = 3) -> dict:
         t = time.perf_counter()
         gen(1 + decode_tokens)
         return (time.perf_counter() - t - t1) / decode_tokens
-    from .bench_runtime import bytes_per_token, memory_bandwidth_gbs
+    from .bench_runtime import bytes_per_token, llama_cpp_timers, memory_bandwidth_gbs
     timers = {"prefill_ours": lambda: _best_time(lambda: ours(ids), repeats=1, warmup=0),
               "prefill_hf": lambda: _best_time(lambda: hf(ids), repeats=1, warmup=0),
               "decode_ours": lambda: per_token(decode_ours), "decode_hf": lambda: per_token(decode_hf)}
-    best, bw = _interleave(timers, rounds, memory_bandwidth_gbs)
+    with tempfile.TemporaryDirectory() as tmp:   # llama.cpp on the same weights (f32 GGUF), if installed
+        threads = torch.get_num_threads()
+        os.makedirs(f"{tmp}/prefill"), os.makedirs(f"{tmp}/decode")
+        pre = llama_cpp_timers(ours, "prefill", 512, threads, f"{tmp}/prefill", qtypes=("f32",))
+        dec = llama_cpp_timers(ours, "decode", decode_tokens, threads, f"{tmp}/decode", qtypes=("f32",))
+        if pre and dec:
+            run_pre, run_dec = pre["llama.cpp F32"], dec["llama.cpp F32"]
+            timers["prefill_llama"] = lambda: 512 / run_pre()
+            timers["decode_llama"] = lambda: 1 / run_dec()
+        best, bw = _interleave(timers, rounds, memory_bandwidth_gbs)
+        del pre, dec
     t_ours, t_hf = best["prefill_ours"], best["prefill_hf"]
     d_ours, d_hf = best["decode_ours"], best["decode_hf"]
     state = 2 * 4 * cfg.n_layer * cfg.nheads * cfg.headdim * cfg.d_state   # the SSM state, read and written
@@ -156,11 +168,16 @@ def bench_130m(log, decode_tokens: int = 32, rounds: int = 3) -> dict:
     nbytes = bytes_per_token(ours) + state                           # a full-logits step (transformers' too)
     greedy_bytes = nbytes - 4 * head + head + 4 * cfg.padded_vocab_size   # ours: int8 pre-pass of the head
     floor = nbytes / (bw * 1e9)
-    log(f"130m prefill 1x512: ours {512 / t_ours:,.0f} tok/s ({t_ours:.2f} s), transformers {512 / t_hf:,.0f} tok/s "
-        f"({t_hf:.2f} s) -> {t_hf / t_ours:.2f}x  [llama.cpp f32: 330 tok/s]")
+    t_ll, d_ll = best.get("prefill_llama"), best.get("decode_llama")
+    llama_pre = (f"llama.cpp f32 on the same weights {512 / t_ll:,.0f} tok/s (next-token logits only) -> ours "
+                 f"{t_ll / t_ours:.2f}x" if t_ll else "llama.cpp f32 reference: 330 tok/s (llama-cpp-python not installed)")
+    llama_dec = (f"llama.cpp f32 on the same weights {d_ll * 1e3:.1f} ms/token (full logits) -> ours "
+                 f"{d_ll / d_ours:.2f}x" if d_ll else "llama.cpp f32 reference: 41 tok/s (llama-cpp-python not installed)")
+    log(f"130m prefill 1x512: ours {512 / t_ours:,.0f} tok/s ({t_ours:.2f} s, all logits), transformers "
+        f"{512 / t_hf:,.0f} tok/s ({t_hf:.2f} s) -> {t_hf / t_ours:.2f}x  [{llama_pre}]")
     log(f"130m decode (greedy generate after an 8-token prompt, prefill excluded): ours {d_ours * 1e3:.1f} ms/token "
         f"({1 / d_ours:.1f} tok/s), transformers {d_hf * 1e3:.1f} ms/token -> {d_hf / d_ours:.2f}x  "
-        f"[llama.cpp f32: 41 tok/s]  (best of {rounds} rounds)")
+        f"[{llama_dec}]  (best of {rounds} rounds)")
     log(f"130m decode is memory-bound: a full-logits fp32 step reads {nbytes / 1e6:.0f} MB (weights, SSM state in "
         f"and out) -> at least {floor * 1e3:.1f} ms/token at the {bw:.1f} GB/s measured now ({d_hf / floor:.2f}x "
         f"transformers); greedy decoding here reads an int8 copy of the head plus the few rows it rescores exactly "
@@ -168,7 +185,9 @@ def bench_130m(log, decode_tokens: int = 32, rounds: int = 3) -> dict:
     return {"prefill_ours_tok_s": 512 / t_ours, "prefill_transformers_tok_s": 512 / t_hf,
             "decode_ours_ms": d_ours * 1e3, "decode_transformers_ms": d_hf * 1e3, "bandwidth_gbs": bw,
             "decode_bytes_per_token_full_logits": nbytes, "decode_bytes_per_token_greedy": greedy_bytes,
-            "decode_floor_full_logits_ms": floor * 1e3}
+            "decode_floor_full_logits_ms": floor * 1e3,
+            "prefill_llama_cpp_f32_tok_s": 512 / t_ll if t_ll else None,
+            "decode_llama_cpp_f32_ms": d_ll * 1e3 if d_ll else None}
 
 
 def run_bench_model(args) -> None:

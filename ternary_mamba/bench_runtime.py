@@ -92,9 +92,12 @@ def _prefill_timer(model, n: int):
     return run
 
 
-def llama_cpp_timers(model, what: str, n: int, threads: int, workdir) -> dict | None:
+def llama_cpp_timers(model, what: str, n: int, threads: int, workdir,
+                     qtypes: tuple[str, ...] = ("f32", "tq2_0")) -> dict | None:
     """The same weights through llama.cpp (llama-cpp-python, if installed): f32 and TQ2_0 GGUF files written
-    by our exporter (absmean PTQ with groups of 256 for TQ2_0).  None if unavailable."""
+    by our exporter (absmean PTQ with groups of 256 for TQ2_0).  Each timer runs n tokens and returns tok/s:
+    decode = n single-token evals after a 3-token prompt; prefill = one eval of n tokens (next-token logits
+    only).  None if unavailable."""
     try:
         import llama_cpp
     except ImportError:
@@ -105,7 +108,7 @@ def llama_cpp_timers(model, what: str, n: int, threads: int, workdir) -> dict | 
     from .gguf_io import export_gguf
     from .quant.qat import TernaryConfig, quantize_
     timers = {}
-    for qtype in ("f32", "tq2_0"):
+    for qtype in qtypes:
         m = copy.deepcopy(model)
         if qtype == "tq2_0":
             quantize_(m, TernaryConfig(group_size=256))
