@@ -183,6 +183,12 @@ def decode_profile(model, n: int) -> dict[str, float] | None:
 @torch.no_grad()
 def run_bench_runtime(args) -> None:
     import tempfile
+    from pathlib import Path
+    from .errors import UserError
+    for name in args.models:   # fail before minutes of measuring, not after
+        hub_id = name.count("/") == 1 and not name.startswith((".", "/"))
+        if name not in PRESETS and not Path(name).is_dir() and not hub_id:
+            raise UserError(f"{name}: neither a preset ({', '.join(PRESETS)}), a model folder nor a hub id")
     bw = memory_bandwidth_gbs()
     rounds = getattr(args, "rounds", 5)
     print(f"memory read bandwidth (measured now): {bw:.1f} GB/s; threads {torch.get_num_threads()}; "

@@ -38,3 +38,11 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert main(["info", str(tmp_path / "nope")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such folder" in err[0]
+
+
+def test_bench_rejects_an_unknown_model_before_measuring(capsys):
+    assert main(["bench", "decode", "--models", "no-such-model"]) == 1
+    out = capsys.readouterr()
+    assert "bandwidth" not in out.out                      # nothing was measured first
+    err = out.err.strip().splitlines()
+    assert len(err) == 1 and "neither a preset" in err[0]
