@@ -48,6 +48,9 @@ def config_from_dict(d: dict, source: str = "config") -> Mamba2Config:
             return _config_from_mamba_ssm(d, source)
         if "d_model" in d:  # a bare dict of Mamba2Config fields
             return Mamba2Config.from_dict(d)
+    except UserError as e:   # the config's own checks say "config: ..."; name the file instead
+        msg = str(e)
+        raise UserError(f"{source}:{msg[len('config:'):]}" if msg.startswith("config:") else msg) from None
     except KeyError as e:
         raise UserError(f"{source}: missing field {e}") from None
     except TypeError as e:
