@@ -211,3 +211,24 @@ def test_prefill_scratch_buffer_is_only_used_without_autograd():
     assert torch.allclose(x.grad, expect, atol=1e-4)
     with torch.no_grad():
         assert torch.allclose(mods[1](mods[0](x)), (x @ w0.T) @ w1.T, atol=1e-4)
+
+
+@pytest.mark.parametrize("out_f,in_f,G,nb", [(7, 256, 64, 1), (13, 512, 128, 3), (9, 512, 256, 2), (6, 96, 32, 1),
+                                             (4, 128, 128, 5)])
+def test_tq2_gemv_rows_agree_with_dequant_and_with_each_other(out_f, in_f, G, nb):
+    """The GEMV (rows four at a time, a tail one at a time, or the single-row loop for G % 64 != 0) against the
+    dequantized weight; and every row gets the same bits whichever way it was computed (any subset of rows)."""
+    from ternary_mamba.kernels import get_kernel, tq2_dequant, tq2_gemv
+    from ternary_mamba.quant.packing import pack
+    if get_kernel() is None:
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(out_f)
+    t = torch.randint(-1, 2, (out_f, in_f), generator=g, dtype=torch.int8)
+    codes = pack(t, "tq2").reshape(out_f, in_f // 4)
+    sc = torch.rand(out_f, in_f // G, generator=g) + 0.1
+    x = torch.randn(nb, in_f, generator=g)
+    y = tq2_gemv(codes, sc, x, G)
+    ref = x.double() @ tq2_dequant(codes, sc, G).double().T
+    assert torch.allclose(y.double(), ref, atol=1e-5, rtol=1e-5)
+    for lo in (1, 2, 3):      # shifted row subsets: rows move between the four-row blocks and the tail
+        assert torch.equal(tq2_gemv(codes[lo:].contiguous(), sc[lo:].contiguous(), x, G), y[:, lo:])

@@ -123,11 +123,64 @@ static inline float tq2_row_dot(const uint8_t *row, const float *srow, const flo
 #endif
 }
 
+#ifdef __AVX512F__
+// Four output rows at once, each with exactly tq2_row_dot's arithmetic (same accumulators, same order, so the
+// same bits): every x vector is loaded once for the four rows.  The single-row loop is bound by its loads
+// (a code broadcast and an x vector per 16 weights); sharing x makes decode's ternary GEMVs 1.25-1.35x faster
+// (C harness, 130m in_proj shape, interleaved A/B).  Requires G % 64 == 0.  y[k] = row k's product.
+static inline void tq2_rows4_dot(const uint8_t *rows, int64_t row_bytes, const float *srows, const float *x,
+                                 int64_t ngroups, int64_t G, float *y) {
+    const int64_t gbytes = G / 4;
+    const __m512i sh = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512 tbl = _mm512_setr_ps(-1.f, 0.f, 1.f, 0.f, -1.f, 0.f, 1.f, 0.f,
+                                      -1.f, 0.f, 1.f, 0.f, -1.f, 0.f, 1.f, 0.f);
+    __m512 acc_row[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t g = 0; g < ngroups; g++) {
+        const float *xg = x + g * G;
+        __m512 a[4][4];
+        for (int k = 0; k < 4; k++) a[k][0] = a[k][1] = a[k][2] = a[k][3] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < gbytes; j += 16)          // 64 weights of each row
+            for (int i = 0; i < 4; i++) {                 // accumulator i: codes j + 4i .. j + 4i + 3
+                const __m512 xv = _mm512_loadu_ps(xg + 4 * j + 16 * i);
+                for (int k = 0; k < 4; k++) {
+                    const uint8_t *p = rows + k * row_bytes + g * gbytes + j + 4 * i;
+                    const __m512 w = _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi32(load_u32(p)), sh), tbl);
+                    a[k][i] = _mm512_fmadd_ps(w, xv, a[k][i]);
+                }
+            }
+        for (int k = 0; k < 4; k++) {
+            const __m512 s = _mm512_add_ps(_mm512_add_ps(a[k][0], a[k][1]), _mm512_add_ps(a[k][2], a[k][3]));
+            acc_row[k] = _mm512_fmadd_ps(s, _mm512_set1_ps(srows[k * ngroups + g]), acc_row[k]);
+        }
+    }
+    for (int k = 0; k < 4; k++) y[k] = _mm512_reduce_add_ps(acc_row[k]);
+}
+#endif
+
 // codes (out, in/4) uint8; scales (out, in/G) fp32; x (nb, in); y (nb, out).  Requires in % G == 0, G % 8 == 0.
 void tq2_gemv(const uint8_t *codes, const float *scales, const float *x, float *y,
               int64_t out, int64_t in, int64_t G, int64_t nb) {
     init_lut();
     const int64_t row_bytes = in / 4, ngroups = in / G;
+#ifdef __AVX512F__
+    if (G % 64 == 0) {
+        const int64_t nblk = (out + 3) / 4;
+        #pragma omp parallel for schedule(guided)
+        for (int64_t blk = 0; blk < nblk; blk++) {
+            const int64_t o = 4 * blk;
+            for (int64_t b = 0; b < nb; b++) {
+                if (o + 4 <= out) {
+                    float r[4];
+                    tq2_rows4_dot(codes + o * row_bytes, row_bytes, scales + o * ngroups, x + b * in, ngroups, G, r);
+                    for (int k = 0; k < 4; k++) y[b * out + o + k] = r[k];
+                } else
+                    for (int64_t k = o; k < out; k++)
+                        y[b * out + k] = tq2_row_dot(codes + k * row_bytes, scales + k * ngroups, x + b * in, ngroups, G);
+            }
+        }
+        return;
+    }
+#endif
     #pragma omp parallel for schedule(guided)
     for (int64_t o = 0; o < out; o++)
         for (int64_t b = 0; b < nb; b++)
