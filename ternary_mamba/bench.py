@@ -190,12 +190,58 @@ def bench_130m(log, decode_tokens: int = 32, rounds: int = 3) -> dict:
             "decode_llama_cpp_f32_ms": d_ll * 1e3 if d_ll else None}
 
 
+# where a training step's time goes: profiler events (self CPU time) grouped by what they are
+_PROFILE_GROUPS = (
+    ("GEMMs (projections, lm_head; fwd+bwd)", ("aten::mm", "aten::addmm", "aten::bmm")),
+    ("SSD scan, C (fwd+bwd)", ("_SSDTrain",)),
+    ("conv + SiLU, C (fwd+bwd)", ("_ConvSiLU",)),
+    ("gated RMSNorm, C (fwd+bwd)", ("_GatedNorm",)),
+    ("block RMSNorm, C (fwd+bwd)", ("_RMSNorm",)),
+    ("cross-entropy, C (fwd+bwd)", ("_CrossEntropy",)),
+    ("AdamW (fused)", ("aten::_fused_adamw_",)),
+    ("cat (in_proj's split, backward)", ("aten::cat",)),
+)
+
+
+def profile_training(log, steps: int = 3, chunk: int = 32, preset: str = "bench-5m", batch: int = 8,
+                     seq: int = 256) -> dict:
+    """Self CPU time of our training step (the benchmark's shape) by component, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    cfg = Mamba2Config(**{**PRESETS[preset], "chunk_size": chunk})
+    step = _train_step(Mamba2LM(cfg), cfg.vocab_size, batch, seq)
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(self_us.values())
+    shares = {}
+    for label, prefixes in _PROFILE_GROUPS:
+        shares[label] = sum(v for k, v in self_us.items() if k.startswith(prefixes))
+    shares["everything else (small ops, autograd)"] = total - sum(shares.values())
+    log(f"training step profile ({preset}, {batch}x{seq}, chunk {chunk}; {total / steps / 1e3:.0f} ms per profiled "
+        f"step, self CPU time):")
+    for label, us in shares.items():
+        log(f"  {label:<42} {us / steps / 1e3:7.1f} ms  {100 * us / total:5.1f} %")
+    return {label: us / total for label, us in shares.items()}
+
+
 def run_bench_model(args) -> None:
     torch.manual_seed(0)
     out = {"threads": torch.get_num_threads()}
     out["training"] = bench_training(print, rounds=args.rounds)
+    if getattr(args, "profile", False):
+        out["training_profile"] = profile_training(print)
     if not args.skip_130m:
         out["mamba2_130m"] = bench_130m(print, rounds=args.rounds)
+        if getattr(args, "profile", False):
+            from .bench_runtime import decode_profile, load_bench_model
+            phases = decode_profile(load_bench_model("mamba2-130m"), 32)
+            if phases:
+                print("130m decode step profile (fp32, full logits; ms/token): "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
+                out["decode_profile_ms"] = phases
     if args.json:
         from .checkpoint import atomic_write_bytes
         atomic_write_bytes(args.json, (json.dumps(out, indent=2) + "\n").encode())

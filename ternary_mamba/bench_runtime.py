@@ -165,6 +165,7 @@ def build_variants(model: Mamba2LM, what: str) -> dict[str, Mamba2LM]:
     return out
 
 
+@torch.no_grad()
 def decode_profile(model, n: int) -> dict[str, float] | None:
     """ms per token in each phase of the C decode step (None if the model does not use the engine)."""
     from .decode_engine import DecodeEngine, engine_for

@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = p.add_subparsers(dest="bench_command", metavar="WHAT")
     b = bsub.add_parser("model", help="training / prefill / decode of our Mamba-2 vs transformers'")
     b.add_argument("--skip-130m", action="store_true", help="only the training benchmark")
+    b.add_argument("--profile", action="store_true", help="also: where a training step's time goes (torch.profiler)")
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every measurement (each keeps its best)")
     b.add_argument("--json", default=None, help="also write the results here")
     b.add_argument("--threads", type=int, default=2)
