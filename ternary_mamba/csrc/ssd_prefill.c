@@ -112,16 +112,12 @@ int ssd_prefill(const float *x, const float *dt, const float *A, const float *B,
             float *ST = malloc(sizeof(float) * (n * p + 2 * k * p + k * k + 2 * k));
             float *xdt = ST + n * p, *xw = xdt + k * p, *M = xw + k * p, *acum = M + k * k, *drow = acum + k;
             const float *S0 = init ? init + (b * nh + h) * p * n : NULL;
-            for (int64_t q = 0; q < n; q++)
-                for (int64_t pp = 0; pp < p; pp++) ST[q * p + pp] = S0 ? S0[pp * n + q] : 0.f;
+            if (S0) transpose(S0, p, n, n, ST, p);
+            else memset(ST, 0, sizeof(float) * n * p);
             const float Ah = A[h];
             for (int64_t c = 0; c < nc; c++) {
                 const int64_t t0 = c * k, kk = l - t0 < k ? l - t0 : k;
-                if (chunk_states) {
-                    float *Sc = chunk_states + ((b * nh + h) * nc + c) * p * n;
-                    for (int64_t pp = 0; pp < p; pp++)
-                        for (int64_t q = 0; q < n; q++) Sc[pp * n + q] = ST[q * p + pp];
-                }
+                if (chunk_states) transpose(ST, n, p, p, chunk_states + ((b * nh + h) * nc + c) * p * n, n);
                 float run = 0.f;
                 for (int64_t j = 0; j < kk; j++) {
                     const float d = dt[(b * l + t0 + j) * nh + h];
@@ -166,9 +162,7 @@ int ssd_prefill(const float *x, const float *dt, const float *A, const float *B,
                 for (int64_t q = 0; q < n * p; q++) ST[q] *= e_end;
                 gemm_acc(n, p, kk, Bc, 1, bc_rs, xw, p, ST, p);                         // state update
             }
-            float *Sf = final_state + (b * nh + h) * p * n;
-            for (int64_t q = 0; q < n; q++)
-                for (int64_t pp = 0; pp < p; pp++) Sf[pp * n + q] = ST[q * p + pp];
+            transpose(ST, n, p, p, final_state + (b * nh + h) * p * n, n);
             free(ST);
         }
     free(CB);

@@ -81,13 +81,13 @@ int ssd_backward(const float *xbc, int64_t rs, const float *dt, const float *A, 
                         for (int64_t j = 0; j < kk; j++) {
                             e[j] = expf(acum[j]);
                             w[j] = expf(a_end - acum[j]);
-                            for (int64_t pp = 0; pp < p; pp++) {
-                                dYe[j * p + pp] = e[j] * dY[j * p + pp];
-                                Uw[j * p + pp] = w[j] * U[j * p + pp];
-                                UT[pp * k + j] = U[j * p + pp];
+                            for (int64_t pp = 0; pp < p; pp += 16) {           // p, n: multiples of 16
+                                vstore(dYe + j * p + pp, e[j] * vload(dY + j * p + pp));
+                                vstore(Uw + j * p + pp, w[j] * vload(U + j * p + pp));
                             }
-                            for (int64_t q = 0; q < n; q++) Bw[j * n + q] = w[j] * Bm[j * n + q];
+                            for (int64_t q = 0; q < n; q += 16) vstore(Bw + j * n + q, w[j] * vload(Bm + j * n + q));
                         }
+                        transpose(U, kk, p, p, UT, k);
                         gemm_tri(C_LOWER, 0, kk, k, p, dY, p, 1, UT, k, Q, k);          // Q_ij = dy_i . u_j, j <= i
                         // Gm = L * CB, Wm = L * Q (lower triangles), and the row / column sums of M = Gm * Q
                         for (int64_t j = 0; j < kk; j++) colsum[j] = 0.f;
@@ -126,8 +126,7 @@ int ssd_backward(const float *xbc, int64_t rs, const float *dt, const float *A, 
                         }
                         for (int64_t j = 0; j < kk; j++) da[j] -= colsum[j];
                         // du = Gm^T dY + Bw dS^T
-                        for (int64_t q = 0; q < n; q++)
-                            for (int64_t pp = 0; pp < p; pp++) dST[q * p + pp] = dS[pp * n + q];
+                        transpose(dS, p, n, n, dST, p);
                         gemm_tri(A_UPPER, 0, kk, p, kk, Gm, 1, k, dY, p, dU, p);
                         gemm_tri(DENSE, 1, kk, p, n, Bw, n, 1, dST, p, dU, p);
                         // dC += Wm B + (e dY) S, and da_i += C_i . (e_i S^T dy_i)

@@ -80,6 +80,44 @@ static inline void gemm_acc(int64_t m, int64_t N, int64_t K, const float *A, int
 }
 #undef LOADC
 
+// dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols.  8 x 8 tiles in registers with AVX (the state-sized
+// transposes of the scan: a strided scalar copy of a 64 x 32 block costs several times more).
+#ifdef __AVX__
+#include <immintrin.h>
+static inline void transpose8x8(const float *s, int64_t lds, float *d, int64_t ldd) {
+    __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + lds), r2 = _mm256_loadu_ps(s + 2 * lds),
+           r3 = _mm256_loadu_ps(s + 3 * lds), r4 = _mm256_loadu_ps(s + 4 * lds), r5 = _mm256_loadu_ps(s + 5 * lds),
+           r6 = _mm256_loadu_ps(s + 6 * lds), r7 = _mm256_loadu_ps(s + 7 * lds);
+    const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
+                 t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+                 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+                 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+                 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+                 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    r0 = _mm256_permute2f128_ps(u0, u4, 0x20); r1 = _mm256_permute2f128_ps(u1, u5, 0x20);
+    r2 = _mm256_permute2f128_ps(u2, u6, 0x20); r3 = _mm256_permute2f128_ps(u3, u7, 0x20);
+    r4 = _mm256_permute2f128_ps(u0, u4, 0x31); r5 = _mm256_permute2f128_ps(u1, u5, 0x31);
+    r6 = _mm256_permute2f128_ps(u2, u6, 0x31); r7 = _mm256_permute2f128_ps(u3, u7, 0x31);
+    _mm256_storeu_ps(d, r0); _mm256_storeu_ps(d + ldd, r1); _mm256_storeu_ps(d + 2 * ldd, r2);
+    _mm256_storeu_ps(d + 3 * ldd, r3); _mm256_storeu_ps(d + 4 * ldd, r4); _mm256_storeu_ps(d + 5 * ldd, r5);
+    _mm256_storeu_ps(d + 6 * ldd, r6); _mm256_storeu_ps(d + 7 * ldd, r7);
+}
+#endif
+static inline void transpose(const float *src, int64_t rows, int64_t cols, int64_t lds, float *dst, int64_t ldd) {
+    int64_t r0 = 0;
+#ifdef __AVX__
+    for (; r0 + 8 <= rows; r0 += 8) {
+        int64_t c0 = 0;
+        for (; c0 + 8 <= cols; c0 += 8) transpose8x8(src + r0 * lds + c0, lds, dst + c0 * ldd + r0, ldd);
+        for (; c0 < cols; c0++)
+            for (int64_t r = r0; r < r0 + 8; r++) dst[c0 * ldd + r] = src[r * lds + c0];
+    }
+#endif
+    for (; r0 < rows; r0++)
+        for (int64_t c = 0; c < cols; c++) dst[c * ldd + r0] = src[r0 * lds + c];
+}
+
 typedef int32_t vi16 __attribute__((vector_size(64), aligned(4)));
 
 // exp on 16 lanes (Cephes' expf: range reduction by ln 2, degree-5 polynomial; ~1 ulp), inputs clamped.
