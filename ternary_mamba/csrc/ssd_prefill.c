@@ -129,9 +129,8 @@ int ssd_prefill(const float *x, const float *dt, const float *A, const float *B,
                 // y rows of this chunk, written in place (row stride nh * p)
                 float *yc = y + ((b * l + t0) * nh + h) * p;
                 const int64_t ldy = nh * p;
-                for (int64_t i = 0; i < kk; i++) memset(yc + i * ldy, 0, sizeof(float) * p);
                 const float *Cc = C + (b * l + t0) * bc_rs + gi * n, *Bc = B + (b * l + t0) * bc_rs + gi * n;
-                gemm_acc(kk, p, n, Cc, bc_rs, 1, ST, p, yc, ldy);                      // C_i S^T
+                gemm_tri(DENSE, 0, kk, p, n, Cc, bc_rs, 1, ST, p, yc, ldy);            // C_i S^T (overwrites)
                 const float *CBc = CB + ((b * nc + c) * ng + gi) * k * k;
                 // decay row i: D[i][j] = exp(a_i - a_j) = exp(dt_i A) * D[i-1][j]  (one exp per row; values
                 // below 1e-30 are flushed to zero so that long products never reach slow denormals)
