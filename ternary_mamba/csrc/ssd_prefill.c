@@ -98,12 +98,18 @@ int ssd_prefill(const float *x, const float *dt, const float *A, const float *B,
     for (int64_t b = 0; b < nb; b++)
         for (int64_t c = 0; c < nc; c++) {
             const int64_t t0 = c * k, kk = l - t0 < k ? l - t0 : k;
+            float *BT = k % 16 == 0 ? calloc(n * k, sizeof(float)) : NULL;         // B^T of the chunk (n x k)
             for (int64_t gi = 0; gi < ng; gi++) {
                 float *M = CB + ((b * nc + c) * ng + gi) * k * k;
-                for (int64_t i = 0; i < kk; i++)
-                    for (int64_t j = 0; j <= i; j++)
-                        M[i * k + j] = dot(C + (b * l + t0 + i) * bc_rs + gi * n, B + (b * l + t0 + j) * bc_rs + gi * n, n);
+                const float *Cc = C + (b * l + t0) * bc_rs + gi * n, *Bc = B + (b * l + t0) * bc_rs + gi * n;
+                if (BT) {   // one small GEMM (the lower triangle, rounded up to 16 columns; the rest is unused)
+                    transpose(Bc, kk, n, bc_rs, BT, k);
+                    gemm_tri(C_LOWER, 0, kk, k, n, Cc, bc_rs, 1, BT, k, M, k);
+                } else
+                    for (int64_t i = 0; i < kk; i++)
+                        for (int64_t j = 0; j <= i; j++) M[i * k + j] = dot(Cc + i * bc_rs, Bc + j * bc_rs, n);
             }
+            free(BT);
         }
     #pragma omp parallel for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < nb; b++)

@@ -40,12 +40,13 @@ int ssd_backward(const float *xbc, int64_t rs, const float *dt, const float *A, 
                 const int64_t h0 = gi * r + si * per, h1 = h0 + per < (gi + 1) * r ? h0 + per : (gi + 1) * r;
                 if (h0 >= h1) continue;
                 const int64_t kp = k * p, kn = k * n, pn = p * n, kk2 = k * k;
-                float *buf = malloc(sizeof(float) * (7 * kp + 7 * kn + 4 * kk2 + (h1 - h0) * pn + pn + 6 * k));
+                float *buf = calloc(7 * kp + 8 * kn + 4 * kk2 + (h1 - h0) * pn + pn + 6 * k, sizeof(float));
                 float *U = buf, *UT = U + kp, *dY = UT + kp, *dYe = dY + kp, *Uw = dYe + kp, *dU = Uw + kp;
                 float *Cm = dU + kp, *Bm = Cm + kn, *Bw = Bm + kn, *dCa = Bw + kn, *dBa = dCa + kn, *T = dBa + kn;
                 float *Q = T + kn, *Gm = Q + kk2, *Wm = Gm + kk2, *CB = Wm + kk2;
                 float *dSall = CB + kk2, *dST = dSall + (h1 - h0) * pn;
                 float *acum = dST + pn, *da = acum + k, *e = da + k, *w = e + k, *drow = w + k, *colsum = drow + k;
+                float *BmT = colsum + k;                                                        // n x k
                 for (int64_t h = h0; h < h1; h++) {
                     float *dS = dSall + (h - h0) * pn;
                     if (dfinal) memcpy(dS, dfinal + (b * nh + h) * pn, sizeof(float) * pn);
@@ -62,8 +63,8 @@ int ssd_backward(const float *xbc, int64_t rs, const float *dt, const float *A, 
                         memcpy(Cm + j * n, Cp + row * rs + gi * n, sizeof(float) * n);
                         memcpy(Bm + j * n, Bp + row * rs + gi * n, sizeof(float) * n);
                     }
-                    for (int64_t i = 0; i < kk; i++)
-                        for (int64_t j = 0; j <= i; j++) CB[i * k + j] = dot(Cm + i * n, Bm + j * n, n);
+                    transpose(Bm, kk, n, n, BmT, k);                          // C_i . B_j, j <= i: one GEMM
+                    gemm_tri(C_LOWER, 0, kk, k, n, Cm, n, 1, BmT, k, CB, k);
                     for (int64_t h = h0; h < h1; h++) {
                         float *dS = dSall + (h - h0) * pn;
                         const float *S = states + ((b * nh + h) * nc + c) * pn;
