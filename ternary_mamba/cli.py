@@ -197,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--threads", type=int, default=2)
         b.set_defaults(what=what)
 
+    p = sub.add_parser("parity", help="our model vs transformers' Mamba2ForCausalLM on the same weights (max abs "
+                       "logit differences; needs transformers)")
+    p.add_argument("--seqlen", type=int, default=100, help="tokens per sequence (default %(default)s)")
+
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tok_command", metavar="ACTION")
     t = tsub.add_parser("train", help="train a byte-level BPE tokenizer")
@@ -303,6 +307,11 @@ def cmd_bench(args) -> None:
     raise UserError("usage: ternary-mamba bench {model,qat,decode,prefill}")
 
 
+def cmd_parity(args) -> None:
+    from .parity import run_parity
+    run_parity(args)
+
+
 def cmd_tokenizer(args) -> None:
     from pathlib import Path
     from .errors import UserError
@@ -323,7 +332,7 @@ def cmd_tokenizer(args) -> None:
 COMMANDS = {"info": cmd_info, "pretrain": cmd_pretrain, "quantize": cmd_quantize, "tokenizer": cmd_tokenizer,
             "bench": cmd_bench, "ptq": cmd_ptq, "experiment": cmd_experiment, "export": cmd_export, "generate": cmd_generate,
             "eval": cmd_eval, "ppl": cmd_ppl, "lm-eval": cmd_lm_eval,
-            "report": cmd_report}
+            "report": cmd_report, "parity": cmd_parity}
 
 
 def main(argv: list[str] | None = None) -> int:
