@@ -107,15 +107,18 @@ def llama_cpp_timers(model, what: str, n: int, threads: int, workdir,
     from .assets import ASSETS
     from .gguf_io import export_gguf
     from .quant.qat import TernaryConfig, quantize_
+    from .runtime import release_freed_memory
     timers = {}
     for qtype in qtypes:
-        m = copy.deepcopy(model)
-        if qtype == "tq2_0":
+        m = model
+        if qtype == "tq2_0":   # quantize a copy; the f32 export reads the model as it is
+            m = copy.deepcopy(model)
             quantize_(m, TernaryConfig(group_size=256))
         path = Path(workdir) / f"{qtype}.gguf"
         # token texts do not matter for timing: the bundled tokenizer, padded to the model's vocabulary
         export_gguf(m, path, qtype, ASSETS / "gutenberg-bpe-8k.json")
         del m
+        release_freed_memory()   # the quantized copy: llama.cpp maps the file next and needs the page cache
         llm = llama_cpp.Llama(str(path), n_ctx=max(n, 64) * 4 + 8, n_batch=max(n, 64), n_ubatch=max(n, 64),
                               n_threads=threads, n_threads_batch=threads, verbose=False)
         toks = [int(t) for t in torch.randint(10, 8000, (n,))]
@@ -186,6 +189,7 @@ def run_bench_runtime(args) -> None:
     import tempfile
     from pathlib import Path
     from .errors import UserError
+    from .runtime import release_freed_memory
     for name in args.models:   # fail before minutes of measuring, not after
         hub_id = name.count("/") == 1 and not name.startswith((".", "/"))
         if name not in PRESETS and not Path(name).is_dir() and not hub_id:
@@ -200,6 +204,7 @@ def run_bench_runtime(args) -> None:
             print(f"{name}: pass a full-precision model or a preset; skipping")
             continue
         variants = build_variants(model, args.what)
+        release_freed_memory()   # the fp32 projections the packed copies replaced
         per_round = max(1, args.tokens // rounds) if args.what == "decode" else args.tokens
         make = _decode_timer if args.what == "decode" else _prefill_timer
         timers = {k: make(m, per_round) for k, m in variants.items()}
@@ -244,3 +249,4 @@ def run_bench_runtime(args) -> None:
                     print(f"{name} decode profile {k:>13} (ms/token): "
                           + ", ".join(f"{p} {v:.2f}" for p, v in prof.items()))
         del model, variants
+        release_freed_memory()   # the next model's llama.cpp files need the page cache

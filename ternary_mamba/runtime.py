@@ -28,3 +28,16 @@ def keep_freed_memory(threshold: int = 1 << 30) -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _done = bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(mallopt(M_TRIM_THRESHOLD, 2 * threshold - 1))
     return _done
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand the heap's free memory back to the kernel (malloc_trim), e.g. between the
+    models of a benchmark: memory kept for reuse would otherwise crowd out the page cache of what runs next."""
+    import gc
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -213,10 +213,10 @@ def test_prefill_scratch_buffer_is_only_used_without_autograd():
         assert torch.allclose(mods[1](mods[0](x)), (x @ w0.T) @ w1.T, atol=1e-4)
 
 
-@pytest.mark.parametrize("out_f,in_f,G,nb", [(7, 256, 64, 1), (13, 512, 128, 3), (9, 512, 256, 2), (6, 96, 32, 1),
+@pytest.mark.parametrize("out_f,in_f,G,nb", [(7, 256, 64, 1), (13, 512, 128, 3), (9, 512, 256, 2), (6, 96, 32, 1), (5, 64, 16, 2),
                                              (4, 128, 128, 5)])
 def test_tq2_gemv_rows_agree_with_dequant_and_with_each_other(out_f, in_f, G, nb):
-    """The GEMV (rows four at a time, a tail one at a time, or the single-row loop for G % 64 != 0) against the
+    """The GEMV (rows four at a time, a tail one at a time, or the single-row loop for G % 32 != 0) against the
     dequantized weight; and every row gets the same bits whichever way it was computed (any subset of rows)."""
     from ternary_mamba.kernels import get_kernel, tq2_dequant, tq2_gemv
     from ternary_mamba.quant.packing import pack

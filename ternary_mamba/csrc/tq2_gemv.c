@@ -35,15 +35,16 @@ static inline int load_u32(const uint8_t *p) {
     return (int)v;
 }
 
-// One output row: sum_g s[g] * sum_{i in g} t[i] x[i].  Four independent accumulators per group keep the
-// FMA latency chain off the critical path (G % 32 == 0 for the unrolled loop; else 8 at a time).
+// One output row: sum_g s[g] * sum_{i in g} t[i] x[i].  Independent accumulators per group keep the FMA
+// latency chain off the critical path.
 static inline float tq2_row_dot(const uint8_t *row, const float *srow, const float *x, int64_t ngroups,
                                 int64_t G) {
     const int64_t gbytes = G / 4;
 #ifdef __AVX512F__
     if (G % 16 == 0) {
         // 16 codes per 32-bit broadcast; permutexvar reads the low 4 bits of each lane, so the table repeats
-        // {-1, 0, +1, -} four times and the neighbouring code's bits are ignored.
+        // {-1, 0, +1, -} four times and the neighbouring code's bits are ignored.  Two accumulators, a0 for
+        // code words 0, 2, 4, ... of the group and a1 for 1, 3, 5, ...: tq2_rows4_dot uses the same order.
         const __m512i sh = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         const __m512 tbl = _mm512_setr_ps(-1.f, 0.f, 1.f, 0.f, -1.f, 0.f, 1.f, 0.f,
                                           -1.f, 0.f, 1.f, 0.f, -1.f, 0.f, 1.f, 0.f);
@@ -51,20 +52,16 @@ static inline float tq2_row_dot(const uint8_t *row, const float *srow, const flo
         for (int64_t g = 0; g < ngroups; g++) {
             const uint8_t *p = row + g * gbytes;
             const float *xg = x + g * G;
-            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
-                   a3 = _mm512_setzero_ps();
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
             int64_t j = 0;
 #define TQ2_W16(off) _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi32(load_u32(p + j + (off))), sh), tbl)
-            for (; j + 16 <= gbytes; j += 16) {       // 64 weights
+            for (; j + 8 <= gbytes; j += 8) {         // 32 weights
                 a0 = _mm512_fmadd_ps(TQ2_W16(0), _mm512_loadu_ps(xg + 4 * j), a0);
                 a1 = _mm512_fmadd_ps(TQ2_W16(4), _mm512_loadu_ps(xg + 4 * j + 16), a1);
-                a2 = _mm512_fmadd_ps(TQ2_W16(8), _mm512_loadu_ps(xg + 4 * j + 32), a2);
-                a3 = _mm512_fmadd_ps(TQ2_W16(12), _mm512_loadu_ps(xg + 4 * j + 48), a3);
             }
             for (; j < gbytes; j += 4) a0 = _mm512_fmadd_ps(TQ2_W16(0), _mm512_loadu_ps(xg + 4 * j), a0);
 #undef TQ2_W16
-            const __m512 a = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
-            acc_row = _mm512_fmadd_ps(a, _mm512_set1_ps(srow[g]), acc_row);
+            acc_row = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(srow[g]), acc_row);
         }
         return _mm512_reduce_add_ps(acc_row);
     }
@@ -126,8 +123,8 @@ static inline float tq2_row_dot(const uint8_t *row, const float *srow, const flo
 #ifdef __AVX512F__
 // Four output rows at once, each with exactly tq2_row_dot's arithmetic (same accumulators, same order, so the
 // same bits): every x vector is loaded once for the four rows.  The single-row loop is bound by its loads
-// (a code broadcast and an x vector per 16 weights); sharing x makes decode's ternary GEMVs 1.25-1.35x faster
-// (C harness, 130m in_proj shape, interleaved A/B).  Requires G % 64 == 0.  y[k] = row k's product.
+// (a code broadcast and an x vector per 16 weights); sharing x makes decode's ternary GEMVs 1.35-1.5x faster
+// (C harness, 130m in_proj shape, interleaved A/B).  Requires G % 32 == 0.  y[k] = row k's product.
 static inline void tq2_rows4_dot(const uint8_t *rows, int64_t row_bytes, const float *srows, const float *x,
                                  int64_t ngroups, int64_t G, float *y) {
     const int64_t gbytes = G / 4;
@@ -137,10 +134,10 @@ static inline void tq2_rows4_dot(const uint8_t *rows, int64_t row_bytes, const f
     __m512 acc_row[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int64_t g = 0; g < ngroups; g++) {
         const float *xg = x + g * G;
-        __m512 a[4][4];
-        for (int k = 0; k < 4; k++) a[k][0] = a[k][1] = a[k][2] = a[k][3] = _mm512_setzero_ps();
-        for (int64_t j = 0; j < gbytes; j += 16)          // 64 weights of each row
-            for (int i = 0; i < 4; i++) {                 // accumulator i: codes j + 4i .. j + 4i + 3
+        __m512 a[4][2];
+        for (int k = 0; k < 4; k++) a[k][0] = a[k][1] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < gbytes; j += 8)           // 32 weights of each row
+            for (int i = 0; i < 2; i++) {                 // accumulator i: code word j + 4i
                 const __m512 xv = _mm512_loadu_ps(xg + 4 * j + 16 * i);
                 for (int k = 0; k < 4; k++) {
                     const uint8_t *p = rows + k * row_bytes + g * gbytes + j + 4 * i;
@@ -148,10 +145,8 @@ static inline void tq2_rows4_dot(const uint8_t *rows, int64_t row_bytes, const f
                     a[k][i] = _mm512_fmadd_ps(w, xv, a[k][i]);
                 }
             }
-        for (int k = 0; k < 4; k++) {
-            const __m512 s = _mm512_add_ps(_mm512_add_ps(a[k][0], a[k][1]), _mm512_add_ps(a[k][2], a[k][3]));
-            acc_row[k] = _mm512_fmadd_ps(s, _mm512_set1_ps(srows[k * ngroups + g]), acc_row[k]);
-        }
+        for (int k = 0; k < 4; k++)
+            acc_row[k] = _mm512_fmadd_ps(_mm512_add_ps(a[k][0], a[k][1]), _mm512_set1_ps(srows[k * ngroups + g]), acc_row[k]);
     }
     for (int k = 0; k < 4; k++) y[k] = _mm512_reduce_add_ps(acc_row[k]);
 }
@@ -163,7 +158,7 @@ void tq2_gemv(const uint8_t *codes, const float *scales, const float *x, float *
     init_lut();
     const int64_t row_bytes = in / 4, ngroups = in / G;
 #ifdef __AVX512F__
-    if (G % 64 == 0) {
+    if (G % 32 == 0) {
         const int64_t nblk = (out + 3) / 4;
         #pragma omp parallel for schedule(guided)
         for (int64_t blk = 0; blk < nblk; blk++) {
