@@ -1,32 +1,62 @@
 """ternary-mamba: grouped ternary (W1.58A16) QAT with distillation for Mamba-2, packed export, CPU inference.
 
-Python API (mirrors the CLI):
-    load_model(path_or_hub_id) -> Mamba2LM      any supported checkpoint folder, run folder, packed folder
-    load_tokenizer(path)       -> Tokenizer     a tokenizer.json (or a folder holding one)
-    quantize_(model, TernaryConfig(...))        swap linears for ternary QAT modules
+Python API (mirrors the CLI: each command is a function over the same typed config its flags fill in):
+    quantize(QuantizeConfig(...))    -> run folder     `ternary-mamba quantize`
+    pretrain(PretrainConfig(...))    -> run folder     `ternary-mamba pretrain`
+    ptq(PtqConfig(...))              -> summary dict   `ternary-mamba ptq`
+    export(ExportConfig(...))        -> output path    `ternary-mamba export`
+    generate(GenerateConfig(...))    -> text           `ternary-mamba generate`
+    evaluate(EvalConfig(...))        -> results        `ternary-mamba eval`
+    perplexity(PplConfig(...))       -> results        `ternary-mamba ppl`
+    load_model(path_or_hub_id)       -> Mamba2LM       model / run / packed folder, .gguf file or hub id
+    load_tokenizer(path)             -> Tokenizer      a tokenizer.json (or a folder holding one)
+    quantize_(model, TernaryConfig(...))               swap linears for ternary QAT modules, in place
+    convert_(model)                                    fake-quant ternary modules -> packed ones, in place
+    reference_path()                                   run the pure-PyTorch reference inside a `with` block
 """
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402,F401
 
-__all__ = ["Mamba2Config", "Mamba2LM", "load_model", "load_tokenizer", "quantize_", "TernaryConfig", "UserError"]
+# name -> (module, attribute); resolved lazily so that `import ternary_mamba` does not pay for torch
+_API = {
+    "Mamba2Config": ("core.config", "Mamba2Config"),
+    "Mamba2LM": ("core.model", "Mamba2LM"),
+    "load_model": ("formats.load", "load_model"),
+    "load_tokenizer": ("formats.tokenizer", "load_tokenizer"),
+    "quantize_": ("quant.qat", "quantize_"),
+    "convert_": ("runtime.convert", "convert_"),
+    "reference_path": ("ops.dispatch", "reference_path"),
+    "TernaryConfig": ("quant.config", "TernaryConfig"),
+    "MonitorConfig": ("quant.config", "MonitorConfig"),
+    "TrainConfig": ("train.config", "TrainConfig"),
+    "DistillConfig": ("train.config", "DistillConfig"),
+    "QuantizeConfig": ("commands.configs", "QuantizeConfig"),
+    "PretrainConfig": ("commands.configs", "PretrainConfig"),
+    "PtqConfig": ("commands.configs", "PtqConfig"),
+    "ExportConfig": ("commands.configs", "ExportConfig"),
+    "GenerateConfig": ("commands.configs", "GenerateConfig"),
+    "EvalConfig": ("commands.configs", "EvalConfig"),
+    "PplConfig": ("commands.configs", "PplConfig"),
+    "ClaimsConfig": ("commands.configs", "ClaimsConfig"),
+    "quantize": ("commands.quantize", "quantize"),
+    "pretrain": ("commands.pretrain", "pretrain"),
+    "ptq": ("commands.ptq", "ptq"),
+    "export": ("commands.export", "export"),
+    "generate": ("commands.generate", "generate"),
+    "evaluate": ("commands.evaluate", "evaluate"),
+    "perplexity": ("commands.evaluate", "perplexity"),
+    "claims": ("experiment.claims", "claims"),
+    "UserError": ("errors", "UserError"),
+}
+__all__ = sorted(_API)
 
 
-def __getattr__(name):  # lazy: `import ternary_mamba` must not pay for torch
-    if name == "Mamba2Config":
-        from .config import Mamba2Config
-        return Mamba2Config
-    if name == "Mamba2LM":
-        from .model import Mamba2LM
-        return Mamba2LM
-    if name == "load_model":
-        from .checkpoint import load_model
-        return load_model
-    if name == "load_tokenizer":
-        from .tokenizer import load_tokenizer
-        return load_tokenizer
-    if name in ("quantize_", "TernaryConfig"):
-        from .quant import qat
-        return getattr(qat, name)
-    if name == "UserError":
-        from .errors import UserError
-        return UserError
-    raise AttributeError(name)
+def __getattr__(name):
+    if name not in _API:
+        raise AttributeError(f"module 'ternary_mamba' has no attribute {name!r}")
+    import importlib
+    module, attr = _API[name]
+    return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_API))

@@ -12,7 +12,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from ternary_mamba.assets import ASSETS  # noqa: E402
-from ternary_mamba.config import Mamba2Config  # noqa: E402
+from ternary_mamba.core.config import Mamba2Config  # noqa: E402
 
 BUNDLED_TOKENIZER = ASSETS / "gutenberg-bpe-8k.json"
 
@@ -26,7 +26,7 @@ def tiny_config(**kw) -> Mamba2Config:
 def random_model(cfg: Mamba2Config, seed: int = 0):
     """A model with every parameter perturbed (norm weights, A_log, D, dt_bias too), so parity tests
     exercise all of them rather than their default values."""
-    from ternary_mamba.model import Mamba2LM
+    from ternary_mamba.core.model import Mamba2LM
     torch.manual_seed(seed)
     m = Mamba2LM(cfg)
     with torch.no_grad():
@@ -39,7 +39,7 @@ def random_model(cfg: Mamba2Config, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory):
     """A tiny random Mamba-2 folder in the project's format, with the bundled 8k tokenizer."""
-    from ternary_mamba.checkpoint import save_model
+    from ternary_mamba.formats.folders import save_model
     d = tmp_path_factory.mktemp("teacher") / "tiny"
     save_model(random_model(tiny_config(vocab_size=8192, d_model=64)), d, tokenizer_path=BUNDLED_TOKENIZER)
     return d

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from ternary_mamba.bench import profile_training
-from ternary_mamba.kernels import get_kernel
+from ternary_mamba.bench.model import profile_training
+from ternary_mamba.ops.build import get_kernel
 
 
 def test_training_profile_accounts_for_the_whole_step():

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import BUNDLED_TOKENIZER
 from ternary_mamba.errors import UserError
-from ternary_mamba.tokenizer import load_tokenizer, train_bpe_tokenizer
+from ternary_mamba.formats.tokenizer import load_tokenizer, train_bpe_tokenizer
 from ternary_mamba.train.data import PackedSequences, batch_indices, load_tokens, split_heldout, tokenize_to_file
 
 NEOX = Path(__file__).resolve().parents[2] / "shared/data/tokenizers/gpt-neox-20b/20B_tokenizer.json"

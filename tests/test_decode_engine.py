@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from conftest import random_model, tiny_config
-from ternary_mamba import decode_engine
-from ternary_mamba.bench_runtime import pack_in_place
-from ternary_mamba.decode_engine import engine_for
-from ternary_mamba.int8_head import use_fp16_head, use_int8_head
-from ternary_mamba.kernels import get_kernel
-from ternary_mamba.packed import use_a8_activations
+from ternary_mamba.runtime import decode_engine
+from ternary_mamba.bench.runtime import pack_in_place
+from ternary_mamba.runtime.decode_engine import engine_for
+from ternary_mamba.runtime.heads import use_fp16_head, use_int8_head
+from ternary_mamba.ops.build import get_kernel
+from ternary_mamba.ops.dispatch import reference_path
+from ternary_mamba.runtime.packed_linear import use_a8_activations
 from ternary_mamba.quant.qat import TernaryConfig, quantize_
 
 pytestmark = pytest.mark.skipif(get_kernel() is None, reason="no C compiler")
@@ -18,11 +19,16 @@ TOKENS = torch.tensor([[3, 5, 100, 7, 0, 509, 42, 9]] * 3) + torch.arange(3)[:, 
 
 
 @torch.no_grad()
-def decode(m, inplace: bool, state=None):
+def decode(m, inplace: bool, state=None, engine: bool = True):
+    """inplace: the runtime's step (the whole-model engine when it can run the model, else the module path with
+    the fused mixer kernels; engine=False: the latter alone); otherwise Mamba2LM.step copying the state."""
     st = state if state is not None else m.empty_state(3)
     outs = []
     for t in range(TOKENS.size(1)):
-        o, st = m.step(TOKENS[:, t], st, inplace=inplace)
+        if inplace and engine:
+            o, st = decode_engine.step(m, TOKENS[:, t], st)
+        else:
+            o, st = m.step(TOKENS[:, t], st, inplace=inplace)
         outs.append(o)
     return torch.stack(outs, 1), st
 
@@ -69,7 +75,7 @@ def test_engine_notices_swapped_modules_and_prefill_states():
     with torch.no_grad():
         full = m(TOKENS)
         _, st = m(TOKENS[:, :5], return_state=True)
-        out, _ = m.step(TOKENS[:, 5], st, inplace=True)
+        out, _ = decode_engine.step(m, TOKENS[:, 5], st)
     assert (out - full[:, 5]).abs().max() < 1e-4
 
 
@@ -87,7 +93,7 @@ def test_engine_declines_what_it_cannot_run_and_checks_token_ids():
     h.remove()
     assert len(seen) == TOKENS.size(1)
     with pytest.raises(IndexError), torch.no_grad():
-        m.step(torch.tensor([m.config.padded_vocab_size]), m.empty_state(1), inplace=True)
+        decode_engine.step(m, torch.tensor([m.config.padded_vocab_size]), m.empty_state(1))
 
 
 def test_engine_profile_accumulates_phases():
@@ -99,17 +105,17 @@ def test_engine_profile_accumulates_phases():
     assert (eng.profile > 0).all() and len(eng.PHASES) == 5
 
 
-def test_module_path_fused_mixer_still_matches(monkeypatch):
-    monkeypatch.setattr(decode_engine, "enabled", False)
+def test_module_path_fused_mixer_still_matches():
     m = random_model(tiny_config(ngroups=2))
-    got, _ = decode(m, inplace=True)
-    assert engine_for(m) is not None and decode_engine.enabled is False
-    ref, _ = decode(m, inplace=False)
+    got, _ = decode(m, inplace=True, engine=False)       # Mamba2LM.step: modules + the fused mixer kernel
+    with reference_path():
+        assert engine_for(m) is not None and decode_engine.fast_step(m, TOKENS[:, 0], m.empty_state(3)) is None
+        ref, _ = decode(m, inplace=False)                 # the pure-PyTorch reference
     assert (got - ref).abs().max() < 1e-4
 
 
 def test_fp16_head_equals_the_fp32_head_on_fp16_weights():
-    from ternary_mamba.kernels import f16_gemv
+    from ternary_mamba.ops.kernels import f16_gemv
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 136, generator=g).half()
     x = torch.randn(3, 136, generator=g)
@@ -126,9 +132,9 @@ def test_fp16_head_equals_the_fp32_head_on_fp16_weights():
 
 
 def test_packed_folder_decodes_through_the_engine_with_its_fp16_head(tmp_path):
-    from ternary_mamba.checkpoint import load_model
-    from ternary_mamba.int8_head import Fp16Head
-    from ternary_mamba.packed import export_packed
+    from ternary_mamba.formats.load import load_model
+    from ternary_mamba.runtime.heads import Fp16Head
+    from ternary_mamba.formats.packed import export_packed
     m = random_model(tiny_config(d_model=128, headdim=32))
     quantize_(m, TernaryConfig(group_size=64))
     export_packed(m, tmp_path / "p", "tq1", "fp16")
@@ -142,8 +148,8 @@ def test_packed_folder_decodes_through_the_engine_with_its_fp16_head(tmp_path):
 
 
 def test_session_decodes_like_model_step_and_generate_uses_it():
-    from ternary_mamba.decode_engine import session
-    from ternary_mamba.generate import generate_ids
+    from ternary_mamba.runtime.decode_engine import session
+    from ternary_mamba.runtime.generate import generate_ids
     m = random_model(tiny_config(d_model=128, headdim=32))
     pack_in_place(m, 128)
     ref, _ = decode(m, inplace=False)
@@ -157,11 +163,8 @@ def test_session_decodes_like_model_step_and_generate_uses_it():
         sess.step([0, 1, m.config.padded_vocab_size])
     prompt = TOKENS[0, :4].tolist()
     fast = list(generate_ids(m, prompt, 12, temperature=0))
-    decode_engine.enabled = False
-    try:
+    with reference_path():
         slow = list(generate_ids(m, prompt, 12, temperature=0))
-    finally:
-        decode_engine.enabled = True
     assert fast == slow
 
 
@@ -169,7 +172,7 @@ def test_session_decodes_like_model_step_and_generate_uses_it():
 @pytest.mark.parametrize("nb", [1, 3, 4, 5, 9])
 def test_f32_gemv_matches_linear_for_any_number_of_tokens(out_f, in_f, nb):
     """Blocks of four rows and four tokens, their ragged edges, and the fallback for in % 16 != 0."""
-    from ternary_mamba.kernels import get_kernel
+    from ternary_mamba.ops.build import get_kernel
     lib = get_kernel()
     gen = torch.Generator().manual_seed(nb)
     w, x = torch.randn(out_f, in_f, generator=gen), torch.randn(nb, in_f, generator=gen)
@@ -228,10 +231,11 @@ def test_greedy_step_is_exact_on_ties_and_near_ties():
 
 
 def test_greedy_generate_matches_the_module_path_token_for_token(monkeypatch):
-    from ternary_mamba.generate import generate_ids
+    from ternary_mamba.runtime.generate import generate_ids
     m = random_model(tiny_config(vocab_size=500))
     fast = list(generate_ids(m, [5, 6, 7], 30, temperature=0))
-    monkeypatch.setattr(decode_engine, "enabled", False)
+    monkeypatch.setattr(decode_engine, "session", lambda *a, **k: None)    # no engine: Mamba2LM.step
+    monkeypatch.setattr("ternary_mamba.runtime.generate.session", lambda *a, **k: None)
     assert list(generate_ids(m, [5, 6, 7], 30, temperature=0)) == fast
 
 

@@ -1,12 +1,14 @@
 """The training path's C kernels (fused_train.py) against the PyTorch references: values and every gradient."""
+import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import random_model, tiny_config
-from ternary_mamba import fused_train as fused
-from ternary_mamba.kernels import get_kernel
-from ternary_mamba.ssd import ssd_chunked
+from ternary_mamba.ops import autograd as fused
+from ternary_mamba.ops.build import get_kernel
+from ternary_mamba.ops.dispatch import reference_path
+from ternary_mamba.core.ssd import ssd_chunked
 
 pytestmark = pytest.mark.skipif(get_kernel() is None, reason="no C compiler")
 
@@ -97,16 +99,16 @@ def test_conv_silu_train_matches_autograd(l, with_prev, with_bias, cd):
 
 @pytest.mark.parametrize("ngroups", [1, 2])
 def test_training_step_gradients_match_the_pytorch_path(ngroups):
-    """The whole model: loss and every parameter gradient with the fused kernels vs set_ssd_impl("torch")."""
+    """The whole model: loss and every parameter gradient with the fused kernels vs the PyTorch reference."""
     cfg = tiny_config(ngroups=ngroups, chunk_size=16)
     model = random_model(cfg).train()
     ids = torch.randint(0, cfg.vocab_size, (2, 45))
     grads = {}
     for impl in ("torch", "chunked"):
-        model.set_ssd_impl(impl)
         model.zero_grad()
-        loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
+        with reference_path() if impl == "torch" else contextlib.nullcontext():
+            loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+            loss.backward()
         grads[impl] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
     (l_ref, g_ref), (l_fused, g_fused) = grads["torch"], grads["chunked"]
     assert abs(l_ref - l_fused) < 1e-5
@@ -133,7 +135,7 @@ def test_the_fused_path_is_the_one_training_takes():
 
 @pytest.mark.parametrize("ngroups,d", [(1, 64), (2, 48), (4, 20)])
 def test_gated_norm_train_matches_the_module(ngroups, d):
-    from ternary_mamba.model import GatedRMSNorm
+    from ternary_mamba.core.model import GatedRMSNorm
     gen = torch.Generator().manual_seed(d)
     norm = GatedRMSNorm(d, ngroups, 1e-5)
     with torch.no_grad():
@@ -153,7 +155,7 @@ def test_gated_norm_train_matches_the_module(ngroups, d):
 
 
 def test_rms_norm_train_matches_the_formula():
-    from ternary_mamba.model import RMSNorm
+    from ternary_mamba.core.model import RMSNorm
     gen = torch.Generator().manual_seed(3)
     norm = RMSNorm(40, 1e-5)
     with torch.no_grad():

@@ -3,13 +3,14 @@ import pytest
 import torch
 
 from conftest import random_model, tiny_config
-from ternary_mamba.checkpoint import load_model, save_model
+from ternary_mamba.formats.folders import save_model
+from ternary_mamba.formats.load import load_model
 from ternary_mamba.cli import main
 from ternary_mamba.errors import UserError
 from ternary_mamba.quant.qat import TernaryConfig, quantize_
 
 gguf = pytest.importorskip("gguf")
-from ternary_mamba.gguf_io import export_gguf  # noqa: E402
+from ternary_mamba.formats.gguf import export_gguf  # noqa: E402
 
 
 def student(G: int, seed: int = 0, **kw):
@@ -91,8 +92,8 @@ def test_full_precision_model_as_f32_gguf_is_exact(tmp_path):
 
 def test_generate_from_a_gguf_file_uses_its_embedded_tokenizer(tmp_path, capsys):
     from conftest import BUNDLED_TOKENIZER
-    from ternary_mamba.gguf_io import load_gguf_tokenizer
-    from ternary_mamba.tokenizer import load_tokenizer
+    from ternary_mamba.formats.gguf import load_gguf_tokenizer
+    from ternary_mamba.formats.tokenizer import load_tokenizer
     export_gguf(student(256), tmp_path / "m.gguf", "tq2_0", BUNDLED_TOKENIZER)
     text = "Dorothy lived in the midst of the great Kansas prairies, with Uncle Henry.\n<|endoftext|>"
     emb, ref = load_gguf_tokenizer(tmp_path / "m.gguf"), load_tokenizer(BUNDLED_TOKENIZER)

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ternary_mamba.kernels import get_kernel
-from ternary_mamba.losses import cross_entropy, kl_div, kl_div_reference
+from ternary_mamba.ops.build import get_kernel
+from ternary_mamba.ops.losses import cross_entropy, kl_div, kl_div_reference
 
 pytestmark = pytest.mark.skipif(get_kernel() is None, reason="no C compiler")
 

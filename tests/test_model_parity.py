@@ -3,8 +3,10 @@
 import pytest
 import torch
 
+from ternary_mamba.ops.dispatch import reference_path
+
 from conftest import random_model, tiny_config
-from ternary_mamba.checkpoint import load_model
+from ternary_mamba.formats.load import load_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -65,8 +67,8 @@ def test_sequential_reference_matches_chunked_model():
     ids = torch.randint(0, 512, (2, 45), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         fast = model(ids)
-        model.set_ssd_impl("sequential")
-        slow = model(ids)
+        with reference_path("sequential"):
+            slow = model(ids)
     assert (fast - slow).abs().max().item() <= 1e-4
 
 
@@ -75,6 +77,6 @@ def test_the_parity_command_reports_small_differences(capsys):
     assert main(["parity", "--seqlen", "40"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ngroups")]
     assert len(lines) == 2
-    from ternary_mamba.parity import parity_report
+    from ternary_mamba.eval.parity import parity_report
     for r in parity_report(lambda _: None, seqlen=20).values():
         assert max(v for k, v in r.items() if k != "max_abs_logit") <= 1e-4 < r["max_abs_logit"]

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from conftest import random_model, tiny_config
-from ternary_mamba.analysis import error_vs_position, growth, inject_noise, trajectories
-from ternary_mamba.checkpoint import load_model, save_model
+from ternary_mamba.experiment.analysis import error_vs_position, growth, inject_noise, trajectories
+from ternary_mamba.formats.folders import save_model
+from ternary_mamba.formats.load import load_model
 from ternary_mamba.cli import main
 from ternary_mamba.errors import UserError
 from ternary_mamba.quant.posthoc import (PosthocConfig, capture_inputs, correction_params, lowrank_fit,
@@ -96,7 +97,7 @@ def test_corrected_student_saves_loads_and_refuses_packing(teacher, calib, tmp_p
     back = load_model(tmp_path / "s")
     with torch.no_grad():
         assert torch.equal(back(calib[0]), st(calib[0]))
-    from ternary_mamba.packed import export_packed
+    from ternary_mamba.formats.packed import export_packed
     with pytest.raises(UserError, match="correction"):
         export_packed(back, tmp_path / "p", "tq2")
 

@@ -1,8 +1,12 @@
 """The chunked SSD scan against the sequential recurrence (the slow reference)."""
 import pytest
+import contextlib
+
 import torch
 
-from ternary_mamba.ssd import ssd_chunked, ssd_sequential
+from ternary_mamba.ops.dispatch import reference_path
+
+from ternary_mamba.core.ssd import ssd_chunked, ssd_sequential
 
 
 def _inputs(b, l, h, p, g, n, seed=0):
@@ -44,7 +48,7 @@ def test_chunk_size_does_not_change_the_math():
 @pytest.mark.parametrize("b,l,h,p,g,n,k", [(2, 37, 4, 16, 2, 16, 8), (1, 100, 6, 32, 1, 64, 16),
                                             (3, 5, 2, 16, 1, 8, 64), (1, 64, 4, 48, 4, 32, 32)])
 def test_fused_c_scan_matches_the_torch_chunked_scan(b, l, h, p, g, n, k):
-    from ternary_mamba.kernels import get_kernel, ssd_prefill
+    from ternary_mamba.ops.kernels import get_kernel, ssd_prefill
     if get_kernel() is None:
         pytest.skip("no C compiler")
     gen = torch.Generator().manual_seed(l)
@@ -65,8 +69,8 @@ def test_model_forward_uses_the_same_result_with_and_without_autograd():
     ids = torch.randint(0, 512, (2, 45), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         fused = m(ids)
-        m.set_ssd_impl("torch")
-        ref = m(ids)
+        with reference_path():
+            ref = m(ids)
     assert (fused - ref).abs().max() < 1e-4
 
 
@@ -78,9 +82,9 @@ def test_fused_forward_with_prefill_states_matches_torch(b, l):
     with torch.no_grad():
         outs = []
         for impl in ("chunked", "torch"):
-            m.set_ssd_impl(impl)
-            _, st = m(ids[:, :l], return_state=True)                 # short prefixes: conv state shorter than K-1
-            logits, st2 = m(ids[:, l:], st, return_state=True)
+            with reference_path() if impl == "torch" else contextlib.nullcontext():
+                _, st = m(ids[:, :l], return_state=True)             # short prefixes: conv state shorter than K-1
+                logits, st2 = m(ids[:, l:], st, return_state=True)
             outs.append((logits, st2))
     (a, sa), (r, sr) = outs
     assert (a - r).abs().max() < 1e-4
@@ -99,7 +103,7 @@ def test_fused_forward_steps_aside_for_hooks_on_the_modules_it_skips():
 
 
 def test_decay_matrix_backward_matches_autograd_of_the_formula():
-    from ternary_mamba.ssd import decay_matrix
+    from ternary_mamba.core.ssd import decay_matrix
     g = torch.Generator().manual_seed(0)
     a = (-torch.rand(2, 3, 16, generator=g, dtype=torch.float64)).cumsum(-1).requires_grad_(True)
     k = a.size(-1)

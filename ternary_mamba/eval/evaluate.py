@@ -7,6 +7,10 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
+from ..formats.folders import find_tokenizer
+from ..formats.fs import atomic_write_bytes
+from ..formats.load import load_model, resolve_student_dir
+from ..formats.tokenizer import load_tokenizer
 from .scoring import loglikelihoods
 from .tasks import AVERAGE_METRIC, SEVEN, TASKS, Doc, parse_tasks
 
@@ -47,9 +51,6 @@ def average_seven(results: dict) -> float | None:
 
 def evaluate_model(path: str, tasks: list[str], data_dir: Path, limit: int | None, batch_size: int,
                    max_len: int, log=print) -> dict:
-    from ..checkpoint import find_tokenizer, load_model
-    from ..export import resolve_student_dir
-    from ..tokenizer import load_tokenizer
     folder = resolve_student_dir(path)
     model = load_model(folder)
     tok_path = find_tokenizer(folder)
@@ -100,7 +101,8 @@ def markdown_table(all_results: list[dict], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
-def run_eval(args) -> None:
+def run_eval(args) -> list[dict]:
+    """`args`: an EvalConfig (commands/configs.py) or anything with its fields."""
     tasks = parse_tasks(args.tasks)
     data_dir = Path(args.data_dir)
     if not data_dir.is_dir():
@@ -121,9 +123,9 @@ def run_eval(args) -> None:
     print("metric per task: acc_norm for hellaswag, arc_challenge, openbookqa; acc otherwise "
           "(Mamba / Bi-Mamba convention); lambada: perplexity / acc")
     if args.out:
-        from ..checkpoint import atomic_write_bytes
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out, (json.dumps({"results": results, "limit": args.limit}, indent=2) + "\n").encode())
         atomic_write_bytes(out.with_suffix(".md"), (table + "\n").encode())
         print(f"wrote {out} and {out.with_suffix('.md')}")
+    return results

@@ -9,11 +9,11 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from ..checkpoint import find_tokenizer, load_model
 from ..errors import UserError
-from ..export import resolve_student_dir
-from ..generate import generate_ids
-from ..tokenizer import load_tokenizer
+from ..formats.folders import find_tokenizer
+from ..formats.load import load_model, resolve_student_dir
+from ..formats.tokenizer import load_tokenizer
+from ..runtime.generate import generate_ids
 from .scoring import loglikelihoods
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .tasks import _jsonl
+from .tasks import jsonl_records
 
 MC = "output_type: multiple_choice\ntest_split: test\n"
 ACC = "metric_list:\n  - metric: acc\n"
@@ -58,21 +58,21 @@ def wino_choice(doc):
 
 def _normalise(task: str, data_dir: Path) -> list[dict]:
     if task == "boolq":
-        return [{**r, "label": int(r["answer"])} for r in _jsonl(data_dir / "boolq" / "boolq_validation.jsonl")]
+        return [{**r, "label": int(r["answer"])} for r in jsonl_records(data_dir / "boolq" / "boolq_validation.jsonl")]
     if task == "piqa":
         labels = (data_dir / "piqa" / "valid-labels.lst").read_text().split()
-        return [{**r, "label": int(y)} for r, y in zip(_jsonl(data_dir / "piqa" / "valid.jsonl"), labels)]
+        return [{**r, "label": int(y)} for r, y in zip(jsonl_records(data_dir / "piqa" / "valid.jsonl"), labels)]
     if task in ("arc_easy", "arc_challenge", "openbookqa"):
         f = {"arc_easy": "arc_easy/ARC-Easy-Test.jsonl", "arc_challenge": "arc_challenge/ARC-Challenge-Test.jsonl",
              "openbookqa": "openbookqa/openbookqa_main_test.jsonl"}[task]
         out = []
-        for r in _jsonl(data_dir / f):
+        for r in jsonl_records(data_dir / f):
             labels = [chr(ord("A") + i) for i in range(len(r["choices"]))]
             out.append({**r, "choices": {"text": r["choices"], "label": labels}, "answerKey": labels[int(r["gold"])]})
         return out
     f = {"hellaswag": "hellaswag/hellaswag_val.jsonl", "winogrande": "winogrande/winogrande_xl_dev.jsonl",
          "lambada_openai": "lambada_openai/lambada_test.jsonl"}[task]
-    return _jsonl(data_dir / f)
+    return jsonl_records(data_dir / f)
 
 
 def write_harness_tasks(tasks: list[str], data_dir: Path, out_dir: Path, limit: int | None = None) -> Path:

@@ -10,6 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..formats.folders import find_tokenizer
+from ..formats.load import load_model, resolve_student_dir
+from ..formats.text import find_text_files, read_documents
+from ..formats.tokenizer import load_tokenizer
 
 
 @torch.no_grad()
@@ -39,11 +43,9 @@ def text_perplexity(model, tok, texts: list[str], seq_len: int, batch_size: int,
     return {"tokens": n, "ppl": math.exp(nll / n), "bits_per_byte": nll / math.log(2) / max(nbytes, 1), "bytes": nbytes}
 
 
-def run_ppl(args) -> None:
-    from ..checkpoint import find_tokenizer, load_model
-    from ..export import resolve_student_dir
-    from ..tokenizer import load_tokenizer
-    from ..train.data import find_text_files, read_documents
+def run_ppl(args) -> dict:
+    """`args`: a PplConfig (commands/configs.py) or anything with its fields.  Returns {model: result}."""
+    results = {}
     texts = [doc for f in find_text_files(args.text) for doc in read_documents(f)]
     print(f"{'model':<40} {'tokens':>10} {'ppl':>10} {'bits/byte':>10} {'time':>8}")
     for m in args.models:
@@ -56,12 +58,14 @@ def run_ppl(args) -> None:
         if args.int8_head:
             import copy
 
-            from ..int8_head import use_int8_head
+            from ..runtime.heads import use_int8_head
             m8 = copy.deepcopy(model)
             use_int8_head(m8)
             variants.append((" +int8 head", m8))
         for suffix, mdl in variants:
             t0 = time.time()
             r = text_perplexity(mdl, load_tokenizer(tp), texts, args.seq_len, args.batch_size, args.max_tokens)
+            results[m + suffix] = r
             print(f"{m + suffix:<40} {r['tokens']:>10,} {r['ppl']:>10.3f} {r['bits_per_byte']:>10.4f} "
                   f"{time.time() - t0:>7.1f}s")
+    return results

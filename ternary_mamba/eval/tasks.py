@@ -29,7 +29,7 @@ class Doc:
     gold: int
 
 
-def _jsonl(path: Path) -> list[dict]:
+def jsonl_records(path: Path) -> list[dict]:
     if not path.exists():
         raise UserError(f"{path}: task file not found (pass --data-dir pointing at the evals folder)")
     return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
@@ -43,11 +43,11 @@ def _hellaswag_pre(text: str) -> str:
 
 def boolq(d: Path) -> list[Doc]:
     return [Doc([f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:"] * 2, [" no", " yes"], int(r["answer"]))
-            for r in _jsonl(d / "boolq" / "boolq_validation.jsonl")]
+            for r in jsonl_records(d / "boolq" / "boolq_validation.jsonl")]
 
 
 def piqa(d: Path) -> list[Doc]:
-    rows = _jsonl(d / "piqa" / "valid.jsonl")
+    rows = jsonl_records(d / "piqa" / "valid.jsonl")
     labels_path = d / "piqa" / "valid-labels.lst"
     if not labels_path.exists():
         raise UserError(f"{labels_path}: task file not found")
@@ -58,7 +58,7 @@ def piqa(d: Path) -> list[Doc]:
 
 def hellaswag(d: Path) -> list[Doc]:
     out = []
-    for r in _jsonl(d / "hellaswag" / "hellaswag_val.jsonl"):
+    for r in jsonl_records(d / "hellaswag" / "hellaswag_val.jsonl"):
         q = _hellaswag_pre(r["activity_label"] + ": " + r["ctx_a"] + " " + r["ctx_b"].capitalize())
         out.append(Doc([q] * len(r["endings"]), [" " + _hellaswag_pre(e) for e in r["endings"]], int(r["label"])))
     return out
@@ -66,7 +66,7 @@ def hellaswag(d: Path) -> list[Doc]:
 
 def winogrande(d: Path) -> list[Doc]:
     out = []
-    for r in _jsonl(d / "winogrande" / "winogrande_xl_dev.jsonl"):
+    for r in jsonl_records(d / "winogrande" / "winogrande_xl_dev.jsonl"):
         i = r["sentence"].index("_")
         target = " " + r["sentence"][i + 1:].strip()
         out.append(Doc([r["sentence"][:i] + r["option1"], r["sentence"][:i] + r["option2"]], [target] * 2,
@@ -76,7 +76,7 @@ def winogrande(d: Path) -> list[Doc]:
 
 def _arc(path: Path) -> list[Doc]:
     return [Doc([f"Question: {r['question']}\nAnswer:"] * len(r["choices"]), [" " + c for c in r["choices"]],
-                int(r["gold"])) for r in _jsonl(path)]
+                int(r["gold"])) for r in jsonl_records(path)]
 
 
 def arc_easy(d: Path) -> list[Doc]:
@@ -89,12 +89,12 @@ def arc_challenge(d: Path) -> list[Doc]:
 
 def openbookqa(d: Path) -> list[Doc]:
     return [Doc([r["question_stem"]] * len(r["choices"]), [" " + c for c in r["choices"]], int(r["gold"]))
-            for r in _jsonl(d / "openbookqa" / "openbookqa_main_test.jsonl")]
+            for r in jsonl_records(d / "openbookqa" / "openbookqa_main_test.jsonl")]
 
 
 def lambada_openai(d: Path) -> list[Doc]:
     out = []
-    for r in _jsonl(d / "lambada_openai" / "lambada_test.jsonl"):
+    for r in jsonl_records(d / "lambada_openai" / "lambada_test.jsonl"):
         words = r["text"].split(" ")
         out.append(Doc([" ".join(words[:-1])], [" " + words[-1]], 0))
     return out

@@ -19,46 +19,26 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import find_tokenizer, load_model, resolve_model_dir
+from ..commands.configs import ClaimsConfig, PretrainConfig, PtqConfig, QuantizeConfig
+from ..commands.defaults import with_bundled_defaults
+from ..core.config import count_params_by_component
 from ..errors import UserError
-from ..info import MB, count_params_by_component
-from ..tokenizer import load_tokenizer
-from ..train.loop import write_json_atomic
+from ..formats.folders import find_tokenizer
+from ..formats.fs import write_json_atomic
+from ..formats.load import load_model, resolve_model_dir
+from ..formats.tokenizer import load_tokenizer
 from ..train.runs import prepare_data
-
-POSTHOC = {  # name -> ptq CLI arguments
-    "ptq": [],
-    "ptq-bias": ["--correct", "bias"],
-    "ptq-lowrank": ["--correct", "lowrank", "--plain-svd"],
-    "ptq-lowrank-aw": ["--correct", "lowrank"],
-    "ptq-qep": ["--correct", "qep"],
-    "ptq-qep-lowrank": ["--correct", "qep", "lowrank"],
-}
-QAT = {  # name -> (label, quantize CLI arguments)
-    "qat-absmean": ("QAT+KD, absmean scales", ["--scale-mode", "absmean"]),
-    "qat-learned": ("QAT+KD, learned scales", ["--scale-mode", "learned"]),
-    "qat-guarded": ("QAT+KD, guarded scales", ["--scale-mode", "guarded"]),
-    "qat-learned-lr10": ("QAT+KD, learned scales, scale lr x10", ["--scale-mode", "learned", "--scale-lr-mult", "10"]),
-    "qat-guarded-lr10": ("QAT+KD, guarded scales, scale lr x10", ["--scale-mode", "guarded", "--scale-lr-mult", "10"]),
-}
-SCRATCH = {
-    "scratch-ternary": ("from scratch, ternary (same tokens)", ["--ternary"]),
-    "scratch-fp": ("from scratch, full precision (same tokens)", []),
-}
-ANALYSED = ("ptq", "ptq-bias", "ptq-lowrank", "ptq-qep", "qat-absmean", "qat-guarded")
-SEQ_LEN, EVAL_BATCHES = 256, 16
-
+from .arms import ANALYSED, EVAL_BATCHES, POSTHOC, QAT, SCRATCH, SEQ_LEN
 
 class Claims:
-    def __init__(self, args):
-        from .. import assets
-        self.args = args
-        self.out = Path(args.out)
-        self.teacher_path = args.teacher or str(assets.TEACHER)
-        self.data = args.data or [str(assets.TRAIN_BOOKS)]
-        self.eval_data = args.eval_data or ([str(assets.HELDOUT_BOOKS)] if not args.data else None)
-        if not self.eval_data:
-            raise UserError("pass --eval-data (held-out text) together with --data")
+    def __init__(self, cfg: ClaimsConfig):
+        unknown = [s for s in cfg.skip if s not in QAT and s not in SCRATCH]
+        if unknown:
+            raise UserError(f"--skip {unknown[0]}: not a training run; choose from {', '.join([*QAT, *SCRATCH])}")
+        self.args = cfg
+        full = with_bundled_defaults(cfg, held_out_required=True)
+        self.out = Path(cfg.out)
+        self.teacher_path, self.data, self.eval_data = full.teacher, full.data, full.eval_data
         self.teacher = load_model(self.teacher_path)
         if getattr(self.teacher, "ternary_config", None) is not None:
             raise UserError(f"{self.teacher_path}: is already ternary; pass the full-precision teacher")
@@ -98,58 +78,54 @@ class Claims:
         write_json_atomic(path, result)
         return result
 
-    def _cli(self, argv: list[str]):
-        from ..cli import build_parser
-        return build_parser().parse_args(argv)
-
     def posthoc(self, name: str) -> dict:
-        from ..ptq import run_ptq
+        from ..commands.ptq import ptq
         folder = self.out / "posthoc" / name
         if folder.exists():  # interrupted after writing: redo it (seconds)
             import shutil
             shutil.rmtree(folder)
-        args = self._cli(["ptq", "--teacher", self.teacher_path, "--out", str(folder), "--seed", str(self.args.seed),
-                          "--eval-batches", str(EVAL_BATCHES), "--group-size", str(self.args.group_size),
-                          *POSTHOC[name]])
-        s = run_ptq(args, teacher=self.teacher, data=(self.train, self.held))
+        cfg = PtqConfig(teacher=self.teacher_path, out=str(folder), seed=self.args.seed, eval_batches=EVAL_BATCHES,
+                        group_size=self.args.group_size, **POSTHOC[name])
+        s = ptq(cfg, teacher=self.teacher, data=(self.train, self.held))
         return {"label": s["method"], "model": str(folder / "student"), "row": s["row"],
                 "size_bytes": s["sizes_bytes"]["tq2"], "tokens": 0, "calib_tokens": s["calib_tokens"],
                 "extra_params": s["extra_params"]}
 
-    def _train(self, name: str, argv: list[str]) -> None:
-        run = self.out / "runs" / name
-        if (run / "summary.json").exists():
-            return
-        resume = ["--resume"] if (run / "run.json").exists() else []
-        args = self._cli(argv + ["--out", str(run), "--tokens", str(self.args.tokens), "--seed", str(self.args.seed),
-                                 "--group-size", str(self.args.group_size), "--data", *self.data,
-                                 "--eval-data", *self.eval_data] + resume)
-        if argv[0] == "quantize":
-            from ..train.quantize import run_quantize
-            run_quantize(args)
-        else:
-            from ..train.pretrain import run_pretrain
-            run_pretrain(args)
+    def _train_config(self, run: Path, defaults) -> dict:
+        """What every training run shares: data, budget, seed, evaluation cadence; resumed where it stopped."""
+        train = defaults.train.replace(tokens=self.args.tokens, seed=self.args.seed, eval_every=25)
+        return {"out": str(run), "data": list(self.data), "eval_data": list(self.eval_data), "train": train,
+                "resume": (run / "run.json").exists()}
 
     def qat(self, name: str) -> dict:
-        label, extra = QAT[name]
-        self._train(name, ["quantize", "--teacher", self.teacher_path, "--eval-every", "25", *extra])
+        from ..commands.quantize import quantize
+        from ..quant.config import TernaryConfig
+        from ..train.config import DistillConfig
+        label, mode, lr_mult = QAT[name]
         run = self.out / "runs" / name
+        if not (run / "summary.json").exists():
+            quantize(QuantizeConfig(teacher=self.teacher_path,
+                                    quant=TernaryConfig(group_size=self.args.group_size, scale_mode=mode),
+                                    distill=DistillConfig(scale_lr_mult=lr_mult),
+                                    **self._train_config(run, QuantizeConfig())))
         summary = json.loads((run / "summary.json").read_text())
         return {"label": label, "model": str(run / "student"), "run": str(run), "tokens": summary["tokens"],
                 "collapse_events": summary.get("collapse_events", []), **self._evaluate(run / "student")}
 
     def scratch(self, name: str) -> dict:
-        label, extra = SCRATCH[name]
-        self._train(name, ["pretrain", "--config", str(resolve_model_dir(self.teacher_path) / "config.json"),
-                           "--tokenizer", self.tok_path, "--eval-every", "25", *extra])
+        from ..commands.pretrain import pretrain
+        label, ternary = SCRATCH[name]
         run = self.out / "runs" / name
+        if not (run / "summary.json").exists():
+            pretrain(PretrainConfig(model=str(resolve_model_dir(self.teacher_path) / "config.json"),
+                                    tokenizer=self.tok_path, ternary=ternary, group_size=self.args.group_size,
+                                    **self._train_config(run, PretrainConfig())))
         summary = json.loads((run / "summary.json").read_text())
         return {"label": label, "model": str(run / "model"), "run": str(run), "tokens": summary["tokens"],
                 **self._evaluate(run / "model")}
 
     def _evaluate(self, folder: Path) -> dict:
-        from ..ptq import quantized_size_bytes
+        from ..commands.ptq import quantized_size_bytes
         from ..quant.monitor import zero_ratio_stats
         from ..train.distill import evaluate_vs_teacher
         m = load_model(folder)
@@ -169,7 +145,7 @@ class Claims:
                 "size_bytes": sum(count_params_by_component(self.teacher.config).values()) * 2}
 
     def recurrence(self, results: dict) -> dict:
-        from ..analysis import error_vs_position, growth, inject_noise, trajectories
+        from .analysis import error_vs_position, growth, inject_noise, trajectories
         from ..train.data import PackedSequences
         T, n = self.args.positions, self.args.sequences
         seqs = PackedSequences(self.held.tokens, T)
@@ -214,11 +190,9 @@ class Claims:
         return results
 
 
-def run_claims(args) -> None:
-    if args.tokens < 10_000:
-        raise UserError(f"--tokens {args.tokens}: too small for a training run (use at least 10000)")
-    unknown = [s for s in args.skip if s not in QAT and s not in SCRATCH]
-    if unknown:
-        raise UserError(f"--skip {unknown[0]}: not a training run; choose from {', '.join([*QAT, *SCRATCH])}")
-    torch.manual_seed(args.seed)
-    Claims(args).run()
+def claims(cfg: ClaimsConfig | None = None) -> dict:
+    """Run (or resume) the whole experiment; returns the results by stage name.  The Python twin of
+    `ternary-mamba experiment claims`."""
+    cfg = cfg or ClaimsConfig()
+    torch.manual_seed(cfg.seed)
+    return Claims(cfg).run()

@@ -4,13 +4,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..checkpoint import atomic_write_bytes
-from ..info import MB
-from ..train.loop import write_json_atomic
+from ..core.config import MB
+from ..formats.fs import atomic_write_bytes, write_json_atomic
+from .arms import EVAL_BATCHES, POSTHOC, QAT, SCRATCH, SEQ_LEN
 
 
 def _order() -> tuple[str, ...]:
-    from .claims import POSTHOC, QAT, SCRATCH
     return ("teacher", *POSTHOC, *QAT, *SCRATCH)
 
 
@@ -139,7 +138,6 @@ def command(args) -> str:
 
 
 def held_note(args) -> str:
-    from .claims import EVAL_BATCHES, SEQ_LEN
     n = EVAL_BATCHES * 8
     return (f"at most the first {n} windows of {SEQ_LEN} tokens ({n * SEQ_LEN:,} tokens) of "
             + ("the bundled held-out book" if not args.eval_data and not args.data else "the --eval-data text"))

@@ -11,7 +11,7 @@ from collections import deque
 from ..errors import UserError
 from .qat import set_scale_mode, ternary_modules
 
-ACTIONS = ("warn", "guard", "stop")
+from .config import COLLAPSE_ACTIONS as ACTIONS
 
 
 def zero_ratio_stats(model) -> dict:

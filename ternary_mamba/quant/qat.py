@@ -13,7 +13,6 @@ scales.  Scale modes:
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -22,46 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UserError
+from .config import SCALE_MODES, TernaryConfig  # noqa: F401  (re-exported: the QAT API in one import)
+from .groups import resolve_group_size
 from .ternary import TernarySTE, absmean_scale, round_scale, ternary_codes
-
-SCALE_MODES = ("absmean", "learned", "guarded")
-
-
-@dataclass
-class TernaryConfig:
-    group_size: int = 128            # G > 0: groups of G along in_features; -1: one scale per row
-    scale_mode: str = "absmean"      # absmean | learned | guarded
-    guard_low: float = 0.5           # guarded: effective scale within [low, high] x current absmean
-    guard_high: float = 1.5
-    targets: tuple[str, ...] = ("in_proj", "out_proj")
-    # post-hoc corrections (set by `ternary-mamba ptq`, not trained): an fp output bias per ternary
-    # linear and a rank-r term U @ V beside the ternary weight.  Not part of the packed format.
-    corr_bias: bool = False
-    corr_rank: int = 0
-
-    def __post_init__(self):
-        self.targets = tuple(self.targets)
-        if self.scale_mode not in SCALE_MODES:
-            raise UserError(f"scale mode '{self.scale_mode}' unknown; choose one of {', '.join(SCALE_MODES)}")
-        if self.group_size == 0 or self.group_size < -1:
-            raise UserError(f"group size {self.group_size}: use a positive size (64, 128, 256) or -1 for one per row")
-        if not 0 < self.guard_low < 1 < self.guard_high:
-            raise UserError(f"guard band [{self.guard_low}, {self.guard_high}] must satisfy 0 < low < 1 < high")
-        if self.corr_rank < 0:
-            raise UserError(f"correction rank {self.corr_rank} must be >= 0")
-        bad = [t for t in self.targets if t not in ("in_proj", "out_proj")]
-        if bad:
-            raise UserError(f"targets {bad}: only in_proj and out_proj can be ternary (the embedding/head stay fp16)")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["targets"] = list(self.targets)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TernaryConfig":
-        return cls(**d)
-
 
 class TernaryLinear(nn.Module):
     """A linear layer whose forward uses s16 · ternary(w) instead of w (fake quantization)."""
@@ -69,11 +31,7 @@ class TernaryLinear(nn.Module):
     def __init__(self, linear: nn.Linear, cfg: TernaryConfig, name: str = ""):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        G = self.in_features if cfg.group_size == -1 else cfg.group_size
-        if self.in_features % G:
-            ok = [g for g in (32, 64, 128, 256) if self.in_features % g == 0]
-            raise UserError(f"group size {G} does not divide in_features={self.in_features} of {name or 'a linear'}; "
-                            f"use one of {ok or [-1]} (or -1 for one scale per row)")
+        G = resolve_group_size(cfg.group_size, self.in_features, name)
         self.group_size, self.mode = G, cfg.scale_mode
         self.guard = (cfg.guard_low, cfg.guard_high)
         self.weight = linear.weight  # the same Parameter: the latent full-precision weight

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+
 SCALE_MIN = 1e-4     # keeps fp16 scales normal-ish and all-zero groups harmless
 SCALE_MAX = 65504.0  # largest fp16
 

@@ -12,8 +12,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..losses import cross_entropy, kl_div
-from .pretrain import param_groups
+from ..ops.losses import cross_entropy, kl_div
+from ..quant.qat import set_lambda
+from .objectives import param_groups
 
 
 class DistillObjective:
@@ -70,7 +71,6 @@ class DistillObjective:
 
     def after_step(self, model, step):
         if self.lam_warmup:
-            from ..quant.qat import set_lambda
             set_lambda(model, min(1.0, (step + 1) / self.lam_warmup))
 
     def progress(self, rec):

@@ -12,56 +12,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import atomic_dir
+from ..formats.fs import atomic_dir
 from ..errors import UserError
 from . import distributed as D
+from .config import TrainConfig
 from .data import PackedSequences, batch_indices
-
-
-@dataclass
-class TrainConfig:
-    tokens: int = 1_000_000          # token budget (inputs seen by the student)
-    seq_len: int = 256
-    batch_size: int = 8              # per rank, per micro-step
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1        # cosine decays to lr * min_lr_ratio
-    warmup_frac: float = 0.05
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_every: int = 100            # steps; 0 disables
-    eval_batches: int = 8
-    save_every: int = 100            # steps
-    log_every: int = 10
-    seed: int = 0
-
-    def __post_init__(self):
-        for k in ("tokens", "seq_len", "batch_size", "grad_accum"):
-            if getattr(self, k) < 1:
-                raise UserError(f"--{k.replace('_', '-')} must be >= 1")
-        if self.lr <= 0:
-            raise UserError("--lr must be > 0")
-
-    @property
-    def tokens_per_step(self) -> int:
-        world = int(os.environ.get("WORLD_SIZE", 1))
-        return self.batch_size * self.seq_len * self.grad_accum * world
-
-    @property
-    def total_steps(self) -> int:
-        steps = self.tokens // self.tokens_per_step
-        if steps < 1:
-            raise UserError(f"--tokens {self.tokens:,} is smaller than one optimizer step "
-                            f"({self.tokens_per_step:,} tokens = batch x seq-len x grad-accum x ranks)")
-        return steps
 
 
 def lr_factor(step: int, total: int, warmup_frac: float, min_ratio: float) -> float:
@@ -236,12 +197,3 @@ def _step_of(line: str) -> float:
         return json.loads(line).get("step", 0)
     except json.JSONDecodeError:  # a line cut short by a kill
         return float("inf")
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    from ..checkpoint import atomic_write_bytes
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
-
-
-def config_dict(cfg) -> dict:
-    return asdict(cfg)

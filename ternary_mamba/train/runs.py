@@ -1,54 +1,87 @@
 """Run folders: creation, the resume check, data preparation shared by `pretrain` and `quantize`.
 
-A run folder holds run.json (what was asked for), metrics.jsonl, checkpoint/ (latest complete
-state, swapped in atomically), and at the end the trained model folder and summary.json.
+A run folder holds run.json (the command's typed config: `--config run.json` replays the run), metrics.jsonl,
+checkpoint/ (latest complete state, swapped in atomically), and at the end the trained model folder and
+summary.json.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import UserError
+from ..formats.fs import read_json, write_json_atomic
 from .data import PackedSequences, load_tokens, split_heldout, tokenize_to_file
-from .loop import write_json_atomic
 
-# Fields of run.json that may differ on --resume (they do not change the trajectory)
-RESUME_FREE = {"resume", "log_every", "eval_every", "save_every", "threads", "out", "cache_dir", "quiet"}
+RUN_JSON = "run.json"
 
 
-def prepare_run_dir(out: Path, spec: dict, resume: bool) -> bool:
+def run_record(command: str, cfg) -> dict:
+    """What run.json holds: the command and its complete typed config (a file `--config` replays), the world
+    size (the global batch depends on it) and the version that wrote it."""
+    from ..version import __version__
+    from . import distributed as D
+    return {"command": command, "ternary_mamba": __version__, "world_size": D.world()[1], "config": cfg.to_dict()}
+
+
+def _flat(d, prefix: tuple = ()):
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _flat(v, prefix + (k,))
+    else:
+        yield prefix, d
+
+
+def config_diff(old: dict, new: dict, free: set[tuple]) -> list[tuple[str, object, object]]:
+    """(dotted name, old value, new value) of every setting that differs, leaving out `free` paths."""
+    a, b = dict(_flat(old)), dict(_flat(new))
+    return [(".".join(k), a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if k not in free and a.get(k) != b.get(k)]
+
+
+def prepare_run_dir(out: Path, record: dict, resume: bool, free: set[tuple] = frozenset()) -> bool:
     """Create (or check for resuming) a run folder; returns True when a checkpoint should be loaded."""
     out = Path(out)
-    run_json = out / "run.json"
+    run_json = out / RUN_JSON
     if resume:
         if not run_json.exists():
             raise UserError(f"{out}: not a run folder (no run.json); cannot --resume")
-        old = json.loads(run_json.read_text())
-        old.setdefault("world_size", 1)  # runs written before distributed support
-        diff = sorted(k for k in set(old) | set(spec)
-                      if k not in RESUME_FREE and old.get(k) != spec.get(k))
+        old = read_json(run_json)
+        if not isinstance(old.get("config"), dict):
+            raise UserError(f"{run_json}: written by an older ternary-mamba (no typed config); it cannot be "
+                            "resumed by this version — start a new run")
+        if old.get("command") != record["command"]:
+            raise UserError(f"{out}: is a `{old.get('command')}` run, not `{record['command']}`")
+        diff = config_diff({"world_size": old.get("world_size", 1), **old["config"]},
+                           {"world_size": record["world_size"], **record["config"]}, free)
         if diff:
-            k = diff[0]
-            raise UserError(f"{out}: --resume with a different config ({k}: run has {old.get(k)!r}, "
-                            f"now {spec.get(k)!r}); use the same arguments or a new --out")
-        return (out / "checkpoint" / "trainer_state.json").exists()
+            k, a, b = diff[0]
+            raise UserError(f"{out}: --resume with a different config ({k}: run has {a!r}, now {b!r}); "
+                            "use the same arguments or a new --out")
+        if not (out / "checkpoint" / "trainer_state.json").exists():
+            # killed before its first checkpoint: start over from step 0, without the old run's metrics
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+            print(f"{out}: no checkpoint yet; starting from step 0")
+            return False
+        return True
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is a file; choose another --out")
     if out.exists() and any(out.iterdir()):
         what = "already holds a run" if run_json.exists() else "exists and is not empty"
         raise UserError(f"{out}: {what}; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_json, spec)
+    write_json_atomic(run_json, record)
     return False
 
 
-def prepare_run_and_data(out: Path, spec: dict, resume: bool, data, eval_data, tok, seq_len: int,
-                         heldout_fraction: float, cache_dir) -> tuple[bool, PackedSequences, PackedSequences]:
+def prepare_run_and_data(out: Path, record: dict, resume: bool, free: set[tuple], data, eval_data, tok,
+                         seq_len: int, heldout_fraction: float, cache_dir
+                         ) -> tuple[bool, PackedSequences, PackedSequences]:
     """Rank 0 tokenizes (filling the cache) and creates / checks the run folder; the other ranks wait,
     then read the cached tokens.  Returns (load checkpoint?, train, held-out)."""
     from . import distributed as D
-    spec = {**spec, "world_size": D.world()[1]}
     if D.is_main():
         train, held = prepare_data(data, eval_data, tok, seq_len, heldout_fraction, cache_dir)
-        load = prepare_run_dir(out, spec, resume)
+        load = prepare_run_dir(out, record, resume, free)
     D.barrier()
     if not D.is_main():
         train, held = prepare_data(data, eval_data, tok, seq_len, heldout_fraction, cache_dir, verbose=False)

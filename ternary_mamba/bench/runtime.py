@@ -1,0 +1,245 @@
+"""`ternary-mamba bench decode|prefill`: our runtime on one model, dense fp32 vs packed ternary, in one
+run, plus the memory bandwidth measured in the same run (achieved GB/s = bytes read per token x tok/s)."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..core.config import PRESETS, Mamba2Config
+from ..core.model import Mamba2LM
+from ..runtime.convert import ptq_pack_
+
+LLAMA_CPP = {  # measured on these machines, 2 threads (../shared/MACHINE.md)
+    "mamba2-130m": {"decode": {"f32": 41, "tq2": 128, "tq1": 114}, "prefill": {"f32": 330, "tq2": 405}},
+    "mamba2-1.3b": {"decode": {"f16": 7.7, "tq2": 23, "tq1": 18}, "prefill": {"f16": 45, "tq2": 48}},
+}
+
+
+def memory_bandwidth_gbs(mb: int = 512) -> float:
+    x = torch.ones(mb * 2 ** 20 // 4)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+@torch.no_grad()
+def pack_in_place(model: Mamba2LM, group_size: int = 128) -> None:
+    """Replace in_proj/out_proj by packed ternary modules made from absmean PTQ of the current weights."""
+    ptq_pack_(model, group_size)
+
+
+def bytes_per_token(model) -> int:
+    """Bytes a decode step reads: every buffer/parameter once, but only one embedding row (tied head reads all)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    emb = model.backbone.embedding.weight
+    if getattr(model.lm_head, "weight", None) is not emb:  # the head no longer reads the embedding: one row
+        total -= emb.numel() * emb.element_size() - emb.size(1) * emb.element_size()
+    return total
+
+
+# ---- timers: each call runs one round (n tokens) and returns tok/s; rounds of all variants are interleaved
+def _decode_timer(model, n: int, greedy: bool = False):
+    """Decoding as `generate` does it: a DecodeSession (one C call per token) when the engine runs the model;
+    greedy: the session's certified greedy step (an int8 pre-pass over the head, the same tokens)."""
+    from ..runtime.decode_engine import session
+    state = model.empty_state(1)
+    sess = session(model, state)
+    tok = torch.zeros(1, dtype=torch.long)
+    vocab = model.config.vocab_size
+
+    def one() -> None:
+        nonlocal state
+        if sess is not None and greedy:
+            sess.step_greedy([0], vocab)
+        elif sess is not None:
+            sess.step([0])
+        else:
+            _, state = model.step(tok, state, inplace=True)
+    for _ in range(3):
+        one()
+
+    def run() -> float:
+        t = time.perf_counter()
+        for _ in range(n):
+            one()
+        return n / (time.perf_counter() - t)
+    return run
+
+
+def _prefill_timer(model, n: int):
+    ids = torch.randint(0, model.config.vocab_size, (1, n))
+    model(ids[:, :64], last_only=True)
+
+    def run() -> float:
+        t = time.perf_counter()
+        model(ids, last_only=True)   # the prompt's states + next-token logits (as llama.cpp computes them)
+        return n / (time.perf_counter() - t)
+    return run
+
+
+def llama_cpp_timers(model, what: str, n: int, threads: int, workdir,
+                     qtypes: tuple[str, ...] = ("f32", "tq2_0")) -> dict | None:
+    """The same weights through llama.cpp (llama-cpp-python, if installed): f32 and TQ2_0 GGUF files written
+    by our exporter (absmean PTQ with groups of 256 for TQ2_0).  Each timer runs n tokens and returns tok/s:
+    decode = n single-token evals after a 3-token prompt; prefill = one eval of n tokens (next-token logits
+    only).  None if unavailable."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    import copy
+    from pathlib import Path
+    from ..assets import ASSETS
+    from ..formats.gguf import export_gguf
+    from ..quant.qat import TernaryConfig, quantize_
+    from ..runtime.memory import release_freed_memory
+    timers = {}
+    for qtype in qtypes:
+        m = model
+        if qtype == "tq2_0":   # quantize a copy; the f32 export reads the model as it is
+            m = copy.deepcopy(model)
+            quantize_(m, TernaryConfig(group_size=256))
+        path = Path(workdir) / f"{qtype}.gguf"
+        # token texts do not matter for timing: the bundled tokenizer, padded to the model's vocabulary
+        export_gguf(m, path, qtype, ASSETS / "gutenberg-bpe-8k.json")
+        del m
+        release_freed_memory()   # the quantized copy: llama.cpp maps the file next and needs the page cache
+        llm = llama_cpp.Llama(str(path), n_ctx=max(n, 64) * 4 + 8, n_batch=max(n, 64), n_ubatch=max(n, 64),
+                              n_threads=threads, n_threads_batch=threads, verbose=False)
+        toks = [int(t) for t in torch.randint(10, 8000, (n,))]
+
+        def run(llm=llm, toks=toks) -> float:
+            if what == "decode":
+                llm.reset()
+                llm.eval(toks[:3])
+                t = time.perf_counter()
+                for tok in toks:
+                    llm.eval([tok])
+            else:
+                llm.reset()
+                t = time.perf_counter()
+                llm.eval(toks)
+            return len(toks) / (time.perf_counter() - t)
+        timers[f"llama.cpp {qtype.upper()}"] = run
+    return timers
+
+
+def load_bench_model(name: str):
+    if name in PRESETS:
+        torch.manual_seed(0)
+        return Mamba2LM(Mamba2Config(**PRESETS[name], chunk_size=64)).eval()
+    from ..formats.load import load_model
+    return load_model(name)
+
+
+def build_variants(model: Mamba2LM, what: str) -> dict[str, Mamba2LM]:
+    """fp32 (the model itself); packed tq2 as a packed folder loads (exact ternary products, the fp16 head it
+    stores); + 8-bit head; + int8 activations (decode only)."""
+    import copy
+    from ..runtime.heads import use_fp16_head, use_int8_head
+    from ..runtime.packed_linear import use_a8_activations
+    out = {"fp32": model}
+    tq2 = copy.deepcopy(model)
+    pack_in_place(tq2)
+    use_fp16_head(tq2)
+    out["tq2"] = tq2
+    i8 = copy.deepcopy(tq2)
+    use_int8_head(i8)
+    out["tq2+i8head"] = i8
+    if what == "decode":
+        a8 = copy.deepcopy(i8)
+        use_a8_activations(a8)   # opt-in, not bit-exact: int8 activations in the ternary GEMV
+        out["tq2+i8head+a8"] = a8
+    return out
+
+
+@torch.no_grad()
+def decode_profile(model, n: int) -> dict[str, float] | None:
+    """ms per token in each phase of the C decode step (None if the model does not use the engine)."""
+    from ..runtime.decode_engine import DecodeEngine, engine_for
+    eng = engine_for(model)
+    if eng is None:
+        return None
+    state = model.empty_state(1)
+    tok = torch.zeros(1, dtype=torch.long)
+    eng.profile = torch.zeros(len(DecodeEngine.PHASES), dtype=torch.float64)
+    for _ in range(n):
+        _, state = model.step(tok, state, inplace=True)
+    prof, eng.profile = eng.profile, None
+    return {k: 1e3 * v / n for k, v in zip(DecodeEngine.PHASES, prof.tolist())}
+
+
+@torch.no_grad()
+def run_bench_runtime(args) -> None:
+    import tempfile
+    from pathlib import Path
+    from ..errors import UserError
+    from ..runtime.memory import release_freed_memory
+    for name in args.models:   # fail before minutes of measuring, not after
+        hub_id = name.count("/") == 1 and not name.startswith((".", "/"))
+        if name not in PRESETS and not Path(name).is_dir() and not hub_id:
+            raise UserError(f"{name}: neither a preset ({', '.join(PRESETS)}), a model folder nor a hub id")
+    bw = memory_bandwidth_gbs()
+    rounds = getattr(args, "rounds", 5)
+    print(f"memory read bandwidth (measured now): {bw:.1f} GB/s; threads {torch.get_num_threads()}; "
+          f"best of {rounds} interleaved rounds per variant")
+    for name in args.models:
+        model = load_bench_model(name)
+        if getattr(model, "ternary_config", None) is not None or getattr(model, "packed_header", None):
+            print(f"{name}: pass a full-precision model or a preset; skipping")
+            continue
+        variants = build_variants(model, args.what)
+        release_freed_memory()   # the fp32 projections the packed copies replaced
+        per_round = max(1, args.tokens // rounds) if args.what == "decode" else args.tokens
+        make = _decode_timer if args.what == "decode" else _prefill_timer
+        timers = {k: make(m, per_round) for k, m in variants.items()}
+        if args.what == "decode":   # greedy decoding: the same tokens as argmax of the full logits
+            timers.update({f"{k} greedy": _decode_timer(variants[k], per_round, greedy=True)
+                           for k in ("fp32", "tq2") if k in variants})
+        with tempfile.TemporaryDirectory() as tmp:
+            llama = llama_cpp_timers(model, args.what, per_round, torch.get_num_threads(), tmp)
+            timers.update(llama or {})
+            best = {k: 0.0 for k in timers}
+            for _ in range(rounds):
+                for k, run in timers.items():
+                    best[k] = max(best[k], run())
+            del timers, llama
+        what = "decode" if args.what == "decode" else f"prefill 1x{args.tokens}"
+        for k, r in best.items():
+            line = f"{name} {what} {k:>17}: {r:8.1f} tok/s"
+            if k in variants:
+                nbytes = bytes_per_token(variants[k])
+                line += f"  x{r / best['fp32']:5.2f} of fp32"
+                if args.what == "decode":
+                    line += (f"  {nbytes / 1e6:7.1f} MB/token  {nbytes * r / 1e9:5.1f} GB/s = "
+                             f"{100 * nbytes * r / 1e9 / bw:3.0f} % of bandwidth")
+            print(line)
+        if "llama.cpp F32" in best:
+            lf, lt = best["llama.cpp F32"], best["llama.cpp TQ2_0"]
+            print(f"{name} {what} vs llama.cpp (same run, same weights via our GGUF export): "
+                  + ", ".join(f"{k} / llama.cpp {'F32' if k == 'fp32' else 'TQ2_0'} = "
+                              f"{best[k] / (lf if k == 'fp32' else lt):.2f}x" for k in variants))
+            greedy = [k for k in best if k.endswith(" greedy")]
+            if greedy:
+                print(f"{name} {what} greedy vs llama.cpp (whose greedy decoding computes the full logits): "
+                      + ", ".join(f"{k} / llama.cpp {'F32' if k.startswith('fp32') else 'TQ2_0'} = "
+                                  f"{best[k] / (lf if k.startswith('fp32') else lt):.2f}x" for k in greedy))
+        else:
+            print(f"{name}: llama.cpp not installed (pip install '.[llama]'); figures measured earlier on these "
+                  f"machines: {LLAMA_CPP.get(name, {}).get(args.what, 'n/a')}")
+        if args.what == "decode":
+            for k, m in variants.items():
+                prof = decode_profile(m, max(8, per_round))
+                if prof:
+                    print(f"{name} decode profile {k:>13} (ms/token): "
+                          + ", ".join(f"{p} {v:.2f}" for p, v in prof.items()))
+        del model, variants
+        release_freed_memory()   # the next model's llama.cpp files need the page cache

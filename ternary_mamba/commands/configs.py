@@ -1,0 +1,182 @@
+"""Each command's settings as one typed config: the CLI's flags are made from these fields (commands/flags.py),
+`--config FILE` loads them from JSON / YAML (a run's run.json replays the run), and the Python API takes them
+directly (`ternary_mamba.quantize(QuantizeConfig(...))`).  No torch here."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config_base import Config, option
+from ..errors import UserError
+from ..formats.configs import GGUF_TYPES, PACKINGS
+from ..quant.config import MonitorConfig, TernaryConfig
+from ..quant.groups import DEFAULT_GROUP_SIZE
+from ..train.config import DistillConfig, TrainConfig
+
+CORRECTIONS = ("bias", "lowrank", "qep")
+EVAL_TASKS = "boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,lambada_openai"
+
+
+def _positive(cfg, *names: str) -> None:
+    for n in names:
+        v = getattr(cfg, n)
+        if v is not None and v < 1:
+            raise UserError(f"--{n.replace('_', '-')} must be >= 1, got {v}")
+
+
+def _threads():
+    return option(None, help="torch CPU threads (default: all cores)", resume_free=True)
+
+
+@dataclass
+class QuantizeConfig(Config):
+    teacher: str | None = option(None, help="teacher folder or hub id (default: the bundled teacher)")
+    tokenizer: str | None = option(None, help="tokenizer.json (default: the teacher's)")
+    data: list[str] | None = option(None, help="text files / folders / jsonl (default: the bundled books)")
+    eval_data: list[str] | None = option(None, help="held-out text (default: the bundled held-out book, or 2%% "
+                                         "split off --data)")
+    out: str | None = option(None, help="run folder (default: runs/ternary-<teacher>-<time>)", resume_free=True)
+    quant: TernaryConfig = option(default_factory=TernaryConfig)
+    distill: DistillConfig = option(default_factory=DistillConfig)
+    monitor: MonitorConfig = option(default_factory=MonitorConfig)
+    train: TrainConfig = option(default_factory=lambda: TrainConfig(tokens=250_000, lr=2e-3, weight_decay=0.0,
+                                                                     eval_every=50, save_every=50))
+    final_eval_batches: int = option(16, help="held-out batches of the final summary table")
+    chunk_size: int | None = option(None, help="SSD chunk length (a compute knob; default: the model's)",
+                                    resume_free=True)
+    threads: int | None = _threads()
+    cache_dir: str | None = option(None, help="where tokenized data is cached", resume_free=True)
+    resume: bool = option(False, help="continue the run in --out from its last checkpoint", resume_free=True)
+    fsdp: bool = option(False, help="under torchrun: shard the student with FSDP2 (parameters, gradients, "
+                        "optimizer state) instead of DDP", resume_free=True)
+
+    def __post_init__(self):
+        _positive(self, "final_eval_batches", "chunk_size", "threads")
+
+
+@dataclass
+class PretrainConfig(Config):
+    model: str | None = option(None, flag="--model-config", required=True,
+                               help="preset name or JSON file of Mamba2Config fields")
+    tokenizer: str | None = option(None, required=True, help="tokenizer.json")
+    data: list[str] | None = option(None, required=True, help="text files / folders / jsonl")
+    eval_data: list[str] | None = option(None, help="held-out text (default: 1%% split off --data)")
+    out: str | None = option(None, required=True, help="run folder", resume_free=True)
+    ternary: bool = option(False, help="ternary QAT from random init (the paper's from-scratch control)")
+    group_size: int = option(DEFAULT_GROUP_SIZE, help="--ternary: weights per scale; -1: one per row")
+    train: TrainConfig = option(default_factory=lambda: TrainConfig(tokens=10_000_000, lr=3e-3))
+    chunk_size: int | None = option(None, help="SSD chunk length (a compute knob; default: the config's)",
+                                    resume_free=True)
+    threads: int | None = _threads()
+    cache_dir: str | None = option(None, help="where tokenized data is cached", resume_free=True)
+    resume: bool = option(False, help="continue the run in --out from its last checkpoint", resume_free=True)
+    fsdp: bool = option(False, help="under torchrun: shard the model with FSDP2 instead of DDP", resume_free=True)
+
+    def __post_init__(self):
+        _positive(self, "chunk_size", "threads")
+
+
+@dataclass
+class PtqConfig(Config):
+    teacher: str | None = option(None, help="full-precision model (default: the bundled teacher)")
+    tokenizer: str | None = option(None, help="tokenizer.json (default: the teacher's)")
+    data: list[str] | None = option(None, help="calibration text (default: the bundled books)")
+    eval_data: list[str] | None = option(None, help="held-out text (default: the bundled held-out book)")
+    out: str | None = option(None, help="write the student folder + summary.json here")
+    correct: tuple[str, ...] = option((), choices=CORRECTIONS, help="post-hoc corrections, applied layer by "
+                                      "layer in this order: qep, lowrank, bias")
+    rank: int = option(8, help="rank of the low-rank correction")
+    plain_svd: bool = option(False, help="low-rank: plain SVD of W - Q (default: activation-weighted)")
+    qep_alpha: float = option(1.0, help="QEP: strength of the propagation correction")
+    group_size: int = option(DEFAULT_GROUP_SIZE, help="weights per scale along in_features; -1: one per row")
+    calib_seqs: int = option(32, help="calibration windows of --seq-len tokens")
+    seq_len: int = option(256, help="tokens per calibration / held-out window")
+    eval_batches: int = option(16, help="held-out batches of 8 windows")
+    seed: int = option(0, help="seed of the calibration windows")
+    threads: int | None = _threads()
+
+    def __post_init__(self):
+        _positive(self, "rank", "calib_seqs", "seq_len", "eval_batches", "threads")
+
+
+@dataclass
+class ExportConfig(Config):
+    model: str | None = option(None, positional=True, help="QAT run folder, student folder, or full-precision model")
+    format: str = option("tq2", choices=(*PACKINGS, "gguf"), help="tq2: 2 bits/weight; tq1: 1.6; gguf: one .gguf "
+                         "file for llama.cpp")
+    gguf_type: str = option("tq2_0", choices=GGUF_TYPES, help="GGUF type of the ternary projections (tq*_0 need "
+                            "groups of 256; f16 is exact for any)")
+    out: str | None = option(None, required=True, help="output folder (tq2/tq1) or .gguf file")
+    other_dtype: str = option("fp16", choices=("fp16", "fp32"), help="dtype of the non-ternary tensors")
+    group_size: int | None = option(None, help="for PTQ of a full-precision model (default 128; 256 for GGUF "
+                                    "tq types)")
+
+
+@dataclass
+class GenerateConfig(Config):
+    model: str | None = option(None, positional=True, help="model / run / packed folder, .gguf file or hub id")
+    prompt: str | None = option(None, required=True, help="the text to continue")
+    max_new_tokens: int = option(100, help="tokens to generate")
+    temperature: float = option(0.8, help="sampling temperature; 0: greedy")
+    top_p: float = option(0.95, help="nucleus sampling: smallest set of tokens with this much probability")
+    seed: int = option(0, help="sampling seed")
+    tokenizer: str | None = option(None, help="tokenizer.json (default: the model's)")
+    int8_head: bool = option(False, help="8-bit output head (4x less to read per token; logits change slightly)")
+    a8: bool = option(False, help="packed models: int8 activations in the ternary GEMV (faster decode, not "
+                      "bit-exact; groups a multiple of 128)")
+    threads: int | None = _threads()
+
+    def __post_init__(self):
+        _positive(self, "max_new_tokens", "threads")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
+
+
+@dataclass
+class EvalConfig(Config):
+    models: list[str] | None = option(None, positional=True, help="model / run / packed folders")
+    tasks: str = option("all", help=f"comma-separated: {EVAL_TASKS} (default: all)")
+    data_dir: str = option("../shared/data/evals", help="folder with the task files")
+    limit: int | None = option(None, help="first N documents per task")
+    batch_size: int = option(16, help="sequences scored per forward")
+    max_len: int = option(1024, help="context length (tokens) for scoring")
+    out: str | None = option(None, help="write results JSON here (+ a .md table beside it)")
+    harness: bool = option(False, help="score with lm-evaluation-harness itself (offline task YAMLs generated "
+                           "for the local files) instead of the built-in evaluator")
+    threads: int | None = _threads()
+
+    def __post_init__(self):
+        _positive(self, "limit", "batch_size", "max_len", "threads")
+
+
+@dataclass
+class PplConfig(Config):
+    models: list[str] | None = option(None, positional=True, help="model / run / packed folders")
+    text: list[str] | None = option(None, required=True, help="text files or folders")
+    seq_len: int = option(1024, help="context length of each scored window")
+    batch_size: int = option(8, help="windows per forward")
+    max_tokens: int | None = option(None, help="score at most this many tokens")
+    int8_head: bool = option(False, help="also score with the 8-bit inference head")
+    threads: int | None = _threads()
+
+    def __post_init__(self):
+        _positive(self, "seq_len", "batch_size", "max_tokens", "threads")
+
+
+@dataclass
+class ClaimsConfig(Config):
+    teacher: str | None = option(None, help="full-precision model (default: the bundled teacher)")
+    data: list[str] | None = option(None, help="training / calibration text (default: the bundled books)")
+    eval_data: list[str] | None = option(None, help="held-out text (default: the bundled held-out book)")
+    tokens: int = option(500_000, help="training tokens of every QAT / scratch run")
+    out: str = option("runs/claims", help="experiment folder (re-run the command to resume)")
+    skip: tuple[str, ...] = option((), help="training runs to leave out (e.g. qat-learned-lr10 scratch-fp)")
+    group_size: int = option(DEFAULT_GROUP_SIZE, help="weights per scale, every ternary model")
+    positions: int = option(512, help="sequence length of the recurrence analysis")
+    sequences: int = option(8, help="held-out sequences of the recurrence analysis")
+    seed: int = option(0, help="seed of every run")
+    threads: int | None = _threads()
+
+    def __post_init__(self):
+        _positive(self, "positions", "sequences", "threads")
+        if self.tokens < 10_000:
+            raise UserError(f"--tokens {self.tokens}: too small for a training run (use at least 10000)")

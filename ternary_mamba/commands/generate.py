@@ -1,0 +1,52 @@
+"""`ternary-mamba generate`: stream a continuation of a prompt from any model the package loads."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from ..errors import UserError
+from ..formats.folders import find_tokenizer
+from ..formats.load import is_gguf, load_model, resolve_student_dir
+from ..formats.tokenizer import load_tokenizer
+from ..runtime.generate import generate_text
+from ..runtime.heads import use_int8_head
+from ..runtime.packed_linear import use_a8_activations
+from .configs import GenerateConfig
+from .flags import require
+
+
+def load_model_and_tokenizer(path: str, tokenizer: str | None = None):
+    """(model, tokenizer) of a model folder, run folder, packed folder or .gguf file (its embedded tokenizer)."""
+    if is_gguf(path):   # one file: weights + tokenizer
+        from ..formats.gguf import load_gguf, load_gguf_tokenizer
+        return load_gguf(Path(path)), (load_tokenizer(tokenizer) if tokenizer else load_gguf_tokenizer(Path(path)))
+    folder = resolve_student_dir(path)
+    tok_path = tokenizer or find_tokenizer(folder)
+    if tok_path is None:
+        raise UserError(f"{folder}: no tokenizer.json; pass --tokenizer")
+    return load_model(folder), load_tokenizer(tok_path)
+
+
+def generate(cfg: GenerateConfig, stream: bool = False) -> str:
+    """The generated continuation of `cfg.prompt` (printed as it decodes with stream=True, as the CLI does).
+    The Python twin of `ternary-mamba generate`."""
+    require(cfg, "model", "prompt", command="generate")
+    model, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer)
+    if cfg.int8_head:
+        use_int8_head(model)
+    if cfg.a8 and use_a8_activations(model) == 0:
+        print("--a8: no packed projections with groups of a multiple of 128; nothing changed", file=sys.stderr)
+    on_text = None
+    if stream:
+        sys.stdout.write(cfg.prompt)
+        sys.stdout.flush()
+        on_text = lambda s: (sys.stdout.write(s), sys.stdout.flush())  # noqa: E731
+    t0 = time.perf_counter()
+    text = generate_text(model, tok, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed,
+                         on_text=on_text)
+    if stream:
+        dt = time.perf_counter() - t0
+        n = len(tok.encode(text))
+        print(f"\n[{n} tokens in {dt:.2f} s, {n / max(dt, 1e-9):.1f} tok/s incl. prefill]", file=sys.stderr)
+    return text

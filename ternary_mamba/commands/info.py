@@ -1,0 +1,33 @@
+"""`ternary-mamba info`: a preset, config file, model / run / packed folder or GGUF file at a glance."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..core.config import PRESETS, Mamba2Config
+from ..errors import UserError
+from ..formats.configs import PACKED_FORMAT_NAME, config_from_json
+from ..formats.fs import read_json
+from ..formats.load import resolve_student_dir
+from ..formats.sizes import format_info, format_size_table, packed_info
+from ..quant.groups import DEFAULT_GROUP_SIZE
+
+
+def info(path: str) -> str:
+    if path in PRESETS:
+        return format_info(Mamba2Config(**PRESETS[path]), path)
+    p = Path(path)
+    if p.is_file():
+        return format_info(config_from_json(p), str(p))
+    folder = resolve_student_dir(path)
+    if not (folder / "config.json").exists():
+        raise UserError(f"{folder}: no config.json")
+    meta = read_json(folder / "config.json")
+    cfg = config_from_json(folder / "config.json")
+    if meta.get("format") == PACKED_FORMAT_NAME and (folder / "model.safetensors").exists():
+        return format_info(cfg, str(folder)) + "\n" + packed_info(folder)
+    q = meta.get("quantization")
+    try:
+        sizes = format_size_table(cfg, q["group_size"] if q else DEFAULT_GROUP_SIZE)
+    except UserError as e:   # a model too narrow for the default group: no packed sizes to show
+        sizes = f"packed sizes: not shown ({e})"
+    return format_info(cfg, str(folder)) + "\n" + sizes

@@ -1,0 +1,136 @@
+"""`ternary-mamba quantize`: grouped ternary QAT + distillation from a frozen teacher.
+
+With no arguments it converts the bundled teacher on the bundled books (the demo)."""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from ..core.config import MB, count_params_by_component
+from ..errors import UserError
+from ..formats.folders import find_tokenizer, save_model
+from ..formats.fs import write_json_atomic
+from ..formats.load import load_model, resolve_model_dir
+from ..formats.sizes import packed_size_bytes
+from ..formats.tokenizer import load_tokenizer
+from ..quant.monitor import ZeroRatioMonitor, zero_ratio_stats
+from ..quant.qat import TernaryConfig, quantize_, set_lambda
+from ..train import distributed as D
+from ..train.distill import DistillObjective, evaluate_vs_teacher
+from ..train.loop import Trainer
+from ..train.report import try_report
+from ..train.runs import prepare_run_and_data, run_record
+from .configs import QuantizeConfig
+from .defaults import with_bundled_defaults
+
+
+def absolute(paths: list[str] | None) -> list[str] | None:
+    return [str(Path(p).resolve()) for p in paths] if paths else paths
+
+
+def build_student(teacher, qcfg: TernaryConfig):
+    student = copy.deepcopy(teacher)
+    quantize_(student, qcfg)
+    return student.train().requires_grad_(True)
+
+
+def quantize(cfg: QuantizeConfig | None = None) -> Path:
+    """QAT+KD of `cfg.teacher` into a ternary student; returns the run folder (run.json, metrics.jsonl,
+    checkpoint/, student/, summary.json, report.md).  The Python twin of `ternary-mamba quantize`."""
+    from ..config_base import resume_free_paths
+    cfg = with_bundled_defaults(cfg or QuantizeConfig())
+    if cfg.out is None:
+        cfg = cfg.replace(out=f"runs/ternary-{Path(cfg.teacher).name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    torch.manual_seed(cfg.train.seed)
+    teacher = load_model(cfg.teacher)
+    if getattr(teacher, "ternary_config", None) is not None:
+        raise UserError(f"{cfg.teacher}: is already a ternary student; pass the full-precision teacher")
+    if cfg.chunk_size:
+        teacher.config.chunk_size = cfg.chunk_size
+    tok_path = cfg.tokenizer or find_tokenizer(resolve_model_dir(cfg.teacher))
+    if tok_path is None:
+        raise UserError(f"{cfg.teacher}: has no tokenizer.json; pass --tokenizer")
+    tok = load_tokenizer(tok_path)
+    if tok.vocab_size > teacher.config.padded_vocab_size:
+        raise UserError(f"{tok_path}: {tok.vocab_size} tokens, more than the teacher's vocabulary "
+                        f"({teacher.config.padded_vocab_size}); pass the teacher's own tokenizer")
+    qcfg, tcfg, dcfg, mcfg = cfg.quant, cfg.train, cfg.distill, cfg.monitor
+    tcfg.total_steps  # validate the budget before writing anything
+    student = build_student(teacher, qcfg)  # validates the group size against the teacher's shapes
+    # the run's record: every path absolute, so `--config run.json` replays it from anywhere
+    cfg = cfg.replace(teacher=str(Path(cfg.teacher).resolve()) if Path(cfg.teacher).exists() else cfg.teacher,
+                      tokenizer=str(Path(tok_path).resolve()), data=absolute(cfg.data),
+                      eval_data=absolute(cfg.eval_data))
+    out = Path(cfg.out)
+    resume, train, held = prepare_run_and_data(out, run_record("quantize", cfg), cfg.resume,
+                                               resume_free_paths(QuantizeConfig), cfg.data, cfg.eval_data, tok,
+                                               tcfg.seq_len, 0.02, cfg.cache_dir)
+
+    monitor = ZeroRatioMonitor(every=mcfg.monitor_every, threshold=mcfg.collapse_threshold,
+                               action=mcfg.on_collapse)
+    objective = DistillObjective(teacher, tau=dcfg.tau, alpha_ce=dcfg.alpha_ce, beta_hidden=dcfg.beta_hidden,
+                                 weight_decay=tcfg.weight_decay, scale_lr_mult=dcfg.scale_lr_mult,
+                                 monitor=monitor, lam_warmup_steps=dcfg.lam_warmup)
+    if dcfg.lam_warmup:
+        set_lambda(student, 1.0 / dcfg.lam_warmup)
+    trainer = Trainer(student, objective, tcfg, out, train, held, fsdp=cfg.fsdp)
+    if resume:
+        trainer.load_checkpoint()
+        if dcfg.lam_warmup:
+            objective.after_step(student, trainer.step - 1)
+        print(f"resuming {out} at step {trainer.step}")
+    n = count_params_by_component(teacher.config)
+    print(f"QAT+KD: {Path(cfg.teacher).name} ({sum(n.values()) / 1e6:.2f} M params) -> ternary "
+          f"{'+'.join(qcfg.targets)}, group {qcfg.group_size}, scales {qcfg.scale_mode}; "
+          f"{tcfg.tokens:,} tokens in {tcfg.total_steps} steps -> {out}")
+    t0 = time.time()
+    trainer.run()
+    wall = time.time() - t0
+    student = D.gathered_model(trainer, lambda: build_student(teacher, qcfg))
+    if not D.is_main():
+        return out
+
+    summary = final_summary(teacher, student, qcfg, held, cfg, wall, trainer.step * tcfg.tokens_per_step, monitor)
+    save_model(student, out / "student", tokenizer_path=tok.path, overwrite=True,
+               extra={"teacher": str(cfg.teacher), "training": {"kind": "quantize", "tokens": summary["tokens"]}})
+    write_json_atomic(out / "summary.json", summary)
+    try_report(out)
+    print(format_summary(summary, out))
+    return out
+
+
+@torch.no_grad()
+def final_summary(teacher, student, qcfg, held, cfg: QuantizeConfig, wall, tokens, monitor) -> dict:
+    student.eval()
+    nb, bs = cfg.final_eval_batches, cfg.train.batch_size
+    ptq = build_student(teacher, TernaryConfig(group_size=qcfg.group_size, scale_mode="absmean")).eval()
+    rows = {"teacher (fp32)": evaluate_vs_teacher(teacher, teacher, held, nb, bs),
+            "PTQ (absmean, no training)": {**evaluate_vs_teacher(ptq, teacher, held, nb, bs),
+                                           "zero_ratio": zero_ratio_stats(ptq)["zero_ratio"]},
+            f"QAT+KD ({qcfg.scale_mode})": {**evaluate_vs_teacher(student, teacher, held, nb, bs),
+                                           "zero_ratio": zero_ratio_stats(student)["zero_ratio"]}}
+    mcfg = teacher.config
+    sizes = {"fp16": sum(count_params_by_component(mcfg).values()) * 2,
+             "tq2": sum(packed_size_bytes(mcfg, qcfg.group_size, "tq2").values()),
+             "tq1": sum(packed_size_bytes(mcfg, qcfg.group_size, "tq1").values())}
+    return {"rows": rows, "sizes_bytes": sizes, "tokens": tokens, "wall_s": wall,
+            "heldout_tokens": min(len(held), nb * bs) * cfg.train.seq_len,
+            "zero_ratio_layers": zero_ratio_stats(student)["zero_ratio_layers"],
+            "collapse_events": monitor.events}
+
+
+def format_summary(s: dict, out: Path) -> str:
+    lines = [f"\n{'model':<30} {'held-out ppl':>12} {'KL to teacher':>14} {'top-1 agree':>12} {'zero ratio':>11}"]
+    for name, r in s["rows"].items():
+        z = f"{r['zero_ratio']:.3f}" if "zero_ratio" in r else "-"
+        lines.append(f"{name:<30} {r['ppl']:>12.2f} {r['kl']:>14.4f} {r['top1_agree']:>12.3f} {z:>11}")
+    sz = s["sizes_bytes"]
+    lines.append(f"size: FP16 {sz['fp16'] / MB:.2f} MB -> ternary tq2 {sz['tq2'] / MB:.2f} MB "
+                 f"({sz['fp16'] / sz['tq2']:.1f}x), tq1 {sz['tq1'] / MB:.2f} MB ({sz['fp16'] / sz['tq1']:.1f}x)")
+    lines.append(f"{s['tokens']:,} tokens in {s['wall_s'] / 60:.1f} min; held-out: {s['heldout_tokens']:,} tokens")
+    lines.append(f"run folder: {out}  (student: {out / 'student'}, report: {out / 'report.md'}, "
+                 f"metrics: {out / 'metrics.jsonl'})")
+    return "\n".join(lines)

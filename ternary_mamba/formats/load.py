@@ -1,0 +1,81 @@
+"""One `load_model` for every path a user may hand us: the project's folders (full precision, QAT students,
+packed), run folders (their finished model), mamba_ssm and transformers folders, GGUF files, hub ids."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..core.model import Mamba2LM
+from ..errors import UserError
+from .configs import PACKED_FORMAT_NAME, config_from_dict
+from .folders import load_state_dict_strict, read_state_dict
+from .fs import read_json
+
+RUN_MODEL_DIRS = ("student", "model")   # where quantize / ptq and pretrain put a run's finished model
+
+
+def resolve_model_dir(path_or_id: str | os.PathLike) -> Path:
+    """A local folder, or a hub id downloaded with huggingface_hub (fails in one line when offline)."""
+    p = Path(path_or_id)
+    if p.exists():
+        if not p.is_dir():
+            raise UserError(f"{p}: expected a model folder (with config.json), got a file")
+        return p
+    s = str(path_or_id)
+    if s.count("/") != 1 or s.startswith((".", "/")):
+        raise UserError(f"{s}: no such folder")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UserError(f"{s}: no such folder, and huggingface_hub is not installed to fetch it from the hub") from None
+    try:
+        return Path(snapshot_download(s, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt"]))
+    except Exception as e:
+        raise UserError(f"{s}: could not download from the hub ({type(e).__name__}); pass a local folder instead") from None
+
+
+def resolve_student_dir(path_or_id: str | os.PathLike) -> Path:
+    """A model folder; for a run folder (it holds run.json) the finished model inside it."""
+    folder = resolve_model_dir(path_or_id)
+    if (folder / "run.json").exists():
+        for d in RUN_MODEL_DIRS:
+            if (folder / d / "config.json").exists():
+                return folder / d
+        raise UserError(f"{folder}: run folder without a finished model (no student/ or model/); "
+                        "wait for the run to finish or --resume it")
+    return folder
+
+
+def is_gguf(path_or_id: str | os.PathLike) -> bool:
+    return str(path_or_id).endswith(".gguf") and Path(path_or_id).is_file()
+
+
+def load_model(path_or_id: str | os.PathLike, device: str = "cpu"):
+    """Any supported checkpoint -> an fp32 `Mamba2LM` in eval mode: a model folder, a run folder (its
+    finished student/ or model/), a packed folder (ternary weights stay packed), a QAT student (its ternary
+    modules rebuilt), a .gguf file, or a hub id."""
+    if is_gguf(path_or_id):
+        from .gguf import load_gguf
+        return load_gguf(Path(path_or_id)).to(device)
+    folder = resolve_student_dir(path_or_id)
+    meta = read_json(folder / "config.json")
+    if meta.get("format") == PACKED_FORMAT_NAME:
+        from .packed import load_packed
+        return load_packed(folder).to(device)
+    cfg = config_from_dict(meta, str(folder / "config.json"))
+    with torch.device("meta"):
+        model = Mamba2LM(cfg, init=False)
+    model = model.to_empty(device="cpu")
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.backbone.embedding.weight
+    sd = read_state_dict(folder)
+    quant = meta.get("quantization")
+    if quant:  # a QAT student: rebuild its ternary modules before loading latent weights + scales
+        from ..quant.qat import TernaryConfig, quantize_
+        quantize_(model, TernaryConfig.from_dict(quant))
+    load_state_dict_strict(model, sd, str(folder))
+    return model.to(device).eval()
+
+

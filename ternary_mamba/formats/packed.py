@@ -1,0 +1,129 @@
+"""The packed ternary checkpoint (docs/PACKED_FORMAT.md): export, validation and loading.
+
+A packed folder holds config.json (the self-describing header) and model.safetensors with, per ternary
+module `<name>`: `<name>.codes` (uint8, the packed flattened codes) and `<name>.scales` (fp16,
+(out, in // G)); every other tensor in fp16 (or fp32), the tied embedding stored once.
+
+At load, ternary weights stay packed: tq2 codes are used as stored (memory-mapped), tq1 codes are
+re-packed once to the 2-bit layout the kernel reads.  Decoding multiplies straight from the codes
+(`runtime.packed_linear.PackedTernaryLinear`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..core.config import Mamba2Config
+from ..core.model import Mamba2LM
+from ..errors import UserError
+from ..quant.packing import PER_BYTE, pack, unpack
+from ..quant.qat import ternary_modules
+from ..runtime.convert import packed_codes
+from ..runtime.heads import Fp16Head
+from ..runtime.packed_linear import PackedTernaryLinear
+from .configs import PACKED_FORMAT_NAME
+from .folders import load_state_dict_strict, model_state_for_saving
+from .fs import atomic_dir, read_json
+
+FORMAT_VERSION = 1
+
+
+# ------------------------------------------------------------------ export
+def export_packed(model, out: Path, packing: str = "tq2", other_dtype: str = "fp16",
+                  tokenizer_path: Path | None = None, source: str = "") -> dict:
+    """Write a packed folder from a fake-quant student (a model with TernaryLinear modules)."""
+    from safetensors.torch import save_file
+    if packing not in PER_BYTE:
+        raise UserError(f"--format {packing}: choose tq2 or tq1")
+    dt = {"fp16": torch.float16, "fp32": torch.float32}[other_dtype]
+    mods = ternary_modules(model)
+    if not mods:
+        raise UserError("nothing to export: the model has no ternary modules")
+    if any(m.has_corrections for _, m in mods):
+        raise UserError("this model carries post-hoc corrections (bias / low-rank), which the packed format "
+                        "does not hold; export a plain PTQ, QEP or QAT student")
+    tensors, header_t = {}, {}
+    skip = set()
+    for name, m in mods:
+        tensors[f"{name}.codes"], tensors[f"{name}.scales"] = packed_codes(m, packing)
+        header_t[name] = {"shape": [m.out_features, m.in_features], "group_size": m.group_size}
+        skip |= {f"{name}.weight", f"{name}.scale"}
+    for k, v in model_state_for_saving(model).items():
+        if k not in skip:
+            tensors[k] = v.to(dt).contiguous()
+    header = {"format": PACKED_FORMAT_NAME, "format_version": FORMAT_VERSION, "packing": packing,
+              "other_dtype": other_dtype, "architecture": "mamba2", "config": model.config.to_dict(),
+              "ternary": header_t, "tokenizer": "tokenizer.json" if tokenizer_path else None, "source": source}
+    with atomic_dir(Path(out)) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"ternary_mamba": json.dumps(header)})
+        (tmp / "config.json").write_text(json.dumps(header, indent=2) + "\n")
+        if tokenizer_path:
+            import shutil
+            shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+    return header
+
+
+# ------------------------------------------------------------------ load
+def _check_header(h: dict, folder: Path) -> None:
+    if h.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{folder}: packed format version {h.get('format_version')!r} is not supported "
+                        f"(this ternary-mamba reads version {FORMAT_VERSION})")
+    if h.get("packing") not in PER_BYTE:
+        raise UserError(f"{folder}: unknown packing {h.get('packing')!r} (expected tq2 or tq1)")
+    if not isinstance(h.get("ternary"), dict) or not h["ternary"]:
+        raise UserError(f"{folder}: header lists no ternary modules")
+
+
+def load_packed(folder: Path):
+    from safetensors import SafetensorError, safe_open
+    folder = Path(folder)
+    h = read_json(folder / "config.json")
+    _check_header(h, folder)
+    cfg = Mamba2Config.from_dict(h["config"])
+    packing, per = h["packing"], PER_BYTE[h["packing"]]
+    path = folder / "model.safetensors"
+    try:
+        f = safe_open(str(path), "pt")  # memory-mapped
+        keys = set(f.keys())
+        get = f.get_tensor
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    with torch.device("meta"):
+        model = Mamba2LM(cfg, init=False)
+    model = model.to_empty(device="cpu")
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.backbone.embedding.weight
+    for name, spec in h["ternary"].items():
+        out_f, in_f = spec["shape"]
+        G = spec["group_size"]
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            raise UserError(f"{folder}: header names ternary module {name!r} that the model does not have") from None
+        if (lin.out_features, lin.in_features) != (out_f, in_f) or G < 1 or in_f % G or in_f % 4:
+            raise UserError(f"{folder}: {name} header shape {spec['shape']} / group {G} does not match the config")
+        for suffix in ("codes", "scales"):
+            if f"{name}.{suffix}" not in keys:
+                raise UserError(f"{path}: missing tensor {name}.{suffix}")
+        codes, scales = get(f"{name}.codes"), get(f"{name}.scales")
+        if codes.dtype != torch.uint8 or codes.numel() != -(-out_f * in_f // per):
+            raise UserError(f"{path}: {name}.codes has {codes.numel()} bytes, header needs {-(-out_f * in_f // per)}")
+        if scales.dtype != torch.float16 or tuple(scales.shape) != (out_f, in_f // G):
+            raise UserError(f"{path}: {name}.scales has shape {tuple(scales.shape)}, expected {(out_f, in_f // G)}")
+        if packing == "tq1":  # re-pack once to the 2-bit layout the kernel reads
+            try:
+                codes = pack(unpack(codes, "tq1", (out_f, in_f)), "tq2")
+            except ValueError as e:
+                raise UserError(f"{path}: {name}.codes: {e}") from None
+        packed = PackedTernaryLinear(codes.view(out_f, in_f // 4), scales, in_f, G,
+                                     get(f"{name}.bias") if f"{name}.bias" in keys else None)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, packed)
+        keys -= {f"{name}.codes", f"{name}.scales", f"{name}.bias"}
+    load_state_dict_strict(model, {k: get(k) for k in keys}, str(path))
+    if h.get("other_dtype") == "fp16" and cfg.tie_embeddings:
+        # the stored fp16 head, read at half the bytes of fp32, same values
+        model.lm_head = Fp16Head(model.backbone.embedding.weight)
+    model.packed_header = h
+    return model.eval()

@@ -1,0 +1,98 @@
+"""What `info` shows: a config's parameters by component, packed sizes computed from a config alone, and the
+bytes a packed folder actually stores."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..core.config import MB, Mamba2Config, count_params_by_component
+from ..quant.packing import PER_BYTE
+from .fs import read_json
+from ..quant.groups import DEFAULT_GROUP_SIZE, resolve_group_size
+
+
+def format_info(cfg: Mamba2Config, title: str = "") -> str:
+    counts = count_params_by_component(cfg)
+    total = sum(counts.values())
+    lines = [f"model: {title}" if title else "model", "config:"]
+    for k, v in cfg.to_dict().items():
+        lines.append(f"  {k:<24} {v}")
+    lines.append(f"  {'d_inner / nheads':<24} {cfg.d_inner} / {cfg.nheads}")
+    lines.append("parameters:")
+    for k, v in counts.items():
+        lines.append(f"  {k:<16} {v:>15,}  {100 * v / total:5.1f} %")
+    lines.append(f"  {'total':<16} {total:>15,}")
+    lines.append(f"FP16 size: {total * 2 / MB:,.1f} MB   FP32 size: {total * 4 / MB:,.1f} MB")
+    return "\n".join(lines)
+
+
+def packed_size_bytes(cfg: Mamba2Config, group_size: int = DEFAULT_GROUP_SIZE, packing: str = "tq1",
+                      separate_head: bool = False, targets=("in_proj", "out_proj")) -> dict[str, int]:
+    """Bytes of a packed ternary checkpoint by component (tensor data only; the header is small).
+
+    packing: tq2 = 4 codes per byte, tq1 = 5 codes per byte (base 3), both over the flattened matrix;
+    one fp16 scale per group; everything else fp16; the embedding stored once when tied, unless
+    `separate_head` (the paper's layout: its own fp16 lm_head)."""
+    per_byte = PER_BYTE[packing]
+    counts = count_params_by_component(cfg)
+    shapes = {"in_proj": (cfg.d_in_proj, cfg.d_model), "out_proj": (cfg.d_model, cfg.d_inner)}
+    out = {}
+    for name, (rows, cols) in shapes.items():
+        if name not in targets:
+            continue
+        G = resolve_group_size(group_size, cols)
+        n = rows * cols
+        out[f"{name} codes"] = cfg.n_layer * -(-n // per_byte)
+        out[f"{name} scales"] = cfg.n_layer * (n // G) * 2
+        counts.pop(name)
+    if separate_head:
+        counts["lm_head"] = counts["embedding"]
+    for name, n in counts.items():
+        if n:
+            out[f"{name} (fp16)"] = n * 2
+    return out
+
+
+def format_size_table(cfg, group_size: int) -> str:
+    fp16 = sum(count_params_by_component(cfg).values()) * 2
+    ternary = sum(v for k, v in count_params_by_component(cfg).items() if k in ("in_proj", "out_proj"))
+    rows = [("FP16", fp16, 16.0),
+            ("paper layout (2-bit + separate fp16 head)", sum(packed_size_bytes(cfg, group_size, "tq2", True).values()), 2 + 16 / group_size),
+            ("tq2 (2-bit, tied)", sum(packed_size_bytes(cfg, group_size, "tq2").values()), 2 + 16 / group_size),
+            ("tq1 (1.6-bit, tied)", sum(packed_size_bytes(cfg, group_size, "tq1").values()), 1.6 + 16 / group_size)]
+    lines = [f"{'layout':<44} {'MB':>10} {'vs FP16':>8} {'bits/ternary weight':>20}"]
+    for name, size, bpw in rows:
+        lines.append(f"{name:<44} {size / MB:>10,.1f} {fp16 / size:>7.2f}x {bpw if name != 'FP16' else 16:>20.3f}")
+    lines.append(f"({ternary:,} ternary weights of {sum(count_params_by_component(cfg).values()):,}; group size {group_size})")
+    return "\n".join(lines)
+
+
+def packed_info(folder: Path) -> str:
+    """Per-component bytes actually stored in a packed folder, bits per ternary weight, compression."""
+    from safetensors import safe_open
+    h = read_json(folder / "config.json")
+    sizes: dict[str, int] = {}
+    n_ternary = 0
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        for k in f.keys():
+            t = f.get_slice(k)
+            nbytes = 1
+            for s in t.get_shape():
+                nbytes *= s
+            nbytes *= {"U8": 1, "F16": 2, "F32": 4, "BF16": 2}[t.get_dtype()]
+            comp = re.sub(r"^backbone\.(layers\.\d+\.)?", "", k)
+            sizes[comp] = sizes.get(comp, 0) + nbytes
+    for spec in h["ternary"].values():
+        n_ternary += spec["shape"][0] * spec["shape"][1]
+    cfg = Mamba2Config.from_dict(h["config"])
+    fp16 = sum(count_params_by_component(cfg).values()) * 2
+    total = sum(sizes.values())
+    tern_bytes = sum(v for k, v in sizes.items() if k.endswith((".codes", ".scales")))
+    lines = [f"packed model: {folder}  (format v{h['format_version']}, {h['packing']}, "
+             f"group {next(iter(h['ternary'].values()))['group_size']}, others {h['other_dtype']})",
+             f"source: {h.get('source') or '?'}", "stored bytes by component:"]
+    for k, v in sorted(sizes.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {k:<28} {v / MB:>10.3f} MB")
+    lines.append(f"  {'total':<28} {total / MB:>10.3f} MB   (FP16 {fp16 / MB:.3f} MB: {fp16 / total:.2f}x smaller)")
+    lines.append(f"bits per ternary weight (codes + scales): {8 * tern_bytes / n_ternary:.3f}")
+    return "\n".join(lines)

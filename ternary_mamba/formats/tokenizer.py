@@ -1,0 +1,55 @@
+"""Tokenizers: any Hugging Face `tokenizer.json` through the `tokenizers` library."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import UserError
+from .fs import atomic_write_bytes
+
+
+class Tokenizer:
+    """Thin wrapper: encode/decode plus the ids the trainer needs (end-of-text separator)."""
+
+    def __init__(self, tok, path: Path):
+        self._tok, self.path = tok, path
+        self.vocab_size = tok.get_vocab_size()
+        self.eos_id = next((tok.token_to_id(t) for t in ("<|endoftext|>", "</s>", "<eos>")
+                            if tok.token_to_id(t) is not None), None)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """A tokenizer.json file, or a folder holding one."""
+    from tokenizers import Tokenizer as HFTokenizer
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.exists():
+        raise UserError(f"{p}: tokenizer file not found")
+    try:
+        tok = HFTokenizer.from_file(str(p))
+    except Exception as e:
+        raise UserError(f"{p}: not a tokenizers JSON file ({str(e).splitlines()[0][:120]})") from None
+    return Tokenizer(tok, p)
+
+
+def train_bpe_tokenizer(files: list[Path], vocab_size: int, out: Path) -> Tokenizer:
+    """Byte-level BPE (GPT-2/NeoX style) trained on text files, with <|endoftext|> as id 0."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train([str(f) for f in files], trainer)
+    atomic_write_bytes(out, tok.to_str().encode())
+    return Tokenizer(tok, Path(out))

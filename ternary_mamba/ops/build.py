@@ -1,0 +1,125 @@
+"""Building and loading the compiled kernels (csrc/*.c), once with the system C compiler and loaded with ctypes:
+tq2_gemv.c the ternary and int8 products and the fused mixer step; lm_step.c the whole-model decode step;
+ssd_prefill.c the fused conv and chunked scan for inference (and the forward of training); ssd_train.c,
+conv_train.c and norm_train.c the backward passes of training (and the norm's forward); losses.c cross-entropy and the distillation KL.  Built with
+-march=native (AVX2 + FMA where the CPU has them, a portable loop otherwise) and OpenMP.  If no compiler is
+available, `get_kernel()` returns None after one warning and callers use the pure-PyTorch reference.
+Callers never ask this module directly whether to use a kernel: `ops.dispatch` decides (device, dtype,
+the reference-path switch)."""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+CSRC = Path(__file__).parent / "csrc"   # every .c file here is built into one library
+_lib = None
+_tried = False
+
+
+def _build_dir() -> Path:
+    return Path(os.environ.get("TERNARY_MAMBA_CACHE", Path.home() / ".cache" / "ternary-mamba")) / "kernels"
+
+
+def _cpu_flags() -> bytes:
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            return next((line for line in f if line.startswith((b"flags", b"Features"))), b"")
+    except OSError:
+        return b""
+
+
+def _compile() -> Path:
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
+    if cc is None:
+        raise RuntimeError("no C compiler found (gcc/cc/clang)")
+    sources = sorted(CSRC.glob("*.c"))
+    src = b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()) if p.suffix in (".c", ".h"))
+    flags = ["-O3", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11"]   # fp-contract: a*b+c as one FMA
+    # TERNARY_MAMBA_MARCH: the target instead of the build machine's (e.g. haswell = AVX2 without AVX-512, to
+    # build for, or test the code paths of, older CPUs)
+    march = os.environ.get("TERNARY_MAMBA_MARCH", "native")
+    # the CPU's feature flags are part of the key: a cache shared between machines must not hand an AVX-512
+    # build to an AVX2-only CPU
+    tag = hashlib.sha256(src + cc.encode() + os.uname().machine.encode() + " ".join(flags).encode()
+                         + march.encode() + _cpu_flags()).hexdigest()[:16]
+    out = _build_dir() / f"kernels-{tag}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp{os.getpid()}.so")
+    for extra in ([f"-march={march}", "-fopenmp"], ["-fopenmp"], []):
+        r = subprocess.run([cc, *flags, *extra, *map(str, sources), "-o", str(tmp), "-lm"], capture_output=True, text=True)
+        if r.returncode == 0:
+            os.replace(tmp, out)
+            return out
+    raise RuntimeError(f"compiling {CSRC} failed: {r.stderr.strip().splitlines()[-1] if r.stderr else '?'}")
+
+
+def get_kernel():
+    """The loaded library, or None (after one warning) when it cannot be built."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    try:
+        lib = ctypes.CDLL(str(_compile()))
+    except (RuntimeError, OSError) as e:
+        warnings.warn(f"ternary kernel unavailable ({e}); using the slower pure-PyTorch path", stacklevel=2)
+        return None
+    i64, p = ctypes.c_int64, ctypes.c_void_p
+    lib.tq2_gemv.argtypes = [p, p, p, p, i64, i64, i64, i64]
+    lib.tq2_gemv.restype = None
+    lib.tq2_dequant.argtypes = [p, p, p, i64, i64, i64]
+    lib.tq2_dequant.restype = None
+    lib.ssd_step_inplace.argtypes = [p] * 7 + [i64] * 5
+    lib.ssd_step_inplace.restype = None
+    lib.mixer_step_inplace.argtypes = [p] * 11 + [i64] * 7 + [ctypes.c_float]
+    lib.mixer_step_inplace.restype = None
+    lib.tq2_quantize_x.argtypes = [p, p, p, p, i64, i64, i64]
+    lib.tq2_quantize_x.restype = None
+    lib.tq2_gemv_a8.argtypes = [p] * 6 + [i64] * 4
+    lib.tq2_gemv_a8.restype = None
+    lib.i8_gemv.argtypes = [p, p, p, p, i64, i64, i64]
+    lib.i8_gemv.restype = None
+    lib.ssd_prefill.argtypes = [p] * 8 + [i64] * 9 + [p, p]
+    lib.ssd_backward.argtypes = [p, i64] + [p] * 11 + [i64] * 7
+    lib.ssd_backward.restype = ctypes.c_int
+    lib.conv_silu_backward.argtypes = [p, i64] + [p] * 8 + [i64] * 4
+    lib.conv_silu_backward.restype = None
+    f = ctypes.c_float
+    lib.ce_forward.argtypes = [p, i64, p, p, p, i64, i64]
+    lib.ce_backward.argtypes = [p, i64, p, p, f, p, i64, i64]
+    lib.kl_forward.argtypes = [p, i64, p, i64, f, p, p, p, i64, i64]
+    lib.kl_backward.argtypes = [p, i64, p, i64, f, p, p, f, p, i64, i64]
+    lib.gated_norm_fwd.argtypes = [p, p, i64, p, p, p, i64, i64, i64, f]
+    lib.gated_norm_bwd.argtypes = [p, p, i64] + [p] * 6 + [i64] * 3
+    lib.rms_norm_fwd.argtypes = [p, p, p, p, i64, i64, f]
+    lib.rms_norm_bwd.argtypes = [p] * 6 + [i64, i64]
+    for fn in (lib.ce_forward, lib.ce_backward, lib.kl_forward, lib.kl_backward, lib.gated_norm_fwd, lib.gated_norm_bwd,
+               lib.rms_norm_fwd, lib.rms_norm_bwd):
+        fn.restype = None
+    lib.conv_silu_prefill.argtypes = [p, i64, p, p, p, p, p, i64, i64, i64, i64]
+    lib.conv_silu_prefill.restype = None
+    lib.gated_norm_prefill.argtypes = [p, p, i64, p, i64, p, p, i64, i64, i64, i64, ctypes.c_float]
+    lib.gated_norm_prefill.restype = None
+    lib.ssd_prefill.restype = ctypes.c_int
+    lib.f32_gemv.argtypes = [p, p, p, i64, i64, i64]
+    lib.f16_gemv.argtypes = [p, p, p, i64, i64, i64]
+    lib.f16_gemv.restype = None
+    lib.f32_gemv.restype = None
+    lib.tm_step.argtypes = [p, p, i64, p, p, p, p, p, p]
+    lib.tm_step.restype = ctypes.c_int
+    lib.tm_step_greedy.argtypes = [p, p, p, i64, p, p, i64, p, p, p, p, p, p]
+    lib.tm_step_greedy.restype = ctypes.c_int
+    lib.tm_work_floats.argtypes = [p, i64]
+    lib.tm_work_floats.restype = i64
+    lib.tm_qwork_bytes.argtypes = [p, i64]
+    lib.tm_qwork_bytes.restype = i64
+    lib.tq2_has_avx2.restype = ctypes.c_int
+    _lib = lib
+    return lib

@@ -1,0 +1,192 @@
+"""ctypes bindings of the compiled kernels (csrc/*.c), one Python function per C entry point.
+
+Each binding takes CPU tensors of the dtype its C code was written for and checks that at the call
+(`_cpu`): a CUDA, meta or half-precision tensor raises instead of handing a foreign pointer to C.  Whether a
+kernel should run at all is decided by `ops.dispatch`, not here."""
+from __future__ import annotations
+
+import torch
+
+from .build import get_kernel
+
+
+def _cpu(*tensors: torch.Tensor | None) -> None:
+    """Every tensor handed to C lives in CPU memory (a device pointer would crash the process or read garbage)."""
+    for t in tensors:
+        if t is not None and t.device.type != "cpu":
+            raise TypeError(f"C kernel given a {t.device.type} tensor {tuple(t.shape)}; only CPU tensors are accepted")
+
+
+def tq2_gemv(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """codes (out, in/4) uint8, scales (out, in/G) fp32, x (nb, in) fp32 -> y (nb, out) fp32."""
+    _cpu(codes, scales, x)
+    lib = get_kernel()
+    assert lib is not None
+    x = x.contiguous()
+    out_f, in_f = codes.size(0), codes.size(1) * 4
+    y = torch.empty(x.size(0), out_f, dtype=torch.float32)
+    lib.tq2_gemv(codes.data_ptr(), scales.data_ptr(), x.data_ptr(), y.data_ptr(), out_f, in_f, group_size, x.size(0))
+    return y
+
+
+def tq2_dequant(codes: torch.Tensor, scales: torch.Tensor, group_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """codes (out, in/4) uint8, scales (out, in/G) fp32 -> the fp32 weight (out, in)."""
+    _cpu(codes, scales, out)
+    lib = get_kernel()
+    assert lib is not None
+    out_f, in_f = codes.size(0), codes.size(1) * 4
+    w = out if out is not None else torch.empty(out_f, in_f, dtype=torch.float32)
+    lib.tq2_dequant(codes.data_ptr(), scales.data_ptr(), w.data_ptr(), out_f, in_f, group_size)
+    return w
+
+
+def ssd_step_inplace(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, dA: torch.Tensor,
+                     B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """Fused recurrent step (see ssd.ssd_step for the reference); updates `state` in place, returns y."""
+    _cpu(state, x, dt, dA, B, C)
+    lib = get_kernel()
+    b, h, p, n = state.shape
+    assert state.is_contiguous() and state.dtype == torch.float32
+    x, dt, dA, B, C = (t.contiguous().float() for t in (x, dt, dA, B, C))
+    y = torch.empty(b, h, p)
+    lib.ssd_step_inplace(state.data_ptr(), x.data_ptr(), dt.data_ptr(), dA.data_ptr(), B.data_ptr(), C.data_ptr(),
+                         y.data_ptr(), b, h, p, B.size(1), n)
+    return y
+
+
+def i8_gemv(w: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    _cpu(w, scale, x)
+    lib = get_kernel()
+    x = x.contiguous()
+    y = torch.empty(x.size(0), w.size(0))
+    lib.i8_gemv(w.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), w.size(0), w.size(1), x.size(0))
+    return y
+
+
+def rows_view(t: torch.Tensor, inner: int) -> tuple[torch.Tensor, int]:
+    """t (b, l, ...) whose trailing `inner` elements per position are contiguous -> (t, stride between
+    positions); copies only when positions are not evenly strided."""
+    b, l = t.shape[:2]
+    inner_ok = t[0, 0].is_contiguous() if b and l else True
+    if not inner_ok or (b > 1 and l > 1 and t.stride(0) != l * t.stride(1)) or t.dtype != torch.float32:
+        t = t.contiguous().float()
+    return t, (t.stride(1) if l > 1 else t.stride(0) if b > 1 else inner)
+
+
+def ssd_prefill(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                chunk_size: int, initial_state: torch.Tensor | None = None):
+    """The chunked SSD scan fused in C for inference (same signature and result as ssd.ssd_chunked); x, B and C
+    may be views into a wider (b, l, ·) tensor.  Returns None when it cannot run (no kernel, headdim not a
+    multiple of 16, not fp32)."""
+    _cpu(x, dt, A, B, C, initial_state)
+    lib = get_kernel()
+    if lib is None or any(t.dtype != torch.float32 for t in (x, dt, A, B, C)):
+        return None
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    if p % 16 or l == 0:
+        return None
+    x, x_rs = rows_view(x, h * p)
+    B, bc_rs = rows_view(B, g * n)
+    C, c_rs = rows_view(C, g * n)
+    if c_rs != bc_rs:
+        B, C = B.contiguous(), C.contiguous()
+        bc_rs = g * n
+    dt, A = dt.contiguous(), A.contiguous()
+    init = initial_state.contiguous().float() if initial_state is not None else None
+    y = torch.empty(b, l, h, p)
+    state = torch.empty(b, h, p, n)
+    rc = lib.ssd_prefill(x.data_ptr(), dt.data_ptr(), A.data_ptr(), B.data_ptr(), C.data_ptr(),
+                         init.data_ptr() if init is not None else None, y.data_ptr(), state.data_ptr(),
+                         b, l, h, p, g, n, chunk_size, x_rs, bc_rs, None, None)
+    return (y, state) if rc == 0 else None
+
+
+def gated_norm_prefill(y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, mixer) -> torch.Tensor:
+    """GatedRMSNorm(y + D x, z) of a whole sequence in one C pass; y (b, l, h, p) contiguous is overwritten and
+    returned as (b, l, d_inner).  x (b, l, h, p) and z (b, l, d_inner) may be views."""
+    _cpu(y, x, z)
+    lib = get_kernel()
+    c = mixer.cfg
+    b, l = y.shape[:2]
+    assert y.is_contiguous()
+    x, x_rs = rows_view(x, c.d_inner)
+    z, z_rs = rows_view(z, c.d_inner)
+    D, w = mixer.D.detach().contiguous().float(), mixer.norm.weight.detach().contiguous().float()
+    lib.gated_norm_prefill(y.data_ptr(), x.data_ptr(), x_rs, z.data_ptr(), z_rs, D.data_ptr(), w.data_ptr(),
+                           b * l, c.nheads, c.headdim, c.ngroups, float(mixer.norm.eps))
+    return y.view(b, l, c.d_inner)
+
+
+def conv_silu_prefill(xbc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      prev: torch.Tensor | None):
+    """Causal depthwise conv + SiLU over a sequence, in C.  xbc (b, l, conv_dim) (a view is fine), weight
+    (conv_dim, 1, K), prev (b, conv_dim, K-1) or None -> (silu(conv) (b, l, conv_dim), new conv state)."""
+    _cpu(xbc, weight, bias, prev)
+    lib = get_kernel()
+    if lib is None:
+        return None
+    b, l, cd = xbc.shape
+    K = weight.size(-1)
+    xbc, rs = rows_view(xbc, cd)
+    w = weight.detach().reshape(cd, K).contiguous().float()
+    bias = bias.detach().contiguous().float() if bias is not None else None
+    prev = prev.contiguous().float() if prev is not None else None
+    out = torch.empty(b, l, cd)
+    new_state = torch.empty(b, cd, K - 1)
+    lib.conv_silu_prefill(xbc.data_ptr(), rs, prev.data_ptr() if prev is not None else None, w.data_ptr(),
+                          bias.data_ptr() if bias is not None else None, out.data_ptr(), new_state.data_ptr(),
+                          b, l, cd, K)
+    return out, new_state
+
+
+def f16_gemv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w (out, in) fp16, x (nb, in) fp32 -> x w^T (nb, out) fp32, the fp16 weights converted exactly."""
+    _cpu(w, x)
+    lib = get_kernel()
+    assert w.dtype == torch.float16 and w.is_contiguous()
+    x = x.contiguous().float()
+    y = torch.empty(x.size(0), w.size(0))
+    lib.f16_gemv(w.data_ptr(), x.data_ptr(), y.data_ptr(), w.size(0), w.size(1), x.size(0))
+    return y
+
+
+def mixer_step_inplace(mixer, zxbcdt: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+    """Everything of Mamba2Mixer.step between in_proj and out_proj in one C call (conv, SSM step, D skip,
+    gated RMSNorm); conv_state / ssm_state (contiguous fp32) are updated in place.  Returns y (b, d_inner)."""
+    _cpu(zxbcdt, conv_state, ssm_state)
+    lib = get_kernel()
+    c = mixer.cfg
+    zxbcdt = zxbcdt.contiguous()
+    assert conv_state.is_contiguous() and ssm_state.is_contiguous() and zxbcdt.dtype == torch.float32
+    nb = zxbcdt.size(0)
+    y = torch.empty(nb, c.d_inner)
+    work = torch.empty(c.conv_dim)
+    params = [mixer.conv1d.weight, mixer.dt_bias, mixer.A_log, mixer.D, mixer.norm.weight]
+    assert all(t.is_contiguous() and t.dtype == torch.float32 for t in params)
+    bias = mixer.conv1d.bias
+    lib.mixer_step_inplace(zxbcdt.data_ptr(), conv_state.data_ptr(), mixer.conv1d.weight.data_ptr(),
+                           bias.data_ptr() if bias is not None else None, mixer.dt_bias.data_ptr(),
+                           mixer.A_log.data_ptr(), mixer.D.data_ptr(), mixer.norm.weight.data_ptr(),
+                           ssm_state.data_ptr(), y.data_ptr(), work.data_ptr(),
+                           nb, c.d_inner, c.ngroups, c.d_state, c.nheads, c.headdim, c.d_conv, float(mixer.norm.eps))
+    return y
+
+
+def tq2_gemv_a8(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Like tq2_gemv, but with x quantized to int8 (one absmax scale per row) and integer dot products — the
+    opt-in fast path (llama.cpp's TQ2_0 does the same); needs group_size % 128 == 0."""
+    _cpu(codes, scales, x)
+    lib = get_kernel()
+    assert lib is not None and group_size % 128 == 0
+    x = x.contiguous().float()
+    nb, in_f = x.shape
+    out_f = codes.size(0)
+    xq = torch.empty(nb, in_f, dtype=torch.int8)
+    xs = torch.empty(nb)
+    qsum = torch.empty(nb, in_f // group_size, dtype=torch.int32)
+    lib.tq2_quantize_x(x.data_ptr(), xq.data_ptr(), xs.data_ptr(), qsum.data_ptr(), in_f, group_size, nb)
+    y = torch.empty(nb, out_f)
+    lib.tq2_gemv_a8(codes.data_ptr(), scales.data_ptr(), xq.data_ptr(), xs.data_ptr(), qsum.data_ptr(), y.data_ptr(),
+                    out_f, in_f, group_size, nb)
+    return y

@@ -1,0 +1,56 @@
+"""Typed settings of quantization: `TernaryConfig` (what becomes ternary and how its scales are found) and
+`MonitorConfig` (the zero-ratio collapse detector).  No torch here: the CLI builds its flags from these."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config_base import Config, option
+from ..errors import UserError
+from .groups import DEFAULT_GROUP_SIZE, check_group_size
+
+SCALE_MODES = ("absmean", "learned", "guarded")
+TARGETS = ("in_proj", "out_proj")
+COLLAPSE_ACTIONS = ("warn", "guard", "stop")
+
+
+@dataclass
+class TernaryConfig(Config):
+    group_size: int = option(DEFAULT_GROUP_SIZE, help="weights per scale along in_features; -1: one per row")
+    scale_mode: str = option("absmean", choices=SCALE_MODES, help="absmean: recomputed each step (BitNet); "
+                             "learned: LSQ-trained; guarded: learned, clamped to the guard band x absmean")
+    guard_low: float = option(0.5, help="guarded: lowest scale, x the group's current absmean")
+    guard_high: float = option(1.5, help="guarded: highest scale, x the group's current absmean")
+    targets: tuple[str, ...] = option(TARGETS, choices=TARGETS, help="projections made ternary")
+    # post-hoc corrections (set by `ternary-mamba ptq`, not trained): an fp output bias per ternary
+    # linear and a rank-r term U @ V beside the ternary weight.  Not part of the packed format.
+    corr_bias: bool = option(False, cli=False)
+    corr_rank: int = option(0, cli=False)
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        if self.scale_mode not in SCALE_MODES:
+            raise UserError(f"scale mode '{self.scale_mode}' unknown; choose one of {', '.join(SCALE_MODES)}")
+        check_group_size(self.group_size)
+        if not 0 < self.guard_low < 1 < self.guard_high:
+            raise UserError(f"guard band [{self.guard_low}, {self.guard_high}] must satisfy 0 < low < 1 < high")
+        if self.corr_rank < 0:
+            raise UserError(f"correction rank {self.corr_rank} must be >= 0")
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad:
+            raise UserError(f"targets {bad}: only in_proj and out_proj can be ternary (the embedding/head stay fp16)")
+
+
+@dataclass
+class MonitorConfig(Config):
+    on_collapse: str = option("warn", choices=COLLAPSE_ACTIONS, help="when the detector fires: warn, switch "
+                              "learned scales to guarded, or stop the run")
+    collapse_threshold: float = option(0.6, help="zero ratio that counts as collapse")
+    monitor_every: int = option(10, help="steps between zero-ratio measurements")
+
+    def __post_init__(self):
+        if self.on_collapse not in COLLAPSE_ACTIONS:
+            raise UserError(f"--on-collapse {self.on_collapse}: choose one of {', '.join(COLLAPSE_ACTIONS)}")
+        if not 0 < self.collapse_threshold <= 1:
+            raise UserError(f"--collapse-threshold {self.collapse_threshold}: must be in (0, 1]")
+        if self.monitor_every < 1:
+            raise UserError(f"--monitor-every {self.monitor_every}: must be >= 1")

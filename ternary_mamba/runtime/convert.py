@@ -1,0 +1,47 @@
+"""`convert_(model)`: a fake-quant student (TernaryLinear modules) -> the same model with PackedTernaryLinear
+modules, in memory.  The packed export (`formats.packed`) and the benchmarks build their packed weights here, and
+a test asserts the converted model's logits equal the fake-quant model's."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..errors import UserError
+from ..quant.packing import pack
+from ..quant.qat import TernaryConfig, TernaryLinear, quantize_, ternary_modules
+from .packed_linear import PackedTernaryLinear
+
+
+@torch.no_grad()
+def packed_codes(m: TernaryLinear, packing: str = "tq2") -> tuple[Tensor, Tensor]:
+    """(packed uint8 codes (flattened), fp16 scales (out, in // G)): exactly the weights m's forward uses."""
+    if m.has_corrections:
+        raise UserError("this model carries post-hoc corrections (bias / low-rank), which packed ternary "
+                        "weights do not hold; convert a plain PTQ, QEP or QAT student")
+    codes, s16 = m.export()
+    return pack(codes, packing), s16.contiguous()
+
+
+@torch.no_grad()
+def convert_(model: nn.Module) -> nn.Module:
+    """Swap, in place, every TernaryLinear for a PackedTernaryLinear holding its 2-bit codes and fp16 scales.
+    The latent full-precision weights are dropped; `model.ternary_config` moves to `model.converted_from`."""
+    mods = ternary_modules(model)
+    if not mods:
+        raise UserError("convert_: the model has no ternary modules (quantize_ it, or load a QAT student)")
+    for name, m in mods:
+        codes, s16 = packed_codes(m, "tq2")
+        bias = m.bias.detach() if m.bias is not None else None
+        packed = PackedTernaryLinear(codes.view(m.out_features, m.in_features // 4), s16, m.in_features,
+                                     m.group_size, bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, packed)
+    model.converted_from = model.ternary_config
+    model.ternary_config = None
+    return model.eval()
+
+
+def ptq_pack_(model: nn.Module, group_size: int) -> nn.Module:
+    """Absmean PTQ of a full-precision model's projections, packed (what the decode benchmarks run)."""
+    return convert_(quantize_(model, TernaryConfig(group_size=group_size)))

@@ -1,0 +1,287 @@
+"""Whole-model decode step in one C call (csrc/lm_step.c).
+
+Generation (`runtime.generate`) and `fast_step` come here; `Mamba2LM.step` itself stays the plain
+module-by-module step, which is the reference this engine is tested against.  The engine describes the model once
+(pointers to every weight, the kind of each projection) and then decodes a token with a single ctypes call,
+instead of ~10 PyTorch ops per layer: at 130m that interpreter and dispatch overhead was larger than the
+arithmetic of a packed ternary model.  Supported projections: fp32 `nn.Linear`, `PackedTernaryLinear`
+(exact fp32 products, or int8 activations when opted in with `use_a8_activations`), `Fp16Head` and
+`Int8Head`.
+Anything else (fake-quant QAT modules, fp16 weights, forward hooks on any module, no C compiler, a
+`reference_path()` in force) returns None and the module-by-module step runs instead.
+
+Greedy decoding (`DecodeSession.step_greedy`) skips most of the head's bytes without changing a token: an
+int8 copy of the fp32/fp16 head gives every vocabulary row an approximate logit with a proven error bound,
+and only the rows whose interval reaches the best one are rescored with the head's own arithmetic (a handful
+per token).  The token is exactly argmax of the full logits; the head is 38.6 MB instead of 154 MB per token at
+130m (csrc/lm_step.c, tm_step_greedy).
+"""
+from __future__ import annotations
+
+import ctypes
+import weakref
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..core.model import LayerState, has_forward_hooks
+from ..ops.build import get_kernel
+from ..ops.dispatch import kernels_available
+from .heads import Fp16Head, Int8Head, head_weight
+from .packed_linear import PackedTernaryLinear
+
+MAX_BATCH = 64            # tm_step's limit
+_ENGINES: "weakref.WeakKeyDictionary[nn.Module, DecodeEngine]" = weakref.WeakKeyDictionary()
+
+_i64, _p = ctypes.c_int64, ctypes.c_void_p
+TM_F32, TM_TQ2, TM_TQ2_A8, TM_I8, TM_F16 = 0, 1, 2, 3, 4
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("kind", _i64), ("out", _i64), ("in_", _i64), ("G", _i64), ("w", _p), ("scales", _p), ("bias", _p)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("norm_w", _p), ("in_proj", _Linear), ("out_proj", _Linear), ("conv_w", _p), ("conv_b", _p),
+                ("dt_bias", _p), ("A_log", _p), ("D", _p), ("gnorm_w", _p)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [(k, _i64) for k in ("n_layer", "d_model", "d_inner", "ngroups", "d_state", "nheads", "headdim",
+                                    "d_conv", "max_in")] + \
+               [("eps", ctypes.c_double), ("gnorm_eps", ctypes.c_double), ("embedding", _p), ("norm_f", _p),
+                ("head", _Linear), ("layers", ctypes.POINTER(_Layer))]
+
+
+class Unsupported(Exception):
+    pass
+
+
+def _f32(t: Tensor | None) -> Tensor | None:
+    if t is None:
+        return None
+    if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
+        raise Unsupported(f"tensor {tuple(t.shape)} is {t.dtype}, contiguous={t.is_contiguous()}")
+    return t
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return t.data_ptr() if t is not None else None
+
+
+def _linear(m: nn.Module, keep: list) -> _Linear:
+    if type(m) is nn.Linear:
+        w, b = _f32(m.weight.detach()), _f32(m.bias.detach() if m.bias is not None else None)
+        keep += [w, b]
+        return _Linear(TM_F32, m.out_features, m.in_features, 0, _ptr(w), None, _ptr(b))
+    if isinstance(m, PackedTernaryLinear) and m.paths.gemv:
+        a8 = m.a8 and m.paths.gemv_a8
+        codes, sc, b = m.codes.contiguous(), _f32(m.scales), _f32(m.bias)
+        keep += [codes, sc, b]
+        return _Linear(TM_TQ2_A8 if a8 else TM_TQ2, m.out_features, m.in_features, m.group_size,
+                       codes.data_ptr(), sc.data_ptr(), _ptr(b))
+    if isinstance(m, Int8Head):
+        w8, sc = m.w8.contiguous(), _f32(m.scale)
+        keep += [w8, sc]
+        return _Linear(TM_I8, m.out_features, m.in_features, 0, w8.data_ptr(), sc.data_ptr(), None)
+    if isinstance(m, Fp16Head):
+        keep.append(m.w16)
+        return _Linear(TM_F16, m.out_features, m.in_features, 0, m.w16.data_ptr(), None, None)
+    raise Unsupported(f"{type(m).__name__} projection")
+
+
+def _signature(model) -> tuple:
+    """What the engine's pointers depend on: module identities, opt-in flags and tensor storage."""
+    sig = [id(model.lm_head), getattr(model.lm_head, "a8", None), _ptr(getattr(model.lm_head, "weight", None)),
+           model.backbone.embedding.weight.data_ptr(), model.backbone.norm_f.weight.data_ptr()]
+    for layer in model.backbone.layers:
+        mx = layer.mixer
+        for lin in (mx.in_proj, mx.out_proj):
+            sig += [id(lin), getattr(lin, "a8", None), _ptr(getattr(lin, "weight", getattr(lin, "codes", None)))]
+        sig += [layer.norm.weight.data_ptr(), mx.conv1d.weight.data_ptr(), mx.A_log.data_ptr(),
+                mx.dt_bias.data_ptr(), mx.D.data_ptr(), mx.norm.weight.data_ptr()]
+    return tuple(sig)
+
+
+class DecodeEngine:
+    def __init__(self, model, signature: tuple):
+        self.lib = get_kernel()
+        if self.lib is None:
+            raise Unsupported("no compiled kernel")
+        c = model.config
+        keep: list = []
+        layers = (_Layer * c.n_layer)()
+        max_in = c.d_inner
+        for i, layer in enumerate(model.backbone.layers):
+            mx = layer.mixer
+            t = [_f32(x.detach() if x is not None else None) for x in
+                 (layer.norm.weight, mx.conv1d.weight, mx.conv1d.bias, mx.dt_bias, mx.A_log, mx.D, mx.norm.weight)]
+            keep += t
+            layers[i] = _Layer(_ptr(t[0]), _linear(mx.in_proj, keep), _linear(mx.out_proj, keep),
+                               *map(_ptr, t[1:]))
+            max_in = max(max_in, mx.in_proj.in_features, mx.out_proj.in_features)
+        emb, norm_f = _f32(model.backbone.embedding.weight.detach()), _f32(model.backbone.norm_f.weight.detach())
+        keep += [emb, norm_f]
+        head = _linear(model.lm_head, keep)
+        self.model_struct = _Model(c.n_layer, c.d_model, c.d_inner, c.ngroups, c.d_state, c.nheads, c.headdim,
+                                   c.d_conv, max(max_in, c.d_model), float(model.backbone.layers[0].norm.eps),
+                                   float(model.backbone.layers[0].mixer.norm.eps), emb.data_ptr(),
+                                   norm_f.data_ptr(), head, layers)
+        self.layers, self.keep = layers, keep       # keep the described memory alive
+        self.n_layer, self.vocab, self.n_out = c.n_layer, emb.size(0), head.out
+        self.conv_shape, self.ssm_shape = (c.conv_dim, c.d_conv - 1), (c.nheads, c.headdim, c.d_state)
+        self.signature = signature
+        self.head_kind = head.kind
+        # the head's weights for greedy decoding's int8 pre-pass (a tensor, not the model: the engine is cached
+        # per model in a WeakKeyDictionary and must not keep it alive)
+        self._head_src = None
+        if head.kind in (TM_F32, TM_F16):
+            self._head_src = model.lm_head.w16 if head.kind == TM_F16 else head_weight(model).detach()
+        self._pre = None   # the int8 pre-pass of greedy decoding, built on first use
+        self.rescored = 0  # rows rescored exactly by step_greedy, summed over tokens (statistics)
+        self._scratch: dict[int, tuple[Tensor, Tensor]] = {}
+        self.profile: Tensor | None = None   # set to torch.zeros(5, dtype=torch.float64) to time the phases
+
+    PHASES = ("embedding, norms, residual", "in_proj", "conv + SSM step + gated norm", "out_proj", "lm_head")
+
+    def _work(self, nb: int) -> tuple[Tensor, Tensor]:
+        if nb not in self._scratch:
+            ref = ctypes.byref(self.model_struct)
+            self._scratch[nb] = (torch.empty(self.lib.tm_work_floats(ref, nb)),
+                                 torch.empty(self.lib.tm_qwork_bytes(ref, nb), dtype=torch.int8))
+        return self._scratch[nb]
+
+    def prepare_state(self, state: list, nb: int) -> list | None:
+        """The state as tm_step needs it (contiguous fp32 of the right shapes), or None if it cannot be."""
+        if not 1 <= nb <= MAX_BATCH or len(state) != self.n_layer:
+            return None
+        out = []
+        for s in state:
+            if s.conv.dtype != torch.float32 or s.ssm.dtype != torch.float32 \
+                    or tuple(s.conv.shape) != (nb, *self.conv_shape) or tuple(s.ssm.shape) != (nb, *self.ssm_shape):
+                return None
+            out.append(s if s.conv.is_contiguous() and s.ssm.is_contiguous()
+                       else LayerState(s.conv.contiguous(), s.ssm.contiguous()))
+        return out
+
+    def _call(self, tok_ptr: int, nb: int, conv_ptrs, ssm_ptrs) -> Tensor:
+        logits = torch.empty(nb, self.n_out)
+        work, qwork = self._work(nb)
+        rc = self.lib.tm_step(ctypes.byref(self.model_struct), tok_ptr, nb, conv_ptrs, ssm_ptrs,
+                              logits.data_ptr(), work.data_ptr(), qwork.data_ptr(),
+                              self.profile.data_ptr() if self.profile is not None else None)
+        assert rc == 0, rc
+        return logits
+
+    @property
+    def supports_greedy(self) -> bool:
+        return self.head_kind in (TM_F32, TM_F16)
+
+    def _call_greedy(self, tok_ptr: int, nb: int, conv_ptrs, ssm_ptrs, n_valid: int) -> list[int]:
+        if self._pre is None:
+            pre = Int8Head(self._head_src)
+            w8, sc = pre.w8.contiguous(), pre.scale.contiguous()
+            self._pre = (_Linear(TM_I8, self.n_out, w8.size(1), 0, w8.data_ptr(), sc.data_ptr(), None), w8, sc)
+        work, qwork = self._work(nb)
+        approx = torch.empty(nb, self.n_out)
+        nxt, cnt = (ctypes.c_int64 * nb)(), (ctypes.c_int64 * nb)()
+        rc = self.lib.tm_step_greedy(ctypes.byref(self.model_struct), ctypes.byref(self._pre[0]), tok_ptr, nb,
+                                     conv_ptrs, ssm_ptrs, n_valid, nxt, cnt, approx.data_ptr(), work.data_ptr(),
+                                     qwork.data_ptr(), self.profile.data_ptr() if self.profile is not None else None)
+        assert rc == 0, rc
+        self.rescored += sum(cnt)
+        return list(nxt)
+
+    def step(self, token_ids: Tensor, state: list) -> tuple[Tensor, list] | None:
+        if token_ids.dim() != 1:
+            return None
+        nb = token_ids.size(0)
+        new_state = self.prepare_state(state, nb)
+        if new_state is None:
+            return None
+        tok = token_ids.to(torch.int64).contiguous()
+        if int(tok.min()) < 0 or int(tok.max()) >= self.vocab:
+            raise IndexError(f"token id out of range [0, {self.vocab})")
+        conv_ptrs = (_p * self.n_layer)(*[s.conv.data_ptr() for s in new_state])
+        ssm_ptrs = (_p * self.n_layer)(*[s.ssm.data_ptr() for s in new_state])
+        return self._call(tok.data_ptr(), nb, conv_ptrs, ssm_ptrs), new_state
+
+
+class DecodeSession:
+    """Token-by-token generation with one engine and one state: everything is checked once here, so a step is
+    just the C call (what `generate` uses; `Mamba2LM.step` re-checks the model and state on every call)."""
+
+    def __init__(self, engine: DecodeEngine, state: list, nb: int):
+        self.engine, self.state, self.nb = engine, state, nb
+        self.tokens = (ctypes.c_int64 * nb)()
+        self._conv = (_p * engine.n_layer)(*[s.conv.data_ptr() for s in state])
+        self._ssm = (_p * engine.n_layer)(*[s.ssm.data_ptr() for s in state])
+
+    def step(self, token_ids: list[int]) -> Tensor:
+        """token_ids: nb ints -> logits (nb, padded_vocab); the session's state advances in place."""
+        for i, t in enumerate(token_ids):
+            if not 0 <= t < self.engine.vocab:
+                raise IndexError(f"token id {t} out of range [0, {self.engine.vocab})")
+            self.tokens[i] = t
+        return self.engine._call(ctypes.addressof(self.tokens), self.nb, self._conv, self._ssm)
+
+    def step_greedy(self, token_ids: list[int], n_valid: int) -> list[int]:
+        """Like argmax(step(token_ids)[:, :n_valid], -1), token for token, reading an int8 copy of the head plus
+        the few rows that could be the maximum (see the module docstring)."""
+        if not self.engine.supports_greedy:
+            return self.step(token_ids)[:, :n_valid].argmax(-1).tolist()
+        for i, t in enumerate(token_ids):
+            if not 0 <= t < self.engine.vocab:
+                raise IndexError(f"token id {t} out of range [0, {self.engine.vocab})")
+            self.tokens[i] = t
+        return self.engine._call_greedy(ctypes.addressof(self.tokens), self.nb, self._conv, self._ssm, n_valid)
+
+
+def session(model, state: list, nb: int = 1) -> DecodeSession | None:
+    """A DecodeSession continuing from `state` (e.g. after prefill), or None when the engine cannot run it."""
+    if not kernels_available() or _has_hooks(model):
+        return None
+    eng = engine_for(model)
+    prepared = eng.prepare_state(state, nb) if eng is not None else None
+    return DecodeSession(eng, prepared, nb) if prepared is not None else None
+
+
+class _Failed:
+    """Remembers that a model (as of this signature) cannot use the engine, so it is not re-tried per token."""
+
+    def __init__(self, signature: tuple):
+        self.signature = signature
+
+
+def engine_for(model) -> "DecodeEngine | None":
+    """The model's engine (built if needed), or None when the model cannot use it."""
+    sig = _signature(model)
+    eng = _ENGINES.get(model)
+    if eng is None or eng.signature != sig:
+        try:
+            eng = DecodeEngine(model, sig)
+        except Unsupported:
+            eng = _Failed(sig)
+        _ENGINES[model] = eng
+    return None if isinstance(eng, _Failed) else eng
+
+
+def fast_step(model, token_ids: Tensor, state: list) -> tuple[Tensor, list] | None:
+    """One decode step through the engine, or None when this model/state cannot use it."""
+    if not kernels_available() or _has_hooks(model):
+        return None
+    eng = engine_for(model)
+    return eng.step(token_ids, state) if eng is not None else None
+
+
+def step(model, token_ids: Tensor, state: list) -> tuple[Tensor, list]:
+    """One decode step the fastest way the model allows: the whole-model C call, else the module path with the
+    fused mixer kernels.  The given state may be updated in place (use the returned one)."""
+    out = fast_step(model, token_ids, state)
+    return out if out is not None else model.step(token_ids, state, inplace=True)
+
+
+def _has_hooks(model) -> bool:
+    """Forward hooks (capture, analysis) must see every module run: then the module path is used."""
+    return has_forward_hooks(*model.modules())
