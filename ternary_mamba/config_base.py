@@ -116,10 +116,22 @@ class Config:
             raise UserError(f"{source}: unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
                             f"({cls.__name__} has: {', '.join(sorted(names))})")
         h = hints(cls)
+        d = dict(d)
+        for f in dataclasses.fields(cls):   # a partial nested section fills in from *this* config's default
+            if isinstance(d.get(f.name), dict) and dataclasses.is_dataclass(h[f.name]) \
+                    and f.default_factory is not MISSING:
+                d[f.name] = _merge(f.default_factory().to_dict(), d[f.name])
         return cls(**{k: coerce(v, h[k], f"{source}: {k}") for k, v in d.items()})
 
     def replace(self, **kw):
         return dataclasses.replace(self, **kw)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def leaf_fields(cls, path: tuple[str, ...] = ()):
