@@ -133,11 +133,14 @@ def config_from_args(cls, ns: argparse.Namespace, command: str = "", base: dict 
 
 
 def require(cfg, *names: str, command: str = "") -> None:
-    """Fields that must be set (flags marked required may also come from --config)."""
+    """Fields that must be set (flags marked required may also come from --config).  The error names the
+    field's flag (positional fields by their name), as the CLI user knows it."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
     for n in names:
         if getattr(cfg, n) in (None, [], ()):
-            flag = "--" + n.replace("_", "-")
-            raise UserError(f"{command + ': ' if command else ''}{flag} is required")
+            f = fields[n]
+            what = n.upper() if f.metadata.get("positional") else _flag((n,), f)
+            raise UserError(f"{what} is required" + (f" (settings field `{n}`)" if what != "--" + n else ""))
 
 
 def field_names(cls) -> set[str]:
