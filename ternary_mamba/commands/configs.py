@@ -13,6 +13,7 @@ from ..quant.groups import DEFAULT_GROUP_SIZE
 from ..train.config import DistillConfig, TrainConfig
 
 CORRECTIONS = ("bias", "lowrank", "qep")
+DTYPE_NAMES = ("fp32", "bf16", "fp16")   # ops/device.py maps them to torch dtypes
 EVAL_TASKS = "boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,lambada_openai"
 
 
@@ -25,6 +26,21 @@ def _positive(cfg, *names: str) -> None:
 
 def _threads():
     return option(None, help="torch CPU threads (default: all cores)", resume_free=True)
+
+
+def _device():
+    return option(None, help="cpu, cuda or cuda:N (default: cuda when available, cuda:LOCAL_RANK under torchrun, "
+                  "else cpu)", resume_free=True)
+
+
+def _dtype():
+    return option("fp32", choices=DTYPE_NAMES, help="compute precision: the forward under autocast; master weights "
+                  "and optimizer state stay fp32; a teacher is stored in this dtype")
+
+
+def _check_dtype(cfg) -> None:
+    if cfg.dtype not in DTYPE_NAMES:
+        raise UserError(f"--dtype {cfg.dtype}: choose one of {', '.join(DTYPE_NAMES)}")
 
 
 @dataclass
@@ -41,6 +57,8 @@ class QuantizeConfig(Config):
     train: TrainConfig = option(default_factory=lambda: TrainConfig(tokens=250_000, lr=2e-3, weight_decay=0.0,
                                                                      eval_every=50, save_every=50))
     final_eval_batches: int = option(16, help="held-out batches of the final summary table")
+    device: str | None = _device()
+    dtype: str = _dtype()
     chunk_size: int | None = option(None, help="SSD chunk length (a compute knob; default: the model's)",
                                     resume_free=True)
     threads: int | None = _threads()
@@ -50,6 +68,7 @@ class QuantizeConfig(Config):
                         "optimizer state) instead of DDP", resume_free=True)
 
     def __post_init__(self):
+        _check_dtype(self)
         _positive(self, "final_eval_batches", "chunk_size", "threads")
 
 
@@ -64,6 +83,8 @@ class PretrainConfig(Config):
     ternary: bool = option(False, help="ternary QAT from random init (the paper's from-scratch control)")
     group_size: int = option(DEFAULT_GROUP_SIZE, help="--ternary: weights per scale; -1: one per row")
     train: TrainConfig = option(default_factory=lambda: TrainConfig(tokens=10_000_000, lr=3e-3))
+    device: str | None = _device()
+    dtype: str = _dtype()
     chunk_size: int | None = option(None, help="SSD chunk length (a compute knob; default: the config's)",
                                     resume_free=True)
     threads: int | None = _threads()
@@ -72,6 +93,7 @@ class PretrainConfig(Config):
     fsdp: bool = option(False, help="under torchrun: shard the model with FSDP2 instead of DDP", resume_free=True)
 
     def __post_init__(self):
+        _check_dtype(self)
         _positive(self, "chunk_size", "threads")
 
 
@@ -123,9 +145,12 @@ class GenerateConfig(Config):
     int8_head: bool = option(False, help="8-bit output head (4x less to read per token; logits change slightly)")
     a8: bool = option(False, help="packed models: int8 activations in the ternary GEMV (faster decode, not "
                       "bit-exact; groups a multiple of 128)")
+    device: str | None = _device()
+    dtype: str = _dtype()
     threads: int | None = _threads()
 
     def __post_init__(self):
+        _check_dtype(self)
         _positive(self, "max_new_tokens", "threads")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
@@ -142,9 +167,12 @@ class EvalConfig(Config):
     out: str | None = option(None, help="write results JSON here (+ a .md table beside it)")
     harness: bool = option(False, help="score with lm-evaluation-harness itself (offline task YAMLs generated "
                            "for the local files) instead of the built-in evaluator")
+    device: str | None = _device()
+    dtype: str = _dtype()
     threads: int | None = _threads()
 
     def __post_init__(self):
+        _check_dtype(self)
         _positive(self, "limit", "batch_size", "max_len", "threads")
 
 
@@ -156,9 +184,12 @@ class PplConfig(Config):
     batch_size: int = option(8, help="windows per forward")
     max_tokens: int | None = option(None, help="score at most this many tokens")
     int8_head: bool = option(False, help="also score with the 8-bit inference head")
+    device: str | None = _device()
+    dtype: str = _dtype()
     threads: int | None = _threads()
 
     def __post_init__(self):
+        _check_dtype(self)
         _positive(self, "seq_len", "batch_size", "max_tokens", "threads")
 
 
@@ -174,9 +205,12 @@ class ClaimsConfig(Config):
     positions: int = option(512, help="sequence length of the recurrence analysis")
     sequences: int = option(8, help="held-out sequences of the recurrence analysis")
     seed: int = option(0, help="seed of every run")
+    device: str | None = _device()
+    dtype: str = _dtype()
     threads: int | None = _threads()
 
     def __post_init__(self):
+        _check_dtype(self)
         _positive(self, "positions", "sequences", "threads")
         if self.tokens < 10_000:
             raise UserError(f"--tokens {self.tokens}: too small for a training run (use at least 10000)")

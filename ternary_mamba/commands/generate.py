@@ -9,6 +9,7 @@ from ..errors import UserError
 from ..formats.folders import find_tokenizer
 from ..formats.load import is_gguf, load_model, resolve_student_dir
 from ..formats.tokenizer import load_tokenizer
+from ..ops.device import autocast, precision
 from ..runtime.generate import generate_text
 from ..runtime.heads import use_int8_head
 from ..runtime.packed_linear import use_a8_activations
@@ -32,7 +33,9 @@ def generate(cfg: GenerateConfig, stream: bool = False) -> str:
     """The generated continuation of `cfg.prompt` (printed as it decodes with stream=True, as the CLI does).
     The Python twin of `ternary-mamba generate`."""
     require(cfg, "model", "prompt", command="generate")
+    device, dtype = precision(cfg.device, cfg.dtype)
     model, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer)
+    model = model.to(device)
     if cfg.int8_head:
         use_int8_head(model)
     if cfg.a8 and use_a8_activations(model) == 0:
@@ -43,8 +46,9 @@ def generate(cfg: GenerateConfig, stream: bool = False) -> str:
         sys.stdout.flush()
         on_text = lambda s: (sys.stdout.write(s), sys.stdout.flush())  # noqa: E731
     t0 = time.perf_counter()
-    text = generate_text(model, tok, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed,
-                         on_text=on_text)
+    with autocast(device, dtype):
+        text = generate_text(model, tok, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed,
+                             on_text=on_text)
     if stream:
         dt = time.perf_counter() - t0
         n = len(tok.encode(text))

@@ -15,6 +15,7 @@ from ..formats.configs import resolve_config
 from ..formats.folders import save_model
 from ..formats.fs import write_json_atomic
 from ..formats.tokenizer import load_tokenizer
+from ..ops.device import autocast, precision
 from ..quant.monitor import ZeroRatioMonitor
 from ..quant.qat import TernaryConfig, quantize_
 from ..train import distributed as D
@@ -31,6 +32,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     """Train from random initialisation (ternary from step 0 with `cfg.ternary`); returns the run folder.
     The Python twin of `ternary-mamba pretrain`."""
     require(cfg, "model", "tokenizer", "data", "out", command="pretrain")
+    device, dtype = precision(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.train.seed)
     mcfg = resolve_config(cfg.model)
     tok = load_tokenizer(cfg.tokenizer)
@@ -54,11 +56,13 @@ def pretrain(cfg: PretrainConfig) -> Path:
         m = Mamba2LM(mcfg)
         m.reset_parameters(seed=tcfg.seed)
         if cfg.ternary:
-            quantize_(m, TernaryConfig(group_size=cfg.group_size, scale_mode="absmean"))
+            quantize_(m, TernaryConfig(group_size=cfg.group_size, scale_mode="absmean",
+                                       scale_format="bf16" if dtype == torch.bfloat16 else "fp16"))
         return m
-    model = build()
+    model = build().to(device)
     qmon = ZeroRatioMonitor() if cfg.ternary else None
-    trainer = Trainer(model, LMObjective(tcfg.weight_decay, qmon), tcfg, out, train, held, fsdp=cfg.fsdp)
+    trainer = Trainer(model, LMObjective(tcfg.weight_decay, qmon), tcfg, out, train, held, fsdp=cfg.fsdp,
+                      device=device, dtype=dtype)
     if resume:
         trainer.load_checkpoint()
         print(f"resuming {out} at step {trainer.step}")
@@ -71,7 +75,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     if not D.is_main():
         return out
     model.eval()
-    ev = LMObjective(0).evaluate(model, held, 10**9, tcfg.batch_size)  # the whole held-out set
+    with torch.no_grad(), autocast(device, dtype):
+        ev = LMObjective(0).evaluate(model, held, 10**9, tcfg.batch_size)  # the whole held-out set
     summary = {"params": mcfg.n_params, "tokens": trainer.step * tcfg.tokens_per_step, "wall_s_this_session": wall,
                "heldout_loss": ev["loss"], "heldout_ppl": ev["ppl"], "heldout_tokens": len(held) * tcfg.seq_len,
                "final_train_loss": last.get("loss")}

@@ -17,6 +17,7 @@ from ..formats.load import load_model, resolve_model_dir
 from ..formats.sizes import packed_size_bytes
 from ..formats.tokenizer import load_tokenizer
 from ..quant.monitor import ZeroRatioMonitor, zero_ratio_stats
+from ..ops.device import autocast, precision
 from ..quant.qat import TernaryConfig, quantize_, set_lambda
 from ..train import distributed as D
 from ..train.distill import DistillObjective, evaluate_vs_teacher
@@ -42,6 +43,12 @@ def quantize(cfg: QuantizeConfig | None = None) -> Path:
     checkpoint/, student/, summary.json, report.md).  The Python twin of `ternary-mamba quantize`."""
     from ..config_base import resume_free_paths
     cfg = with_bundled_defaults(cfg or QuantizeConfig())
+    device, dtype = precision(cfg.device, cfg.dtype)
+    if dtype == torch.bfloat16 and cfg.quant.scale_format != "bf16":
+        # bf16 autocast multiplies by bf16(s·t): exact only when the scales are bf16 values (quant/ternary.py)
+        print("--dtype bf16: scales rounded to bf16 values (--scale-format bf16), so training, export and "
+              "inference use the same weights")
+        cfg = cfg.replace(quant=cfg.quant.replace(scale_format="bf16"))
     if cfg.out is None:
         cfg = cfg.replace(out=f"runs/ternary-{Path(cfg.teacher).name}-{time.strftime('%Y%m%d-%H%M%S')}")
     torch.manual_seed(cfg.train.seed)
@@ -59,7 +66,9 @@ def quantize(cfg: QuantizeConfig | None = None) -> Path:
                         f"({teacher.config.padded_vocab_size}); pass the teacher's own tokenizer")
     qcfg, tcfg, dcfg, mcfg = cfg.quant, cfg.train, cfg.distill, cfg.monitor
     tcfg.total_steps  # validate the budget before writing anything
-    student = build_student(teacher, qcfg)  # validates the group size against the teacher's shapes
+    student = build_student(teacher, qcfg).to(device)  # validates the group size against the teacher's shapes
+    # the frozen teacher in the run's dtype (the paper's FP16 teacher); the student keeps fp32 master weights
+    teacher = teacher.to(device=device, dtype=dtype)
     # the run's record: every path absolute, so `--config run.json` replays it from anywhere
     cfg = cfg.replace(teacher=str(Path(cfg.teacher).resolve()) if Path(cfg.teacher).exists() else cfg.teacher,
                       tokenizer=str(Path(tok_path).resolve()), data=absolute(cfg.data),
@@ -76,7 +85,7 @@ def quantize(cfg: QuantizeConfig | None = None) -> Path:
                                  monitor=monitor, lam_warmup_steps=dcfg.lam_warmup)
     if dcfg.lam_warmup:
         set_lambda(student, 1.0 / dcfg.lam_warmup)
-    trainer = Trainer(student, objective, tcfg, out, train, held, fsdp=cfg.fsdp)
+    trainer = Trainer(student, objective, tcfg, out, train, held, fsdp=cfg.fsdp, device=device, dtype=dtype)
     if resume:
         trainer.load_checkpoint()
         if dcfg.lam_warmup:
@@ -85,15 +94,17 @@ def quantize(cfg: QuantizeConfig | None = None) -> Path:
     n = count_params_by_component(teacher.config)
     print(f"QAT+KD: {Path(cfg.teacher).name} ({sum(n.values()) / 1e6:.2f} M params) -> ternary "
           f"{'+'.join(qcfg.targets)}, group {qcfg.group_size}, scales {qcfg.scale_mode}; "
-          f"{tcfg.tokens:,} tokens in {tcfg.total_steps} steps -> {out}")
+          f"{tcfg.tokens:,} tokens in {tcfg.total_steps} steps on {device} ({cfg.dtype}) -> {out}")
     t0 = time.time()
     trainer.run()
     wall = time.time() - t0
-    student = D.gathered_model(trainer, lambda: build_student(teacher, qcfg))
+    student = D.gathered_model(trainer, lambda: build_student(teacher, qcfg).float())
     if not D.is_main():
         return out
 
-    summary = final_summary(teacher, student, qcfg, held, cfg, wall, trainer.step * tcfg.tokens_per_step, monitor)
+    with autocast(device, dtype):
+        summary = final_summary(teacher, student, qcfg, held, cfg, wall, trainer.step * tcfg.tokens_per_step,
+                                monitor)
     save_model(student, out / "student", tokenizer_path=tok.path, overwrite=True,
                extra={"teacher": str(cfg.teacher), "training": {"kind": "quantize", "tokens": summary["tokens"]}})
     write_json_atomic(out / "summary.json", summary)
@@ -106,8 +117,8 @@ def quantize(cfg: QuantizeConfig | None = None) -> Path:
 def final_summary(teacher, student, qcfg, held, cfg: QuantizeConfig, wall, tokens, monitor) -> dict:
     student.eval()
     nb, bs = cfg.final_eval_batches, cfg.train.batch_size
-    ptq = build_student(teacher, TernaryConfig(group_size=qcfg.group_size, scale_mode="absmean")).eval()
-    rows = {"teacher (fp32)": evaluate_vs_teacher(teacher, teacher, held, nb, bs),
+    ptq = build_student(teacher, qcfg.replace(scale_mode="absmean")).float().eval()
+    rows = {f"teacher ({cfg.dtype})": evaluate_vs_teacher(teacher, teacher, held, nb, bs),
             "PTQ (absmean, no training)": {**evaluate_vs_teacher(ptq, teacher, held, nb, bs),
                                            "zero_ratio": zero_ratio_stats(ptq)["zero_ratio"]},
             f"QAT+KD ({qcfg.scale_mode})": {**evaluate_vs_teacher(student, teacher, held, nb, bs),

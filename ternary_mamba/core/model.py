@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import autograd as fused
+from ..ops.device import full_precision
 from ..ops.dispatch import kernels_for, reference_kind
 from ..ops.kernels import (conv_silu_prefill, gated_norm_prefill, mixer_step_inplace, ssd_prefill,
                            ssd_step_inplace)
@@ -57,7 +58,8 @@ class RMSNorm(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad) \
                 and fused.rms_norm_supported(x, self.weight):
             return fused.rms_norm_train(x, self.weight, self.eps)   # training: C forward + backward
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        xf = x.float()   # in fp32 whatever the dtype (a no-op for fp32 inputs), cast back at the end
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -94,61 +96,70 @@ class Mamba2Mixer(nn.Module):
     def _ssm_inputs(self, xBC: Tensor, dt: Tensor):
         c = self.cfg
         x, B, C = F.silu(xBC).split([c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
-        dt = F.softplus(dt + self.dt_bias)
-        A = -torch.exp(self.A_log)
+        dt = F.softplus(dt + self.dt_bias.float())
+        A = -torch.exp(self.A_log.float())
         return x, B, C, dt, A
 
     def forward(self, u: Tensor, state: LayerState | None = None) -> tuple[Tensor, LayerState]:
-        """u (b, l, d_model) -> (b, l, d_model) and the state after the last token."""
+        """u (b, l, d_model) -> (b, l, d_model) and the state after the last token.  Between in_proj and
+        out_proj everything (conv, scan, gated norm) computes in fp32 whatever the model's dtype or autocast,
+        as mamba_ssm's kernels do: a 16-bit scan loses the long-range state."""
         c = self.cfg
-        b, l, _ = u.shape
-        z, xBC, dt = self._split(self.in_proj(u))
+        b = u.size(0)
         if state is not None:
             check_state(state, b, c)
+        z, xBC, dt = self._split(self.in_proj(u))
+        with full_precision(u.device.type):
+            y, new_state = self._mix(z.float(), xBC.float(), dt.float(), state)
+        return self.out_proj(y.to(u.dtype)), new_state
+
+    def _mix(self, z: Tensor, xBC: Tensor, dt: Tensor, state: LayerState | None) -> tuple[Tensor, LayerState]:
+        """fp32 z, xBC, dt (b, l, ·) -> y (b, l, d_inner) before out_proj, and the new state."""
+        c = self.cfg
+        b, l, _ = xBC.shape
         ref = reference_kind()
-        params = (self.conv1d.weight, self.dt_bias, self.A_log, self.D)
-        if ref is None and not torch.is_grad_enabled() and kernels_for(xBC, *params) \
+        if ref is None and not torch.is_grad_enabled() and kernels_for(xBC) \
                 and not has_forward_hooks(self.conv1d, self.norm):
             fast = self._forward_fused(z, xBC, dt, state)   # inference: conv + scan in C
             if fast is not None:
                 return fast
-        init = state.ssm if state is not None else None
+        init = state.ssm.float() if state is not None else None
+        A, dt_bias, D = -torch.exp(self.A_log.float()), self.dt_bias.float(), self.D.float()
         if ref is None and fused.conv_supported(xBC, self.conv1d.weight) \
                 and fused.ssd_supported(xBC, c.headdim, c.d_state, c.chunk_size):
             # training: conv + SiLU and the scan + D skip as C kernels with hand-written backward passes
             xBC, conv_state = fused.conv_silu_train(xBC, self.conv1d.weight, self.conv1d.bias,
-                                                    state.conv if state is not None else None)
-            y, ssm_state = fused.ssd_train(xBC, F.softplus(dt + self.dt_bias), -torch.exp(self.A_log), self.D,
+                                                    state.conv.float() if state is not None else None)
+            y, ssm_state = fused.ssd_train(xBC, F.softplus(dt + dt_bias), A, D,
                                            c.nheads, c.headdim, c.ngroups, c.d_state, c.chunk_size, init)
             y = y.view(b, l, c.d_inner)
             if type(self.norm) is GatedRMSNorm and not has_forward_hooks(self.norm) \
                     and fused.gated_norm_supported(y, z, self.norm.weight):
-                y = fused.gated_norm_train(y, z, self.norm.weight, self.norm.ngroups, self.norm.eps)
-            else:
-                y = self.norm(y, z)
-            return self.out_proj(y), LayerState(conv_state, ssm_state)
+                return fused.gated_norm_train(y, z, self.norm.weight, self.norm.ngroups, self.norm.eps), \
+                    LayerState(conv_state, ssm_state)
+            return self.norm(y, z), LayerState(conv_state, ssm_state)
         # the PyTorch reference: causal depthwise conv over time, continuing from the previous inputs (zeros at
         # the start), as K shifted multiply-adds in the (b, l, channels) layout: no transposes, cheap backward
         K = c.d_conv
         hist = state.conv.transpose(1, 2) if state is not None else xBC.new_zeros(b, K - 1, c.conv_dim)
         xp = torch.cat([hist.to(xBC.dtype), xBC], dim=1)                    # (b, K-1+l, conv_dim)
-        w = self.conv1d.weight[:, 0, :]                                      # (conv_dim, K)
+        w = self.conv1d.weight[:, 0, :].float()                              # (conv_dim, K)
         out = xp[:, K - 1:] * w[:, K - 1]
         for k in range(K - 1):
             out = out + xp[:, k:k + l] * w[:, k]
         if self.conv1d.bias is not None:
-            out = out + self.conv1d.bias
+            out = out + self.conv1d.bias.float()
         conv_state = xp[:, xp.size(1) - (K - 1):].transpose(1, 2)           # (b, conv_dim, K-1)
-        xBC = out
-        x, B, C, dt, A = self._ssm_inputs(xBC, dt)
+        x, B, C = F.silu(out).split([c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
+        dt = F.softplus(dt + dt_bias)
         x = x.view(b, l, c.nheads, c.headdim)
         B, C = B.view(b, l, c.ngroups, c.d_state), C.view(b, l, c.ngroups, c.d_state)
         if ref == "sequential":
             y, ssm_state = ssd_sequential(x, dt, A, B, C, init)
         else:
             y, ssm_state = ssd_chunked(x, dt, A, B, C, c.chunk_size, init)
-        y = (y + x * self.D[:, None]).reshape(b, l, c.d_inner)
-        return self.out_proj(self.norm(y, z)), LayerState(conv_state, ssm_state)
+        y = (y + x * D[:, None]).reshape(b, l, c.d_inner)
+        return self.norm(y, z), LayerState(conv_state, ssm_state)
 
     def _forward_fused(self, z: Tensor, xBC: Tensor, dt: Tensor, state: LayerState | None):
         """forward() without autograd: conv + SiLU and the chunked scan as C kernels, reading x/B/C in place."""
@@ -159,8 +170,8 @@ class Mamba2Mixer(nn.Module):
             return None
         xBC, conv_state = conv
         x, B, C = xBC.split([c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
-        dt = F.softplus(dt + self.dt_bias)
-        A = -torch.exp(self.A_log)
+        dt = F.softplus(dt + self.dt_bias.float())
+        A = -torch.exp(self.A_log.float())
         x = x.view(b, l, c.nheads, c.headdim)
         B, C = B.view(b, l, c.ngroups, c.d_state), C.view(b, l, c.ngroups, c.d_state)
         out = ssd_prefill(x, dt, A, B, C, c.chunk_size, state.ssm if state is not None else None)
@@ -170,8 +181,8 @@ class Mamba2Mixer(nn.Module):
         if type(self.norm) is GatedRMSNorm:
             y = gated_norm_prefill(y, x, z, self)            # D skip + gate + grouped RMSNorm in one pass
         else:
-            y = self.norm((y + x * self.D[:, None]).reshape(b, l, c.d_inner), z)
-        return self.out_proj(y), LayerState(conv_state, ssm_state)
+            y = self.norm((y + x * self.D.float()[:, None]).reshape(b, l, c.d_inner), z)
+        return y, LayerState(conv_state, ssm_state)
 
     def step(self, u: Tensor, state: LayerState, inplace: bool = False) -> tuple[Tensor, LayerState]:
         """One token: u (b, d_model) -> (b, d_model); O(1) in the sequence length.
@@ -186,20 +197,21 @@ class Mamba2Mixer(nn.Module):
             # conv + SSM step + gated norm in one C call
             conv = state.conv if state.conv.is_contiguous() else state.conv.contiguous()
             return self.out_proj(mixer_step_inplace(self, zxbcdt, conv, state.ssm)), LayerState(conv, state.ssm)
-        z, xBC, dt = self._split(zxbcdt)
-        window = torch.cat([state.conv, xBC[:, :, None]], dim=2)            # (b, conv_dim, d_conv)
-        xBC = (window * self.conv1d.weight[:, 0]).sum(-1)
-        if self.conv1d.bias is not None:
-            xBC = xBC + self.conv1d.bias
-        x, B, C, dt, A = self._ssm_inputs(xBC, dt)
-        x = x.view(-1, c.nheads, c.headdim)
-        B, C = B.view(-1, c.ngroups, c.d_state), C.view(-1, c.ngroups, c.d_state)
-        if inplace and state.ssm.is_contiguous() and kernels_for(state.ssm, x, dt, B, C):
-            y, ssm = ssd_step_inplace(state.ssm, x, dt, torch.exp(dt * A), B, C), state.ssm
-        else:
-            y, ssm = ssd_step(state.ssm, x, dt, A, B, C)
-        y = (y + x * self.D[:, None]).reshape(-1, c.d_inner)
-        return self.out_proj(self.norm(y, z)), LayerState(window[:, :, 1:], ssm)
+        with full_precision(u.device.type):     # fp32 between the projections, as in forward
+            z, xBC, dt = (t.float() for t in self._split(zxbcdt))
+            window = torch.cat([state.conv.float(), xBC[:, :, None]], dim=2)    # (b, conv_dim, d_conv)
+            xBC = (window * self.conv1d.weight[:, 0].float()).sum(-1)
+            if self.conv1d.bias is not None:
+                xBC = xBC + self.conv1d.bias.float()
+            x, B, C, dt, A = self._ssm_inputs(xBC, dt)
+            x = x.view(-1, c.nheads, c.headdim)
+            B, C = B.view(-1, c.ngroups, c.d_state), C.view(-1, c.ngroups, c.d_state)
+            if inplace and state.ssm.is_contiguous() and kernels_for(state.ssm, x, dt, B, C):
+                y, ssm = ssd_step_inplace(state.ssm, x, dt, torch.exp(dt * A), B, C), state.ssm
+            else:
+                y, ssm = ssd_step(state.ssm.float(), x, dt, A, B, C)
+            y = self.norm((y + x * self.D.float()[:, None]).reshape(-1, c.d_inner), z)
+        return self.out_proj(y.to(u.dtype)), LayerState(window[:, :, 1:], ssm)
 
 
 class Mamba2Block(nn.Module):
@@ -308,7 +320,7 @@ class Mamba2LM(nn.Module):
 
     def empty_state(self, batch_size: int) -> list[LayerState]:
         c = self.config
-        p = next(self.parameters())
-        return [LayerState(p.new_zeros(batch_size, c.conv_dim, c.d_conv - 1),
-                           p.new_zeros(batch_size, c.nheads, c.headdim, c.d_state))
+        p = next(self.parameters())   # states are fp32 whatever the weights' dtype (the scan runs in fp32)
+        return [LayerState(p.new_zeros(batch_size, c.conv_dim, c.d_conv - 1, dtype=torch.float32),
+                           p.new_zeros(batch_size, c.nheads, c.headdim, c.d_state, dtype=torch.float32))
                 for _ in range(c.n_layer)]

@@ -6,11 +6,14 @@ import math
 import time
 from pathlib import Path
 
+import torch
+
 from ..errors import UserError
 from ..formats.folders import find_tokenizer
 from ..formats.fs import atomic_write_bytes
 from ..formats.load import load_model, resolve_student_dir
 from ..formats.tokenizer import load_tokenizer
+from ..ops.device import autocast, precision
 from .scoring import loglikelihoods
 from .tasks import AVERAGE_METRIC, SEVEN, TASKS, Doc, parse_tasks
 
@@ -50,9 +53,10 @@ def average_seven(results: dict) -> float | None:
 
 
 def evaluate_model(path: str, tasks: list[str], data_dir: Path, limit: int | None, batch_size: int,
-                   max_len: int, log=print) -> dict:
+                   max_len: int, log=print, device: str | None = None, dtype: str = "fp32") -> dict:
+    dev, dt = precision(device, dtype)
     folder = resolve_student_dir(path)
-    model = load_model(folder)
+    model = load_model(folder).to(dev)
     tok_path = find_tokenizer(folder)
     if tok_path is None:
         raise UserError(f"{folder}: no tokenizer.json next to the model")
@@ -62,7 +66,8 @@ def evaluate_model(path: str, tasks: list[str], data_dir: Path, limit: int | Non
         docs = TASKS[name](data_dir)
         if limit:
             docs = docs[:limit]
-        r = score_task(model, tok, name, docs, batch_size, max_len)
+        with torch.no_grad(), autocast(dev, dt):
+            r = score_task(model, tok, name, docs, batch_size, max_len)
         res[name] = r
         main = "perplexity" if name == "lambada_openai" else AVERAGE_METRIC[name]
         log(f"  {name:<15} {main} {r[main]:.4f}  (acc {r['acc']:.4f}; {r['n']} docs, {r['wall_s']:.0f} s, "
@@ -116,7 +121,8 @@ def run_eval(args) -> list[dict]:
         if args.harness:
             results.append(evaluate_with_harness(m, tasks, data_dir, args.limit, args.batch_size))
         else:
-            results.append(evaluate_model(m, tasks, data_dir, args.limit, args.batch_size, args.max_len))
+            results.append(evaluate_model(m, tasks, data_dir, args.limit, args.batch_size, args.max_len,
+                                          device=getattr(args, "device", None), dtype=getattr(args, "dtype", "fp32")))
     table = markdown_table(results, tasks)
     print("\n" + table)
     print(f"\nwall time {time.time() - t0:.0f} s" + ("" if args.limit is None else f" (--limit {args.limit})"))

@@ -14,6 +14,7 @@ from ..formats.folders import find_tokenizer
 from ..formats.load import load_model, resolve_student_dir
 from ..formats.text import find_text_files, read_documents
 from ..formats.tokenizer import load_tokenizer
+from ..ops.device import autocast, module_device, precision
 
 
 @torch.no_grad()
@@ -29,6 +30,7 @@ def text_perplexity(model, tok, texts: list[str], seq_len: int, batch_size: int,
     windows = [(s, min(s + seq_len, len(ids) - 1)) for s in range(0, len(ids) - 1, seq_len)]
     nll, n = 0.0, 0
     vocab = model.config.vocab_size
+    dev = module_device(model)
     for b in range(0, len(windows), batch_size):
         group = windows[b:b + batch_size]
         L = max(e - s for s, e in group)
@@ -36,8 +38,8 @@ def text_perplexity(model, tok, texts: list[str], seq_len: int, batch_size: int,
         y = torch.full((len(group), L), -100, dtype=torch.long)
         for j, (s, e) in enumerate(group):
             x[j, :e - s], y[j, :e - s] = data[s:e], data[s + 1:e + 1]
-        logits = model(x)[..., :vocab]
-        nll += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum").item()
+        logits = model(x.to(dev))[..., :vocab]
+        nll += F.cross_entropy(logits.flatten(0, 1).float(), y.to(dev).flatten(), ignore_index=-100, reduction="sum").item()
         n += int((y != -100).sum())
     nbytes = len(tok.decode(ids[1:n + 1]).encode("utf-8"))
     return {"tokens": n, "ppl": math.exp(nll / n), "bits_per_byte": nll / math.log(2) / max(nbytes, 1), "bytes": nbytes}
@@ -46,11 +48,12 @@ def text_perplexity(model, tok, texts: list[str], seq_len: int, batch_size: int,
 def run_ppl(args) -> dict:
     """`args`: a PplConfig (commands/configs.py) or anything with its fields.  Returns {model: result}."""
     results = {}
+    device, dtype = precision(getattr(args, "device", None), getattr(args, "dtype", "fp32"))
     texts = [doc for f in find_text_files(args.text) for doc in read_documents(f)]
     print(f"{'model':<40} {'tokens':>10} {'ppl':>10} {'bits/byte':>10} {'time':>8}")
     for m in args.models:
         folder = resolve_student_dir(m)
-        model = load_model(folder)
+        model = load_model(folder).to(device)
         tp = find_tokenizer(folder)
         if tp is None:
             raise UserError(f"{folder}: no tokenizer.json next to the model")
@@ -64,7 +67,8 @@ def run_ppl(args) -> dict:
             variants.append((" +int8 head", m8))
         for suffix, mdl in variants:
             t0 = time.time()
-            r = text_perplexity(mdl, load_tokenizer(tp), texts, args.seq_len, args.batch_size, args.max_tokens)
+            with torch.no_grad(), autocast(device, dtype):
+                r = text_perplexity(mdl, load_tokenizer(tp), texts, args.seq_len, args.batch_size, args.max_tokens)
             results[m + suffix] = r
             print(f"{m + suffix:<40} {r['tokens']:>10,} {r['ppl']:>10.3f} {r['bits_per_byte']:>10.4f} "
                   f"{time.time() - t0:>7.1f}s")

@@ -11,6 +11,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..ops.device import module_device
+
 
 def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
     n_spaces = len(context) - len(context.rstrip())
@@ -36,6 +38,7 @@ def loglikelihoods(model, tok, pairs: list[tuple[str, str]], batch_size: int = 1
         seqs.append((full[:-1], full[1:], len(cont)))
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
     vocab = model.config.vocab_size
+    dev = module_device(model)
     results: list[tuple[float, bool]] = [(0.0, False)] * len(seqs)
     t0 = time.time()
     for b in range(0, len(order), batch_size):
@@ -45,7 +48,7 @@ def loglikelihoods(model, tok, pairs: list[tuple[str, str]], batch_size: int = 1
         for j, i in enumerate(idx):
             x = seqs[i][0]
             inp[j, :len(x)] = torch.tensor(x)  # right padding: a causal model never sees it
-        logp = F.log_softmax(model(inp)[..., :vocab].float(), dim=-1)
+        logp = F.log_softmax(model(inp.to(dev))[..., :vocab].float(), dim=-1).cpu()
         for j, i in enumerate(idx):
             x, y, n = seqs[i]
             pos = torch.arange(len(x) - n, len(x))

@@ -17,9 +17,18 @@ def _cpu(*tensors: torch.Tensor | None) -> None:
             raise TypeError(f"C kernel given a {t.device.type} tensor {tuple(t.shape)}; only CPU tensors are accepted")
 
 
+def _dtype(dtype: torch.dtype, *tensors: torch.Tensor | None) -> None:
+    """Tensors whose memory C reads as `dtype` (no conversion happens on the way)."""
+    for t in tensors:
+        if t is not None and t.dtype != dtype:
+            raise TypeError(f"C kernel expects {dtype} but was given {t.dtype} {tuple(t.shape)}")
+
+
 def tq2_gemv(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, group_size: int) -> torch.Tensor:
     """codes (out, in/4) uint8, scales (out, in/G) fp32, x (nb, in) fp32 -> y (nb, out) fp32."""
     _cpu(codes, scales, x)
+    _dtype(torch.uint8, codes)
+    _dtype(torch.float32, scales, x)
     lib = get_kernel()
     assert lib is not None
     x = x.contiguous()
@@ -32,6 +41,8 @@ def tq2_gemv(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, group_s
 def tq2_dequant(codes: torch.Tensor, scales: torch.Tensor, group_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """codes (out, in/4) uint8, scales (out, in/G) fp32 -> the fp32 weight (out, in)."""
     _cpu(codes, scales, out)
+    _dtype(torch.uint8, codes)
+    _dtype(torch.float32, scales, out)
     lib = get_kernel()
     assert lib is not None
     out_f, in_f = codes.size(0), codes.size(1) * 4
@@ -44,6 +55,7 @@ def ssd_step_inplace(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, dA:
                      B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """Fused recurrent step (see ssd.ssd_step for the reference); updates `state` in place, returns y."""
     _cpu(state, x, dt, dA, B, C)
+    _dtype(torch.float32, state)
     lib = get_kernel()
     b, h, p, n = state.shape
     assert state.is_contiguous() and state.dtype == torch.float32
@@ -56,6 +68,8 @@ def ssd_step_inplace(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, dA:
 
 def i8_gemv(w: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     _cpu(w, scale, x)
+    _dtype(torch.int8, w)
+    _dtype(torch.float32, scale, x)
     lib = get_kernel()
     x = x.contiguous()
     y = torch.empty(x.size(0), w.size(0))
@@ -106,6 +120,7 @@ def gated_norm_prefill(y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, mixer)
     """GatedRMSNorm(y + D x, z) of a whole sequence in one C pass; y (b, l, h, p) contiguous is overwritten and
     returned as (b, l, d_inner).  x (b, l, h, p) and z (b, l, d_inner) may be views."""
     _cpu(y, x, z)
+    _dtype(torch.float32, y)
     lib = get_kernel()
     c = mixer.cfg
     b, l = y.shape[:2]
@@ -155,6 +170,7 @@ def mixer_step_inplace(mixer, zxbcdt: torch.Tensor, conv_state: torch.Tensor, ss
     """Everything of Mamba2Mixer.step between in_proj and out_proj in one C call (conv, SSM step, D skip,
     gated RMSNorm); conv_state / ssm_state (contiguous fp32) are updated in place.  Returns y (b, d_inner)."""
     _cpu(zxbcdt, conv_state, ssm_state)
+    _dtype(torch.float32, zxbcdt, conv_state, ssm_state)
     lib = get_kernel()
     c = mixer.cfg
     zxbcdt = zxbcdt.contiguous()
@@ -177,6 +193,8 @@ def tq2_gemv_a8(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, grou
     """Like tq2_gemv, but with x quantized to int8 (one absmax scale per row) and integer dot products — the
     opt-in fast path (llama.cpp's TQ2_0 does the same); needs group_size % 128 == 0."""
     _cpu(codes, scales, x)
+    _dtype(torch.uint8, codes)
+    _dtype(torch.float32, scales)
     lib = get_kernel()
     assert lib is not None and group_size % 128 == 0
     x = x.contiguous().float()

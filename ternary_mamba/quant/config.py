@@ -9,6 +9,7 @@ from ..errors import UserError
 from .groups import DEFAULT_GROUP_SIZE, check_group_size
 
 SCALE_MODES = ("absmean", "learned", "guarded")
+SCALE_FORMATS = ("fp16", "bf16")     # see quant/ternary.py round_scale
 TARGETS = ("in_proj", "out_proj")
 COLLAPSE_ACTIONS = ("warn", "guard", "stop")
 
@@ -21,6 +22,8 @@ class TernaryConfig(Config):
     guard_low: float = option(0.5, help="guarded: lowest scale, x the group's current absmean")
     guard_high: float = option(1.5, help="guarded: highest scale, x the group's current absmean")
     targets: tuple[str, ...] = option(TARGETS, choices=TARGETS, help="projections made ternary")
+    scale_format: str = option("fp16", choices=SCALE_FORMATS, help="values the scales are rounded to: fp16, or "
+                               "bf16 (exact under bf16 autocast too; --dtype bf16 chooses it)")
     # post-hoc corrections (set by `ternary-mamba ptq`, not trained): an fp output bias per ternary
     # linear and a rank-r term U @ V beside the ternary weight.  Not part of the packed format.
     corr_bias: bool = option(False, cli=False)
@@ -31,6 +34,8 @@ class TernaryConfig(Config):
         if self.scale_mode not in SCALE_MODES:
             raise UserError(f"scale mode '{self.scale_mode}' unknown; choose one of {', '.join(SCALE_MODES)}")
         check_group_size(self.group_size)
+        if self.scale_format not in SCALE_FORMATS:
+            raise UserError(f"scale format {self.scale_format!r}: choose one of {', '.join(SCALE_FORMATS)}")
         if not 0 < self.guard_low < 1 < self.guard_high:
             raise UserError(f"guard band [{self.guard_low}, {self.guard_high}] must satisfy 0 < low < 1 < high")
         if self.corr_rank < 0:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UserError
+from ..ops.device import scalar
 from .config import SCALE_MODES, TernaryConfig  # noqa: F401  (re-exported: the QAT API in one import)
 from .groups import resolve_group_size
 from .ternary import TernarySTE, absmean_scale, round_scale, ternary_codes
@@ -32,7 +33,7 @@ class TernaryLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         G = resolve_group_size(cfg.group_size, self.in_features, name)
-        self.group_size, self.mode = G, cfg.scale_mode
+        self.group_size, self.mode, self.scale_format = G, cfg.scale_mode, cfg.scale_format
         self.guard = (cfg.guard_low, cfg.guard_high)
         self.weight = linear.weight  # the same Parameter: the latent full-precision weight
         self.bias = linear.bias
@@ -58,7 +59,8 @@ class TernaryLinear(nn.Module):
         return scale
 
     def quantized_weight(self) -> Tensor:
-        q = TernarySTE.apply(self.weight, self.effective_scale(), self.group_size, self.mode != "absmean")
+        q = TernarySTE.apply(self.weight, self.effective_scale(), self.group_size, self.mode != "absmean",
+                             self.scale_format)
         if self.lam >= 1.0:
             return q  # exact: identical to the packed export
         return self.weight + self.lam * (q - self.weight)
@@ -80,14 +82,14 @@ class TernaryLinear(nn.Module):
     def export(self) -> tuple[Tensor, Tensor]:
         """(codes int8 (out, in), fp16 scales (out, in // G)): exactly what the forward uses."""
         w = _full(self.weight)
-        s16 = round_scale(self.effective_scale(w, _full(getattr(self, "scale", None))).float())
+        s16 = round_scale(self.effective_scale(w, _full(getattr(self, "scale", None))).float(), self.scale_format)
         return ternary_codes(w.float(), s16, self.group_size), s16.half()
 
     @torch.no_grad()
     def stats(self) -> dict[str, float]:
         codes, s16 = self.export()
-        return {"zero_ratio": (codes == 0).float().mean().item(),
-                "scale_over_absmean": (s16.float().mean() / _full(self.weight).abs().mean().clamp_min(1e-12)).item()}
+        return {"zero_ratio": scalar((codes == 0).float().mean()),
+                "scale_over_absmean": scalar(s16.float().mean() / _full(self.weight).abs().mean().clamp_min(1e-12))}
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, group_size={self.group_size}, scale={self.mode}"

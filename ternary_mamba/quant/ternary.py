@@ -9,8 +9,13 @@ import torch
 from torch import Tensor
 
 
+
 SCALE_MIN = 1e-4     # keeps fp16 scales normal-ish and all-zero groups harmless
 SCALE_MAX = 65504.0  # largest fp16
+BF16_SCALE_MAX = 65280.0   # largest bf16 value that fp16 holds too
+# fp16: scales are fp16 values (what the packed format stores).  bf16: scales are bf16 values inside fp16's normal
+# range, so s·t is exact in fp32, fp16 *and* bf16 and the fp16 file still holds them exactly: a bf16 autocast
+# forward then multiplies by exactly the weights a packed export dequantizes to.
 
 
 def grouped(w: Tensor, group_size: int) -> Tensor:
@@ -24,8 +29,10 @@ def absmean_scale(w: Tensor, group_size: int) -> Tensor:
     return grouped(w, group_size).abs().mean(-1)
 
 
-def round_scale(s: Tensor) -> Tensor:
-    """The fp16 value a packed file stores, back in fp32."""
+def round_scale(s: Tensor, fmt: str = "fp16") -> Tensor:
+    """The fp16 value a packed file stores, back in fp32 (fmt="bf16": a bf16 value, which fp16 holds exactly)."""
+    if fmt == "bf16":
+        return s.clamp(SCALE_MIN, BF16_SCALE_MAX).bfloat16().float()
     return s.clamp(SCALE_MIN, SCALE_MAX).half().float()
 
 
@@ -48,8 +55,8 @@ class TernarySTE(torch.autograd.Function):
                    sum_g dq/ds · grad with dq/ds = round(v) - v inside, sign(v) outside, times 1/sqrt(G)."""
 
     @staticmethod
-    def forward(ctx, w: Tensor, scale: Tensor, group_size: int, learned: bool) -> Tensor:
-        s16 = round_scale(scale)
+    def forward(ctx, w: Tensor, scale: Tensor, group_size: int, learned: bool, fmt: str = "fp16") -> Tensor:
+        s16 = round_scale(scale, fmt)
         codes = ternary_codes(w, s16, group_size)
         if learned:
             ctx.save_for_backward(w, s16, codes)
@@ -59,7 +66,7 @@ class TernarySTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_q: Tensor):
         if not ctx.learned:
-            return grad_q, None, None, None
+            return grad_q, None, None, None, None
         w, s16, codes = ctx.saved_tensors
         G = ctx.group_size
         v = grouped(w, G) / s16[..., None]
@@ -68,4 +75,4 @@ class TernarySTE(torch.autograd.Function):
         grad_w = (g * inside).reshape(w.shape)
         dq_ds = torch.where(inside, grouped(codes.float(), G) - v, v.sign())
         grad_s = (g * dq_ds).sum(-1) / G ** 0.5
-        return grad_w, grad_s, None, None
+        return grad_w, grad_s, None, None, None

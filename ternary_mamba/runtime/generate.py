@@ -6,6 +6,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..errors import UserError
+from ..ops.device import module_device
 from .decode_engine import session
 
 
@@ -29,7 +30,8 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
         raise UserError("the prompt encodes to no tokens")
     gen = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
-    logits, state = model(torch.tensor([prompt_ids]), return_state=True, last_only=True)
+    dev = module_device(model)
+    logits, state = model(torch.tensor([prompt_ids], device=dev), return_state=True, last_only=True)
     logits = logits[:, -1]
     sess = session(model, state)   # the C decode step, checked once (None: step module by module)
     greedy = temperature <= 0 and sess is not None   # the engine's certified greedy step: same tokens
@@ -46,7 +48,7 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
         if sess is not None:
             logits = sess.step([tok])
         else:
-            logits, state = model.step(torch.tensor([tok]), state, inplace=True)
+            logits, state = model.step(torch.tensor([tok], device=dev), state, inplace=True)
         tok = sample_next(logits[:, :vocab], temperature, top_p, gen).item()
 
 

@@ -2,7 +2,8 @@
 
     loss = τ² · KL(p_teacher^τ ‖ p_student^τ) + α · CE(student, data) + β · mean_l ‖h_s^l − h_t^l‖² / ‖h_t^l‖²
 
-The teacher runs under no_grad in eval mode (fp32 on CPU; half precision is ~100x slower on these CPUs).
+The teacher runs under no_grad in eval mode, stored in the run's dtype (16-bit for bf16 / fp16 runs: the
+paper's FP16 teacher); the student keeps fp32 master weights and runs under autocast.
 Logits are compared over the real vocabulary only (the padded rows never receive probability mass).
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..ops.device import module_device, scalar
 from ..ops.losses import cross_entropy, kl_div
 from ..quant.qat import set_lambda
 from .objectives import param_groups
@@ -43,19 +45,21 @@ class DistillObjective:
             t_out = self.teacher(x, return_hidden=self.beta > 0)
         s_out = student(x, return_hidden=self.beta > 0)
         t_logits, s_logits = (t_out[0], s_out[0]) if self.beta > 0 else (t_out, s_out)
-        t_logits, s_logits = t_logits[..., :self.vocab], s_logits[..., :self.vocab]
+        # the losses in fp32 whatever the forward's precision (a no-op for fp32 logits)
+        t_logits, s_logits = t_logits[..., :self.vocab].float(), s_logits[..., :self.vocab].float()
         kl = kl_div(t_logits, s_logits, self.tau)
         loss = self.tau ** 2 * kl
-        metrics = {"kl": kl.item()}
+        metrics = {"kl": scalar(kl)}
         if self.alpha > 0:
             ce = cross_entropy(s_logits, y)
             loss = loss + self.alpha * ce
-            metrics["ce"] = ce.item()
+            metrics["ce"] = scalar(ce)
         if self.beta > 0:
-            hid = sum(((hs - ht).pow(2).mean() / ht.pow(2).mean()) for hs, ht in zip(s_out[1], t_out[1])) / len(s_out[1])
+            hid = sum(((hs.float() - ht.float()).pow(2).mean() / ht.float().pow(2).mean())
+                      for hs, ht in zip(s_out[1], t_out[1])) / len(s_out[1])
             loss = loss + self.beta * hid
-            metrics["hidden_mse"] = hid.item()
-        metrics["loss"] = loss.item()
+            metrics["hidden_mse"] = scalar(hid)
+        metrics["loss"] = scalar(loss)
         return loss, metrics
 
     @torch.no_grad()
@@ -90,9 +94,9 @@ def evaluate_vs_teacher(student, teacher, heldout, n_batches: int, batch_size: i
     ce = kl = agree = 0.0
     count = 0
     for s in range(0, n, batch_size):
-        batch = heldout.batch(range(s, min(n, s + batch_size)))
+        batch = heldout.batch(range(s, min(n, s + batch_size))).to(module_device(student))
         x, y = batch[:, :-1], batch[:, 1:]
-        sl, tl = student(x)[..., :vocab], teacher(x)[..., :vocab]
+        sl, tl = student(x)[..., :vocab].float(), teacher(x)[..., :vocab].float()
         k = y.numel()
         ce += F.cross_entropy(sl.flatten(0, 1), y.flatten(), reduction="sum").item()
         kl += kl_div(tl, sl).item() * k

@@ -41,8 +41,16 @@ def barrier() -> None:
         dist.barrier()
 
 
-def wrap(model: torch.nn.Module, fsdp: bool) -> torch.nn.Module:
-    """DDP by default; with fsdp, shard each block then the root (parameters, grads, optimizer state)."""
+def local_device() -> torch.device:
+    """This rank's device: cuda:LOCAL_RANK when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def wrap(model: torch.nn.Module, fsdp: bool, device: torch.device | None = None) -> torch.nn.Module:
+    """DDP by default; with fsdp, shard each block then the root (parameters, grads, optimizer state).  The model
+    is already on `device` (this rank's GPU, or the CPU)."""
     if not active():
         return model
     if fsdp:
@@ -52,6 +60,8 @@ def wrap(model: torch.nn.Module, fsdp: bool) -> torch.nn.Module:
         fully_shard(model)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
+    if device is not None and device.type == "cuda":
+        return DDP(model, device_ids=[device.index])
     return DDP(model)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..formats.fs import atomic_dir
+from ..ops.device import AUTOCAST_DEVICES, autocast, scalar
 from ..errors import UserError
 from . import distributed as D
 from .config import TrainConfig
@@ -56,16 +57,23 @@ class Progress:
 
 class Trainer:
     def __init__(self, model, objective, cfg: TrainConfig, run_dir: Path, train: PackedSequences,
-                 heldout: PackedSequences | None, verbose: bool = True, fsdp: bool = False):
+                 heldout: PackedSequences | None, verbose: bool = True, fsdp: bool = False,
+                 device: torch.device | None = None, dtype: torch.dtype = torch.float32):
+        """`model` (fp32 master weights) already on `device`; the forward runs under autocast to `dtype`."""
         self.objective, self.cfg = objective, cfg
+        self.device = device if device is not None else next(model.parameters()).device
+        self.dtype = dtype
+        # fp16 needs loss scaling (its range is narrow); bf16 and fp32 do not
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16) \
+            if self.device.type in AUTOCAST_DEVICES else None
         self.run_dir, self.train_data, self.heldout = Path(run_dir), train, heldout
         self.rank, self.world = D.world()
         self.verbose = verbose and self.rank == 0
         self.fsdp = fsdp
         self.inner = model                    # the Mamba2LM (sharded in place under FSDP)
-        self.model = D.wrap(model, fsdp)      # what forward is called on (DDP wrapper, or the same module)
+        self.model = D.wrap(model, fsdp, self.device)   # what forward is called on (DDP wrapper, or the module)
         # the fused (single-kernel) AdamW: ~5x faster than the default on a CPU; not with sharded (DTensor) params
-        fused = not fsdp and all(p.device.type == "cpu" for p in model.parameters())
+        fused = not fsdp and all(p.device.type in AUTOCAST_DEVICES for p in model.parameters())
         self.opt = torch.optim.AdamW(objective.param_groups(model), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
                                      fused=fused or None)
         for g in self.opt.param_groups:
@@ -118,7 +126,7 @@ class Trainer:
         if self.heldout is None:
             return {}
         self.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast(self.device, self.dtype):
             out = self.objective.evaluate(self.model, self.heldout, self.cfg.eval_batches, self.cfg.batch_size)
         self.model.train()
         return out
@@ -131,24 +139,34 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             idx = batch_indices(len(self.train_data), cfg.batch_size, self.step * cfg.grad_accum + micro,
                                 cfg.seed, self.rank, self.world)
-            loss, metrics = self.objective.loss(self.model, self.train_data.batch(idx))
-            if not torch.isfinite(loss):
+            batch = self.train_data.batch(idx).to(self.device, non_blocking=True)
+            with autocast(self.device, self.dtype):
+                loss, metrics = self.objective.loss(self.model, batch)
+            if loss.device.type != "meta" and not torch.isfinite(loss):
                 raise UserError(f"step {self.step}: loss is {loss.item()}; stopping without saving "
                                 f"(last good checkpoint: {self.ckpt_dir}); try a lower --lr")
-            (loss / cfg.grad_accum).backward()
+            scaled = loss / cfg.grad_accum
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
         params = [p for g in self.opt.param_groups for p in g["params"]]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor
             gnorm = gnorm.full_tensor()
-        if not torch.isfinite(gnorm):
+        fp16 = self.scaler is not None and self.scaler.is_enabled()
+        if gnorm.device.type != "meta" and not torch.isfinite(gnorm) and not fp16:   # under fp16 the scaler skips the step and lowers its scale
             raise UserError(f"step {self.step}: gradient norm is {gnorm.item()}; stopping without saving; try a lower --lr")
-        self.opt.step()
+        if fp16:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.objective.after_step(self.inner, self.step)
         sums = D.mean_metrics(sums)
-        sums["grad_norm"] = gnorm.item()
+        sums["grad_norm"] = scalar(gnorm)
         sums["lr"] = self.opt.param_groups[0]["lr"]
         return sums
 

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ..ops.device import module_device, scalar
 from ..ops.losses import cross_entropy
 
 NO_DECAY = ("norm", "A_log", "D", "dt_bias", "bias", "scale")
@@ -34,7 +35,7 @@ def heldout_loss(model, heldout, n_batches: int, batch_size: int) -> float:
     total = 0.0
     for s in range(0, n, batch_size):
         idx = range(s, min(n, s + batch_size))
-        total += next_token_loss(model, heldout.batch(idx)).item() * len(idx)
+        total += next_token_loss(model, heldout.batch(idx).to(module_device(model))).item() * len(idx)
     return total / n
 
 
@@ -47,7 +48,7 @@ class LMObjective:
 
     def loss(self, model, batch):
         loss = next_token_loss(model, batch)
-        return loss, {"loss": loss.item()}
+        return loss, {"loss": scalar(loss)}
 
     def evaluate(self, model, heldout, n_batches, batch_size):
         loss = heldout_loss(model, heldout, n_batches, batch_size)

@@ -1,0 +1,99 @@
+"""Where and in what precision a command computes: `--device` and `--dtype`.
+
+- `resolve_device(None)`: `cuda` when available (under torchrun `cuda:LOCAL_RANK`), else `cpu`.
+- `DTYPES`: the names the CLI takes.  Master weights and optimizer state stay fp32 whatever the dtype; the
+  forward runs under `autocast(device, dtype)` (a no-op for fp32, and on devices autocast does not know, such as
+  `meta`); a frozen teacher is stored in the 16-bit dtype itself (the paper's FP16 teacher).
+- `check_precision`: a one-line error for combinations that cannot work (CUDA requested without CUDA), and a
+  warning where a dtype is slow on this CPU (bf16 without AVX512-BF16, fp16 on any CPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+
+import torch
+
+from ..errors import UserError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def resolve_device(spec: str | None = None) -> torch.device:
+    if spec is None or spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return dev
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module's parameters live (the device its inputs must be moved to)."""
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def scalar(t: torch.Tensor) -> float:
+    """A 0-d tensor as a Python float for logs (nan on `meta`, which holds no values: a meta run logs nothing)."""
+    return float("nan") if t.device.type == "meta" else t.item()
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return DTYPES[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """The forward's precision context: autocast to a 16-bit dtype, or nothing for fp32 / unknown devices."""
+    if dtype == torch.float32 or device.type not in AUTOCAST_DEVICES:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def full_precision(device_type: str):
+    """Inside an autocast region: compute in fp32 (the SSD scan, its conv and norms, as mamba_ssm does)."""
+    if device_type not in AUTOCAST_DEVICES:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(flag in line.split() for line in f if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+def check_precision(device: torch.device, dtype_name: str) -> str | None:
+    """Raise ValueError for what cannot run; return a warning (also issued) for what runs slowly."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
+                         f"cuda {torch.version.cuda}); use --device cpu")
+    if dtype_name not in DTYPES:
+        raise ValueError(f"--dtype {dtype_name}: choose one of {', '.join(DTYPES)}")
+    msg = None
+    if device.type == "cpu" and dtype_name == "bf16" and not cpu_has("avx512_bf16") and not cpu_has("amx_bf16"):
+        msg = "bf16 on this CPU has no native bf16 dot products (no AVX512-BF16 / AMX): expect it ~100x slower than fp32"
+    if device.type == "cpu" and dtype_name == "fp16":
+        msg = "fp16 matmuls are not accelerated on CPUs: expect them far slower than fp32 (use bf16 or fp32 here)"
+    if msg:
+        warnings.warn(msg, stacklevel=2)
+    return msg
+
+
+def precision(device: str | None, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) of a command's --device / --dtype, checked (a UserError for what cannot run)."""
+    try:
+        dev = resolve_device(device)
+    except RuntimeError as e:
+        raise UserError(f"--device {device}: {e}") from None
+    try:
+        check_precision(dev, dtype)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return dev, DTYPES[dtype]
