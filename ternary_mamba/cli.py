@@ -53,6 +53,8 @@ TYPED = {
                   "zero-shot tasks (lm-eval prompts) from local files, models side by side"),
     "ppl": Typed("commands.configs:PplConfig", "commands.evaluate:perplexity",
                  "perplexity and bits per byte on held-out text"),
+    "plan": Typed("commands.configs:PlanConfig", "commands.plan:plan",
+                  "memory per GPU and hours of a QAT+KD run (traced on the meta device; nothing is allocated)"),
 }
 CLAIMS = Typed("commands.configs:ClaimsConfig", "experiment.claims:claims",
                "the paper's claims on one teacher: table + plots (resumable)")

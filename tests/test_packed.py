@@ -1,6 +1,5 @@
 """Packed export: exact agreement with the fake-quant student, the compiled kernel against the
 reference, sizes, and tampered files."""
-import contextlib
 import json
 
 import pytest

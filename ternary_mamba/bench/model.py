@@ -11,7 +11,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..core.config import PRESETS, Mamba2Config
+from ..core.config import PRESETS, Mamba2Config, train_flops_per_token
 from ..core.model import Mamba2LM
 from ..train.objectives import next_token_loss
 
@@ -47,14 +47,6 @@ def _interleave(timers: dict, rounds: int, probe=None, after_round=None) -> tupl
 def gemm_flops(n: int = 2048) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     return 2 * n ** 3 / _best_time(lambda: a @ b, repeats=5)
-
-
-def train_flops_per_token(cfg: Mamba2Config) -> float:
-    """6 x matmul parameters (in/out_proj, lm_head) + the SSD's matmuls (forward 2x, backward 4x)."""
-    mm = cfg.n_layer * (cfg.d_model * cfg.d_in_proj + cfg.d_inner * cfg.d_model) + cfg.d_model * cfg.padded_vocab_size
-    k, n, p = cfg.chunk_size, cfg.d_state, cfg.headdim
-    ssd = cfg.n_layer * cfg.nheads * (2 * k * n / cfg.headdim + 2 * k * p + 2 * p * n * 2 + 2 * p * n)
-    return 6 * mm + 3 * ssd
 
 
 def hf_model(cfg: Mamba2Config, ours: Mamba2LM):

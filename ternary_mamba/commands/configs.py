@@ -33,6 +33,11 @@ def _device():
                   "else cpu)", resume_free=True)
 
 
+def _checkpointing():
+    return option(False, help="keep only each block's input for the backward and recompute the rest (~1/3 more "
+                  "compute, activations no longer grow with depth)", resume_free=True)
+
+
 def _dtype():
     return option("fp32", choices=DTYPE_NAMES, help="compute precision: the forward under autocast; master weights "
                   "and optimizer state stay fp32; a teacher is stored in this dtype")
@@ -57,6 +62,7 @@ class QuantizeConfig(Config):
     train: TrainConfig = option(default_factory=lambda: TrainConfig(tokens=250_000, lr=2e-3, weight_decay=0.0,
                                                                      eval_every=50, save_every=50))
     final_eval_batches: int = option(16, help="held-out batches of the final summary table")
+    activation_checkpointing: bool = _checkpointing()
     device: str | None = _device()
     dtype: str = _dtype()
     chunk_size: int | None = option(None, help="SSD chunk length (a compute knob; default: the model's)",
@@ -83,6 +89,7 @@ class PretrainConfig(Config):
     ternary: bool = option(False, help="ternary QAT from random init (the paper's from-scratch control)")
     group_size: int = option(DEFAULT_GROUP_SIZE, help="--ternary: weights per scale; -1: one per row")
     train: TrainConfig = option(default_factory=lambda: TrainConfig(tokens=10_000_000, lr=3e-3))
+    activation_checkpointing: bool = _checkpointing()
     device: str | None = _device()
     dtype: str = _dtype()
     chunk_size: int | None = option(None, help="SSD chunk length (a compute knob; default: the config's)",
@@ -214,3 +221,35 @@ class ClaimsConfig(Config):
         _positive(self, "positions", "sequences", "threads")
         if self.tokens < 10_000:
             raise UserError(f"--tokens {self.tokens}: too small for a training run (use at least 10000)")
+
+
+# nominal dense 16-bit tensor-core TFLOP/s and memory (GB) from the vendors' spec sheets
+GPU_PEAK_TFLOPS = {"h100": (989.0, 80), "h200": (989.0, 141), "a100": (312.0, 80), "l40s": (362.0, 48),
+                   "a10g": (70.0, 24), "rtx4090": (165.0, 24)}
+
+
+@dataclass
+class PlanConfig(Config):
+    teacher: str = option("mamba2-1.3b", help="preset, model folder, config.json or hub id")
+    device: str = option("cuda", help="the device to plan for: cuda (a GPU named by --gpu) or cpu")
+    gpu: str = option("h100", choices=tuple(GPU_PEAK_TFLOPS), help="GPU kind (its memory and nominal dense "
+                      "16-bit tensor TFLOP/s)")
+    dtype: str = option("bf16", choices=DTYPE_NAMES, help="training precision")
+    batch_size: int = option(8, help="sequences per micro-batch per GPU")
+    seq_len: int = option(2048, help="tokens per sequence")
+    nproc: int = option(1, help="GPUs (data-parallel ranks)")
+    fsdp: bool = option(False, help="shard student weights, gradients and optimizer state over the ranks")
+    activation_checkpointing: bool = _checkpointing()
+    group_size: int = option(DEFAULT_GROUP_SIZE, help="ternary group size")
+    scale_mode: str = option("guarded", choices=("absmean", "learned", "guarded"), help="scale mode (learned / "
+                             "guarded scales are parameters too)")
+    tokens: int = option(102_000_000, help="token budget (the paper's: 102 M)")
+    mfu: float = option(0.08, help="assumed model-FLOPs utilisation (fraction of the nominal peak; the paper's "
+                        "4 H100-hours for 102 M tokens of Mamba-2 1.3B are ~8 %%)")
+    peak_tflops: float | None = option(None, help="override the GPU's nominal TFLOP/s")
+
+    def __post_init__(self):
+        _positive(self, "batch_size", "seq_len", "nproc", "tokens")
+        _check_dtype(self)
+        if not 0 < self.mfu <= 1:
+            raise UserError(f"--mfu {self.mfu}: must be in (0, 1]")

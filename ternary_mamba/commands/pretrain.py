@@ -19,6 +19,7 @@ from ..ops.device import autocast, precision
 from ..quant.monitor import ZeroRatioMonitor
 from ..quant.qat import TernaryConfig, quantize_
 from ..train import distributed as D
+from ..train.checkpointing import checkpoint_blocks_
 from ..train.loop import Trainer
 from ..train.objectives import LMObjective
 from ..train.report import try_report
@@ -61,6 +62,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
         return m
     model = build().to(device)
     qmon = ZeroRatioMonitor() if cfg.ternary else None
+    if cfg.activation_checkpointing:
+        checkpoint_blocks_(model)
     trainer = Trainer(model, LMObjective(tcfg.weight_decay, qmon), tcfg, out, train, held, fsdp=cfg.fsdp,
                       device=device, dtype=dtype)
     if resume:

@@ -21,6 +21,7 @@ from ..ops.device import autocast, precision
 from ..quant.qat import TernaryConfig, quantize_, set_lambda
 from ..train import distributed as D
 from ..train.distill import DistillObjective, evaluate_vs_teacher
+from ..train.checkpointing import checkpoint_blocks_
 from ..train.loop import Trainer
 from ..train.report import try_report
 from ..train.runs import prepare_run_and_data, run_record
@@ -85,6 +86,8 @@ def quantize(cfg: QuantizeConfig | None = None) -> Path:
                                  monitor=monitor, lam_warmup_steps=dcfg.lam_warmup)
     if dcfg.lam_warmup:
         set_lambda(student, 1.0 / dcfg.lam_warmup)
+    if cfg.activation_checkpointing:
+        checkpoint_blocks_(student)
     trainer = Trainer(student, objective, tcfg, out, train, held, fsdp=cfg.fsdp, device=device, dtype=dtype)
     if resume:
         trainer.load_checkpoint()

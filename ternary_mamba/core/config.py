@@ -118,3 +118,12 @@ def count_params_by_component(cfg: Mamba2Config) -> dict[str, int]:
         "norms": L * (cfg.d_model + cfg.d_inner) + cfg.d_model,
     }
     return counts
+
+
+def train_flops_per_token(cfg: Mamba2Config) -> float:
+    """FLOPs of one training token (forward + backward) of a plain next-token step: 6 x matmul parameters
+    (in/out_proj, lm_head) + the SSD's matmuls (forward 2x, backward 4x)."""
+    mm = cfg.n_layer * (cfg.d_model * cfg.d_in_proj + cfg.d_inner * cfg.d_model) + cfg.d_model * cfg.padded_vocab_size
+    k, n, p = cfg.chunk_size, cfg.d_state, cfg.headdim
+    ssd = cfg.n_layer * cfg.nheads * (2 * k * n / cfg.headdim + 2 * k * p + 2 * p * n * 2 + 2 * p * n)
+    return 6 * mm + 3 * ssd

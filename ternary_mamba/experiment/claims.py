@@ -95,7 +95,7 @@ class Claims:
         """What every training run shares: data, budget, seed, evaluation cadence; resumed where it stopped."""
         train = defaults.train.replace(tokens=self.args.tokens, seed=self.args.seed, eval_every=25)
         return {"out": str(run), "data": list(self.data), "eval_data": list(self.eval_data), "train": train,
-                "resume": (run / "run.json").exists()}
+                "resume": (run / "run.json").exists(), "device": self.args.device, "dtype": self.args.dtype}
 
     def qat(self, name: str) -> dict:
         from ..commands.quantize import quantize

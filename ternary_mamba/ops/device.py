@@ -97,3 +97,15 @@ def precision(device: str | None, dtype: str) -> tuple[torch.device, torch.dtype
     except ValueError as e:
         raise UserError(str(e)) from None
     return dev, DTYPES[dtype]
+
+
+def measured_gemm_tflops(dtype: str = "fp32", n: int = 1024, repeats: int = 5) -> float:
+    """This CPU's matmul rate in `dtype` right now (best of a few n x n products), in TFLOP/s."""
+    import time
+    a = torch.randn(n, n).to(DTYPES[dtype])
+    best = float("inf")
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e12

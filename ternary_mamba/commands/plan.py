@@ -1,0 +1,71 @@
+"""`ternary-mamba plan`: memory per GPU and hours for a QAT+KD run, before renting the GPUs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..core.config import PRESETS, Mamba2Config, count_params_by_component
+from ..errors import UserError
+from ..formats.configs import config_from_json
+from ..formats.load import resolve_model_dir
+from ..quant.config import TernaryConfig
+from ..train.memory import plan_memory, qat_kd_flops_per_token
+from .configs import GPU_PEAK_TFLOPS, PlanConfig
+
+GB = 1e9
+
+
+def model_config(spec: str) -> Mamba2Config:
+    if spec in PRESETS:
+        return Mamba2Config(**PRESETS[spec])
+    p = Path(spec)
+    if p.is_file():
+        return config_from_json(p)
+    return config_from_json(resolve_model_dir(spec) / "config.json")
+
+
+def plan(cfg: PlanConfig) -> dict:
+    """The memory table (bytes per GPU) and the time for `cfg.tokens`; printed, and returned as a dict."""
+    mcfg = model_config(cfg.teacher)
+    q = TernaryConfig(group_size=cfg.group_size, scale_mode=cfg.scale_mode,
+                      scale_format="bf16" if cfg.dtype == "bf16" else "fp16")
+    mem = plan_memory(mcfg, q, cfg.batch_size, cfg.seq_len, cfg.dtype, cfg.nproc, cfg.fsdp,
+                      cfg.activation_checkpointing)
+    n = sum(count_params_by_component(mcfg).values())
+    if cfg.device.startswith("cuda"):
+        peak, mem_gb = GPU_PEAK_TFLOPS[cfg.gpu]
+        peak = cfg.peak_tflops or peak
+        where = f"{cfg.nproc} x {cfg.gpu.upper()} ({mem_gb} GB, {peak:.0f} TFLOP/s nominal)"
+    elif cfg.device == "cpu":
+        from ..ops.device import measured_gemm_tflops
+        peak, mem_gb = cfg.peak_tflops or measured_gemm_tflops(cfg.dtype), None
+        where = f"this CPU ({peak:.2f} TFLOP/s {cfg.dtype} GEMM measured now)"
+    else:
+        raise UserError(f"--device {cfg.device}: plan for cuda or cpu")
+    flops = qat_kd_flops_per_token(mcfg, cfg.activation_checkpointing)
+    tok_s = cfg.mfu * peak * 1e12 / flops * cfg.nproc
+    hours = cfg.tokens / tok_s / 3600
+    lines = [f"QAT+KD plan: {cfg.teacher} ({n / 1e9:.3f} B params), {cfg.dtype}, micro-batch {cfg.batch_size} x "
+             f"{cfg.seq_len} per GPU, {where}{', FSDP' if cfg.fsdp else ''}", "", f"{'memory per GPU':<46} {'GB':>9}"]
+    for name, b in mem.rows():
+        lines.append(f"{name:<46} {b / GB:>9.2f}")
+    fits = mem_gb is None or mem.peak <= mem_gb * GB * 0.92
+    if mem_gb is not None:
+        lines.append(f"{'fits in ' + str(mem_gb) + ' GB (8 % kept for the allocator)?':<46} {'yes' if fits else 'NO':>9}")
+        if not fits:
+            per_seq = (mem.activations + mem.backward_transient) / cfg.batch_size
+            room = mem_gb * GB * 0.92 - (mem.peak - mem.activations - mem.backward_transient)
+            mb = int(room // per_seq) if per_seq else 0
+            hint = "" if cfg.activation_checkpointing else "; or --activation-checkpointing"
+            lines.append(f"  -> micro-batch {mb} x {cfg.seq_len} fits (raise --grad-accum to keep the global batch)"
+                         f"{hint}" if mb >= 1 else "  -> not even one sequence fits: --activation-checkpointing, "
+                         "--fsdp over more GPUs, or a shorter --seq-len")
+    lines += ["", f"compute: {flops / 1e9:.2f} GFLOP per token (student fwd+bwd, teacher fwd); at {cfg.mfu:.0%} of "
+              f"peak: {tok_s:,.0f} tok/s -> {cfg.tokens / 1e6:,.0f} M tokens in {hours:.2f} h "
+              f"({hours * cfg.nproc:.2f} GPU-hours)" if cfg.device != "cpu" else
+              f"compute: {flops / 1e9:.2f} GFLOP per token; at {cfg.mfu:.0%} of the measured GEMM rate: "
+              f"{tok_s:,.0f} tok/s -> {cfg.tokens / 1e6:,.0f} M tokens in {hours:.1f} h",
+              "activations: traced on the meta device through the PyTorch path in fp32 (an upper bound under "
+              "16-bit autocast; the CPU's C kernels keep less)"]
+    print("\n".join(lines))
+    return {"memory_bytes": dict(mem.rows()), "fits": fits, "tok_per_s": tok_s, "hours": hours,
+            "flops_per_token": flops}

@@ -1,0 +1,103 @@
+"""Memory and time of a QAT+KD run, from a config alone: what `ternary-mamba plan` prints.
+
+Static memory is counted from the modules themselves (built on the `meta` device: no bytes allocated): the
+student's fp32 master weights and ternary scales, their gradients and AdamW's two moments (each divided by the
+ranks under FSDP), and the frozen teacher in the run's dtype.  Activations are *traced*, not guessed: one
+QAT+KD forward of the real config runs on `meta` with autograd's saved-tensor hooks counting every tensor kept
+for the backward (deduplicated by storage, parameters excluded).  On `meta` that is the PyTorch path, the one a
+GPU runs today; the CPU's C kernels keep less.  Activations are traced in fp32: under 16-bit autocast the
+saved linear inputs are smaller, so the figure is an upper bound there.  The backward's transient peak adds
+the gradient of the logits and of one layer's widest activation.  `tests/test_plan.py` checks the total
+against the peak memory of a real CPU step at small scale.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..core.config import Mamba2Config, train_flops_per_token
+from ..core.model import Mamba2LM
+from ..quant.config import TernaryConfig
+from ..quant.qat import quantize_
+from .distill import DistillObjective
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per rank."""
+    student_weights: int
+    gradients: int
+    optimizer: int
+    teacher: int
+    activations: int
+    backward_transient: int
+
+    @property
+    def peak(self) -> int:
+        return (self.student_weights + self.gradients + self.optimizer + self.teacher + self.activations
+                + self.backward_transient)
+
+    def rows(self) -> list[tuple[str, int]]:
+        return [("student master weights (fp32) + scales", self.student_weights), ("gradients (fp32)", self.gradients),
+                ("AdamW moments (2 x fp32)", self.optimizer), ("frozen teacher", self.teacher),
+                ("activations kept for backward", self.activations),
+                ("backward transient (logit grads, one layer)", self.backward_transient), ("peak", self.peak)]
+
+
+def _meta_models(cfg: Mamba2Config, qcfg: TernaryConfig, dtype: str):
+    with torch.device("meta"):
+        teacher = Mamba2LM(cfg, init=False)
+    student = copy.deepcopy(teacher)
+    quantize_(student, qcfg)
+    teacher = teacher.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
+    return teacher.eval().requires_grad_(False), student.train()
+
+
+def traced_activation_bytes(teacher, student, batch: int, seq_len: int, device: str = "meta") -> int:
+    """Bytes autograd keeps for the backward of one QAT+KD loss (parameters excluded, views counted once)."""
+    kept: dict[int, tuple[torch.Tensor, int]] = {}
+    params = {id(p) for p in student.parameters()}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        base = t._base if t._base is not None else t
+        if id(base) not in params and not isinstance(base, nn.Parameter):
+            kept[id(base)] = (base, base.numel() * base.element_size())
+        return t
+
+    ids = torch.zeros(batch, seq_len + 1, dtype=torch.long, device=device)
+    objective = DistillObjective(teacher)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        objective.loss(student, ids)
+    return sum(n for _, n in kept.values())
+
+
+def plan_memory(cfg: Mamba2Config, qcfg: TernaryConfig, batch: int, seq_len: int, dtype: str = "bf16",
+                ranks: int = 1, fsdp: bool = False, checkpointing: bool = False) -> MemoryPlan:
+    teacher, student = _meta_models(cfg, qcfg, dtype)
+    seen, weights, trainable = set(), 0, 0
+    for p in student.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        weights += p.numel() * 4
+        trainable += p.numel() * 4 if p.requires_grad else 0
+    shard = ranks if fsdp else 1
+    t_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in teacher.parameters()}.values())
+    acts = traced_activation_bytes(teacher, student, batch, seq_len)
+    logit_grad = batch * seq_len * cfg.padded_vocab_size * 4 * 3       # dlogits, the softmax, the log-softmax grad
+    head = 4 * batch * seq_len * (cfg.padded_vocab_size * 4 + cfg.d_model * 2)   # logits, KL inputs, final norm
+    layer = max(acts - head, 0) // cfg.n_layer                          # one block's activations
+    if checkpointing:   # each block keeps its fp32 input; one block's activations live again in its backward
+        acts = cfg.n_layer * batch * seq_len * cfg.d_model * 4 + head
+    return MemoryPlan(weights // shard, trainable // shard, 2 * trainable // shard, t_bytes, acts, logit_grad + layer)
+
+
+def qat_kd_flops_per_token(cfg: Mamba2Config, checkpointing: bool = False) -> float:
+    """QAT+KD FLOPs per training token: the student's forward + backward, the teacher's forward (a third of
+    that), and with activation checkpointing the student's forward once more."""
+    return train_flops_per_token(cfg) * (5 if checkpointing else 4) / 3

@@ -1,0 +1,33 @@
+"""The planner: its memory figures against the measured peak of a real CPU step at small scale, and the 1.3B
+plan the issue asks for."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ternary_mamba.cli import main
+
+HELPER = Path(__file__).parent / "helpers" / "measure_step_memory.py"
+
+
+@pytest.mark.parametrize("checkpointing", ["0", "1"])
+def test_planned_peak_matches_a_measured_step_within_20_percent(checkpointing):
+    if not Path("/proc/self/statm").exists():
+        pytest.skip("needs /proc to measure memory")
+    out = subprocess.run([sys.executable, str(HELPER), "4", "512", checkpointing], capture_output=True, text=True,
+                         check=True).stdout.split()
+    measured, planned = int(out[0]), int(out[1])
+    assert 0.8 <= measured / planned <= 1.2, (measured, planned)
+
+
+def test_plan_for_the_paper_run(capsys):
+    assert main(["plan", "--teacher", "mamba2-1.3b", "--device", "cuda", "--dtype", "bf16", "--batch-size", "8",
+                 "--seq-len", "2048"]) == 0
+    out = capsys.readouterr().out
+    assert "1.344 B params" in out and "AdamW moments" in out and "102 M tokens in" in out
+    assert "fits in 80 GB" in out and "micro-batch 1 x 2048 fits" in out
+    assert main(["plan", "--teacher", "mamba2-130m", "--gpu", "a10g", "--activation-checkpointing",
+                 "--batch-size", "4", "--seq-len", "1024", "--nproc", "2", "--fsdp"]) == 0
+    out = capsys.readouterr().out
+    assert "2 x A10G" in out and "FSDP" in out
