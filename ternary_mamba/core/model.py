@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..ops import autograd as fused
 from ..ops.device import full_precision
-from ..ops.dispatch import kernels_for, reference_kind
+from ..ops.dispatch import kernels_for, mamba_ssm_scan, reference_kind
 from ..ops.kernels import (conv_silu_prefill, gated_norm_prefill, mixer_step_inplace, ssd_prefill,
                            ssd_step_inplace)
 from .config import Mamba2Config
@@ -154,6 +154,10 @@ class Mamba2Mixer(nn.Module):
         dt = F.softplus(dt + dt_bias)
         x = x.view(b, l, c.nheads, c.headdim)
         B, C = B.view(b, l, c.ngroups, c.d_state), C.view(b, l, c.ngroups, c.d_state)
+        scan = mamba_ssm_scan(x)          # CUDA with mamba_ssm installed: its fused chunked scan (D skip included)
+        if scan is not None:
+            y, ssm_state = scan(x, dt, A, B, C, c.chunk_size, D=D, initial_states=init, return_final_states=True)
+            return self.norm(y.reshape(b, l, c.d_inner), z), LayerState(conv_state, ssm_state)
         if ref == "sequential":
             y, ssm_state = ssd_sequential(x, dt, A, B, C, init)
         else:

@@ -7,6 +7,9 @@
   the model's scan, conv and norms, packed linears, heads, losses and the whole-model decode engine.
   `reference_path("sequential")` also replaces the chunked scan by the token-by-token recurrence.
   The environment variable TERNARY_MAMBA_REFERENCE=1 (or =sequential) sets the same switch for a process.
+- `triton_for(*tensors)` / `mamba_ssm_scan()`: the GPU side of the same decision — our Triton kernels
+  (ops/triton_kernels.py) for CUDA tensors when triton imports, and mamba_ssm's fused chunked scan when it
+  imports (the `gpu` extra); otherwise the PyTorch path, as everywhere off the CPU.
 - `group_paths(G)`: which kernel paths a ternary group size can take (the exact GEMV and decode engine, the
   int8-activation GEMV, llama.cpp's TQ blocks); every caller asks here instead of testing `G % n` itself.
 """
@@ -64,6 +67,41 @@ def kernels_for(*tensors: torch.Tensor | None, dtype: torch.dtype | None = torch
         if t.device.type != "cpu" or (dtype is not None and t.dtype != dtype):
             return False
     return kernels_available()
+
+
+_optional: dict[str, object] = {}
+
+
+def _try_import(name: str):
+    if name not in _optional:
+        try:
+            import importlib
+            _optional[name] = importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - ImportError, or a CUDA extension failing to load: not available
+            _optional[name] = None
+    return _optional[name]
+
+
+def triton_for(*tensors: torch.Tensor | None) -> bool:
+    """True when our Triton kernels may take these tensors: all on CUDA, no reference path, triton importable."""
+    if reference_kind() is not None:
+        return False
+    if not all(t is None or t.device.type == "cuda" for t in tensors):
+        return False
+    return _try_import("ternary_mamba.ops.triton_kernels") is not None
+
+
+def triton_kernels():
+    return _try_import("ternary_mamba.ops.triton_kernels")
+
+
+def mamba_ssm_scan(x: torch.Tensor):
+    """mamba_ssm's `mamba_chunk_scan_combined` for CUDA tensors when it imports, else None (untested here: it
+    cannot be imported without CUDA)."""
+    if reference_kind() is not None or x.device.type != "cuda":
+        return None
+    mod = _try_import("mamba_ssm.ops.triton.ssd_combined")
+    return getattr(mod, "mamba_chunk_scan_combined", None) if mod is not None else None
 
 
 @dataclass(frozen=True)

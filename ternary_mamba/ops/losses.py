@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .build import get_kernel
-from .dispatch import kernels_for
+from .dispatch import kernels_for, triton_for, triton_kernels
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -90,6 +90,10 @@ def kl_div_reference(t_logits: Tensor, s_logits: Tensor, tau: float = 1.0) -> Te
 def kl_div(t_logits: Tensor, s_logits: Tensor, tau: float = 1.0) -> Tensor:
     """Mean over tokens of KL(softmax(t/τ) ‖ softmax(s/τ)); logits (…, V).  The teacher's side gets no gradient
     from the fused kernel, so a teacher logits tensor that requires grad takes the reference."""
-    if not _fusable(t_logits, s_logits) or (t_logits.requires_grad and torch.is_grad_enabled()):
+    if t_logits.requires_grad and torch.is_grad_enabled():
+        return kl_div_reference(t_logits, s_logits, tau)
+    if triton_for(t_logits, s_logits):          # CUDA: the Triton kernel (ops/triton_kernels.py)
+        return triton_kernels().kl_div(t_logits.float(), s_logits.float(), tau)
+    if not _fusable(t_logits, s_logits):
         return kl_div_reference(t_logits, s_logits, tau)
     return _KL.apply(_rows(t_logits), _rows(s_logits), float(tau))

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..ops.device import scalar
+from ..ops.dispatch import triton_for, triton_kernels
 from .config import SCALE_MODES, TernaryConfig  # noqa: F401  (re-exported: the QAT API in one import)
 from .groups import resolve_group_size
 from .ternary import TernarySTE, absmean_scale, round_scale, ternary_codes
@@ -59,8 +60,13 @@ class TernaryLinear(nn.Module):
         return scale
 
     def quantized_weight(self) -> Tensor:
-        q = TernarySTE.apply(self.weight, self.effective_scale(), self.group_size, self.mode != "absmean",
-                             self.scale_format)
+        if triton_for(self.weight) and self.group_size & (self.group_size - 1) == 0:   # CUDA: one fused pass
+            # the scale from torch's absmean, as the export computes it: the codes the file holds are these
+            q = triton_kernels().ternary_fake_quant(self.weight, self.effective_scale(), self.group_size,
+                                                    self.mode != "absmean", self.scale_format)
+        else:
+            q = TernarySTE.apply(self.weight, self.effective_scale(), self.group_size, self.mode != "absmean",
+                                 self.scale_format)
         if self.lam >= 1.0:
             return q  # exact: identical to the packed export
         return self.weight + self.lam * (q - self.weight)

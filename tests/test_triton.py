@@ -1,0 +1,66 @@
+"""The Triton kernels against their PyTorch references, run on CPU tensors by Triton's interpreter
+(TRITON_INTERPRET=1).  Skipped where triton is not installed (the test extra installs it)."""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"   # before triton decorates the kernels  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+tk = pytest.importorskip("ternary_mamba.ops.triton_kernels")
+
+from ternary_mamba.ops.losses import kl_div_reference  # noqa: E402
+from ternary_mamba.quant.ternary import TernarySTE, absmean_scale  # noqa: E402
+
+
+def _weights(out_f=24, in_f=256, G=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g) * 0.05
+    w[0, :G] = 0.0                                             # an all-zero group: the scale's lower clamp
+    s = absmean_scale(w, G) * (1 + 0.3 * torch.rand(out_f, in_f // G, generator=g))
+    w[1, 0] = 0.5 * s[1, 0].half().float()                     # a tie exactly at s/2: rounds to 0 (to even)
+    return w, s
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "bf16"])
+@pytest.mark.parametrize("learned", [False, True])
+def test_fake_quant_forward_is_bit_exact_and_backward_agrees(fmt, learned):
+    G = 64
+    w, s = _weights(G=G)
+    w1, s1 = w.clone().requires_grad_(), s.clone().requires_grad_()
+    w2, s2 = w.clone().requires_grad_(), s.clone().requires_grad_()
+    ref = TernarySTE.apply(w1, s1, G, learned, fmt)
+    got = tk.ternary_fake_quant(w2, s2, G, learned, fmt)
+    assert torch.equal(got, ref)
+    dq = torch.randn_like(ref)
+    (ref * dq).sum().backward()
+    (got * dq).sum().backward()
+    assert torch.equal(w2.grad, w1.grad)
+    if learned:
+        assert torch.allclose(s2.grad, s1.grad, rtol=1e-5, atol=1e-7)
+    else:
+        assert s2.grad is None and s1.grad is None
+
+
+def test_fake_quant_with_the_absmean_computed_in_the_kernel():
+    G = 128
+    w, _ = _weights(out_f=16, in_f=512, G=G, seed=3)
+    ref = TernarySTE.apply(w, absmean_scale(w, G), G, False, "fp16")
+    got = tk.ternary_fake_quant(w, None, G, False, "fp16")
+    # the kernel sums |w| in another order: the fp16-rounded scales agree unless a sum sits on a rounding edge
+    assert (got == ref).float().mean() > 0.999
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_fused_kl_matches_the_reference_and_its_gradient(tau):
+    g = torch.Generator().manual_seed(1)
+    t = torch.randn(6, 1000, generator=g) * 3
+    s = (torch.randn(6, 1000, generator=g) * 3).requires_grad_()
+    s_ref = s.detach().clone().requires_grad_()
+    got = tk.kl_div(t, s, tau)
+    ref = kl_div_reference(t, s_ref, tau)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
+    got.backward()
+    ref.backward()
+    assert torch.allclose(s.grad, s_ref.grad, rtol=1e-4, atol=1e-7)
