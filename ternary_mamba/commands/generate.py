@@ -5,10 +5,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import UserError
-from ..formats.folders import find_tokenizer
 from ..formats.load import is_gguf, load_model, resolve_student_dir
-from ..formats.tokenizer import load_tokenizer
+from ..formats.tokenizer import load_tokenizer, tokenizer_path_for
 from ..ops.device import autocast, precision
 from ..runtime.generate import generate_text
 from ..runtime.heads import use_int8_head
@@ -23,10 +21,7 @@ def load_model_and_tokenizer(path: str, tokenizer: str | None = None):
         from ..formats.gguf import load_gguf, load_gguf_tokenizer
         return load_gguf(Path(path)), (load_tokenizer(tokenizer) if tokenizer else load_gguf_tokenizer(Path(path)))
     folder = resolve_student_dir(path)
-    tok_path = tokenizer or find_tokenizer(folder)
-    if tok_path is None:
-        raise UserError(f"{folder}: no tokenizer.json; pass --tokenizer")
-    return load_model(folder), load_tokenizer(tok_path)
+    return load_model(folder), load_tokenizer(tokenizer_path_for(folder, tokenizer))
 
 
 def generate(cfg: GenerateConfig, stream: bool = False) -> str:

@@ -51,7 +51,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     out = Path(cfg.out)
     resume, train, held = prepare_run_and_data(out, run_record("pretrain", cfg), cfg.resume,
                                                resume_free_paths(PretrainConfig), cfg.data, cfg.eval_data, tok,
-                                               tcfg.seq_len, 0.01, cfg.cache_dir)
+                                               tcfg.seq_len, 0.01, cfg.cache_dir, budget=tcfg.tokens)
 
     def build():
         m = Mamba2LM(mcfg)

@@ -12,11 +12,11 @@ import torch
 
 from ..core.config import MB, count_params_by_component
 from ..errors import UserError
-from ..formats.folders import find_tokenizer, save_model
+from ..formats.folders import save_model
 from ..formats.fs import write_json_atomic
 from ..formats.load import load_model, resolve_model_dir
 from ..formats.sizes import packed_size_bytes
-from ..formats.tokenizer import load_tokenizer
+from ..formats.tokenizer import load_tokenizer, tokenizer_path_for
 from ..quant.monitor import zero_ratio_stats
 from ..quant.posthoc import PosthocConfig, correction_params, posthoc_quantize
 from ..train.distill import evaluate_vs_teacher
@@ -52,9 +52,7 @@ def ptq(cfg: PtqConfig | None = None, teacher=None, data=None) -> dict:
     teacher = teacher if teacher is not None else load_model(cfg.teacher)
     if getattr(teacher, "ternary_config", None) is not None:
         raise UserError(f"{cfg.teacher}: is already ternary; pass the full-precision teacher")
-    tok_path = cfg.tokenizer or find_tokenizer(resolve_model_dir(cfg.teacher))
-    if tok_path is None:
-        raise UserError(f"{cfg.teacher}: has no tokenizer.json; pass --tokenizer")
+    tok_path = tokenizer_path_for(resolve_model_dir(cfg.teacher), cfg.tokenizer)
     if data is None:
         data = prepare_data(cfg.data, cfg.eval_data, load_tokenizer(tok_path), cfg.seq_len, 0.02, None)
     train, held = data

@@ -11,11 +11,12 @@ import torch
 
 from ..core.config import MB, count_params_by_component
 from ..errors import UserError
-from ..formats.folders import find_tokenizer, save_model
+from ..formats.datasets import is_hub_source
+from ..formats.folders import save_model
 from ..formats.fs import write_json_atomic
 from ..formats.load import load_model, resolve_model_dir
 from ..formats.sizes import packed_size_bytes
-from ..formats.tokenizer import load_tokenizer
+from ..formats.tokenizer import load_tokenizer, tokenizer_path_for
 from ..quant.monitor import ZeroRatioMonitor, zero_ratio_stats
 from ..ops.device import autocast, precision
 from ..quant.qat import TernaryConfig, quantize_, set_lambda
@@ -30,7 +31,8 @@ from .defaults import with_bundled_defaults
 
 
 def absolute(paths: list[str] | None) -> list[str] | None:
-    return [str(Path(p).resolve()) for p in paths] if paths else paths
+    """Local paths made absolute (a run.json then replays from anywhere); hub datasets (hf:...) as given."""
+    return [p if is_hub_source(p) else str(Path(p).resolve()) for p in paths] if paths else paths
 
 
 def build_student(teacher, qcfg: TernaryConfig):
@@ -58,9 +60,7 @@ def quantize(cfg: QuantizeConfig | None = None) -> Path:
         raise UserError(f"{cfg.teacher}: is already a ternary student; pass the full-precision teacher")
     if cfg.chunk_size:
         teacher.config.chunk_size = cfg.chunk_size
-    tok_path = cfg.tokenizer or find_tokenizer(resolve_model_dir(cfg.teacher))
-    if tok_path is None:
-        raise UserError(f"{cfg.teacher}: has no tokenizer.json; pass --tokenizer")
+    tok_path = tokenizer_path_for(resolve_model_dir(cfg.teacher), cfg.tokenizer)
     tok = load_tokenizer(tok_path)
     if tok.vocab_size > teacher.config.padded_vocab_size:
         raise UserError(f"{tok_path}: {tok.vocab_size} tokens, more than the teacher's vocabulary "
@@ -77,7 +77,7 @@ def quantize(cfg: QuantizeConfig | None = None) -> Path:
     out = Path(cfg.out)
     resume, train, held = prepare_run_and_data(out, run_record("quantize", cfg), cfg.resume,
                                                resume_free_paths(QuantizeConfig), cfg.data, cfg.eval_data, tok,
-                                               tcfg.seq_len, 0.02, cfg.cache_dir)
+                                               tcfg.seq_len, 0.02, cfg.cache_dir, budget=tcfg.tokens)
 
     monitor = ZeroRatioMonitor(every=mcfg.monitor_every, threshold=mcfg.collapse_threshold,
                                action=mcfg.on_collapse)

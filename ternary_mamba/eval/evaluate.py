@@ -9,10 +9,9 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..formats.folders import find_tokenizer
 from ..formats.fs import atomic_write_bytes
 from ..formats.load import load_model, resolve_student_dir
-from ..formats.tokenizer import load_tokenizer
+from ..formats.tokenizer import load_tokenizer, tokenizer_path_for
 from ..ops.device import autocast, precision
 from .scoring import loglikelihoods
 from .tasks import AVERAGE_METRIC, SEVEN, TASKS, Doc, parse_tasks
@@ -57,9 +56,7 @@ def evaluate_model(path: str, tasks: list[str], data_dir: Path, limit: int | Non
     dev, dt = precision(device, dtype)
     folder = resolve_student_dir(path)
     model = load_model(folder).to(dev)
-    tok_path = find_tokenizer(folder)
-    if tok_path is None:
-        raise UserError(f"{folder}: no tokenizer.json next to the model")
+    tok_path = tokenizer_path_for(folder)
     tok = load_tokenizer(tok_path)
     res = {}
     for name in tasks:

@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..formats.folders import find_tokenizer
 from ..formats.load import load_model, resolve_student_dir
 from ..formats.text import find_text_files, read_documents
-from ..formats.tokenizer import load_tokenizer
+from ..formats.tokenizer import load_tokenizer, tokenizer_path_for
 from ..ops.device import autocast, module_device, precision
 
 
@@ -54,9 +53,7 @@ def run_ppl(args) -> dict:
     for m in args.models:
         folder = resolve_student_dir(m)
         model = load_model(folder).to(device)
-        tp = find_tokenizer(folder)
-        if tp is None:
-            raise UserError(f"{folder}: no tokenizer.json next to the model")
+        tp = tokenizer_path_for(folder)
         variants = [("", model)]
         if args.int8_head:
             import copy

@@ -12,18 +12,29 @@ TEXT_SUFFIXES = {".txt", ".md", ".text", ".jsonl"}
 
 
 def find_text_files(paths: list[str | os.PathLike]) -> list[Path]:
+    """The corpus files under `paths` (files, or folders searched recursively), sorted within each folder."""
+    from .datasets import TABLE_SUFFIXES
+    suffixes = TEXT_SUFFIXES | TABLE_SUFFIXES
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in suffixes)
             if not found:
-                raise UserError(f"{p}: no text files ({', '.join(sorted(TEXT_SUFFIXES))}) in this folder")
+                raise UserError(f"{p}: no text files ({', '.join(sorted(suffixes))}) in this folder")
             files += found
         elif p.is_file():
             files.append(p)
         else:
             raise UserError(f"{p}: no such file or folder")
     return files
+
+
+def iter_documents(path: Path):
+    """Documents of one corpus file: parquet / arrow tables stream their `text` column; text files as below."""
+    from .datasets import TABLE_SUFFIXES, table_documents
+    if path.suffix in TABLE_SUFFIXES:
+        return table_documents(path)
+    return iter(read_documents(path))
 
 
 def read_documents(path: Path) -> list[str]:

@@ -53,3 +53,48 @@ def train_bpe_tokenizer(files: list[Path], vocab_size: int, out: Path) -> Tokeni
     tok.train([str(f) for f in files], trainer)
     atomic_write_bytes(out, tok.to_str().encode())
     return Tokenizer(tok, Path(out))
+
+
+NEOX_TOKENIZER = "EleutherAI/gpt-neox-20b"   # what state-spaces' Mamba / Mamba-2 checkpoints were trained with
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    return spec.count("/") == 1 and not spec.startswith((".", "/")) and not Path(spec).exists()
+
+
+def _hub_tokenizer(repo: str) -> Path:
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise UserError(f"{repo}: huggingface_hub is not installed to fetch the tokenizer; pass a local "
+                        "tokenizer.json") from None
+    try:
+        return Path(hf_hub_download(repo, "tokenizer.json"))
+    except Exception as e:  # noqa: BLE001 - offline / unknown repo: one line naming the fix
+        raise UserError(f"{repo}: could not fetch its tokenizer.json ({type(e).__name__}); pass --tokenizer "
+                        "with a local tokenizer.json") from None
+
+
+def tokenizer_path_for(model_folder: Path, explicit: str | None = None) -> Path:
+    """The tokenizer of a model: `explicit` (a tokenizer.json, a folder holding one, or a hub id), else the
+    model folder's tokenizer.json, else — for mamba_ssm checkpoints such as state-spaces/mamba2-*, which ship
+    none — GPT-NeoX-20B's from the hub.  Fails in one line saying what to pass."""
+    if explicit:
+        if _looks_like_hub_id(explicit):
+            return _hub_tokenizer(explicit)
+        p = Path(explicit)
+        p = p / "tokenizer.json" if p.is_dir() else p
+        if not p.exists():
+            raise UserError(f"{p}: tokenizer file not found")
+        return p
+    own = Path(model_folder) / "tokenizer.json"
+    if own.exists():
+        return own
+    cfg = Path(model_folder) / "config.json"
+    if cfg.exists() and '"ssm_cfg"' in cfg.read_text(errors="replace"):
+        try:
+            return _hub_tokenizer(NEOX_TOKENIZER)
+        except UserError:
+            raise UserError(f"{model_folder}: a mamba_ssm checkpoint without tokenizer.json: it uses GPT-NeoX-20B's; "
+                            f"pass --tokenizer {NEOX_TOKENIZER} (hub) or a local copy of its tokenizer.json") from None
+    raise UserError(f"{model_folder}: no tokenizer.json; pass --tokenizer (a tokenizer.json or a hub id)")

@@ -1,6 +1,7 @@
 """Text -> a token file on disk -> fixed-length training sequences in a deterministic, resumable order.
 
-Files are tokenized one at a time and appended to a flat binary token file (uint16 when the vocabulary
+Sources are text / jsonl files, parquet / arrow tables and hub datasets (formats/datasets.py); documents are
+tokenized in batches and appended to a flat binary token file (uint16 when the vocabulary
 fits), documents separated by the end-of-text id; training reads it through np.memmap, so the corpus is
 never held in memory twice.  Token files are cached by a hash of (file paths, sizes, mtimes, tokenizer).
 """
@@ -9,20 +10,29 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from ..errors import UserError
-from ..formats.text import find_text_files, read_documents
+from ..formats.datasets import HubSource, is_hub_source
+from ..formats.text import find_text_files, iter_documents
 
-def _cache_key(files: list[Path], tokenizer) -> str:
+PIECE_CHARS = 1 << 16     # longer documents are encoded in newline-aligned pieces
+BATCH_DOCS = 256          # shorter ones in batches of this many
+
+def _cache_key(files: list[Path], hubs: list, tokenizer, max_tokens: int | None) -> str:
     h = hashlib.sha256(Path(tokenizer.path).read_bytes())
     for f in files:
         st = f.stat()
         h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    for src in hubs:
+        h.update(f"hub|{src.key}".encode())
+    h.update(f"max={max_tokens}".encode())
     return h.hexdigest()[:20]
 
 
@@ -30,32 +40,79 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("TERNARY_MAMBA_CACHE", Path.home() / ".cache" / "ternary-mamba")) / "tokens"
 
 
+def _documents(files: list[Path], hubs: list) -> Iterator[tuple[str, str]]:
+    """(source name, document) in a fixed order: local files first, then hub streams."""
+    for f in files:
+        for doc in iter_documents(f):
+            yield str(f), doc
+    for src in hubs:
+        for doc in src.documents():
+            yield f"hf:{src.name}", doc
+
+
+class _Progress:
+    """Tokenization progress: a live line on a terminal, a plain line every 30 s otherwise (logs, SLURM)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.tty, self.t0, self.last = enabled, sys.stderr.isatty(), time.time(), time.time()
+
+    def update(self, docs: int, tokens: int, where: str) -> None:
+        now = time.time()
+        if not self.enabled or (not self.tty and now - self.last < 30):
+            return
+        self.last = now
+        line = f"tokenizing {where}: {docs:,} documents, {tokens:,} tokens, {tokens / max(now - self.t0, 1e-9):,.0f} tok/s"
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+
 def tokenize_to_file(paths: list[str | os.PathLike], tokenizer, cache_dir: Path | None = None,
-                     verbose: bool = True) -> Path:
-    """Tokenize text files/folders into a cached .bin token file and return its path."""
-    files = find_text_files(paths)
+                     verbose: bool = True, max_tokens: int | None = None) -> Path:
+    """Tokenize text / parquet / arrow files, folders and hub datasets (`hf:NAME[:SPLIT]`) into a cached .bin
+    token file and return its path.  Documents are encoded in batches by the Rust tokenizer (parallel over
+    the cores); `max_tokens` stops early, at most one batch of documents past it (what makes a streamed hub
+    dataset finite)."""
+    hubs = [HubSource.parse(str(p)) for p in paths if is_hub_source(str(p))]
+    local = [p for p in paths if not is_hub_source(str(p))]
+    files = find_text_files(local) if local else []
     cache_dir = Path(cache_dir or default_cache_dir())
     cache_dir.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
-    out = cache_dir / f"{_cache_key(files, tokenizer)}.{np.dtype(dtype).name}.bin"
+    out = cache_dir / f"{_cache_key(files, hubs, tokenizer, max_tokens)}.{np.dtype(dtype).name}.bin"
     if out.exists():
         return out
     tmp = out.with_suffix(f".tmp{os.getpid()}")
     n_tokens, n_docs = 0, 0
     sep = tokenizer.eos_id
+    progress = _Progress(verbose)
+    pending: list[str] = []
+
+    def flush(f) -> None:
+        nonlocal n_tokens, n_docs
+        for ids in tokenizer.encode_batch(pending):
+            if sep is not None:
+                ids.append(sep)
+            np.asarray(ids, dtype=dtype).tofile(f)
+            n_tokens += len(ids)
+            n_docs += 1
+        pending.clear()
+
     with open(tmp, "wb") as f:
-        for i, path in enumerate(files):
-            for doc in read_documents(path):
-                ids = tokenizer_encode_pieces(tokenizer, doc)
-                if sep is not None:
-                    ids.append(sep)
+        for where, doc in _documents(files, hubs):
+            if len(doc) > PIECE_CHARS:      # one long document (a book): its pieces in one parallel batch
+                flush(f)
+                ids = tokenizer_encode_pieces(tokenizer, doc) + ([sep] if sep is not None else [])
                 np.asarray(ids, dtype=dtype).tofile(f)
-                n_tokens += len(ids)
-                n_docs += 1
-            if verbose and sys.stderr.isatty():
-                print(f"\rtokenizing {i + 1}/{len(files)} files, {n_tokens:,} tokens", end="", file=sys.stderr)
+                n_tokens, n_docs = n_tokens + len(ids), n_docs + 1
+            else:
+                pending.append(doc)
+                if len(pending) >= BATCH_DOCS:
+                    flush(f)
+            progress.update(n_docs, n_tokens, where)
+            if max_tokens is not None and n_tokens >= max_tokens:
+                break
+        flush(f)
     if verbose:
-        print(f"{chr(13) if sys.stderr.isatty() else ''}tokenized {len(files)} files: {n_docs:,} documents, "
+        print(f"{chr(13) if sys.stderr.isatty() else ''}tokenized {len(files) + len(hubs)} sources: {n_docs:,} documents, "
               f"{n_tokens:,} tokens -> {out}", file=sys.stderr)
     if n_tokens == 0:
         tmp.unlink()
@@ -64,7 +121,7 @@ def tokenize_to_file(paths: list[str | os.PathLike], tokenizer, cache_dir: Path 
     return out
 
 
-def tokenizer_encode_pieces(tokenizer, doc: str, piece_chars: int = 1 << 16) -> list[int]:
+def tokenizer_encode_pieces(tokenizer, doc: str, piece_chars: int = PIECE_CHARS) -> list[int]:
     """Encode a long document in newline-aligned pieces (parallel in the Rust tokenizer).  Pieces end at
     a newline so no word is split; byte-level BPE merges never cross a newline boundary in practice."""
     pieces, start = [], 0

@@ -7,7 +7,7 @@ QAT+KD forward of the real config runs on `meta` with autograd's saved-tensor ho
 for the backward (deduplicated by storage, parameters excluded).  On `meta` that is the PyTorch path, the one a
 GPU runs today; the CPU's C kernels keep less.  Activations are traced in fp32: under 16-bit autocast the
 saved linear inputs are smaller, so the figure is an upper bound there.  The backward's transient peak adds
-the gradient of the logits and of one layer's widest activation.  `tests/test_plan.py` checks the total
+the gradient of the logits and about two blocks' activations (one block's gradients beside its saved tensors).  `tests/test_plan.py` checks the total
 against the peak memory of a real CPU step at small scale.
 """
 from __future__ import annotations
@@ -94,7 +94,8 @@ def plan_memory(cfg: Mamba2Config, qcfg: TernaryConfig, batch: int, seq_len: int
     layer = max(acts - head, 0) // cfg.n_layer                          # one block's activations
     if checkpointing:   # each block keeps its fp32 input; one block's activations live again in its backward
         acts = cfg.n_layer * batch * seq_len * cfg.d_model * 4 + head
-    return MemoryPlan(weights // shard, trainable // shard, 2 * trainable // shard, t_bytes, acts, logit_grad + layer)
+    # in a block's backward its gradients live beside its activations: about one block's activations more
+    return MemoryPlan(weights // shard, trainable // shard, 2 * trainable // shard, t_bytes, acts, logit_grad + 2 * layer)
 
 
 def qat_kd_flops_per_token(cfg: Mamba2Config, checkpointing: bool = False) -> float:

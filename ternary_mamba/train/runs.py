@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..formats.fs import read_json, write_json_atomic
+from ..formats.datasets import is_hub_source
 from .data import PackedSequences, load_tokens, split_heldout, tokenize_to_file
 
 RUN_JSON = "run.json"
@@ -74,25 +75,31 @@ def prepare_run_dir(out: Path, record: dict, resume: bool, free: set[tuple] = fr
 
 
 def prepare_run_and_data(out: Path, record: dict, resume: bool, free: set[tuple], data, eval_data, tok,
-                         seq_len: int, heldout_fraction: float, cache_dir
+                         seq_len: int, heldout_fraction: float, cache_dir, budget: int | None = None
                          ) -> tuple[bool, PackedSequences, PackedSequences]:
     """Rank 0 tokenizes (filling the cache) and creates / checks the run folder; the other ranks wait,
     then read the cached tokens.  Returns (load checkpoint?, train, held-out)."""
     from . import distributed as D
     if D.is_main():
-        train, held = prepare_data(data, eval_data, tok, seq_len, heldout_fraction, cache_dir)
+        train, held = prepare_data(data, eval_data, tok, seq_len, heldout_fraction, cache_dir, budget=budget)
         load = prepare_run_dir(out, record, resume, free)
     D.barrier()
     if not D.is_main():
-        train, held = prepare_data(data, eval_data, tok, seq_len, heldout_fraction, cache_dir, verbose=False)
+        train, held = prepare_data(data, eval_data, tok, seq_len, heldout_fraction, cache_dir, verbose=False,
+                                   budget=budget)
         load = resume and (Path(out) / "checkpoint" / "trainer_state.json").exists()
     return load, train, held
 
 
 def prepare_data(data: list[str], eval_data: list[str] | None, tokenizer, seq_len: int,
-                 heldout_fraction: float, cache_dir=None, verbose: bool = True
+                 heldout_fraction: float, cache_dir=None, verbose: bool = True, budget: int | None = None
                  ) -> tuple[PackedSequences, PackedSequences]:
-    tokens = load_tokens(tokenize_to_file(data, tokenizer, cache_dir, verbose))
+    """Token files of the training (and held-out) text.  `budget`: the run's training tokens; a streamed hub
+    dataset is read only that far (plus the held-out split and 5 %), local files are read whole."""
+    cap = None
+    if budget is not None and any(is_hub_source(str(d)) for d in data):
+        cap = int(budget * 1.05 / (1 - (0 if eval_data else heldout_fraction))) + 64 * seq_len
+    tokens = load_tokens(tokenize_to_file(data, tokenizer, cache_dir, verbose, max_tokens=cap))
     if eval_data:
         held = PackedSequences(load_tokens(tokenize_to_file(eval_data, tokenizer, cache_dir, verbose)), seq_len)
         return PackedSequences(tokens, seq_len), held
