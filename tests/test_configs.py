@@ -107,3 +107,15 @@ def test_run_json_replays_the_run(tiny_teacher_dir, text_dir, tmp_path):
     assert _losses(tmp_path / "b", 4) == ref and _losses(tmp_path / "c", 4) == ref
     b_cfg = json.loads((tmp_path / "b" / "run.json").read_text())["config"]
     assert {**b_cfg, "out": None} == {**record["config"], "out": None}
+
+
+def test_every_recipe_is_a_valid_config():
+    from pathlib import Path
+    from ternary_mamba.commands.flags import read_config_file
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 2
+    for r in recipes:
+        cfg = QuantizeConfig.from_dict(read_config_file(r), str(r))
+        assert cfg.train.tokens >= 250_000
+    paper = QuantizeConfig.from_dict(read_config_file(recipes[-1]))
+    assert paper.train.tokens == 102_000_000 and paper.dtype == "bf16" and paper.quant.scale_format == "bf16"

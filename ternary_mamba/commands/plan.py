@@ -52,13 +52,7 @@ def plan(cfg: PlanConfig) -> dict:
     if mem_gb is not None:
         lines.append(f"{'fits in ' + str(mem_gb) + ' GB (8 % kept for the allocator)?':<46} {'yes' if fits else 'NO':>9}")
         if not fits:
-            per_seq = (mem.activations + mem.backward_transient) / cfg.batch_size
-            room = mem_gb * GB * 0.92 - (mem.peak - mem.activations - mem.backward_transient)
-            mb = int(room // per_seq) if per_seq else 0
-            hint = "" if cfg.activation_checkpointing else "; or --activation-checkpointing"
-            lines.append(f"  -> micro-batch {mb} x {cfg.seq_len} fits (raise --grad-accum to keep the global batch)"
-                         f"{hint}" if mb >= 1 else "  -> not even one sequence fits: --activation-checkpointing, "
-                         "--fsdp over more GPUs, or a shorter --seq-len")
+            lines.append("  -> " + _advice(cfg, mem, mem_gb * GB * 0.92))
     lines += ["", f"compute: {flops / 1e9:.2f} GFLOP per token (student fwd+bwd, teacher fwd); at {cfg.mfu:.0%} of "
               f"peak: {tok_s:,.0f} tok/s -> {cfg.tokens / 1e6:,.0f} M tokens in {hours:.2f} h "
               f"({hours * cfg.nproc:.2f} GPU-hours)" if cfg.device != "cpu" else
@@ -69,3 +63,22 @@ def plan(cfg: PlanConfig) -> dict:
     print("\n".join(lines))
     return {"memory_bytes": dict(mem.rows()), "fits": fits, "tok_per_s": tok_s, "hours": hours,
             "flops_per_token": flops}
+
+
+def _advice(cfg: PlanConfig, mem, usable: float) -> str:
+    """What to change when the plan does not fit: a smaller micro-batch, checkpointing, or sharding."""
+    import math
+    sharded = mem.student_weights + mem.gradients + mem.optimizer
+    fixed = sharded + mem.teacher
+    per_seq = (mem.activations + mem.backward_transient) / cfg.batch_size
+    if fixed + per_seq <= usable:
+        mb = int((usable - fixed) // per_seq)
+        return f"micro-batch {mb} x {cfg.seq_len} fits (raise --grad-accum to keep the global batch)" + \
+            ("" if cfg.activation_checkpointing else "; or --activation-checkpointing")
+    if not cfg.activation_checkpointing:
+        return "not even one sequence fits: add --activation-checkpointing"
+    room = usable - mem.teacher - per_seq
+    if room <= 0:
+        return "one sequence's activations and the teacher alone do not fit: use a shorter --seq-len"
+    ranks = math.ceil(sharded * (cfg.nproc if cfg.fsdp else 1) / room)
+    return f"the fp32 weights, gradients and AdamW state alone need {fixed / GB:.1f} GB: --fsdp over >= {ranks} GPUs"

@@ -46,7 +46,7 @@ class MemoryPlan:
         return [("student master weights (fp32) + scales", self.student_weights), ("gradients (fp32)", self.gradients),
                 ("AdamW moments (2 x fp32)", self.optimizer), ("frozen teacher", self.teacher),
                 ("activations kept for backward", self.activations),
-                ("backward transient (logit grads, one layer)", self.backward_transient), ("peak", self.peak)]
+                ("backward transient (logit grads, 2 blocks)", self.backward_transient), ("peak", self.peak)]
 
 
 def _meta_models(cfg: Mamba2Config, qcfg: TernaryConfig, dtype: str):
