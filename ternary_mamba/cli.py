@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "logit differences; needs transformers)")
     p.add_argument("--seq-len", "--seqlen", dest="seqlen", type=int, default=100,
                    help="tokens per sequence (default %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="autocast precision of both models (default %(default)s: the exactness check)")
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tok_command", metavar="ACTION")

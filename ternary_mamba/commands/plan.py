@@ -20,6 +20,15 @@ def model_config(spec: str) -> Mamba2Config:
     p = Path(spec)
     if p.is_file():
         return config_from_json(p)
+    if not p.exists() and spec.count("/") == 1:      # a hub id: its config.json alone, not the weights
+        try:
+            from huggingface_hub import hf_hub_download
+            return config_from_json(Path(hf_hub_download(spec, "config.json")))
+        except ImportError:
+            raise UserError(f"{spec}: huggingface_hub is not installed; pass a preset or a local config.json") from None
+        except Exception as e:  # noqa: BLE001 - offline / unknown repo
+            raise UserError(f"{spec}: could not fetch its config.json ({type(e).__name__}); pass a preset "
+                            f"({', '.join(p for p in PRESETS if p.startswith('mamba2'))}) or a local config.json") from None
     return config_from_json(resolve_model_dir(spec) / "config.json")
 
 

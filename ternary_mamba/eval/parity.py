@@ -10,6 +10,7 @@ import tempfile
 import torch
 
 from ..errors import UserError
+from ..ops.device import autocast, precision
 from ..ops.dispatch import reference_path
 
 
@@ -34,8 +35,10 @@ def _hf_random_model(ngroups: int, folder, d_model: int, n_layer: int, chunk: in
 
 @torch.no_grad()
 def parity_report(log, d_model: int = 128, n_layer: int = 2, seqlen: int = 100, chunk: int = 32,
-                  vocab: int = 1024) -> dict:
-    """Max abs logit differences for ngroups 1 and 2 at a length that is not a multiple of the chunk."""
+                  vocab: int = 1024, device: str | None = "cpu", dtype: str = "fp32") -> dict:
+    """Max abs logit differences for ngroups 1 and 2 at a length that is not a multiple of the chunk.  Both
+    models run on `device` under `dtype` autocast (fp32: the exactness check; 16-bit: how far A16 moves them)."""
+    dev, dt = precision(device, dtype)
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -44,33 +47,41 @@ def parity_report(log, d_model: int = 128, n_layer: int = 2, seqlen: int = 100, 
     out = {}
     for ngroups in (1, 2):
         with tempfile.TemporaryDirectory() as tmp:
-            hf = _hf_random_model(ngroups, tmp, d_model, n_layer, chunk, vocab)
-            ours = load_model(tmp).eval()
-        ids = torch.randint(0, vocab, (2, seqlen), generator=torch.Generator().manual_seed(0))
-        ref = hf(ids).logits
-        full = ours(ids)[..., :vocab]
-        state, step_err = ours.empty_state(2), 0.0
-        for t in range(seqlen):
-            logits, state = ours.step(ids[:, t], state)
-            step_err = max(step_err, (logits[..., :vocab] - ref[:, t]).abs().max().item())
-        cut = seqlen // 3
-        logits, state = ours(ids[:, :cut], return_state=True)
-        prefill_err = (logits[..., :vocab] - full[:, :cut]).abs().max().item()
-        for t in range(cut, seqlen):
-            logits, state = ours.step(ids[:, t], state)
-            prefill_err = max(prefill_err, (logits[..., :vocab] - full[:, t]).abs().max().item())
-        with reference_path("sequential"):
-            seq_err = (ours(ids)[..., :vocab] - full).abs().max().item()
-        r = {"forward_vs_transformers": (full - ref).abs().max().item(), "step_vs_transformers": step_err,
-             "prefill_then_step_vs_forward": prefill_err, "sequential_vs_chunked": seq_err,
-             "max_abs_logit": ref.abs().max().item()}
+            hf = _hf_random_model(ngroups, tmp, d_model, n_layer, chunk, vocab).to(dev)
+            ours = load_model(tmp).eval().to(dev)
+        ids = torch.randint(0, vocab, (2, seqlen), generator=torch.Generator().manual_seed(0)).to(dev)
+        with autocast(dev, dt):
+            r = _compare(ours, hf, ids, vocab, seqlen)
         out[f"ngroups_{ngroups}"] = r
-        log(f"ngroups {ngroups} (d_model {d_model}, {n_layer} layers, {seqlen} tokens, chunk {chunk}; |logits| <= "
-            f"{r['max_abs_logit']:.2f}): forward vs transformers {r['forward_vs_transformers']:.2e}, step decode vs "
-            f"transformers {step_err:.2e}, prefill {cut} + steps vs forward {prefill_err:.2e}, sequential "
-            f"reference vs chunked {seq_err:.2e}  (max abs)")
+        log(f"ngroups {ngroups} (d_model {d_model}, {n_layer} layers, {seqlen} tokens, chunk {chunk}, {dev}, {dtype}; "
+            f"|logits| <= {r['max_abs_logit']:.2f}): forward vs transformers {r['forward_vs_transformers']:.2e}, "
+            f"step decode vs transformers {r['step_vs_transformers']:.2e}, prefill {seqlen // 3} + steps vs forward "
+            f"{r['prefill_then_step_vs_forward']:.2e}, sequential reference vs chunked {r['sequential_vs_chunked']:.2e}"
+            "  (max abs)")
     return out
 
 
+def _compare(ours, hf, ids, vocab: int, seqlen: int) -> dict:
+    """Max abs differences: our forward and step decode vs transformers, prefill + steps vs forward, the
+    sequential reference vs the chunked scan."""
+    ref = hf(ids).logits.float()
+    full = ours(ids)[..., :vocab].float()
+    state, step_err = ours.empty_state(2), 0.0
+    for t in range(seqlen):
+        logits, state = ours.step(ids[:, t], state)
+        step_err = max(step_err, (logits[..., :vocab] - ref[:, t]).abs().max().item())
+    cut = seqlen // 3
+    logits, state = ours(ids[:, :cut], return_state=True)
+    prefill_err = (logits[..., :vocab] - full[:, :cut]).abs().max().item()
+    for t in range(cut, seqlen):
+        logits, state = ours.step(ids[:, t], state)
+        prefill_err = max(prefill_err, (logits[..., :vocab] - full[:, t]).abs().max().item())
+    with reference_path("sequential"):
+        seq_err = (ours(ids)[..., :vocab] - full).abs().max().item()
+    return {"forward_vs_transformers": (full - ref).abs().max().item(), "step_vs_transformers": step_err,
+            "prefill_then_step_vs_forward": prefill_err, "sequential_vs_chunked": seq_err,
+            "max_abs_logit": ref.abs().max().item()}
+
+
 def run_parity(args) -> None:
-    parity_report(print, seqlen=args.seqlen)
+    parity_report(print, seqlen=args.seqlen, device=args.device, dtype=args.dtype)
