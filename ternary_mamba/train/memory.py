@@ -89,13 +89,17 @@ def plan_memory(cfg: Mamba2Config, qcfg: TernaryConfig, batch: int, seq_len: int
     shard = ranks if fsdp else 1
     t_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in teacher.parameters()}.values())
     acts = traced_activation_bytes(teacher, student, batch, seq_len)
-    logit_grad = batch * seq_len * cfg.padded_vocab_size * 4 * 3       # dlogits, the softmax, the log-softmax grad
+    logits = batch * seq_len * cfg.padded_vocab_size * 4
     head = 4 * batch * seq_len * (cfg.padded_vocab_size * 4 + cfg.d_model * 2)   # logits, KL inputs, final norm
     layer = max(acts - head, 0) // cfg.n_layer                          # one block's activations
-    if checkpointing:   # each block keeps its fp32 input; one block's activations live again in its backward
+    # the backward's transient: the logits' gradient with the softmax and log-softmax gradients beside all
+    # saved tensors; under checkpointing the saved set is small and one dlogits remains, plus one block
+    # recomputed.  In a block's backward its gradients live beside its activations: one block more.
+    # (Calibrated against measured peaks: tests/test_plan.py.)
+    transient = (logits if checkpointing else 3 * logits) + 2 * layer
+    if checkpointing:   # each block keeps its fp32 input; the rest is recomputed in its backward
         acts = cfg.n_layer * batch * seq_len * cfg.d_model * 4 + head
-    # in a block's backward its gradients live beside its activations: about one block's activations more
-    return MemoryPlan(weights // shard, trainable // shard, 2 * trainable // shard, t_bytes, acts, logit_grad + 2 * layer)
+    return MemoryPlan(weights // shard, trainable // shard, 2 * trainable // shard, t_bytes, acts, transient)
 
 
 def qat_kd_flops_per_token(cfg: Mamba2Config, checkpointing: bool = False) -> float:
