@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config_base import Config, option
+from ..core.config import MAX_CHUNK_SIZE
 from ..errors import UserError
 from ..formats.configs import GGUF_TYPES, PACKINGS
 from ..quant.config import MonitorConfig, TernaryConfig
@@ -22,6 +23,8 @@ def _positive(cfg, *names: str) -> None:
         v = getattr(cfg, n)
         if v is not None and v < 1:
             raise UserError(f"--{n.replace('_', '-')} must be >= 1, got {v}")
+        if n == "chunk_size" and v is not None and v > MAX_CHUNK_SIZE:
+            raise UserError(f"--chunk-size {v}: at most {MAX_CHUNK_SIZE} (64 is fastest on CPUs, 256 on GPUs)")
 
 
 def _threads():

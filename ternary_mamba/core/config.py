@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 
+MAX_CHUNK_SIZE = 1024   # the SSD scan's chunk: a compute knob (64 on CPUs, 256 in mamba_ssm); larger only wastes k^2
 MB = 1e6  # sizes are reported in decimal megabytes, as the paper does (2,687.5 MB for Mamba-2 1.3B)
 
 
@@ -41,6 +42,19 @@ class Mamba2Config:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"config: {name} must be a positive integer, got {value!r}")
+        if self.chunk_size > MAX_CHUNK_SIZE:
+            raise UserError(f"config: chunk_size {self.chunk_size} is larger than {MAX_CHUNK_SIZE} (64 is fastest on "
+                            "CPUs, 256 on GPUs)")
+        if self.d_conv > 16:
+            raise UserError(f"config: d_conv {self.d_conv} is larger than 16 (released models use 4)")
+        for name in ("norm_eps", "dt_min", "dt_max", "dt_init_floor", "A_init_min", "A_init_max", "initializer_range"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value == value \
+                    or value <= 0 or value == float("inf"):
+                raise UserError(f"config: {name} must be a positive number, got {value!r}")
+        for name in ("tie_embeddings", "conv_bias", "bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"config: {name} must be true or false, got {getattr(self, name)!r}")
         if self.d_inner % self.headdim:
             raise UserError(f"config: d_inner={self.d_inner} (expand*d_model) is not a multiple of headdim={self.headdim}")
         if self.nheads % self.ngroups:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .build import get_kernel
+from .build import check_rc, get_kernel
 from .dispatch import kernels_for
 from .kernels import conv_silu_prefill, rows_view
 
@@ -36,7 +36,7 @@ class _SSDTrain(torch.autograd.Function):
         rc = lib.ssd_prefill(base, dt.data_ptr(), A.data_ptr(), base + nh * p * f32, base + (nh * p + ng * n) * f32,
                              init.data_ptr() if init is not None else None, y.data_ptr(), final.data_ptr(),
                              b, l, nh, p, ng, n, k, cd, cd, states.data_ptr(), D.data_ptr())
-        assert rc == 0
+        check_rc(rc, "ssd_train forward")
         ctx.save_for_backward(xbc, dt, A, D, states)
         ctx.dims = dims
         return y, final
@@ -56,7 +56,7 @@ class _SSDTrain(torch.autograd.Function):
             xbc.data_ptr(), cd, dt.data_ptr(), A.data_ptr(), D.data_ptr(), states.data_ptr(), dy.data_ptr(),
             dfinal.data_ptr() if dfinal is not None else None, dxbc.data_ptr(), ddt.data_ptr(), dA.data_ptr(),
             dD.data_ptr(), dinit.data_ptr() if dinit is not None else None, b, l, nh, p, ng, n, k)
-        assert rc == 0
+        check_rc(rc, "ssd_train backward")
         return dxbc, ddt, dA, dD, dinit, None
 
 
@@ -97,11 +97,12 @@ class _ConvSiLU(torch.autograd.Function):
         dx, dw = xbc.new_empty(b, l, cd), torch.empty_like(w)
         dbias = torch.empty_like(bias) if bias is not None else None
         dprev = xbc.new_empty(b, cd, K - 1) if prev is not None and ctx.needs_input_grad[3] else None
-        get_kernel().conv_silu_backward(
+        rc = get_kernel().conv_silu_backward(
             x.data_ptr(), rs, prev.data_ptr() if prev is not None else None, w.data_ptr(),
             bias.data_ptr() if bias is not None else None, dout.data_ptr(), dx.data_ptr(), dw.data_ptr(),
             dbias.data_ptr() if dbias is not None else None, dprev.data_ptr() if dprev is not None else None,
             b, l, cd, K)
+        check_rc(rc, "conv_silu backward")
         if dnew is not None:   # the returned conv state is the last K-1 inputs: route its gradient back
             j0 = max(0, K - 1 - l)                                   # entries j < j0 still come from prev
             dx[:, l - (K - 1 - j0):] += dnew[:, :, j0:].transpose(1, 2)
@@ -142,8 +143,10 @@ class _GatedNorm(torch.autograd.Function):
         b, l, d = y.shape
         dout = dout.contiguous()
         dy, dz, dw = y.new_empty(b, l, d), y.new_empty(b, l, d), torch.empty_like(weight)
-        get_kernel().gated_norm_bwd(y.data_ptr(), zr.data_ptr(), ctx.z_rs, weight.data_ptr(), rstd.data_ptr(),
-                                    dout.data_ptr(), dy.data_ptr(), dz.data_ptr(), dw.data_ptr(), b * l, d, ctx.ngroups)
+        rc = get_kernel().gated_norm_bwd(y.data_ptr(), zr.data_ptr(), ctx.z_rs, weight.data_ptr(), rstd.data_ptr(),
+                                         dout.data_ptr(), dy.data_ptr(), dz.data_ptr(), dw.data_ptr(), b * l, d,
+                                         ctx.ngroups)
+        check_rc(rc, "gated_norm backward")
         return dy, dz, dw, None, None
 
 
@@ -173,8 +176,9 @@ class _RMSNorm(torch.autograd.Function):
         d = x.size(-1)
         dout = dout.contiguous()
         dx, dw = torch.empty_like(x), torch.empty_like(weight)
-        get_kernel().rms_norm_bwd(x.data_ptr(), weight.data_ptr(), rstd.data_ptr(), dout.data_ptr(), dx.data_ptr(),
-                                  dw.data_ptr(), x.numel() // d, d)
+        rc = get_kernel().rms_norm_bwd(x.data_ptr(), weight.data_ptr(), rstd.data_ptr(), dout.data_ptr(),
+                                       dx.data_ptr(), dw.data_ptr(), x.numel() // d, d)
+        check_rc(rc, "rms_norm backward")
         return dx, dw, None
 
 

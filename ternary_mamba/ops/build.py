@@ -90,7 +90,7 @@ def get_kernel():
     lib.ssd_backward.argtypes = [p, i64] + [p] * 11 + [i64] * 7
     lib.ssd_backward.restype = ctypes.c_int
     lib.conv_silu_backward.argtypes = [p, i64] + [p] * 8 + [i64] * 4
-    lib.conv_silu_backward.restype = None
+    lib.conv_silu_backward.restype = ctypes.c_int
     f = ctypes.c_float
     lib.ce_forward.argtypes = [p, i64, p, p, p, i64, i64]
     lib.ce_backward.argtypes = [p, i64, p, p, f, p, i64, i64]
@@ -100,11 +100,11 @@ def get_kernel():
     lib.gated_norm_bwd.argtypes = [p, p, i64] + [p] * 6 + [i64] * 3
     lib.rms_norm_fwd.argtypes = [p, p, p, p, i64, i64, f]
     lib.rms_norm_bwd.argtypes = [p] * 6 + [i64, i64]
-    for fn in (lib.ce_forward, lib.ce_backward, lib.kl_forward, lib.kl_backward, lib.gated_norm_fwd, lib.gated_norm_bwd,
-               lib.rms_norm_fwd, lib.rms_norm_bwd):
+    for fn in (lib.ce_forward, lib.ce_backward, lib.kl_forward, lib.kl_backward, lib.gated_norm_fwd, lib.rms_norm_fwd):
         fn.restype = None
+    lib.gated_norm_bwd.restype = lib.rms_norm_bwd.restype = ctypes.c_int
     lib.conv_silu_prefill.argtypes = [p, i64, p, p, p, p, p, i64, i64, i64, i64]
-    lib.conv_silu_prefill.restype = None
+    lib.conv_silu_prefill.restype = ctypes.c_int
     lib.gated_norm_prefill.argtypes = [p, p, i64, p, i64, p, p, i64, i64, i64, i64, ctypes.c_float]
     lib.gated_norm_prefill.restype = None
     lib.ssd_prefill.restype = ctypes.c_int
@@ -123,3 +123,13 @@ def get_kernel():
     lib.tq2_has_avx2.restype = ctypes.c_int
     _lib = lib
     return lib
+
+
+def check_rc(rc: int, what: str) -> None:
+    """A kernel's status: 0 ok; -2 out of memory (a clean error, nothing written); anything else a bug."""
+    if rc == 0:
+        return
+    if rc == -2:
+        from ..errors import UserError
+        raise UserError(f"{what}: out of memory in the C kernel; lower --batch-size / --seq-len / --chunk-size")
+    raise RuntimeError(f"{what}: C kernel returned {rc}")

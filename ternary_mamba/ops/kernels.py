@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .build import get_kernel
+from .build import check_rc, get_kernel
 
 
 def _cpu(*tensors: torch.Tensor | None) -> None:
@@ -113,7 +113,10 @@ def ssd_prefill(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     rc = lib.ssd_prefill(x.data_ptr(), dt.data_ptr(), A.data_ptr(), B.data_ptr(), C.data_ptr(),
                          init.data_ptr() if init is not None else None, y.data_ptr(), state.data_ptr(),
                          b, l, h, p, g, n, chunk_size, x_rs, bc_rs, None, None)
-    return (y, state) if rc == 0 else None
+    if rc == -1:
+        return None      # a shape the kernel does not take: the caller uses the PyTorch scan
+    check_rc(rc, "ssd_prefill")
+    return y, state
 
 
 def gated_norm_prefill(y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, mixer) -> torch.Tensor:
@@ -149,9 +152,12 @@ def conv_silu_prefill(xbc: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     prev = prev.contiguous().float() if prev is not None else None
     out = torch.empty(b, l, cd)
     new_state = torch.empty(b, cd, K - 1)
-    lib.conv_silu_prefill(xbc.data_ptr(), rs, prev.data_ptr() if prev is not None else None, w.data_ptr(),
-                          bias.data_ptr() if bias is not None else None, out.data_ptr(), new_state.data_ptr(),
-                          b, l, cd, K)
+    rc = lib.conv_silu_prefill(xbc.data_ptr(), rs, prev.data_ptr() if prev is not None else None, w.data_ptr(),
+                               bias.data_ptr() if bias is not None else None, out.data_ptr(), new_state.data_ptr(),
+                               b, l, cd, K)
+    if rc == -1:
+        return None
+    check_rc(rc, "conv_silu_prefill")
     return out, new_state
 
 

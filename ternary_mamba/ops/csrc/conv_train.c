@@ -11,19 +11,26 @@
 
 // x rows (b, l) at stride in_rs; prev (b, cd, K-1) or NULL; w (cd, K); bias (cd) or NULL; dout (b, l, cd).
 // Writes dx (b, l, cd), dw (cd, K), dbias (cd) unless NULL, dprev (b, cd, K-1) unless NULL.
-void conv_silu_backward(const float *x, int64_t in_rs, const float *prev, const float *w, const float *bias,
-                        const float *dout, float *dx, float *dw, float *dbias, float *dprev,
-                        int64_t nb, int64_t l, int64_t cd, int64_t K) {
+// Returns 0, or -2 when memory could not be allocated (nothing written then).
+int conv_silu_backward(const float *x, int64_t in_rs, const float *prev, const float *w, const float *bias,
+                       const float *dout, float *dx, float *dw, float *dbias, float *dprev,
+                       int64_t nb, int64_t l, int64_t cd, int64_t K) {
+    if (K < 1 || K > 16) return -1;
+    const int nt = omp_get_max_threads();
     float *wt = malloc(sizeof(float) * K * cd);                          // (K, cd): taps contiguous in c
+    float *dpre = malloc(sizeof(float) * nb * l * cd);
+    float *part = calloc((size_t)nt * (K + 1) * cd, sizeof(float));      // per thread: dw^T (K, cd), dbias (cd)
+    float *prebuf = malloc(sizeof(float) * (size_t)nt * cd);             // per thread: one row of pre-activations
+    if (!wt || !dpre || !part || !prebuf) {
+        free(wt); free(dpre); free(part); free(prebuf);
+        return -2;
+    }
     for (int64_t c = 0; c < cd; c++)
         for (int64_t q = 0; q < K; q++) wt[q * cd + c] = w[c * K + q];
-    float *dpre = malloc(sizeof(float) * nb * l * cd);
-    const int nt = omp_get_max_threads();
-    float *part = calloc((size_t)nt * (K + 1) * cd, sizeof(float));      // per thread: dw^T (K, cd), dbias (cd)
     #pragma omp parallel
     {
         float *pw = part + (size_t)omp_get_thread_num() * (K + 1) * cd, *pb = pw + K * cd;
-        float *pre = malloc(sizeof(float) * cd);
+        float *pre = prebuf + (size_t)omp_get_thread_num() * cd;
         #pragma omp for collapse(2) schedule(static)
         for (int64_t b = 0; b < nb; b++)
             for (int64_t t = 0; t < l; t++) {
@@ -61,7 +68,6 @@ void conv_silu_backward(const float *x, int64_t in_rs, const float *prev, const 
                 }
                 for (int64_t c2 = 0; c2 < cd; c2++) pb[c2] += dp[c2];
             }
-        free(pre);
         // din[t] = sum_q w[q] dpre[t + (K-1) - q]
         #pragma omp for collapse(2) schedule(static)
         for (int64_t b = 0; b < nb; b++)
@@ -100,4 +106,6 @@ void conv_silu_backward(const float *x, int64_t in_rs, const float *prev, const 
     free(part);
     free(dpre);
     free(wt);
+    free(prebuf);
+    return 0;
 }

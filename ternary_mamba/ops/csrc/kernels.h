@@ -29,14 +29,14 @@ void mixer_step_inplace(const float *zxbcdt, float *conv_state, const float *con
 int ssd_prefill(const float *x, const float *dt, const float *A, const float *B, const float *C, const float *init,
                 float *y, float *final_state, int64_t nb, int64_t l, int64_t nh, int64_t p, int64_t ng, int64_t n,
                 int64_t k, int64_t x_rs, int64_t bc_rs, float *chunk_states, const float *D);
-void conv_silu_prefill(const float *xbc, int64_t in_rs, const float *prev, const float *w, const float *bias,
+int conv_silu_prefill(const float *xbc, int64_t in_rs, const float *prev, const float *w, const float *bias,
                        float *out, float *new_state, int64_t nb, int64_t l, int64_t cd, int64_t K);
 void gated_norm_prefill(float *y, const float *x, int64_t x_rs, const float *z, int64_t z_rs, const float *D,
                         const float *norm_w, int64_t rows, int64_t nh, int64_t p, int64_t ng, float eps);
 int ssd_backward(const float *xbc, int64_t rs, const float *dt, const float *A, const float *D, const float *states,
                  const float *dy, const float *dfinal, float *dxbc, float *ddt, float *dA, float *dD, float *dinit,
                  int64_t nb, int64_t l, int64_t nh, int64_t p, int64_t ng, int64_t n, int64_t k);
-void conv_silu_backward(const float *x, int64_t in_rs, const float *prev, const float *w, const float *bias,
+int conv_silu_backward(const float *x, int64_t in_rs, const float *prev, const float *w, const float *bias,
                         const float *dout, float *dx, float *dw, float *dbias, float *dprev,
                         int64_t nb, int64_t l, int64_t cd, int64_t K);
 void ce_forward(const float *x, int64_t ld, const int64_t *tgt, float *lse, float *loss, int64_t N, int64_t V);
@@ -48,8 +48,8 @@ void kl_backward(const float *t, int64_t ldt, const float *s, int64_t lds, float
                  const float *lse_s, float g, float *ds, int64_t N, int64_t V);
 void gated_norm_fwd(const float *y, const float *z, int64_t z_rs, const float *w, float *out, float *rstd,
                     int64_t rows, int64_t d, int64_t ng, float eps);
-void gated_norm_bwd(const float *y, const float *z, int64_t z_rs, const float *w, const float *rstd,
+int gated_norm_bwd(const float *y, const float *z, int64_t z_rs, const float *w, const float *rstd,
                     const float *dout, float *dy, float *dz, float *dw, int64_t rows, int64_t d, int64_t ng);
 void rms_norm_fwd(const float *x, const float *w, float *out, float *rstd, int64_t rows, int64_t d, float eps);
-void rms_norm_bwd(const float *x, const float *w, const float *rstd, const float *dout, float *dx, float *dw,
+int rms_norm_bwd(const float *x, const float *w, const float *rstd, const float *dout, float *dx, float *dw,
                   int64_t rows, int64_t d);

@@ -34,15 +34,21 @@ void gated_norm_fwd(const float *y, const float *z, int64_t z_rs, const float *w
 }
 
 // -> dy (rows, d), dz (rows, d), dw (d)
-void gated_norm_bwd(const float *y, const float *z, int64_t z_rs, const float *w, const float *rstd,
-                    const float *dout, float *dy, float *dz, float *dw, int64_t rows, int64_t d, int64_t ng) {
+// Returns 0, or -2 when memory could not be allocated.
+int gated_norm_bwd(const float *y, const float *z, int64_t z_rs, const float *w, const float *rstd,
+                   const float *dout, float *dy, float *dz, float *dw, int64_t rows, int64_t d, int64_t ng) {
     const int64_t G = d / ng;
     const int nt = omp_get_max_threads();
     float *part = calloc((size_t)nt * d, sizeof(float));
+    float *vs = malloc(sizeof(float) * (size_t)nt * 2 * d);              // per thread: v and s rows
+    if (!part || !vs) {
+        free(part); free(vs);
+        return -2;
+    }
     #pragma omp parallel
     {
         float *pw = part + (size_t)omp_get_thread_num() * d;
-        float *v = malloc(sizeof(float) * d), *s = malloc(sizeof(float) * d);
+        float *v = vs + (size_t)omp_get_thread_num() * 2 * d, *s = v + d;
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
             const float *yr = y + r * d, *zr = z + r * z_rs, *go = dout + r * d;
@@ -73,8 +79,6 @@ void gated_norm_bwd(const float *y, const float *z, int64_t z_rs, const float *w
                 }
             }
         }
-        free(v);
-        free(s);
     }
     for (int64_t q = 0; q < d; q++) {
         float acc = 0.f;
@@ -82,6 +86,8 @@ void gated_norm_bwd(const float *y, const float *z, int64_t z_rs, const float *w
         dw[q] = acc;
     }
     free(part);
+    free(vs);
+    return 0;
 }
 
 // The block RMSNorm for training (reference: model.RMSNorm): out = x r w, r = 1/sqrt(mean(x^2) + eps).
@@ -97,10 +103,12 @@ void rms_norm_fwd(const float *x, const float *w, float *out, float *rstd, int64
     }
 }
 
-void rms_norm_bwd(const float *x, const float *w, const float *rstd, const float *dout, float *dx, float *dw,
-                  int64_t rows, int64_t d) {
+// Returns 0, or -2 when memory could not be allocated.
+int rms_norm_bwd(const float *x, const float *w, const float *rstd, const float *dout, float *dx, float *dw,
+                 int64_t rows, int64_t d) {
     const int nt = omp_get_max_threads();
     float *part = calloc((size_t)nt * d, sizeof(float));
+    if (!part) return -2;
     #pragma omp parallel
     {
         float *pw = part + (size_t)omp_get_thread_num() * d;
@@ -124,4 +132,5 @@ void rms_norm_bwd(const float *x, const float *w, const float *rstd, const float
         dw[i] = acc;
     }
     free(part);
+    return 0;
 }

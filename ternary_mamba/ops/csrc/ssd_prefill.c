@@ -16,9 +16,12 @@
 //   xbc rows (b, l) at stride in_rs, conv_dim channels each; prev (b, conv_dim, K-1) = the inputs before
 //   position 0 (NULL: zeros); w (conv_dim, K), bias (conv_dim) or NULL
 //   -> out (b, l, conv_dim) = silu(conv), and new_state (b, conv_dim, K-1) = the last K-1 inputs.
-void conv_silu_prefill(const float *xbc, int64_t in_rs, const float *prev, const float *w, const float *bias,
-                       float *out, float *new_state, int64_t nb, int64_t l, int64_t cd, int64_t K) {
+// Returns 0, or -2 when memory could not be allocated.
+int conv_silu_prefill(const float *xbc, int64_t in_rs, const float *prev, const float *w, const float *bias,
+                      float *out, float *new_state, int64_t nb, int64_t l, int64_t cd, int64_t K) {
+    if (K < 1 || K > 16) return -1;
     float *wt = malloc(sizeof(float) * (K * cd + 16));                 // (K, conv_dim): taps contiguous in c
+    if (!wt) return -2;
     for (int64_t c = 0; c < cd; c++)
         for (int64_t q = 0; q < K; q++) wt[q * cd + c] = w[c * K + q];
     #pragma omp parallel for collapse(2) schedule(static)
@@ -52,6 +55,7 @@ void conv_silu_prefill(const float *xbc, int64_t in_rs, const float *prev, const
                     : prev ? prev[(b * cd + c) * (K - 1) + (K - 1 + src)] : 0.f;
             }
     free(wt);
+    return 0;
 }
 
 // The mixer's tail over a sequence (reference: GatedRMSNorm(y + D x, z)):  v = (y + D_h x) * silu(z), then one
@@ -90,15 +94,24 @@ void gated_norm_prefill(float *y, const float *x, int64_t x_rs, const float *z, 
 int ssd_prefill(const float *x, const float *dt, const float *A, const float *B, const float *C, const float *init,
                 float *y, float *final_state, int64_t nb, int64_t l, int64_t nh, int64_t p, int64_t ng, int64_t n,
                 int64_t k, int64_t x_rs, int64_t bc_rs, float *chunk_states, const float *D) {
-    if (p % 16 || k < 1) return -1;
+    if (p % 16 || k < 1 || k > 4096) return -1;
     const int64_t nc = (l + k - 1) / k, r = nh / ng;
+    const int nt = omp_get_max_threads();
+    const size_t st_len = (size_t)(n * p + 2 * k * p + k * k + 2 * k);
     // C_i . B_j for every chunk and group (lower triangle), shared by the heads of a group
     float *CB = malloc(sizeof(float) * nb * nc * ng * k * k);
+    float *bt_all = k % 16 == 0 ? malloc(sizeof(float) * (size_t)nt * n * k) : NULL;   // per thread: B^T (n x k)
+    float *st_all = malloc(sizeof(float) * (size_t)nt * st_len);                      // per thread: scan scratch
+    if (!CB || (k % 16 == 0 && !bt_all) || !st_all) {
+        free(CB); free(bt_all); free(st_all);
+        return -2;
+    }
     #pragma omp parallel for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < nb; b++)
         for (int64_t c = 0; c < nc; c++) {
             const int64_t t0 = c * k, kk = l - t0 < k ? l - t0 : k;
-            float *BT = k % 16 == 0 ? calloc(n * k, sizeof(float)) : NULL;         // B^T of the chunk (n x k)
+            float *BT = bt_all ? bt_all + (size_t)omp_get_thread_num() * n * k : NULL;   // B^T of the chunk (n x k)
+            if (BT) memset(BT, 0, sizeof(float) * n * k);
             for (int64_t gi = 0; gi < ng; gi++) {
                 float *M = CB + ((b * nc + c) * ng + gi) * k * k;
                 const float *Cc = C + (b * l + t0) * bc_rs + gi * n, *Bc = B + (b * l + t0) * bc_rs + gi * n;
@@ -109,13 +122,12 @@ int ssd_prefill(const float *x, const float *dt, const float *A, const float *B,
                     for (int64_t i = 0; i < kk; i++)
                         for (int64_t j = 0; j <= i; j++) M[i * k + j] = dot(Cc + i * bc_rs, Bc + j * bc_rs, n);
             }
-            free(BT);
         }
     #pragma omp parallel for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < nb; b++)
         for (int64_t h = 0; h < nh; h++) {
             const int64_t gi = h / r;
-            float *ST = malloc(sizeof(float) * (n * p + 2 * k * p + k * k + 2 * k));
+            float *ST = st_all + (size_t)omp_get_thread_num() * st_len;
             float *xdt = ST + n * p, *xw = xdt + k * p, *M = xw + k * p, *acum = M + k * k, *drow = acum + k;
             const float *S0 = init ? init + (b * nh + h) * p * n : NULL;
             if (S0) transpose(S0, p, n, n, ST, p);
@@ -168,8 +180,9 @@ int ssd_prefill(const float *x, const float *dt, const float *A, const float *B,
                 gemm_acc(n, p, kk, Bc, 1, bc_rs, xw, p, ST, p);                         // state update
             }
             transpose(ST, n, p, p, final_state + (b * nh + h) * p * n, n);
-            free(ST);
         }
     free(CB);
+    free(bt_all);
+    free(st_all);
     return 0;
 }

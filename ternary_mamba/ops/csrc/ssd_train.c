@@ -23,7 +23,7 @@
 int ssd_backward(const float *xbc, int64_t rs, const float *dt, const float *A, const float *D, const float *states,
                  const float *dy, const float *dfinal, float *dxbc, float *ddt, float *dA, float *dD, float *dinit,
                  int64_t nb, int64_t l, int64_t nh, int64_t p, int64_t ng, int64_t n, int64_t k) {
-    if (p % 16 || n % 16 || k % 16 || k < 16) return -1;
+    if (p % 16 || n % 16 || k % 16 || k < 16 || k > 4096) return -1;
     const int64_t nc = (l + k - 1) / k, r = nh / ng, di = nh * p, cd = di + 2 * ng * n;
     const float *X = xbc, *Bp = xbc + di, *Cp = xbc + di + ng * n;
     // split the heads of a group into `ns` slices when there are fewer (batch, group) pairs than threads
@@ -33,6 +33,14 @@ int ssd_backward(const float *xbc, int64_t rs, const float *dt, const float *A, 
     // with several slices, each writes its dB / dC sums to its own rows here and they are added up at the end
     float *dBC = ns > 1 ? malloc(sizeof(float) * ns * nb * l * 2 * ng * n) : NULL;
     float *partial = calloc(nb * nh * 2, sizeof(float));                                     // dA, dD per (b, h)
+    const int nt = omp_get_max_threads();
+    const int64_t kp_ = k * p, kn_ = k * n, pn_ = p * n, kk2_ = k * k;
+    const size_t buf_len = (size_t)(7 * kp_ + 8 * kn_ + 4 * kk2_ + per * pn_ + pn_ + 6 * k);
+    float *buf_all = malloc(sizeof(float) * (size_t)nt * buf_len);                          // per thread scratch
+    if ((ns > 1 && !dBC) || !partial || !buf_all) {
+        free(dBC); free(partial); free(buf_all);
+        return -2;
+    }
     #pragma omp parallel for collapse(3) schedule(dynamic)
     for (int64_t b = 0; b < nb; b++)
         for (int64_t gi = 0; gi < ng; gi++)
@@ -40,7 +48,8 @@ int ssd_backward(const float *xbc, int64_t rs, const float *dt, const float *A, 
                 const int64_t h0 = gi * r + si * per, h1 = h0 + per < (gi + 1) * r ? h0 + per : (gi + 1) * r;
                 if (h0 >= h1) continue;
                 const int64_t kp = k * p, kn = k * n, pn = p * n, kk2 = k * k;
-                float *buf = calloc(7 * kp + 8 * kn + 4 * kk2 + (h1 - h0) * pn + pn + 6 * k, sizeof(float));
+                float *buf = buf_all + (size_t)omp_get_thread_num() * buf_len;
+                memset(buf, 0, sizeof(float) * (size_t)(7 * kp + 8 * kn + 4 * kk2 + (h1 - h0) * pn + pn + 6 * k));
                 float *U = buf, *UT = U + kp, *dY = UT + kp, *dYe = dY + kp, *Uw = dYe + kp, *dU = Uw + kp;
                 float *Cm = dU + kp, *Bm = Cm + kn, *Bw = Bm + kn, *dCa = Bw + kn, *dBa = dCa + kn, *T = dBa + kn;
                 float *Q = T + kn, *Gm = Q + kk2, *Wm = Gm + kk2, *CB = Wm + kk2;
@@ -183,7 +192,6 @@ int ssd_backward(const float *xbc, int64_t rs, const float *dt, const float *A, 
                     partial[(b * nh + h) * 2 + 1] = dD_acc[h - h0];
                     if (dinit) memcpy(dinit + (b * nh + h) * pn, dSall + (h - h0) * pn, sizeof(float) * pn);
                 }
-                free(buf);
             }
     if (ns > 1) {
         #pragma omp parallel for schedule(static)
@@ -204,5 +212,6 @@ int ssd_backward(const float *xbc, int64_t rs, const float *dt, const float *A, 
         dD[h] = sd;
     }
     free(partial);
+    free(buf_all);
     return 0;
 }
