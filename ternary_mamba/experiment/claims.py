@@ -14,6 +14,7 @@ last checkpoint):
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -82,7 +83,6 @@ class Claims:
         from ..commands.ptq import ptq
         folder = self.out / "posthoc" / name
         if folder.exists():  # interrupted after writing: redo it (seconds)
-            import shutil
             shutil.rmtree(folder)
         cfg = PtqConfig(teacher=self.teacher_path, out=str(folder), seed=self.args.seed, eval_batches=EVAL_BATCHES,
                         group_size=self.args.group_size, **POSTHOC[name])
@@ -94,8 +94,11 @@ class Claims:
     def _train_config(self, run: Path, defaults) -> dict:
         """What every training run shares: data, budget, seed, evaluation cadence; resumed where it stopped."""
         train = defaults.train.replace(tokens=self.args.tokens, seed=self.args.seed, eval_every=25)
+        resume = (run / "checkpoint" / "trainer_state.json").exists()
+        if not resume and run.exists():        # stopped before its first checkpoint: this folder is ours to redo
+            shutil.rmtree(run)
         return {"out": str(run), "data": list(self.data), "eval_data": list(self.eval_data), "train": train,
-                "resume": (run / "run.json").exists(), "device": self.args.device, "dtype": self.args.dtype}
+                "resume": resume, "device": self.args.device, "dtype": self.args.dtype}
 
     def qat(self, name: str) -> dict:
         from ..commands.quantize import quantize

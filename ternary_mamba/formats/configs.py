@@ -31,12 +31,14 @@ def config_from_dict(d: dict, source: str = "config") -> Mamba2Config:
         raise UserError(f"{source}:{msg[len('config:'):]}" if msg.startswith("config:") else msg) from None
     except KeyError as e:
         raise UserError(f"{source}: missing field {e}") from None
-    except TypeError as e:
+    except (TypeError, ValueError, AttributeError) as e:
         raise UserError(f"{source}: bad field ({e})") from None
     raise UserError(f"{source}: not a Mamba-2 config (expected mamba_ssm, transformers or ternary-mamba fields)")
 
 
 def _config_from_mamba_ssm(d: dict, source: str) -> Mamba2Config:
+    if not isinstance(d.get("ssm_cfg") or {}, dict):
+        raise UserError(f"{source}: ssm_cfg must be an object, got {d.get('ssm_cfg')!r:.80}")
     ssm = dict(d.get("ssm_cfg") or {})
     if ssm.get("layer", "Mamba1") != "Mamba2":
         raise UserError(f"{source}: ssm_cfg.layer is '{ssm.get('layer', 'Mamba1')}', not Mamba2 (Mamba-1 is not supported)")

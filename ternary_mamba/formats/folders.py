@@ -46,12 +46,16 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-        if not shards:
-            raise UserError(f"{index}: empty weight_map")
+        wm = read_json(index).get("weight_map")
+        if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
+            raise UserError(f"{index}: weight_map must be a non-empty object of tensor name -> shard file")
         sd = {}
-        for shard in shards:
-            sd.update(_load_safetensors(folder / shard))
+        root = folder.resolve()
+        for shard in sorted(set(wm.values())):
+            p = (folder / shard).resolve()
+            if Path(shard).is_absolute() or p.parent != root:     # shards live in the model folder, nowhere else
+                raise UserError(f"{index}: shard {shard!r} is outside the model folder")
+            sd.update(_load_safetensors(p))
         return sd
     if (folder / "model.safetensors").exists():
         return _load_safetensors(folder / "model.safetensors")

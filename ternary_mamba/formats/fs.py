@@ -23,42 +23,97 @@ def read_json(path: Path) -> dict:
     return data
 
 
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def _fsync_path(p: Path) -> None:
+    """Flush a file's data, or a folder's entries, to the disk (a rename is durable only after its folder is)."""
+    try:
+        fd = os.open(str(p), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def aside_path(out: Path) -> Path:
+    """Where the previous version of `out` waits while the new one is renamed in."""
+    return Path(out).with_name(f".{Path(out).name}.old")
+
+
+def recover(out: Path) -> None:
+    """Undo an interrupted replacement: if `out` is missing but its previous version is set aside, put it back."""
+    out, old = Path(out), aside_path(out)
+    if not out.exists() and old.exists():
+        os.replace(old, out)
+        _fsync_path(out.parent)
+
+
 def atomic_dir(out: Path, overwrite: bool = False):
-    """Context manager: yields a temporary sibling folder, renamed onto `out` only on success."""
+    """Context manager: yields a temporary sibling folder, renamed onto `out` only on success.  Replacing an
+    existing `out` renames it aside, renames the new one in, then deletes the old one: at every instant one
+    complete version exists under `out` or aside (`recover` puts an aside one back).  Files are fsynced before
+    the renames; permissions follow the umask."""
     @contextlib.contextmanager
     def _ctx():
         out_p = Path(out)
+        recover(out_p)
         if out_p.exists() and not overwrite:
             raise UserError(f"{out_p}: already exists; choose another output folder")
+        if out_p.exists() and not out_p.is_dir():
+            raise UserError(f"{out_p}: exists and is a file; choose another output folder")
         out_p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_p.name}.", dir=out_p.parent))
-        os.chmod(tmp, 0o755)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_p.name}.tmp", dir=out_p.parent))
+        mask = _umask()
+        os.chmod(tmp, 0o777 & ~mask)
+        done = False
         try:
             yield tmp
             for f in tmp.rglob("*"):
-                os.chmod(f, 0o755 if f.is_dir() else 0o644)
+                os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~mask)
+                _fsync_path(f)
+            _fsync_path(tmp)
+            old = aside_path(out_p)
             if out_p.exists():
-                shutil.rmtree(out_p)
-            os.replace(tmp, out_p)
+                if old.exists():
+                    shutil.rmtree(old)
+                os.replace(out_p, old)          # 1. the previous version aside (still complete)
+            os.replace(tmp, out_p)              # 2. the new one in
+            done = True
+            _fsync_path(out_p.parent)
+            if old.exists():
+                shutil.rmtree(old, ignore_errors=True)   # 3. only now is the previous version deleted
         finally:
-            if tmp.exists():
+            if not done and tmp.exists():       # the incomplete new version; the previous one is untouched
                 shutil.rmtree(tmp, ignore_errors=True)
     return _ctx()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file by write-to-temporary, fsync, rename (the parent folder is created if needed)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; expected a file path")
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o644)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+        _fsync_path(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -176,7 +176,17 @@ def load_gguf(path: Path):
     try:
         r = gguf.GGUFReader(path)
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
-        raise UserError(f"{path}: not a readable GGUF file ({e})") from None
+        raise UserError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0][:160]})") from None
+    try:
+        return _model_from_gguf(r, path, gguf)
+    except UserError:
+        raise
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError, ZeroDivisionError) as e:
+        raise UserError(f"{path}: GGUF metadata or tensors do not describe a mamba2 model "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+
+
+def _model_from_gguf(r, path: Path, gguf):
 
     def field(key):
         f = r.fields.get(key)
@@ -216,6 +226,9 @@ def load_gguf(path: Path):
                    p + "mixer.norm.weight": t[b + "ssm_norm.weight"].reshape(-1)})
         if cfg.conv_bias:
             sd[p + "mixer.conv1d.bias"] = t[b + "ssm_conv1d.bias"]
+    for k, v in sd.items():
+        if not bool(torch.isfinite(v).all()):
+            raise UserError(f"{path}: tensor for {k} holds NaN or infinite values; the file is corrupt")
     model = Mamba2LM(cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
@@ -229,7 +242,10 @@ def load_gguf_tokenizer(path: Path):
     gguf = _gguf()
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers
-    r = gguf.GGUFReader(path)
+    try:
+        r = gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
+        raise UserError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0][:160]})") from None
 
     def strings(key):
         f = r.fields.get(key)

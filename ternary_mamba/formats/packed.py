@@ -73,6 +73,32 @@ def _check_header(h: dict, folder: Path) -> None:
         raise UserError(f"{folder}: unknown packing {h.get('packing')!r} (expected tq2 or tq1)")
     if not isinstance(h.get("ternary"), dict) or not h["ternary"]:
         raise UserError(f"{folder}: header lists no ternary modules")
+    if not isinstance(h.get("config"), dict):
+        raise UserError(f"{folder}: header has no model config (\"config\" must be an object)")
+    for name, spec in h["ternary"].items():
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        G = spec.get("group_size") if isinstance(spec, dict) else None
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_count(v) for v in shape) and _is_count(G)):
+            raise UserError(f"{folder}: header entry {name!r} needs \"shape\": [out, in] and \"group_size\", "
+                            f"positive integers; got {spec!r:.120}")
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 < v < 1 << 31
+
+
+def _check_codes(codes: torch.Tensor, where: str) -> None:
+    """tq2 bytes hold four 2-bit fields in {0, 1, 2}; a 3 would decode differently on each path."""
+    c = codes.reshape(-1)
+    bad = ((c & 3) == 3) | ((c >> 2 & 3) == 3) | ((c >> 4 & 3) == 3) | ((c >> 6 & 3) == 3)
+    if bool(bad.any()):
+        raise UserError(f"{where}: invalid tq2 byte {int(c[bad][0])} at offset {int(bad.nonzero()[0])} "
+                        "(a 2-bit field equal to 3); the file is corrupt")
+
+
+def _check_finite(t: torch.Tensor, where: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise UserError(f"{where}: holds NaN or infinite values; the file is corrupt")
 
 
 def load_packed(folder: Path):
@@ -80,7 +106,10 @@ def load_packed(folder: Path):
     folder = Path(folder)
     h = read_json(folder / "config.json")
     _check_header(h, folder)
-    cfg = Mamba2Config.from_dict(h["config"])
+    try:
+        cfg = Mamba2Config.from_dict(h["config"])
+    except TypeError as e:
+        raise UserError(f"{folder / 'config.json'}: bad model config ({e})") from None
     packing, per = h["packing"], PER_BYTE[h["packing"]]
     path = folder / "model.safetensors"
     try:
@@ -116,12 +145,22 @@ def load_packed(folder: Path):
                 codes = pack(unpack(codes, "tq1", (out_f, in_f)), "tq2")
             except ValueError as e:
                 raise UserError(f"{path}: {name}.codes: {e}") from None
-        packed = PackedTernaryLinear(codes.view(out_f, in_f // 4), scales, in_f, G,
-                                     get(f"{name}.bias") if f"{name}.bias" in keys else None)
+        else:
+            _check_codes(codes, f"{path}: {name}.codes")
+        _check_finite(scales, f"{path}: {name}.scales")
+        bias = get(f"{name}.bias") if f"{name}.bias" in keys else None
+        if bias is not None and (not bias.is_floating_point() or tuple(bias.shape) != (out_f,)):
+            raise UserError(f"{path}: {name}.bias has shape {tuple(bias.shape)} ({bias.dtype}); expected ({out_f},)")
+        if bias is not None:
+            _check_finite(bias, f"{path}: {name}.bias")
+        packed = PackedTernaryLinear(codes.view(out_f, in_f // 4), scales, in_f, G, bias)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, packed)
         keys -= {f"{name}.codes", f"{name}.scales", f"{name}.bias"}
-    load_state_dict_strict(model, {k: get(k) for k in keys}, str(path))
+    rest = {k: get(k) for k in keys}
+    for k, v in rest.items():
+        _check_finite(v, f"{path}: {k}")
+    load_state_dict_strict(model, rest, str(path))
     if h.get("other_dtype") == "fp16" and cfg.tie_embeddings:
         # the stored fp16 head, read at half the bytes of fp32, same values
         model.lm_head = Fp16Head(model.backbone.embedding.weight)

@@ -69,6 +69,19 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any: a collective, so all ranks must call it together."""
+    if not active():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _collective_device() -> torch.device:
+    return local_device() if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def mean_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """Average logged scalars over ranks (so logs equal the single-process global-batch values)."""
     if not active() or not metrics:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..formats.fs import atomic_dir
+from ..formats.fs import atomic_dir, recover
 from ..ops.device import AUTOCAST_DEVICES, autocast, scalar
 from ..errors import UserError
 from . import distributed as D
@@ -79,6 +79,7 @@ class Trainer:
         for g in self.opt.param_groups:
             g["base_lr"] = g["lr"] * g.pop("lr_mult", 1.0)
         self.step = 0
+        self.saved_step: int | None = None     # the step of the last checkpoint this process wrote or loaded
         self.ckpt_dir = self.run_dir / "checkpoint"
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
@@ -94,10 +95,18 @@ class Trainer:
                 save_file({k: v.contiguous() for k, v in msd.items()}, str(tmp / "model.safetensors"))
                 torch.save(osd, tmp / "optimizer.pt")
                 (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "world_size": self.world}))
+        self.saved_step = self.step
         D.barrier()
+
+    def _last_good(self) -> str:
+        """Where the last checkpoint is: written only after finite steps, so it holds no exploded weights."""
+        if self.saved_step is None:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint, step {self.saved_step}, is in {self.ckpt_dir}; --resume continues from it"
 
     def load_checkpoint(self) -> None:
         from safetensors.torch import load_file
+        recover(self.ckpt_dir)
         try:
             state = json.loads((self.ckpt_dir / "trainer_state.json").read_text())
             msd = load_file(str(self.ckpt_dir / "model.safetensors"))
@@ -110,7 +119,9 @@ class Trainer:
             D.load_full_state(self.inner, self.opt, msd, osd)
         except (RuntimeError, KeyError, ValueError) as e:
             raise UserError(f"{self.ckpt_dir}: checkpoint does not fit this run ({str(e).splitlines()[0][:200]})") from None
-        self.step = state["step"]
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0:
+            raise UserError(f"{self.ckpt_dir / 'trainer_state.json'}: \"step\" must be a non-negative integer")
+        self.step = self.saved_step = state["step"]
         # drop metrics logged after the checkpoint: the resumed run re-logs them identically
         if self.metrics_path.exists():
             keep = [l for l in self.metrics_path.read_text().splitlines() if _step_of(l) <= self.step]
@@ -142,9 +153,10 @@ class Trainer:
             batch = self.train_data.batch(idx).to(self.device, non_blocking=True)
             with autocast(self.device, self.dtype):
                 loss, metrics = self.objective.loss(self.model, batch)
-            if loss.device.type != "meta" and not torch.isfinite(loss):
-                raise UserError(f"step {self.step}: loss is {loss.item()}; stopping without saving "
-                                f"(last good checkpoint: {self.ckpt_dir}); try a lower --lr")
+            bad = loss.device.type != "meta" and not bool(torch.isfinite(loss))
+            if D.any_rank(bad):      # every rank stops together (none is left waiting in a collective)
+                raise UserError(f"step {self.step}: loss is not finite{' on some rank' if not bad else ''}; "
+                                f"stopping without saving ({self._last_good()}); try a lower --lr")
             scaled = loss / cfg.grad_accum
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             for k, v in metrics.items():
@@ -156,8 +168,10 @@ class Trainer:
         if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor
             gnorm = gnorm.full_tensor()
         fp16 = self.scaler is not None and self.scaler.is_enabled()
-        if gnorm.device.type != "meta" and not torch.isfinite(gnorm) and not fp16:   # under fp16 the scaler skips the step and lowers its scale
-            raise UserError(f"step {self.step}: gradient norm is {gnorm.item()}; stopping without saving; try a lower --lr")
+        bad = gnorm.device.type != "meta" and not bool(torch.isfinite(gnorm)) and not fp16  # fp16: the scaler skips
+        if D.any_rank(bad):
+            raise UserError(f"step {self.step}: gradient norm is not finite; stopping without saving "
+                            f"({self._last_good()}); try a lower --lr")
         if fp16:
             self.scaler.step(self.opt)
             self.scaler.update()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from ..formats.fs import read_json, write_json_atomic
+from ..formats.fs import read_json, recover, write_json_atomic
 from ..formats.datasets import is_hub_source
 from .data import PackedSequences, load_tokens, split_heldout, tokenize_to_file
 
@@ -43,6 +43,7 @@ def prepare_run_dir(out: Path, record: dict, resume: bool, free: set[tuple] = fr
     """Create (or check for resuming) a run folder; returns True when a checkpoint should be loaded."""
     out = Path(out)
     run_json = out / RUN_JSON
+    recover(out / "checkpoint")       # a replacement interrupted by a kill: the previous checkpoint comes back
     if resume:
         if not run_json.exists():
             raise UserError(f"{out}: not a run folder (no run.json); cannot --resume")
@@ -59,10 +60,8 @@ def prepare_run_dir(out: Path, record: dict, resume: bool, free: set[tuple] = fr
             raise UserError(f"{out}: --resume with a different config ({k}: run has {a!r}, now {b!r}); "
                             "use the same arguments or a new --out")
         if not (out / "checkpoint" / "trainer_state.json").exists():
-            # killed before its first checkpoint: start over from step 0, without the old run's metrics
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-            print(f"{out}: no checkpoint yet; starting from step 0")
-            return False
+            raise UserError(f"{out}: has no checkpoint yet (it stopped before its first save); start it again "
+                            "with a new --out, or delete this folder")
         return True
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is a file; choose another --out")
