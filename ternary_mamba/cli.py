@@ -215,6 +215,10 @@ def _run(args) -> None:
         raise UserError("usage: ternary-mamba bench {model,qat,decode,prefill}")
 
 
+# commands that allocate the same large activations every step: they keep freed memory in the heap
+MEMORY_HUNGRY = ("quantize", "pretrain", "experiment", "bench", "ptq")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -229,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
             threads = getattr(args._cfg, "threads", None)
         import torch
 
-        from .runtime.memory import keep_freed_memory
-        keep_freed_memory()   # no page faults on every step's fresh activations (see runtime/memory.py)
+        if args.command in MEMORY_HUNGRY:
+            from .runtime.memory import keep_freed_memory
+            keep_freed_memory()   # no page faults on every step's fresh activations (see runtime/memory.py)
         if threads:
             torch.set_num_threads(threads)
         if args.command in ("pretrain", "quantize"):
@@ -245,6 +250,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ternary-mamba {args.command}: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        from .train.distributed import active, world
+        if not active():
+            raise
+        # under torchrun a rank that failed has left; the collectives of the others fail: one line, not a traceback
+        print(f"ternary-mamba {args.command}: error: rank {world()[0]}: stopped because another rank failed "
+              f"({str(e).splitlines()[0][:120]}); see that rank's message", file=sys.stderr)
+        return 1
+    finally:
+        if "torch.distributed" in sys.modules:
+            from .train.distributed import shutdown
+            shutdown()
     return 0
 
 

@@ -24,7 +24,8 @@ def resolve_model_dir(path_or_id: str | os.PathLike) -> Path:
             raise UserError(f"{p}: expected a model folder (with config.json), got a file")
         return p
     s = str(path_or_id)
-    if s.count("/") != 1 or s.startswith((".", "/")):
+    # only what cannot be a local path is a hub id: not ./x or /x, not inside a folder that exists here
+    if s.count("/") != 1 or s.startswith((".", "/", "~")) or Path(s).parent.exists():
         raise UserError(f"{s}: no such folder")
     try:
         from huggingface_hub import snapshot_download

@@ -33,6 +33,36 @@ def _cpu_flags() -> bytes:
         return b""
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(so: Path) -> bool:
+    """The cached library is the one that was built: its hash sidecar matches (a truncated or tampered file,
+    which would crash the process when loaded, is rebuilt instead)."""
+    side = so.with_suffix(".so.sha256")
+    try:
+        return side.read_text().strip() == _sha256(so)
+    except OSError:
+        return False
+
+
+def _check_cache_dir(d: Path) -> None:
+    """A cache others can write to could hand us their code to load: refuse it."""
+    st = d.stat()
+    if st.st_mode & 0o022 and not os.environ.get("TERNARY_MAMBA_ALLOW_SHARED_CACHE"):
+        raise RuntimeError(f"the kernel cache {d} is group- or world-writable; chmod go-w it, or point "
+                           "TERNARY_MAMBA_CACHE elsewhere")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _compile() -> Path:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
     if cc is None:
@@ -40,6 +70,8 @@ def _compile() -> Path:
     sources = sorted(CSRC.glob("*.c"))
     src = b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()) if p.suffix in (".c", ".h"))
     flags = ["-O3", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11"]   # fp-contract: a*b+c as one FMA
+    if os.environ.get("TERNARY_MAMBA_SANITIZE"):   # AddressSanitizer build (tests/test_sanitize.py)
+        flags = ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer", "-shared", "-fPIC", "-std=c11"]
     # TERNARY_MAMBA_MARCH: the target instead of the build machine's (e.g. haswell = AVX2 without AVX-512, to
     # build for, or test the code paths of, older CPUs)
     march = os.environ.get("TERNARY_MAMBA_MARCH", "native")
@@ -48,16 +80,38 @@ def _compile() -> Path:
     tag = hashlib.sha256(src + cc.encode() + os.uname().machine.encode() + " ".join(flags).encode()
                          + march.encode() + _cpu_flags()).hexdigest()[:16]
     out = _build_dir() / f"kernels-{tag}.so"
-    if out.exists():
+    out.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    _check_cache_dir(out.parent)
+    if out.exists() and _intact(out):
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}.so")
-    for extra in ([f"-march={march}", "-fopenmp"], ["-fopenmp"], []):
-        r = subprocess.run([cc, *flags, *extra, *map(str, sources), "-o", str(tmp), "-lm"], capture_output=True, text=True)
-        if r.returncode == 0:
-            os.replace(tmp, out)
-            return out
+    try:
+        for extra in ([f"-march={march}", "-fopenmp"], ["-fopenmp"], []):
+            r = subprocess.run([cc, *flags, *extra, *map(str, sources), "-o", str(tmp), "-lm"], capture_output=True,
+                               text=True)
+            if r.returncode == 0:
+                side = out.with_suffix(".so.sha256")
+                side_tmp = side.with_suffix(f".tmp{os.getpid()}")
+                side_tmp.write_text(_sha256(tmp) + "\n")
+                _fsync(tmp)
+                _fsync(side_tmp)
+                os.replace(tmp, out)            # the library first: a sidecar never vouches for a missing file
+                os.replace(side_tmp, side)
+                _fsync(out.parent)
+                return out
+    finally:
+        tmp.unlink(missing_ok=True)
     raise RuntimeError(f"compiling {CSRC} failed: {r.stderr.strip().splitlines()[-1] if r.stderr else '?'}")
+
+
+def _load():
+    so = _compile()
+    try:
+        return ctypes.CDLL(str(so))
+    except OSError:                   # unloadable although its hash matched (e.g. another libc): build again
+        so.unlink(missing_ok=True)
+        so.with_suffix(".so.sha256").unlink(missing_ok=True)
+        return ctypes.CDLL(str(_compile()))
 
 
 def get_kernel():
@@ -67,7 +121,7 @@ def get_kernel():
         return _lib
     _tried = True
     try:
-        lib = ctypes.CDLL(str(_compile()))
+        lib = _load()
     except (RuntimeError, OSError) as e:
         warnings.warn(f"ternary kernel unavailable ({e}); using the slower pure-PyTorch path", stacklevel=2)
         return None

@@ -32,6 +32,12 @@ def init_if_launched() -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def shutdown() -> None:
+    """Leave the process group (on every exit path, so no rank waits on a closed one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

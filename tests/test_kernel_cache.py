@@ -1,0 +1,39 @@
+"""The compiled-kernel cache: a truncated or tampered library is rebuilt (never loaded: that would crash the
+process), and a cache folder others can write to is refused."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+CODE = ("import warnings; warnings.simplefilter('ignore'); from ternary_mamba.ops.build import get_kernel; "
+        "import torch; from ternary_mamba.ops.kernels import tq2_gemv; lib = get_kernel(); "
+        "print('ok' if lib is not None and tq2_gemv(torch.zeros(2, 2, dtype=torch.uint8), torch.ones(2, 1), "
+        "torch.ones(1, 8), 8).shape == (1, 2) else 'none')")
+
+
+def _run(cache):
+    env = {**os.environ, "TERNARY_MAMBA_CACHE": str(cache)}
+    return subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_a_truncated_library_is_rebuilt_not_loaded(tmp_path):
+    if subprocess.run(["which", "gcc"], capture_output=True).returncode:
+        pytest.skip("no C compiler")
+    cache = tmp_path / "c"
+    assert _run(cache).stdout.strip() == "ok"
+    (so,) = (cache / "kernels").glob("*.so")
+    assert (so.parent / (so.name + ".sha256")).exists()
+    so.write_bytes(so.read_bytes()[:4096])          # a crash or a full disk mid-write
+    r = _run(cache)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-500:]
+    assert so.stat().st_size > 4096
+
+
+def test_a_world_writable_cache_is_refused(tmp_path):
+    cache = tmp_path / "c"
+    (cache / "kernels").mkdir(parents=True)
+    os.chmod(cache / "kernels", 0o777)
+    r = _run(cache)
+    assert r.returncode == 0 and r.stdout.strip() == "none"
+    assert not list((cache / "kernels").glob("*.so"))
