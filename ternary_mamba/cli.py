@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout = open(os.devnull, "w")
         _run(args)
     except UserError as e:
-        print(f"ternary-mamba {args.command}: error: {e}", file=sys.stderr)
+        if not (type(e).__name__ == "CollectiveError" and os.environ.get("RANK", "0") != "0"):
+            print(f"ternary-mamba {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"ternary-mamba {args.command}: interrupted", file=sys.stderr)

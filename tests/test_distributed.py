@@ -76,3 +76,20 @@ def test_killed_distributed_run_resumes_onto_the_same_trajectory(setup, text_dir
     assert p.returncode == 0, log[-3000:]
     got = _losses(out)
     assert len(got) == 12 and max(abs(a - b) for a, b in zip(got, ref)) < 2e-4
+
+
+@pytest.mark.parametrize("fault,message", [("nan@1:3", "loss is not finite on some rank"),
+                                           ("raise@1:3", "injected fault at step 3")])
+def test_a_fault_on_one_rank_stops_every_rank_promptly(setup, text_dir, tmp_path, fault, message):
+    cfg, _, _ = setup
+    exe = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TERNARY_MAMBA_FAULT": fault}
+    t = time.time()
+    p = subprocess.run([exe, "--standalone", "--nproc_per_node=2", "-m", "ternary_mamba",
+                        *_args(cfg, text_dir, tmp_path / "f", batch=8)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and time.time() - t < 120
+    assert message in out, out[-2000:]
+    ours = [l for l in out.splitlines() if l.startswith("ternary-mamba pretrain: error:")]
+    assert len(ours) == 1 if fault.startswith("nan") else len(ours) >= 1, ours

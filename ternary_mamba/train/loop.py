@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -53,6 +54,10 @@ class Progress:
             print("\r" + line.ljust(120), end="\n" if force else "", file=sys.stderr, flush=True)
         elif force or step % 100 == 0:
             print(line, file=sys.stderr, flush=True)
+
+
+class CollectiveError(UserError):
+    """An error every rank raises together (decided by a collective): rank 0 alone reports it."""
 
 
 class Trainer:
@@ -153,10 +158,11 @@ class Trainer:
             batch = self.train_data.batch(idx).to(self.device, non_blocking=True)
             with autocast(self.device, self.dtype):
                 loss, metrics = self.objective.loss(self.model, batch)
+            loss = _injected_fault(loss, self.rank, self.step)
             bad = loss.device.type != "meta" and not bool(torch.isfinite(loss))
             if D.any_rank(bad):      # every rank stops together (none is left waiting in a collective)
-                raise UserError(f"step {self.step}: loss is not finite{' on some rank' if not bad else ''}; "
-                                f"stopping without saving ({self._last_good()}); try a lower --lr")
+                raise CollectiveError(f"step {self.step}: loss is not finite{' on some rank' if not bad else ''}; "
+                                      f"stopping without saving ({self._last_good()}); try a lower --lr")
             scaled = loss / cfg.grad_accum
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             for k, v in metrics.items():
@@ -170,8 +176,8 @@ class Trainer:
         fp16 = self.scaler is not None and self.scaler.is_enabled()
         bad = gnorm.device.type != "meta" and not bool(torch.isfinite(gnorm)) and not fp16  # fp16: the scaler skips
         if D.any_rank(bad):
-            raise UserError(f"step {self.step}: gradient norm is not finite; stopping without saving "
-                            f"({self._last_good()}); try a lower --lr")
+            raise CollectiveError(f"step {self.step}: gradient norm is not finite; stopping without saving "
+                                  f"({self._last_good()}); try a lower --lr")
         if fp16:
             self.scaler.step(self.opt)
             self.scaler.update()
@@ -217,6 +223,21 @@ class Trainer:
                 self.save_checkpoint()
             self.objective.check(rec)  # e.g. the zero-ratio collapse detector; may raise
         return last
+
+
+def _injected_fault(loss: torch.Tensor, rank: int, step: int) -> torch.Tensor:
+    """Fault injection for the distributed tests: TERNARY_MAMBA_FAULT=nan@RANK:STEP makes that rank's loss NaN
+    at that step, raise@RANK:STEP raises there.  Unset (always, outside tests), it does nothing."""
+    spec = os.environ.get("TERNARY_MAMBA_FAULT")
+    if not spec:
+        return loss
+    kind, _, where = spec.partition("@")
+    r, _, s = where.partition(":")
+    if (int(r), int(s)) != (rank, step):
+        return loss
+    if kind == "raise":
+        raise UserError(f"rank {rank}: injected fault at step {step}")
+    return loss * float("nan")
 
 
 def _max_rss_mb() -> float:
