@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-all test-asan bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ test: $(STAMP)  ## the offline test suite (no ../shared, no network)
 
 test-all: $(STAMP)  ## including the slow tests
 	$(BIN)/python -m pytest -q -m ""
+
+test-asan: $(STAMP)  ## the C kernels under AddressSanitizer: kernel tests + the fuzz cases
+	bash scripts/test_asan.sh
 
 bench: $(STAMP)
 	$(BIN)/ternary-mamba bench model

@@ -66,10 +66,10 @@ def export_packed(model, out: Path, packing: str = "tq2", other_dtype: str = "fp
 
 # ------------------------------------------------------------------ load
 def _check_header(h: dict, folder: Path) -> None:
-    if h.get("format_version") != FORMAT_VERSION:
+    if type(h.get("format_version")) is not int or h["format_version"] != FORMAT_VERSION:
         raise UserError(f"{folder}: packed format version {h.get('format_version')!r} is not supported "
                         f"(this ternary-mamba reads version {FORMAT_VERSION})")
-    if h.get("packing") not in PER_BYTE:
+    if not isinstance(h.get("packing"), str) or h["packing"] not in PER_BYTE:
         raise UserError(f"{folder}: unknown packing {h.get('packing')!r} (expected tq2 or tq1)")
     if not isinstance(h.get("ternary"), dict) or not h["ternary"]:
         raise UserError(f"{folder}: header lists no ternary modules")
