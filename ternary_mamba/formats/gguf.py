@@ -106,6 +106,9 @@ def export_gguf(model, out: Path, qtype: str = "tq2_0", tokenizer_path: Path | N
         raise UserError(f"{out}: already exists; choose another --out")
     if getattr(model, "ternary_config", None) is None and qtype not in ("f16", "f32"):
         raise UserError(f"the model is not ternary: {qtype.upper()} needs a QAT/PTQ student (f16/f32 write it dense)")
+    if out.is_dir():
+        raise UserError(f"{out}: is a folder; --out of a GGUF export is a .gguf file path")
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     w = gguf.GGUFWriter(tmp, ARCH)
     types: dict[str, str] = {}

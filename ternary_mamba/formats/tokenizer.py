@@ -43,14 +43,24 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
 
 def train_bpe_tokenizer(files: list[Path], vocab_size: int, out: Path) -> Tokenizer:
-    """Byte-level BPE (GPT-2/NeoX style) trained on text files, with <|endoftext|> as id 0."""
+    """Byte-level BPE (GPT-2/NeoX style) trained on text files, with <|endoftext|> as id 0.  The files are read
+    as documents first (binary or non-UTF-8 files are refused, naming them), and an empty corpus is an error."""
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from .text import iter_documents
+
+    def docs():
+        for f in files:
+            yield from iter_documents(Path(f))
+    chars = sum(len(d) for d in docs())            # validates every file before any training
+    if chars < 1000:
+        raise UserError(f"{', '.join(map(str, files[:3]))}: {chars} characters of text; a tokenizer needs a real "
+                        "corpus (at least thousands of characters)")
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train([str(f) for f in files], trainer)
+    tok.train_from_iterator(docs(), trainer)
     atomic_write_bytes(out, tok.to_str().encode())
     return Tokenizer(tok, Path(out))
 

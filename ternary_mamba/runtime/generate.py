@@ -12,6 +12,8 @@ from .decode_engine import session
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
     """logits (b, V) -> token ids (b,).  temperature 0 = greedy; top_p < 1 = nucleus sampling."""
+    if not bool(torch.isfinite(logits).all()):
+        raise UserError("the model produced NaN or infinite logits: its weights are corrupt or overflowed")
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)

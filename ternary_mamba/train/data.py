@@ -81,9 +81,26 @@ def tokenize_to_file(paths: list[str | os.PathLike], tokenizer, cache_dir: Path 
     if out.exists():
         return out
     tmp = out.with_suffix(f".tmp{os.getpid()}")
+    progress = _Progress(verbose)
+    try:
+        n_docs, n_tokens = _write_tokens(tmp, files, hubs, tokenizer, dtype, max_tokens, progress)
+    except BaseException:
+        tmp.unlink(missing_ok=True)          # never leave a partial token file in the cache
+        raise
+    if verbose:
+        print(f"{chr(13) if sys.stderr.isatty() else ''}tokenized {len(files) + len(hubs)} sources: {n_docs:,} documents, "
+              f"{n_tokens:,} tokens -> {out}", file=sys.stderr)
+    if n_tokens == 0:
+        tmp.unlink()
+        raise UserError(f"{', '.join(map(str, paths))}: no text to train on (all files empty)")
+    os.replace(tmp, out)
+    return out
+
+
+def _write_tokens(tmp: Path, files, hubs, tokenizer, dtype, max_tokens, progress) -> tuple[int, int]:
+    """Stream every document's tokens (end-of-text after each) into `tmp`; returns (documents, tokens)."""
     n_tokens, n_docs = 0, 0
     sep = tokenizer.eos_id
-    progress = _Progress(verbose)
     pending: list[str] = []
 
     def flush(f) -> None:
@@ -111,14 +128,7 @@ def tokenize_to_file(paths: list[str | os.PathLike], tokenizer, cache_dir: Path 
             if max_tokens is not None and n_tokens >= max_tokens:
                 break
         flush(f)
-    if verbose:
-        print(f"{chr(13) if sys.stderr.isatty() else ''}tokenized {len(files) + len(hubs)} sources: {n_docs:,} documents, "
-              f"{n_tokens:,} tokens -> {out}", file=sys.stderr)
-    if n_tokens == 0:
-        tmp.unlink()
-        raise UserError(f"{', '.join(map(str, paths))}: no text to train on (all files empty)")
-    os.replace(tmp, out)
-    return out
+    return n_docs, n_tokens
 
 
 def tokenizer_encode_pieces(tokenizer, doc: str, piece_chars: int = PIECE_CHARS) -> list[int]:

@@ -41,6 +41,16 @@ def config_diff(old: dict, new: dict, free: set[tuple]) -> list[tuple[str, objec
 
 def prepare_run_dir(out: Path, record: dict, resume: bool, free: set[tuple] = frozenset()) -> bool:
     """Create (or check for resuming) a run folder; returns True when a checkpoint should be loaded."""
+    if check_run_dir(out, record, resume, free):
+        return True
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(out) / RUN_JSON, record)
+    return False
+
+
+def check_run_dir(out: Path, record: dict, resume: bool, free: set[tuple] = frozenset()) -> bool:
+    """Every check of a run folder, writing nothing (so it runs before tokenizing): True when a checkpoint is to
+    be loaded, False when a new run may start there."""
     out = Path(out)
     run_json = out / RUN_JSON
     recover(out / "checkpoint")       # a replacement interrupted by a kill: the previous checkpoint comes back
@@ -68,8 +78,6 @@ def prepare_run_dir(out: Path, record: dict, resume: bool, free: set[tuple] = fr
     if out.exists() and any(out.iterdir()):
         what = "already holds a run" if run_json.exists() else "exists and is not empty"
         raise UserError(f"{out}: {what}; pass --resume to continue it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_json, record)
     return False
 
 
@@ -80,6 +88,7 @@ def prepare_run_and_data(out: Path, record: dict, resume: bool, free: set[tuple]
     then read the cached tokens.  Returns (load checkpoint?, train, held-out)."""
     from . import distributed as D
     if D.is_main():
+        check_run_dir(out, record, resume, free)   # before minutes of tokenizing, and before writing anything
         train, held = prepare_data(data, eval_data, tok, seq_len, heldout_fraction, cache_dir, budget=budget)
         load = prepare_run_dir(out, record, resume, free)
     D.barrier()

@@ -1,0 +1,173 @@
+"""Bad input as a hostile user would bring it: corrupt and tampered files, bad configs, bad corpora, bad numbers,
+bad paths.  Every case ends in one line on stderr and exit code 1, with no traceback, and leaves what existed
+before untouched."""
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+
+from conftest import BUNDLED_TOKENIZER, random_model, tiny_config
+from ternary_mamba.cli import main
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_teacher_dir):
+    from ternary_mamba.formats.packed import export_packed
+    from ternary_mamba.quant.qat import TernaryConfig, quantize_
+    d = tmp_path_factory.mktemp("hostile")
+    m = random_model(tiny_config(vocab_size=8192))
+    quantize_(m, TernaryConfig(group_size=32))
+    export_packed(m, d / "packed", "tq2", "fp16", BUNDLED_TOKENIZER)
+    (d / "text").mkdir()
+    (d / "text" / "a.txt").write_text("Some text to train on. " * 400)
+    return d
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _safetensors(path):
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    return json.loads(raw[8:8 + n]), bytearray(raw[8 + n:])
+
+
+def _save_safetensors(path, header, body):
+    hb = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(hb)) + hb + bytes(body))
+
+
+def _case_code3(d, files):
+    p = _copy(files / "packed", d / "p")
+    header, body = _safetensors(p / "model.safetensors")
+    name = next(k for k in header if k.endswith(".codes"))
+    body[header[name]["data_offsets"][0]] = 0xFF                 # four 2-bit fields equal to 3
+    _save_safetensors(p / "model.safetensors", header, body)
+    return ["generate", str(p), "--prompt", "Hi", "--max-new-tokens", "2"], "invalid tq2 byte"
+
+
+def _case_nan_scale(d, files):
+    p = _copy(files / "packed", d / "p")
+    header, body = _safetensors(p / "model.safetensors")
+    name = next(k for k in header if k.endswith(".scales"))
+    o = header[name]["data_offsets"][0]
+    body[o:o + 2] = b"\x00\x7e"                                    # fp16 NaN
+    _save_safetensors(p / "model.safetensors", header, body)
+    return ["generate", str(p), "--prompt", "Hi", "--max-new-tokens", "2"], "NaN or infinite"
+
+
+def _case_bias(d, files):
+    p = _copy(files / "packed", d / "p")
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(p / "model.safetensors"))
+    sd["backbone.layers.0.mixer.in_proj.bias"] = torch.zeros(1)
+    meta = json.loads((p / "config.json").read_text())
+    save_file(sd, str(p / "model.safetensors"), metadata={"ternary_mamba": json.dumps(meta)})
+    return ["generate", str(p), "--prompt", "Hi", "--max-new-tokens", "2"], "in_proj.bias has shape"
+
+
+def _case_header(d, files):
+    p = _copy(files / "packed", d / "p")
+    h = json.loads((p / "config.json").read_text())
+    h["ternary"] = {"backbone.layers.0.mixer.in_proj": 1}
+    (p / "config.json").write_text(json.dumps(h))
+    return ["generate", str(p), "--prompt", "Hi"], "needs \"shape\""
+
+
+def _config_case(field, value, msg):
+    def make(d, files):
+        cfg = dict(tiny_config().to_dict())
+        cfg[field] = value
+        (d / "config.json").write_text(json.dumps({"format": "ternary-mamba", "config": cfg}))
+        return ["info", str(d / "config.json")], msg
+    return make
+
+
+def _case_ssm_cfg(d, files):
+    (d / "config.json").write_text(json.dumps({"d_model": 64, "n_layer": 2, "vocab_size": 512, "ssm_cfg": "x"}))
+    return ["info", str(d / "config.json")], "ssm_cfg must be an object"
+
+
+def _index_case(weight_map, msg):
+    def make(d, files, tiny_teacher_dir=None):
+        p = d / "m"
+        from ternary_mamba.formats.folders import save_model
+        save_model(random_model(tiny_config(vocab_size=8192)), p, tokenizer_path=BUNDLED_TOKENIZER)
+        (p / "model.safetensors").rename(p / "s1.safetensors")
+        (p / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        return ["generate", str(p), "--prompt", "Hi"], msg
+    return make
+
+
+def _corpus_case(content: bytes, msg):
+    def make(d, files):
+        (d / "c").mkdir()
+        (d / "c" / "x.txt").write_bytes(content)
+        return ["tokenizer", "train", "--data", str(d / "c"), "--out", str(d / "tok.json")], msg
+    return make
+
+
+def _quantize(files, d, *extra):
+    return ["quantize", "--data", str(files / "text"), "--out", str(d / "run"), *extra]
+
+
+CASES = {
+    "packed: code 3": _case_code3,
+    "packed: NaN scale": _case_nan_scale,
+    "packed: one-element bias": _case_bias,
+    "packed: malformed header": _case_header,
+    "config: norm_eps a string": _config_case("norm_eps", "tiny", "norm_eps must be a positive number"),
+    "config: chunk_size 2^20": _config_case("chunk_size", 2 ** 20, "chunk_size 1048576 is larger"),
+    "config: d_model a list": _config_case("d_model", [64], "d_model must be a positive integer"),
+    "config: ssm_cfg a string": _case_ssm_cfg,
+    "index: weight_map a list": _index_case(["s1.safetensors"], "weight_map must be"),
+    "index: shard outside the folder": _index_case({"backbone.norm_f.weight": "../x.safetensors"}, "outside"),
+    "corpus: binary": _corpus_case(b"\x00\x01\x02" * 500, "binary"),
+    "corpus: not UTF-8": _corpus_case("caf\xe9 ".encode("latin-1") * 500, "not UTF-8"),
+    "corpus: empty": _corpus_case(b"", "a tokenizer needs a real corpus"),
+    "flag: --chunk-size 1048576": lambda d, f: (_quantize(f, d, "--chunk-size", "1048576"), "at most 1024"),
+    "flag: --threads 0": lambda d, f: (_quantize(f, d, "--threads", "0"), "--threads must be >= 1"),
+    "flag: --seq-len 0": lambda d, f: (_quantize(f, d, "--seq-len", "0"), "--seq-len must be >= 1"),
+    "flag: --batch-size -1": lambda d, f: (_quantize(f, d, "--batch-size", "-1"), "--batch-size must be >= 1"),
+    "flag: --save-every 0": lambda d, f: (_quantize(f, d, "--save-every", "0"), "--save-every must be >= 1"),
+    "flag: --group-size 0": lambda d, f: (_quantize(f, d, "--group-size", "0"), "group size 0"),
+    "path: --out an existing file": lambda d, f: ((d / "run").write_text("mine") and _quantize(f, d), "is a file"),
+    "path: --resume without a checkpoint": lambda d, f: (((d / "run").mkdir(), (d / "run" / "run.json").write_text(
+        json.dumps({"command": "quantize", "config": {}})))[-1] and _quantize(f, d, "--resume"),
+        "different config|no checkpoint"),
+    "path: a one-slash path that does not exist": lambda d, f: (
+        ["generate", str(d / "nope" / "x"), "--prompt", "Hi"], "no such folder"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_hostile_input_is_one_line_and_changes_nothing(name, files, tmp_path, capsys):
+    argv, msg = CASES[name](tmp_path, files)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    n = torch.get_num_threads()
+    try:
+        rc = main(argv)
+    finally:
+        torch.set_num_threads(n)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1, (name, err)
+    assert len(err) == 1 and "error:" in err[0] and "Traceback" not in err[0], err
+    import re
+    assert re.search(msg, err[0]), err[0]
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p in before}
+    assert after == before, "a failed command changed files that existed before"
+
+
+def test_step_with_a_wrong_state_is_refused():
+    m = random_model(tiny_config())
+    state = m.empty_state(2)
+    state[0].ssm = torch.zeros(2, 3, 3, 3)
+    with pytest.raises(ValueError, match="state shapes"), torch.no_grad():
+        m.step(torch.tensor([1, 2]), state, inplace=True)
+    with pytest.raises(ValueError, match="state shapes"), torch.no_grad():
+        m(torch.tensor([[1, 2]]), state=m.empty_state(1)[:1] + state[1:])
