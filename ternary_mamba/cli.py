@@ -13,6 +13,7 @@ EPILOG = """examples:
   ternary-mamba quantize --teacher state-spaces/mamba2-130m --data books/ --tokens 5000000 --out runs/130m
   ternary-mamba quantize --config runs/130m/run.json --out runs/130m-again   # replay a run (flags override)
   ternary-mamba info mamba2-1.3b                           # a preset: 1,343,757,312 parameters
+  ternary-mamba info bundled                               # the bundled teacher, by name
   ternary-mamba pretrain --model-config teacher-8k --tokenizer tok.json --data books/ --tokens 20000000 --out runs/t
   ternary-mamba tokenizer train --data books/ --vocab-size 8192 --out tokenizer.json
   ternary-mamba export runs/130m --format tq1 --out packed/130m
@@ -220,6 +221,16 @@ MEMORY_HUNGRY = ("quantize", "pretrain", "experiment", "bench", "ptq")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:          # lm-eval parses its own flags, --help included
+        from .errors import UserError
+        try:
+            from .eval.lm_eval_main import main as lm_eval_main
+            lm_eval_main(argv[1:])
+        except UserError as e:
+            print(f"ternary-mamba lm-eval: error: {e}", file=sys.stderr)
+            return 1
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

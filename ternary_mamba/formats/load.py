@@ -16,9 +16,16 @@ from .fs import read_json
 RUN_MODEL_DIRS = ("student", "model")   # where quantize / ptq and pretrain put a run's finished model
 
 
+BUNDLED_NAMES = ("bundled", "teacher")    # the teacher shipped in ternary_mamba/assets, by name
+
+
 def resolve_model_dir(path_or_id: str | os.PathLike) -> Path:
-    """A local folder, or a hub id downloaded with huggingface_hub (fails in one line when offline)."""
+    """A local folder, the bundled teacher by name (`bundled` / `teacher`, unless a local folder has that name),
+    or a hub id downloaded with huggingface_hub (fails in one line when offline)."""
     p = Path(path_or_id)
+    if not p.exists() and str(path_or_id) in BUNDLED_NAMES:
+        from ..assets import TEACHER
+        return TEACHER
     if p.exists():
         if not p.is_dir():
             raise UserError(f"{p}: expected a model folder (with config.json), got a file")
