@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     esub = p.add_subparsers(dest="exp_command", metavar="WHICH")
     _add_typed(esub, "claims", CLAIMS)
 
+    p = sub.add_parser("push", help="upload a model folder to the Hugging Face hub with its model card")
+    p.add_argument("folder", help="packed, hf, student or run folder")
+    p.add_argument("repo_id", help="OWNER/NAME on the hub")
+    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded and print the card")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+
     p = sub.add_parser("report", help="(re)generate report.md with plots for a run folder")
     p.add_argument("run")
 
@@ -189,6 +195,9 @@ def _run(args) -> None:
         print(info(args.path))
     elif args.command == "experiment":
         raise UserError("usage: ternary-mamba experiment claims [--tokens N] [--out DIR]")
+    elif args.command == "push":
+        from .commands.push import push
+        push(args.folder, args.repo_id, args.dry_run, args.private)
     elif args.command == "report":
         from .train.report import run_report
         run_report(args)

@@ -65,6 +65,8 @@ class QuantizeConfig(Config):
     train: TrainConfig = option(default_factory=lambda: TrainConfig(tokens=250_000, lr=2e-3, weight_decay=0.0,
                                                                      eval_every=50, save_every=50))
     final_eval_batches: int = option(16, help="held-out batches of the final summary table")
+    target: str = option("packed", choices=("packed", "gguf"), help="where the student goes: packed (tq2/tq1, "
+                         "any group) or gguf (llama.cpp's TQ types: groups of 256, chosen when left at 128)")
     activation_checkpointing: bool = _checkpointing()
     device: str | None = _device()
     dtype: str = _dtype()
@@ -133,14 +135,16 @@ class PtqConfig(Config):
 @dataclass
 class ExportConfig(Config):
     model: str | None = option(None, positional=True, help="QAT run folder, student folder, or full-precision model")
-    format: str = option("tq2", choices=(*PACKINGS, "gguf"), help="tq2: 2 bits/weight; tq1: 1.6; gguf: one .gguf "
-                         "file for llama.cpp")
-    gguf_type: str = option("tq2_0", choices=GGUF_TYPES, help="GGUF type of the ternary projections (tq*_0 need "
-                            "groups of 256; f16 is exact for any)")
+    format: str = option("tq2", choices=(*PACKINGS, "gguf", "hf"), help="tq2: 2 bits/weight; tq1: 1.6; gguf: one "
+                         ".gguf file for llama.cpp; hf: a transformers Mamba2ForCausalLM folder (dequantized)")
+    gguf_type: str = option("auto", choices=("auto", *GGUF_TYPES), help="GGUF type of the ternary projections: "
+                            "tq2_0 / tq1_0 need groups of a multiple of 256, f16 is exact for any; auto: tq2_0 "
+                            "when the groups allow it, else f16")
     out: str | None = option(None, required=True, help="output folder (tq2/tq1) or .gguf file")
     other_dtype: str = option("fp16", choices=("fp16", "fp32"), help="dtype of the non-ternary tensors")
-    group_size: int | None = option(None, help="for PTQ of a full-precision model (default 128; 256 for GGUF "
-                                    "tq types)")
+    hf_dtype: str = option("fp16", choices=("fp16", "bf16", "fp32"), help="--format hf: dtype of the weights")
+    group_size: int = option(256, help="for PTQ of a full-precision model, every format (256: what GGUF's "
+                             "TQ types hold exactly)")
 
 
 @dataclass

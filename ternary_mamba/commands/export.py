@@ -2,46 +2,61 @@
 PTQ on the way) -> a packed tq2 / tq1 folder or one GGUF file."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from ..core.config import MB
 from ..errors import UserError
 from ..formats.folders import find_tokenizer
-from ..formats.load import load_model, resolve_student_dir
+from ..formats.load import is_gguf, load_model, load_model_and_tokenizer, resolve_student_dir
 from ..formats.sizes import format_size_table
-from ..quant.groups import DEFAULT_GROUP_SIZE
-from ..quant.qat import TernaryConfig, quantize_
+from ..ops.dispatch import group_paths
+from ..quant.qat import TernaryConfig, quantize_, ternary_modules
 from .configs import ExportConfig
 from .flags import require
-
-GGUF_TQ_GROUP = 256   # llama.cpp's TQ1_0 / TQ2_0 block: the PTQ group size that exports to them exactly
-
 
 def export(cfg: ExportConfig) -> Path:
     """Write `cfg.model` as a packed folder or a GGUF file at `cfg.out`; returns that path.  The Python twin of
     `ternary-mamba export`."""
     from ..formats.packed import export_packed
     require(cfg, "model", "out", command="export")
-    folder = resolve_student_dir(cfg.model)
-    model = load_model(folder)
+    tok_path = None
+    if is_gguf(cfg.model):                     # a GGUF file: its dense weights, its embedded tokenizer
+        model, tok = load_model_and_tokenizer(cfg.model)
+        folder = Path(cfg.model)
+        tok_path = tok.save(Path(tempfile.mkdtemp()) / "tokenizer.json")
+    else:
+        folder = resolve_student_dir(cfg.model)
+        model = load_model(folder)
+        tok_path = find_tokenizer(folder)
     source = str(folder)
     if getattr(model, "packed_header", None):
         raise UserError(f"{folder}: already packed")
     if getattr(model, "ternary_config", None) is None:
-        G = cfg.group_size or (GGUF_TQ_GROUP if cfg.format == "gguf" and cfg.gguf_type.startswith("tq")
-                               else DEFAULT_GROUP_SIZE)
-        print(f"{folder} is full precision: applying absmean PTQ (group {G}) before packing")
-        quantize_(model, TernaryConfig(group_size=G))
+        print(f"{folder} is full precision: applying absmean PTQ (group {cfg.group_size}) before packing")
+        quantize_(model, TernaryConfig(group_size=cfg.group_size))
         source += " (absmean PTQ)"
     out = Path(cfg.out)
     if cfg.format == "gguf":
         from ..formats.gguf import export_gguf
-        types = export_gguf(model, out, cfg.gguf_type, find_tokenizer(folder), name=folder.name)
+        qtype = cfg.gguf_type
+        if qtype == "auto":
+            groups = {m.group_size for _, m in ternary_modules(model)}
+            qtype = "tq2_0" if all(group_paths(g).gguf_tq for g in groups) else "f16"
+            if qtype == "f16":
+                print(f"groups of {min(groups)} do not fit llama.cpp's TQ types (256 weights per scale): writing "
+                      "the exact f16 weights; quantize with --target gguf for a TQ2_0 file")
+        types = export_gguf(model, out, qtype, tok_path, name=folder.name)
         print(f"wrote {out}: {out.stat().st_size / MB:.2f} MB, {len(types)} tensors, ternary projections as "
-              f"{cfg.gguf_type.upper()}, embedding {'fp32' if cfg.gguf_type == 'f32' else 'fp16'} "
-              "(llama.cpp architecture mamba2)")
+              f"{qtype.upper()}, embedding {'fp32' if qtype == 'f32' else 'fp16'} (llama.cpp architecture mamba2)")
         return out
-    export_packed(model, out, cfg.format, cfg.other_dtype, find_tokenizer(folder), source)
+    if cfg.format == "hf":
+        from ..formats.hf import card_facts, export_hf
+        export_hf(model, out, cfg.hf_dtype, tok_path, source, card_facts(folder if folder.is_dir() else None))
+        print(f"wrote {out}: a transformers Mamba2ForCausalLM folder ({cfg.hf_dtype}, ternary weights dequantized) "
+              "with its model card")
+        return out
+    export_packed(model, out, cfg.format, cfg.other_dtype, tok_path, source)
     print(f"wrote {out}")
     print(format_size_table(model.config, model.ternary_config.group_size))
     return out

@@ -3,25 +3,13 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
-
-from ..formats.load import is_gguf, load_model, resolve_student_dir
-from ..formats.tokenizer import load_tokenizer, tokenizer_path_for
+from ..formats.load import load_model_and_tokenizer
 from ..ops.device import autocast, precision
 from ..runtime.generate import generate_text
 from ..runtime.heads import use_int8_head
 from ..runtime.packed_linear import use_a8_activations
 from .configs import GenerateConfig
 from .flags import require
-
-
-def load_model_and_tokenizer(path: str, tokenizer: str | None = None):
-    """(model, tokenizer) of a model folder, run folder, packed folder or .gguf file (its embedded tokenizer)."""
-    if is_gguf(path):   # one file: weights + tokenizer
-        from ..formats.gguf import load_gguf, load_gguf_tokenizer
-        return load_gguf(Path(path)), (load_tokenizer(tokenizer) if tokenizer else load_gguf_tokenizer(Path(path)))
-    folder = resolve_student_dir(path)
-    return load_model(folder), load_tokenizer(tokenizer_path_for(folder, tokenizer))
 
 
 def generate(cfg: GenerateConfig, stream: bool = False) -> str:

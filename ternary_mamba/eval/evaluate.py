@@ -10,8 +10,7 @@ import torch
 
 from ..errors import UserError
 from ..formats.fs import atomic_write_bytes
-from ..formats.load import load_model, resolve_student_dir
-from ..formats.tokenizer import load_tokenizer, tokenizer_path_for
+from ..formats.load import load_model_and_tokenizer
 from ..ops.device import autocast, precision
 from .scoring import loglikelihoods
 from .tasks import AVERAGE_METRIC, SEVEN, TASKS, Doc, parse_tasks
@@ -54,10 +53,8 @@ def average_seven(results: dict) -> float | None:
 def evaluate_model(path: str, tasks: list[str], data_dir: Path, limit: int | None, batch_size: int,
                    max_len: int, log=print, device: str | None = None, dtype: str = "fp32") -> dict:
     dev, dt = precision(device, dtype)
-    folder = resolve_student_dir(path)
-    model = load_model(folder).to(dev)
-    tok_path = tokenizer_path_for(folder)
-    tok = load_tokenizer(tok_path)
+    model, tok = load_model_and_tokenizer(path)
+    model = model.to(dev)
     res = {}
     for name in tasks:
         docs = TASKS[name](data_dir)

@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..formats.load import load_model, resolve_student_dir
+from ..formats.load import load_model_and_tokenizer
 from ..formats.text import find_text_files, read_documents
-from ..formats.tokenizer import load_tokenizer, tokenizer_path_for
 from ..ops.device import autocast, module_device, precision
 
 
@@ -51,9 +50,8 @@ def run_ppl(args) -> dict:
     texts = [doc for f in find_text_files(args.text) for doc in read_documents(f)]
     print(f"{'model':<40} {'tokens':>10} {'ppl':>10} {'bits/byte':>10} {'time':>8}")
     for m in args.models:
-        folder = resolve_student_dir(m)
-        model = load_model(folder).to(device)
-        tp = tokenizer_path_for(folder)
+        model, tok = load_model_and_tokenizer(m)
+        model = model.to(device)
         variants = [("", model)]
         if args.int8_head:
             import copy
@@ -65,7 +63,7 @@ def run_ppl(args) -> dict:
         for suffix, mdl in variants:
             t0 = time.time()
             with torch.no_grad(), autocast(device, dtype):
-                r = text_perplexity(mdl, load_tokenizer(tp), texts, args.seq_len, args.batch_size, args.max_tokens)
+                r = text_perplexity(mdl, tok, texts, args.seq_len, args.batch_size, args.max_tokens)
             results[m + suffix] = r
             print(f"{m + suffix:<40} {r['tokens']:>10,} {r['ppl']:>10.3f} {r['bits_per_byte']:>10.4f} "
                   f"{time.time() - t0:>7.1f}s")

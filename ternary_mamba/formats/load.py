@@ -87,3 +87,12 @@ def load_model(path_or_id: str | os.PathLike, device: str = "cpu"):
     return model.to(device).eval()
 
 
+def load_model_and_tokenizer(path: str | os.PathLike, tokenizer: str | None = None):
+    """(model, tokenizer) of a model / run / packed folder, the bundled teacher, a hub id or a .gguf file (its
+    embedded tokenizer unless `tokenizer` is given)."""
+    from .tokenizer import load_tokenizer, tokenizer_path_for
+    if is_gguf(path):
+        from .gguf import load_gguf, load_gguf_tokenizer
+        return load_gguf(Path(path)), (load_tokenizer(tokenizer) if tokenizer else load_gguf_tokenizer(Path(path)))
+    folder = resolve_student_dir(path)
+    return load_model(folder), load_tokenizer(tokenizer_path_for(folder, tokenizer))

@@ -61,6 +61,10 @@ def export_packed(model, out: Path, packing: str = "tq2", other_dtype: str = "fp
         if tokenizer_path:
             import shutil
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        from .hf import card_facts, model_card
+        facts = card_facts(Path(source.split(" (")[0])) if source else {}
+        size = (tmp / "model.safetensors").stat().st_size / 1e6
+        (tmp / "README.md").write_text(model_card(model, source or str(out), packing, {**facts, "size_mb": round(size, 2)}))
     return header
 
 

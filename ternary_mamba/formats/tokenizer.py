@@ -26,6 +26,11 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write it as a tokenizer.json (e.g. the tokenizer embedded in a GGUF file)."""
+        atomic_write_bytes(Path(path), self._tok.to_str().encode())
+        return Path(path)
+
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """A tokenizer.json file, or a folder holding one."""

@@ -1,0 +1,75 @@
+"""Fits the ecosystem: Hugging Face export (transformers loads it, logits equal ours) and push --dry-run, GGUF
+accepted everywhere, quantize --target gguf exporting TQ2_0 by default, the bundled teacher by name, lm-eval's
+own CLI, --version."""
+import json
+
+import pytest
+import torch
+
+from conftest import BUNDLED_TOKENIZER
+from ternary_mamba.cli import main
+
+
+def _quantize(teacher, text, out, *extra):
+    n = torch.get_num_threads()
+    try:
+        return main(["quantize", "--teacher", str(teacher), "--data", str(text), "--tokens", "2048", "--seq-len",
+                     "64", "--batch-size", "4", "--eval-every", "0", "--final-eval-batches", "1", "--out", str(out),
+                     *extra])
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def run(tiny_teacher_dir, text_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eco") / "run"
+    assert _quantize(tiny_teacher_dir, text_dir, out, "--group-size", "32", "--scale-mode", "guarded") == 0
+    return out
+
+
+def test_hf_export_loads_in_transformers_with_our_logits(run, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    assert main(["export", str(run), "--format", "hf", "--hf-dtype", "fp32", "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.Mamba2ForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    from ternary_mamba import load_model
+    ours = load_model(run)
+    ids = torch.randint(0, 8192, (2, 37), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = hf(ids).logits, ours(ids)[..., :8192]
+    assert (a[..., :8192] - b).abs().max() < 1e-3
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "group size | 32" in card and "heldout ppl" in card and "library_name: transformers" in card
+    capsys.readouterr()
+    assert main(["push", str(tmp_path / "hf"), "me/ternary-tiny", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would upload 4 files" in out and "model.safetensors" in out and "# " in out
+
+
+def test_target_gguf_exports_tq2_by_default_and_gguf_is_accepted_everywhere(tiny_teacher_dir, text_dir, tmp_path,
+                                                                            capsys):
+    pytest.importorskip("gguf")
+    assert _quantize("bundled", text_dir, tmp_path / "g", "--target", "gguf") == 0    # d_model 256: TQ-able
+    assert json.loads((tmp_path / "g" / "run.json").read_text())["config"]["quant"]["group_size"] == 256
+    assert main(["export", str(tmp_path / "g"), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
+    assert "as TQ2_0" in capsys.readouterr().out
+    gguf = str(tmp_path / "m.gguf")
+    assert main(["info", gguf]) == 0 and "GGUF file" in capsys.readouterr().out
+    assert main(["ppl", gguf, "--text", str(text_dir), "--seq-len", "64", "--max-tokens", "512"]) == 0
+    assert "m.gguf" in capsys.readouterr().out
+    assert main(["export", gguf, "--format", "tq1", "--out", str(tmp_path / "from-gguf")]) == 0
+    assert (tmp_path / "from-gguf" / "tokenizer.json").exists() and (tmp_path / "from-gguf" / "README.md").exists()
+
+
+def test_the_bundled_teacher_by_name_and_the_version(capsys):
+    assert main(["info", "bundled"]) == 0 and "d_model" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and "ternary-mamba 0.1.0" in capsys.readouterr().out
+
+
+def test_lm_eval_takes_its_own_flags(capsys):
+    pytest.importorskip("lm_eval")
+    with pytest.raises(SystemExit) as e:
+        main(["lm-eval", "--help"])
+    assert e.value.code == 0 and "Language Model Evaluation Harness" in capsys.readouterr().out
