@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK
 """The `ternary-mamba` command line: flags made from each command's typed config (commands/configs.py), then
 one call of the command's function.  Heavy imports (torch, transformers) live inside the commands so that
 `--help` is instant.  A `UserError` prints as one line and exits 1."""
@@ -241,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     parser = build_parser()
+    try:                                  # shell completion: eval "$(register-python-argcomplete ternary-mamba)"
+        import argcomplete
+        argcomplete.autocomplete(parser)
+    except ImportError:
+        pass
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -73,3 +73,20 @@ def test_lm_eval_takes_its_own_flags(capsys):
     with pytest.raises(SystemExit) as e:
         main(["lm-eval", "--help"])
     assert e.value.code == 0 and "Language Model Evaluation Harness" in capsys.readouterr().out
+
+
+def test_metric_sinks_write_what_reads_back(tiny_teacher_dir, text_dir, tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "logged"
+    assert _quantize(tiny_teacher_dir, text_dir, out, "--group-size", "32", "--log-to", "csv", "tensorboard", "wandb",
+                     "--log-every", "2") == 0
+    import csv
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert {"loss", "kl", "grad_norm"} <= {r["name"] for r in rows} and int(rows[-1]["step"]) == 8
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(out / "tensorboard"))
+    ea.Reload()
+    assert len(ea.Scalars("kl")) == 8
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))

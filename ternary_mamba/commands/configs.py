@@ -41,6 +41,11 @@ def _checkpointing():
                   "compute, activations no longer grow with depth)", resume_free=True)
 
 
+def _log_to():
+    return option(("jsonl",), choices=("jsonl", "csv", "tensorboard", "wandb"), resume_free=True,
+                  help="metric sinks besides metrics.jsonl (always written): csv, tensorboard, wandb (offline)")
+
+
 def _dtype():
     return option("fp32", choices=DTYPE_NAMES, help="compute precision: the forward under autocast; master weights "
                   "and optimizer state stay fp32; a teacher is stored in this dtype")
@@ -68,6 +73,7 @@ class QuantizeConfig(Config):
     target: str = option("packed", choices=("packed", "gguf"), help="where the student goes: packed (tq2/tq1, "
                          "any group) or gguf (llama.cpp's TQ types: groups of 256, chosen when left at 128)")
     activation_checkpointing: bool = _checkpointing()
+    log_to: tuple[str, ...] = _log_to()
     device: str | None = _device()
     dtype: str = _dtype()
     chunk_size: int | None = option(None, help="SSD chunk length (a compute knob; default: the model's)",
@@ -95,6 +101,7 @@ class PretrainConfig(Config):
     group_size: int = option(DEFAULT_GROUP_SIZE, help="--ternary: weights per scale; -1: one per row")
     train: TrainConfig = option(default_factory=lambda: TrainConfig(tokens=10_000_000, lr=3e-3))
     activation_checkpointing: bool = _checkpointing()
+    log_to: tuple[str, ...] = _log_to()
     device: str | None = _device()
     dtype: str = _dtype()
     chunk_size: int | None = option(None, help="SSD chunk length (a compute knob; default: the config's)",

@@ -12,6 +12,24 @@ from ..formats.sizes import format_info, format_size_table, packed_info
 from ..quant.groups import DEFAULT_GROUP_SIZE
 
 
+def run_results(run: Path) -> str:
+    """A run folder's final summary (the table `quantize` / `pretrain` printed), or its progress so far."""
+    from ..formats.fs import read_json
+    lines = [f"run: {run}"]
+    if (run / "summary.json").exists():
+        s = read_json(run / "summary.json")
+        for name, r in (s.get("rows") or {}).items():
+            z = f", zero ratio {r['zero_ratio']:.3f}" if "zero_ratio" in r else ""
+            lines.append(f"  {name:<30} held-out ppl {r['ppl']:.2f}, KL {r['kl']:.4f}, top-1 {r['top1_agree']:.3f}{z}")
+        if "heldout_ppl" in s:
+            lines.append(f"  held-out ppl {s['heldout_ppl']:.2f} over {s.get('heldout_tokens', 0):,} tokens")
+        lines.append(f"  tokens trained: {s.get('tokens', 0):,}")
+    elif (run / "checkpoint" / "trainer_state.json").exists():
+        st = read_json(run / "checkpoint" / "trainer_state.json")
+        lines.append(f"  in progress (or stopped): last checkpoint at step {st.get('step')}; --resume continues it")
+    return "\n".join(lines)
+
+
 def info(path: str) -> str:
     if path in PRESETS:
         return format_info(Mamba2Config(**PRESETS[path]), path)
@@ -23,6 +41,9 @@ def info(path: str) -> str:
                 f"(read back as a dense model: the ternary projections dequantized)")
     if p.is_file():
         return format_info(config_from_json(p), str(p))
+    run = Path(path) if (Path(path) / "run.json").exists() else None
+    if run is not None and not any((run / d / "config.json").exists() for d in ("student", "model")):
+        return run_results(run)
     folder = resolve_student_dir(path)
     if not (folder / "config.json").exists():
         raise UserError(f"{folder}: no config.json")
@@ -35,4 +56,5 @@ def info(path: str) -> str:
         sizes = format_size_table(cfg, q["group_size"] if q else DEFAULT_GROUP_SIZE)
     except UserError as e:   # a model too narrow for the default group: no packed sizes to show
         sizes = f"packed sizes: not shown ({e})"
-    return format_info(cfg, str(folder)) + "\n" + sizes
+    results = "\n" + run_results(run) if run is not None else ""
+    return format_info(cfg, str(folder)) + "\n" + sizes + results

@@ -20,7 +20,8 @@ from ..quant.monitor import ZeroRatioMonitor
 from ..quant.qat import TernaryConfig, quantize_
 from ..train import distributed as D
 from ..train.checkpointing import checkpoint_blocks_
-from ..train.loop import Trainer
+from ..train.loop import Trainer, note_token_budget
+from ..train.sinks import MetricSinks
 from ..train.objectives import LMObjective
 from ..train.report import try_report
 from ..train.runs import prepare_run_and_data, run_record
@@ -42,6 +43,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     if cfg.chunk_size:
         mcfg = mcfg.replace(chunk_size=cfg.chunk_size)
     tcfg = cfg.train
+    note_token_budget(tcfg)
     tcfg.total_steps  # validates the budget before anything is written
     if cfg.ternary:
         TernaryConfig(group_size=cfg.group_size)
@@ -71,9 +73,13 @@ def pretrain(cfg: PretrainConfig) -> Path:
         print(f"resuming {out} at step {trainer.step}")
     print(f"pretraining {mcfg.n_params / 1e6:.2f} M params on {len(train) * tcfg.seq_len / 1e6:.1f} M tokens "
           f"(budget {tcfg.tokens / 1e6:.1f} M), held-out {len(held) * tcfg.seq_len / 1e3:.0f} k tokens")
+    if cfg.log_to != ("jsonl",) and D.is_main():
+        trainer.sinks = MetricSinks(out, cfg.log_to, cfg.to_dict())
     t0 = time.time()
     last = trainer.run()
     wall = time.time() - t0
+    if trainer.sinks is not None:
+        trainer.sinks.close()
     model = D.gathered_model(trainer, build)
     if not D.is_main():
         return out

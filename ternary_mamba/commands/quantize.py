@@ -25,7 +25,8 @@ from ..quant.qat import TernaryConfig, quantize_, set_lambda
 from ..train import distributed as D
 from ..train.distill import DistillObjective, evaluate_vs_teacher
 from ..train.checkpointing import checkpoint_blocks_
-from ..train.loop import Trainer
+from ..train.loop import Trainer, note_token_budget
+from ..train.sinks import MetricSinks
 from ..train.report import try_report
 from ..train.runs import prepare_run_and_data, run_record
 from .configs import QuantizeConfig
@@ -84,6 +85,7 @@ def quantize(cfg: QuantizeConfig | None = None) -> Path:
         raise UserError(f"{tok_path}: {tok.vocab_size} tokens, more than the teacher's vocabulary "
                         f"({teacher.config.padded_vocab_size}); pass the teacher's own tokenizer")
     qcfg, tcfg, dcfg, mcfg = cfg.quant, cfg.train, cfg.distill, cfg.monitor
+    note_token_budget(tcfg)
     tcfg.total_steps  # validate the budget before writing anything
     student = build_student(teacher, qcfg).to(device)  # validates the group size against the teacher's shapes
     # the frozen teacher in the run's dtype (the paper's FP16 teacher); the student keeps fp32 master weights
@@ -116,9 +118,13 @@ def quantize(cfg: QuantizeConfig | None = None) -> Path:
     print(f"QAT+KD: {Path(cfg.teacher).name} ({sum(n.values()) / 1e6:.2f} M params) -> ternary "
           f"{'+'.join(qcfg.targets)}, group {qcfg.group_size}, scales {qcfg.scale_mode}; "
           f"{tcfg.tokens:,} tokens in {tcfg.total_steps} steps on {device} ({cfg.dtype}) -> {out}")
+    if cfg.log_to != ("jsonl",) and D.is_main():
+        trainer.sinks = MetricSinks(out, cfg.log_to, cfg.to_dict())
     t0 = time.time()
     trainer.run()
     wall = time.time() - t0
+    if trainer.sinks is not None:
+        trainer.sinks.close()
     student = D.gathered_model(trainer, lambda: build_student(teacher, qcfg).float())
     if not D.is_main():
         return out

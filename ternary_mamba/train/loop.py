@@ -27,6 +27,14 @@ from .config import TrainConfig
 from .data import PackedSequences, batch_indices
 
 
+def note_token_budget(cfg: TrainConfig) -> None:
+    """Say up front when whole steps cannot spend --tokens exactly (the run trains fewer)."""
+    steps = cfg.total_steps
+    if steps * cfg.tokens_per_step != cfg.tokens:
+        print(f"--tokens {cfg.tokens:,}: trains {steps * cfg.tokens_per_step:,} tokens ({steps} steps of "
+              f"{cfg.tokens_per_step:,} = batch x seq-len x grad-accum x ranks)")
+
+
 def lr_factor(step: int, total: int, warmup_frac: float, min_ratio: float) -> float:
     warm = max(1, int(total * warmup_frac))
     if step < warm:
@@ -52,7 +60,7 @@ class Progress:
                 f"{tok_s:,.0f} tok/s | {text} | ETA {eta / 60:.1f} min")
         if self.tty:
             print("\r" + line.ljust(120), end="\n" if force else "", file=sys.stderr, flush=True)
-        elif force or step % 100 == 0:
+        else:       # piped (nohup, SLURM, tee): a plain line every time the trainer reports (--log-every)
             print(line, file=sys.stderr, flush=True)
 
 
@@ -87,6 +95,7 @@ class Trainer:
         self.saved_step: int | None = None     # the step of the last checkpoint this process wrote or loaded
         self.ckpt_dir = self.run_dir / "checkpoint"
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.sinks = None    # extra metric sinks (train/sinks.py), set by the command
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
@@ -136,6 +145,8 @@ class Trainer:
         if self.rank == 0:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.sinks is not None:
+                self.sinks.write(record)
 
     # ---------------------------------------------------------------- loop
     def evaluate(self) -> dict:

@@ -1,0 +1,71 @@
+"""The README's, docs/GPU.md's and `--help`'s command lines cannot rot: every `ternary-mamba ...` line parses
+with today's CLI (flags that exist, choices that are valid), and the ones whose config file ships in the repo
+build their typed config."""
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from ternary_mamba.cli import EPILOG, build_parser, typed_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _commands(text: str) -> list[str]:
+    out, buf = [], ""
+    for line in text.splitlines():
+        line = line.split(" #")[0].rstrip() if not line.lstrip().startswith("#") else ""
+        if buf:
+            buf += " " + line.strip()
+        elif "ternary-mamba " in line or "-m ternary_mamba " in line:
+            buf = line.strip()
+        if buf and buf.endswith("\\"):
+            buf = buf[:-1]
+            continue
+        if buf:
+            out.append(buf)
+            buf = ""
+    return out
+
+
+def _argv(cmd: str) -> list[str] | None:
+    if "..." in cmd or "…" in cmd or "$(" in cmd or "|" in cmd:
+        return None                      # a sketch with placeholders, or a pipeline
+    words = shlex.split(re.sub(r"\[[^\]]*\]", "", cmd))     # [--optional] flags: the required form
+    for i, w in enumerate(words):
+        if w.endswith("ternary-mamba") or (w == "ternary_mamba" and words[i - 1] == "-m"):
+            return words[i + 1:]
+    return None
+
+
+def _all():
+    texts = {"README.md": (ROOT / "README.md").read_text(), "docs/GPU.md": (ROOT / "docs" / "GPU.md").read_text(),
+             "--help epilog": EPILOG}
+    for where, text in texts.items():
+        blocks = re.findall(r"```bash\n(.*?)```", text, re.S) if where != "--help epilog" else [text]
+        for block in blocks:
+            for cmd in _commands(block):
+                argv = _argv(cmd)
+                if argv and argv[0] not in ("lm-eval", "--help"):
+                    yield where, cmd, argv
+
+
+CASES = list(_all())
+
+
+def test_the_docs_have_commands():
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("where,cmd,argv", CASES, ids=[f"{w}: {c[:60]}" for w, c, _ in CASES])
+def test_a_documented_command_parses(where, cmd, argv, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:
+        pytest.fail(f"{where}: `{cmd}` does not parse (exit {e.code})")
+    if getattr(args, "typed", None) is not None:
+        f = getattr(args, "cfg__file", None)
+        if f is None or Path(f).exists() or args.command == "pretrain":
+            typed_config(args)           # flags (and a shipped config file) make a valid typed config
