@@ -22,21 +22,35 @@ def _records(run: Path) -> list[dict]:
     return out
 
 
-def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict, logy: bool = False, marks=()) -> None:
+def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict, logy: bool = False, marks=(),
+          hlines=(), ylim=None) -> None:
+    """series: label -> (xs, ys[, style]); marks: vertical (x, text); hlines: horizontal (y, text, color)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
-    for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, label=label, lw=1.4)
+    for label, (xs, ys, *style) in series.items():
+        fmt = style[0] if style else "-"
+        if len(xs) < 5 and "o" not in fmt:       # a few points: show them
+            fmt += "o"
+        ax.plot(xs, ys, fmt, label=label, lw=1.4, ms=3)
+    for y, text, color in hlines:
+        ax.axhline(y, color=color, ls=":", lw=1.2, label=text)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     for x, text in marks:
         ax.axvline(x, color="red", ls="--", lw=1)
         ax.text(x, ax.get_ylim()[1], text, color="red", fontsize=8, va="top")
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     if logy:
         ax.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")       # 40, not 4x10^1
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.grid(alpha=0.3)
-    if len(series) > 1:
+    if len(series) + len(hlines) > 1:
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path)
@@ -46,39 +60,55 @@ def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict, logy: 
 def make_report(run: str | Path) -> Path:
     run = Path(run)
     recs = _records(run)
-    spec = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+    record = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+    cfg = record.get("config", {}) if isinstance(record.get("config"), dict) else {}
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+    rows = summary.get("rows") or {}
     train = [r for r in recs if "loss" in r]
     ev = [r for r in recs if "eval_ppl" in r]
     zr = [r for r in recs if "zero_ratio_layers" in r]
     figs = []
     toks = lambda rs: [r["tokens"] / 1e6 for r in rs]  # noqa: E731
     if train:
-        series = {"loss": (toks(train), [r["loss"] for r in train])}
-        if "kl" in train[0]:
-            series["KL(teacher || student)"] = (toks(train), [r["kl"] for r in train])
+        series = {}
+        same = "kl" in train[0] and all(abs(r["loss"] - r["kl"]) < 1e-9 for r in train)
+        if same:   # alpha_ce = 0, tau = 1: the loss is the KL; one curve, said so
+            series["loss = KL(teacher || student)"] = (toks(train), [r["kl"] for r in train], "-")
+        else:
+            series["loss"] = (toks(train), [r["loss"] for r in train], "-")
+            if "kl" in train[0]:
+                series["KL(teacher || student)"] = (toks(train), [r["kl"] for r in train], "--")
         _plot(run / "loss.png", "training loss", "tokens (M)", "loss", series, logy=True)
         figs.append(("Training loss", "loss.png"))
     if ev:
-        series = {"held-out ppl": (toks(ev), [r["eval_ppl"] for r in ev])}
-        _plot(run / "heldout_ppl.png", "held-out perplexity", "tokens (M)", "perplexity", series, logy=True)
+        series = {"student, held-out": (toks(ev), [r["eval_ppl"] for r in ev], "o-")}
+        refs = [(r["ppl"], f"{name}: {r['ppl']:.2f}", c) for (name, r), c in zip(
+            ((n, r) for n, r in rows.items() if n.startswith(("teacher", "PTQ"))), ("green", "gray"))]
+        _plot(run / "heldout_ppl.png", "held-out perplexity", "tokens (M)", "perplexity", series, logy=True,
+              hlines=refs)
         figs.append(("Held-out perplexity", "heldout_ppl.png"))
     if zr:
         n_layers = len(zr[0]["zero_ratio_layers"])
         series = {f"layer {i}": (toks(zr), [r["zero_ratio_layers"][i] for r in zr]) for i in range(n_layers)}
-        series["all"] = (toks(zr), [r["zero_ratio"] for r in zr])
+        series["all"] = (toks(zr), [r["zero_ratio"] for r in zr], "k-")
         events = summary.get("collapse_events") or []
         marks = [(next((r["tokens"] / 1e6 for r in recs if r.get("step") == e["step"]), 0), "collapse") for e in events[:1]]
-        _plot(run / "zero_ratio.png", "zero ratio per layer", "tokens (M)", "fraction of weights at 0", series, marks=marks)
+        threshold = (cfg.get("monitor") or {}).get("collapse_threshold", 0.6)
+        top = max(max(max(r["zero_ratio_layers"]) for r in zr), threshold) * 1.08
+        _plot(run / "zero_ratio.png", "zero ratio per layer", "tokens (M)", "fraction of weights at 0", series,
+              marks=marks, hlines=[(threshold, f"collapse threshold {threshold}", "red")], ylim=(0, min(1.0, top)))
         figs.append(("Zero ratio per layer", "zero_ratio.png"))
     lines = [f"# Run report: {run.name}", ""]
-    if spec:
-        lines += [f"- kind: **{spec.get('kind')}**", f"- teacher: `{spec.get('teacher', '-')}`",
-                  f"- quantization: `{json.dumps(spec.get('quantization'))}`",
-                  f"- training: {spec.get('train', {}).get('tokens', 0):,} tokens, lr {spec.get('train', {}).get('lr')}", ""]
-    if summary.get("rows"):
+    if record:
+        t = cfg.get("train", {})
+        lines += [f"- command: **{record.get('command')}** (ternary-mamba {record.get('ternary_mamba', '?')}, "
+                  f"{record.get('world_size', 1)} rank(s))",
+                  f"- teacher: `{cfg.get('teacher') or cfg.get('model') or '-'}`",
+                  f"- quantization: `{json.dumps(cfg.get('quant'))}`" if cfg.get("quant") else "- full precision",
+                  f"- training: {t.get('tokens', 0):,} tokens, lr {t.get('lr')}, {cfg.get('dtype', 'fp32')}", ""]
+    if rows:
         lines += ["| model | held-out ppl | KL to teacher | top-1 agree | zero ratio |", "|---|---|---|---|---|"]
-        for name, r in summary["rows"].items():
+        for name, r in rows.items():
             z = f"{r['zero_ratio']:.3f}" if "zero_ratio" in r else "-"
             lines.append(f"| {name} | {r['ppl']:.2f} | {r['kl']:.4f} | {r['top1_agree']:.3f} | {z} |")
         sz = summary["sizes_bytes"]
@@ -88,7 +118,10 @@ def make_report(run: str | Path) -> Path:
     if (run / "eval.md").exists():
         lines += ["## Zero-shot evaluation", "", (run / "eval.md").read_text(), ""]
     for title, f in figs:
-        lines += [f"## {title}", "", f"![{title}]({f})", ""]
+        lines += [f"## {title}", "", f"![{title}]({f}) ([{f}]({f}))", ""]
+    if record:
+        lines += ["## Configuration (run.json: `ternary-mamba " + str(record.get("command")) +
+                  " --config run.json` replays it)", "", "```json", json.dumps(cfg, indent=2), "```", ""]
     out = run / "report.md"
     from ..formats.fs import atomic_write_bytes
     atomic_write_bytes(out, "\n".join(lines).encode())
