@@ -137,9 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tok_command", metavar="ACTION")
     t = tsub.add_parser("train", help="train a byte-level BPE tokenizer")
-    t.add_argument("--data", nargs="+", required=True)
-    t.add_argument("--vocab-size", type=int, default=8192)
-    t.add_argument("--out", required=True)
+    t.add_argument("--data", nargs="+", required=True, help="text / jsonl / parquet files or folders")
+    t.add_argument("--vocab-size", type=int, default=8192, help="tokens, <|endoftext|> included (default %(default)s)")
+    t.add_argument("--out", required=True, help="the tokenizer.json to write")
     return parser
 
 
@@ -252,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from .errors import UserError
+    usage = {"experiment": ("exp_command", "experiment claims [--tokens N] [--out DIR]"),
+             "bench": ("bench_command", "bench {model,qat,decode,prefill}"),
+             "tokenizer": ("tok_command", "tokenizer train --data PATH... --vocab-size N --out tokenizer.json")}
+    if args.command in usage and getattr(args, usage[args.command][0], None) is None:   # instantly, before torch
+        print(f"ternary-mamba {args.command}: error: usage: ternary-mamba {usage[args.command][1]}", file=sys.stderr)
+        return 1
     try:
         threads = getattr(args, "threads", None)
         if getattr(args, "typed", None) is not None:

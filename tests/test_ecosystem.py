@@ -90,3 +90,14 @@ def test_metric_sinks_write_what_reads_back(tiny_teacher_dir, text_dir, tmp_path
     ea.Reload()
     assert len(ea.Scalars("kl")) == 8
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_a_run_in_progress_is_sampled_from_its_checkpoint(run, tmp_path, capsys):
+    import shutil
+    prog = tmp_path / "prog"
+    shutil.copytree(run, prog)
+    shutil.rmtree(prog / "student")
+    (prog / "summary.json").unlink()
+    assert main(["generate", str(prog), "--prompt", "Once", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    assert "a run in progress; using its checkpoint at step" in capsys.readouterr().err
+    assert main(["info", str(prog)]) == 0 and "last checkpoint at step" in capsys.readouterr().out

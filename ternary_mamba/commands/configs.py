@@ -181,7 +181,8 @@ class GenerateConfig(Config):
 class EvalConfig(Config):
     models: list[str] | None = option(None, positional=True, help="model / run / packed folders")
     tasks: str = option("all", help=f"comma-separated: {EVAL_TASKS} (default: all)")
-    data_dir: str = option("../shared/data/evals", help="folder with the task files")
+    data_dir: str | None = option(None, required=True, help="folder with the task files (boolq/, piqa/, ...; "
+                                  "lm-eval's JSONL exports)")
     limit: int | None = option(None, help="first N documents per task")
     batch_size: int = option(16, help="sequences scored per forward")
     max_len: int = option(1024, help="context length (tokens) for scoring")

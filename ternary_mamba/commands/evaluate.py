@@ -9,7 +9,7 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     """Zero-shot tasks for every model in `cfg.models`, side by side; one result dict per model.
     The Python twin of `ternary-mamba eval`."""
     from ..eval.evaluate import run_eval
-    require(cfg, "models", command="eval")
+    require(cfg, "models", "data_dir", command="eval")
     return run_eval(cfg)
 
 

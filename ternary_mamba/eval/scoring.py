@@ -40,7 +40,7 @@ def loglikelihoods(model, tok, pairs: list[tuple[str, str]], batch_size: int = 1
     vocab = model.config.vocab_size
     dev = module_device(model)
     results: list[tuple[float, bool]] = [(0.0, False)] * len(seqs)
-    t0 = time.time()
+    t0 = last = time.time()
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
         L = len(seqs[idx[0]][0])
@@ -55,9 +55,12 @@ def loglikelihoods(model, tok, pairs: list[tuple[str, str]], batch_size: int = 1
             tgt = torch.tensor(y[-n:])
             lp = logp[j, pos]
             results[i] = (lp.gather(-1, tgt[:, None]).sum().item(), bool((lp.argmax(-1) == tgt).all()))
+        done = min(b + batch_size, len(order))
         if progress and sys.stderr.isatty():
-            done = min(b + batch_size, len(order))
             print(f"\r  {done}/{len(order)} requests, {done / (time.time() - t0):.1f} req/s", end="", file=sys.stderr)
+        elif progress and time.time() - last >= 30:      # piped: a plain line every 30 s
+            last = time.time()
+            print(f"  {done}/{len(order)} requests, {done / (last - t0):.1f} req/s", file=sys.stderr, flush=True)
     if progress and sys.stderr.isatty():
         print(file=sys.stderr)
     return results

@@ -56,6 +56,44 @@ def resolve_student_dir(path_or_id: str | os.PathLike) -> Path:
     return folder
 
 
+def in_progress(path_or_id) -> Path | None:
+    """A run folder still training (or stopped) that has a checkpoint but no finished model yet."""
+    p = Path(path_or_id)
+    if (p / "run.json").exists() and (p / "checkpoint" / "trainer_state.json").exists() \
+            and not any((p / d / "config.json").exists() for d in RUN_MODEL_DIRS):
+        return p
+    return None
+
+
+def load_checkpoint_model(run: Path):
+    """The model of a run in progress, from its latest checkpoint (rebuilt from run.json: the teacher and the
+    quantization of a quantize run, the model config of a pretrain run).  Says which step it is."""
+    import sys
+    from safetensors.torch import load_file
+    from .configs import resolve_config
+    rec = read_json(run / "run.json")
+    c, command = rec.get("config") or {}, rec.get("command")
+    if command == "quantize":
+        model = load_model(c["teacher"])
+        from ..quant.config import TernaryConfig
+        from ..quant.qat import quantize_
+        quantize_(model, TernaryConfig.from_dict(c["quant"]))
+    elif command == "pretrain":
+        sd = load_file(str(run / "checkpoint" / "model.safetensors"))
+        cfg = resolve_config(c["model"]).replace(vocab_size=sd["backbone.embedding.weight"].shape[0])
+        model = Mamba2LM(cfg, init=False)
+        if c.get("ternary"):
+            from ..quant.config import TernaryConfig
+            from ..quant.qat import quantize_
+            quantize_(model, TernaryConfig(group_size=c.get("group_size", 128)))
+    else:
+        raise UserError(f"{run}: run.json names no known command; cannot rebuild its model")
+    load_state_dict_strict(model, load_file(str(run / "checkpoint" / "model.safetensors")), str(run / "checkpoint"))
+    step = read_json(run / "checkpoint" / "trainer_state.json").get("step")
+    print(f"({run}: a run in progress; using its checkpoint at step {step})", file=sys.stderr)
+    return model.eval()
+
+
 def is_gguf(path_or_id: str | os.PathLike) -> bool:
     return str(path_or_id).endswith(".gguf") and Path(path_or_id).is_file()
 
@@ -67,6 +105,8 @@ def load_model(path_or_id: str | os.PathLike, device: str = "cpu"):
     if is_gguf(path_or_id):
         from .gguf import load_gguf
         return load_gguf(Path(path_or_id)).to(device)
+    if in_progress(path_or_id) is not None:
+        return load_checkpoint_model(Path(path_or_id)).to(device)
     folder = resolve_student_dir(path_or_id)
     meta = read_json(folder / "config.json")
     if meta.get("format") == PACKED_FORMAT_NAME:
@@ -94,5 +134,9 @@ def load_model_and_tokenizer(path: str | os.PathLike, tokenizer: str | None = No
     if is_gguf(path):
         from .gguf import load_gguf, load_gguf_tokenizer
         return load_gguf(Path(path)), (load_tokenizer(tokenizer) if tokenizer else load_gguf_tokenizer(Path(path)))
+    run = in_progress(path)
+    if run is not None:
+        tok = tokenizer or (read_json(run / "run.json").get("config") or {}).get("tokenizer")
+        return load_checkpoint_model(run), load_tokenizer(tokenizer_path_for(run, tok))
     folder = resolve_student_dir(path)
     return load_model(folder), load_tokenizer(tokenizer_path_for(folder, tokenizer))

@@ -44,12 +44,17 @@ def lr_factor(step: int, total: int, warmup_frac: float, min_ratio: float) -> fl
 
 
 class Progress:
-    """One status line on a terminal (rewritten in place), plain lines every log_every steps otherwise."""
+    """A tqdm bar on a terminal (steps, ETA, tok/s, loss, KL, zero ratio; evaluations printed above it), plain
+    lines every --log-every steps otherwise (nohup, SLURM, tee)."""
 
-    def __init__(self, total_steps: int, enabled: bool = True):
+    def __init__(self, total_steps: int, enabled: bool = True, start: int = 0):
         self.total, self.enabled = total_steps, enabled
         self.tty = sys.stderr.isatty()
         self.t0 = time.time()
+        self.bar = None
+        if enabled and self.tty:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
 
     def update(self, step: int, tokens: int, tok_s: float, text: str, force: bool = False) -> None:
         if not self.enabled:
@@ -58,10 +63,18 @@ class Progress:
         eta = (time.time() - self.t0) / max(done, 1e-9) * (1 - done) if done > 0 else 0
         line = (f"step {step}/{self.total} ({100 * done:4.1f}%) | {tokens / 1e6:.2f}M tok | "
                 f"{tok_s:,.0f} tok/s | {text} | ETA {eta / 60:.1f} min")
-        if self.tty:
-            print("\r" + line.ljust(120), end="\n" if force else "", file=sys.stderr, flush=True)
-        else:       # piped (nohup, SLURM, tee): a plain line every time the trainer reports (--log-every)
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix_str(f"{tok_s:,.0f} tok/s | {text}", refresh=False)
+            self.bar.refresh()
+            if force:
+                self.bar.write(line, file=sys.stderr)
+        else:       # piped: a plain line every time the trainer reports (--log-every)
             print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class CollectiveError(UserError):
@@ -204,7 +217,7 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         total = cfg.total_steps
-        progress = Progress(total, self.verbose)
+        progress = Progress(total, self.verbose, self.step)
         self.model.train()
         last = {}
         if self.step == 0 and cfg.eval_every:
@@ -233,6 +246,7 @@ class Trainer:
             if self.step % cfg.save_every == 0 or self.step == total:
                 self.save_checkpoint()
             self.objective.check(rec)  # e.g. the zero-ratio collapse detector; may raise
+        progress.close()
         return last
 
 
