@@ -52,7 +52,10 @@ def recover(out: Path) -> None:
     """Undo an interrupted replacement: if `out` is missing but its previous version is set aside, put it back."""
     out, old = Path(out), aside_path(out)
     if not out.exists() and old.exists():
-        os.replace(old, out)
+        try:
+            os.replace(old, out)
+        except FileNotFoundError:      # another process (rank) put it back first
+            return
         _fsync_path(out.parent)
 
 

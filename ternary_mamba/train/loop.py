@@ -149,10 +149,13 @@ class Trainer:
         if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0:
             raise UserError(f"{self.ckpt_dir / 'trainer_state.json'}: \"step\" must be a non-negative integer")
         self.step = self.saved_step = state["step"]
-        # drop metrics logged after the checkpoint: the resumed run re-logs them identically
-        if self.metrics_path.exists():
+        # drop metrics logged after the checkpoint: the resumed run re-logs them identically.  Rank 0 alone
+        # (it alone appends); then every rank waits, so no rank's append can race the rewrite
+        if self.rank == 0 and self.metrics_path.exists():
+            from ..formats.fs import atomic_write_bytes
             keep = [l for l in self.metrics_path.read_text().splitlines() if _step_of(l) <= self.step]
-            self.metrics_path.write_text("".join(l + "\n" for l in keep))
+            atomic_write_bytes(self.metrics_path, "".join(l + "\n" for l in keep).encode())
+        D.barrier()
 
     def log(self, record: dict) -> None:
         if self.rank == 0:
