@@ -14,7 +14,7 @@ from conftest import BUNDLED_TOKENIZER
 from ternary_mamba.cli import main
 
 TINY = '{"d_model": 32, "n_layer": 2, "d_state": 16, "headdim": 16, "vocab_size": 8192, "chunk_size": 16}'
-STEPS = 60
+STEPS = 100
 
 
 def _args(cfg, data, out, extra=()):
