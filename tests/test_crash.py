@@ -8,8 +8,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from conftest import BUNDLED_TOKENIZER
 from ternary_mamba.cli import main
 

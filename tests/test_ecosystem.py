@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-from conftest import BUNDLED_TOKENIZER
 from ternary_mamba.cli import main
 
 

@@ -37,6 +37,8 @@ def text_perplexity(model, tok, texts: list[str], seq_len: int, batch_size: int,
         for j, (s, e) in enumerate(group):
             x[j, :e - s], y[j, :e - s] = data[s:e], data[s + 1:e + 1]
         logits = model(x.to(dev))[..., :vocab]
+        if not bool(torch.isfinite(logits).all()):
+            raise UserError("the model produced NaN or infinite logits: its weights are corrupt or overflowed")
         nll += F.cross_entropy(logits.flatten(0, 1).float(), y.to(dev).flatten(), ignore_index=-100, reduction="sum").item()
         n += int((y != -100).sum())
     nbytes = len(tok.decode(ids[1:n + 1]).encode("utf-8"))

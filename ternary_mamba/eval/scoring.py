@@ -11,6 +11,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from ..ops.device import module_device
 
 
@@ -48,7 +49,10 @@ def loglikelihoods(model, tok, pairs: list[tuple[str, str]], batch_size: int = 1
         for j, i in enumerate(idx):
             x = seqs[i][0]
             inp[j, :len(x)] = torch.tensor(x)  # right padding: a causal model never sees it
-        logp = F.log_softmax(model(inp.to(dev))[..., :vocab].float(), dim=-1).cpu()
+        logits = model(inp.to(dev))[..., :vocab].float()
+        if not bool(torch.isfinite(logits).all()):
+            raise UserError("the model produced NaN or infinite logits: its weights are corrupt or overflowed")
+        logp = F.log_softmax(logits, dim=-1).cpu()
         for j, i in enumerate(idx):
             x, y, n = seqs[i]
             pos = torch.arange(len(x) - n, len(x))
