@@ -220,8 +220,11 @@ def profile_training(log, steps: int = 3, chunk: int = 32, preset: str = "bench-
 
 
 def run_bench_model(args) -> None:
+    from ..ops.device import cpu_description
+    from .runtime import llama_cpp_version
     torch.manual_seed(0)
-    out = {"threads": torch.get_num_threads()}
+    out = {"threads": torch.get_num_threads(), "machine": cpu_description(), "llama_cpp": llama_cpp_version()}
+    print(f"machine: {out['machine']}; threads {out['threads']}; {out['llama_cpp']}")
     out["training"] = bench_training(print, rounds=args.rounds)
     if getattr(args, "profile", False):
         out["training_profile"] = profile_training(print)

@@ -109,3 +109,24 @@ def measured_gemm_tflops(dtype: str = "fp32", n: int = 1024, repeats: int = 5) -
         a @ a
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best / 1e12
+
+
+ISA_FLAGS = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"), ("avx512_bf16", "BF16"),
+             ("amx_tile", "AMX"))
+
+
+def cpu_description() -> str:
+    """The CPU model and the instruction sets the kernels use, e.g. 'AMD EPYC (AVX2, AVX-512, VNNI, BF16), 2 cores':
+    every benchmark prints it, because figures differ between machine kinds."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown CPU":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = [name for flag, name in ISA_FLAGS if flag in flags] or ["no AVX2"]
+    return f"{model} ({', '.join(isa)}), {os.cpu_count()} cores"
