@@ -263,13 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "typed", None) is not None:
             args._cfg = typed_config(args)
             threads = getattr(args._cfg, "threads", None)
-        import torch
-
         if args.command in MEMORY_HUNGRY:
             from .runtime.memory import keep_freed_memory
             keep_freed_memory()   # no page faults on every step's fresh activations (see runtime/memory.py)
         if threads:
-            torch.set_num_threads(threads)
+            from .ops.build import set_threads
+            set_threads(threads)          # torch and the C kernels (their own OpenMP runtime)
         if args.command in ("pretrain", "quantize"):
             from .train.distributed import init_if_launched, is_main
             init_if_launched()

@@ -109,3 +109,17 @@ def test_group_paths_is_the_one_capability_rule():
     assert group_paths(256).gguf_tq and group_paths(384).gemv_a8 and not group_paths(12).gemv
     with pytest.raises(ValueError):
         group_paths(-1)
+
+
+def test_threads_reach_the_c_kernels():
+    """The kernels run on their own OpenMP runtime: --threads must set it too, not only torch's pool."""
+    from ternary_mamba.ops.build import get_kernel, kernel_threads, set_threads
+    if get_kernel() is None:
+        pytest.skip("no C compiler")
+    n = torch.get_num_threads()
+    try:
+        set_threads(1)
+        assert kernel_threads() == 1 and torch.get_num_threads() == 1
+    finally:
+        set_threads(n)
+    assert kernel_threads() == n

@@ -175,8 +175,26 @@ def get_kernel():
     lib.tm_qwork_bytes.argtypes = [p, i64]
     lib.tm_qwork_bytes.restype = i64
     lib.tq2_has_avx2.restype = ctypes.c_int
+    lib.tm_set_threads.argtypes, lib.tm_set_threads.restype = [i64], None
+    lib.tm_get_threads.argtypes, lib.tm_get_threads.restype = [], i64
+    import torch
+    lib.tm_set_threads(torch.get_num_threads())   # the kernels follow torch's thread count
     _lib = lib
     return lib
+
+
+def set_threads(n: int) -> None:
+    """Threads of torch *and* of the C kernels (which run on their own OpenMP runtime): what `--threads` sets."""
+    import torch
+    torch.set_num_threads(n)
+    lib = get_kernel() if _tried else None    # not loaded yet: it takes torch's count when it loads
+    if lib is not None:
+        lib.tm_set_threads(n)
+
+
+def kernel_threads() -> int:
+    lib = get_kernel()
+    return int(lib.tm_get_threads()) if lib is not None else 0
 
 
 def check_rc(rc: int, what: str) -> None:

@@ -11,6 +11,7 @@
 #else
 static inline int omp_get_max_threads(void) { return 1; }
 static inline int omp_get_thread_num(void) { return 0; }
+static inline void omp_set_num_threads(int n) { (void)n; }
 #endif
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));   // 16 floats: one zmm, two ymm, or scalar code
