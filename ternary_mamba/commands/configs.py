@@ -10,7 +10,7 @@ from ..core.config import MAX_CHUNK_SIZE
 from ..errors import UserError
 from ..formats.configs import GGUF_TYPES, PACKINGS
 from ..quant.config import MonitorConfig, TernaryConfig
-from ..quant.groups import DEFAULT_GROUP_SIZE
+from ..quant.groups import DEFAULT_GROUP_SIZE, GGUF_TQ_BLOCK
 from ..train.config import DistillConfig, TrainConfig
 
 CORRECTIONS = ("bias", "lowrank", "qep")
@@ -150,7 +150,7 @@ class ExportConfig(Config):
     out: str | None = option(None, required=True, help="output folder (tq2/tq1) or .gguf file")
     other_dtype: str = option("fp16", choices=("fp16", "fp32"), help="dtype of the non-ternary tensors")
     hf_dtype: str = option("fp16", choices=("fp16", "bf16", "fp32"), help="--format hf: dtype of the weights")
-    group_size: int = option(256, help="for PTQ of a full-precision model, every format (256: what GGUF's "
+    group_size: int = option(GGUF_TQ_BLOCK, help="for PTQ of a full-precision model, every format (256: what GGUF's "
                              "TQ types hold exactly)")
 
 

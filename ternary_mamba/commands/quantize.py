@@ -20,7 +20,7 @@ from ..formats.sizes import packed_size_bytes
 from ..formats.tokenizer import load_tokenizer, tokenizer_path_for
 from ..quant.monitor import ZeroRatioMonitor, zero_ratio_stats
 from ..ops.device import autocast, precision
-from ..quant.groups import DEFAULT_GROUP_SIZE
+from ..quant.groups import DEFAULT_GROUP_SIZE, GGUF_TQ_BLOCK
 from ..quant.qat import TernaryConfig, quantize_, set_lambda
 from ..train import distributed as D
 from ..train.distill import DistillObjective, evaluate_vs_teacher
@@ -31,14 +31,6 @@ from ..train.report import try_report
 from ..train.runs import prepare_run_and_data, run_record
 from .configs import QuantizeConfig
 from .defaults import with_bundled_defaults
-
-
-GGUF_GROUP = 256
-
-
-def group_paths_ok(group_size: int) -> bool:
-    """Whether llama.cpp's TQ types hold these groups exactly (-1: one per row, a multiple of 256 for Mamba-2)."""
-    return group_size == -1 or group_size % GGUF_GROUP == 0
 
 
 def absolute(paths: list[str] | None) -> list[str] | None:
@@ -63,13 +55,13 @@ def quantize(cfg: QuantizeConfig | None = None) -> Path:
         print("--dtype bf16: scales rounded to bf16 values (--scale-format bf16), so training, export and "
               "inference use the same weights")
         cfg = cfg.replace(quant=cfg.quant.replace(scale_format="bf16"))
-    if cfg.target == "gguf" and not group_paths_ok(cfg.quant.group_size):
+    if cfg.target == "gguf" and cfg.quant.group_size != -1 and cfg.quant.group_size % GGUF_TQ_BLOCK:
         if cfg.quant.group_size == DEFAULT_GROUP_SIZE:
-            print(f"--target gguf: groups of {GGUF_GROUP} (llama.cpp's TQ2_0 / TQ1_0 hold them exactly)")
-            cfg = cfg.replace(quant=cfg.quant.replace(group_size=GGUF_GROUP))
+            print(f"--target gguf: groups of {GGUF_TQ_BLOCK} (llama.cpp's TQ2_0 / TQ1_0 hold them exactly)")
+            cfg = cfg.replace(quant=cfg.quant.replace(group_size=GGUF_TQ_BLOCK))
         else:
             warnings.warn(f"--target gguf with --group-size {cfg.quant.group_size}: a GGUF export can only be "
-                          f"exact as f16 (no size saving); TQ2_0 / TQ1_0 need groups of a multiple of {GGUF_GROUP}",
+                          f"exact as f16 (no size saving); TQ2_0 / TQ1_0 need groups of a multiple of {GGUF_TQ_BLOCK}",
                           stacklevel=2)
     if cfg.out is None:
         cfg = cfg.replace(out=f"runs/ternary-{Path(cfg.teacher).name}-{time.strftime('%Y%m%d-%H%M%S')}")

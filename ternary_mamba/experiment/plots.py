@@ -109,7 +109,7 @@ def write_results(out: Path, results: dict, rec: dict, args) -> str:
         print("matplotlib is not installed: no plots (pip install 'ternary-mamba[plot]')")
     lines = ["# Ternary Mamba claims experiment", "",
              f"Command: `{command(args)}`", "",
-             f"Held-out: {held_note(args)}; teacher `{results['teacher']['model']}`.", "",
+             f"Held-out: {held_note(args)}; teacher `{teacher_name(results['teacher']['model'])}`.", "",
              table(results), "",
              "## Error along the recurrence (mean over layers; growth = mean error over the second half of "
              f"the {rec['positions']} positions / mean over the first 16)", "",
@@ -135,6 +135,12 @@ def command(args) -> str:
         if values:
             parts.append(f"{flag} {' '.join(values)}")
     return " ".join(parts + [f"--out {args.out}"])
+
+
+def teacher_name(path: str) -> str:
+    """How results.md names the teacher: `bundled`, not a machine's site-packages path."""
+    from ..assets import TEACHER
+    return "bundled" if Path(path).resolve() == TEACHER.resolve() else path
 
 
 def held_note(args) -> str:

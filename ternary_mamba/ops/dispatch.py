@@ -117,4 +117,5 @@ def group_paths(group_size: int) -> GroupPaths:
     G = int(group_size)
     if G < 1:
         raise ValueError(f"group size {G} must be resolved (>= 1) before asking for kernel paths")
+    # 256: llama.cpp's TQ block (quant.groups.GGUF_TQ_BLOCK; ops sits below quant and cannot import it)
     return GroupPaths(G, gemv=G % 8 == 0, gemv_a8=G % 128 == 0, gguf_tq=G % 256 == 0)

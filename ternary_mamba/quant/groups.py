@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..errors import UserError
 
 DEFAULT_GROUP_SIZE = 128   # weights per scale along in_features (the paper's setting)
+GGUF_TQ_BLOCK = 256        # llama.cpp's TQ1_0 / TQ2_0: one scale per 256 weights (ops.dispatch.group_paths)
 
 
 def check_group_size(group_size: int) -> int:
