@@ -228,6 +228,7 @@ def _run(args) -> None:
 
 # commands that allocate the same large activations every step: they keep freed memory in the heap
 MEMORY_HUNGRY = ("quantize", "pretrain", "experiment", "bench", "ptq")
+AUTO_THREADS = ("quantize", "pretrain", "experiment", "ptq", "eval", "ppl", "parity")   # generate decides after loading
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,6 +270,13 @@ def main(argv: list[str] | None = None) -> int:
         if threads:
             from .ops.build import set_threads
             set_threads(threads)          # torch and the C kernels (their own OpenMP runtime)
+        elif args.command in AUTO_THREADS:
+            from .ops.build import set_threads
+            from .ops.threads import default_threads
+            n, why = default_threads()    # idle physical cores: a busy core would stall every barrier
+            set_threads(n)
+            if "busy" in why:
+                print(f"ternary-mamba {args.command}: {why}", file=sys.stderr)
         if args.command in ("pretrain", "quantize"):
             from .train.distributed import init_if_launched, is_main
             init_if_launched()

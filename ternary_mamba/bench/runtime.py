@@ -49,8 +49,8 @@ def bytes_per_token(model) -> int:
         if id(t) not in seen:
             seen.add(id(t))
             total += t.numel() * t.element_size()
-    emb = model.backbone.embedding.weight
-    if getattr(model.lm_head, "weight", None) is not emb:  # the head no longer reads the embedding: one row
+    emb = getattr(model.backbone.embedding, "weight", None)   # None: a quantized table the head reads too
+    if emb is not None and getattr(model.lm_head, "weight", None) is not emb:  # the head no longer reads the embedding: one row
         total -= emb.numel() * emb.element_size() - emb.size(1) * emb.element_size()
     return total
 
@@ -152,15 +152,18 @@ def load_bench_model(name: str):
 
 def build_variants(model: Mamba2LM, what: str) -> dict[str, Mamba2LM]:
     """fp32 (the model itself); packed tq2 as a packed folder loads (exact ternary products, the fp16 head it
-    stores); + 8-bit head; + int8 activations (decode only)."""
+    stores); + bf16 activations (AVX512-BF16 CPUs); + 8-bit head; + int8 activations (decode only)."""
     import copy
     from ..runtime.heads import use_fp16_head, use_int8_head
-    from ..runtime.packed_linear import use_a8_activations
+    from ..runtime.packed_linear import use_a8_activations, use_bf16_activations
     out = {"fp32": model}
     tq2 = copy.deepcopy(model)
     pack_in_place(tq2)
     use_fp16_head(tq2)
     out["tq2"] = tq2
+    a16 = copy.deepcopy(tq2)
+    if use_bf16_activations(a16):   # the paper's A16 where the CPU has AVX512-BF16 (opt-in, not exact)
+        out["tq2+bf16"] = a16
     i8 = copy.deepcopy(tq2)
     use_int8_head(i8)
     out["tq2+i8head"] = i8
@@ -174,7 +177,7 @@ def build_variants(model: Mamba2LM, what: str) -> dict[str, Mamba2LM]:
 @torch.no_grad()
 def decode_profile(model, n: int) -> dict[str, float] | None:
     """ms per token in each phase of the C decode step (None if the model does not use the engine)."""
-    from ..runtime.decode_engine import DecodeEngine, engine_for
+    from ..runtime.decode_engine import DecodeEngine, engine_for, fast_step
     eng = engine_for(model)
     if eng is None:
         return None
@@ -182,7 +185,7 @@ def decode_profile(model, n: int) -> dict[str, float] | None:
     tok = torch.zeros(1, dtype=torch.long)
     eng.profile = torch.zeros(len(DecodeEngine.PHASES), dtype=torch.float64)
     for _ in range(n):
-        _, state = model.step(tok, state, inplace=True)
+        _, state = fast_step(model, tok, state)   # the engine itself (Mamba2LM.step is the module path)
     prof, eng.profile = eng.profile, None
     return {k: 1e3 * v / n for k, v in zip(DecodeEngine.PHASES, prof.tolist())}
 

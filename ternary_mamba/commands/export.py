@@ -56,7 +56,8 @@ def export(cfg: ExportConfig) -> Path:
         print(f"wrote {out}: a transformers Mamba2ForCausalLM folder ({cfg.hf_dtype}, ternary weights dequantized) "
               "with its model card")
         return out
-    export_packed(model, out, cfg.format, cfg.other_dtype, tok_path, source)
-    print(f"wrote {out}")
+    export_packed(model, out, cfg.format, cfg.other_dtype, tok_path, source, cfg.embedding)
+    size = (out / "model.safetensors").stat().st_size / MB
+    print(f"wrote {out}: {size:.2f} MB ({cfg.format}, embedding {cfg.embedding})")
     print(format_size_table(model.config, model.ternary_config.group_size))
     return out

@@ -19,6 +19,14 @@ def generate(cfg: GenerateConfig, stream: bool = False) -> str:
     device, dtype = precision(cfg.device, cfg.dtype)
     model, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer)
     model = model.to(device)
+    if cfg.threads is None and device.type == "cpu":
+        from ..ops.build import set_threads
+        from ..ops.threads import default_threads
+        n, why = default_threads(sum(p.numel() for p in model.parameters()) +
+                                 sum(b.numel() for b in model.buffers()))
+        set_threads(n)
+        if stream:
+            print(f"[threads: {why}]", file=sys.stderr)
     if cfg.int8_head:
         use_int8_head(model)
     if cfg.a8 and use_a8_activations(model) == 0:

@@ -62,6 +62,17 @@ def run_ppl(args) -> dict:
             m8 = copy.deepcopy(model)
             use_int8_head(m8)
             variants.append((" +int8 head", m8))
+        if getattr(args, "quantized_embedding", False):
+            import copy
+
+            from ..runtime.tables import use_quantized_embedding
+            for fmt in ("int8", "q4"):
+                mq = copy.deepcopy(model)
+                try:
+                    use_quantized_embedding(mq, fmt)
+                except ValueError as e:
+                    raise UserError(f"{m}: --quantized-embedding: {e}") from None
+                variants.append((f" +{fmt} embedding", mq))
         for suffix, mdl in variants:
             t0 = time.time()
             with torch.no_grad(), autocast(device, dtype):

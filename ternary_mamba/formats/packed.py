@@ -19,20 +19,26 @@ from ..core.model import Mamba2LM
 from ..errors import UserError
 from ..quant.packing import PER_BYTE, pack, unpack
 from ..quant.qat import ternary_modules
+from ..quant.tables import TABLE_FORMATS, check_table_format, quantize_table
 from ..runtime.convert import packed_codes
 from ..runtime.heads import Fp16Head
 from ..runtime.packed_linear import PackedTernaryLinear
+from ..runtime.tables import QuantizedEmbedding, QuantizedHead
 from .configs import PACKED_FORMAT_NAME
 from .folders import load_state_dict_strict, model_state_for_saving
 from .fs import atomic_dir, read_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1            # what a packed folder with a dense embedding is written as
+FORMAT_VERSIONS = (1, 2)      # 2: the embedding may be quantized (header "embedding": "int8" | "q4")
+EMB = "backbone.embedding"
 
 
 # ------------------------------------------------------------------ export
 def export_packed(model, out: Path, packing: str = "tq2", other_dtype: str = "fp16",
-                  tokenizer_path: Path | None = None, source: str = "") -> dict:
-    """Write a packed folder from a fake-quant student (a model with TernaryLinear modules)."""
+                  tokenizer_path: Path | None = None, source: str = "", embedding: str = "fp16") -> dict:
+    """Write a packed folder from a fake-quant student (a model with TernaryLinear modules).  embedding:
+    "fp16" (stored in other_dtype like every other tensor), or "int8" / "q4" (the tied embedding and head as one
+    quantized table, quant/tables.py)."""
     from safetensors.torch import save_file
     if packing not in PER_BYTE:
         raise UserError(f"--format {packing}: choose tq2 or tq1")
@@ -43,8 +49,19 @@ def export_packed(model, out: Path, packing: str = "tq2", other_dtype: str = "fp
     if any(m.has_corrections for _, m in mods):
         raise UserError("this model carries post-hoc corrections (bias / low-rank), which the packed format "
                         "does not hold; export a plain PTQ, QEP or QAT student")
+    if embedding not in TABLE_FORMATS:
+        raise UserError(f"--embedding {embedding}: choose from {', '.join(TABLE_FORMATS)}")
     tensors, header_t = {}, {}
     skip = set()
+    if embedding != "fp16":
+        if not model.config.tie_embeddings:
+            raise UserError(f"--embedding {embedding} needs a tied head (this model's lm_head is separate)")
+        try:
+            check_table_format(embedding, model.config.d_model)
+        except ValueError as e:
+            raise UserError(f"--embedding {embedding}: {e}") from None
+        tensors[f"{EMB}.codes"], tensors[f"{EMB}.scales"] = quantize_table(model.backbone.embedding.weight, embedding)
+        skip.add(f"{EMB}.weight")
     for name, m in mods:
         tensors[f"{name}.codes"], tensors[f"{name}.scales"] = packed_codes(m, packing)
         header_t[name] = {"shape": [m.out_features, m.in_features], "group_size": m.group_size}
@@ -52,9 +69,12 @@ def export_packed(model, out: Path, packing: str = "tq2", other_dtype: str = "fp
     for k, v in model_state_for_saving(model).items():
         if k not in skip:
             tensors[k] = v.to(dt).contiguous()
-    header = {"format": PACKED_FORMAT_NAME, "format_version": FORMAT_VERSION, "packing": packing,
+    header = {"format": PACKED_FORMAT_NAME, "format_version": FORMAT_VERSION if embedding == "fp16" else 2,
+              "packing": packing,
               "other_dtype": other_dtype, "architecture": "mamba2", "config": model.config.to_dict(),
               "ternary": header_t, "tokenizer": "tokenizer.json" if tokenizer_path else None, "source": source}
+    if embedding != "fp16":
+        header["embedding"] = embedding
     with atomic_dir(Path(out)) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"ternary_mamba": json.dumps(header)})
         (tmp / "config.json").write_text(json.dumps(header, indent=2) + "\n")
@@ -70,9 +90,13 @@ def export_packed(model, out: Path, packing: str = "tq2", other_dtype: str = "fp
 
 # ------------------------------------------------------------------ load
 def _check_header(h: dict, folder: Path) -> None:
-    if type(h.get("format_version")) is not int or h["format_version"] != FORMAT_VERSION:
+    if type(h.get("format_version")) is not int or h["format_version"] not in FORMAT_VERSIONS:
         raise UserError(f"{folder}: packed format version {h.get('format_version')!r} is not supported "
-                        f"(this ternary-mamba reads version {FORMAT_VERSION})")
+                        f"(this ternary-mamba reads versions {', '.join(map(str, FORMAT_VERSIONS))})")
+    emb = h.get("embedding", "fp16")
+    if emb not in TABLE_FORMATS or (emb != "fp16" and h["format_version"] < 2):
+        raise UserError(f"{folder}: header \"embedding\": {emb!r} is not a table format of version "
+                        f"{h['format_version']} ({', '.join(TABLE_FORMATS)}; quantized ones need version 2)")
     if not isinstance(h.get("packing"), str) or h["packing"] not in PER_BYTE:
         raise UserError(f"{folder}: unknown packing {h.get('packing')!r} (expected tq2 or tq1)")
     if not isinstance(h.get("ternary"), dict) or not h["ternary"]:
@@ -161,12 +185,40 @@ def load_packed(folder: Path):
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, packed)
         keys -= {f"{name}.codes", f"{name}.scales", f"{name}.bias"}
+    if h.get("embedding", "fp16") != "fp16":
+        keys -= _load_quantized_embedding(model, h["embedding"], get, keys, path)
     rest = {k: get(k) for k in keys}
     for k, v in rest.items():
         _check_finite(v, f"{path}: {k}")
     load_state_dict_strict(model, rest, str(path))
-    if h.get("other_dtype") == "fp16" and cfg.tie_embeddings:
+    if h.get("other_dtype") == "fp16" and cfg.tie_embeddings and h.get("embedding", "fp16") == "fp16":
         # the stored fp16 head, read at half the bytes of fp32, same values
         model.lm_head = Fp16Head(model.backbone.embedding.weight)
     model.packed_header = h
     return model.eval()
+
+
+def _load_quantized_embedding(model, fmt: str, get, keys: set, path: Path) -> set:
+    """Install the quantized table as the embedding and the tied head; returns the keys it consumed."""
+    cfg = model.config
+    if not cfg.tie_embeddings:
+        raise UserError(f"{path}: a quantized embedding needs tie_embeddings in the config")
+    for suffix in ("codes", "scales"):
+        if f"{EMB}.{suffix}" not in keys:
+            raise UserError(f"{path}: missing tensor {EMB}.{suffix} (header says embedding {fmt})")
+    codes, scales = get(f"{EMB}.codes"), get(f"{EMB}.scales")
+    V, d = cfg.padded_vocab_size, cfg.d_model
+    want_codes = (torch.int8, (V, d)) if fmt == "int8" else (torch.uint8, (V, d // 2))
+    want_scales = (V,) if fmt == "int8" else (V, d // 32)
+    if fmt == "q4" and d % 32:
+        raise UserError(f"{path}: q4 embedding needs d_model a multiple of 32 (config has {d})")
+    if (codes.dtype, tuple(codes.shape)) != want_codes:
+        raise UserError(f"{path}: {EMB}.codes is {codes.dtype} {tuple(codes.shape)}, expected {want_codes[0]} "
+                        f"{want_codes[1]} for a {fmt} table")
+    if scales.dtype != torch.float16 or tuple(scales.shape) != want_scales:
+        raise UserError(f"{path}: {EMB}.scales is {scales.dtype} {tuple(scales.shape)}, expected float16 {want_scales}")
+    _check_finite(scales, f"{path}: {EMB}.scales")
+    emb = QuantizedEmbedding(codes, scales, fmt)
+    model.backbone.embedding = emb
+    model.lm_head = QuantizedHead(emb)
+    return {f"{EMB}.codes", f"{EMB}.scales"}

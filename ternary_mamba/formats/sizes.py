@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..core.config import MB, Mamba2Config, count_params_by_component
 from ..quant.packing import PER_BYTE
+from ..quant.tables import table_bytes
 from .fs import read_json
 from ..quant.groups import DEFAULT_GROUP_SIZE, resolve_group_size
 
@@ -27,12 +28,14 @@ def format_info(cfg: Mamba2Config, title: str = "") -> str:
 
 
 def packed_size_bytes(cfg: Mamba2Config, group_size: int = DEFAULT_GROUP_SIZE, packing: str = "tq1",
-                      separate_head: bool = False, targets=("in_proj", "out_proj")) -> dict[str, int]:
+                      separate_head: bool = False, targets=("in_proj", "out_proj"),
+                      embedding: str = "fp16") -> dict[str, int]:
     """Bytes of a packed ternary checkpoint by component (tensor data only; the header is small).
 
     packing: tq2 = 4 codes per byte, tq1 = 5 codes per byte (base 3), both over the flattened matrix;
     one fp16 scale per group; everything else fp16; the embedding stored once when tied, unless
-    `separate_head` (the paper's layout: its own fp16 lm_head)."""
+    `separate_head` (the paper's layout: its own fp16 lm_head); `embedding` int8 / q4: the tied table quantized
+    (quant/tables.py)."""
     per_byte = PER_BYTE[packing]
     counts = count_params_by_component(cfg)
     shapes = {"in_proj": (cfg.d_in_proj, cfg.d_model), "out_proj": (cfg.d_model, cfg.d_inner)}
@@ -47,6 +50,9 @@ def packed_size_bytes(cfg: Mamba2Config, group_size: int = DEFAULT_GROUP_SIZE, p
         counts.pop(name)
     if separate_head:
         counts["lm_head"] = counts["embedding"]
+    if embedding != "fp16" and not separate_head:
+        out[f"embedding ({embedding})"] = table_bytes(cfg.padded_vocab_size, cfg.d_model, embedding)
+        counts.pop("embedding")
     for name, n in counts.items():
         if n:
             out[f"{name} (fp16)"] = n * 2
@@ -60,6 +66,9 @@ def format_size_table(cfg, group_size: int) -> str:
             ("paper layout (2-bit + separate fp16 head)", sum(packed_size_bytes(cfg, group_size, "tq2", True).values()), 2 + 16 / group_size),
             ("tq2 (2-bit, tied)", sum(packed_size_bytes(cfg, group_size, "tq2").values()), 2 + 16 / group_size),
             ("tq1 (1.6-bit, tied)", sum(packed_size_bytes(cfg, group_size, "tq1").values()), 1.6 + 16 / group_size)]
+    if cfg.d_model % 32 == 0:
+        rows += [(f"tq1 + {e} embedding (--embedding {e})", sum(packed_size_bytes(cfg, group_size, "tq1", embedding=e).values()),
+                  1.6 + 16 / group_size) for e in ("int8", "q4")]
     lines = [f"{'layout':<44} {'MB':>10} {'vs FP16':>8} {'bits/ternary weight':>20}"]
     for name, size, bpw in rows:
         lines.append(f"{name:<44} {size / MB:>10,.1f} {fp16 / size:>7.2f}x {bpw if name != 'FP16' else 16:>20.3f}")
@@ -79,7 +88,7 @@ def packed_info(folder: Path) -> str:
             nbytes = 1
             for s in t.get_shape():
                 nbytes *= s
-            nbytes *= {"U8": 1, "F16": 2, "F32": 4, "BF16": 2}[t.get_dtype()]
+            nbytes *= {"U8": 1, "I8": 1, "F16": 2, "F32": 4, "BF16": 2}[t.get_dtype()]
             comp = re.sub(r"^backbone\.(layers\.\d+\.)?", "", k)
             sizes[comp] = sizes.get(comp, 0) + nbytes
     for spec in h["ternary"].values():
@@ -87,9 +96,10 @@ def packed_info(folder: Path) -> str:
     cfg = Mamba2Config.from_dict(h["config"])
     fp16 = sum(count_params_by_component(cfg).values()) * 2
     total = sum(sizes.values())
-    tern_bytes = sum(v for k, v in sizes.items() if k.endswith((".codes", ".scales")))
+    tern_bytes = sum(v for k, v in sizes.items() if k.endswith((".codes", ".scales")) and not k.startswith("embedding."))
     lines = [f"packed model: {folder}  (format v{h['format_version']}, {h['packing']}, "
-             f"group {next(iter(h['ternary'].values()))['group_size']}, others {h['other_dtype']})",
+             f"group {next(iter(h['ternary'].values()))['group_size']}, others {h['other_dtype']}, "
+             f"embedding {h.get('embedding', h['other_dtype'])})",
              f"source: {h.get('source') or '?'}", "stored bytes by component:"]
     for k, v in sorted(sizes.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {k:<28} {v / MB:>10.3f} MB")

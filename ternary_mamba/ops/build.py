@@ -140,6 +140,15 @@ def get_kernel():
     lib.tq2_gemv_a8.restype = None
     lib.i8_gemv.argtypes = [p, p, p, p, i64, i64, i64]
     lib.i8_gemv.restype = None
+    lib.tq2_gemv_bf16.argtypes = [p, p, p, p, i64, i64, i64, i64]
+    lib.tq2_gemv_bf16.restype = None
+    lib.tq2_dequant_bf16.argtypes = [p, p, p, i64, i64, i64]
+    lib.tq2_dequant_bf16.restype = None
+    lib.tq2_has_bf16.restype = ctypes.c_int
+    lib.q4_gemv.argtypes = [p, p, p, p, p, i64, i64, i64]
+    lib.q4_gemv.restype = None
+    lib.table_rows.argtypes = [i64, p, p, p, i64, i64, p]
+    lib.table_rows.restype = None
     lib.ssd_prefill.argtypes = [p] * 8 + [i64] * 9 + [p, p]
     lib.ssd_backward.argtypes = [p, i64] + [p] * 11 + [i64] * 7
     lib.ssd_backward.restype = ctypes.c_int

@@ -111,6 +111,7 @@ class GroupPaths:
     gemv: bool       # exact ternary GEMV and the whole-model decode engine (csrc/tq2_gemv.c, lm_step.c)
     gemv_a8: bool    # the int8-activation GEMV (opt-in, not bit-exact): integer sums per group of 128
     gguf_tq: bool    # llama.cpp's TQ1_0 / TQ2_0 (blocks of 256 weights, one scale each) hold it exactly
+    gemv_bf16: bool  # the bf16-activation GEMV (opt-in, the paper's A16): chunks of 64 weights per group
 
 
 def group_paths(group_size: int) -> GroupPaths:
@@ -118,4 +119,11 @@ def group_paths(group_size: int) -> GroupPaths:
     if G < 1:
         raise ValueError(f"group size {G} must be resolved (>= 1) before asking for kernel paths")
     # 256: llama.cpp's TQ block (quant.groups.GGUF_TQ_BLOCK; ops sits below quant and cannot import it)
-    return GroupPaths(G, gemv=G % 8 == 0, gemv_a8=G % 128 == 0, gguf_tq=G % 256 == 0)
+    return GroupPaths(G, gemv=G % 8 == 0, gemv_a8=G % 128 == 0, gguf_tq=G % 256 == 0, gemv_bf16=G % 64 == 0)
+
+
+def cpu_has_bf16_kernels() -> bool:
+    """The compiled kernels use AVX512-BF16 dot products (else the bf16-activation GEMV runs a portable loop)."""
+    from .build import get_kernel
+    lib = get_kernel()
+    return bool(lib is not None and lib.tq2_has_bf16())

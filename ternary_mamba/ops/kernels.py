@@ -38,6 +38,36 @@ def tq2_gemv(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, group_s
     return y
 
 
+def tq2_gemv_bf16(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Like tq2_gemv with x rounded to bf16 (the paper's A16): codes (out, in/4) uint8, scales (out, in/G) fp32,
+    x (nb, in) fp32 or bf16 -> y (nb, out) fp32.  Requires G % 64 == 0."""
+    _cpu(codes, scales, x)
+    _dtype(torch.uint8, codes)
+    _dtype(torch.float32, scales)
+    assert group_size % 64 == 0 and codes.is_contiguous() and scales.is_contiguous()
+    lib = get_kernel()
+    xb = x.to(torch.bfloat16).contiguous()            # round to nearest even, as the kernel's own conversion
+    out_f, in_f = codes.size(0), codes.size(1) * 4
+    y = torch.empty(xb.size(0), out_f, dtype=torch.float32)
+    lib.tq2_gemv_bf16(codes.data_ptr(), scales.data_ptr(), xb.data_ptr(), y.data_ptr(), out_f, in_f, group_size,
+                      xb.size(0))
+    return y
+
+
+def tq2_dequant_bf16(codes: torch.Tensor, scales: torch.Tensor, group_size: int,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """codes (out, in/4) uint8, scales (out, in/G) fp32 -> bf16(scale * t) (out, in), for prefill's bf16 GEMM."""
+    _cpu(codes, scales, out)
+    _dtype(torch.uint8, codes)
+    _dtype(torch.float32, scales)
+    _dtype(torch.bfloat16, out)
+    lib = get_kernel()
+    out_f, in_f = codes.size(0), codes.size(1) * 4
+    w = out if out is not None else torch.empty(out_f, in_f, dtype=torch.bfloat16)
+    lib.tq2_dequant_bf16(codes.data_ptr(), scales.data_ptr(), w.data_ptr(), out_f, in_f, group_size)
+    return w
+
+
 def tq2_dequant(codes: torch.Tensor, scales: torch.Tensor, group_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """codes (out, in/4) uint8, scales (out, in/G) fp32 -> the fp32 weight (out, in)."""
     _cpu(codes, scales, out)
@@ -75,6 +105,45 @@ def i8_gemv(w: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tens
     y = torch.empty(x.size(0), w.size(0))
     lib.i8_gemv(w.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), w.size(0), w.size(1), x.size(0))
     return y
+
+
+def q4_gemv(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """q (out, in/2) uint8 (4-bit codes, quant/tables.py), scale (out, in/32) fp32, x (nb, in) fp32 -> (nb, out)."""
+    _cpu(q, scale, x)
+    _dtype(torch.uint8, q)
+    _dtype(torch.float32, scale, x)
+    assert q.is_contiguous() and scale.is_contiguous() and q.size(1) * 2 == scale.size(1) * 32 == x.size(-1)
+    lib = get_kernel()
+    x = x.contiguous()
+    y = torch.empty(x.size(0), q.size(0))
+    xsum = torch.empty(x.size(0), scale.size(1))
+    lib.q4_gemv(q.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), xsum.data_ptr(), q.size(0), x.size(1),
+                x.size(0))
+    return y
+
+
+TABLE_KINDS = {torch.float32: 0, torch.float16: 4, torch.int8: 3, torch.uint8: 5}   # uint8: q4 (two per byte)
+
+
+def table_rows(w: torch.Tensor, scale: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` (int64) of a table w (fp32 / fp16 / int8 with fp32 scale per row / q4 uint8 with fp32 scale per
+    group of 32) as fp32 (n, d)."""
+    _cpu(w, scale, ids)
+    _dtype(torch.int64, ids)
+    kind = TABLE_KINDS.get(w.dtype)
+    if kind is None or not w.is_contiguous():
+        raise TypeError(f"table_rows: unsupported table {w.dtype} {tuple(w.shape)}")
+    if kind in (3, 5):
+        _dtype(torch.float32, scale)
+        assert scale is not None and scale.is_contiguous() and scale.size(0) == w.size(0)
+    d = w.size(1) * (2 if kind == 5 else 1)
+    ids = ids.contiguous()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= w.size(0)):
+        raise IndexError(f"token id out of range [0, {w.size(0)})")
+    out = torch.empty(ids.numel(), d)
+    get_kernel().table_rows(kind, w.data_ptr(), scale.data_ptr() if scale is not None else None, ids.data_ptr(),
+                            ids.numel(), d, out.data_ptr())
+    return out
 
 
 def rows_view(t: torch.Tensor, inner: int) -> tuple[torch.Tensor, int]:

@@ -6,7 +6,7 @@ module-by-module step, which is the reference this engine is tested against.  Th
 instead of ~10 PyTorch ops per layer: at 130m that interpreter and dispatch overhead was larger than the
 arithmetic of a packed ternary model.  Supported projections: fp32 `nn.Linear`, `PackedTernaryLinear`
 (exact fp32 products, or int8 activations when opted in with `use_a8_activations`), `Fp16Head` and
-`Int8Head`.
+`Int8Head`, and a quantized embedding with its tied head (`runtime.tables`, int8 or q4).
 Anything else (fake-quant QAT modules, fp16 weights, forward hooks on any module, no C compiler, a
 `reference_path()` in force) returns None and the module-by-module step runs instead.
 
@@ -30,12 +30,13 @@ from ..ops.build import get_kernel
 from ..ops.dispatch import kernels_available
 from .heads import Fp16Head, Int8Head, head_weight
 from .packed_linear import PackedTernaryLinear
+from .tables import QuantizedEmbedding, QuantizedHead
 
 MAX_BATCH = 64            # tm_step's limit
 _ENGINES: "weakref.WeakKeyDictionary[nn.Module, DecodeEngine]" = weakref.WeakKeyDictionary()
 
 _i64, _p = ctypes.c_int64, ctypes.c_void_p
-TM_F32, TM_TQ2, TM_TQ2_A8, TM_I8, TM_F16 = 0, 1, 2, 3, 4
+TM_F32, TM_TQ2, TM_TQ2_A8, TM_I8, TM_F16, TM_Q4, TM_TQ2_BF16 = 0, 1, 2, 3, 4, 5, 6
 
 
 class _Linear(ctypes.Structure):
@@ -51,7 +52,7 @@ class _Model(ctypes.Structure):
     _fields_ = [(k, _i64) for k in ("n_layer", "d_model", "d_inner", "ngroups", "d_state", "nheads", "headdim",
                                     "d_conv", "max_in")] + \
                [("eps", ctypes.c_double), ("gnorm_eps", ctypes.c_double), ("embedding", _p), ("norm_f", _p),
-                ("head", _Linear), ("layers", ctypes.POINTER(_Layer))]
+                ("head", _Linear), ("layers", ctypes.POINTER(_Layer)), ("emb_kind", _i64), ("emb_scales", _p)]
 
 
 class Unsupported(Exception):
@@ -76,29 +77,44 @@ def _linear(m: nn.Module, keep: list) -> _Linear:
         keep += [w, b]
         return _Linear(TM_F32, m.out_features, m.in_features, 0, _ptr(w), None, _ptr(b))
     if isinstance(m, PackedTernaryLinear) and m.paths.gemv:
-        a8 = m.a8 and m.paths.gemv_a8
+        kind = TM_TQ2_BF16 if m.bf16 and m.paths.gemv_bf16 else TM_TQ2_A8 if m.a8 and m.paths.gemv_a8 else TM_TQ2
         codes, sc, b = m.codes.contiguous(), _f32(m.scales), _f32(m.bias)
         keep += [codes, sc, b]
-        return _Linear(TM_TQ2_A8 if a8 else TM_TQ2, m.out_features, m.in_features, m.group_size,
-                       codes.data_ptr(), sc.data_ptr(), _ptr(b))
+        return _Linear(kind, m.out_features, m.in_features, m.group_size, codes.data_ptr(), sc.data_ptr(), _ptr(b))
     if isinstance(m, Int8Head):
         w8, sc = m.w8.contiguous(), _f32(m.scale)
         keep += [w8, sc]
         return _Linear(TM_I8, m.out_features, m.in_features, 0, w8.data_ptr(), sc.data_ptr(), None)
+    if isinstance(m, QuantizedHead):
+        codes, sc = m.codes.contiguous(), _f32(m.scale)
+        keep += [codes, sc]
+        return _Linear(TM_Q4 if m.fmt == "q4" else TM_I8, m.out_features, m.in_features, 0, codes.data_ptr(),
+                       sc.data_ptr(), None)
     if isinstance(m, Fp16Head):
         keep.append(m.w16)
         return _Linear(TM_F16, m.out_features, m.in_features, 0, m.w16.data_ptr(), None, None)
     raise Unsupported(f"{type(m).__name__} projection")
 
 
+def _table(emb: nn.Module) -> tuple[int, Tensor, Tensor | None]:
+    """(kind, rows, scales) of the embedding for tm_step's lookup."""
+    if isinstance(emb, QuantizedEmbedding):
+        return (TM_Q4 if emb.fmt == "q4" else TM_I8), emb.codes.contiguous(), _f32(emb.scale)
+    if type(emb) is nn.Embedding:
+        return TM_F32, _f32(emb.weight.detach()), None
+    raise Unsupported(f"{type(emb).__name__} embedding")
+
+
 def _signature(model) -> tuple:
     """What the engine's pointers depend on: module identities, opt-in flags and tensor storage."""
-    sig = [id(model.lm_head), getattr(model.lm_head, "a8", None), _ptr(getattr(model.lm_head, "weight", None)),
-           model.backbone.embedding.weight.data_ptr(), model.backbone.norm_f.weight.data_ptr()]
+    sig = [id(model.lm_head), getattr(model.lm_head, "a8", None), getattr(model.lm_head, "bf16", None), _ptr(getattr(model.lm_head, "weight", None)),
+           id(model.backbone.embedding), _ptr(getattr(model.backbone.embedding, "weight", None)),
+           model.backbone.norm_f.weight.data_ptr()]
     for layer in model.backbone.layers:
         mx = layer.mixer
         for lin in (mx.in_proj, mx.out_proj):
-            sig += [id(lin), getattr(lin, "a8", None), _ptr(getattr(lin, "weight", getattr(lin, "codes", None)))]
+            sig += [id(lin), getattr(lin, "a8", None), getattr(lin, "bf16", None),
+                    _ptr(getattr(lin, "weight", getattr(lin, "codes", None)))]
         sig += [layer.norm.weight.data_ptr(), mx.conv1d.weight.data_ptr(), mx.A_log.data_ptr(),
                 mx.dt_bias.data_ptr(), mx.D.data_ptr(), mx.norm.weight.data_ptr()]
     return tuple(sig)
@@ -121,13 +137,14 @@ class DecodeEngine:
             layers[i] = _Layer(_ptr(t[0]), _linear(mx.in_proj, keep), _linear(mx.out_proj, keep),
                                *map(_ptr, t[1:]))
             max_in = max(max_in, mx.in_proj.in_features, mx.out_proj.in_features)
-        emb, norm_f = _f32(model.backbone.embedding.weight.detach()), _f32(model.backbone.norm_f.weight.detach())
-        keep += [emb, norm_f]
+        emb_kind, emb, emb_scales = _table(model.backbone.embedding)
+        norm_f = _f32(model.backbone.norm_f.weight.detach())
+        keep += [emb, emb_scales, norm_f]
         head = _linear(model.lm_head, keep)
         self.model_struct = _Model(c.n_layer, c.d_model, c.d_inner, c.ngroups, c.d_state, c.nheads, c.headdim,
                                    c.d_conv, max(max_in, c.d_model), float(model.backbone.layers[0].norm.eps),
                                    float(model.backbone.layers[0].mixer.norm.eps), emb.data_ptr(),
-                                   norm_f.data_ptr(), head, layers)
+                                   norm_f.data_ptr(), head, layers, emb_kind, _ptr(emb_scales))
         self.layers, self.keep = layers, keep       # keep the described memory alive
         self.n_layer, self.vocab, self.n_out = c.n_layer, emb.size(0), head.out
         self.conv_shape, self.ssm_shape = (c.conv_dim, c.d_conv - 1), (c.nheads, c.headdim, c.d_state)

@@ -55,11 +55,11 @@ def head_weight(model) -> Tensor:
     head = model.lm_head
     if isinstance(head, nn.Linear):
         return head.weight
-    if model.config.tie_embeddings:
+    if model.config.tie_embeddings and hasattr(model.backbone.embedding, "weight"):
         return model.backbone.embedding.weight
     if isinstance(head, Fp16Head):
         return head.w16.float()
-    raise ValueError("the head is already 8-bit; start from the full-precision model")
+    raise ValueError("the head is already quantized (8 or 4 bits); start from the full-precision model")
 
 
 def use_int8_head(model) -> None:

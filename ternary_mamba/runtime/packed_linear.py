@@ -11,12 +11,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.dispatch import GEMV_MAX_ROWS, group_paths, kernels_for
-from ..ops.kernels import tq2_dequant, tq2_gemv, tq2_gemv_a8
+from ..ops.dispatch import GEMV_MAX_ROWS, cpu_has_bf16_kernels, group_paths, kernels_for
+from ..ops.kernels import tq2_dequant, tq2_dequant_bf16, tq2_gemv, tq2_gemv_a8, tq2_gemv_bf16
 from ..quant.packing import unpack
 from ..quant.ternary import dequantize
 
-_SCRATCH: dict[str, Tensor | None] = {"w": None}   # dequantization buffer for prefill (no autograd)
+_SCRATCH: dict[str, Tensor | None] = {"w": None, "wb": None}   # dequantization buffers for prefill (no autograd)
 
 
 class PackedTernaryLinear(nn.Module):
@@ -28,6 +28,7 @@ class PackedTernaryLinear(nn.Module):
         self.register_buffer("bias", bias.float() if bias is not None else None, persistent=False)
         self.paths = group_paths(group_size)
         self.a8 = False  # opt-in: int8 activations in the decode GEMV (see use_a8_activations); not exact
+        self.bf16 = False  # opt-in: bf16 activations, decode and prefill (see use_bf16_activations); not exact
 
     def dequantized_weight(self, scratch: bool = False) -> Tensor:
         """The fp32 weight.  scratch=True (no autograd only) writes it into a buffer shared by all packed
@@ -46,15 +47,27 @@ class PackedTernaryLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.size(0) <= GEMV_MAX_ROWS and self.paths.gemv and self.codes.device.type == "cpu" \
-                and kernels_for(x2, self.scales, dtype=None):
+        on_cpu = self.codes.device.type == "cpu" and kernels_for(x2, self.scales, dtype=None)
+        if x2.size(0) <= GEMV_MAX_ROWS and self.paths.gemv and on_cpu:
             gemv = tq2_gemv_a8 if self.a8 and self.paths.gemv_a8 else tq2_gemv
+            if self.bf16 and self.paths.gemv_bf16:
+                gemv = tq2_gemv_bf16
             y = gemv(self.codes, self.scales, x2.float(), self.group_size)
             if self.bias is not None:
                 y = y + self.bias
             return y.reshape(*lead, self.out_features)
         scratch = not torch.is_grad_enabled()   # the shared buffer is overwritten by the next call
+        if self.bf16 and scratch and on_cpu:     # prefill in bf16: bf16(scale * t) and the bf16 GEMM (oneDNN)
+            y = F.linear(x.to(torch.bfloat16), self._bf16_weight()).float()
+            return y + self.bias if self.bias is not None else y
         return F.linear(x, self.dequantized_weight(scratch), self.bias)
+
+    def _bf16_weight(self) -> Tensor:
+        n = self.out_features * self.in_features
+        if _SCRATCH.get("wb") is None or _SCRATCH["wb"].numel() < n:
+            _SCRATCH["wb"] = torch.empty(n, dtype=torch.bfloat16)
+        out = _SCRATCH["wb"][:n].view(self.out_features, self.in_features)
+        return tq2_dequant_bf16(self.codes, self.scales, self.group_size, out)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, group_size={self.group_size}, packed=tq2"
@@ -68,6 +81,24 @@ def use_a8_activations(model, enabled: bool = True) -> int:
     for m in model.modules():
         if isinstance(m, PackedTernaryLinear) and m.paths.gemv_a8:
             m.a8 = enabled
+            m.bf16 = False if enabled else m.bf16
+            n += 1
+    return n
+
+
+def use_bf16_activations(model, enabled: bool = True) -> int:
+    """Opt-in, the paper's A16: packed projections round their input to bf16 and multiply with AVX512-BF16 dot
+    products (decode: csrc/tq2_bf16.c; prefill: bf16(scale * t) and torch's bf16 GEMM, whose output is bf16).
+    Not exact (relative error ~0.3 % per projection, measured by `ternary-mamba bench accuracy`).  Only where the
+    CPU has AVX512-BF16 (else nothing changes and 0 is returned: the exact path is faster than bf16 emulation);
+    needs groups of a multiple of 64.  Turns int8 activations off.  Returns how many modules use it."""
+    if enabled and not cpu_has_bf16_kernels():
+        return 0
+    n = 0
+    for m in model.modules():
+        if isinstance(m, PackedTernaryLinear) and m.paths.gemv_bf16:
+            m.bf16 = enabled
+            m.a8 = False if enabled else m.a8
             n += 1
     return n
 

@@ -20,6 +20,14 @@ void tq2_gemv_a8(const uint8_t *codes, const float *scales, const int8_t *xq, co
                  float *y, int64_t out, int64_t in, int64_t G, int64_t nb);
 void i8_gemv(const int8_t *w, const float *scale, const float *x, float *y, int64_t out, int64_t in, int64_t nb);
 void f16_gemv(const uint16_t *w, const float *x, float *y, int64_t out, int64_t in, int64_t nb);
+void q4_gemv(const uint8_t *q, const float *scale, const float *x, float *y, float *xsum,
+             int64_t out, int64_t in, int64_t nb);
+void table_rows(int64_t kind, const void *w, const float *scale, const int64_t *ids, int64_t n, int64_t d, float *out);
+void tq2_gemv_bf16(const uint8_t *codes, const float *scales, const uint16_t *xb, float *y,
+                   int64_t out, int64_t in, int64_t G, int64_t nb);
+void f32_to_bf16(const float *x, uint16_t *xb, int64_t n);
+void tq2_dequant_bf16(const uint8_t *codes, const float *scales, uint16_t *w, int64_t out, int64_t in, int64_t G);
+int tq2_has_bf16(void);
 void f32_gemv(const float *w, const float *x, float *y, int64_t out, int64_t in, int64_t nb);
 void mixer_step_inplace(const float *zxbcdt, float *conv_state, const float *conv_w, const float *conv_b,
                         const float *dt_bias, const float *A_log, const float *Dp, const float *norm_w,
