@@ -121,8 +121,22 @@ void tq2_dequant_bf16(const uint8_t *codes, const float *scales, uint16_t *w, in
         uint16_t *wr = w + o * in;
         for (int64_t g = 0; g < ngroups; g++) {
             const uint16_t pos = f2bf(scales[o * ngroups + g]), neg = pos ^ 0x8000u;
+            int64_t i = g * G;
+#ifdef TQ2_BF16
+            // 16 weights per step: codes -> {-1, 0, +1} x scale in fp32 (exact), one rounding to bf16 (RNE, as f2bf)
+            const __m512i sh = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            const __m512 tbl = _mm512_setr_ps(-1.f, 0.f, 1.f, 0.f, -1.f, 0.f, 1.f, 0.f,
+                                              -1.f, 0.f, 1.f, 0.f, -1.f, 0.f, 1.f, 0.f);
+            const __m512 vs = _mm512_set1_ps(scales[o * ngroups + g]);
+            for (; i + 16 <= (g + 1) * G; i += 16) {
+                uint32_t c;
+                memcpy(&c, row + i / 4, 4);
+                const __m512 w = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi32((int)c), sh), tbl), vs);
+                _mm256_storeu_si256((__m256i *)(wr + i), (__m256i)_mm512_cvtneps_pbh(w));
+            }
+#endif
             const uint16_t val[4] = {neg, 0, pos, 0};
-            for (int64_t i = g * G; i < (g + 1) * G; i++) wr[i] = val[(row[i / 4] >> (2 * (i % 4))) & 3];
+            for (; i < (g + 1) * G; i++) wr[i] = val[(row[i / 4] >> (2 * (i % 4))) & 3];
         }
     }
 }
