@@ -15,3 +15,14 @@ def test_training_profile_accounts_for_the_whole_step():
     if get_kernel() is not None:      # the C training kernels ran and were found by name
         assert shares["SSD scan, C (fwd+bwd)"] > 0 and shares["cross-entropy, C (fwd+bwd)"] > 0
     assert len(lines) == 1 + len(shares)
+
+
+@pytest.mark.parametrize("n", [1, 17, 1000, 65 * 64 + 3, 1 << 20])
+def test_bandwidth_probe_reads_every_element(n):
+    """The C probe sums what it reads: every element exactly once, whatever the split across threads."""
+    from ternary_mamba.ops.build import get_kernel
+    lib = get_kernel()
+    if lib is None:
+        pytest.skip("no C compiler")
+    x = torch.arange(n, dtype=torch.float32) % 7
+    assert lib.stream_read(x.data_ptr(), n) == pytest.approx(float(x.double().sum()), rel=1e-6)

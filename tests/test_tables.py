@@ -107,3 +107,27 @@ def test_bad_quantized_embedding_files(tmp_path):
     save_file(sd, str(path))
     with pytest.raises(UserError, match="embedding.scales"):
         load_model(tmp_path / "p")
+
+
+def test_cli_export_info_and_ppl_with_quantized_embedding(tiny_teacher_dir, text_dir, tmp_path, capsys):
+    """export --embedding q4 writes the smaller folder and says so; info shows the table; ppl scores the
+    model with its table in int8 and q4 (--quantized-embedding) and the packed model through the decode path
+    with int8 / bf16 activations against exact (--activations)."""
+    from ternary_mamba.cli import main
+    out = tmp_path / "q4"
+    assert main(["export", str(tiny_teacher_dir), "--format", "tq2", "--group-size", "64", "--embedding", "q4",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "embedding q4" in printed and "tq1 + q4 embedding" in printed
+    assert main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "embedding.codes" in info and "embedding q4" in info
+    assert main(["ppl", str(tiny_teacher_dir), "--text", str(text_dir), "--max-tokens", "300", "--seq-len", "64",
+                 "--quantized-embedding"]) == 0
+    lines = capsys.readouterr().out
+    assert "+int8 embedding" in lines and "+q4 embedding" in lines
+    assert main(["ppl", str(out), "--text", str(text_dir), "--max-tokens", "40", "--activations"]) == 0
+    lines = capsys.readouterr().out
+    assert "decode path, exact" in lines and "KL to exact" in lines
+    assert main(["ppl", str(tiny_teacher_dir), "--text", str(text_dir), "--activations"]) == 1
+    assert "needs a packed model" in capsys.readouterr().err

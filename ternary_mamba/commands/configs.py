@@ -170,6 +170,8 @@ class GenerateConfig(Config):
     int8_head: bool = option(False, help="8-bit output head (4x less to read per token; logits change slightly)")
     a8: bool = option(False, help="packed models: int8 activations in the ternary GEMV (faster decode, not "
                       "bit-exact; groups a multiple of 128)")
+    a16: bool = option(False, help="packed models: bf16 activations (the paper's A16) on CPUs with AVX512-BF16, "
+                       "decode and prefill (faster, not bit-exact; groups a multiple of 64)")
     device: str | None = _device()
     dtype: str = _dtype()
     threads: int | None = _threads()
@@ -212,6 +214,9 @@ class PplConfig(Config):
     int8_head: bool = option(False, help="also score with the 8-bit inference head")
     quantized_embedding: bool = option(False, help="also score with the tied embedding + head in int8 and in q4, "
                                        "as `export --embedding int8|q4` stores them")
+    activations: bool = option(False, help="packed models: also score token by token through the decode GEMVs, "
+                               "exact vs int8 (--a8) and bf16 (--a16) activations, with the KL to exact "
+                               "(--max-tokens, default 4096)")
     device: str | None = _device()
     dtype: str = _dtype()
     threads: int | None = _threads()

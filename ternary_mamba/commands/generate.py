@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import sys
 import time
+
+from ..errors import UserError
 from ..formats.load import load_model_and_tokenizer
 from ..ops.device import autocast, precision
 from ..runtime.generate import generate_text
 from ..runtime.heads import use_int8_head
-from ..runtime.packed_linear import use_a8_activations
+from ..runtime.packed_linear import use_a8_activations, use_bf16_activations
 from .configs import GenerateConfig
 from .flags import require
 
@@ -31,6 +33,11 @@ def generate(cfg: GenerateConfig, stream: bool = False) -> str:
         use_int8_head(model)
     if cfg.a8 and use_a8_activations(model) == 0:
         print("--a8: no packed projections with groups of a multiple of 128; nothing changed", file=sys.stderr)
+    if cfg.a8 and cfg.a16:
+        raise UserError("--a8 and --a16: choose one activation precision")
+    if cfg.a16 and use_bf16_activations(model) == 0:
+        print("--a16: needs packed projections with groups of a multiple of 64 and a CPU with AVX512-BF16; "
+              "decoding with exact fp32 activations", file=sys.stderr)
     on_text = None
     if stream:
         sys.stdout.write(cfg.prompt)

@@ -80,4 +80,62 @@ def run_ppl(args) -> dict:
             results[m + suffix] = r
             print(f"{m + suffix:<40} {r['tokens']:>10,} {r['ppl']:>10.3f} {r['bits_per_byte']:>10.4f} "
                   f"{time.time() - t0:>7.1f}s")
+        if getattr(args, "activations", False):
+            if not getattr(model, "packed_header", None):
+                raise UserError(f"{m}: --activations needs a packed model (export --format tq2 or tq1)")
+            results.update(run_activation_variants(args, model, tok, texts, m))
     return results
+
+
+@torch.no_grad()
+def decode_path_scores(model, tok, texts: list[str], variants: dict, max_tokens: int = 4096) -> dict:
+    """Score the text token by token through the decode step (the GEMVs `generate` uses) with the model as it is
+    (the exact path) and with each variant (a copy with e.g. int8 or bf16 activations): perplexity of each and
+    the mean KL(exact || variant) per token.  {name: {"ppl", "kl"}} with "exact" first."""
+    from ..runtime.decode_engine import step
+    ids: list[int] = []
+    for t in texts:
+        ids += tok.encode(t) + ([tok.eos_id] if tok.eos_id is not None else [])
+        if len(ids) > max_tokens:
+            break
+    ids = ids[:max_tokens + 1]
+    if len(ids) < 2:
+        raise UserError("no text to score")
+    vocab = model.config.vocab_size
+    models = {"exact": model, **variants}
+    states = {k: m.empty_state(1) for k, m in models.items()}
+    nll = {k: 0.0 for k in models}
+    kl = {k: 0.0 for k in models}
+    for i in range(len(ids) - 1):
+        x = torch.tensor([ids[i]])
+        logp = {}
+        for k, m in models.items():
+            logits, states[k] = step(m, x, states[k])
+            logp[k] = F.log_softmax(logits[0, :vocab].float(), -1)
+            nll[k] -= float(logp[k][ids[i + 1]])
+        for k in variants:
+            kl[k] += float((logp["exact"].exp() * (logp["exact"] - logp[k])).sum())
+    n = len(ids) - 1
+    return {k: {"tokens": n, "ppl": math.exp(nll[k] / n), "kl": kl[k] / n} for k in models}
+
+
+def run_activation_variants(args, model, tok, texts: list[str], name: str) -> dict:
+    """`ppl --activations`: the packed model's decode path with int8 (a8) and bf16 (A16) activations vs exact."""
+    import copy
+
+    from ..runtime.packed_linear import use_a8_activations, use_bf16_activations
+    variants = {}
+    for label, opt_in in (("a8 (int8 activations)", use_a8_activations), ("bf16 (A16)", use_bf16_activations)):
+        mv = copy.deepcopy(model)
+        if opt_in(mv):
+            variants[label] = mv
+        else:
+            print(f"{name}: {label}: not available here (needs packed groups of 128 / 64, and AVX512-BF16 for bf16)")
+    if not variants:
+        return {}
+    limit = args.max_tokens or 4096
+    r = decode_path_scores(model, tok, texts, variants, limit)
+    for k, v in r.items():
+        print(f"{name} decode path, {k:<22} {v['tokens']:>8,} tokens  ppl {v['ppl']:9.3f}  "
+              f"KL to exact {v['kl']:.2e} nats/token")
+    return {f"{name} decode {k}": v for k, v in r.items()}

@@ -145,6 +145,7 @@ def get_kernel():
     lib.tq2_dequant_bf16.argtypes = [p, p, p, i64, i64, i64]
     lib.tq2_dequant_bf16.restype = None
     lib.tq2_has_bf16.restype = ctypes.c_int
+    lib.stream_read.argtypes, lib.stream_read.restype = [p, i64], ctypes.c_float
     lib.q4_gemv.argtypes = [p, p, p, p, p, i64, i64, i64]
     lib.q4_gemv.restype = None
     lib.table_rows.argtypes = [i64, p, p, p, i64, i64, p]

@@ -13,7 +13,6 @@
 #include <immintrin.h>
 #endif
 
-#define PREFETCH_ROWS 4   // dense GEMVs prefetch the row this many rows ahead (prefetching past the end is harmless)
 
 enum { TM_F32 = 0, TM_TQ2 = 1, TM_TQ2_A8 = 2, TM_I8 = 3, TM_F16 = 4, TM_Q4 = 5, TM_TQ2_BF16 = 6 };
 
@@ -151,14 +150,25 @@ static inline float half_to_float(uint16_t h) {
 
 // y (nb, out) = x (nb, in) . w^T with w stored as fp16 (converted exactly to fp32 on the fly; F16C when present).
 // One fp16 row . x (the arithmetic of every f16_gemv product, also used to rescore single rows exactly).
+// Prefetch: 4 KB ahead into L2 (T1); the former T0 prefetch four rows ahead read the 154 MB 130m head at 26-28 GB/s,
+// this at 30-37 (C harness, 2 threads, AVX-512 EPYC).
 static inline float f16_dot(const uint16_t *row, const float *xx, int64_t in) {
     float acc = 0.f;
     int64_t i = 0;
-#if defined(__AVX2__) && defined(__F16C__)
+#if defined(__AVX512F__)
+    __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+    for (; i + 32 <= in; i += 32) {
+        _mm_prefetch((const char *)(row + i) + 4096, _MM_HINT_T1);
+        b0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + i))), _mm512_loadu_ps(xx + i), b0);
+        b1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + i + 16))),
+                             _mm512_loadu_ps(xx + i + 16), b1);
+    }
+    acc = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
+#elif defined(__AVX2__) && defined(__F16C__)
 #define F16W(off) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + i + (off))))
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     for (; i + 32 <= in; i += 32) {
-        _mm_prefetch((const char *)(row + PREFETCH_ROWS * in + i), _MM_HINT_T0);
+        _mm_prefetch((const char *)(row + i) + 4096, _MM_HINT_T1);
         a0 = _mm256_fmadd_ps(F16W(0), _mm256_loadu_ps(xx + i), a0);
         a1 = _mm256_fmadd_ps(F16W(8), _mm256_loadu_ps(xx + i + 8), a1);
         a2 = _mm256_fmadd_ps(F16W(16), _mm256_loadu_ps(xx + i + 16), a2);

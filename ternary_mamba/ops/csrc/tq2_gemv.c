@@ -267,7 +267,7 @@ void i8_gemv(const int8_t *w, const float *scale, const float *x, float *y, int6
                    a3 = _mm256_setzero_ps();
             int64_t i = 0;
             for (; i + 32 <= in; i += 32) {
-                if ((i & 63) == 0) _mm_prefetch((const char *)(row + 4 * in + i), _MM_HINT_T0);
+                if ((i & 63) == 0) _mm_prefetch((const char *)(row + i) + 4096, _MM_HINT_T1);
                 a = _mm256_fmadd_ps(I8W(0), _mm256_loadu_ps(xx + i), a);
                 a1 = _mm256_fmadd_ps(I8W(8), _mm256_loadu_ps(xx + i + 8), a1);
                 a2 = _mm256_fmadd_ps(I8W(16), _mm256_loadu_ps(xx + i + 16), a2);

@@ -1,0 +1,35 @@
+// The benchmarks' memory-bandwidth probe: a multi-threaded streaming read, read the way the GEMVs read (each
+// thread one contiguous range, four interleaved streams, wide loads, software prefetch 4 KB ahead into L2), so
+// that no GEMV can honestly exceed it.  Returns a sum of what it read (the loads cannot be optimised away).
+#include "kernels.h"
+#include "vec16.h"
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+float stream_read(const float *buf, int64_t n) {
+    float total = 0.f;
+    #pragma omp parallel reduction(+ : total)
+    {
+        const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t per = (n / nt) & ~(int64_t)63, lo = t * per, hi = t == nt - 1 ? n : lo + per;
+        const int64_t q = ((hi - lo) / 4) & ~(int64_t)15;   // four streams of q floats
+        const float *s0 = buf + lo, *s1 = s0 + q, *s2 = s1 + q, *s3 = s2 + q;
+        v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        for (int64_t i = 0; i < q; i += 16) {
+#ifdef __AVX2__
+            if ((i & 15) == 0) {
+                _mm_prefetch((const char *)(s0 + i) + 4096, _MM_HINT_T1);
+                _mm_prefetch((const char *)(s1 + i) + 4096, _MM_HINT_T1);
+                _mm_prefetch((const char *)(s2 + i) + 4096, _MM_HINT_T1);
+                _mm_prefetch((const char *)(s3 + i) + 4096, _MM_HINT_T1);
+            }
+#endif
+            a0 += vload(s0 + i); a1 += vload(s1 + i); a2 += vload(s2 + i); a3 += vload(s3 + i);
+        }
+        float r = hsum16(a0 + a1 + a2 + a3);
+        for (int64_t i = lo + 4 * q; i < hi; i++) r += buf[i];
+        total += r;
+    }
+    return total;
+}
