@@ -63,9 +63,9 @@ def hf_model(cfg: Mamba2Config, ours: Mamba2LM):
     return hf
 
 
-def _train_step(model, vocab: int, batch: int, seq: int, hf: bool = False):
-    """One closure = one optimizer step of forward + backward (fp32, AdamW as our trainer runs it) on a fixed
-    random batch."""
+def _train_step(model, vocab: int, batch: int, seq: int, hf: bool = False, bf16: bool = False):
+    """One closure = one optimizer step of forward + backward (fp32, or the forward under bf16 autocast as
+    `--dtype bf16` trains; AdamW as our trainer runs it) on a fixed random batch."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)   # both sides: the fused CPU AdamW
     ids = torch.randint(0, vocab, (batch, seq + 1))
 
@@ -73,7 +73,9 @@ def _train_step(model, vocab: int, batch: int, seq: int, hf: bool = False):
         if hf:
             F.cross_entropy(model(ids[:, :-1]).logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
         else:
-            next_token_loss(model, ids).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = next_token_loss(model, ids)
+            loss.backward()
         opt.step()
         opt.zero_grad()
     model.train()
@@ -84,6 +86,8 @@ def bench_training(log, rounds: int = 3, chunks=(32, 64, 128)) -> dict:
     """Training tokens/s of ours and of transformers, each at every chunk size in `chunks` (the chunk length is a
     compute knob; each side is reported at its best), on the same weights.  The variants are interleaved over
     `rounds` rounds and each keeps its best step, so a noisy spell hits all of them alike."""
+    from ..ops.device import auto_dtype
+    bf16 = auto_dtype(torch.device("cpu"))[0] == "bf16"
     base = Mamba2Config(**PRESETS["bench-5m"], chunk_size=64)
     ref = Mamba2LM(base)
     batch, seq = 8, 256
@@ -94,10 +98,15 @@ def bench_training(log, rounds: int = 3, chunks=(32, 64, 128)) -> dict:
         ours.load_state_dict(ref.state_dict())
         steps[("ours", k)] = _train_step(ours, cfg.vocab_size, batch, seq)
         steps[("transformers", k)] = _train_step(hf_model(cfg, ref), cfg.vocab_size, batch, seq, hf=True)
+        if bf16 and k == 64:   # what --dtype auto trains with on this CPU
+            ours16 = Mamba2LM(cfg, init=False)
+            ours16.load_state_dict(ref.state_dict())
+            steps[("ours-bf16", k)] = _train_step(ours16, cfg.vocab_size, batch, seq, bf16=True)
     timers = {key: (lambda step=step: _best_time(step, repeats=2, warmup=0)) for key, step in steps.items()}
     best, flops = _interleave(timers, rounds, gemm_flops, lambda r, best: log(
         f"  round {r + 1}/{rounds}: " + ", ".join(f"{n}@{k} {batch * seq / best[(n, k)]:,.0f}" for n, k in best)))
     tok_s = {key: batch * seq / t for key, t in best.items()}
+    t16 = tok_s.pop(("ours-bf16", 64), None)
     k_ours = max(chunks, key=lambda k: tok_s[("ours", k)])
     k_hf = max(chunks, key=lambda k: tok_s[("transformers", k)])
     t_ours, t_hf = tok_s[("ours", k_ours)], tok_s[("transformers", k_hf)]
@@ -108,6 +117,12 @@ def bench_training(log, rounds: int = 3, chunks=(32, 64, 128)) -> dict:
     log(f"training {batch}x{seq}, {base.n_params / 1e6:.1f} M params: ours {t_ours:,.0f} tok/s (chunk {k_ours}), "
         f"transformers {t_hf:,.0f} tok/s (chunk {k_hf}) -> {t_ours / t_hf:.2f}x; {mfu * 100:.0f} % of the "
         f"{flops / 1e9:.0f} GFLOP/s fp32 GEMM measured now")
+    if t16 is not None:
+        r.update(ours_bf16_tok_s=t16, bf16_vs_fp32=t16 / tok_s[("ours", 64)], bf16_vs_transformers=t16 / t_hf)
+        log(f"training under bf16 autocast (what --dtype auto picks on this CPU), chunk 64: {t16:,.0f} tok/s -> "
+            f"{t16 / tok_s[('ours', 64)]:.2f}x ours fp32 at chunk 64, {t16 / t_hf:.2f}x transformers (fp32)")
+    else:
+        log("training under bf16 autocast: skipped (this CPU has no AVX512-BF16 / AMX; --dtype auto trains in fp32)")
     return r
 
 

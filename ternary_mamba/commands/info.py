@@ -31,8 +31,9 @@ def run_results(run: Path) -> str:
 
 
 def info(path: str) -> str:
-    if path in PRESETS:
-        return format_info(Mamba2Config(**PRESETS[path]), path)
+    if path in PRESETS:   # the config and what each packed layout of it would store
+        cfg = Mamba2Config(**PRESETS[path])
+        return format_info(cfg, path) + "\npacked sizes:\n" + format_size_table(cfg, DEFAULT_GROUP_SIZE)
     p = Path(path)
     if is_gguf(p):
         from ..formats.gguf import load_gguf

@@ -25,7 +25,7 @@ from ..train.sinks import MetricSinks
 from ..train.objectives import LMObjective
 from ..train.report import try_report
 from ..train.runs import prepare_run_and_data, run_record
-from .configs import PretrainConfig
+from .configs import PretrainConfig, resolve_auto_dtype
 from .flags import require
 from .quantize import absolute
 
@@ -34,6 +34,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     """Train from random initialisation (ternary from step 0 with `cfg.ternary`); returns the run folder.
     The Python twin of `ternary-mamba pretrain`."""
     require(cfg, "model", "tokenizer", "data", "out", command="pretrain")
+    cfg = resolve_auto_dtype(cfg)
     device, dtype = precision(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.train.seed)
     mcfg = resolve_config(cfg.model)

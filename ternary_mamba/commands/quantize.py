@@ -29,7 +29,7 @@ from ..train.loop import Trainer, note_token_budget
 from ..train.sinks import MetricSinks
 from ..train.report import try_report
 from ..train.runs import prepare_run_and_data, run_record
-from .configs import QuantizeConfig
+from .configs import QuantizeConfig, resolve_auto_dtype
 from .defaults import with_bundled_defaults
 
 
@@ -49,6 +49,7 @@ def quantize(cfg: QuantizeConfig | None = None) -> Path:
     checkpoint/, student/, summary.json, report.md).  The Python twin of `ternary-mamba quantize`."""
     from ..config_base import resume_free_paths
     cfg = with_bundled_defaults(cfg or QuantizeConfig())
+    cfg = resolve_auto_dtype(cfg)
     device, dtype = precision(cfg.device, cfg.dtype)
     if dtype == torch.bfloat16 and cfg.quant.scale_format != "bf16":
         # bf16 autocast multiplies by bf16(s·t): exact only when the scales are bf16 values (quant/ternary.py)

@@ -86,6 +86,18 @@ def check_precision(device: torch.device, dtype_name: str) -> str | None:
     return msg
 
 
+def auto_dtype(device: torch.device) -> tuple[str, str]:
+    """`--dtype auto` for training: (dtype name, why).  bf16 where the hardware multiplies bf16 natively (CUDA
+    with bf16 support; CPUs with AVX512-BF16 or AMX, where bf16 autocast trained 1.36-1.51x faster than fp32 in
+    `bench model`), else fp32."""
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16", "bf16 autocast (this GPU supports bf16)"
+    if device.type == "cpu" and (cpu_has("avx512_bf16") or cpu_has("amx_bf16")):
+        return "bf16", "bf16 autocast (this CPU has AVX512-BF16 dot products; --dtype fp32 for full precision)"
+    return "fp32", ("fp32 (this CPU has no native bf16 dot products)" if device.type == "cpu"
+                    else f"fp32 ({device.type})")
+
+
 def precision(device: str | None, dtype: str) -> tuple[torch.device, torch.dtype]:
     """(device, dtype) of a command's --device / --dtype, checked (a UserError for what cannot run)."""
     try:

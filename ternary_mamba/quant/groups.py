@@ -24,3 +24,7 @@ def resolve_group_size(group_size: int, in_features: int, name: str = "") -> int
         raise UserError(f"group size {G} does not divide in_features={in_features} of {name or 'a linear'}; "
                         f"use one of {ok or [-1]} (or -1 for one scale per row)")
     return G
+
+# Quantized lookup tables (quant/tables.py; kept here, import-light, for the CLI's choices)
+TABLE_FORMATS = ("fp16", "int8", "q4")   # the embedding + tied head of a packed model (`export --embedding`)
+Q4_GROUP = 32                            # values per fp16 scale in a q4 table
