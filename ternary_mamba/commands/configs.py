@@ -29,7 +29,7 @@ def _positive(cfg, *names: str) -> None:
 
 def _threads():
     return option(None, help="CPU threads of torch and the C kernels (default: the idle physical cores; "
-                  "generate: 1 for models under 20 M parameters)", resume_free=True)
+                  "generate: 1 for models under 10 M parameters)", resume_free=True)
 
 
 def _device():
