@@ -61,3 +61,28 @@ def test_packed_model_bf16_decode_and_prefill(tmp_path):
             assert (out - ref).abs().max() < 1e-4
             assert (out - exact[:, t]).norm() / exact[:, t].norm() < 0.03
         assert use_a8_activations(p) == 4 and not any(getattr(mm, "bf16", False) for mm in p.modules())
+
+
+@pytest.mark.parametrize("out_f,in_f,G,nt", [(37, 256, 128, 5), (300, 768, 128, 51), (64, 512, 256, 17),
+                                             (20, 96, 32, 3)])
+def test_a8_prefill_gemm_matches_the_a8_gemv(out_f, in_f, G, nt):
+    """The VNNI GEMM of prefill with int8 activations: the a8 GEMV's arithmetic token by token (same int8 rounding,
+    integer group sums), for partial row blocks and token tiles; None where the CPU has no AVX512-VNNI."""
+    _kernel()
+    from ternary_mamba.ops.kernels import tq2_gemm_a8, tq2_gemv_a8
+    from ternary_mamba.runtime.packed_linear import a8_reference
+    g = torch.Generator().manual_seed(out_f)
+    t = torch.randint(-1, 2, (out_f, in_f), generator=g, dtype=torch.int8)
+    codes = pack(t, "tq2").reshape(out_f, in_f // 4)
+    sc = torch.rand(out_f, in_f // G, generator=g) + 0.1
+    x = torch.randn(nt, in_f, generator=g) * 3
+    x[1 % nt] = 0                                               # an all-zero token gives zeros
+    y = tq2_gemm_a8(codes, sc, x, G)
+    if y is None:
+        pytest.skip("no AVX512-VNNI: prefill with int8 activations dequantizes instead")
+    ref = a8_reference(codes, sc, x, G)
+    assert (y - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-6
+    if G % 128 == 0:
+        rows = torch.cat([tq2_gemv_a8(codes, sc, x[i:i + 1].contiguous(), G) for i in range(nt)])
+        assert (y - rows).abs().max() <= 1e-5 * rows.abs().max() + 1e-6
+    assert torch.equal(y[1 % nt], torch.zeros(out_f))

@@ -156,7 +156,7 @@ def load_bench_model(name: str):
 
 def build_variants(model: Mamba2LM, what: str) -> dict[str, Mamba2LM]:
     """fp32 (the model itself); packed tq2 as a packed folder loads (exact ternary products, the fp16 head it
-    stores); + bf16 activations (AVX512-BF16 CPUs); + 8-bit head; + int8 activations (decode only)."""
+    stores); + bf16 activations (AVX512-BF16 CPUs); + 8-bit head; + int8 activations."""
     import copy
     from ..runtime.heads import use_fp16_head, use_int8_head
     from ..runtime.packed_linear import use_a8_activations, use_bf16_activations
@@ -171,10 +171,9 @@ def build_variants(model: Mamba2LM, what: str) -> dict[str, Mamba2LM]:
     i8 = copy.deepcopy(tq2)
     use_int8_head(i8)
     out["tq2+i8head"] = i8
-    if what == "decode":
-        a8 = copy.deepcopy(i8)
-        use_a8_activations(a8)   # opt-in, not bit-exact: int8 activations in the ternary GEMV
-        out["tq2+i8head+a8"] = a8
+    a8 = copy.deepcopy(i8)
+    use_a8_activations(a8)   # opt-in, not bit-exact: int8 activations (decode GEMV; prefill VNNI GEMM)
+    out["tq2+i8head+a8"] = a8
     return out
 
 

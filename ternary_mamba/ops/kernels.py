@@ -68,6 +68,25 @@ def tq2_dequant_bf16(codes: torch.Tensor, scales: torch.Tensor, group_size: int,
     return w
 
 
+def tq2_gemm_a8(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, group_size: int) -> torch.Tensor | None:
+    """Prefill with int8 activations: codes (out, in/4) uint8, scales (out, in/G) fp32, x (nt, in) fp32 -> y (nt, out),
+    the arithmetic of tq2_gemv_a8 (per-token int8, integer group sums).  None without AVX512-VNNI."""
+    _cpu(codes, scales, x)
+    _dtype(torch.uint8, codes)
+    _dtype(torch.float32, scales, x)
+    assert codes.is_contiguous() and scales.is_contiguous()
+    lib = get_kernel()
+    x = x.contiguous()
+    out_f, in_f = codes.size(0), codes.size(1) * 4
+    y = torch.empty(x.size(0), out_f, dtype=torch.float32)
+    rc = lib.tq2_gemm_a8(codes.data_ptr(), scales.data_ptr(), x.data_ptr(), y.data_ptr(), out_f, in_f, group_size,
+                         x.size(0))
+    if rc == -1:
+        return None
+    check_rc(rc, "int8-activation prefill")
+    return y
+
+
 def tq2_dequant(codes: torch.Tensor, scales: torch.Tensor, group_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """codes (out, in/4) uint8, scales (out, in/G) fp32 -> the fp32 weight (out, in)."""
     _cpu(codes, scales, out)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.dispatch import GEMV_MAX_ROWS, cpu_has_bf16_kernels, group_paths, kernels_for
-from ..ops.kernels import tq2_dequant, tq2_dequant_bf16, tq2_gemv, tq2_gemv_a8, tq2_gemv_bf16
+from ..ops.kernels import tq2_dequant, tq2_dequant_bf16, tq2_gemm_a8, tq2_gemv, tq2_gemv_a8, tq2_gemv_bf16
 from ..quant.packing import unpack
 from ..quant.ternary import dequantize
 
@@ -57,6 +57,11 @@ class PackedTernaryLinear(nn.Module):
                 y = y + self.bias
             return y.reshape(*lead, self.out_features)
         scratch = not torch.is_grad_enabled()   # the shared buffer is overwritten by the next call
+        if self.a8 and self.paths.gemv_a8 and scratch and on_cpu:   # prefill with int8 activations (VNNI GEMM)
+            y = tq2_gemm_a8(self.codes, self.scales, x2.float(), self.group_size)
+            if y is not None:
+                y = y + self.bias if self.bias is not None else y
+                return y.reshape(*lead, self.out_features).to(x.dtype)
         if self.bf16 and scratch and on_cpu:     # prefill in bf16: bf16(scale * t) and the bf16 GEMM (oneDNN)
             y = F.linear(x.to(torch.bfloat16), self._bf16_weight()).float()
             return y + self.bias if self.bias is not None else y
@@ -74,8 +79,9 @@ class PackedTernaryLinear(nn.Module):
 
 
 def use_a8_activations(model, enabled: bool = True) -> int:
-    """Opt-in fast decode: packed projections quantize their input to int8 (one absmax scale per token) and use
-    integer dot products, as llama.cpp's TQ2_0 does.  No longer bit-exact to the fake-quant student (≈ 1 %
+    """Opt-in fast decode and prefill: packed projections quantize their input to int8 (one absmax scale per token)
+    and use integer dot products, as llama.cpp's TQ2_0 does (prefill: the VNNI GEMM of csrc/tq2_gemm_a8.c where the
+    CPU has AVX512-VNNI, else the exact dequantize + GEMM).  No longer bit-exact to the fake-quant student (≈ 1 %
     relative error per projection).  Needs groups that are a multiple of 128.  Returns how many modules use it."""
     n = 0
     for m in model.modules():

@@ -1,0 +1,157 @@
+// Prefill with int8 activations (opt-in, like the a8 GEMV; what llama.cpp's TQ2_0 does with q8_K): a ternary GEMM
+// on AVX512-VNNI.  x (nt, in) fp32 is quantized per token to int8 (absmax / 127, the a8 GEMV's rounding), then
+//   y[t, o] = xs[t] * sum_g s[o, g] * (sum_{i in g} (t[o, i] + 1) q[t, i] - qsum[t, g])
+// with integer sums per group.  Each thread takes blocks of 16 output rows: it unpacks the block's codes once into
+// the VNNI layout (4 consecutive inputs of 16 rows = one 64-byte vector, 16 x in bytes, L2-resident) and runs it
+// against every token, 16 tokens at a time (16 int32 accumulators, one vpdpbusd per token per 4 inputs; a tile of
+// 32 rows x 8 tokens, one broadcast for two vpdpbusd, measured slower here).
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include "kernels.h"
+#include "vec16.h"
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define TQ2_VNNI 1
+#endif
+
+int tq2_has_vnni512(void) {
+#ifdef TQ2_VNNI
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#ifdef TQ2_VNNI
+#define BR 16   // output rows per block (one 16-lane vector)
+#define BT 16   // tokens per tile (16 int32 accumulators)
+static uint32_t EXPAND[256];   // code byte -> its four (t + 1) as bytes, little-endian
+static void init_expand(void) {
+    for (int c = 0; c < 256; c++)
+        EXPAND[c] = (uint32_t)(c & 3) | (uint32_t)((c >> 2) & 3) << 8 | (uint32_t)((c >> 4) & 3) << 16
+                    | (uint32_t)(c >> 6) << 24;
+}
+
+// Rows o0..o0+BR-1 (rows past `out` read as t = 0): W[kb][r] = the four (t[o0 + r][4 kb + j] + 1), one dword.
+static void unpack_block(const uint8_t *codes, int64_t out, int64_t in, int64_t o0, uint32_t *W) {
+    const int64_t rb = in / 4;
+    for (int64_t r = 0; r < BR; r++) {
+        const int64_t o = o0 + r;
+        if (o >= out) {
+            for (int64_t kb = 0; kb < rb; kb++) W[kb * BR + r] = 0x01010101u;   // t = 0
+            continue;
+        }
+        const uint8_t *c = codes + o * rb;
+        for (int64_t kb = 0; kb < rb; kb++) W[kb * BR + r] = EXPAND[c[kb]];
+    }
+}
+
+// Per token: q = round(x * 127 / absmax) (as tq2_quantize_x), its scale and its sum per group.
+static void quantize_tokens(const float *x, int8_t *xq, float *xs, int32_t *qsum, int64_t nt, int64_t ntp,
+                            int64_t in, int64_t G) {
+    const int64_t ng = in / G;
+    #pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < ntp; t++) {
+        int8_t *q = xq + t * in;
+        if (t >= nt) {                                   // padding tokens: zeros (their outputs are not written)
+            memset(q, 0, in);
+            xs[t] = 0.f;
+            for (int64_t g = 0; g < ng; g++) qsum[t * ng + g] = 0;
+            continue;
+        }
+        const float *xr = x + t * in;
+        float m = 0.f;
+        int64_t i = 0;
+        __m512 vm = _mm512_setzero_ps();
+        for (; i + 16 <= in; i += 16) vm = _mm512_max_ps(vm, _mm512_abs_ps(_mm512_loadu_ps(xr + i)));
+        m = _mm512_reduce_max_ps(vm);
+        for (; i < in; i++) m = fmaxf(m, fabsf(xr[i]));
+        const float inv = m > 0.f ? 127.f / m : 0.f;
+        xs[t] = m / 127.f;
+        const __m512 vinv = _mm512_set1_ps(inv);
+        for (int64_t g = 0; g < ng; g++) {
+            int32_t s = 0;
+            int64_t j = g * G;
+            if (G % 16 == 0) {   // cvtps_epi32 rounds to nearest even under the default MXCSR, as lrintf does
+                __m512i vs = _mm512_setzero_si512();
+                for (; j < (g + 1) * G; j += 16) {
+                    const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + j), vinv));
+                    _mm_storeu_si128((__m128i *)(q + j), _mm512_cvtsepi32_epi8(v));
+                    vs = _mm512_add_epi32(vs, v);
+                }
+                s = _mm512_reduce_add_epi32(vs);
+            }
+            for (; j < (g + 1) * G; j++) {
+                q[j] = (int8_t)lrintf(xr[j] * inv);
+                s += q[j];
+            }
+            qsum[t * ng + g] = s;
+        }
+    }
+}
+#endif
+
+// Returns 0, -1 without AVX512-VNNI (the caller then dequantizes), -2 when memory could not be allocated.
+// Requires in % G == 0 and G % 4 == 0.
+int tq2_gemm_a8(const uint8_t *codes, const float *scales, const float *x, float *y,
+                int64_t out, int64_t in, int64_t G, int64_t nt) {
+#ifndef TQ2_VNNI
+    (void)codes; (void)scales; (void)x; (void)y; (void)out; (void)in; (void)G; (void)nt;
+    return -1;
+#else
+    if (G % 4 || in % G) return -1;
+    init_expand();
+    const int64_t ng = in / G, ntp = (nt + BT - 1) / BT * BT, nblk = (out + BR - 1) / BR;
+    int8_t *xq = aligned_alloc(64, (size_t)(ntp * in + 63) / 64 * 64);
+    float *xs = malloc(sizeof(float) * ntp);
+    int32_t *qsum = malloc(sizeof(int32_t) * ntp * ng);
+    const int nth = omp_get_max_threads();
+    uint32_t *wall = aligned_alloc(64, (size_t)nth * BR * in);
+    if (!xq || !xs || !qsum || !wall) {
+        free(xq); free(xs); free(qsum); free(wall);
+        return -2;
+    }
+    quantize_tokens(x, xq, xs, qsum, nt, ntp, in, G);
+    #pragma omp parallel for schedule(static)
+    for (int64_t blk = 0; blk < nblk; blk++) {
+        const int64_t o0 = blk * BR;
+        uint32_t *W = wall + (size_t)omp_get_thread_num() * BR * (in / 4);
+        unpack_block(codes, out, in, o0, W);
+        float sg[BR] __attribute__((aligned(64)));
+        float accf[BT][BR] __attribute__((aligned(64)));      // fp32 results of the tile, [token][row] (in L1)
+        for (int64_t t0 = 0; t0 < ntp; t0 += BT) {
+            memset(accf, 0, sizeof(accf));
+            for (int64_t g = 0; g < ng; g++) {
+                __m512i acc[BT];
+                for (int i = 0; i < BT; i++) acc[i] = _mm512_setzero_si512();
+                const int8_t *qg = xq + t0 * in + g * G;
+                for (int64_t kb = g * G / 4; kb < (g + 1) * G / 4; kb++) {
+                    const __m512i w = _mm512_load_si512((const void *)(W + kb * BR));
+                    const int8_t *qk = qg + (kb - g * G / 4) * 4;
+                    for (int i = 0; i < BT; i++) {
+                        int32_t a;
+                        memcpy(&a, qk + i * in, 4);
+                        acc[i] = _mm512_dpbusd_epi32(acc[i], w, _mm512_set1_epi32(a));
+                    }
+                }
+                for (int r = 0; r < BR; r++) sg[r] = o0 + r < out ? scales[(o0 + r) * ng + g] : 0.f;
+                const __m512 s0 = _mm512_load_ps(sg);
+                for (int i = 0; i < BT; i++) {
+                    const __m512i qs = _mm512_set1_epi32(qsum[(t0 + i) * ng + g]);
+                    _mm512_store_ps(accf[i], _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i], qs)), s0,
+                                                             _mm512_load_ps(accf[i])));
+                }
+            }
+            for (int i = 0; i < BT && t0 + i < nt; i++) {
+                const float sx = xs[t0 + i];
+                for (int j = 0; j < BR && o0 + j < out; j++) y[(t0 + i) * out + o0 + j] = accf[i][j] * sx;
+            }
+        }
+    }
+    free(xq); free(xs); free(qsum); free(wall);
+    return 0;
+#endif
+}
