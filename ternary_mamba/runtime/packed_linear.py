@@ -1,9 +1,11 @@
 """`PackedTernaryLinear`: a ternary projection that keeps its weights packed (2-bit codes + per-group scales).
 
 Decoding (<= GEMV_MAX_ROWS tokens per call) multiplies straight from the codes (csrc/tq2_gemv.c); longer inputs
-(prefill) dequantize one matrix at a time into a scratch buffer and use the fp32 GEMM.  Inside
-`ops.dispatch.reference_path()`, or for tensors the kernels do not take (not fp32 on the CPU), the pure-PyTorch
-unpack + F.linear runs instead: the reference the tests compare against."""
+(prefill) dequantize one matrix at a time into a scratch buffer and use the fp32 GEMM.  Opt-in, not exact:
+int8 activations (`use_a8_activations`: the a8 GEMV, and for prefill the VNNI GEMM of csrc/tq2_gemm_a8.c) and
+bf16 activations (`use_bf16_activations`, the paper's A16: csrc/tq2_bf16.c, and for prefill bf16(scale * t) with
+torch's bf16 GEMM).  Inside `ops.dispatch.reference_path()`, or for tensors the kernels do not take (not fp32 on
+the CPU), the pure-PyTorch unpack + F.linear runs instead: the reference the tests compare against."""
 from __future__ import annotations
 
 import torch

@@ -4,7 +4,9 @@
 // with integer sums per group.  Each thread takes blocks of 16 output rows: it unpacks the block's codes once into
 // the VNNI layout (4 consecutive inputs of 16 rows = one 64-byte vector, 16 x in bytes, L2-resident) and runs it
 // against every token, 16 tokens at a time (16 int32 accumulators, one vpdpbusd per token per 4 inputs; a tile of
-// 32 rows x 8 tokens, one broadcast for two vpdpbusd, measured slower here).
+// 32 rows x 8 tokens, one broadcast for two vpdpbusd, measured slower here).  The activations are laid out per
+// tile so that the 16 broadcasts read one 64-byte line: 400-500 -> 610 G int8 ops/s (130m and 1.3B in_proj shapes,
+// 512 tokens, 2 threads, AVX-512 EPYC).
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -115,6 +117,21 @@ int tq2_gemm_a8(const uint8_t *codes, const float *scales, const float *x, float
         return -2;
     }
     quantize_tokens(x, xq, xs, qsum, nt, ntp, in, G);
+    // tile layout for the kernel: per 16 tokens, per 4 inputs, the 16 tokens' 4 bytes side by side (one base
+    // pointer and immediate offsets for the 16 broadcasts; strided rows left the compiler short of registers)
+    int32_t *xt = aligned_alloc(64, (size_t)(ntp * in + 63) / 64 * 64);
+    if (!xt) {
+        free(xq); free(xs); free(qsum); free(wall);
+        return -2;
+    }
+    const int64_t rb = in / 4;
+    #pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < ntp; t++)
+        for (int64_t kb = 0; kb < rb; kb++) {
+            int32_t v;
+            memcpy(&v, xq + t * in + 4 * kb, 4);
+            xt[((t / BT) * rb + kb) * BT + t % BT] = v;
+        }
     #pragma omp parallel for schedule(static)
     for (int64_t blk = 0; blk < nblk; blk++) {
         const int64_t o0 = blk * BR;
@@ -127,15 +144,11 @@ int tq2_gemm_a8(const uint8_t *codes, const float *scales, const float *x, float
             for (int64_t g = 0; g < ng; g++) {
                 __m512i acc[BT];
                 for (int i = 0; i < BT; i++) acc[i] = _mm512_setzero_si512();
-                const int8_t *qg = xq + t0 * in + g * G;
+                const int32_t *qt = xt + (t0 / BT) * rb * BT;
                 for (int64_t kb = g * G / 4; kb < (g + 1) * G / 4; kb++) {
                     const __m512i w = _mm512_load_si512((const void *)(W + kb * BR));
-                    const int8_t *qk = qg + (kb - g * G / 4) * 4;
-                    for (int i = 0; i < BT; i++) {
-                        int32_t a;
-                        memcpy(&a, qk + i * in, 4);
-                        acc[i] = _mm512_dpbusd_epi32(acc[i], w, _mm512_set1_epi32(a));
-                    }
+                    const int32_t *qk = qt + kb * BT;
+                    for (int i = 0; i < BT; i++) acc[i] = _mm512_dpbusd_epi32(acc[i], w, _mm512_set1_epi32(qk[i]));
                 }
                 for (int r = 0; r < BR; r++) sg[r] = o0 + r < out ? scales[(o0 + r) * ng + g] : 0.f;
                 const __m512 s0 = _mm512_load_ps(sg);
@@ -151,7 +164,7 @@ int tq2_gemm_a8(const uint8_t *codes, const float *scales, const float *x, float
             }
         }
     }
-    free(xq); free(xs); free(qsum); free(wall);
+    free(xq); free(xs); free(qsum); free(wall); free(xt);
     return 0;
 #endif
 }
