@@ -15,8 +15,25 @@ float stream_read(const float *buf, int64_t n) {
         const int64_t per = (n / nt) & ~(int64_t)63, lo = t * per, hi = t == nt - 1 ? n : lo + per;
         const int64_t q = ((hi - lo) / 4) & ~(int64_t)15;   // four streams of q floats
         const float *s0 = buf + lo, *s1 = s0 + q, *s2 = s1 + q, *s3 = s2 + q;
+        float r = 0.f;
+        int64_t i = 0;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+        // explicit ymm accumulators: GCC spills 64-byte generic vectors to the stack on AVX2-only CPUs
+        __m256 b0 = _mm256_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
+        for (; i < q; i += 16) {
+            _mm_prefetch((const char *)(s0 + i) + 4096, _MM_HINT_T1);
+            _mm_prefetch((const char *)(s1 + i) + 4096, _MM_HINT_T1);
+            _mm_prefetch((const char *)(s2 + i) + 4096, _MM_HINT_T1);
+            _mm_prefetch((const char *)(s3 + i) + 4096, _MM_HINT_T1);
+            b0 = _mm256_add_ps(b0, _mm256_add_ps(_mm256_loadu_ps(s0 + i), _mm256_loadu_ps(s0 + i + 8)));
+            b1 = _mm256_add_ps(b1, _mm256_add_ps(_mm256_loadu_ps(s1 + i), _mm256_loadu_ps(s1 + i + 8)));
+            b2 = _mm256_add_ps(b2, _mm256_add_ps(_mm256_loadu_ps(s2 + i), _mm256_loadu_ps(s2 + i + 8)));
+            b3 = _mm256_add_ps(b3, _mm256_add_ps(_mm256_loadu_ps(s3 + i), _mm256_loadu_ps(s3 + i + 8)));
+        }
+        r = hsum8(_mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3)));
+#endif
         v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-        for (int64_t i = 0; i < q; i += 16) {
+        for (; i < q; i += 16) {
 #ifdef __AVX2__
             if ((i & 15) == 0) {
                 _mm_prefetch((const char *)(s0 + i) + 4096, _MM_HINT_T1);
@@ -27,7 +44,7 @@ float stream_read(const float *buf, int64_t n) {
 #endif
             a0 += vload(s0 + i); a1 += vload(s1 + i); a2 += vload(s2 + i); a3 += vload(s3 + i);
         }
-        float r = hsum16(a0 + a1 + a2 + a3);
+        r += hsum16(a0 + a1 + a2 + a3);
         for (int64_t i = lo + 4 * q; i < hi; i++) r += buf[i];
         total += r;
     }
