@@ -14,10 +14,14 @@ static inline int omp_get_thread_num(void) { return 0; }
 static inline void omp_set_num_threads(int n) { (void)n; }
 #endif
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));   // 16 floats: one zmm, two ymm, or scalar code
+// 16 floats: one zmm, two ymm, or scalar code.  Values have the type's natural alignment; memory is accessed
+// through the 4-byte-aligned twin.  (One under-aligned type for both made GCC move every AVX2 half-vector through
+// general registers: the scan ran 14x slower on AVX2 builds than on AVX-512 ones.)
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
 
-static inline v16 vload(const float *p) { return *(const v16 *)p; }
-static inline void vstore(float *p, v16 v) { *(v16 *)p = v; }
+static inline v16 vload(const float *p) { return *(const v16u *)p; }
+static inline void vstore(float *p, v16 v) { *(v16u *)p = v; }
 
 // Triangular shapes of the products inside a chunk (gemm_tri's `tri`), so that known zeros are skipped:
 enum { DENSE = 0, A_LOWER = 1,   // A[i, q] == 0 for q > i
@@ -26,6 +30,18 @@ enum { DENSE = 0, A_LOWER = 1,   // A[i, q] == 0 for q > i
 
 // C[i, 0:N] (+)= sum_q A[i*sar + q*sac] * B[q*ldb + 0:N]   for i < m.   N % 16 == 0.  acc = 0 overwrites C.
 #define LOADC(p) (acc ? vload(p) : (v16){0})
+// Without AVX-512, GCC keeps 64-byte vector variables in memory and moves them through general registers (the
+// scan ran 14x slower on AVX2 builds): the hot loops below then work on two 32-byte halves instead.
+#if !defined(__AVX512F__) && defined(__AVX2__)
+#define V8_HALVES 1
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+static inline v8 v8load(const float *p) { return *(const v8u *)p; }
+static inline void v8store(float *p, v8 v) { *(v8u *)p = v; }
+#define LOADC8(p) (acc ? v8load(p) : (v8){0})
+#else
+#define V8_HALVES 0
+#endif
 static inline void gemm_tri(int tri, int acc, int64_t m, int64_t N, int64_t K, const float *A, int64_t sar, int64_t sac,
                             const float *B, int64_t ldb, float *C, int64_t ldc) {
     int64_t i0 = 0;
@@ -33,44 +49,54 @@ static inline void gemm_tri(int tri, int acc, int64_t m, int64_t N, int64_t K, c
         const int64_t qlo = tri == A_UPPER ? i0 : 0, qhi = tri == A_LOWER && i0 + 4 < K ? i0 + 4 : K;
         const int64_t nhi = tri == C_LOWER && (i0 + 4 + 15) / 16 * 16 < N ? (i0 + 4 + 15) / 16 * 16 : N;
         int64_t j0 = 0;
-        for (; j0 + 32 <= nhi; j0 += 32) {
-            v16 c00 = LOADC(C + i0 * ldc + j0), c01 = LOADC(C + i0 * ldc + j0 + 16);
-            v16 c10 = LOADC(C + (i0 + 1) * ldc + j0), c11 = LOADC(C + (i0 + 1) * ldc + j0 + 16);
-            v16 c20 = LOADC(C + (i0 + 2) * ldc + j0), c21 = LOADC(C + (i0 + 2) * ldc + j0 + 16);
-            v16 c30 = LOADC(C + (i0 + 3) * ldc + j0), c31 = LOADC(C + (i0 + 3) * ldc + j0 + 16);
-            const float *a0 = A + i0 * sar, *a1 = a0 + sar, *a2 = a1 + sar, *a3 = a2 + sar;
-            for (int64_t q = qlo; q < qhi; q++) {
-                const v16 b0 = vload(B + q * ldb + j0), b1 = vload(B + q * ldb + j0 + 16);
-                const float x0 = a0[q * sac], x1 = a1[q * sac], x2 = a2[q * sac], x3 = a3[q * sac];
-                c00 += x0 * b0; c01 += x0 * b1;
-                c10 += x1 * b0; c11 += x1 * b1;
-                c20 += x2 * b0; c21 += x2 * b1;
-                c30 += x3 * b0; c31 += x3 * b1;
-            }
-            vstore(C + i0 * ldc + j0, c00); vstore(C + i0 * ldc + j0 + 16, c01);
-            vstore(C + (i0 + 1) * ldc + j0, c10); vstore(C + (i0 + 1) * ldc + j0 + 16, c11);
-            vstore(C + (i0 + 2) * ldc + j0, c20); vstore(C + (i0 + 2) * ldc + j0 + 16, c21);
-            vstore(C + (i0 + 3) * ldc + j0, c30); vstore(C + (i0 + 3) * ldc + j0 + 16, c31);
-        }
+        // (a 4 x 32 tile with eight 16-float accumulators measured slower than this 4 x 16 one on both kinds:
+        // the 130m prefill scan took 5.8 ms per layer with it on AVX-512, 3.2 without)
         for (; j0 < nhi; j0 += 16) {
+            const float *a0 = A + i0 * sar, *a1 = a0 + sar, *a2 = a1 + sar, *a3 = a2 + sar;
+#if V8_HALVES
+            v8 c0l = LOADC8(C + i0 * ldc + j0), c0h = LOADC8(C + i0 * ldc + j0 + 8);
+            v8 c1l = LOADC8(C + (i0 + 1) * ldc + j0), c1h = LOADC8(C + (i0 + 1) * ldc + j0 + 8);
+            v8 c2l = LOADC8(C + (i0 + 2) * ldc + j0), c2h = LOADC8(C + (i0 + 2) * ldc + j0 + 8);
+            v8 c3l = LOADC8(C + (i0 + 3) * ldc + j0), c3h = LOADC8(C + (i0 + 3) * ldc + j0 + 8);
+            for (int64_t q = qlo; q < qhi; q++) {
+                const v8 bl = v8load(B + q * ldb + j0), bh = v8load(B + q * ldb + j0 + 8);
+                const float x0 = a0[q * sac], x1 = a1[q * sac], x2 = a2[q * sac], x3 = a3[q * sac];
+                c0l += x0 * bl; c0h += x0 * bh; c1l += x1 * bl; c1h += x1 * bh;
+                c2l += x2 * bl; c2h += x2 * bh; c3l += x3 * bl; c3h += x3 * bh;
+            }
+            v8store(C + i0 * ldc + j0, c0l); v8store(C + i0 * ldc + j0 + 8, c0h);
+            v8store(C + (i0 + 1) * ldc + j0, c1l); v8store(C + (i0 + 1) * ldc + j0 + 8, c1h);
+            v8store(C + (i0 + 2) * ldc + j0, c2l); v8store(C + (i0 + 2) * ldc + j0 + 8, c2h);
+            v8store(C + (i0 + 3) * ldc + j0, c3l); v8store(C + (i0 + 3) * ldc + j0 + 8, c3h);
+#else
             v16 c0 = LOADC(C + i0 * ldc + j0), c1 = LOADC(C + (i0 + 1) * ldc + j0);
             v16 c2 = LOADC(C + (i0 + 2) * ldc + j0), c3 = LOADC(C + (i0 + 3) * ldc + j0);
-            const float *a0 = A + i0 * sar, *a1 = a0 + sar, *a2 = a1 + sar, *a3 = a2 + sar;
             for (int64_t q = qlo; q < qhi; q++) {
                 const v16 b0 = vload(B + q * ldb + j0);
                 c0 += a0[q * sac] * b0; c1 += a1[q * sac] * b0; c2 += a2[q * sac] * b0; c3 += a3[q * sac] * b0;
             }
             vstore(C + i0 * ldc + j0, c0); vstore(C + (i0 + 1) * ldc + j0, c1);
             vstore(C + (i0 + 2) * ldc + j0, c2); vstore(C + (i0 + 3) * ldc + j0, c3);
+#endif
         }
     }
     for (; i0 < m; i0++) {
         const int64_t qlo = tri == A_UPPER ? i0 : 0, qhi = tri == A_LOWER && i0 + 1 < K ? i0 + 1 : K;
         const int64_t nhi = tri == C_LOWER && (i0 + 1 + 15) / 16 * 16 < N ? (i0 + 1 + 15) / 16 * 16 : N;
         for (int64_t j0 = 0; j0 < nhi; j0 += 16) {
+#if V8_HALVES
+            v8 cl = LOADC8(C + i0 * ldc + j0), ch = LOADC8(C + i0 * ldc + j0 + 8);
+            for (int64_t q = qlo; q < qhi; q++) {
+                const float a = A[i0 * sar + q * sac];
+                cl += a * v8load(B + q * ldb + j0);
+                ch += a * v8load(B + q * ldb + j0 + 8);
+            }
+            v8store(C + i0 * ldc + j0, cl); v8store(C + i0 * ldc + j0 + 8, ch);
+#else
             v16 c = LOADC(C + i0 * ldc + j0);
             for (int64_t q = qlo; q < qhi; q++) c += A[i0 * sar + q * sac] * vload(B + q * ldb + j0);
             vstore(C + i0 * ldc + j0, c);
+#endif
         }
     }
 }
@@ -80,6 +106,7 @@ static inline void gemm_acc(int64_t m, int64_t N, int64_t K, const float *A, int
     gemm_tri(DENSE, 1, m, N, K, A, sar, sac, B, ldb, C, ldc);
 }
 #undef LOADC
+#undef LOADC8
 
 // dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols.  8 x 8 tiles in registers with AVX (the state-sized
 // transposes of the scan: a strided scalar copy of a 64 x 32 block costs several times more).
