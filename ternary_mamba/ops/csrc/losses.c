@@ -9,21 +9,21 @@
 #include "kernels.h"
 #include "vec16.h"
 
-// log-sum-exp of v / tau over n entries
+// log-sum-exp of v / tau over n entries (vw: the widest vector the CPU keeps in registers, vec16.h)
 static float row_lse(const float *v, int64_t n, float inv_tau) {
-    v16 m16 = (v16){0} - INFINITY;
+    vw mv = (vw){0} - INFINITY;
     int64_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-        const v16 a = vload(v + j);
-        m16 = (v16)(((vi16)a & (vi16)(a > m16)) | ((vi16)m16 & ~(vi16)(a > m16)));
+    for (; j + VW <= n; j += VW) {
+        const vw a = vwload(v + j);
+        mv = (vw)(((viw)a & (viw)(a > mv)) | ((viw)mv & ~(viw)(a > mv)));
     }
     float m = -INFINITY;
-    for (int q = 0; q < 16; q++) m = m16[q] > m ? m16[q] : m;
+    for (int q = 0; q < VW; q++) m = mv[q] > m ? mv[q] : m;
     for (; j < n; j++) m = v[j] > m ? v[j] : m;
     m *= inv_tau;
-    v16 s16 = {0};
-    for (j = 0; j + 16 <= n; j += 16) s16 += vexp(vload(v + j) * inv_tau - m);
-    float s = hsum16(s16);
+    vw sv = {0};
+    for (j = 0; j + VW <= n; j += VW) sv += vwexp(vwload(v + j) * inv_tau - m);
+    float s = vwsum(sv);
     for (; j < n; j++) s += expf(v[j] * inv_tau - m);
     return m + logf(s);
 }
@@ -46,7 +46,7 @@ void ce_backward(const float *x, int64_t ld, const int64_t *tgt, const float *ls
         float *o = dx + i * V;
         const float gi = tgt[i] >= 0 ? g : 0.f, li = lse[i];
         int64_t j = 0;
-        for (; j + 16 <= V; j += 16) vstore(o + j, gi * vexp(vload(r + j) - li));
+        for (; j + VW <= V; j += VW) vwstore(o + j, gi * vwexp(vwload(r + j) - li));
         for (; j < V; j++) o[j] = gi * expf(r[j] - li);
         if (tgt[i] >= 0) o[tgt[i]] -= gi;
     }
@@ -59,13 +59,13 @@ void kl_forward(const float *t, int64_t ldt, const float *s, int64_t lds, float 
     for (int64_t i = 0; i < N; i++) {
         const float *tr = t + i * ldt, *sr = s + i * lds;
         const float lt = row_lse(tr, V, inv), ls = row_lse(sr, V, inv);
-        v16 a16 = {0};
+        vw av = {0};
         int64_t j = 0;
-        for (; j + 16 <= V; j += 16) {
-            const v16 tv = vload(tr + j);
-            a16 += vexp(tv * inv - lt) * (tv - vload(sr + j));
+        for (; j + VW <= V; j += VW) {
+            const vw tv = vwload(tr + j);
+            av += vwexp(tv * inv - lt) * (tv - vwload(sr + j));
         }
-        float a = hsum16(a16);
+        float a = vwsum(av);
         for (; j < V; j++) a += expf(tr[j] * inv - lt) * (tr[j] - sr[j]);
         lse_t[i] = lt;
         lse_s[i] = ls;
@@ -83,8 +83,8 @@ void kl_backward(const float *t, int64_t ldt, const float *s, int64_t lds, float
         float *o = ds + i * V;
         const float lt = lse_t[i], ls = lse_s[i];
         int64_t j = 0;
-        for (; j + 16 <= V; j += 16)
-            vstore(o + j, gt * (vexp(vload(sr + j) * inv - ls) - vexp(vload(tr + j) * inv - lt)));
+        for (; j + VW <= V; j += VW)
+            vwstore(o + j, gt * (vwexp(vwload(sr + j) * inv - ls) - vwexp(vwload(tr + j) * inv - lt)));
         for (; j < V; j++) o[j] = gt * (expf(sr[j] * inv - ls) - expf(tr[j] * inv - lt));
     }
 }

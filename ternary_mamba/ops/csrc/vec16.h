@@ -148,28 +148,54 @@ static inline void transpose(const float *src, int64_t rows, int64_t cols, int64
 
 typedef int32_t vi16 __attribute__((vector_size(64), aligned(4)));
 
-// exp on 16 lanes (Cephes' expf: range reduction by ln 2, degree-5 polynomial; ~1 ulp), inputs clamped.
-static inline v16 vexp(v16 x) {
-    const v16 hi = (v16){0} + 88.3762626647949f, lo = (v16){0} + -87.3365447505531f;
-    vi16 m = x > hi;
-    x = (v16)(((vi16)x & ~m) | ((vi16)hi & m));
-    m = x < lo;
-    x = (v16)(((vi16)x & ~m) | ((vi16)lo & m));
-    v16 fx = x * 1.44269504088896341f + 0.5f;
-    v16 t = __builtin_convertvector(__builtin_convertvector(fx, vi16), v16);   // truncation
-    m = t > fx;                                                                    // -> floor
-    fx = t - (v16)(m & (vi16)((v16){0} + 1.f));
-    x = x - fx * 0.693359375f + fx * 2.12194440e-4f;
-    const v16 z = x * x;
-    v16 y = (v16){0} + 1.9875691500e-4f;
-    y = y * x + 1.3981999507e-3f;
-    y = y * x + 8.3334519073e-3f;
-    y = y * x + 4.1665795894e-2f;
-    y = y * x + 1.6666665459e-1f;
-    y = y * x + 5.0000001201e-1f;
-    y = y * z + x + 1.f;
-    const vi16 e = (__builtin_convertvector(fx, vi16) + 127) << 23;
-    return y * (v16)e;
+// exp on 16 lanes (Cephes' expf: range reduction by ln 2, degree-5 polynomial; ~1 ulp), inputs clamped.  The
+// same body serves vexp8 (8 lanes, AVX2 builds: see V8_HALVES).
+#define VEXP_BODY(VT, VIT)                                                                     \
+    const VT hi = (VT){0} + 88.3762626647949f, lo = (VT){0} + -87.3365447505531f;              \
+    VIT m = x > hi;                                                                            \
+    x = (VT)(((VIT)x & ~m) | ((VIT)hi & m));                                                   \
+    m = x < lo;                                                                                \
+    x = (VT)(((VIT)x & ~m) | ((VIT)lo & m));                                                   \
+    VT fx = x * 1.44269504088896341f + 0.5f;                                                   \
+    VT t = __builtin_convertvector(__builtin_convertvector(fx, VIT), VT);   /* truncation */  \
+    m = t > fx;                                                             /* -> floor */    \
+    fx = t - (VT)(m & (VIT)((VT){0} + 1.f));                                                   \
+    x = x - fx * 0.693359375f + fx * 2.12194440e-4f;                                           \
+    const VT z = x * x;                                                                        \
+    VT y = (VT){0} + 1.9875691500e-4f;                                                         \
+    y = y * x + 1.3981999507e-3f;                                                              \
+    y = y * x + 8.3334519073e-3f;                                                              \
+    y = y * x + 4.1665795894e-2f;                                                              \
+    y = y * x + 1.6666665459e-1f;                                                              \
+    y = y * x + 5.0000001201e-1f;                                                              \
+    y = y * z + x + 1.f;                                                                       \
+    const VIT e = (__builtin_convertvector(fx, VIT) + 127) << 23;                              \
+    return y * (VT)e;
+static inline v16 vexp(v16 x) { VEXP_BODY(v16, vi16) }
+
+// The widest vector the CPU keeps in registers, for loops that only need "some lanes": vw (VW floats), vwload,
+// vwstore, vwexp, vwsum.  16 with AVX-512 (and in portable builds), 8 with AVX2 only.
+#if V8_HALVES
+typedef int32_t vi8 __attribute__((vector_size(32)));
+static inline v8 vexp8(v8 x) { VEXP_BODY(v8, vi8) }
+typedef v8 vw;
+typedef vi8 viw;
+#define VW 8
+#define vwload v8load
+#define vwstore v8store
+#define vwexp vexp8
+#else
+typedef v16 vw;
+typedef vi16 viw;
+#define VW 16
+#define vwload vload
+#define vwstore vstore
+#define vwexp vexp
+#endif
+static inline float vwsum(vw v) {
+    float s = 0.f;
+    for (int q = 0; q < VW; q++) s += v[q];
+    return s;
 }
 
 // Sum of the 16 lanes (halving: 16 -> 8 -> 4 -> 1).
