@@ -52,9 +52,9 @@ int conv_silu_backward(const float *x, int64_t in_rs, const float *prev, const f
                 const float *go = dout + (b * l + t) * cd;
                 float *dp = dpre + (b * l + t) * cd;
                 int64_t c = 0;
-                for (; c + 16 <= cd; c += 16) {
-                    const v16 v = vload(pre + c), s = 1.f / (1.f + vexp(-v));
-                    vstore(dp + c, vload(go + c) * s * (1.f + v * (1.f - s)));
+                for (; c + VW <= cd; c += VW) {
+                    const vw v = vwload(pre + c), s = 1.f / (1.f + vwexp(-v));
+                    vwstore(dp + c, vwload(go + c) * s * (1.f + v * (1.f - s)));
                 }
                 for (; c < cd; c++) {
                     const float s = 1.f / (1.f + expf(-pre[c]));

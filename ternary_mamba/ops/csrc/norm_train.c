@@ -18,9 +18,9 @@ void gated_norm_fwd(const float *y, const float *z, int64_t z_rs, const float *w
         const float *yr = y + r * d, *zr = z + r * z_rs;
         float *o = out + r * d;
         int64_t i = 0;
-        for (; i + 16 <= d; i += 16) {
-            const v16 zz = vload(zr + i);
-            vstore(o + i, vload(yr + i) * (zz / (1.f + vexp(-zz))));
+        for (; i + VW <= d; i += VW) {
+            const vw zz = vwload(zr + i);
+            vwstore(o + i, vwload(yr + i) * (zz / (1.f + vwexp(-zz))));
         }
         for (; i < d; i++) o[i] = yr[i] * silu_f(zr[i]);
         for (int64_t g = 0; g < ng; g++) {
@@ -54,10 +54,10 @@ int gated_norm_bwd(const float *y, const float *z, int64_t z_rs, const float *w,
             const float *yr = y + r * d, *zr = z + r * z_rs, *go = dout + r * d;
             float *dyr = dy + r * d, *dzr = dz + r * d;
             int64_t i = 0;
-            for (; i + 16 <= d; i += 16) {                       // s = sigmoid(z), v = y silu(z)
-                const v16 zz = vload(zr + i), sg = 1.f / (1.f + vexp(-zz));
-                vstore(s + i, sg);
-                vstore(v + i, vload(yr + i) * zz * sg);
+            for (; i + VW <= d; i += VW) {                       // s = sigmoid(z), v = y silu(z)
+                const vw zz = vwload(zr + i), sg = 1.f / (1.f + vwexp(-zz));
+                vwstore(s + i, sg);
+                vwstore(v + i, vwload(yr + i) * zz * sg);
             }
             for (; i < d; i++) {
                 s[i] = 1.f / (1.f + expf(-zr[i]));

@@ -41,9 +41,9 @@ int conv_silu_prefill(const float *xbc, int64_t in_rs, const float *prev, const 
                 }
             }
             int64_t c = 0;
-            for (; c + 16 <= cd; c += 16) {
-                const v16 v = vload(o + c);
-                vstore(o + c, v / (1.f + vexp(-v)));
+            for (; c + VW <= cd; c += VW) {
+                const vw v = vwload(o + c);
+                vwstore(o + c, v / (1.f + vwexp(-v)));
             }
             for (; c < cd; c++) o[c] = o[c] / (1.f + expf(-o[c]));
         }
@@ -71,9 +71,9 @@ void gated_norm_prefill(float *y, const float *x, int64_t x_rs, const float *z, 
         for (int64_t h = 0; h < nh; h++) {
             const float d = D[h];
             int64_t i = h * p;
-            for (; i + 16 <= (h + 1) * p; i += 16) {
-                const v16 zz = vload(zr + i);
-                vstore(yr + i, (vload(yr + i) + d * vload(xr + i)) * (zz / (1.f + vexp(-zz))));
+            for (; i + VW <= (h + 1) * p; i += VW) {
+                const vw zz = vwload(zr + i);
+                vwstore(yr + i, (vwload(yr + i) + d * vwload(xr + i)) * (zz / (1.f + vwexp(-zz))));
             }
             for (; i < (h + 1) * p; i++) yr[i] = (yr[i] + d * xr[i]) * (zr[i] / (1.f + expf(-zr[i])));
         }
