@@ -192,11 +192,6 @@ typedef vi16 viw;
 #define vwstore vstore
 #define vwexp vexp
 #endif
-static inline float vwsum(vw v) {
-    float s = 0.f;
-    for (int q = 0; q < VW; q++) s += v[q];
-    return s;
-}
 
 // Sum of the 16 lanes (halving: 16 -> 8 -> 4 -> 1).
 static inline float hsum16(v16 v) {
@@ -213,11 +208,20 @@ static inline float hsum16(v16 v) {
     return (a[0] + a[2]) + (a[1] + a[3]);
 }
 
+// Sum of a vw's lanes: hsum16 with AVX-512 (the same bits as before vw existed), halving pairs with AVX2.
+static inline float vwsum(vw v) {
+#if V8_HALVES
+    return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+#else
+    return hsum16(v);
+#endif
+}
+
 static inline float dot(const float *a, const float *b, int64_t n) {
-    v16 acc = {0};
+    vw acc = {0};
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) acc += vload(a + i) * vload(b + i);
-    float s = hsum16(acc);
+    for (; i + VW <= n; i += VW) acc += vwload(a + i) * vwload(b + i);
+    float s = vwsum(acc);
     for (; i < n; i++) s += a[i] * b[i];
     return s;
 }
