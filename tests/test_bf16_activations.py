@@ -86,3 +86,16 @@ def test_a8_prefill_gemm_matches_the_a8_gemv(out_f, in_f, G, nt):
         rows = torch.cat([tq2_gemv_a8(codes, sc, x[i:i + 1].contiguous(), G) for i in range(nt)])
         assert (y - rows).abs().max() <= 1e-5 * rows.abs().max() + 1e-6
     assert torch.equal(y[1 % nt], torch.zeros(out_f))
+
+
+def test_generate_a16_and_a8_flags(tiny_teacher_dir, tmp_path, capsys):
+    """generate --a16 decodes (or says why it cannot here); --a8 with --a16 is a one-line error."""
+    from ternary_mamba.cli import main
+    out = tmp_path / "p"
+    assert main(["export", str(tiny_teacher_dir), "--format", "tq2", "--group-size", "64", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "Once", "--max-new-tokens", "5", "--a16", "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert ("AVX512-BF16" in err) != cpu_has_bf16_kernels()      # the note appears exactly where it cannot run
+    assert main(["generate", str(out), "--prompt", "Once", "--a8", "--a16"]) == 1
+    assert "choose one activation precision" in capsys.readouterr().err
