@@ -1,5 +1,5 @@
 // The benchmarks' memory-bandwidth probe: a multi-threaded streaming read, read the way the GEMVs read (each
-// thread one contiguous range, four interleaved streams, wide loads, software prefetch 4 KB ahead into L2), so
+// thread one contiguous range, four interleaved streams, wide loads, software prefetch 8 KB ahead into L2), so
 // that no GEMV can honestly exceed it.  Returns a sum of what it read (the loads cannot be optimised away).
 #include "kernels.h"
 #include "vec16.h"
@@ -21,10 +21,10 @@ float stream_read(const float *buf, int64_t n) {
         // explicit ymm accumulators: GCC spills 64-byte generic vectors to the stack on AVX2-only CPUs
         __m256 b0 = _mm256_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
         for (; i < q; i += 16) {
-            _mm_prefetch((const char *)(s0 + i) + 4096, _MM_HINT_T1);
-            _mm_prefetch((const char *)(s1 + i) + 4096, _MM_HINT_T1);
-            _mm_prefetch((const char *)(s2 + i) + 4096, _MM_HINT_T1);
-            _mm_prefetch((const char *)(s3 + i) + 4096, _MM_HINT_T1);
+            _mm_prefetch((const char *)(s0 + i) + 8192, _MM_HINT_T1);
+            _mm_prefetch((const char *)(s1 + i) + 8192, _MM_HINT_T1);
+            _mm_prefetch((const char *)(s2 + i) + 8192, _MM_HINT_T1);
+            _mm_prefetch((const char *)(s3 + i) + 8192, _MM_HINT_T1);
             b0 = _mm256_add_ps(b0, _mm256_add_ps(_mm256_loadu_ps(s0 + i), _mm256_loadu_ps(s0 + i + 8)));
             b1 = _mm256_add_ps(b1, _mm256_add_ps(_mm256_loadu_ps(s1 + i), _mm256_loadu_ps(s1 + i + 8)));
             b2 = _mm256_add_ps(b2, _mm256_add_ps(_mm256_loadu_ps(s2 + i), _mm256_loadu_ps(s2 + i + 8)));
@@ -36,10 +36,10 @@ float stream_read(const float *buf, int64_t n) {
         for (; i < q; i += 16) {
 #ifdef __AVX2__
             if ((i & 15) == 0) {
-                _mm_prefetch((const char *)(s0 + i) + 4096, _MM_HINT_T1);
-                _mm_prefetch((const char *)(s1 + i) + 4096, _MM_HINT_T1);
-                _mm_prefetch((const char *)(s2 + i) + 4096, _MM_HINT_T1);
-                _mm_prefetch((const char *)(s3 + i) + 4096, _MM_HINT_T1);
+                _mm_prefetch((const char *)(s0 + i) + 8192, _MM_HINT_T1);
+                _mm_prefetch((const char *)(s1 + i) + 8192, _MM_HINT_T1);
+                _mm_prefetch((const char *)(s2 + i) + 8192, _MM_HINT_T1);
+                _mm_prefetch((const char *)(s3 + i) + 8192, _MM_HINT_T1);
             }
 #endif
             a0 += vload(s0 + i); a1 += vload(s1 + i); a2 += vload(s2 + i); a3 += vload(s3 + i);

@@ -13,8 +13,9 @@
 
 // Software prefetch of the codes this many bytes ahead (into L2).  Decode streams ~200 MB of codes per token at
 // 1.3B; the compute-bound loop issued its loads too late for the hardware prefetchers: 30 -> 46 G weights/s over
-// 48 layers' matrices (C harness, 2 threads, AVX-512 EPYC; 2, 4, 8 and 16 KB tried, 4-8 KB best).
-#define CODE_PREFETCH 4096
+// 48 layers' matrices (C harness, 2 threads, AVX-512 EPYC; 2, 4, 8 and 16 KB tried, 4-8 KB best; 8 KB kept, as for
+// the dense GEMVs in lm_step.c).
+#define CODE_PREFETCH 8192
 
 static float LUT[256][4] __attribute__((aligned(16)));
 static int lut_ready = 0;
