@@ -48,6 +48,10 @@ def test_acc_and_acc_norm_by_hand():
         ev.loglikelihoods = orig
     # acc: -1 > -4 picks choice 0 (wrong); acc_norm: -1/1 < -4/8 = -0.5 picks choice 1 (right)
     assert r["acc"] == 0.0 and r["acc_norm"] == 1.0
+    assert r["chance"] == 0.5                         # two choices: a uniform guess scores 50 %
+    from ternary_mamba.eval.evaluate import markdown_table
+    table = markdown_table([{"model": "m", "tasks": {"piqa": r}, "avg7": None}], ["piqa"])
+    assert table.splitlines()[-1] == "| *chance (uniform guess)* | 50.0 |"
 
 
 def test_loglikelihood_equals_direct_model_scoring(tiny_teacher_dir):

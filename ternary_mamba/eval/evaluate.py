@@ -40,7 +40,8 @@ def score_task(model, tok, name: str, docs: list[Doc], batch_size: int, max_len:
         acc += max(range(len(scores)), key=lambda i: scores[i]) == d.gold
         acc_norm += max(range(len(scores)), key=lambda i: scores[i] / max(lengths[i], 1)) == d.gold
     n = len(docs)
-    out.update(acc=acc / n, acc_norm=acc_norm / n, acc_stderr=_stderr(acc / n, n), acc_norm_stderr=_stderr(acc_norm / n, n))
+    out.update(acc=acc / n, acc_norm=acc_norm / n, acc_stderr=_stderr(acc / n, n), acc_norm_stderr=_stderr(acc_norm / n, n),
+               chance=sum(1 / len(d.continuations) for d in docs) / n)   # a uniform guess over each doc's choices
     return out
 
 
@@ -64,7 +65,8 @@ def evaluate_model(path: str, tasks: list[str], data_dir: Path, limit: int | Non
             r = score_task(model, tok, name, docs, batch_size, max_len)
         res[name] = r
         main = "perplexity" if name == "lambada_openai" else AVERAGE_METRIC[name]
-        log(f"  {name:<15} {main} {r[main]:.4f}  (acc {r['acc']:.4f}; {r['n']} docs, {r['wall_s']:.0f} s, "
+        chance = f", chance {r['chance']:.4f}" if "chance" in r else ""
+        log(f"  {name:<15} {main} {r[main]:.4f}  (acc {r['acc']:.4f}{chance}; {r['n']} docs, {r['wall_s']:.0f} s, "
             f"{r['req_per_s']:.1f} req/s)")
     avg = average_seven(res)
     return {"model": str(path), "tasks": res, "avg7": avg}
@@ -96,6 +98,13 @@ def markdown_table(all_results: list[dict], tasks: list[str]) -> str:
                          else f"{100 * v[AVERAGE_METRIC[t]]:.1f}")
         if len(head) > len(tasks) + 1:
             cells.append(f"{100 * r['avg7']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    first = all_results[0]["tasks"] if all_results else {}
+    if all("chance" in first.get(t, {}) for t in tasks if t != "lambada_openai"):   # what guessing scores
+        cells = ["*chance (uniform guess)*"] + ["-" if t == "lambada_openai" else f"{100 * first[t]['chance']:.1f}"
+                                                for t in tasks]
+        if len(head) > len(tasks) + 1:
+            cells.append(f"{100 * sum(first[t]['chance'] for t in SEVEN) / len(SEVEN):.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
