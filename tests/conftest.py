@@ -23,6 +23,14 @@ def tiny_config(**kw) -> Mamba2Config:
     return Mamba2Config(**base)
 
 
+def random_tq2(out_f: int, in_f: int, G: int, g: torch.Generator):
+    """Random ternary codes in the packed tq2 layout (out_f, in_f / 4) and fp32 group scales in [0.1, 1.1),
+    drawn from `g` (codes first, then scales), for the kernel tests."""
+    from ternary_mamba.quant.packing import pack
+    t = torch.randint(-1, 2, (out_f, in_f), generator=g, dtype=torch.int8)
+    return pack(t, "tq2").reshape(out_f, in_f // 4), torch.rand(out_f, in_f // G, generator=g) + 0.1
+
+
 def random_model(cfg: Mamba2Config, seed: int = 0):
     """A model with every parameter perturbed (norm weights, A_log, D, dt_bias too), so parity tests
     exercise all of them rather than their default values."""

@@ -2,13 +2,11 @@
 packed model close to the exact path, the decode engine equal to the module path, and the opt-in semantics."""
 import pytest
 import torch
-import torch.nn.functional as F
 
-from conftest import random_model, tiny_config
+from conftest import random_model, random_tq2, tiny_config
 from ternary_mamba.formats.load import load_model
 from ternary_mamba.formats.packed import export_packed
 from ternary_mamba.ops.dispatch import cpu_has_bf16_kernels
-from ternary_mamba.quant.packing import pack
 from ternary_mamba.quant.qat import TernaryConfig, quantize_
 from ternary_mamba.runtime.packed_linear import use_a8_activations, use_bf16_activations
 
@@ -26,9 +24,7 @@ def test_bf16_gemv_matches_reference(out_f, in_f, G, nb):
     _kernel()
     from ternary_mamba.ops.kernels import tq2_dequant, tq2_dequant_bf16, tq2_gemv_bf16
     g = torch.Generator().manual_seed(out_f)
-    t = torch.randint(-1, 2, (out_f, in_f), generator=g, dtype=torch.int8)
-    codes = pack(t, "tq2").reshape(out_f, in_f // 4)
-    sc = torch.rand(out_f, in_f // G, generator=g) + 0.1
+    codes, sc = random_tq2(out_f, in_f, G, g)
     x = torch.randn(nb, in_f, generator=g)
     ref = x.bfloat16().double() @ tq2_dequant(codes, sc, G).double().T
     y = tq2_gemv_bf16(codes, sc, x, G)
@@ -72,9 +68,7 @@ def test_a8_prefill_gemm_matches_the_a8_gemv(out_f, in_f, G, nt):
     from ternary_mamba.ops.kernels import tq2_gemm_a8, tq2_gemv_a8
     from ternary_mamba.runtime.packed_linear import a8_reference
     g = torch.Generator().manual_seed(out_f)
-    t = torch.randint(-1, 2, (out_f, in_f), generator=g, dtype=torch.int8)
-    codes = pack(t, "tq2").reshape(out_f, in_f // 4)
-    sc = torch.rand(out_f, in_f // G, generator=g) + 0.1
+    codes, sc = random_tq2(out_f, in_f, G, g)
     x = torch.randn(nt, in_f, generator=g) * 3
     x[1 % nt] = 0                                               # an all-zero token gives zeros
     y = tq2_gemm_a8(codes, sc, x, G)

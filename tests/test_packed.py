@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import random_model, tiny_config
+from conftest import random_model, random_tq2, tiny_config
 from ternary_mamba.formats.load import load_model
 from ternary_mamba.errors import UserError
 from ternary_mamba.formats.packed import export_packed
@@ -161,14 +161,11 @@ def test_a8_gemv_matches_its_integer_reference_and_is_close_to_fp32():
     from ternary_mamba.ops.build import get_kernel
     from ternary_mamba.ops.kernels import tq2_gemv, tq2_gemv_a8
     from ternary_mamba.runtime.packed_linear import a8_reference
-    from ternary_mamba.quant.packing import pack
     if get_kernel() is None:
         pytest.skip("no C compiler")
     g = torch.Generator().manual_seed(0)
     for out_f, in_f, G in [(40, 256, 128), (24, 512, 256)]:
-        t = torch.randint(-1, 2, (out_f, in_f), generator=g, dtype=torch.int8)
-        codes = pack(t, "tq2").reshape(out_f, in_f // 4)
-        sc = torch.rand(out_f, in_f // G, generator=g) + 0.1
+        codes, sc = random_tq2(out_f, in_f, G, g)
         x = torch.randn(3, in_f, generator=g)
         x[1] = 0  # an all-zero row must give zeros, not NaN
         ya = tq2_gemv_a8(codes, sc, x, G)
@@ -220,13 +217,10 @@ def test_tq2_gemv_rows_agree_with_dequant_and_with_each_other(out_f, in_f, G, nb
     """The GEMV (rows four at a time, a tail one at a time, or the single-row loop for G % 32 != 0) against the
     dequantized weight; and every row gets the same bits whichever way it was computed (any subset of rows)."""
     from ternary_mamba.ops.kernels import get_kernel, tq2_dequant, tq2_gemv
-    from ternary_mamba.quant.packing import pack
     if get_kernel() is None:
         pytest.skip("no C compiler")
     g = torch.Generator().manual_seed(out_f)
-    t = torch.randint(-1, 2, (out_f, in_f), generator=g, dtype=torch.int8)
-    codes = pack(t, "tq2").reshape(out_f, in_f // 4)
-    sc = torch.rand(out_f, in_f // G, generator=g) + 0.1
+    codes, sc = random_tq2(out_f, in_f, G, g)
     x = torch.randn(nb, in_f, generator=g)
     y = tq2_gemv(codes, sc, x, G)
     ref = x.double() @ tq2_dequant(codes, sc, G).double().T

@@ -159,14 +159,16 @@ def build_variants(model: Mamba2LM, what: str) -> dict[str, Mamba2LM]:
     stores); + bf16 activations (AVX512-BF16 CPUs); + 8-bit head; + int8 activations."""
     import copy
     from ..runtime.heads import use_fp16_head, use_int8_head
+    from ..ops.dispatch import cpu_has_bf16_kernels
     from ..runtime.packed_linear import use_a8_activations, use_bf16_activations
     out = {"fp32": model}
     tq2 = copy.deepcopy(model)
     pack_in_place(tq2)
     use_fp16_head(tq2)
     out["tq2"] = tq2
-    a16 = copy.deepcopy(tq2)
-    if use_bf16_activations(a16):   # the paper's A16 where the CPU has AVX512-BF16 (opt-in, not exact)
+    if cpu_has_bf16_kernels():      # the paper's A16 where the CPU has AVX512-BF16 (opt-in, not exact)
+        a16 = copy.deepcopy(tq2)
+        use_bf16_activations(a16)
         out["tq2+bf16"] = a16
     i8 = copy.deepcopy(tq2)
     use_int8_head(i8)

@@ -23,7 +23,7 @@ from ..quant.tables import TABLE_FORMATS, check_table_format, quantize_table
 from ..runtime.convert import packed_codes
 from ..runtime.heads import Fp16Head
 from ..runtime.packed_linear import PackedTernaryLinear
-from ..runtime.tables import QuantizedEmbedding, QuantizedHead
+from ..runtime.tables import install_quantized_table
 from .configs import PACKED_FORMAT_NAME
 from .folders import load_state_dict_strict, model_state_for_saving
 from .fs import atomic_dir, read_json
@@ -218,7 +218,5 @@ def _load_quantized_embedding(model, fmt: str, get, keys: set, path: Path) -> se
     if scales.dtype != torch.float16 or tuple(scales.shape) != want_scales:
         raise UserError(f"{path}: {EMB}.scales is {scales.dtype} {tuple(scales.shape)}, expected float16 {want_scales}")
     _check_finite(scales, f"{path}: {EMB}.scales")
-    emb = QuantizedEmbedding(codes, scales, fmt)
-    model.backbone.embedding = emb
-    model.lm_head = QuantizedHead(emb)
+    install_quantized_table(model, codes, scales, fmt)
     return {f"{EMB}.codes", f"{EMB}.scales"}

@@ -72,6 +72,11 @@ def use_quantized_embedding(model, fmt: str) -> None:
     emb = getattr(model.backbone.embedding, "weight", None)
     if not model.config.tie_embeddings or emb is None:
         raise ValueError("a quantized embedding needs a model whose tied embedding is still dense")
-    q = QuantizedEmbedding(*quantize_table(emb, fmt), fmt)
-    model.backbone.embedding = q
-    model.lm_head = QuantizedHead(q)
+    install_quantized_table(model, *quantize_table(emb, fmt), fmt)
+
+
+def install_quantized_table(model, codes: Tensor, scale: Tensor, fmt: str) -> None:
+    """Make (codes, scale) in `fmt` the model's embedding and its tied head: one table, shared, not copied."""
+    emb = QuantizedEmbedding(codes, scale, fmt)
+    model.backbone.embedding = emb
+    model.lm_head = QuantizedHead(emb)
