@@ -21,7 +21,7 @@ def _student(seed, mode="learned", group=32, **kw):
     if mode != "absmean":
         with torch.no_grad():
             for _, t in ternary_modules(m):
-                t.scale.mul_(torch.empty_like(t.scale).uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(seed)))
+                t.log_scale.add_(torch.empty_like(t.log_scale).uniform_(-0.7, 0.7, generator=torch.Generator().manual_seed(seed)))
     return m.eval()
 
 
@@ -41,7 +41,7 @@ def test_fp16_export_equals_student_with_fp16_rounded_params(tmp_path):
     export_packed(student, tmp_path / "p", packing="tq1", other_dtype="fp16")
     with torch.no_grad():
         for n, p in student.named_parameters():
-            if not n.endswith((".weight", ".scale")) or "norm" in n or "conv1d" in n or "embedding" in n:
+            if not n.endswith((".weight", ".scale", ".log_scale")) or "norm" in n or "conv1d" in n or "embedding" in n:
                 p.copy_(p.half().float())
     packed = load_model(tmp_path / "p")
     ids = torch.randint(0, 512, (1, 19))

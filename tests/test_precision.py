@@ -99,7 +99,7 @@ def test_a_full_qat_kd_step_of_the_1_3b_config_on_meta(tmp_path):
     assert set(rec) >= {"kl", "ce", "loss", "grad_norm", "lr"}
     st = objective.monitor(student, 1)
     assert "zero_ratio_layers" in st and len(st["zero_ratio_layers"]) == cfg.n_layer
-    state = trainer.opt.state[student.backbone.layers[0].mixer.in_proj.scale]
+    state = trainer.opt.state[student.backbone.layers[0].mixer.in_proj.log_scale]
     assert state["exp_avg"].device.type == "meta"
     assert all(p.device.type == "meta" for p in student.parameters())
 

@@ -9,7 +9,7 @@ from ..config_base import Config, option
 from ..core.config import MAX_CHUNK_SIZE
 from ..errors import UserError
 from ..formats.configs import GGUF_TYPES, PACKINGS
-from ..quant.config import MonitorConfig, TernaryConfig
+from ..quant.config import SCALE_MODES, SCALE_PARAMS, MonitorConfig, TernaryConfig
 from ..quant.groups import DEFAULT_GROUP_SIZE, GGUF_TQ_BLOCK, TABLE_FORMATS
 from ..train.config import DistillConfig, TrainConfig
 
@@ -107,6 +107,9 @@ class PretrainConfig(Config):
     out: str | None = option(None, required=True, help="run folder", resume_free=True)
     ternary: bool = option(False, help="ternary QAT from random init (the paper's from-scratch control)")
     group_size: int = option(DEFAULT_GROUP_SIZE, help="--ternary: weights per scale; -1: one per row")
+    scale_mode: str = option("absmean", choices=SCALE_MODES, help="--ternary: how scales are found (as for "
+                             "quantize; learned scales start from the random init's absmean)")
+    scale_param: str = option("log", choices=SCALE_PARAMS, help="--ternary: learned scales as log s or s")
     train: TrainConfig = option(default_factory=lambda: TrainConfig(tokens=10_000_000, lr=3e-3))
     activation_checkpointing: bool = _checkpointing()
     log_to: tuple[str, ...] = _log_to()

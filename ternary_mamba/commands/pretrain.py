@@ -47,7 +47,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     note_token_budget(tcfg)
     tcfg.total_steps  # validates the budget before anything is written
     if cfg.ternary:
-        TernaryConfig(group_size=cfg.group_size)
+        TernaryConfig(group_size=cfg.group_size, scale_mode=cfg.scale_mode, scale_param=cfg.scale_param)
     cfg = cfg.replace(model=cfg.model if cfg.model in PRESETS else str(Path(cfg.model).resolve()),
                       tokenizer=str(Path(cfg.tokenizer).resolve()), data=absolute(cfg.data),
                       eval_data=absolute(cfg.eval_data))
@@ -60,7 +60,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
         m = Mamba2LM(mcfg)
         m.reset_parameters(seed=tcfg.seed)
         if cfg.ternary:
-            quantize_(m, TernaryConfig(group_size=cfg.group_size, scale_mode="absmean",
+            quantize_(m, TernaryConfig(group_size=cfg.group_size, scale_mode=cfg.scale_mode,
+                                       scale_param=cfg.scale_param,
                                        scale_format="bf16" if dtype == torch.bfloat16 else "fp16"))
         return m
     model = build().to(device)

@@ -92,8 +92,8 @@ def quantize(cfg: QuantizeConfig | None = None) -> Path:
                                                resume_free_paths(QuantizeConfig), cfg.data, cfg.eval_data, tok,
                                                tcfg.seq_len, 0.02, cfg.cache_dir, budget=tcfg.tokens)
 
-    monitor = ZeroRatioMonitor(every=mcfg.monitor_every, threshold=mcfg.collapse_threshold,
-                               action=mcfg.on_collapse)
+    monitor = ZeroRatioMonitor(every=mcfg.monitor_every, margin=mcfg.collapse_margin,
+                               tolerance=mcfg.collapse_tolerance, action=mcfg.on_collapse)
     objective = DistillObjective(teacher, tau=dcfg.tau, alpha_ce=dcfg.alpha_ce, beta_hidden=dcfg.beta_hidden,
                                  weight_decay=tcfg.weight_decay, scale_lr_mult=dcfg.scale_lr_mult,
                                  monitor=monitor, lam_warmup_steps=dcfg.lam_warmup)

@@ -44,7 +44,7 @@ def _dense_state(model) -> dict[str, torch.Tensor]:
             codes, s16 = m.export()
             G = m.group_size
             w = (codes.float().view(m.out_features, -1, G) * s16.float()[..., None]).view(m.out_features, -1)
-            for k in (f"{name}.weight", f"{name}.scale", f"{name}.corr_bias", f"{name}.corr_u", f"{name}.corr_v"):
+            for k in (f"{name}.weight", f"{name}.scale", f"{name}.log_scale", f"{name}.corr_bias", f"{name}.corr_u", f"{name}.corr_v"):
                 sd.pop(k, None)
             sd[f"{name}.weight"] = w
     return {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in sd.items()}

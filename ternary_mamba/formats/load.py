@@ -77,7 +77,7 @@ def load_checkpoint_model(run: Path):
         model = load_model(c["teacher"])
         from ..quant.config import TernaryConfig
         from ..quant.qat import quantize_
-        quantize_(model, TernaryConfig.from_dict(c["quant"]))
+        quantize_(model, TernaryConfig.from_saved(c["quant"]))
     elif command == "pretrain":
         sd = load_file(str(run / "checkpoint" / "model.safetensors"))
         cfg = resolve_config(c["model"]).replace(vocab_size=sd["backbone.embedding.weight"].shape[0])
@@ -85,7 +85,9 @@ def load_checkpoint_model(run: Path):
         if c.get("ternary"):
             from ..quant.config import TernaryConfig
             from ..quant.qat import quantize_
-            quantize_(model, TernaryConfig(group_size=c.get("group_size", 128)))
+            quantize_(model, TernaryConfig(group_size=c.get("group_size", 128),
+                                           scale_mode=c.get("scale_mode", "absmean"),
+                                           scale_param=c.get("scale_param", "log")))
     else:
         raise UserError(f"{run}: run.json names no known command; cannot rebuild its model")
     load_state_dict_strict(model, load_file(str(run / "checkpoint" / "model.safetensors")), str(run / "checkpoint"))
@@ -122,7 +124,7 @@ def load_model(path_or_id: str | os.PathLike, device: str = "cpu"):
     quant = meta.get("quantization")
     if quant:  # a QAT student: rebuild its ternary modules before loading latent weights + scales
         from ..quant.qat import TernaryConfig, quantize_
-        quantize_(model, TernaryConfig.from_dict(quant))
+        quantize_(model, TernaryConfig.from_saved(quant))
     load_state_dict_strict(model, sd, str(folder))
     return model.to(device).eval()
 

@@ -65,7 +65,7 @@ def export_packed(model, out: Path, packing: str = "tq2", other_dtype: str = "fp
     for name, m in mods:
         tensors[f"{name}.codes"], tensors[f"{name}.scales"] = packed_codes(m, packing)
         header_t[name] = {"shape": [m.out_features, m.in_features], "group_size": m.group_size}
-        skip |= {f"{name}.weight", f"{name}.scale"}
+        skip |= {f"{name}.weight", f"{name}.scale", f"{name}.log_scale"}
     for k, v in model_state_for_saving(model).items():
         if k not in skip:
             tensors[k] = v.to(dt).contiguous()

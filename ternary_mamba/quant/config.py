@@ -8,7 +8,8 @@ from ..config_base import Config, option
 from ..errors import UserError
 from .groups import DEFAULT_GROUP_SIZE, check_group_size
 
-SCALE_MODES = ("absmean", "learned", "guarded")
+SCALE_MODES = ("absmean", "learned", "frozen", "guarded")
+SCALE_PARAMS = ("log", "linear")   # how learned scales are parameterised (quant/qat.py)
 SCALE_FORMATS = ("fp16", "bf16")     # see quant/ternary.py round_scale
 TARGETS = ("in_proj", "out_proj")
 COLLAPSE_ACTIONS = ("warn", "guard", "stop")
@@ -18,7 +19,10 @@ COLLAPSE_ACTIONS = ("warn", "guard", "stop")
 class TernaryConfig(Config):
     group_size: int = option(DEFAULT_GROUP_SIZE, help="weights per scale along in_features; -1: one per row")
     scale_mode: str = option("absmean", choices=SCALE_MODES, help="absmean: recomputed each step (BitNet); "
-                             "learned: LSQ-trained; guarded: learned, clamped to the guard band x absmean")
+                             "learned: LSQ-trained; frozen: absmean at initialisation, never updated; "
+                             "guarded: learned, clamped to the guard band x absmean")
+    scale_param: str = option("log", choices=SCALE_PARAMS, help="learned / guarded scales trained as log s "
+                              "(each AdamW step a relative change) or as s itself (an absolute one)")
     guard_low: float = option(0.5, help="guarded: lowest scale, x the group's current absmean")
     guard_high: float = option(1.5, help="guarded: highest scale, x the group's current absmean")
     targets: tuple[str, ...] = option(TARGETS, choices=TARGETS, help="projections made ternary")
@@ -33,6 +37,8 @@ class TernaryConfig(Config):
         self.targets = tuple(self.targets)
         if self.scale_mode not in SCALE_MODES:
             raise UserError(f"scale mode '{self.scale_mode}' unknown; choose one of {', '.join(SCALE_MODES)}")
+        if self.scale_param not in SCALE_PARAMS:
+            raise UserError(f"scale param {self.scale_param!r}: choose one of {', '.join(SCALE_PARAMS)}")
         check_group_size(self.group_size)
         if self.scale_format not in SCALE_FORMATS:
             raise UserError(f"scale format {self.scale_format!r}: choose one of {', '.join(SCALE_FORMATS)}")
@@ -45,17 +51,28 @@ class TernaryConfig(Config):
             raise UserError(f"targets {bad}: only in_proj and out_proj can be ternary (the embedding/head stay fp16)")
 
 
+    @classmethod
+    def from_saved(cls, d: dict) -> "TernaryConfig":
+        """The config a saved student records.  Files written before `scale_param` existed hold linear scales."""
+        return cls.from_dict({"scale_param": "linear", **d})
+
+
 @dataclass
 class MonitorConfig(Config):
     on_collapse: str = option("warn", choices=COLLAPSE_ACTIONS, help="when the detector fires: warn, switch "
                               "learned scales to guarded, or stop the run")
-    collapse_threshold: float = option(0.6, help="zero ratio that counts as collapse")
+    collapse_margin: float = option(0.05, help="collapse needs the zero ratio this far above the per-group "
+                                    "MSE-optimal zero ratio ...")
+    collapse_tolerance: float = option(0.05, help="... and the held-out KL (or loss) this far, relative, above "
+                                       "its best so far")
     monitor_every: int = option(10, help="steps between zero-ratio measurements")
 
     def __post_init__(self):
         if self.on_collapse not in COLLAPSE_ACTIONS:
             raise UserError(f"--on-collapse {self.on_collapse}: choose one of {', '.join(COLLAPSE_ACTIONS)}")
-        if not 0 < self.collapse_threshold <= 1:
-            raise UserError(f"--collapse-threshold {self.collapse_threshold}: must be in (0, 1]")
+        if not 0 <= self.collapse_margin < 1:
+            raise UserError(f"--collapse-margin {self.collapse_margin}: must be in [0, 1)")
+        if self.collapse_tolerance < 0:
+            raise UserError(f"--collapse-tolerance {self.collapse_tolerance}: must be >= 0")
         if self.monitor_every < 1:
             raise UserError(f"--monitor-every {self.monitor_every}: must be >= 1")

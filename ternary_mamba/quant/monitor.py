@@ -1,12 +1,16 @@
 """Zero-ratio monitoring and the collapse detector.
 
-The zero ratio of a ternary module is the fraction of its codes equal to 0.  Collapse: the overall
-zero ratio exceeds `threshold`, or rises by more than `rise` within the last `window` measurements."""
+The zero ratio of a ternary module is the fraction of its codes equal to 0.  A high zero ratio is not by
+itself a pathology: the reconstruction-optimal scale of this quantizer already zeroes ~46 % of a Gaussian
+group and ~63 % of a Laplace one (`quant.ternary.mse_optimal_zeros`).  So collapse is defined by what it
+costs: the zero ratio exceeds the per-group MSE-optimal zero ratio of the current latent weights by more
+than `margin`, *and* the cost — held-out KL to the teacher (or held-out loss without one; a smoothed training
+KL / loss between evaluations) — is more than `tolerance` (relative) above the best it has been in the run.
+"""
 from __future__ import annotations
 
 import re
 import sys
-from collections import deque
 
 from ..errors import UserError
 from .qat import set_scale_mode, ternary_modules
@@ -14,61 +18,96 @@ from .qat import set_scale_mode, ternary_modules
 from .config import COLLAPSE_ACTIONS as ACTIONS
 
 
-def zero_ratio_stats(model) -> dict:
-    """Overall zero ratio (weighted by size), per layer (in_proj+out_proj), per module, scale/absmean."""
+def zero_ratio_stats(model, optimum: bool = False) -> dict:
+    """Overall zero ratio (weighted by size), per layer (in_proj+out_proj), per module, scale/absmean; with
+    `optimum` also the MSE-optimal zero ratio (overall and per layer) and the excess over it."""
     per_layer: dict[int, list[float]] = {}
-    per_module, total_zero, total, ratios = {}, 0.0, 0, []
+    per_module, ratios = {}, []
+    tot = {"zero_ratio": 0.0, "zero_ratio_opt": 0.0}
+    n_all = 0
     for name, m in ternary_modules(model):
-        st = m.stats()
+        st = m.stats(optimum)
         n = m.weight.numel()
         per_module[name] = st["zero_ratio"]
-        total_zero += st["zero_ratio"] * n
-        total += n
+        for k in tot:
+            tot[k] += st.get(k, 0.0) * n
+        n_all += n
         ratios.append(st["scale_over_absmean"])
         layer = re.search(r"layers\.(\d+)\.", name)
         if layer:
-            z, c = per_layer.setdefault(int(layer.group(1)), [0.0, 0])
-            per_layer[int(layer.group(1))] = [z + st["zero_ratio"] * n, c + n]
-    return {"zero_ratio": total_zero / max(total, 1),
-            "zero_ratio_layers": [round(z / c, 5) for _, (z, c) in sorted(per_layer.items())],
-            "zero_ratio_modules": {k: round(v, 5) for k, v in per_module.items()},
-            "scale_over_absmean": sum(ratios) / max(len(ratios), 1)}
+            acc = per_layer.setdefault(int(layer.group(1)), [0.0, 0.0, 0])
+            acc[0] += st["zero_ratio"] * n
+            acc[1] += st.get("zero_ratio_opt", 0.0) * n
+            acc[2] += n
+    out = {"zero_ratio": tot["zero_ratio"] / max(n_all, 1),
+           "zero_ratio_layers": [round(z / c, 5) for _, (z, _o, c) in sorted(per_layer.items())],
+           "zero_ratio_modules": {k: round(v, 5) for k, v in per_module.items()},
+           "scale_over_absmean": sum(ratios) / max(len(ratios), 1)}
+    if optimum:
+        out["zero_ratio_opt"] = tot["zero_ratio_opt"] / max(n_all, 1)
+        out["zero_ratio_opt_layers"] = [round(o / c, 5) for _, (_z, o, c) in sorted(per_layer.items())]
+        out["zero_excess"] = out["zero_ratio"] - out["zero_ratio_opt"]
+    return out
+
+
+COST_KEYS = ("eval_kl", "eval_loss")   # held-out cost, preferred; else a smoothed training kl / loss
 
 
 class ZeroRatioMonitor:
-    def __init__(self, every: int = 10, threshold: float = 0.6, window: int = 10, rise: float = 0.08,
-                 action: str = "warn"):
+    def __init__(self, every: int = 10, margin: float = 0.05, tolerance: float = 0.05, action: str = "warn",
+                 smoothing: float = 0.1):
         if action not in ACTIONS:
             raise UserError(f"--on-collapse {action}: choose one of {', '.join(ACTIONS)}")
-        self.every, self.threshold, self.window, self.rise, self.action = every, threshold, window, rise, action
-        self.history: deque[float] = deque(maxlen=window)
+        self.every, self.margin, self.tolerance, self.action = every, margin, tolerance, action
+        self.smoothing = smoothing
         self.events: list[dict] = []
+        self.best: dict[str, float] = {}    # lowest cost seen so far, per cost key
+        self.ema: float | None = None        # smoothed training kl / loss
+        self.excess: float | None = None     # last measured zero ratio − optimum
+        self.last_cost: tuple[str, float, float] | None = None   # (key, value, best) at the last check
         self._model = None
 
     def record(self, model, step: int) -> dict:
         self._model = model
         if step % self.every and step != 1:
             return {}
-        st = zero_ratio_stats(model)
-        self.history.append(st["zero_ratio"])
+        st = zero_ratio_stats(model, optimum=True)
+        self.excess = st["zero_excess"]
         st.pop("zero_ratio_modules")
         return st
 
-    def collapsing(self) -> str | None:
-        if not self.history:
+    def _cost(self, rec: dict) -> tuple[str, float] | None:
+        for k in COST_KEYS:
+            if k in rec:
+                return k, rec[k]
+        v = rec.get("kl", rec.get("loss"))
+        if v is None:
             return None
-        z = self.history[-1]
-        if z > self.threshold:
-            return f"zero ratio {z:.3f} > threshold {self.threshold}"
-        if len(self.history) == self.window and z - self.history[0] > self.rise:
-            return f"zero ratio rose {self.history[0]:.3f} -> {z:.3f} over the last {self.window} measurements"
+        self.ema = v if self.ema is None else (1 - self.smoothing) * self.ema + self.smoothing * v
+        return "train_ema", self.ema
+
+    def collapsing(self, rec: dict) -> str | None:
+        cost = self._cost(rec)
+        if cost is None:
+            return None
+        key, value = cost
+        best = self.best.get(key, float("inf"))
+        self.best[key] = min(best, value)
+        self.last_cost = (key, value, self.best[key])
+        if self.excess is None or self.excess <= self.margin or best == float("inf"):
+            return None
+        if value > best * (1 + self.tolerance):
+            return (f"zero ratio {self.excess:+.3f} above its MSE optimum while {key} rose {best:.4f} -> "
+                    f"{value:.4f} (+{100 * (value / best - 1):.1f} %)")
         return None
 
     def check(self, rec: dict) -> None:
-        if "zero_ratio" not in rec:
-            return
-        why = self.collapsing()
+        why = self.collapsing(rec)
         if why is None:
+            return
+        last = self.events[-1].get("last_step", self.events[-1]["step"]) if self.events else None
+        if last is not None and last >= rec["step"] - self.every and self.action == "warn":
+            self.events[-1]["last_step"] = rec["step"]    # one event per episode, not one per step
             return
         event = {"step": rec["step"], "why": why, "action": self.action}
         self.events.append(event)
@@ -78,6 +117,6 @@ class ZeroRatioMonitor:
         if self.action == "guard" and self._model is not None and self._model.ternary_config.scale_mode == "learned":
             set_scale_mode(self._model, "guarded")
             print(f"\nstep {rec['step']}: zero-ratio collapse ({why}); switched scales to guarded", file=sys.stderr)
-            self.history.clear()
+            self.best.clear()
         elif len(self.events) == 1 or self.action == "guard":
             print(f"\nwarning: step {rec['step']}: zero-ratio collapse ({why})", file=sys.stderr)

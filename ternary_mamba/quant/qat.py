@@ -6,10 +6,18 @@ scales.  Scale modes:
   learned  s_g is a parameter initialised from absmean and trained with an LSQ gradient.  From a
            pretrained checkpoint this drifts upward and more and more weights round to 0: the paper's
            zero-ratio collapse.
+  frozen   absmean of the weights at initialisation, kept fixed (a buffer, not trained): the control that
+           separates "the scale moves" from "the scale is learned".
   guarded  learned, but the effective scale is clamped into [lo, hi] × the group's *current* absmean
            (detached).  The zero threshold of a group is s/2, so tying s to mean|w| bounds the group's
            zero ratio (≈ 1 − exp(−hi/2) for Laplace-like weights: 53 % at hi = 1.5) while still letting the
            scale adapt inside the band.  The band is the guard; the LSQ gradient still trains s inside it.
+
+Learned and guarded scales are parameterised in log space by default (`scale_param="log"`, the Parameter
+`log_scale`): AdamW moves every parameter by about lr per step whatever its gradient's size, so a linear
+scale moves by ~lr in absolute terms — a relative step of lr/s that is 3.6 % of a 0.055 scale at lr 2e-3 and
+larger for the smaller groups — while a log scale moves by ~lr *relatively*, the same for every group and
+every model size.  `scale_param="linear"` (the Parameter `scale`) keeps the LSQ original for comparison.
 """
 from __future__ import annotations
 
@@ -25,7 +33,7 @@ from ..ops.device import scalar
 from ..ops.dispatch import triton_for, triton_kernels
 from .config import SCALE_MODES, TernaryConfig  # noqa: F401  (re-exported: the QAT API in one import)
 from .groups import resolve_group_size
-from .ternary import TernarySTE, absmean_scale, round_scale, ternary_codes
+from .ternary import SCALE_MIN, TernarySTE, absmean_scale, mse_optimal_zeros, round_scale, ternary_codes
 
 class TernaryLinear(nn.Module):
     """A linear layer whose forward uses s16 · ternary(w) instead of w (fake quantization)."""
@@ -40,20 +48,36 @@ class TernaryLinear(nn.Module):
         self.bias = linear.bias
         self.enabled = True          # False: behave exactly like the original nn.Linear (for tests/ablations)
         self.lam = 1.0               # quantization warm-up: w + lam * (q - w); 1.0 = fully ternary
+        self.scale_param = cfg.scale_param
         if self.mode != "absmean":
             with torch.no_grad():
-                self.scale = nn.Parameter(absmean_scale(self.weight.detach().float(), G))
+                s0 = absmean_scale(self.weight.detach().float(), G).clamp_min(SCALE_MIN)
+            if self.mode == "frozen":
+                self.register_buffer("scale", s0)
+            elif self.scale_param == "log":
+                self.log_scale = nn.Parameter(s0.log())
+            else:
+                self.scale = nn.Parameter(s0)
         w = self.weight
         self.corr_bias = nn.Parameter(w.new_zeros(self.out_features)) if cfg.corr_bias else None
         self.corr_u = nn.Parameter(w.new_zeros(self.out_features, cfg.corr_rank)) if cfg.corr_rank else None
         self.corr_v = nn.Parameter(w.new_zeros(cfg.corr_rank, self.in_features)) if cfg.corr_rank else None
+
+    def stored_scale(self, full: bool = False) -> Tensor | None:
+        """The scale held by the module (frozen / learned / guarded), in linear space; None for absmean.
+        full: gathered from an FSDP shard."""
+        if self.mode == "absmean":
+            return None
+        if hasattr(self, "log_scale"):
+            return (_full(self.log_scale) if full else self.log_scale).exp()
+        return _full(self.scale) if full else self.scale
 
     def effective_scale(self, w: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
         """The scale the forward uses, (out, in // G), before fp16 rounding."""
         w = self.weight if w is None else w
         if self.mode == "absmean":
             return absmean_scale(w.detach(), self.group_size)
-        scale = self.scale if scale is None else scale
+        scale = self.stored_scale() if scale is None else scale
         if self.mode == "guarded":
             a = absmean_scale(w.detach(), self.group_size)
             return torch.maximum(torch.minimum(scale, self.guard[1] * a), self.guard[0] * a)
@@ -63,9 +87,9 @@ class TernaryLinear(nn.Module):
         if triton_for(self.weight) and self.group_size & (self.group_size - 1) == 0:   # CUDA: one fused pass
             # the scale from torch's absmean, as the export computes it: the codes the file holds are these
             q = triton_kernels().ternary_fake_quant(self.weight, self.effective_scale(), self.group_size,
-                                                    self.mode != "absmean", self.scale_format)
+                                                    self.trains_scale, self.scale_format)
         else:
-            q = TernarySTE.apply(self.weight, self.effective_scale(), self.group_size, self.mode != "absmean",
+            q = TernarySTE.apply(self.weight, self.effective_scale(), self.group_size, self.trains_scale,
                                  self.scale_format)
         if self.lam >= 1.0:
             return q  # exact: identical to the packed export
@@ -81,6 +105,10 @@ class TernaryLinear(nn.Module):
         return y
 
     @property
+    def trains_scale(self) -> bool:
+        return self.mode in ("learned", "guarded")
+
+    @property
     def has_corrections(self) -> bool:
         return self.corr_u is not None or self.corr_bias is not None
 
@@ -88,14 +116,19 @@ class TernaryLinear(nn.Module):
     def export(self) -> tuple[Tensor, Tensor]:
         """(codes int8 (out, in), fp16 scales (out, in // G)): exactly what the forward uses."""
         w = _full(self.weight)
-        s16 = round_scale(self.effective_scale(w, _full(getattr(self, "scale", None))).float(), self.scale_format)
+        s16 = round_scale(self.effective_scale(w, self.stored_scale(full=True)).float(), self.scale_format)
         return ternary_codes(w.float(), s16, self.group_size), s16.half()
 
     @torch.no_grad()
-    def stats(self) -> dict[str, float]:
+    def stats(self, optimum: bool = False) -> dict[str, float]:
+        """zero ratio and mean scale / absmean; optimum: also the zero ratio of the per-group MSE-optimal scales
+        of the current latent weights (what a zero ratio is measured against)."""
         codes, s16 = self.export()
-        return {"zero_ratio": scalar((codes == 0).float().mean()),
-                "scale_over_absmean": scalar(s16.float().mean() / _full(self.weight).abs().mean().clamp_min(1e-12))}
+        st = {"zero_ratio": scalar((codes == 0).float().mean()),
+              "scale_over_absmean": scalar(s16.float().mean() / _full(self.weight).abs().mean().clamp_min(1e-12))}
+        if optimum:
+            st["zero_ratio_opt"] = scalar(mse_optimal_zeros(_full(self.weight).float(), self.group_size)[1].mean())
+        return st
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, group_size={self.group_size}, scale={self.mode}"
@@ -145,7 +178,7 @@ def set_lambda(model: nn.Module, lam: float) -> None:
 def set_scale_mode(model: nn.Module, mode: str) -> None:
     """Switch learned <-> guarded in place (the --on-collapse guard action)."""
     for _, m in ternary_modules(model):
-        if m.mode == "absmean" or mode == "absmean":
-            raise UserError("cannot switch to or from absmean scales during training")
+        if {m.mode, mode} - {"learned", "guarded"}:
+            raise UserError("only learned and guarded scales can be switched during training")
         m.mode = mode
     model.ternary_config.scale_mode = mode

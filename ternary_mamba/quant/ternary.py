@@ -76,3 +76,34 @@ class TernarySTE(torch.autograd.Function):
         dq_ds = torch.where(inside, grouped(codes.float(), G) - v, v.sign())
         grad_s = (g * dq_ds).sum(-1) / G ** 0.5
         return grad_w, grad_s, None, None, None
+
+
+OPT_GRID = torch.exp(torch.linspace(-2.0, 1.5, 71))   # scale / absmean from 0.14 to 4.5, 5 % steps
+
+
+@torch.no_grad()
+def mse_optimal_zeros(w: Tensor, group_size: int, chunk: int = 1 << 16) -> tuple[Tensor, Tensor]:
+    """Per group, the scale s = r · absmean (r on OPT_GRID) minimising ‖w − s·round(clamp(w/s, −1, 1))‖² —
+    the reconstruction-optimal member of *this* quantizer family — and the zero fraction it gives.
+    (out, in) -> (ratio r* (out, in // G), zero fraction (out, in // G)).  About 46 % of a Gaussian group's
+    weights and 63 % of a Laplace group's are zero at the optimum: a zero ratio is a pathology only above it."""
+    g = grouped(w.float(), group_size).reshape(-1, group_size)
+    best_r = g.new_empty(g.shape[0])
+    best_z = g.new_empty(g.shape[0])
+    for i in range(0, g.shape[0], chunk):
+        x = g[i:i + chunk]
+        a = x.abs().mean(-1, keepdim=True).clamp_min(1e-12)
+        best = x.new_full((x.shape[0],), float("inf"))
+        r_at = x.new_ones(x.shape[0])
+        z_at = x.new_zeros(x.shape[0])
+        for r in OPT_GRID.tolist():
+            s = a * r
+            q = (x / s).clamp(-1, 1).round()
+            err = (x - s * q).pow(2).sum(-1)
+            better = err < best
+            best = torch.where(better, err, best)
+            r_at = torch.where(better, r, r_at)
+            z_at = torch.where(better, (q == 0).float().mean(-1), z_at)
+        best_r[i:i + chunk], best_z[i:i + chunk] = r_at, z_at
+    shape = w.shape[0], w.shape[1] // group_size
+    return best_r.view(shape), best_z.view(shape)

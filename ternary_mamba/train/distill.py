@@ -30,7 +30,7 @@ class DistillObjective:
         self._mon, self.lam_warmup = monitor, lam_warmup_steps
 
     def param_groups(self, model):
-        scales = [p for n, p in model.named_parameters() if n.endswith(".scale")]
+        scales = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in ("scale", "log_scale")]
         ids = {id(p) for p in scales}
         groups = param_groups(model, self.wd)
         for g in groups:

@@ -93,10 +93,12 @@ def make_report(run: str | Path) -> Path:
         series["all"] = (toks(zr), [r["zero_ratio"] for r in zr], "k-")
         events = summary.get("collapse_events") or []
         marks = [(next((r["tokens"] / 1e6 for r in recs if r.get("step") == e["step"]), 0), "collapse") for e in events[:1]]
-        threshold = (cfg.get("monitor") or {}).get("collapse_threshold", 0.6)
-        top = max(max(max(r["zero_ratio_layers"]) for r in zr), threshold) * 1.08
-        _plot(run / "zero_ratio.png", "zero ratio per layer", "tokens (M)", "fraction of weights at 0", series,
-              marks=marks, hlines=[(threshold, f"collapse threshold {threshold}", "red")], ylim=(0, min(1.0, top)))
+        opt = [r for r in zr if "zero_ratio_opt" in r]
+        if opt:
+            series["MSE-optimal (all)"] = (toks(opt), [r["zero_ratio_opt"] for r in opt], "r--")
+        top = max(max(max(r["zero_ratio_layers"]) for r in zr), *(r["zero_ratio_opt"] for r in opt)) * 1.08
+        _plot(run / "zero_ratio.png", "zero ratio per layer (dashed: the MSE-optimal zero ratio)", "tokens (M)",
+              "fraction of weights at 0", series, marks=marks, ylim=(0, min(1.0, top)))
         figs.append(("Zero ratio per layer", "zero_ratio.png"))
     lines = [f"# Run report: {run.name}", ""]
     if record:
