@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import random_model, tiny_config
-from ternary_mamba.experiment.analysis import error_vs_position, growth, inject_noise, trajectories
+from ternary_mamba.experiment.analysis import (decay_horizons, inject_noise, recurrence_analysis, relative_error,
+                                              states_at, trajectories)
 from ternary_mamba.formats.folders import save_model
 from ternary_mamba.formats.load import load_model
 from ternary_mamba.cli import main
@@ -104,7 +105,7 @@ def test_corrected_student_saves_loads_and_refuses_packing(teacher, calib, tmp_p
 
 def test_posthoc_config_rejects_bad_input():
     with pytest.raises(UserError, match="unknown correction"):
-        PosthocConfig(methods=("gptq",))
+        PosthocConfig(methods=("awq",))
     with pytest.raises(UserError):
         PosthocConfig(methods=("lowrank",), rank=0)
     with pytest.raises(UserError):
@@ -114,18 +115,43 @@ def test_posthoc_config_rejects_bad_input():
 def test_recurrence_error_is_zero_against_itself_and_grows_with_noise(teacher):
     tokens = torch.randint(0, 512, (2, 24))
     S, O = trajectories(teacher, tokens)
-    assert S.shape[:3] == (24, 2, 2) and O.shape == (24, 2, 2, 64)
+    H = teacher.config.nheads
+    assert S.shape[:4] == (24, 2, 2, H) and O.shape == (24, 2, 2, 64)
     with torch.no_grad():  # step() trajectories are the forward's per-block residual streams
         _, hidden = teacher(tokens, return_hidden=True)
     for layer, h in enumerate(hidden):
         assert torch.allclose(O[:, layer].transpose(0, 1), h, atol=1e-4)
-    same = error_vs_position(teacher, teacher, tokens, ref=(S, O))
-    assert max(max(r) for r in same["state"]) == 0.0
+    # continuing from the forward's state at t0 reproduces the trajectory from t0 on
+    S2, O2 = trajectories(teacher, tokens, 10, states_at(teacher, tokens, 10))
+    assert torch.allclose(O2, O[10:], atol=1e-4) and torch.allclose(S2, S[10:], atol=1e-4)
+    hz = decay_horizons(teacher, tokens)
+    assert hz.shape == (2, H) and bool((hz > 0).all())
+    same = recurrence_analysis(teacher, teacher, tokens, (S, O), hz, 12)
+    assert max(same["output"]) == 0.0 and max(same["injection"]["state_only"]) < 1e-5   # forward vs step: fp noise
     noisy = inject_noise(teacher, 1, group_size=32)
-    err = error_vs_position(noisy, teacher, tokens, ref=(S, O))
-    assert all(row[0] == 0.0 for row in err["output"])        # layer 0 untouched
-    assert min(row[1] for row in err["output"]) > 0.0         # layer 1 perturbed at every position
-    assert growth([1.0] * 16 + [2.0] * 16) == pytest.approx(2.0)
+    err = relative_error(trajectories(noisy, tokens)[1], O)
+    assert float(err[:, 0].abs().max()) == 0.0          # layer 0 untouched
+    assert float(err[:, 1].min()) > 0.0                  # layer 1 perturbed at every position
+    r = recurrence_analysis(noisy, teacher, tokens, (S, O), hz, 12)
+    inj = r["injection"]
+    assert len(inj["own"]) == len(inj["weights_only"]) == len(inj["state_only"]) == 12
+    assert inj["state_only"][0] > 0 and inj["weights_only"][0] > 0
+    assert sum(b["heads"] for b in r["state_abs"].values()) == 2 * H
+
+
+def test_gptq_beats_round_to_nearest_on_its_objective_and_exports_exactly():
+    from ternary_mamba.quant.posthoc import gptq_ternary
+    from ternary_mamba.quant.ternary import absmean_scale, dequantize, round_scale, ternary_codes
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(2048, 128, generator=gen) @ (0.3 * torch.randn(128, 128, generator=gen) + torch.eye(128))
+    W = 0.05 * torch.randn(24, 128, generator=gen)
+    Q, s = gptq_ternary(W, X.T @ X, 64)
+    s0 = round_scale(absmean_scale(W, 64))
+    rtn = dequantize(ternary_codes(W, s0, 64), s0, 64)
+    err = lambda A: float((X @ (A - W).T).norm())
+    assert err(Q) < 0.85 * err(rtn)
+    assert torch.equal(dequantize(ternary_codes(Q, s, 64), s, 64), Q)     # Q is exactly ternary under s
+    assert torch.equal(s, round_scale(s))
 
 
 def test_ptq_cli_end_to_end_and_bad_input(tiny_teacher_dir, text_dir, tmp_path, capsys):
@@ -149,18 +175,30 @@ def test_ptq_cli_end_to_end_and_bad_input(tiny_teacher_dir, text_dir, tmp_path, 
 @pytest.mark.slow
 def test_claims_experiment_end_to_end_and_resume(tiny_teacher_dir, text_dir, tmp_path, capsys):
     out = tmp_path / "claims"
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- claims:begin -->\nSTALE-TEXT\n<!-- claims:end -->\ntail\n")
     args = ["experiment", "claims", "--teacher", str(tiny_teacher_dir), "--data", str(text_dir), "--eval-data",
-            str(text_dir), "--tokens", "10000", "--positions", "24", "--sequences", "2", "--group-size", "32", "--out", str(out),
-            "--skip", "qat-learned", "qat-learned-lr10", "qat-guarded-lr10", "scratch-fp"]
+            str(text_dir), "--tokens", "10000", "--control-tokens", "10000", "--seeds", "2", "--positions", "24",
+            "--sequences", "2", "--group-size", "32", "--calib-small", "4", "--calib-large", "8",
+            "--eval-windows", "8", "--out", str(out), "--publish", str(tmp_path / "pub"), "--readme", str(readme),
+            "--skip", "qat-learned-linear", "qat-learned-lr3", "qat-linear-lr10", "qat-guarded", "qat-frozen",
+            "scratch-fp"]
     assert main(args) == 0
     res = json.loads((out / "results.json").read_text())
-    assert {"teacher", "ptq", "ptq-qep", "qat-absmean", "scratch-ternary"} <= set(res["results"])
-    for png in ("zero_ratio.png", "state_error_vs_position.png", "noise_injection.png"):
-        assert (out / png).stat().st_size > 1000
+    assert {"teacher", "ptq", "gptq", "qat-absmean@0", "qat-absmean@1", "scratch-ternary@1", "gpt-teacher",
+            "gpt-ptq", "gpt-qat-absmean@0"} <= set(res["arms"])
+    st = res["statistics"]["qat-absmean"]["held-out"]
+    assert st["seeds"] == 2 and st["ppl_ci"][0] <= st["ppl"] <= st["ppl_ci"][1]
+    assert {v["verdict"] for v in res["verdicts"]} <= {"held", "did not hold", "inconclusive"}
+    assert any("Transformer control" in v["claim"] or "GPT" in v["claim"] for v in res["verdicts"])
+    for png in ("collapse.png", "state_error_by_horizon.png", "injection.png"):
+        assert (out / png).stat().st_size > 1000 and (tmp_path / "pub" / png).exists()
     assert "| PTQ + QEP |" in (out / "results.md").read_text()
+    text = readme.read_text()
+    assert "STALE-TEXT" not in text and "tail" in text and "| claim | verdict |" in text
     capsys.readouterr()
     assert main(args) == 0  # resume: every stage cached
-    assert capsys.readouterr().out.count("done (cached)") >= 8
+    assert capsys.readouterr().out.count("done (cached)") >= 20
     other = [("20000" if a == "10000" else a) for a in args]
     assert main(other) == 1  # different experiment in the same folder
     assert "different tokens" in capsys.readouterr().err

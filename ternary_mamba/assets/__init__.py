@@ -5,3 +5,5 @@ ASSETS = Path(__file__).parent
 TEACHER = ASSETS / "teacher"
 TRAIN_BOOKS = ASSETS / "books" / "train"
 HELDOUT_BOOKS = ASSETS / "books" / "heldout"
+# held-out books whose authors and series are absent from every training split (experiment/heldout.py)
+CLEAN_HELDOUT_BOOKS = ASSETS / "books" / "heldout-clean"

@@ -13,7 +13,7 @@ from ..quant.config import SCALE_MODES, SCALE_PARAMS, MonitorConfig, TernaryConf
 from ..quant.groups import DEFAULT_GROUP_SIZE, GGUF_TQ_BLOCK, TABLE_FORMATS
 from ..train.config import DistillConfig, TrainConfig
 
-CORRECTIONS = ("bias", "lowrank", "qep")
+CORRECTIONS = ("bias", "lowrank", "qep", "gptq")
 DTYPE_NAMES = ("fp32", "bf16", "fp16")   # ops/device.py maps them to torch dtypes
 EVAL_TASKS = "boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,lambada_openai"
 
@@ -239,23 +239,44 @@ class PplConfig(Config):
 class ClaimsConfig(Config):
     teacher: str | None = option(None, help="full-precision model (default: the bundled teacher)")
     data: list[str] | None = option(None, help="training / calibration text (default: the bundled books)")
-    eval_data: list[str] | None = option(None, help="held-out text (default: the bundled held-out book)")
-    tokens: int = option(500_000, help="training tokens of every QAT / scratch run")
+    eval_data: list[str] | None = option(None, help="primary held-out text (default: the bundled clean held-out "
+                                         "books, whose authors and series no training split holds)")
+    all_heldout: list[str] | None = option(None, help="a further held-out set reported beside (e.g. all eight "
+                                           "held-out books of ../shared/data/corpora/gutenberg/heldout)")
+    tokens: int = option(300_000, help="training tokens of every QAT / scratch run")
+    seeds: int = option(3, help="seeds of every training arm (more can be added to a finished experiment)")
     out: str = option("runs/claims", help="experiment folder (re-run the command to resume)")
-    skip: tuple[str, ...] = option((), help="training runs to leave out (e.g. qat-learned-lr10 scratch-fp)")
+    skip: tuple[str, ...] = option((), help="stages to leave out: training arms (e.g. qat-learned-lr30 "
+                                   "scratch-fp), control, posthoc")
     group_size: int = option(DEFAULT_GROUP_SIZE, help="weights per scale, every ternary model")
-    positions: int = option(512, help="sequence length of the recurrence analysis")
+    calib_small: int = option(32, help="calibration windows of 257 tokens, the small budget (8 k tokens)")
+    calib_large: int = option(512, help="calibration windows, the large budget (132 k tokens)")
+    eval_windows: int = option(128, help="held-out windows of 256 tokens per set, spread over the whole set")
+    control_data: list[str] | None = option(None, help="the Transformer control teacher's training text (default: "
+                                            "--data; pass the books the Mamba teacher was trained on)")
+    control_tokens: int = option(8_000_000, help="training tokens of the Transformer control teacher (the "
+                                 "bundled teacher's: 8 M)")
+    positions: int = option(256, help="sequence length of the recurrence analysis (the teacher's training length)")
     sequences: int = option(8, help="held-out sequences of the recurrence analysis")
-    seed: int = option(0, help="seed of every run")
+    publish: str | None = option(None, help="also copy results.md, results.json and the plots to this folder "
+                                 "(e.g. docs/claims)")
+    readme: str | None = option(None, help="also rewrite the claims section of this README (between the "
+                                "<!-- claims:begin --> and <!-- claims:end --> markers), linking to --publish")
+    seed: int = option(0, help="the first seed; arms run seeds seed .. seed + seeds - 1")
     device: str | None = _device()
     dtype: str = _dtype()
     threads: int | None = _threads()
 
     def __post_init__(self):
         _check_dtype(self)
-        _positive(self, "positions", "sequences", "threads")
+        _positive(self, "positions", "sequences", "threads", "seeds", "calib_small", "calib_large",
+                  "eval_windows")
         if self.tokens < 10_000:
             raise UserError(f"--tokens {self.tokens}: too small for a training run (use at least 10000)")
+        if self.control_tokens < 10_000:
+            raise UserError(f"--control-tokens {self.control_tokens}: too small (use at least 10000)")
+        if self.positions < 16:
+            raise UserError(f"--positions {self.positions}: use at least 16")
 
 
 # nominal dense 16-bit tensor-core TFLOP/s and memory (GB) from the vendors' spec sheets

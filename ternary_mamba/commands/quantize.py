@@ -96,7 +96,8 @@ def quantize(cfg: QuantizeConfig | None = None) -> Path:
                                tolerance=mcfg.collapse_tolerance, action=mcfg.on_collapse)
     objective = DistillObjective(teacher, tau=dcfg.tau, alpha_ce=dcfg.alpha_ce, beta_hidden=dcfg.beta_hidden,
                                  weight_decay=tcfg.weight_decay, scale_lr_mult=dcfg.scale_lr_mult,
-                                 monitor=monitor, lam_warmup_steps=dcfg.lam_warmup)
+                                 monitor=monitor, lam_warmup_steps=dcfg.lam_warmup,
+                                 gamma_state=dcfg.gamma_state, state_segments=dcfg.state_segments)
     if dcfg.lam_warmup:
         set_lambda(student, 1.0 / dcfg.lam_warmup)
     if cfg.activation_checkpointing:

@@ -1,15 +1,21 @@
 """Error along the recurrence: how far a quantized model's SSM states and layer outputs drift from its
-teacher's, as a function of token position.
+teacher's, per head and as a function of token position, and how much of it the state carries.
 
 Both models are run token by token with `step()` on the same held-out sequences, each on its *own*
-trajectory (the quantized model's later layers see its own earlier layers' outputs), so the measured error
-is the accumulated one.  For layer l and position t:
+trajectory (the quantized model's later layers see its own earlier layers' outputs).  For layer l, head h
+and position t:
 
-    state error   ‖S_q^l(t) − S^l(t)‖_F / ‖S^l(t)‖_F        (S: the (heads, headdim, d_state) SSM state)
+    state error   ‖S_q^{l,h}(t) − S^{l,h}(t)‖_F, absolute and relative to ‖S^{l,h}(t)‖_F
     output error  ‖h_q^l(t) − h^l(t)‖ / ‖h^l(t)‖               (h: the residual stream after block l)
 
-averaged over the sequences.  `inject_noise` makes the controlled variant: Gaussian noise of the size of
-the ternary quantization error, put into one layer's weights of the full-precision teacher.
+averaged over the sequences.  Heads are binned by their decay horizon 1 / (mean_t dt_h(t) · |A_h|): the
+number of tokens over which the state forgets by a factor e.  A relative error cannot show accumulation (it
+grows in numerator and denominator alike) and an average over heads hides the few long-memory heads, hence
+per head, absolute and relative.
+
+`injection` separates the error carried in the state from the per-token error: at position t0 the quantized
+model continues from the *teacher's* state (what its weights alone cost from there on), and the teacher
+continues from the *quantized model's* state (what the carried state alone costs, and how fast it decays).
 """
 from __future__ import annotations
 
@@ -20,21 +26,25 @@ from torch import Tensor
 
 from ..quant.ternary import absmean_scale, dequantize, round_scale, ternary_codes
 
+HORIZON_BINS = (0, 8, 32, 128, 512, float("inf"))
+
 
 @torch.no_grad()
-def trajectories(model, tokens: Tensor) -> tuple[Tensor, Tensor]:
-    """tokens (b, T) -> (states (T, L, b, H·P·N), outputs (T, L, b, d_model)), recorded with step()."""
+def trajectories(model, tokens: Tensor, start: int = 0, state=None) -> tuple[Tensor, Tensor]:
+    """tokens (b, T) -> (states (T', L, b, H, P·N), outputs (T', L, b, d_model)) for positions start..T-1,
+    recorded with step() from `state` (the model's own empty state when None)."""
     model.eval()
     b, T = tokens.shape
-    state = model.empty_state(b)
+    H = model.config.nheads
+    state = model.empty_state(b) if state is None else [copy.deepcopy(s) for s in state]
     S, O = [], []
-    for t in range(T):
+    for t in range(start, T):
         h = model.backbone.embedding(tokens[:, t])
         st, out, new = [], [], []
         for layer, s in zip(model.backbone.layers, state):
             h, s = layer.step(h, s)
             new.append(s)
-            st.append(s.ssm.reshape(b, -1).clone())
+            st.append(s.ssm.reshape(b, H, -1).clone())
             out.append(h.clone())
         state = new
         S.append(torch.stack(st))
@@ -42,17 +52,68 @@ def trajectories(model, tokens: Tensor) -> tuple[Tensor, Tensor]:
     return torch.stack(S), torch.stack(O)
 
 
+@torch.no_grad()
+def states_at(model, tokens: Tensor, t: int):
+    """The per-layer states after the first t tokens."""
+    return model(tokens[:, :t], return_state=True)[1]
+
+
+@torch.no_grad()
+def decay_horizons(model, tokens: Tensor) -> Tensor:
+    """(L, H): 1 / (mean dt · |A|) per head over the given tokens, in tokens."""
+    dts = []
+    hooks = [layer.mixer.in_proj.register_forward_hook(
+        lambda m, _i, out, mixer=layer.mixer: dts.append(
+            torch.nn.functional.softplus(out[..., -mixer.cfg.nheads:].float() + mixer.dt_bias.float())
+            .flatten(0, -2).mean(0)))
+        for layer in model.backbone.layers]
+    try:
+        model(tokens)
+    finally:
+        for h in hooks:
+            h.remove()
+    A = torch.stack([-torch.exp(layer.mixer.A_log.float()) for layer in model.backbone.layers])
+    return 1.0 / (torch.stack(dts) * A.abs()).clamp_min(1e-12)
+
+
 def relative_error(a: Tensor, ref: Tensor) -> Tensor:
     """(T, L, b, D) pairs -> (T, L): per-sequence relative error, averaged over the sequences."""
     return ((a - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-12)).mean(-1)
 
 
+def head_errors(S_q: Tensor, S_t: Tensor) -> tuple[Tensor, Tensor]:
+    """(T, L, b, H, PN) pairs -> (absolute (T, L, H), relative (T, L, H)), averaged over the sequences."""
+    d = (S_q - S_t).norm(dim=-1)
+    return d.mean(2), (d / S_t.norm(dim=-1).clamp_min(1e-12)).mean(2)
+
+
+def binned(err: Tensor, horizons: Tensor, every: int = 4) -> dict:
+    """(T, L, H) errors -> {bin label: {'heads': n, 'curve': mean over the bin's heads, every `every` positions}}."""
+    flat, hz = err.flatten(1), horizons.flatten()
+    out = {}
+    for lo, hi in zip(HORIZON_BINS[:-1], HORIZON_BINS[1:]):
+        sel = (hz >= lo) & (hz < hi)
+        if sel.any():
+            label = f"{lo:g}-{hi:g}" if hi != float("inf") else f">={lo:g}"
+            out[label] = {"heads": int(sel.sum()), "curve": flat[::every, sel].mean(-1).tolist()}
+    return out
+
+
 @torch.no_grad()
-def error_vs_position(model, teacher, tokens: Tensor, ref: tuple[Tensor, Tensor] | None = None) -> dict:
-    """{'state': (T, L) list, 'output': (T, L) list}; pass `ref` = trajectories(teacher, tokens) to reuse it."""
-    S_t, O_t = ref if ref is not None else trajectories(teacher, tokens)
+def recurrence_analysis(model, teacher, tokens: Tensor, ref, horizons: Tensor, t0: int) -> dict:
+    """Per-head binned state errors, per-layer output errors, and the injection split at t0."""
+    S_t, O_t = ref
     S_q, O_q = trajectories(model, tokens)
-    return {"state": relative_error(S_q, S_t).tolist(), "output": relative_error(O_q, O_t).tolist()}
+    absolute, rel = head_errors(S_q, S_t)
+    out_err = relative_error(O_q, O_t)                                    # (T, L)
+    fresh = trajectories(model, tokens, t0, states_at(teacher, tokens, t0))[1]      # student, teacher's state
+    carried = trajectories(teacher, tokens, t0, states_at(model, tokens, t0))[1]    # teacher, student's state
+    last = -1
+    return {"state_abs": binned(absolute, horizons), "state_rel": binned(rel, horizons),
+            "output": out_err.mean(-1).tolist(), "output_last_layer": out_err[:, last].tolist(),
+            "injection": {"t0": t0, "own": out_err[t0:, last].tolist(),
+                          "weights_only": relative_error(fresh, O_t[t0:])[:, last].tolist(),
+                          "state_only": relative_error(carried, O_t[t0:])[:, last].tolist()}}
 
 
 @torch.no_grad()
@@ -71,11 +132,3 @@ def inject_noise(teacher, layer: int, group_size: int = 128, seed: int = 0):
         eps = torch.randn(out, inn // group_size, group_size, generator=gen) * rms
         lin.weight.copy_(W + eps.view(out, inn))
     return noisy
-
-
-def growth(curve: list[float], early: int = 16) -> float:
-    """Mean of the second half of a position curve over the mean of its first `early` positions."""
-    T = len(curve)
-    first = sum(curve[:early]) / early
-    second = sum(curve[T // 2:]) / (T - T // 2)
-    return second / max(first, 1e-12)

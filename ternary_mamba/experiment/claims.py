@@ -1,15 +1,22 @@
-"""`ternary-mamba experiment claims`: the paper's claims as one resumable experiment on one teacher.
+"""`ternary-mamba experiment claims`: the paper's claims as one resumable experiment, built so each could fail.
 
-Stages (each writes its result under OUT/ and is skipped when re-run; training runs continue from their
-last checkpoint):
+Stages (each writes its result under OUT/stages and is skipped when re-run; training runs continue from their
+last checkpoint, so an interrupted experiment resumes where it stopped):
 
-  posthoc/*      PTQ and PTQ + post-hoc corrections (bias, low-rank plain / activation-weighted, QEP)
-  runs/qat-*     QAT+KD with scale modes absmean, learned, guarded (+ learned and guarded with a 10x scale
-                 lr: the collapse stress test), N tokens each
-  runs/scratch-* from-scratch training with the same N tokens and data: ternary (the paper's control) and
-                 full precision (what N tokens buy without a teacher)
-  recurrence     error of SSM states / layer outputs vs token position, and the noise-injection control
-  results        results.json, results.md (the table) and the plots
+  teacher              the full-precision teacher on every held-out set
+  posthoc arms         PTQ; + bias / low-rank / QEP; GPTQ-style ternary PTQ ± corrections; 8 k and 128 k
+                       calibration tokens                                               (arms.POSTHOC)
+  QAT arms x seeds     absmean, learned (log / linear), frozen at init, guarded, a scale-lr sweep, state
+                       distillation                                                     (arms.QAT)
+  scratch x seeds      from scratch with the same tokens: ternary absmean / learned, full precision
+  control              a GPT-style Transformer teacher of the same size, books and tokenizer, with the same
+                       PTQ, corrections and QAT+KD                                     (experiment/transformer.py)
+  recurrence           per-head state error vs position by decay horizon, output error, and the injection
+                       split (error carried in the state vs per-token error)           (experiment/analysis.py)
+  results              results.json (every arm, seed and setting), results.md, plots; verdicts per claim
+
+Held-out sets: "clean" (books whose authors and series no training split holds: experiment/heldout.py) is the
+primary one; "oz" (the bundled held-out book, leaked by series) and "all8" (--all-heldout) are reported beside.
 """
 from __future__ import annotations
 
@@ -20,41 +27,56 @@ from pathlib import Path
 
 import torch
 
+from .. import assets
 from ..commands.configs import ClaimsConfig, PretrainConfig, PtqConfig, QuantizeConfig
-from ..commands.defaults import with_bundled_defaults
-from ..core.config import count_params_by_component
+from ..commands.defaults import bundled_teacher
 from ..errors import UserError
 from ..formats.folders import find_tokenizer
 from ..formats.fs import write_json_atomic
 from ..formats.load import load_model, resolve_model_dir
 from ..formats.tokenizer import load_tokenizer
+from ..train.data import PackedSequences, load_tokens, tokenize_to_file
 from ..train.runs import prepare_data
-from .arms import ANALYSED, EVAL_BATCHES, POSTHOC, QAT, SCRATCH, SEQ_LEN
+from .arms import ANALYSED, CONTROL_POSTHOC, POSTHOC, QAT, SCRATCH, SEQ_LEN
+from .stats import eval_windows, per_window
+
 
 class Claims:
     def __init__(self, cfg: ClaimsConfig):
-        unknown = [s for s in cfg.skip if s not in QAT and s not in SCRATCH]
+        unknown = [s for s in cfg.skip if s not in QAT and s not in SCRATCH and s not in ("control", "posthoc")]
         if unknown:
-            raise UserError(f"--skip {unknown[0]}: not a training run; choose from {', '.join([*QAT, *SCRATCH])}")
+            raise UserError(f"--skip {unknown[0]}: not a stage; choose from {', '.join([*QAT, *SCRATCH])}, "
+                            f"control, posthoc")
         self.args = cfg
-        full = with_bundled_defaults(cfg, held_out_required=True)
         self.out = Path(cfg.out)
-        self.teacher_path, self.data, self.eval_data = full.teacher, full.data, full.eval_data
+        self.teacher_path = cfg.teacher or bundled_teacher()
+        self.data = list(cfg.data or [str(assets.TRAIN_BOOKS)])
+        self.eval_data = list(cfg.eval_data or [str(assets.CLEAN_HELDOUT_BOOKS)])
         self.teacher = load_model(self.teacher_path)
         if getattr(self.teacher, "ternary_config", None) is not None:
             raise UserError(f"{self.teacher_path}: is already ternary; pass the full-precision teacher")
         tok = find_tokenizer(resolve_model_dir(self.teacher_path))
         if tok is None:
             raise UserError(f"{self.teacher_path}: has no tokenizer.json")
-        self.tok_path = str(tok)
-        self.train, self.held = prepare_data(self.data, self.eval_data, load_tokenizer(tok), SEQ_LEN, 0.02, None)
+        self.tok_path, self.tok = str(tok), load_tokenizer(tok)
+        self.train, held = prepare_data(self.data, self.eval_data, self.tok, SEQ_LEN, 0.02, None)
+        self.held = held                      # the primary held-out set: training-time evaluation too
+        self.sets = {"clean" if not cfg.eval_data else "held-out": held}
+        extra = {"oz": [str(assets.HELDOUT_BOOKS)] if not cfg.eval_data else None, "all8": cfg.all_heldout}
+        for name, paths in extra.items():
+            if paths:
+                self.sets[name] = _windows(paths, self.tok)
+        self.windows = {k: eval_windows(v, cfg.eval_windows) for k, v in self.sets.items()}
+        self._teacher_logits: dict[str, list] = {k: [] for k in self.sets}
+        self.seeds = [cfg.seed + i for i in range(cfg.seeds)]
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_spec()
 
     def _check_spec(self) -> None:
-        spec = {"teacher": str(Path(self.teacher_path).resolve()), "data": [str(Path(d).resolve()) for d in self.data],
-                "eval_data": [str(Path(d).resolve()) for d in self.eval_data], "tokens": self.args.tokens,
-                "seed": self.args.seed, "group_size": self.args.group_size}
+        a = self.args
+        spec = {"teacher": _name(self.teacher_path), "data": [_name(d) for d in self.data],
+                "eval_data": [_name(d) for d in self.eval_data], "tokens": a.tokens, "seed": a.seed,
+                "group_size": a.group_size, "control_tokens": a.control_tokens, "eval_windows": a.eval_windows}
         path = self.out / "experiment.json"
         if path.exists():
             old = json.loads(path.read_text())
@@ -79,118 +101,189 @@ class Claims:
         write_json_atomic(path, result)
         return result
 
-    def posthoc(self, name: str) -> dict:
+    def evaluate(self, model, teacher=None, cache: bool = True) -> dict:
+        """Per-window CE / KL / agreement on every held-out set, and the zero ratio with its MSE optimum."""
+        from ..quant.monitor import zero_ratio_stats
+        teacher = teacher or self.teacher
+        res = {"windows": {k: per_window(model, teacher, s, self.windows[k],
+                                         teacher_logits=self._teacher_logits[k] if cache else None)
+                           for k, s in self.sets.items()}}
+        if getattr(model, "ternary_config", None) is not None:
+            z = zero_ratio_stats(model, optimum=True)
+            res.update(zero_ratio=z["zero_ratio"], zero_ratio_opt=z["zero_ratio_opt"],
+                       zero_ratio_layers=z["zero_ratio_layers"], zero_ratio_opt_layers=z["zero_ratio_opt_layers"])
+        return res
+
+    def posthoc(self, name: str, teacher=None, folder: Path | None = None) -> dict:
         from ..commands.ptq import ptq
+        settings, budget = POSTHOC[name]
+        calib = self.args.calib_small if budget == "small" else self.args.calib_large
+        if teacher is not None:         # the Transformer control: no folder, no packed size
+            from ..commands.ptq import calibration_batches
+            from ..quant.posthoc import PosthocConfig, posthoc_quantize
+            pc = PosthocConfig(methods=settings.get("correct", ()), act_weighted=not settings.get("plain_svd"))
+            student, _ = posthoc_quantize(teacher, calibration_batches(self.train, calib, 8, self.args.seed),
+                                          self.args.group_size, pc)
+            return {"label": pc.label, "calib_tokens": calib * (SEQ_LEN + 1),
+                    **self.evaluate(student, teacher, cache=False)}
         folder = self.out / "posthoc" / name
         if folder.exists():  # interrupted after writing: redo it (seconds)
             shutil.rmtree(folder)
-        cfg = PtqConfig(teacher=self.teacher_path, out=str(folder), seed=self.args.seed, eval_batches=EVAL_BATCHES,
-                        group_size=self.args.group_size, **POSTHOC[name])
+        cfg = PtqConfig(teacher=self.teacher_path, out=str(folder), seed=self.args.seed, calib_seqs=calib,
+                        group_size=self.args.group_size, **settings)
         s = ptq(cfg, teacher=self.teacher, data=(self.train, self.held))
-        return {"label": s["method"], "model": str(folder / "student"), "row": s["row"],
-                "size_bytes": s["sizes_bytes"]["tq2"], "tokens": 0, "calib_tokens": s["calib_tokens"],
-                "extra_params": s["extra_params"]}
+        return {"label": s["method"] + ("" if budget == "small" else f", calib. {s['calib_tokens'] // 1000} k"),
+                "model": _name(str(folder / "student")), "size_bytes": s["sizes_bytes"]["tq2"],
+                "calib_tokens": s["calib_tokens"], "extra_params": s["extra_params"],
+                **self.evaluate(load_model(folder / "student"))}
 
-    def _train_config(self, run: Path, defaults) -> dict:
+    def _train_config(self, run: Path, defaults, seed: int) -> dict:
         """What every training run shares: data, budget, seed, evaluation cadence; resumed where it stopped."""
-        train = defaults.train.replace(tokens=self.args.tokens, seed=self.args.seed, eval_every=25)
+        train = defaults.train.replace(tokens=self.args.tokens, seed=seed, eval_every=25)
         resume = (run / "checkpoint" / "trainer_state.json").exists()
         if not resume and run.exists():        # stopped before its first checkpoint: this folder is ours to redo
             shutil.rmtree(run)
         return {"out": str(run), "data": list(self.data), "eval_data": list(self.eval_data), "train": train,
                 "resume": resume, "device": self.args.device, "dtype": self.args.dtype}
 
-    def qat(self, name: str) -> dict:
+    def qat(self, name: str, seed: int) -> dict:
         from ..commands.quantize import quantize
         from ..quant.config import TernaryConfig
         from ..train.config import DistillConfig
-        label, mode, lr_mult = QAT[name]
-        run = self.out / "runs" / name
+        label, quant, distill = QAT[name]
+        run = self.out / "runs" / name / f"seed{seed}"
         if not (run / "summary.json").exists():
             quantize(QuantizeConfig(teacher=self.teacher_path,
-                                    quant=TernaryConfig(group_size=self.args.group_size, scale_mode=mode),
-                                    distill=DistillConfig(scale_lr_mult=lr_mult),
-                                    **self._train_config(run, QuantizeConfig())))
+                                    quant=TernaryConfig(group_size=self.args.group_size, **quant),
+                                    distill=DistillConfig(**distill), **self._train_config(run, QuantizeConfig(), seed)))
         summary = json.loads((run / "summary.json").read_text())
-        return {"label": label, "model": str(run / "student"), "run": str(run), "tokens": summary["tokens"],
-                "collapse_events": summary.get("collapse_events", []), **self._evaluate(run / "student")}
+        return {"label": label, "model": _name(str(run / "student")), "tokens": summary["tokens"],
+                "collapse_events": summary.get("collapse_events", []), "curve": _curve(run),
+                **self.evaluate(load_model(run / "student"))}
 
-    def scratch(self, name: str) -> dict:
+    def scratch(self, name: str, seed: int) -> dict:
         from ..commands.pretrain import pretrain
-        label, ternary = SCRATCH[name]
-        run = self.out / "runs" / name
+        label, mode = SCRATCH[name]
+        run = self.out / "runs" / name / f"seed{seed}"
         if not (run / "summary.json").exists():
             pretrain(PretrainConfig(model=str(resolve_model_dir(self.teacher_path) / "config.json"),
-                                    tokenizer=self.tok_path, ternary=ternary, group_size=self.args.group_size,
-                                    **self._train_config(run, PretrainConfig())))
+                                    tokenizer=self.tok_path, ternary=mode is not None, scale_mode=mode or "absmean",
+                                    group_size=self.args.group_size, **self._train_config(run, PretrainConfig(), seed)))
         summary = json.loads((run / "summary.json").read_text())
-        return {"label": label, "model": str(run / "model"), "run": str(run), "tokens": summary["tokens"],
-                **self._evaluate(run / "model")}
-
-    def _evaluate(self, folder: Path) -> dict:
-        from ..commands.ptq import quantized_size_bytes
-        from ..quant.monitor import zero_ratio_stats
-        from ..train.distill import evaluate_vs_teacher
-        m = load_model(folder)
-        row = evaluate_vs_teacher(m, self.teacher, self.held, EVAL_BATCHES, 8)
-        q = getattr(m, "ternary_config", None)
-        if q is not None:
-            row["zero_ratio"] = zero_ratio_stats(m)["zero_ratio"]
-            size = quantized_size_bytes(m.config, q.group_size)["tq2"]
-        else:
-            size = sum(count_params_by_component(m.config).values()) * 2
-        return {"row": row, "size_bytes": size}
+        return {"label": label, "model": _name(str(run / "model")), "tokens": summary["tokens"],
+                "collapse_events": summary.get("collapse_events", []), "curve": _curve(run),
+                **self.evaluate(load_model(run / "model"))}
 
     def teacher_row(self) -> dict:
-        from ..train.distill import evaluate_vs_teacher
-        row = evaluate_vs_teacher(self.teacher, self.teacher, self.held, EVAL_BATCHES, 8)
-        return {"label": "teacher (full precision)", "model": self.teacher_path, "row": row, "tokens": 0,
-                "size_bytes": sum(count_params_by_component(self.teacher.config).values()) * 2}
+        return {"label": "teacher (full precision)", "model": _name(self.teacher_path), **self.evaluate(self.teacher)}
 
+    # ------------------------------------------------------------------ the Transformer control
+    def control(self, results: dict) -> None:
+        from . import transformer as T
+        a = self.args
+        root = self.out / "control"
+        data = list(a.control_data or self.data)
+        ctrain, _ = prepare_data(data, self.eval_data, self.tok, SEQ_LEN, 0.02, None) if a.control_data \
+            else (self.train, None)
+        holder = {}
+
+        def teacher():
+            if "t" not in holder:
+                holder["t"] = T.train_teacher(root / "teacher", self.teacher.config, ctrain, self.held,
+                                              a.control_tokens, a.seed)
+            return holder["t"]
+        results["gpt-teacher"] = self.stage("gpt-teacher", lambda: {
+            "label": "GPT teacher (full precision)", "tokens": a.control_tokens,
+            **self.evaluate(teacher(), teacher(), cache=False)})
+        for name in CONTROL_POSTHOC:
+            results[f"gpt-{name}"] = self.stage(f"gpt-{name}", lambda n=name: self.posthoc(n, teacher=teacher()))
+        for seed in self.seeds:
+            def qat(seed=seed):
+                s, events = T.qat_student(teacher(), root / "qat-absmean" / f"seed{seed}", self.train, self.held,
+                                          a.tokens, seed, a.group_size)
+                return {"label": "GPT QAT+KD, absmean scales", "tokens": a.tokens, "collapse_events": events,
+                        **self.evaluate(s, teacher(), cache=False)}
+            results[f"gpt-qat-absmean@{seed}"] = self.stage(f"gpt-qat-absmean@{seed}", qat)
+
+    # ------------------------------------------------------------------ recurrence
     def recurrence(self, results: dict) -> dict:
-        from .analysis import error_vs_position, growth, inject_noise, trajectories
-        from ..train.data import PackedSequences
+        from .analysis import decay_horizons, inject_noise, recurrence_analysis, trajectories
         T, n = self.args.positions, self.args.sequences
         seqs = PackedSequences(self.held.tokens, T)
         if len(seqs) < n:
             raise UserError(f"held-out text has {len(seqs)} windows of {T} tokens; need {n} (lower --positions)")
-        tokens = seqs.batch(range(n))[:, :T]
+        tokens = seqs.batch(eval_windows(seqs, n))[:, :T]
+        horizons = decay_horizons(self.teacher, tokens)
         ref = trajectories(self.teacher, tokens)
-        curves = {}
+        t0 = T // 2
+        models = {}
         for name in ANALYSED:
-            if name in results:
-                print(f"[claims] recurrence: {name}", flush=True)
-                curves[name] = error_vs_position(load_model(results[name]["model"]), self.teacher, tokens, ref)
-        L = self.teacher.config.n_layer
-        G = self.args.group_size
-        noise = {}
+            key = name if name in POSTHOC else f"{name}@{self.seeds[0]}"
+            if key in results and "model" in results[key]:
+                models[name] = (results[key]["label"], _path(results[key]["model"]))
+        L, G = self.teacher.config.n_layer, self.args.group_size
         for layer in sorted({0, L // 2, L - 1}):
-            print(f"[claims] recurrence: noise in layer {layer}", flush=True)
-            noise[str(layer)] = error_vs_position(inject_noise(self.teacher, layer, G, seed=self.args.seed),
-                                                  self.teacher, tokens, ref)
-        summary = {name: {"state_growth": growth([sum(r) / L for r in c["state"]]),
-                          "output_growth": growth([sum(r) / L for r in c["output"]]),
-                          "state_err_last": sum(c["state"][-1]) / L, "output_err_last": sum(c["output"][-1]) / L}
-                   for name, c in curves.items()}
-        return {"positions": T, "sequences": n, "curves": curves, "noise": noise, "summary": summary}
+            models[f"noise-layer{layer}"] = (f"teacher + ternary-sized noise in layer {layer}",
+                                             inject_noise(self.teacher, layer, G, seed=self.args.seed))
+        out = {}
+        for name, (label, model) in models.items():
+            print(f"[claims] recurrence: {name}", flush=True)
+            m = load_model(model) if isinstance(model, (str, Path)) else model
+            out[name] = {"label": label, **recurrence_analysis(m, self.teacher, tokens, ref, horizons, t0)}
+        return {"positions": T, "sequences": n, "t0": t0, "train_len": SEQ_LEN,
+                "horizons": horizons.tolist(), "models": out}
 
     # ------------------------------------------------------------------ all
     def run(self) -> dict:
         a = self.args
         results = {"teacher": self.stage("teacher", self.teacher_row)}
-        for name in POSTHOC:
-            results[name] = self.stage(name, lambda n=name: self.posthoc(n))
-        for name in QAT:
-            if name not in a.skip:
-                results[name] = self.stage(name, lambda n=name: self.qat(n))
-        for name in SCRATCH:
-            if name not in a.skip:
-                results[name] = self.stage(name, lambda n=name: self.scratch(n))
+        if "posthoc" not in a.skip:
+            for name in POSTHOC:
+                results[name] = self.stage(name, lambda n=name: self.posthoc(n))
+        for seed in self.seeds:     # seed-major: a stopped run has every arm at its first seeds
+            for name in QAT:
+                if name not in a.skip:
+                    results[f"{name}@{seed}"] = self.stage(f"{name}@{seed}", lambda n=name, s=seed: self.qat(n, s))
+            for name in SCRATCH:
+                if name not in a.skip:
+                    results[f"{name}@{seed}"] = self.stage(f"{name}@{seed}", lambda n=name, s=seed: self.scratch(n, s))
+        if "control" not in a.skip:
+            self.control(results)
         rec = self.stage("recurrence", lambda: self.recurrence(results))
-        from .plots import write_results
-        md = write_results(self.out, results, rec, self.args)
+        from .results import write_results
+        md = write_results(self.out, results, rec, self)
         print(md)
         return results
+
+
+def _windows(paths: list[str], tok) -> PackedSequences:
+    return PackedSequences(load_tokens(tokenize_to_file(paths, tok, None, False)), SEQ_LEN)
+
+
+def _curve(run: Path) -> list[dict]:
+    """The run's zero ratio, its optimum and the held-out KL / loss over training (from metrics.jsonl)."""
+    keep = ("step", "tokens", "zero_ratio", "zero_ratio_opt", "eval_kl", "eval_loss", "eval_ppl", "kl", "loss",
+            "state_mse")
+    out = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "zero_ratio" in r or "eval_kl" in r or "eval_loss" in r:
+            out.append({k: r[k] for k in keep if k in r})
+    return out
+
+
+def _name(path: str) -> str:
+    """How results name a file: relative to the working directory when inside it, `bundled:` for the
+    package's assets — never a machine's absolute path."""
+    p = Path(path).resolve()
+    for root, tag in ((assets.ASSETS.resolve(), "bundled:"), (Path.cwd().resolve(), "")):
+        if p.is_relative_to(root):
+            return tag + str(p.relative_to(root))
+    return str(path)
+
+
+def _path(name: str) -> Path:
+    return assets.ASSETS / name[len("bundled:"):] if name.startswith("bundled:") else Path(name)
 
 
 def claims(cfg: ClaimsConfig | None = None) -> dict:

@@ -1,33 +1,9 @@
-"""Results table (markdown + JSON) and plots of the claims experiment."""
+"""Plots of the claims experiment (matplotlib, optional: without it the tables are still written)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ..core.config import MB
-from ..formats.fs import atomic_write_bytes, write_json_atomic
-from .arms import EVAL_BATCHES, POSTHOC, QAT, SCRATCH, SEQ_LEN
-
-
-def _order() -> tuple[str, ...]:
-    return ("teacher", *POSTHOC, *QAT, *SCRATCH)
-
-
-def table(results: dict) -> str:
-    lines = ["| method | held-out ppl | KL to teacher | top-1 agree | zero ratio | collapse flagged | size (MB) "
-             "| training tokens |", "|---|---:|---:|---:|---:|---|---:|---:|"]
-    for name in _order():
-        if name not in results:
-            continue
-        r = results[name]
-        row = r["row"]
-        z = f"{row['zero_ratio']:.3f}" if "zero_ratio" in row else "-"
-        toks = f"{r['tokens']:,}" if r.get("tokens") else (f"0 (calib. {r['calib_tokens']:,})" if "calib_tokens" in r else "-")
-        ev = r.get("collapse_events")
-        flag = "-" if ev is None else (f"step {ev[0]['step']} ({len(ev)}x)" if ev else "no")
-        lines.append(f"| {r['label']} | {row['ppl']:.2f} | {row['kl']:.4f} | {row['top1_agree']:.3f} | {z} | {flag} | "
-                     f"{r['size_bytes'] / MB:.2f} | {toks} |")
-    return "\n".join(lines)
+from .arms import QAT, SCALE_LR_SWEEP
 
 
 def _plt():
@@ -37,113 +13,108 @@ def _plt():
     return plt
 
 
-def plot_error_vs_position(path: Path, rec: dict, key: str) -> None:
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), dpi=110)
-    for name, c in rec["curves"].items():
-        L = len(c[key][0])
-        axes[0].plot([sum(r) / L for r in c[key]], label=name, lw=1.2)
-        axes[1].plot([r[-1] for r in c[key]], label=name, lw=1.2)
-    for ax, title in zip(axes, ("mean over layers", "last layer")):
-        ax.set(title=f"{key} relative error vs teacher ({title})", xlabel="token position", ylabel="relative error")
-        ax.set_xscale("symlog", linthresh=8)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
+    _plt().close(fig)
 
 
-def plot_noise(path: Path, rec: dict) -> None:
+def plot_collapse(path: Path, arms: dict) -> None:
+    """Per QAT arm (first seed): zero ratio, its excess over the MSE optimum, held-out KL, vs tokens."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), dpi=110)
-    for layer, c in rec["noise"].items():
-        k = int(layer)
-        axes[0].plot([r[k] for r in c["state"]], label=f"noise in layer {k}: its own state", lw=1.2)
-        axes[1].plot([r[-1] for r in c["output"]], label=f"noise in layer {k}: last-layer output", lw=1.2)
-    axes[0].set(title="state error, quantization-sized noise in one layer", xlabel="token position",
-                ylabel="relative error")
-    axes[1].set(title="last-layer output error", xlabel="token position", ylabel="relative error")
-    for ax in axes:
-        ax.set_xscale("symlog", linthresh=8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def plot_zero_ratio(path: Path, results: dict, threshold: float = 0.6) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=110)
-    for name, r in results.items():
-        if "run" not in r or not name.startswith("qat"):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), dpi=100)
+    for name in QAT:
+        if name not in arms:
             continue
-        recs = [json.loads(l) for l in (Path(r["run"]) / "metrics.jsonl").read_text().splitlines() if l.strip()]
-        zr = [x for x in recs if "zero_ratio" in x]
-        line, = ax.plot([x["tokens"] / 1e6 for x in zr], [x["zero_ratio"] for x in zr], label=r["label"], lw=1.3)
+        r = arms[name][0]
+        zr = [c for c in r["curve"] if "zero_ratio" in c and "zero_ratio_opt" in c]
+        ev = [c for c in r["curve"] if "eval_kl" in c]
+        line, = axes[0].plot([c["tokens"] / 1e6 for c in zr], [c["zero_ratio"] for c in zr], lw=1.2, label=r["label"])
+        axes[1].plot([c["tokens"] / 1e6 for c in zr], [c["zero_ratio"] - c["zero_ratio_opt"] for c in zr], lw=1.2,
+                     color=line.get_color())
+        axes[2].plot([c["tokens"] / 1e6 for c in ev], [c["eval_kl"] for c in ev], lw=1.2, color=line.get_color())
         for e in r.get("collapse_events", [])[:1]:
-            at = next((x["tokens"] / 1e6 for x in recs if x.get("step") == e["step"]), None)
+            at = next((c["tokens"] / 1e6 for c in r["curve"] if c.get("step", -1) >= e["step"]), None)
             if at is not None:
-                ax.axvline(at, color=line.get_color(), ls="--", lw=1)
-                ax.text(at, ax.get_ylim()[1], " collapse", color=line.get_color(), fontsize=8, va="top")
-    ax.axhline(threshold, color="red", ls=":", lw=1, label=f"collapse threshold {threshold}")
-    ax.set(title="zero ratio during QAT+KD", xlabel="tokens (M)", ylabel="fraction of ternary weights at 0")
+                axes[1].axvline(at, color=line.get_color(), ls="--", lw=0.8)
+    axes[1].axhline(0.05, color="red", ls=":", lw=1, label="collapse margin")
+    for ax, t, y in zip(axes, ("zero ratio", "zero ratio − MSE-optimal zero ratio", "held-out KL to teacher"),
+                        ("fraction at 0", "excess", "nats/token")):
+        ax.set(title=t, xlabel="tokens (M)", ylabel=y)
+        ax.grid(alpha=0.3)
+    axes[2].set_yscale("log")
+    axes[0].legend(fontsize=6)
+    axes[1].legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_sweep(path: Path, arms: dict) -> None:
+    """Final excess zero ratio and held-out KL vs the scale-lr multiplier (every seed a point)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
+    for name in SCALE_LR_SWEEP:
+        if name not in arms:
+            continue
+        mult = QAT[name][2].get("scale_lr_mult", 1.0)
+        for r in arms[name]:
+            kl = [c["eval_kl"] for c in r["curve"] if "eval_kl" in c]
+            axes[0].scatter([mult], [r["zero_ratio"] - r["zero_ratio_opt"]], color="C0", s=14)
+            axes[1].scatter([mult], [kl[-1] if kl else float("nan")], color="C1", s=14)
+    for ax, t in zip(axes, ("zero ratio − optimum at the end", "held-out KL at the end")):
+        ax.set(title=t, xlabel="scale lr multiplier (learned, log space)")
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_heads(path: Path, rec: dict) -> None:
+    """State error per horizon bin vs position, absolute and relative, for every analysed model."""
+    plt = _plt()
+    models = [n for n in rec["models"] if not n.startswith("noise")]
+    fig, axes = plt.subplots(2, max(1, len(models)), figsize=(4 * max(1, len(models)), 6.5), dpi=100, squeeze=False)
+    for j, name in enumerate(models):
+        m = rec["models"][name]
+        for i, key in enumerate(("state_abs", "state_rel")):
+            ax = axes[i][j]
+            for label, b in m[key].items():
+                ax.plot([4 * k for k in range(len(b["curve"]))], b["curve"], lw=1.1,
+                        label=f"horizon {label} ({b['heads']} heads)")
+            ax.set(title=f"{m['label'][:38]}\n{'absolute' if i == 0 else 'relative'} state error",
+                   xlabel="token position")
+            ax.grid(alpha=0.3)
+            if key == "state_abs":
+                ax.set_yscale("log")
+    axes[0][0].legend(fontsize=6)
+    _save(fig, path)
+
+
+def plot_injection(path: Path, rec: dict) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
+    t0 = rec["t0"]
+    for i, (name, m) in enumerate(rec["models"].items()):
+        inj = m["injection"]
+        xs = list(range(t0, t0 + len(inj["own"])))
+        ax.plot(xs, inj["own"], color=f"C{i}", lw=1.2, label=f"{m['label'][:40]}: own state")
+        ax.plot(xs, inj["weights_only"], color=f"C{i}", lw=1, ls="--")
+        ax.plot(xs, inj["state_only"], color=f"C{i}", lw=1, ls=":")
+    ax.set(title=f"last-layer output error after t0 = {t0}: own (solid), given the teacher's state (dashed), "
+                 "teacher given the model's state (dotted)", xlabel="token position", ylabel="relative error")
+    ax.title.set_fontsize(8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    ax.legend(fontsize=6)
+    _save(fig, path)
 
 
-def write_results(out: Path, results: dict, rec: dict, args) -> str:
-    write_json_atomic(out / "results.json", {"results": results, "recurrence_summary": rec["summary"]})
-    plots = []
+def write_plots(out: Path, arms: dict, rec: dict) -> list[str]:
     try:
-        plot_error_vs_position(out / "state_error_vs_position.png", rec, "state")
-        plot_error_vs_position(out / "output_error_vs_position.png", rec, "output")
-        plot_noise(out / "noise_injection.png", rec)
-        plot_zero_ratio(out / "zero_ratio.png", results)
-        plots = ["state_error_vs_position.png", "output_error_vs_position.png", "noise_injection.png", "zero_ratio.png"]
+        _plt()
     except ImportError:
         print("matplotlib is not installed: no plots (pip install 'ternary-mamba[plot]')")
-    lines = ["# Ternary Mamba claims experiment", "",
-             f"Command: `{command(args)}`", "",
-             f"Held-out: {held_note(args)}; teacher `{teacher_name(results['teacher']['model'])}`.", "",
-             table(results), "",
-             "## Error along the recurrence (mean over layers; growth = mean error over the second half of "
-             f"the {rec['positions']} positions / mean over the first 16)", "",
-             "| model | state error @T | state growth | output error @T | output growth |", "|---|---:|---:|---:|---:|"]
-    for name, s in rec["summary"].items():
-        lines.append(f"| {results[name]['label']} | {s['state_err_last']:.3f} | {s['state_growth']:.2f}x | "
-                     f"{s['output_err_last']:.3f} | {s['output_growth']:.2f}x |")
-    lines += [""] + [f"![{p}]({p})" for p in plots]
-    md = "\n".join(lines) + "\n"
-    atomic_write_bytes(out / "results.md", md.encode())
-    return md
-
-
-def command(args) -> str:
-    """The command line that regenerates these results."""
-    parts = ["ternary-mamba experiment claims"]
-    for flag, value, default in (("--teacher", args.teacher, None), ("--tokens", args.tokens, None),
-                                 ("--positions", args.positions, 512), ("--sequences", args.sequences, 8),
-                                 ("--seed", args.seed, 0), ("--group-size", args.group_size, 128)):
-        if value is not None and value != default:
-            parts.append(f"{flag} {value}")
-    for flag, values in (("--data", args.data), ("--eval-data", args.eval_data), ("--skip", args.skip)):
-        if values:
-            parts.append(f"{flag} {' '.join(values)}")
-    return " ".join(parts + [f"--out {args.out}"])
-
-
-def teacher_name(path: str) -> str:
-    """How results.md names the teacher: `bundled`, not a machine's site-packages path."""
-    from ..assets import TEACHER
-    return "bundled" if Path(path).resolve() == TEACHER.resolve() else path
-
-
-def held_note(args) -> str:
-    n = EVAL_BATCHES * 8
-    return (f"at most the first {n} windows of {SEQ_LEN} tokens ({n * SEQ_LEN:,} tokens) of "
-            + ("the bundled held-out book" if not args.eval_data and not args.data else "the --eval-data text"))
+        return []
+    plots = {"collapse.png": lambda p: plot_collapse(p, arms), "scale_lr_sweep.png": lambda p: plot_sweep(p, arms),
+             "state_error_by_horizon.png": lambda p: plot_heads(p, rec),
+             "injection.png": lambda p: plot_injection(p, rec)}
+    for name, fn in plots.items():
+        fn(out / name)
+    return list(plots)

@@ -11,6 +11,10 @@
            by a truncated SVD,
            or activation-weighted (minimising ‖X̂ (E − UV)ᵀ‖ via the Cholesky factor of X̂ᵀX̂).
            Its parameters are extra (fp16 in the size accounting).
+  gptq     GPTQ-style second-order ternarization (Frantar et al. 2022): columns are quantized one at a time
+           and each one's error is spread over the not-yet-quantized columns through the inverse Hessian
+           H = X̂ᵀX̂ of the calibration inputs; each group's scale is the MSE-optimal one of its (updated)
+           weights, chosen when the group is reached.  Scales are then stored (scale mode "frozen").
   bias     per-output-channel mean correction: b = mean(X Wᵀ) − mean(X̂ Q̃ᵀ) on calibration data, where
            Q̃ is everything the student's linear computes; corrects the systematic output shift.
 
@@ -28,7 +32,7 @@ from torch import Tensor
 from ..errors import UserError
 from .qat import TernaryConfig, quantize_, ternary_modules
 
-METHODS = ("bias", "lowrank", "qep")
+METHODS = ("bias", "lowrank", "qep", "gptq")
 
 
 @dataclass
@@ -53,8 +57,11 @@ class PosthocConfig:
     def label(self) -> str:
         if not self.methods:
             return "PTQ"
+        if self.methods[0] == "gptq":
+            rest = PosthocConfig(self.methods[1:], self.rank, self.act_weighted).label
+            return "GPTQ" + rest[3:]
         parts = [("low-rank r%d%s" % (self.rank, " (act.-weighted)" if self.act_weighted else ""))
-                 if m == "lowrank" else {"bias": "bias corr.", "qep": "QEP"}[m] for m in self.methods]
+                 if m == "lowrank" else {"bias": "bias corr.", "qep": "QEP", "gptq": "GPTQ"}[m] for m in self.methods]
         return "PTQ + " + " + ".join(parts)
 
 
@@ -111,6 +118,45 @@ def lowrank_fit(E: Tensor, rank: int, Xq: Tensor | None, damp: float) -> tuple[T
 
 
 @torch.no_grad()
+def gptq_ternary(W: Tensor, H: Tensor, group_size: int, damp: float = 0.01, block: int = 128,
+                 fmt: str = "fp16") -> tuple[Tensor, Tensor]:
+    """W (out, in) and H = XᵀX (in, in) -> (dequantized ternary weight Q, fp16-valued scales (out, in // G)).
+    Columns in order; the error of each is compensated on the later columns by the Cholesky factor of H⁻¹."""
+    from .ternary import absmean_scale, mse_optimal_zeros, round_scale
+    W = W.double().clone()
+    n = W.shape[1]
+    G = group_size
+    H = H.double().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H = _damped(H, damp)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    block = max(G, block // G * G)
+    Q = torch.zeros_like(W)
+    scales = W.new_zeros(W.shape[0], n // G)
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        W1, Hi = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % G == 0:   # the group's scale, from its weights as updated so far
+                g = W1[:, i:i + G].float()
+                r, _ = mse_optimal_zeros(g, G)
+                scales[:, col // G] = round_scale(absmean_scale(g, G) * r, fmt)[:, 0].double()
+            s = scales[:, col // G]
+            w = W1[:, i]
+            q = s * (w / s).clamp(-1, 1).round()
+            err = (w - q) / Hi[i, i]
+            W1[:, i:] -= err[:, None] * Hi[i, i:][None, :]
+            Err[:, i] = err
+            Q[:, col] = q
+        W[:, i2:] -= Err @ Hinv[i1:i2, i2:]
+    return Q.float(), scales.float()
+
+
+@torch.no_grad()
 def posthoc_quantize(teacher, calib: list[Tensor], group_size: int = 128, cfg: PosthocConfig | None = None,
                      progress=None):
     """A ternary student of `teacher` made without training (absmean scales), with the corrections in
@@ -118,7 +164,8 @@ def posthoc_quantize(teacher, calib: list[Tensor], group_size: int = 128, cfg: P
     cfg = cfg or PosthocConfig()
     teacher = teacher.eval()
     student = copy.deepcopy(teacher)
-    tcfg = TernaryConfig(group_size=group_size, scale_mode="absmean", corr_bias="bias" in cfg.methods,
+    tcfg = TernaryConfig(group_size=group_size, scale_mode="frozen" if "gptq" in cfg.methods else "absmean",
+                         corr_bias="bias" in cfg.methods,
                          corr_rank=cfg.rank if "lowrank" in cfg.methods else 0)
     quantize_(student, tcfg)
     student.eval().requires_grad_(False)
@@ -134,10 +181,16 @@ def posthoc_quantize(teacher, calib: list[Tensor], group_size: int = 128, cfg: P
         X = capture_inputs(teacher, t_mods[name], calib)
         Xq = capture_inputs(student, m, calib)
         st = {"input_rel_err": ((Xq - X).norm() / X.norm().clamp_min(1e-12)).item()}
+        target = W                                  # what the ternary weight (+ low rank) should reproduce
         if "qep" in cfg.methods:
-            m.weight.copy_(qep_weight(W, X, Xq, cfg.qep_alpha, cfg.damp))
+            target = qep_weight(W, X, Xq, cfg.qep_alpha, cfg.damp)
+            m.weight.copy_(target)
+        if "gptq" in cfg.methods:
+            Q, s = gptq_ternary(target, Xq.T @ Xq, m.group_size, cfg.damp, fmt=m.scale_format)
+            m.weight.copy_(Q)                       # latent = Q exactly: its codes under the stored scales
+            m.scale.copy_(s)
         if "lowrank" in cfg.methods:
-            E = m.weight.float() - m.quantized_weight()   # W, or QEP's re-fitted W* (its LS optimum)
+            E = target.float() - m.quantized_weight()   # W (or QEP's re-fitted W*, its LS optimum) minus Q
             U, V = lowrank_fit(E, cfg.rank, Xq if cfg.act_weighted else None, cfg.damp)
             m.corr_u.copy_(U)
             m.corr_v.copy_(V)

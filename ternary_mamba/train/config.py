@@ -51,15 +51,22 @@ class TrainConfig(Config):
 
 @dataclass
 class DistillConfig(Config):
-    """loss = tau^2 KL(teacher^tau || student^tau) + alpha_ce CE(student, data) + beta_hidden hidden-state MSE."""
+    """loss = tau^2 KL(teacher^tau || student^tau) + alpha_ce CE(student, data) + beta_hidden hidden-state MSE
+    + gamma_state SSM-state MSE at segment boundaries."""
     tau: float = option(1.0, help="distillation temperature")
     alpha_ce: float = option(0.0, help="weight of the cross-entropy on the data")
     beta_hidden: float = option(0.0, help="weight of per-block hidden-state matching")
     scale_lr_mult: float = option(1.0, help="lr multiplier of the learned scales")
     lam_warmup: int = option(0, help="steps of quantization warm-up w + lam (q(w) - w)")
+    gamma_state: float = option(0.0, help="weight of SSM-state distillation: every layer's state matched to the "
+                                "teacher's at segment boundaries, normalised by the teacher's")
+    state_segments: int = option(4, help="state distillation: segments per training window (boundaries at "
+                                 "multiples of seq-len / segments; keep them multiples of the chunk size)")
 
     def __post_init__(self):
         if self.tau <= 0:
             raise UserError("--tau must be > 0")
         if self.lam_warmup < 0:
             raise UserError("--lam-warmup must be >= 0")
+        if self.gamma_state < 0 or self.state_segments < 1:
+            raise UserError("--gamma-state must be >= 0 and --state-segments >= 1")

@@ -1,6 +1,12 @@
 """The QAT + knowledge-distillation objective: a frozen full-precision teacher, a ternary student.
 
     loss = τ² · KL(p_teacher^τ ‖ p_student^τ) + α · CE(student, data) + β · mean_l ‖h_s^l − h_t^l‖² / ‖h_t^l‖²
+           + γ · mean_{l,k} ‖S_s^l(t_k) − S_t^l(t_k)‖² / ‖S_t^l(t_k)‖²
+
+State distillation (γ > 0): both models run the window in `state_segments` pieces, passing their states on
+(the same computation, and the same gradient: the state passing is differentiable), and every layer's SSM
+state at each boundary t_k is matched to the teacher's — the error the recurrence carries, penalised where it
+is carried.  No anchor of the paper has it.
 
 The teacher runs under no_grad in eval mode, stored in the run's dtype (16-bit for bf16 / fp16 runs: the
 paper's FP16 teacher); the student keeps fp32 master weights and runs under autocast.
@@ -22,12 +28,13 @@ from .objectives import param_groups
 class DistillObjective:
     def __init__(self, teacher, *, tau: float = 1.0, alpha_ce: float = 0.0, beta_hidden: float = 0.0,
                  weight_decay: float = 0.0, scale_lr_mult: float = 1.0, scale_weight_decay: float = 0.0,
-                 monitor=None, lam_warmup_steps: int = 0):
+                 monitor=None, lam_warmup_steps: int = 0, gamma_state: float = 0.0, state_segments: int = 4):
         self.teacher = teacher.eval().requires_grad_(False)
         self.vocab = teacher.config.vocab_size
         self.tau, self.alpha, self.beta = tau, alpha_ce, beta_hidden
         self.wd, self.scale_lr_mult, self.scale_wd = weight_decay, scale_lr_mult, scale_weight_decay
         self._mon, self.lam_warmup = monitor, lam_warmup_steps
+        self.gamma, self.segments = gamma_state, state_segments
 
     def param_groups(self, model):
         scales = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in ("scale", "log_scale")]
@@ -41,10 +48,20 @@ class DistillObjective:
 
     def loss(self, student, batch):
         x, y = batch[:, :-1], batch[:, 1:]
-        with torch.no_grad():
-            t_out = self.teacher(x, return_hidden=self.beta > 0)
-        s_out = student(x, return_hidden=self.beta > 0)
-        t_logits, s_logits = (t_out[0], s_out[0]) if self.beta > 0 else (t_out, s_out)
+        if self.gamma > 0:
+            if self.beta > 0:
+                raise ValueError("state and hidden-state distillation together are not supported")
+            with torch.no_grad():
+                t_logits, t_states = segmented_forward(self.teacher, x, self.segments)
+            s_logits, s_states = segmented_forward(student, x, self.segments)
+            state_mse = sum(((s - t).pow(2).flatten(1).sum(-1) / t.pow(2).flatten(1).sum(-1).clamp_min(1e-12)).mean()
+                            for s, t in zip(s_states, t_states)) / len(s_states)
+            t_out = s_out = None
+        else:
+            with torch.no_grad():
+                t_out = self.teacher(x, return_hidden=self.beta > 0)
+            s_out = student(x, return_hidden=self.beta > 0)
+            t_logits, s_logits = (t_out[0], s_out[0]) if self.beta > 0 else (t_out, s_out)
         # the losses in fp32 whatever the forward's precision (a no-op for fp32 logits)
         t_logits, s_logits = t_logits[..., :self.vocab].float(), s_logits[..., :self.vocab].float()
         kl = kl_div(t_logits, s_logits, self.tau)
@@ -59,6 +76,9 @@ class DistillObjective:
                       for hs, ht in zip(s_out[1], t_out[1])) / len(s_out[1])
             loss = loss + self.beta * hid
             metrics["hidden_mse"] = scalar(hid)
+        if self.gamma > 0:
+            loss = loss + self.gamma * state_mse
+            metrics["state_mse"] = scalar(state_mse)
         metrics["loss"] = scalar(loss)
         return loss, metrics
 
@@ -84,6 +104,19 @@ class DistillObjective:
         if "zero_ratio" in rec:
             s += f" | zero {rec['zero_ratio']:.3f}"
         return s
+
+
+def segmented_forward(model, x, segments: int):
+    """logits of x (b, l) computed in `segments` pieces with the state passed on, and the SSM state of every
+    layer at every boundary but the last: (logits, [state (b, H, P, N)] over boundaries × layers)."""
+    seg = -(-x.size(1) // segments)
+    state, logits, states = None, [], []
+    for i in range(0, x.size(1), seg):
+        out, state = model(x[:, i:i + seg], state, return_state=True)
+        logits.append(out)
+        if i + seg < x.size(1):
+            states += [s.ssm for s in state]
+    return torch.cat(logits, 1), states
 
 
 @torch.no_grad()
