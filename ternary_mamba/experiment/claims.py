@@ -130,7 +130,7 @@ class Claims:
         if folder.exists():  # interrupted after writing: redo it (seconds)
             shutil.rmtree(folder)
         cfg = PtqConfig(teacher=self.teacher_path, out=str(folder), seed=self.args.seed, calib_seqs=calib,
-                        group_size=self.args.group_size, **settings)
+                        group_size=self.args.group_size, eval_batches=1, **settings)   # evaluated below
         s = ptq(cfg, teacher=self.teacher, data=(self.train, self.held))
         return {"label": s["method"] + ("" if budget == "small" else f", calib. {s['calib_tokens'] // 1000} k"),
                 "model": _name(str(folder / "student")), "size_bytes": s["sizes_bytes"]["tq2"],
@@ -155,7 +155,8 @@ class Claims:
         if not (run / "summary.json").exists():
             quantize(QuantizeConfig(teacher=self.teacher_path,
                                     quant=TernaryConfig(group_size=self.args.group_size, **quant),
-                                    distill=DistillConfig(**distill), **self._train_config(run, QuantizeConfig(), seed)))
+                                    distill=DistillConfig(**distill), final_eval_batches=1,   # evaluated below
+                                    **self._train_config(run, QuantizeConfig(), seed)))
         summary = json.loads((run / "summary.json").read_text())
         return {"label": label, "model": _name(str(run / "student")), "tokens": summary["tokens"],
                 "collapse_events": summary.get("collapse_events", []), "curve": _curve(run),
