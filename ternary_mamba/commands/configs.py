@@ -134,8 +134,8 @@ class PtqConfig(Config):
     data: list[str] | None = option(None, help="calibration text (default: the bundled books)")
     eval_data: list[str] | None = option(None, help="held-out text (default: the bundled held-out book)")
     out: str | None = option(None, help="write the student folder + summary.json here")
-    correct: tuple[str, ...] = option((), choices=CORRECTIONS, help="post-hoc corrections, applied layer by "
-                                      "layer in this order: qep, lowrank, bias")
+    correct: tuple[str, ...] = option((), choices=CORRECTIONS, help="post-hoc methods, applied layer by layer "
+                                      "in this order: qep, gptq (second-order ternarization), lowrank, bias")
     rank: int = option(8, help="rank of the low-rank correction")
     plain_svd: bool = option(False, help="low-rank: plain SVD of W - Q (default: activation-weighted)")
     qep_alpha: float = option(1.0, help="QEP: strength of the propagation correction")
@@ -243,14 +243,14 @@ class ClaimsConfig(Config):
                                          "books, whose authors and series no training split holds)")
     all_heldout: list[str] | None = option(None, help="a further held-out set reported beside (e.g. all eight "
                                            "held-out books of ../shared/data/corpora/gutenberg/heldout)")
-    tokens: int = option(300_000, help="training tokens of every QAT / scratch run")
+    tokens: int = option(250_000, help="training tokens of every QAT / scratch run")
     seeds: int = option(3, help="seeds of every training arm (more can be added to a finished experiment)")
     out: str = option("runs/claims", help="experiment folder (re-run the command to resume)")
     skip: tuple[str, ...] = option((), help="stages to leave out: training arms (e.g. qat-learned-lr30 "
                                    "scratch-fp), control, posthoc")
     group_size: int = option(DEFAULT_GROUP_SIZE, help="weights per scale, every ternary model")
     calib_small: int = option(32, help="calibration windows of 257 tokens, the small budget (8 k tokens)")
-    calib_large: int = option(512, help="calibration windows, the large budget (132 k tokens)")
+    calib_large: int = option(512, help="calibration windows, the large budget (131 k tokens)")
     eval_windows: int = option(128, help="held-out windows of 256 tokens per set, spread over the whole set")
     control_data: list[str] | None = option(None, help="the Transformer control teacher's training text (default: "
                                             "--data; pass the books the Mamba teacher was trained on)")

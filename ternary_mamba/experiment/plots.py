@@ -84,7 +84,8 @@ def plot_heads(path: Path, rec: dict) -> None:
             ax.grid(alpha=0.3)
             if key == "state_abs":
                 ax.set_yscale("log")
-    axes[0][0].legend(fontsize=6)
+    if models:
+        axes[0][0].legend(fontsize=6)
     _save(fig, path)
 
 
@@ -102,7 +103,8 @@ def plot_injection(path: Path, rec: dict) -> None:
                  "teacher given the model's state (dotted)", xlabel="token position", ylabel="relative error")
     ax.title.set_fontsize(8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
+    if rec["models"]:
+        ax.legend(fontsize=6)
     _save(fig, path)
 
 
