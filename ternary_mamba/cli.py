@@ -275,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             from .ops.threads import default_threads
             n, why = default_threads()    # idle physical cores: a busy core would stall every barrier
             set_threads(n)
-            if "busy" in why:
-                print(f"ternary-mamba {args.command}: {why}", file=sys.stderr)
+            if "busy" in why:   # a note with the command's report (stdout): stderr stays for the one-line error
+                print(f"ternary-mamba {args.command}: {why}", flush=True)
         if args.command in ("pretrain", "quantize"):
             from .train.distributed import init_if_launched, is_main
             init_if_launched()
