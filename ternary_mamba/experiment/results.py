@@ -50,42 +50,45 @@ def verdicts(arms: dict, stats: dict, rec: dict, primary: str) -> list[dict]:
 
     def kl(name):
         return stats[name][primary]["kl"] if name in stats else None
-    # 1. collapse with learned scales from a pretrained checkpoint: at the default scale lr, and under stress
-    sweep = [(n, _flagged(arms[n]), len(arms[n])) for n in (*SCALE_LR_SWEEP, "qat-learned-linear", "qat-linear-lr10")
-             if n in arms]
-    if sweep:
-        ev = "collapse flagged — " + ", ".join(f"{QAT[n][0].split(', ', 1)[1]}: {f}/{k} seeds" for n, f, k in sweep)
-        base = [(f, k) for n, f, k in sweep if n in ("qat-learned", "qat-learned-linear")]
-        if base:
-            maj = any(2 * f > k for f, k in base)
-            add("Zero-ratio collapse (zeros above the MSE optimum while held-out KL rises) occurs during QAT+KD "
-                "from a pretrained checkpoint with learned scales at the default scale lr",
-                "held" if maj else ("inconclusive" if any(f for f, _ in base) else "did not hold"), ev)
-        stress = [(f, k) for n, f, k in sweep if n not in ("qat-learned", "qat-learned-linear")]
-        if stress:
-            maj = any(2 * f > k for f, k in stress)
-            add("… and with a raised scale lr (x3 to x30)",
-                "held" if maj else ("inconclusive" if any(f for f, _ in stress) else "did not hold"), ev)
+    # 1. collapse with learned scales from a pretrained checkpoint, judged by its cost: at the end of training
+    #    the zero ratio exceeds its MSE optimum by the margin AND held-out KL is worse than absmean's (CI > 0)
+    sweep = [n for n in (*SCALE_LR_SWEEP, "qat-learned-linear", "qat-linear-lr10") if n in arms]
+    judged = {n: collapse_by_cost(arms, n, primary) for n in sweep}
+    if judged:
+        for claim, names in (("at the default scale lr", ("qat-learned", "qat-learned-linear")),
+                             ("with a raised scale lr (x3 to x30)", ("qat-learned-lr3", "qat-learned-lr10",
+                                                                      "qat-learned-lr30", "qat-linear-lr10"))):
+            js = [judged[n] for n in names if n in judged]
+            ev = "; ".join(f"{QAT[n][0].split(', ', 1)[1]}: {judged[n]['text']}" for n in names if n in judged)
+            if js:
+                v = ("held" if any(j["collapsed"] for j in js) else
+                     "did not hold" if all(j["verdict"] == "no" for j in js) else "inconclusive")
+                add(f"Zero-ratio collapse (zeros > MSE optimum + {MARGIN} and held-out KL worse than absmean's) "
+                    f"during QAT+KD from a pretrained checkpoint with learned scales, {claim}", v, ev)
     # 2. not from scratch
-    if "scratch-ternary-learned" in arms:
-        f = _flagged(arms["scratch-ternary-learned"])
-        qat_f = sum(_flagged(arms[n]) for n, _, _ in sweep)
-        verdict = "did not hold" if f else ("held" if qat_f else "inconclusive")
+    if {"scratch-ternary-learned", "scratch-ternary"} <= set(arms):
+        j = collapse_by_cost(arms, "scratch-ternary-learned", primary, ref="scratch-ternary")
+        qat_c = sum(jj["collapsed"] for jj in judged.values())
+        verdict = "did not hold" if j["collapsed"] else ("held" if qat_c else "inconclusive")
         add("Collapse is specific to starting from a pretrained checkpoint (absent from scratch)", verdict,
-            f"from scratch with learned scales: flagged in {f}/{len(arms['scratch-ternary-learned'])} seeds; "
-            f"QAT arms with learned scales: {qat_f} flagged runs")
+            f"from scratch, learned vs absmean scales: {j['text']}; QAT arms collapsed by cost: {qat_c}")
     # 3. guarded scales prevent it
     if {"qat-learned-lr30", "qat-guarded-lr30"} <= set(arms):
-        fl, fg = _flagged(arms["qat-learned-lr30"]), _flagged(arms["qat-guarded-lr30"])
+        jl, jg = judged.get("qat-learned-lr30") or collapse_by_cost(arms, "qat-learned-lr30", primary), \
+            collapse_by_cost(arms, "qat-guarded-lr30", primary)
         d = _diff(arms, "qat-guarded-lr30", "qat-learned-lr30", primary, "kl")
-        verdict = "held" if fl and not fg and _sign(d) < 0 else ("inconclusive" if not fl else "did not hold")
+        verdict = "held" if jl["collapsed"] and not jg["collapsed"] else \
+            ("did not hold" if jl["collapsed"] else "inconclusive")
         add("The guard band prevents collapse (scale lr x30)", verdict,
-            f"flagged: learned {fl}, guarded {fg}; KL guarded − learned 95 % CI {_fmt_ci(d, 4)}")
+            f"learned: {jl['text']}; guarded: {jg['text']}; KL guarded − learned {_fmt_ci(d, 4)}"
+            + ("" if jl["collapsed"] else " (nothing to prevent: the learned arm did not collapse)"))
     # 4. learned vs absmean
-    d = _diff(arms, "qat-learned", "qat-absmean", primary)
-    if d is not None:
-        v = {-1: "held", 0: "inconclusive", 1: "did not hold"}[_sign(d)]
-        add("Learned scales beat absmean scales", v, f"ppl learned − absmean, 95 % CI over windows and seeds: {_fmt_ci(d)}")
+    for name in ("qat-learned", "qat-learned-linear"):
+        d = _diff(arms, name, "qat-absmean", primary, "kl")
+        if d is not None:
+            v = {-1: "held", 0: "inconclusive", 1: "did not hold"}[_sign(d)]
+            add(f"Learned scales ({QAT[name][1].get('scale_param', 'log')}) beat absmean scales", v,
+                f"held-out KL learned − absmean, 95 % CI (windows and seeds resampled): {_fmt_ci(d, 4)}")
     # 5. post-hoc correction fails for Mamba, and the Transformer control
     for arch, prefix, qat in (("Mamba-2", "", "qat-absmean"), ("GPT control", "gpt-", "gpt-qat-absmean")):
         names = [prefix + n for n in (POSTHOC if not prefix else CONTROL_POSTHOC) if prefix + n in stats]
@@ -130,8 +133,26 @@ def verdicts(arms: dict, stats: dict, rec: dict, primary: str) -> list[dict]:
     d = _diff(arms, "qat-absmean", "scratch-ternary", primary)
     if d is not None:
         add("QAT+KD from the pretrained teacher beats ternary training from scratch on the same tokens",
-            {-1: "held", 0: "inconclusive", 1: "did not hold"}[_sign(d)], f"ppl difference 95 % CI {_fmt_ci(d)}")
+            {-1: "held", 0: "inconclusive", 1: "did not hold"}[_sign(d)], f"held-out ppl QAT+KD − scratch, 95 % CI "
+            f"{_fmt_ci(d)}")
     return out
+
+
+MARGIN = 0.05   # MonitorConfig.collapse_margin's default
+
+
+def collapse_by_cost(arms: dict, name: str, primary: str, ref: str = "qat-absmean") -> dict:
+    """An arm's collapse, judged at the end of training against `ref` (absmean scales) on the same seeds and
+    budget: its zero ratio exceeds its MSE optimum by MARGIN and its held-out KL is worse (95 % CI > 0)."""
+    rs = arms[name]
+    excess = sum(r["zero_ratio"] - r["zero_ratio_opt"] for r in rs) / len(rs)
+    d = _diff(arms, name, ref, primary, "kl")
+    collapsed = excess > MARGIN and _sign(d) > 0
+    verdict = "yes" if collapsed else ("no" if excess <= MARGIN or _sign(d) < 0 else "unclear")
+    online = _flagged(rs)
+    return {"collapsed": collapsed, "verdict": verdict, "excess": excess, "kl_ci": d,
+            "text": f"excess zeros {excess:+.3f}, KL − absmean {_fmt_ci(d, 4)}, online detector {online}/{len(rs)}"
+                    f" → {verdict}"}
 
 
 def _fmt_ci(ci, digits: int = 2) -> str:
@@ -204,7 +225,8 @@ def write_results(out: Path, results: dict, rec: dict, claims) -> str:
     plots = write_plots(out, arms, rec)
     lines = ["# Ternary Mamba claims experiment", "", f"Command: `{command(a)}`", "",
              f"Every training arm ran {len(claims.seeds)} seed(s) of {a.tokens:,} tokens. Cells: mean ± sd over "
-             "seeds, and a 95 % bootstrap CI over held-out windows (1,000 resamples) of the seed mean. "
+             "seeds, and a 95 % bootstrap CI of the seed mean (1,000 resamples of held-out windows and of seeds). "
+             "Differences between arms are paired on the same windows; a verdict needs their CI to exclude 0. "
              f"Held-out sets (≤ {a.eval_windows} windows of {SEQ_LEN} tokens each, spread over the set): "
              + ", ".join(f"{k} {len(w) * SEQ_LEN:,} tokens" for k, w in claims.windows.items())
              + f"; **{primary}** is primary.", "", "## Verdicts", "",

@@ -1,9 +1,10 @@
 """Per-window evaluation against the teacher, and the intervals built on it.
 
 Every held-out window of every evaluated model is kept (cross-entropy, KL to the teacher, top-1 agreements,
-token count), so a table cell can be a mean over seeds ± their sd *and* a bootstrap confidence interval over
-windows: the windows are resampled with replacement (the same resample for every seed of an arm), the
-statistic recomputed, and the 2.5 / 97.5 percentiles reported.
+token count), so a table cell can be a mean over seeds ± their sd *and* a bootstrap confidence interval that
+holds both sources of noise: each resample draws the windows with replacement (the same windows for every
+arm and seed: the comparison is paired) and, independently per arm, its seeds with replacement; the statistic is
+the mean over the drawn seeds, and the 2.5 / 97.5 percentiles are reported.
 """
 from __future__ import annotations
 
@@ -56,9 +57,24 @@ def summary(w: dict) -> dict:
     return {"loss": ce, "ppl": math.exp(min(ce, 50)), "kl": sum(w["kl"]) / n, "top1_agree": sum(w["agree"]) / n}
 
 
+def _per_seed(ws: list[dict], idx: np.ndarray, key: str) -> np.ndarray:
+    """(seeds, B): the statistic of every seed on every window resample."""
+    tok = np.array([w["tokens"] for w in ws], dtype=np.float64)[:, idx].sum(-1)
+    src = {"ppl": "ce", "kl": "kl", "top1_agree": "agree"}[key]
+    v = np.array([w[src] for w in ws], dtype=np.float64)[:, idx].sum(-1) / tok
+    return np.exp(np.minimum(v, 50)) if key == "ppl" else v
+
+
+def _seed_mean(per_seed: np.ndarray, rng) -> np.ndarray:
+    """(B,): per resample, the mean over seeds drawn with replacement (one seed: itself)."""
+    S, B = per_seed.shape
+    pick = rng.integers(0, S, size=(B, S))
+    return per_seed[pick, np.arange(B)[:, None]].mean(-1)
+
+
 def arm_statistics(seed_windows: list[dict], seed: int = 0) -> dict:
     """Over an arm's seeds (each a per_window dict on the same windows): mean and sd over seeds of ppl, KL and
-    agreement, and bootstrap 95 % CIs over windows of the seed-mean."""
+    agreement, and bootstrap 95 % CIs of the seed mean (windows and seeds resampled)."""
     per_seed = [summary(w) for w in seed_windows]
     out = {}
     for k in ("ppl", "kl", "top1_agree"):
@@ -68,12 +84,8 @@ def arm_statistics(seed_windows: list[dict], seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     n = len(seed_windows[0]["tokens"])
     idx = rng.integers(0, n, size=(BOOTSTRAP, n))
-    arr = {k: np.array([w[k] for w in seed_windows], dtype=np.float64) for k in ("ce", "kl", "agree", "tokens")}
-    tok = arr["tokens"][:, idx].sum(-1)                       # (seeds, B)
-    stats = {"ppl": np.exp(np.minimum(arr["ce"][:, idx].sum(-1) / tok, 50)).mean(0),
-             "kl": (arr["kl"][:, idx].sum(-1) / tok).mean(0),
-             "top1_agree": (arr["agree"][:, idx].sum(-1) / tok).mean(0)}
-    for k, v in stats.items():
+    for k in ("ppl", "kl", "top1_agree"):
+        v = _seed_mean(_per_seed(seed_windows, idx, k), rng)
         out[k + "_ci"] = [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
     out["seeds"] = len(seed_windows)
     out["per_seed"] = per_seed
@@ -81,15 +93,10 @@ def arm_statistics(seed_windows: list[dict], seed: int = 0) -> dict:
 
 
 def difference_ci(a: list[dict], b: list[dict], key: str = "ppl", seed: int = 0) -> list[float]:
-    """Bootstrap 95 % CI over windows of mean_seeds(a) − mean_seeds(b) for ppl or kl (same windows in both)."""
+    """Bootstrap 95 % CI of mean_seeds(a) − mean_seeds(b) for ppl, kl or top1_agree: windows resampled jointly
+    (paired: both arms were evaluated on the same windows), seeds resampled per arm."""
     rng = np.random.default_rng(seed)
     n = len(a[0]["tokens"])
     idx = rng.integers(0, n, size=(BOOTSTRAP, n))
-
-    def stat(ws):
-        tok = np.array([w["tokens"] for w in ws], dtype=np.float64)[:, idx].sum(-1)
-        src = "ce" if key == "ppl" else "kl"
-        v = np.array([w[src] for w in ws], dtype=np.float64)[:, idx].sum(-1) / tok
-        return (np.exp(np.minimum(v, 50)) if key == "ppl" else v).mean(0)
-    d = stat(a) - stat(b)
+    d = _seed_mean(_per_seed(a, idx, key), rng) - _seed_mean(_per_seed(b, idx, key), rng)
     return [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))]
