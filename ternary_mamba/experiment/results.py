@@ -2,11 +2,12 @@
 results.json / results.md (and, on request, a published copy and the README's claims section)."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 from ..core.config import MB
-from ..formats.fs import atomic_write_bytes, write_json_atomic
+from ..formats.fs import atomic_write_bytes
 from .arms import CONTROL_POSTHOC, POSTHOC, QAT, SCALE_LR_SWEEP, SCRATCH, SEQ_LEN
 from .heldout import leakage_table
 from .stats import arm_statistics, difference_ci
@@ -109,18 +110,24 @@ def verdicts(arms: dict, stats: dict, rec: dict, primary: str) -> list[dict]:
     if len(closed) == 2:
         m, g = closed["Mamba-2"], closed["GPT control"]
         verdict = "held" if g - m > 0.25 else ("did not hold" if g - m < 0.1 else "inconclusive")
+        tp = {k: stats[k][primary]["ppl"] for k in ("teacher", "gpt-teacher") if k in stats}
         add("Post-hoc correction fails *because* the model is an SSM (the Transformer control recovers more)",
             verdict, f"share of PTQ's KL gap closed by the best correction: Mamba-2 {100 * m:.0f} %, GPT "
-            f"{100 * g:.0f} % (held: GPT ahead by > 25 points; did not hold: < 10)")
-    # 6. error carried in the state
+            f"{100 * g:.0f} % (held: GPT ahead by > 25 points; did not hold: < 10); teachers' held-out ppl: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in tp.items())
+            + (" — the control teacher is far weaker: compare with care" if len(tp) == 2
+               and tp["gpt-teacher"] > 1.5 * tp["teacher"] else ""))
+    # 6. error carried in the state: judged on the post-hoc students (the claim explains why they fail)
     inj = {n: m["injection"] for n, m in rec["models"].items() if not n.startswith("noise")}
     if inj:
         shares = {n: 1 - i["weights_only"][0] / max(i["own"][0], 1e-12) for n, i in inj.items()}
-        top = max(shares.values())
-        verdict = "held" if top >= 0.2 else ("did not hold" if top < 0.05 else "inconclusive")
-        add("Quantization error accumulates through the recurrent state", verdict,
+        post = [v for n, v in shares.items() if n in POSTHOC]
+        hi, lo = sum(v >= 0.2 for v in post), sum(v < 0.05 for v in post)
+        verdict = "held" if 2 * hi > len(post) else ("did not hold" if 2 * lo > len(post) else "inconclusive")
+        add("Quantization error accumulates through the recurrent state (post-hoc students)", verdict,
             "share of the last layer's output error at t0 removed by giving the model the teacher's state "
-            "(held: ≥ 20 %; did not hold: < 5 %): " + ", ".join(f"{n} {100 * s:.1f} %" for n, s in shares.items()))
+            "(per post-hoc student; held: most ≥ 20 %, did not hold: most < 5 %): "
+            + ", ".join(f"{n} {100 * s:.1f} %" for n, s in shares.items()))
     # 7. state distillation
     d = _diff(arms, "qat-state", "qat-absmean", primary, "kl")
     if d is not None:
@@ -218,10 +225,11 @@ def write_results(out: Path, results: dict, rec: dict, claims) -> str:
     stats = statistics(arms)
     verdict = verdicts(arms, stats, rec, primary)
     a = claims.args
-    write_json_atomic(out / "results.json", {
-        "config": a.to_dict(), "primary_set": primary,
-        "sets": {k: {"windows": len(w), "tokens": len(w) * SEQ_LEN} for k, w in claims.windows.items()},
-        "verdicts": verdict, "statistics": stats, "arms": results, "recurrence": rec})
+    doc = {"config": a.to_dict(), "primary_set": primary,
+           "sets": {k: {"windows": len(w), "tokens": len(w) * SEQ_LEN} for k, w in claims.windows.items()},
+           "verdicts": verdict, "statistics": stats, "arms": results, "recurrence": rec}
+    # compact: per-window arrays for every arm and seed make it megabytes when indented
+    atomic_write_bytes(out / "results.json", (json.dumps(doc, separators=(",", ":")) + "\n").encode())
     plots = write_plots(out, arms, rec)
     lines = ["# Ternary Mamba claims experiment", "", f"Command: `{command(a)}`", "",
              f"Every training arm ran {len(claims.seeds)} seed(s) of {a.tokens:,} tokens. Cells: mean ± sd over "
