@@ -76,6 +76,16 @@ def test_capture_inputs_sees_what_the_module_sees(teacher, calib):
     assert torch.allclose(X, torch.cat(seen))
 
 
+def test_block_streams_capture_what_the_whole_model_does(teacher, calib):
+    from ternary_mamba.quant.posthoc import BlockInputs
+    stream = BlockInputs(teacher, calib)
+    with torch.no_grad():
+        for layer, block in enumerate(teacher.backbone.layers):
+            for m in (block.mixer.in_proj, block.mixer.out_proj):
+                assert torch.equal(stream.capture(m, layer), capture_inputs(teacher, m, calib))
+    assert stream.layer == len(teacher.backbone.layers) - 1
+
+
 def test_posthoc_quantize_fits_and_does_not_touch_the_teacher(teacher, calib):
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     plain, _ = posthoc_quantize(teacher, calib, 32)

@@ -18,12 +18,14 @@
   bias     per-output-channel mean correction: b = mean(X Wᵀ) − mean(X̂ Q̃ᵀ) on calibration data, where
            Q̃ is everything the student's linear computes; corrects the systematic output shift.
 
-All three are computed sequentially, layer by layer, with the student's *own* inputs X̂ (those of the
-already-corrected layers before), which is the most favourable setting for them.
+All are computed sequentially, layer by layer, with the student's *own* inputs X̂ (those of the
+already-corrected layers before), which is the most favourable setting for them.  The inputs come from
+`BlockInputs`: each model's residual stream is kept at the current block and advanced one block at a time.
 """
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +91,27 @@ def capture_inputs(model, module, batches: list[Tensor]) -> Tensor:
     finally:
         h.remove()
     return torch.cat(seen)
+
+
+class BlockInputs:
+    """The residual stream entering block l of `model` on the calibration batches, advanced one block at a time:
+    capturing a module's inputs then costs one block's forward, not the whole prefix's (O(L), not O(L²)).
+    Advance only once every module of the current block is final (the student's are corrected in place)."""
+
+    def __init__(self, model, batches: list[Tensor]):
+        self.model, self.layer = model, 0
+        self.h = [model.backbone.embedding(b) for b in batches]
+
+    def capture(self, module, layer: int) -> Tensor:
+        while self.layer < layer:
+            block = self.model.backbone.layers[self.layer]
+            self.h = [_residual(block(h)) for h in self.h]
+            self.layer += 1
+        return capture_inputs(self.model.backbone.layers[layer], module, self.h)
+
+
+def _residual(out):
+    return out[0] if isinstance(out, tuple) else out      # a Mamba-2 block also returns its state
 
 
 def _damped(H: Tensor, damp: float) -> Tensor:
@@ -172,14 +195,20 @@ def posthoc_quantize(teacher, calib: list[Tensor], group_size: int = 128, cfg: P
     t_mods = dict(teacher.named_modules())
     stats = {}
     mods = ternary_modules(student)
+    streams = (BlockInputs(teacher, calib), BlockInputs(student, calib)) if cfg.methods else None
     for i, (name, m) in enumerate(mods):
         if progress:
             progress(i, len(mods), name)
         if not cfg.methods:
             break
         W = t_mods[name].weight.detach().float()
-        X = capture_inputs(teacher, t_mods[name], calib)
-        Xq = capture_inputs(student, m, calib)
+        layer = re.match(r"backbone\.layers\.(\d+)\.", name)
+        if layer is not None and int(layer.group(1)) >= streams[0].layer:   # blocks in order: one block's forward
+            X = streams[0].capture(t_mods[name], int(layer.group(1)))
+            Xq = streams[1].capture(m, int(layer.group(1)))
+        else:
+            X = capture_inputs(teacher, t_mods[name], calib)
+            Xq = capture_inputs(student, m, calib)
         st = {"input_rel_err": ((Xq - X).norm() / X.norm().clamp_min(1e-12)).item()}
         target = W                                  # what the ternary weight (+ low rank) should reproduce
         if "qep" in cfg.methods:
