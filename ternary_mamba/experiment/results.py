@@ -91,22 +91,20 @@ def verdicts(arms: dict, stats: dict, rec: dict, primary: str) -> list[dict]:
             add(f"Learned scales ({QAT[name][1].get('scale_param', 'log')}) beat absmean scales", v,
                 f"held-out KL learned − absmean, 95 % CI (windows and seeds resampled): {_fmt_ci(d, 4)}")
     # 5. post-hoc correction fails for Mamba, and the Transformer control
+    closed: dict[str, float] = {}      # arch -> share of PTQ's KL gap to QAT+KD closed by its best correction
     for arch, prefix, qat in (("Mamba-2", "", "qat-absmean"), ("GPT control", "gpt-", "gpt-qat-absmean")):
         names = [prefix + n for n in (POSTHOC if not prefix else CONTROL_POSTHOC) if prefix + n in stats]
         if qat not in stats or (prefix + "ptq") not in stats or len(names) < 2:
             continue
         best = min((n for n in names if n != prefix + "ptq"), key=kl)
         gap = kl(prefix + "ptq") - kl(qat)
-        closed = (kl(prefix + "ptq") - kl(best)) / gap if gap > 0 else float("nan")
-        out.append({"claim": f"_closed_{arch}", "closed": closed, "best": best})
+        closed[arch] = (kl(prefix + "ptq") - kl(best)) / gap if gap > 0 else float("nan")
         dd = _diff(arms, best, qat, primary, "kl")
         add(f"{arch}: PTQ + post-hoc corrections do not reach QAT+KD", "held" if _sign(dd) > 0 else
             ("did not hold" if _sign(dd) < 0 else "inconclusive"),
             f"best post-hoc {arms[best][0]['label']}: KL "
             f"{kl(best):.4f} vs QAT+KD {kl(qat):.4f} (difference CI {_fmt_ci(dd, 4)}); it closes "
-            f"{100 * closed:.0f} % of PTQ's KL gap to QAT+KD")
-    closed = {o["claim"][8:]: o["closed"] for o in out if o["claim"].startswith("_closed_")}
-    out = [o for o in out if not o["claim"].startswith("_closed_")]
+            f"{100 * closed[arch]:.0f} % of PTQ's KL gap to QAT+KD")
     if len(closed) == 2:
         m, g = closed["Mamba-2"], closed["GPT control"]
         verdict = "held" if g - m > 0.25 else ("did not hold" if g - m < 0.1 else "inconclusive")
