@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--scale-mode", default="absmean", choices=["absmean", "learned", "guarded"])
     b.add_argument("--threads", type=int, default=2)
 
+    b = bsub.add_parser("gpu", help="QAT+KD training steps of the real configs on a CUDA GPU: tokens/s, MFU, "
+                        "peak memory vs `plan`")
+    b.add_argument("--models", nargs="+", default=["mamba2-130m", "mamba2-1.3b"], help="presets (random weights)")
+    b.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default %(default)s)")
+    b.add_argument("--steps", type=int, default=4, help="timed steps per setting, after 2 warm-up steps")
+    b.add_argument("--json", default=None, help="also write the results here")
+
     for what, n, tok_help in (("decode", 160, "tokens decoded per variant, spread over the rounds"),
                               ("prefill", 512, "prompt length")):
         b = bsub.add_parser(what, help=f"{what} tokens/s: dense fp32 vs packed ternary with our runtime")
@@ -220,10 +227,13 @@ def _run(args) -> None:
         if args.bench_command == "qat":
             from .bench.model import run_bench_qat
             return run_bench_qat(args)
+        if args.bench_command == "gpu":
+            from .bench.gpu import run_bench_gpu
+            return run_bench_gpu(args)
         if args.bench_command in ("decode", "prefill"):
             from .bench.runtime import run_bench_runtime
             return run_bench_runtime(args)
-        raise UserError("usage: ternary-mamba bench {model,qat,decode,prefill}")
+        raise UserError("usage: ternary-mamba bench {model,qat,gpu,decode,prefill}")
 
 
 # commands that allocate the same large activations every step: they keep freed memory in the heap
@@ -254,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .errors import UserError
     usage = {"experiment": ("exp_command", "experiment claims [--tokens N] [--out DIR]"),
-             "bench": ("bench_command", "bench {model,qat,decode,prefill}"),
+             "bench": ("bench_command", "bench {model,qat,gpu,decode,prefill}"),
              "tokenizer": ("tok_command", "tokenizer train --data PATH... --vocab-size N --out tokenizer.json")}
     if args.command in usage and getattr(args, usage[args.command][0], None) is None:   # instantly, before torch
         print(f"ternary-mamba {args.command}: error: usage: ternary-mamba {usage[args.command][1]}", file=sys.stderr)

@@ -1,0 +1,132 @@
+"""`ternary-mamba bench gpu`: QAT+KD training steps of the real configs on one CUDA GPU, through the real
+Trainer (bf16 autocast, fp32 master weights, fused AdamW), with random weights (no hub needed).  Per setting:
+step time, tokens/s, the MFU against a bf16 GEMM measured in the same run, the hours 102 M tokens would take,
+and the measured peak memory beside `plan`'s prediction.  The first setting is also timed on the PyTorch
+reference path (no Triton kernels), as the ratio that shows what the kernels buy."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from ..core.config import PRESETS, Mamba2Config
+from ..core.model import Mamba2LM
+from ..errors import UserError
+
+PAPER_TOKENS = 102_000_000
+
+
+def bf16_gemm_tflops(n: int = 8192, reps: int = 10) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def _setting(preset: str, batch: int, seq: int, checkpointing: bool, steps: int, reference: bool = False,
+             device: str = "cuda") -> dict:
+    """One setting's timed steps (`device` "cpu" only for the test of this function: no peak memory there)."""
+    from ..ops.dispatch import reference_path
+    from ..quant.qat import TernaryConfig, quantize_
+    from ..train.checkpointing import checkpoint_blocks_
+    from ..train.config import TrainConfig
+    from ..train.data import PackedSequences
+    from ..train.distill import DistillObjective
+    from ..train.loop import Trainer
+    from ..train.memory import plan_memory, qat_kd_flops_per_token
+    cfg = Mamba2Config(**PRESETS[preset])
+    q = TernaryConfig(group_size=128, scale_mode="learned", scale_format="bf16")
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    with dev:
+        teacher = Mamba2LM(cfg)
+    student = copy.deepcopy(teacher)
+    teacher = teacher.to(torch.bfloat16).eval()
+    quantize_(student, q)
+    if checkpointing:
+        checkpoint_blocks_(student)
+    rng = np.random.default_rng(0)
+    data = PackedSequences(rng.integers(0, cfg.vocab_size, (batch * (steps + 2) * (seq + 1),), dtype=np.uint16), seq)
+    times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tc = TrainConfig(tokens=batch * seq * (steps + 2), seq_len=seq, batch_size=batch, eval_every=0)
+        trainer = Trainer(student.train(), DistillObjective(teacher, alpha_ce=0.5), tc, tmp, data, None,
+                          verbose=False, device=dev, dtype=torch.bfloat16)
+        ctx = reference_path() if reference else contextlib.nullcontext()
+        with ctx:
+            for i in range(steps + 2):
+                if cuda:
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                rec = trainer.train_step()
+                if cuda:
+                    torch.cuda.synchronize()
+                if i >= 2:          # the first two compile the Triton kernels and warm the allocator
+                    times.append(time.perf_counter() - t)
+    measured = torch.cuda.max_memory_allocated() if cuda else float("nan")
+    planned = plan_memory(cfg, q, batch, seq, "bf16", 1, False, checkpointing).peak
+    step = float(np.median(times))
+    flops = qat_kd_flops_per_token(cfg, checkpointing) * batch * seq
+    del trainer, student, teacher
+    if cuda:
+        torch.cuda.empty_cache()
+    return {"preset": preset, "batch": batch, "seq_len": seq, "checkpointing": checkpointing,
+            "path": "reference (PyTorch)" if reference else "Triton kernels", "step_s": step,
+            "tok_s": batch * seq / step, "tflops": flops / step / 1e12, "loss": rec["loss"],
+            "peak_gb": measured / 1e9, "planned_gb": planned / 1e9, "hours_102m": PAPER_TOKENS / (batch * seq / step) / 3600}
+
+
+def run_bench_gpu(args) -> None:
+    if not torch.cuda.is_available():
+        raise UserError("no CUDA device is visible: this benchmark runs on a GPU")
+    for m in args.models:
+        if m not in PRESETS:
+            raise UserError(f"--models {m}: not a preset ({', '.join(p for p in PRESETS if p.startswith('mamba2'))})")
+    name = torch.cuda.get_device_name(0)
+    peak = bf16_gemm_tflops()
+    print(f"device: {name}, torch {torch.__version__}, CUDA {torch.version.cuda}; bf16 GEMM 8192^3 measured "
+          f"{peak:.0f} TFLOP/s")
+    out = {"device": name, "torch": torch.__version__, "bf16_gemm_tflops": peak, "settings": []}
+    plans = []
+    for m in args.models:
+        big = Mamba2Config(**PRESETS[m]).d_model >= 2048
+        plans += [(m, 1 if big else 8, args.seq_len, False)]
+        if big:
+            plans += [(m, 8, args.seq_len, True)]
+    if plans:
+        plans.insert(1, (*plans[0], True))          # the first setting again on the reference path
+    print(f"{'model':<13} {'micro-batch':>12} {'ckpt':>5} {'path':<20} {'step s':>7} {'tok/s':>9} {'MFU':>6} "
+          f"{'peak GB':>8} {'plan GB':>8} {'102M tok':>9}")
+    for p in plans:
+        preset, batch, seq, ck = p[:4]
+        ref = len(p) > 4
+        try:
+            r = _setting(preset, batch, seq, ck, args.steps, reference=ref)
+        except torch.cuda.OutOfMemoryError:
+            print(f"{preset:<13} {batch:>5} x {seq:<5} {'yes' if ck else 'no':>5}  out of memory")
+            torch.cuda.empty_cache()
+            continue
+        r["mfu"] = r["tflops"] / peak
+        out["settings"].append(r)
+        print(f"{preset:<13} {batch:>5} x {seq:<5} {'yes' if ck else 'no':>5} {r['path']:<20} {r['step_s']:>7.3f} "
+              f"{r['tok_s']:>9,.0f} {100 * r['mfu']:>5.1f}% {r['peak_gb']:>8.1f} {r['planned_gb']:>8.1f} "
+              f"{r['hours_102m']:>8.1f}h", flush=True)
+    if args.json:
+        from ..formats.fs import atomic_write_bytes
+        atomic_write_bytes(args.json, (json.dumps(out, indent=2) + "\n").encode())
+        print(f"wrote {args.json}")
