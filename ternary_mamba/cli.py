@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--models", nargs="+", default=["mamba2-130m", "mamba2-1.3b"], help="presets (random weights)")
     b.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default %(default)s)")
     b.add_argument("--steps", type=int, default=4, help="timed steps per setting, after 2 warm-up steps")
+    b.add_argument("--profile", action="store_true", help="also: where the last setting's step spends GPU time")
     b.add_argument("--json", default=None, help="also write the results here")
 
     for what, n, tok_help in (("decode", 160, "tokens decoded per variant, spread over the rounds"),

@@ -116,6 +116,16 @@ def test_quantize_on_cuda_in_bf16_exports_exactly(tiny_teacher_dir, text_dir, tm
     for name, m in ternary_modules(student):
         wq = m.quantized_weight().detach()
         assert torch.equal(packed.get_submodule(name).dequantized_weight(), wq)
+    # the packed model on the GPU (its codes unpacked there) computes what it computes on the CPU
+    ids = torch.randint(0, 8192, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = packed(ids)
+        got = copy.deepcopy(packed).to(CUDA)(ids.to(CUDA)).cpu()
+    assert (got - ref).abs().max() <= 1e-3 * ref.abs().max()
+    assert main(["ppl", str(tmp_path / "pk"), "--text", str(text_dir), "--seq-len", "64", "--max-tokens", "2048",
+                 "--device", "cuda", "--dtype", "bf16"]) == 0
+    assert main(["generate", str(tmp_path / "pk"), "--prompt", "Once", "--max-new-tokens", "8", "--temperature",
+                 "0", "--device", "cuda"]) == 0
 
 
 def test_a_1_3b_student_fits_and_steps_in_bf16():

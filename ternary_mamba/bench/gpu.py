@@ -35,7 +35,7 @@ def bf16_gemm_tflops(n: int = 8192, reps: int = 10) -> float:
 
 
 def _setting(preset: str, batch: int, seq: int, checkpointing: bool, steps: int, reference: bool = False,
-             device: str = "cuda") -> dict:
+             device: str = "cuda", profile: bool = False) -> dict:
     """One setting's timed steps (`device` "cpu" only for the test of this function: no peak memory there)."""
     from ..ops.dispatch import reference_path
     from ..quant.qat import TernaryConfig, quantize_
@@ -78,6 +78,7 @@ def _setting(preset: str, batch: int, seq: int, checkpointing: bool, steps: int,
                     torch.cuda.synchronize()
                 if i >= 2:          # the first two compile the Triton kernels and warm the allocator
                     times.append(time.perf_counter() - t)
+            prof = _profile_step(trainer) if profile and cuda else None
     measured = torch.cuda.max_memory_allocated() if cuda else float("nan")
     planned = plan_memory(cfg, q, batch, seq, "bf16", 1, False, checkpointing).peak
     step = float(np.median(times))
@@ -88,7 +89,21 @@ def _setting(preset: str, batch: int, seq: int, checkpointing: bool, steps: int,
     return {"preset": preset, "batch": batch, "seq_len": seq, "checkpointing": checkpointing,
             "path": "reference (PyTorch)" if reference else "Triton kernels", "step_s": step,
             "tok_s": batch * seq / step, "tflops": flops / step / 1e12, "loss": rec["loss"],
-            "peak_gb": measured / 1e9, "planned_gb": planned / 1e9, "hours_102m": PAPER_TOKENS / (batch * seq / step) / 3600}
+            "peak_gb": measured / 1e9, "planned_gb": planned / 1e9, "hours_102m": PAPER_TOKENS / (batch * seq / step) / 3600,
+            **({"profile": prof} if prof else {})}
+
+
+def _profile_step(trainer, top: int = 12) -> list[dict]:
+    """One more step under torch.profiler: the GPU kernels with the most time, and their share of the step."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        trainer.train_step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    total = sum(e.self_device_time_total for e in events)
+    events.sort(key=lambda e: -e.self_device_time_total)
+    return [{"kernel": e.key[:90], "ms": e.self_device_time_total / 1e3, "share": e.self_device_time_total / total,
+             "calls": e.count} for e in events[:top]]
 
 
 def run_bench_gpu(args) -> None:
@@ -116,7 +131,8 @@ def run_bench_gpu(args) -> None:
         preset, batch, seq, ck = p[:4]
         ref = len(p) > 4
         try:
-            r = _setting(preset, batch, seq, ck, args.steps, reference=ref)
+            r = _setting(preset, batch, seq, ck, args.steps, reference=ref,
+                         profile=args.profile and p is plans[-1])
         except torch.cuda.OutOfMemoryError:
             print(f"{preset:<13} {batch:>5} x {seq:<5} {'yes' if ck else 'no':>5}  out of memory")
             torch.cuda.empty_cache()
@@ -126,6 +142,12 @@ def run_bench_gpu(args) -> None:
         print(f"{preset:<13} {batch:>5} x {seq:<5} {'yes' if ck else 'no':>5} {r['path']:<20} {r['step_s']:>7.3f} "
               f"{r['tok_s']:>9,.0f} {100 * r['mfu']:>5.1f}% {r['peak_gb']:>8.1f} {r['planned_gb']:>8.1f} "
               f"{r['hours_102m']:>8.1f}h", flush=True)
+    for r in out["settings"]:
+        if "profile" in r:
+            print(f"\nwhere a {r['preset']} step's GPU time goes ({r['batch']} x {r['seq_len']}, "
+                  f"{'checkpointing' if r['checkpointing'] else 'no checkpointing'}):")
+            for k in r["profile"]:
+                print(f"  {100 * k['share']:5.1f}%  {k['ms']:8.1f} ms  {k['calls']:>6}x  {k['kernel']}")
     if args.json:
         from ..formats.fs import atomic_write_bytes
         atomic_write_bytes(args.json, (json.dumps(out, indent=2) + "\n").encode())

@@ -18,11 +18,11 @@ def pack(codes: Tensor, packing: str) -> Tensor:
     if flat.numel() and (flat.min() < 0 or flat.max() > 2):
         raise ValueError("codes must be in {-1, 0, 1}")
     pad = (-flat.numel()) % k
-    flat = torch.cat([flat, torch.ones(pad, dtype=torch.int32)]).view(-1, k)
+    flat = torch.cat([flat, torch.ones(pad, dtype=torch.int32, device=flat.device)]).view(-1, k)
     if packing == "tq2":
-        weights = torch.tensor([1, 4, 16, 64], dtype=torch.int32)
+        weights = torch.tensor([1, 4, 16, 64], dtype=torch.int32, device=flat.device)
     else:
-        weights = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)
+        weights = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32, device=flat.device)
     return (flat * weights).sum(1).to(torch.uint8)
 
 
@@ -36,9 +36,9 @@ def unpack(packed: Tensor, packing: str, shape: tuple[int, ...]) -> Tensor:
         raise ValueError(f"{packed.numel()} bytes cannot hold {n} codes packed {k} per byte")
     b = packed.to(torch.int32)[:, None]
     if packing == "tq2":
-        digits = (b >> torch.tensor([0, 2, 4, 6], dtype=torch.int32)) & 3
+        digits = (b >> torch.tensor([0, 2, 4, 6], dtype=torch.int32, device=b.device)) & 3
     else:
-        digits = (b // torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)) % 3
+        digits = (b // torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32, device=b.device)) % 3
     if packing == "tq2" and (digits == 3).any():
         raise ValueError("invalid tq2 byte (a 2-bit field equal to 3)")
     if packing == "tq1" and (packed > 242).any():
