@@ -105,26 +105,26 @@ int ssd_backward(const float *xbc, int64_t rs, const float *dt, const float *A, 
                             const float step = expf(acum[i] - (i ? acum[i - 1] : 0.f));
                             float *gi_ = Gm + i * k, *wi = Wm + i * k;
                             const float *cbi = CB + i * k, *qi = Q + i * k;
-                            v16 rs16 = {0};
+                            vw rsw = {0};                                 // VW lanes: 8 on AVX2 builds
                             int64_t j = 0;
-                            for (; j + 16 <= i; j += 16) {                // same decay rows as the forward
-                                v16 dr = vload(drow + j) * step;
-                                const vi16 tiny = dr < 1e-30f;
-                                dr = (v16)((vi16)dr & ~tiny);
-                                vstore(drow + j, dr);
-                                const v16 g = dr * vload(cbi + j), wq = dr * vload(qi + j), m = g * vload(qi + j);
-                                vstore(gi_ + j, g);
-                                vstore(wi + j, wq);
-                                vstore(colsum + j, vload(colsum + j) + m);
-                                rs16 += m;
+                            for (; j + VW <= i; j += VW) {                // same decay rows as the forward
+                                vw dr = vwload(drow + j) * step;
+                                const viw tiny = dr < 1e-30f;
+                                dr = (vw)((viw)dr & ~tiny);
+                                vwstore(drow + j, dr);
+                                const vw g = dr * vwload(cbi + j), wq = dr * vwload(qi + j), m = g * vwload(qi + j);
+                                vwstore(gi_ + j, g);
+                                vwstore(wi + j, wq);
+                                vwstore(colsum + j, vwload(colsum + j) + m);
+                                rsw += m;
                             }
-                            float rowsum = hsum16(rs16);
+                            float rowsum = vwsum(rsw);
                             for (; j < i; j++) {
                                 const float v = drow[j] * step;
                                 drow[j] = v < 1e-30f ? 0.f : v;
                             }
                             drow[i] = 1.f;
-                            for (j = j < i ? j : (i / 16) * 16; j <= i; j++) {
+                            for (j = j < i ? j : (i / VW) * VW; j <= i; j++) {
                                 const float g = drow[j] * cbi[j], wq = drow[j] * qi[j], m = g * qi[j];
                                 gi_[j] = g;
                                 wi[j] = wq;
