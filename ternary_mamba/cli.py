@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default %(default)s)")
     b.add_argument("--steps", type=int, default=4, help="timed steps per setting, after 2 warm-up steps")
     b.add_argument("--profile", action="store_true", help="also: where the last setting's step spends GPU time")
+    b.add_argument("--chunk-size", type=int, default=None, help="the scan's chunk length instead of the preset's "
+                   "(the same function of the inputs; a speed knob of the PyTorch scan)")
     b.add_argument("--json", default=None, help="also write the results here")
 
     for what, n, tok_help in (("decode", 160, "tokens decoded per variant, spread over the rounds"),

@@ -35,7 +35,7 @@ def bf16_gemm_tflops(n: int = 8192, reps: int = 10) -> float:
 
 
 def _setting(preset: str, batch: int, seq: int, checkpointing: bool, steps: int, reference: bool = False,
-             device: str = "cuda", profile: bool = False) -> dict:
+             device: str = "cuda", profile: bool = False, chunk_size: int | None = None) -> dict:
     """One setting's timed steps (`device` "cpu" only for the test of this function: no peak memory there)."""
     from ..ops.dispatch import reference_path
     from ..quant.qat import TernaryConfig, quantize_
@@ -45,7 +45,7 @@ def _setting(preset: str, batch: int, seq: int, checkpointing: bool, steps: int,
     from ..train.distill import DistillObjective
     from ..train.loop import Trainer
     from ..train.memory import plan_memory, qat_kd_flops_per_token
-    cfg = Mamba2Config(**PRESETS[preset])
+    cfg = Mamba2Config(**{**PRESETS[preset], **({"chunk_size": chunk_size} if chunk_size else {})})
     q = TernaryConfig(group_size=128, scale_mode="learned", scale_format="bf16")
     dev = torch.device(device)
     cuda = dev.type == "cuda"
@@ -86,24 +86,31 @@ def _setting(preset: str, batch: int, seq: int, checkpointing: bool, steps: int,
     del trainer, student, teacher
     if cuda:
         torch.cuda.empty_cache()
-    return {"preset": preset, "batch": batch, "seq_len": seq, "checkpointing": checkpointing,
+    return {"preset": preset, "batch": batch, "seq_len": seq, "checkpointing": checkpointing, "chunk_size": cfg.chunk_size,
             "path": "reference (PyTorch)" if reference else "Triton kernels", "step_s": step,
             "tok_s": batch * seq / step, "tflops": flops / step / 1e12, "loss": rec["loss"],
             "peak_gb": measured / 1e9, "planned_gb": planned / 1e9, "hours_102m": PAPER_TOKENS / (batch * seq / step) / 3600,
             **({"profile": prof} if prof else {})}
 
 
-def _profile_step(trainer, top: int = 12) -> list[dict]:
-    """One more step under torch.profiler: the GPU kernels with the most time, and their share of the step."""
+def _profile_step(trainer, top: int = 12) -> dict:
+    """One more step under torch.profiler: the GPU kernels, and the PyTorch ops (with their input shapes) that
+    launched them, with the most GPU time and their share of the step."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         trainer.train_step()
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
-    total = sum(e.self_device_time_total for e in events)
-    events.sort(key=lambda e: -e.self_device_time_total)
-    return [{"kernel": e.key[:90], "ms": e.self_device_time_total / 1e3, "share": e.self_device_time_total / total,
-             "calls": e.count} for e in events[:top]]
+
+    def table(events, name):
+        events = [e for e in events if getattr(e, "self_device_time_total", 0) > 0]
+        total = sum(e.self_device_time_total for e in events)
+        events.sort(key=lambda e: -e.self_device_time_total)
+        return [{"name": name(e), "ms": e.self_device_time_total / 1e3, "share": e.self_device_time_total / total,
+                 "calls": e.count} for e in events[:top]]
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    ops = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")]
+    return {"kernels": table(kernels, lambda e: e.key[:90]),
+            "ops": table(ops, lambda e: f"{e.key} {str(e.input_shapes)[:80]}")}
 
 
 def run_bench_gpu(args) -> None:
@@ -132,7 +139,7 @@ def run_bench_gpu(args) -> None:
         ref = len(p) > 4
         try:
             r = _setting(preset, batch, seq, ck, args.steps, reference=ref,
-                         profile=args.profile and p is plans[-1])
+                         profile=args.profile and p is plans[-1], chunk_size=args.chunk_size)
         except torch.cuda.OutOfMemoryError:
             print(f"{preset:<13} {batch:>5} x {seq:<5} {'yes' if ck else 'no':>5}  out of memory")
             torch.cuda.empty_cache()
@@ -146,8 +153,10 @@ def run_bench_gpu(args) -> None:
         if "profile" in r:
             print(f"\nwhere a {r['preset']} step's GPU time goes ({r['batch']} x {r['seq_len']}, "
                   f"{'checkpointing' if r['checkpointing'] else 'no checkpointing'}):")
-            for k in r["profile"]:
-                print(f"  {100 * k['share']:5.1f}%  {k['ms']:8.1f} ms  {k['calls']:>6}x  {k['kernel']}")
+            for what in ("kernels", "ops"):
+                print(f"  by {'GPU kernel' if what == 'kernels' else 'PyTorch op (input shapes)'}:")
+                for k in r["profile"][what]:
+                    print(f"  {100 * k['share']:5.1f}%  {k['ms']:8.1f} ms  {k['calls']:>6}x  {k['name']}")
     if args.json:
         from ..formats.fs import atomic_write_bytes
         atomic_write_bytes(args.json, (json.dumps(out, indent=2) + "\n").encode())

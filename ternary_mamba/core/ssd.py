@@ -78,11 +78,14 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_si
     if initial_state is None:
         initial_state = x.new_zeros(b, h, p, n)
     chunk_decay = torch.exp(a_cum[..., -1])                                # (b,h,c)
+    # unbind, not states[:, i]: the backward of c slices would write c zero-filled full-size gradients and add
+    # them up (O(c^2) memory traffic: 21 % of a 1.3B training step on a GPU); unbind's backward is one stack
+    states_i, decay_i = states.unbind(1), chunk_decay.unbind(-1)
     carried = []
     s = initial_state
     for i in range(c):
         carried.append(s)
-        s = s * chunk_decay[:, :, i, None, None] + states[:, i]
+        s = s * decay_i[i][:, :, None, None] + states_i[i]
     prev = torch.stack(carried, dim=1)                                     # (b,c,h,p,n) state entering chunk
 
     # 4) output from the carried state: y += exp(a_cum) * C prev^T
