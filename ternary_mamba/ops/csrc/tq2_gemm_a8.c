@@ -7,6 +7,9 @@
 // 32 rows x 8 tokens, one broadcast for two vpdpbusd, measured slower here).  The activations are laid out per
 // tile so that the 16 broadcasts read one 64-byte line: 400-500 -> 610 G int8 ops/s (130m and 1.3B in_proj shapes,
 // 512 tokens, 2 threads, AVX-512 EPYC).
+// AVX2 builds (no VNNI) run the same scheme on 8 rows x 8 tokens: vpmaddubsw (codes + 1 as u8 times int8 -> int16
+// pairs, at most 2 * 2 * 127 = 508, no saturation) summed in int16 over up to 64 steps of 4 inputs (<= 32512), then
+// one vpmaddwd per group widens to int32: the same integer sums, so the same results.
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,6 +20,13 @@
 #endif
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define TQ2_VNNI 1
+#define TQ2_GEMM_A8 1
+#define BR 16   // output rows per block (one 16-lane vector)
+#define BT 16   // tokens per tile (16 int32 accumulators)
+#elif defined(__AVX2__)
+#define TQ2_GEMM_A8 1
+#define BR 8    // one 8-lane vector
+#define BT 8
 #endif
 
 int tq2_has_vnni512(void) {
@@ -27,9 +37,7 @@ int tq2_has_vnni512(void) {
 #endif
 }
 
-#ifdef TQ2_VNNI
-#define BR 16   // output rows per block (one 16-lane vector)
-#define BT 16   // tokens per tile (16 int32 accumulators)
+#ifdef TQ2_GEMM_A8
 static uint32_t EXPAND[256];   // code byte -> its four (t + 1) as bytes, little-endian
 static void init_expand(void) {
     for (int c = 0; c < 256; c++)
@@ -67,16 +75,21 @@ static void quantize_tokens(const float *x, int8_t *xq, float *xs, int32_t *qsum
         const float *xr = x + t * in;
         float m = 0.f;
         int64_t i = 0;
+#ifdef TQ2_VNNI
         __m512 vm = _mm512_setzero_ps();
         for (; i + 16 <= in; i += 16) vm = _mm512_max_ps(vm, _mm512_abs_ps(_mm512_loadu_ps(xr + i)));
         m = _mm512_reduce_max_ps(vm);
+#endif
         for (; i < in; i++) m = fmaxf(m, fabsf(xr[i]));
         const float inv = m > 0.f ? 127.f / m : 0.f;
         xs[t] = m / 127.f;
+#ifdef TQ2_VNNI
         const __m512 vinv = _mm512_set1_ps(inv);
+#endif
         for (int64_t g = 0; g < ng; g++) {
             int32_t s = 0;
             int64_t j = g * G;
+#ifdef TQ2_VNNI
             if (G % 16 == 0) {   // cvtps_epi32 rounds to nearest even under the default MXCSR, as lrintf does
                 __m512i vs = _mm512_setzero_si512();
                 for (; j < (g + 1) * G; j += 16) {
@@ -86,6 +99,7 @@ static void quantize_tokens(const float *x, int8_t *xq, float *xs, int32_t *qsum
                 }
                 s = _mm512_reduce_add_epi32(vs);
             }
+#endif
             for (; j < (g + 1) * G; j++) {
                 q[j] = (int8_t)lrintf(xr[j] * inv);
                 s += q[j];
@@ -96,15 +110,18 @@ static void quantize_tokens(const float *x, int8_t *xq, float *xs, int32_t *qsum
 }
 #endif
 
-// Returns 0, -1 without AVX512-VNNI (the caller then dequantizes), -2 when memory could not be allocated.
+// Returns 0, -1 without AVX512-VNNI or AVX2 (the caller then dequantizes), -2 when memory could not be allocated.
 // Requires in % G == 0 and G % 4 == 0.
 int tq2_gemm_a8(const uint8_t *codes, const float *scales, const float *x, float *y,
                 int64_t out, int64_t in, int64_t G, int64_t nt) {
-#ifndef TQ2_VNNI
+#ifndef TQ2_GEMM_A8
     (void)codes; (void)scales; (void)x; (void)y; (void)out; (void)in; (void)G; (void)nt;
     return -1;
 #else
     if (G % 4 || in % G) return -1;
+#ifndef TQ2_VNNI
+    if (G > 256) return -1;     // the int16 sums of the AVX2 path hold at most 64 steps of 4 inputs
+#endif
     init_expand();
     const int64_t ng = in / G, ntp = (nt + BT - 1) / BT * BT, nblk = (out + BR - 1) / BR;
     int8_t *xq = aligned_alloc(64, (size_t)(ntp * in + 63) / 64 * 64);
@@ -141,22 +158,40 @@ int tq2_gemm_a8(const uint8_t *codes, const float *scales, const float *x, float
         float accf[BT][BR] __attribute__((aligned(64)));      // fp32 results of the tile, [token][row] (in L1)
         for (int64_t t0 = 0; t0 < ntp; t0 += BT) {
             memset(accf, 0, sizeof(accf));
+            const int32_t *qt = xt + (t0 / BT) * rb * BT;
             for (int64_t g = 0; g < ng; g++) {
+                for (int r = 0; r < BR; r++) sg[r] = o0 + r < out ? scales[(o0 + r) * ng + g] : 0.f;
+#ifdef TQ2_VNNI
                 __m512i acc[BT];
                 for (int i = 0; i < BT; i++) acc[i] = _mm512_setzero_si512();
-                const int32_t *qt = xt + (t0 / BT) * rb * BT;
                 for (int64_t kb = g * G / 4; kb < (g + 1) * G / 4; kb++) {
                     const __m512i w = _mm512_load_si512((const void *)(W + kb * BR));
                     const int32_t *qk = qt + kb * BT;
                     for (int i = 0; i < BT; i++) acc[i] = _mm512_dpbusd_epi32(acc[i], w, _mm512_set1_epi32(qk[i]));
                 }
-                for (int r = 0; r < BR; r++) sg[r] = o0 + r < out ? scales[(o0 + r) * ng + g] : 0.f;
                 const __m512 s0 = _mm512_load_ps(sg);
                 for (int i = 0; i < BT; i++) {
                     const __m512i qs = _mm512_set1_epi32(qsum[(t0 + i) * ng + g]);
                     _mm512_store_ps(accf[i], _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i], qs)), s0,
                                                              _mm512_load_ps(accf[i])));
                 }
+#else
+                __m256i acc[BT];
+                for (int i = 0; i < BT; i++) acc[i] = _mm256_setzero_si256();
+                for (int64_t kb = g * G / 4; kb < (g + 1) * G / 4; kb++) {   // int16 sums: G <= 256 (checked)
+                    const __m256i w = _mm256_loadu_si256((const __m256i *)(W + kb * BR));
+                    const int32_t *qk = qt + kb * BT;
+                    for (int i = 0; i < BT; i++)
+                        acc[i] = _mm256_add_epi16(acc[i], _mm256_maddubs_epi16(w, _mm256_set1_epi32(qk[i])));
+                }
+                const __m256i ones = _mm256_set1_epi16(1);
+                const __m256 s0 = _mm256_load_ps(sg);
+                for (int i = 0; i < BT; i++) {
+                    const __m256i qs = _mm256_set1_epi32(qsum[(t0 + i) * ng + g]);
+                    const __m256i sum = _mm256_sub_epi32(_mm256_madd_epi16(acc[i], ones), qs);
+                    _mm256_store_ps(accf[i], _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), s0, _mm256_load_ps(accf[i])));
+                }
+#endif
             }
             for (int i = 0; i < BT && t0 + i < nt; i++) {
                 const float sx = xs[t0 + i];
