@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all test-asan bench clean
+.PHONY: demo test test-all test-asan test-avx2 bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ test-all: $(STAMP)  ## including the slow tests
 
 test-asan: $(STAMP)  ## the C kernels under AddressSanitizer: kernel tests + the fuzz cases
 	bash scripts/test_asan.sh
+
+test-avx2: $(STAMP)  ## the C kernels built for an AVX2-only CPU: kernel tests + the fuzz cases
+	bash scripts/test_avx2.sh
 
 bench: $(STAMP)
 	$(BIN)/ternary-mamba bench model
