@@ -31,6 +31,18 @@ def random_tq2(out_f: int, in_f: int, G: int, g: torch.Generator):
     return pack(t, "tq2").reshape(out_f, in_f // 4), torch.rand(out_f, in_f // G, generator=g) + 0.1
 
 
+def fake_quant_weights(out_f: int = 24, in_f: int = 256, G: int = 64, seed: int = 0):
+    """Weights and per-group scales for the fake-quant kernel tests, with the edge cases in them: an all-zero
+    group (the scale's lower clamp) and a weight exactly at s/2 (rounds to 0, to even)."""
+    from ternary_mamba.quant.ternary import absmean_scale
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g) * 0.05
+    w[0, :G] = 0.0
+    s = absmean_scale(w, G) * (1 + 0.3 * torch.rand(out_f, in_f // G, generator=g))
+    w[1, 0] = 0.5 * s[1, 0].half().float()
+    return w, s
+
+
 def random_model(cfg: Mamba2Config, seed: int = 0):
     """A model with every parameter perturbed (norm weights, A_log, D, dt_bias too), so parity tests
     exercise all of them rather than their default values."""

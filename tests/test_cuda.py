@@ -15,20 +15,11 @@ from ternary_mamba.core.model import Mamba2LM  # noqa: E402
 from ternary_mamba.ops import dispatch  # noqa: E402
 from ternary_mamba.ops.losses import kl_div_reference  # noqa: E402
 from ternary_mamba.quant.qat import TernaryConfig, quantize_, ternary_modules  # noqa: E402
-from ternary_mamba.quant.ternary import TernarySTE, absmean_scale  # noqa: E402
+from ternary_mamba.quant.ternary import TernarySTE  # noqa: E402
 
-from conftest import random_model, tiny_config  # noqa: E402
+from conftest import fake_quant_weights, random_model, tiny_config  # noqa: E402
 
 CUDA = torch.device("cuda")
-
-
-def _weights(out_f=96, in_f=512, G=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out_f, in_f, generator=g) * 0.05
-    w[0, :G] = 0.0                                              # an all-zero group: the scale's lower clamp
-    s = absmean_scale(w, G) * (1 + 0.3 * torch.rand(out_f, in_f // G, generator=g))
-    w[1, 0] = 0.5 * s[1, 0].half().float()                      # a tie exactly at s/2
-    return w, s
 
 
 def test_dispatch_sends_cuda_tensors_to_triton_and_never_to_c():
@@ -41,7 +32,7 @@ def test_dispatch_sends_cuda_tensors_to_triton_and_never_to_c():
 def test_compiled_fake_quant_is_bit_exact_with_the_cpu_reference(fmt, learned):
     tk = dispatch.triton_kernels()
     G = 64
-    w, s = _weights(G=G)
+    w, s = fake_quant_weights(96, 512, G)
     w1, s1 = w.clone().requires_grad_(), s.clone().requires_grad_()
     w2, s2 = w.to(CUDA).requires_grad_(), s.to(CUDA).requires_grad_()
     ref = TernarySTE.apply(w1, s1, G, learned, fmt)

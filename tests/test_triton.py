@@ -12,22 +12,14 @@ tk = pytest.importorskip("ternary_mamba.ops.triton_kernels")
 
 from ternary_mamba.ops.losses import kl_div_reference  # noqa: E402
 from ternary_mamba.quant.ternary import TernarySTE, absmean_scale  # noqa: E402
-
-
-def _weights(out_f=24, in_f=256, G=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out_f, in_f, generator=g) * 0.05
-    w[0, :G] = 0.0                                             # an all-zero group: the scale's lower clamp
-    s = absmean_scale(w, G) * (1 + 0.3 * torch.rand(out_f, in_f // G, generator=g))
-    w[1, 0] = 0.5 * s[1, 0].half().float()                     # a tie exactly at s/2: rounds to 0 (to even)
-    return w, s
+from conftest import fake_quant_weights  # noqa: E402
 
 
 @pytest.mark.parametrize("fmt", ["fp16", "bf16"])
 @pytest.mark.parametrize("learned", [False, True])
 def test_fake_quant_forward_is_bit_exact_and_backward_agrees(fmt, learned):
     G = 64
-    w, s = _weights(G=G)
+    w, s = fake_quant_weights(G=G)
     w1, s1 = w.clone().requires_grad_(), s.clone().requires_grad_()
     w2, s2 = w.clone().requires_grad_(), s.clone().requires_grad_()
     ref = TernarySTE.apply(w1, s1, G, learned, fmt)
@@ -45,7 +37,7 @@ def test_fake_quant_forward_is_bit_exact_and_backward_agrees(fmt, learned):
 
 def test_fake_quant_with_the_absmean_computed_in_the_kernel():
     G = 128
-    w, _ = _weights(out_f=16, in_f=512, G=G, seed=3)
+    w, _ = fake_quant_weights(out_f=16, in_f=512, G=G, seed=3)
     ref = TernarySTE.apply(w, absmean_scale(w, G), G, False, "fp16")
     got = tk.ternary_fake_quant(w, None, G, False, "fp16")
     # the kernel sums |w| in another order: the fp16-rounded scales agree unless a sum sits on a rounding edge
