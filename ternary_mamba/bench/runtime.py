@@ -18,11 +18,22 @@ LLAMA_CPP = {  # measured on these machines, 2 threads (../shared/MACHINE.md)
 
 
 def llama_cpp_version() -> str:
+    """The llama.cpp version compared against, and the ISA its build uses (an AVX-512 build and an AVX2 one of the
+    same version run at different speeds on the same CPU)."""
     try:
         import llama_cpp
-        return f"llama.cpp via llama-cpp-python {llama_cpp.__version__}"
     except ImportError:
         return "llama.cpp: not installed (pip install '.[llama]' to compare in the same run)"
+    isa = ""
+    try:
+        info = llama_cpp.llama_print_system_info()
+        info = info.decode() if isinstance(info, bytes) else str(info)
+        on = [k.strip() for k, _, v in (f.partition("=") for f in info.split("|")) if v.strip() == "1"]
+        names = [n.split(":")[-1].strip() for n in on]
+        isa = " (built for " + "/".join(n for n in names if n.startswith("AVX")) + ")" if names else ""
+    except Exception:  # noqa: BLE001 - an older binding without the call: the version alone
+        pass
+    return f"llama.cpp via llama-cpp-python {llama_cpp.__version__}{isa}"
 
 
 def memory_bandwidth_gbs(mb: int = 1024) -> float:
