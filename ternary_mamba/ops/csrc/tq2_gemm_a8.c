@@ -10,7 +10,8 @@
 // AVX2 builds (no VNNI) run the same scheme on 16 rows x 6 tokens: vpmaddubsw (codes + 1 as u8 times int8 -> int16
 // pairs, at most 2 * 2 * 127 = 508, no saturation) summed in int16 over up to 64 steps of 4 inputs (<= 32512), then
 // one vpmaddwd per group widens to int32: the same integer sums, so the same results.  16 x 6 tiles: 320-350 G int8
-// ops/s (8 x 8: 270-295), on the 130m and 1.3B in_proj shapes, 512 tokens, 2 threads, haswell build on the EPYC.
+// ops/s (8 x 8: 270-295; 16 x 5 the same; 16 x 4, which GCC keeps without spills, 270-300), on the 130m and
+// 1.3B in_proj shapes, 512 tokens, 2 threads, haswell build on the EPYC: the vpmaddubsw rate bounds it, not spills.
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
