@@ -46,3 +46,27 @@ def test_bench_gpu_without_cuda_is_a_one_line_error(capsys):
     assert main(["bench", "gpu"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "CUDA" in err[0]
+
+
+def test_bench_gpu_table_and_json_with_the_gpu_stood_in_by_the_cpu(monkeypatch, tmp_path, capsys):
+    """The table, the plan --mfu column (fraction of the nominal peak) and the JSON of `bench gpu`, with CUDA
+    replaced by the CPU (the timing itself is the function tested above)."""
+    import json
+    import types
+
+    import torch
+    import ternary_mamba.bench.gpu as gpu
+    real = gpu._setting
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H200")
+    monkeypatch.setattr(gpu, "bf16_gemm_tflops", lambda: 800.0)
+    monkeypatch.setattr(gpu, "_setting", lambda *a, **k: real(*a[:1], 2, 32, *a[3:], **{**k, "device": "cpu"}))
+    args = types.SimpleNamespace(models=["bench-5m"], seq_len=32, steps=1, profile=False, chunk_size=None,
+                                 json=str(tmp_path / "b.json"))
+    gpu.run_bench_gpu(args)
+    out = capsys.readouterr().out
+    assert "nominal 989" in out and "--mfu" in out and "reference (PyTorch)" in out
+    rec = json.loads((tmp_path / "b.json").read_text())
+    assert rec["nominal_tflops"] == 989.0 and len(rec["settings"]) == 2
+    r = rec["settings"][0]
+    assert abs(r["plan_mfu"] - r["tflops"] / 989.0) < 1e-12 and abs(r["mfu"] - r["tflops"] / 800.0) < 1e-12

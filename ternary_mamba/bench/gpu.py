@@ -119,11 +119,16 @@ def run_bench_gpu(args) -> None:
     for m in args.models:
         if m not in PRESETS:
             raise UserError(f"--models {m}: not a preset ({', '.join(p for p in PRESETS if p.startswith('mamba2'))})")
+    from ..commands.configs import GPU_PEAK_TFLOPS
     name = torch.cuda.get_device_name(0)
     peak = bf16_gemm_tflops()
+    # `plan --mfu` is a fraction of the vendor's nominal peak; the MFU column below is against the measured GEMM
+    kind = next((k for k in GPU_PEAK_TFLOPS if k.replace("rtx", "") in name.lower()), None)
+    nominal = GPU_PEAK_TFLOPS[kind][0] if kind else None
     print(f"device: {name}, torch {torch.__version__}, CUDA {torch.version.cuda}; bf16 GEMM 8192^3 measured "
-          f"{peak:.0f} TFLOP/s")
-    out = {"device": name, "torch": torch.__version__, "bf16_gemm_tflops": peak, "settings": []}
+          f"{peak:.0f} TFLOP/s" + (f" (nominal {nominal:.0f}: `plan --gpu {kind}`)" if nominal else ""))
+    out = {"device": name, "torch": torch.__version__, "bf16_gemm_tflops": peak, "nominal_tflops": nominal,
+           "settings": []}
     plans = []
     for m in args.models:
         big = Mamba2Config(**PRESETS[m]).d_model >= 2048
@@ -133,7 +138,7 @@ def run_bench_gpu(args) -> None:
     if plans:
         plans.insert(1, (*plans[0], True))          # the first setting again on the reference path
     print(f"{'model':<13} {'micro-batch':>12} {'ckpt':>5} {'path':<20} {'step s':>7} {'tok/s':>9} {'MFU':>6} "
-          f"{'peak GB':>8} {'plan GB':>8} {'102M tok':>9}")
+          f"{'peak GB':>8} {'plan GB':>8} {'102M tok':>9} {'--mfu':>6}")
     for p in plans:
         preset, batch, seq, ck = p[:4]
         ref = len(p) > 4
@@ -145,10 +150,14 @@ def run_bench_gpu(args) -> None:
             torch.cuda.empty_cache()
             continue
         r["mfu"] = r["tflops"] / peak
+        r["plan_mfu"] = r["tflops"] / nominal if nominal else None    # what `plan --mfu` takes
         out["settings"].append(r)
         print(f"{preset:<13} {batch:>5} x {seq:<5} {'yes' if ck else 'no':>5} {r['path']:<20} {r['step_s']:>7.3f} "
               f"{r['tok_s']:>9,.0f} {100 * r['mfu']:>5.1f}% {r['peak_gb']:>8.1f} {r['planned_gb']:>8.1f} "
-              f"{r['hours_102m']:>8.1f}h", flush=True)
+              f"{r['hours_102m']:>8.1f}h {r['plan_mfu'] or float('nan'):>6.3f}", flush=True)
+    if nominal:
+        print(f"MFU: against the GEMM measured above; `plan --gpu {kind} --mfu` takes the fraction of the nominal "
+              f"{nominal:.0f} TFLOP/s, the last column")
     for r in out["settings"]:
         if "profile" in r:
             print(f"\nwhere a {r['preset']} step's GPU time goes ({r['batch']} x {r['seq_len']}, "
