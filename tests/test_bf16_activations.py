@@ -62,8 +62,8 @@ def test_packed_model_bf16_decode_and_prefill(tmp_path):
 @pytest.mark.parametrize("out_f,in_f,G,nt", [(37, 256, 128, 5), (300, 768, 128, 51), (64, 512, 256, 17),
                                              (20, 96, 32, 3)])
 def test_a8_prefill_gemm_matches_the_a8_gemv(out_f, in_f, G, nt):
-    """The VNNI GEMM of prefill with int8 activations: the a8 GEMV's arithmetic token by token (same int8 rounding,
-    integer group sums), for partial row blocks and token tiles; None where the CPU has no AVX512-VNNI."""
+    """The int8 GEMM of prefill (VNNI, or vpmaddubsw on AVX2 builds: `make test-avx2`): the a8 GEMV's arithmetic token by token (same int8 rounding,
+    integer group sums), for partial row blocks and token tiles; None where the CPU has neither."""
     _kernel()
     from ternary_mamba.ops.kernels import tq2_gemm_a8, tq2_gemv_a8
     from ternary_mamba.runtime.packed_linear import a8_reference
@@ -73,7 +73,7 @@ def test_a8_prefill_gemm_matches_the_a8_gemv(out_f, in_f, G, nt):
     x[1 % nt] = 0                                               # an all-zero token gives zeros
     y = tq2_gemm_a8(codes, sc, x, G)
     if y is None:
-        pytest.skip("no AVX512-VNNI: prefill with int8 activations dequantizes instead")
+        pytest.skip("no AVX512-VNNI or AVX2: prefill with int8 activations dequantizes instead")
     ref = a8_reference(codes, sc, x, G)
     assert (y - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-6
     if G % 128 == 0:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import tempfile
 import time
 
@@ -129,19 +128,18 @@ def run_bench_gpu(args) -> None:
           f"{peak:.0f} TFLOP/s" + (f" (nominal {nominal:.0f}: `plan --gpu {kind}`)" if nominal else ""))
     out = {"device": name, "torch": torch.__version__, "bf16_gemm_tflops": peak, "nominal_tflops": nominal,
            "settings": []}
-    plans = []
+    plans = []   # (preset, micro-batch, seq-len, checkpointing, reference path)
     for m in args.models:
         big = Mamba2Config(**PRESETS[m]).d_model >= 2048
-        plans += [(m, 1 if big else 8, args.seq_len, False)]
+        plans += [(m, 1 if big else 8, args.seq_len, False, False)]
         if big:
-            plans += [(m, 8, args.seq_len, True)]
+            plans += [(m, 8, args.seq_len, True, False)]
     if plans:
-        plans.insert(1, (*plans[0], True))          # the first setting again on the reference path
+        plans.insert(1, (*plans[0][:4], True))      # the first setting again on the reference path
     print(f"{'model':<13} {'micro-batch':>12} {'ckpt':>5} {'path':<20} {'step s':>7} {'tok/s':>9} {'MFU':>6} "
           f"{'peak GB':>8} {'plan GB':>8} {'102M tok':>9} {'--mfu':>6}")
     for p in plans:
-        preset, batch, seq, ck = p[:4]
-        ref = len(p) > 4
+        preset, batch, seq, ck, ref = p
         try:
             r = _setting(preset, batch, seq, ck, args.steps, reference=ref,
                          profile=args.profile and p is plans[-1], chunk_size=args.chunk_size)
@@ -167,6 +165,6 @@ def run_bench_gpu(args) -> None:
                 for k in r["profile"][what]:
                     print(f"  {100 * k['share']:5.1f}%  {k['ms']:8.1f} ms  {k['calls']:>6}x  {k['name']}")
     if args.json:
-        from ..formats.fs import atomic_write_bytes
-        atomic_write_bytes(args.json, (json.dumps(out, indent=2) + "\n").encode())
+        from ..formats.fs import write_json_atomic
+        write_json_atomic(args.json, out)
         print(f"wrote {args.json}")

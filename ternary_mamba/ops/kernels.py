@@ -70,7 +70,8 @@ def tq2_dequant_bf16(codes: torch.Tensor, scales: torch.Tensor, group_size: int,
 
 def tq2_gemm_a8(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, group_size: int) -> torch.Tensor | None:
     """Prefill with int8 activations: codes (out, in/4) uint8, scales (out, in/G) fp32, x (nt, in) fp32 -> y (nt, out),
-    the arithmetic of tq2_gemv_a8 (per-token int8, integer group sums).  None without AVX512-VNNI."""
+    the arithmetic of tq2_gemv_a8 (per-token int8, integer group sums).  None without AVX512-VNNI or AVX2, or
+    with groups over 256 on AVX2."""
     _cpu(codes, scales, x)
     _dtype(torch.uint8, codes)
     _dtype(torch.float32, scales, x)

@@ -2,7 +2,7 @@
 
 Decoding (<= GEMV_MAX_ROWS tokens per call) multiplies straight from the codes (csrc/tq2_gemv.c); longer inputs
 (prefill) dequantize one matrix at a time into a scratch buffer and use the fp32 GEMM.  Opt-in, not exact:
-int8 activations (`use_a8_activations`: the a8 GEMV, and for prefill the VNNI GEMM of csrc/tq2_gemm_a8.c) and
+int8 activations (`use_a8_activations`: the a8 GEMV, and for prefill the int8 GEMM of csrc/tq2_gemm_a8.c) and
 bf16 activations (`use_bf16_activations`, the paper's A16: csrc/tq2_bf16.c, and for prefill bf16(scale * t) with
 torch's bf16 GEMM).  Inside `ops.dispatch.reference_path()`, or for tensors the kernels do not take (not fp32 on
 the CPU), the pure-PyTorch unpack + F.linear runs instead: the reference the tests compare against."""
@@ -59,7 +59,7 @@ class PackedTernaryLinear(nn.Module):
                 y = y + self.bias
             return y.reshape(*lead, self.out_features)
         scratch = not torch.is_grad_enabled()   # the shared buffer is overwritten by the next call
-        if self.a8 and self.paths.gemv_a8 and scratch and on_cpu:   # prefill with int8 activations (VNNI GEMM)
+        if self.a8 and self.paths.gemv_a8 and scratch and on_cpu:   # prefill with int8 activations (int8 GEMM)
             y = tq2_gemm_a8(self.codes, self.scales, x2.float(), self.group_size)
             if y is not None:
                 y = y + self.bias if self.bias is not None else y
@@ -82,8 +82,8 @@ class PackedTernaryLinear(nn.Module):
 
 def use_a8_activations(model, enabled: bool = True) -> int:
     """Opt-in fast decode and prefill: packed projections quantize their input to int8 (one absmax scale per token)
-    and use integer dot products, as llama.cpp's TQ2_0 does (prefill: the VNNI GEMM of csrc/tq2_gemm_a8.c where the
-    CPU has AVX512-VNNI, else the exact dequantize + GEMM).  No longer bit-exact to the fake-quant student (≈ 1 %
+    and use integer dot products, as llama.cpp's TQ2_0 does (prefill: the int8 GEMM of csrc/tq2_gemm_a8.c where the
+    CPU has AVX512-VNNI or AVX2, else the exact dequantize + GEMM).  No longer bit-exact to the fake-quant student (≈ 1 %
     relative error per projection).  Needs groups that are a multiple of 128.  Returns how many modules use it."""
     n = 0
     for m in model.modules():
