@@ -9,6 +9,8 @@ import os
 import sys
 from dataclasses import dataclass
 
+from .spec import SCALE_MODES
+
 EPILOG = """examples:
   ternary-mamba quantize                                   # bundled teacher + bundled books (the demo)
   ternary-mamba quantize --teacher state-spaces/mamba2-130m --data books/ --tokens 5000000 --out runs/130m
@@ -113,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = bsub.add_parser("qat", help="cost of a QAT+KD step relative to a plain training step")
     b.add_argument("--config", default="teacher-8k", help="model preset (default %(default)s)")
-    b.add_argument("--scale-mode", default="absmean", choices=["absmean", "learned", "guarded"])
+    b.add_argument("--scale-mode", default="absmean", choices=SCALE_MODES)
     b.add_argument("--threads", type=int, default=2)
 
     b = bsub.add_parser("gpu", help="QAT+KD training steps of the real configs on a CUDA GPU: tokens/s, MFU, "

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import random_model, tiny_config
-from ternary_mamba.ops.dispatch import group_paths, kernels_for, reference_kind, reference_path
+from ternary_mamba.ops.dispatch import kernels_for, reference_kind, reference_path
 from ternary_mamba.quant.qat import TernaryConfig, quantize_
 from ternary_mamba.runtime.convert import convert_
 from ternary_mamba.runtime.packed_linear import PackedTernaryLinear
@@ -100,15 +100,6 @@ def test_a_model_on_the_meta_device_runs_without_reaching_c():
         logits, state = m(ids, return_state=True)
         out, _ = m.step(ids[:, 0], state, inplace=True)
     assert out.device.type == "meta"
-
-
-def test_group_paths_is_the_one_capability_rule():
-    assert group_paths(128) == group_paths(128)
-    p = group_paths(64)
-    assert p.gemv and not p.gemv_a8 and not p.gguf_tq
-    assert group_paths(256).gguf_tq and group_paths(384).gemv_a8 and not group_paths(12).gemv
-    with pytest.raises(ValueError):
-        group_paths(-1)
 
 
 def test_threads_reach_the_c_kernels():

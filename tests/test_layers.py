@@ -2,8 +2,8 @@
 private names imported across modules.  Every import counts, including those inside functions.
 
 Layers, from the ground up (a module may import its own package and any lower layer, never a higher one):
-  0  errors, config_base, version,   one exception type, the typed-config base, the version, bundled files
-     assets
+  0  errors, config_base, version,   one exception type, the typed-config base, the version, bundled files,
+     assets, spec                    the numeric spec (group rules, scale bounds, layouts, kernel kinds, limits)
   1  ops                             kernel build, C bindings, autograd functions, the one dispatch point
   2  core                            config + parameter counts, the model, the PyTorch SSD reference
   3  quant                           ternary math, QAT modules, packing, post-hoc corrections, monitor
@@ -20,7 +20,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "ternary_mamba"
-LAYER = {"errors": 0, "config_base": 0, "version": 0, "assets": 0, "ops": 1, "core": 2, "quant": 3, "runtime": 4, "formats": 5,
+LAYER = {"errors": 0, "config_base": 0, "version": 0, "assets": 0, "spec": 0, "ops": 1, "core": 2, "quant": 3, "runtime": 4, "formats": 5,
          "train": 6, "eval": 6, "commands": 7, "experiment": 8, "bench": 8, "cli": 9, "__main__": 9, "": 9}
 FORBIDDEN = {("train", "eval"), ("eval", "train"), ("experiment", "bench"), ("bench", "experiment"),
              ("core", "quant"), ("quant", "train"), ("formats", "train")}
@@ -126,7 +126,13 @@ def test_the_model_knows_nothing_of_quantization_formats_or_training():
     _, graph = _graph()
     for src, deps in graph.items():
         if _top(src) == "core":
-            assert all(_top(d) in ("core", "ops", "errors", "config_base") for d, _, _ in deps), (src, deps)
+            assert all(_top(d) in ("core", "ops", "errors", "config_base", "spec") for d, _, _ in deps), (src, deps)
+
+
+def test_the_spec_sits_at_the_bottom():
+    _, graph = _graph()
+    deps = {_top(d) for d, _, _ in graph["ternary_mamba.spec"]}
+    assert deps <= {"errors"}, deps
 
 
 def test_the_checker_sees_imports_inside_functions(tmp_path):

@@ -6,11 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config_base import Config, option
-from ..core.config import MAX_CHUNK_SIZE
 from ..errors import UserError
-from ..formats.configs import GGUF_TYPES, PACKINGS
+from ..formats.configs import GGUF_TYPES
 from ..quant.config import SCALE_MODES, SCALE_PARAMS, MonitorConfig, TernaryConfig
-from ..quant.groups import DEFAULT_GROUP_SIZE, GGUF_TQ_BLOCK, TABLE_FORMATS
+from ..spec import DEFAULT_GROUP_SIZE, GGUF_TQ_BLOCK, PACKINGS, TABLE_FORMATS, check_chunk_size
 from ..train.config import DistillConfig, TrainConfig
 
 CORRECTIONS = ("bias", "lowrank", "qep", "gptq")
@@ -23,8 +22,8 @@ def _positive(cfg, *names: str) -> None:
         v = getattr(cfg, n)
         if v is not None and v < 1:
             raise UserError(f"--{n.replace('_', '-')} must be >= 1, got {v}")
-        if n == "chunk_size" and v is not None and v > MAX_CHUNK_SIZE:
-            raise UserError(f"--chunk-size {v}: at most {MAX_CHUNK_SIZE} (64 is fastest on CPUs, 256 on GPUs)")
+        if n == "chunk_size" and v is not None:
+            check_chunk_size(v, "--chunk-size")
 
 
 def _threads():
@@ -298,7 +297,7 @@ class PlanConfig(Config):
     fsdp: bool = option(False, help="shard student weights, gradients and optimizer state over the ranks")
     activation_checkpointing: bool = _checkpointing()
     group_size: int = option(DEFAULT_GROUP_SIZE, help="ternary group size")
-    scale_mode: str = option("guarded", choices=("absmean", "learned", "guarded"), help="scale mode (learned / "
+    scale_mode: str = option("guarded", choices=SCALE_MODES, help="scale mode (learned / "
                              "guarded scales are parameters too)")
     tokens: int = option(102_000_000, help="token budget (the paper's: 102 M)")
     mfu: float = option(0.08, help="assumed model-FLOPs utilisation (fraction of the nominal peak; the paper's "

@@ -10,7 +10,7 @@ from ..errors import UserError
 from ..formats.folders import find_tokenizer
 from ..formats.load import is_gguf, load_model, load_model_and_tokenizer, resolve_student_dir
 from ..formats.sizes import format_size_table
-from ..ops.dispatch import group_paths
+from ..spec import group_paths
 from ..quant.qat import TernaryConfig, quantize_, ternary_modules
 from .configs import ExportConfig
 from .flags import require

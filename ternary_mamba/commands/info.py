@@ -9,7 +9,7 @@ from ..formats.configs import PACKED_FORMAT_NAME, config_from_json
 from ..formats.fs import read_json
 from ..formats.load import is_gguf, resolve_student_dir
 from ..formats.sizes import format_info, format_size_table, packed_info
-from ..quant.groups import DEFAULT_GROUP_SIZE
+from ..spec import DEFAULT_GROUP_SIZE
 
 
 def run_results(run: Path) -> str:

@@ -20,7 +20,7 @@ from ..formats.sizes import packed_size_bytes
 from ..formats.tokenizer import load_tokenizer, tokenizer_path_for
 from ..quant.monitor import ZeroRatioMonitor, zero_ratio_stats
 from ..ops.device import autocast, precision
-from ..quant.groups import DEFAULT_GROUP_SIZE, GGUF_TQ_BLOCK
+from ..spec import DEFAULT_GROUP_SIZE, GGUF_TQ_BLOCK
 from ..quant.qat import TernaryConfig, quantize_, set_lambda
 from ..train import distributed as D
 from ..train.distill import DistillObjective, evaluate_vs_teacher

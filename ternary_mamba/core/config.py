@@ -6,8 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..errors import UserError
+from ..spec import check_chunk_size
 
-MAX_CHUNK_SIZE = 1024   # the SSD scan's chunk: a compute knob (64 on CPUs, 256 in mamba_ssm); larger only wastes k^2
 MB = 1e6  # sizes are reported in decimal megabytes, as the paper does (2,687.5 MB for Mamba-2 1.3B)
 
 
@@ -42,9 +42,7 @@ class Mamba2Config:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"config: {name} must be a positive integer, got {value!r}")
-        if self.chunk_size > MAX_CHUNK_SIZE:
-            raise UserError(f"config: chunk_size {self.chunk_size} is larger than {MAX_CHUNK_SIZE} (64 is fastest on "
-                            "CPUs, 256 on GPUs)")
+        check_chunk_size(self.chunk_size, "config: chunk_size")
         if self.d_conv > 16:
             raise UserError(f"config: d_conv {self.d_conv} is larger than 16 (released models use 4)")
         for name in ("norm_eps", "dt_min", "dt_max", "dt_init_floor", "A_init_min", "A_init_max", "initializer_range"):

@@ -23,6 +23,7 @@ from ..ops.device import full_precision
 from ..ops.dispatch import kernels_for, mamba_ssm_scan, reference_kind
 from ..ops.kernels import (conv_silu_prefill, gated_norm_prefill, mixer_step_inplace, ssd_prefill,
                            ssd_step_inplace)
+from ..spec import SCAN_KERNEL_MULTIPLE
 from .config import Mamba2Config
 from .ssd import ssd_chunked, ssd_sequential, ssd_step
 
@@ -170,7 +171,7 @@ class Mamba2Mixer(nn.Module):
         c = self.cfg
         b, l, _ = xBC.shape
         conv = conv_silu_prefill(xBC, self.conv1d.weight, self.conv1d.bias, state.conv if state is not None else None)
-        if conv is None or c.headdim % 16:
+        if conv is None or c.headdim % SCAN_KERNEL_MULTIPLE:
             return None
         xBC, conv_state = conv
         x, B, C = xBC.split([c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)

@@ -5,11 +5,10 @@ from pathlib import Path
 
 from ..core.config import PRESETS, Mamba2Config
 from ..errors import UserError
+from ..spec import PACKED_FORMAT_NAME, PACKINGS  # noqa: F401 - re-exported for the format readers
 from .fs import read_json
 
 FORMAT_NAME = "ternary-mamba"
-PACKED_FORMAT_NAME = "ternary-mamba-packed"
-PACKINGS = ("tq2", "tq1")                   # packed folders: 2 bits per code, or 5 codes per byte (1.6 bits)
 GGUF_TYPES = ("tq2_0", "tq1_0", "f16", "f32")   # how `export --format gguf` writes the ternary projections
 
 

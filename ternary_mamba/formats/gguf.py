@@ -29,7 +29,7 @@ import torch
 from ..core.config import Mamba2Config
 from ..core.model import Mamba2LM
 from ..errors import UserError
-from ..ops.dispatch import group_paths
+from ..spec import group_paths
 from ..quant.qat import TernaryLinear
 from .configs import GGUF_TYPES
 from .tokenizer import Tokenizer

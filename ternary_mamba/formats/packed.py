@@ -24,12 +24,10 @@ from ..runtime.convert import packed_codes
 from ..runtime.heads import Fp16Head
 from ..runtime.packed_linear import PackedTernaryLinear
 from ..runtime.tables import install_quantized_table
-from .configs import PACKED_FORMAT_NAME
+from ..spec import PACKED_FORMAT_NAME, PACKED_VERSION_DENSE, PACKED_VERSION_TABLES, PACKED_VERSIONS, Q4_GROUP
 from .folders import load_state_dict_strict, model_state_for_saving
 from .fs import atomic_dir, read_json
 
-FORMAT_VERSION = 1            # what a packed folder with a dense embedding is written as
-FORMAT_VERSIONS = (1, 2)      # 2: the embedding may be quantized (header "embedding": "int8" | "q4")
 EMB = "backbone.embedding"
 
 
@@ -69,7 +67,8 @@ def export_packed(model, out: Path, packing: str = "tq2", other_dtype: str = "fp
     for k, v in model_state_for_saving(model).items():
         if k not in skip:
             tensors[k] = v.to(dt).contiguous()
-    header = {"format": PACKED_FORMAT_NAME, "format_version": FORMAT_VERSION if embedding == "fp16" else 2,
+    version = PACKED_VERSION_DENSE if embedding == "fp16" else PACKED_VERSION_TABLES
+    header = {"format": PACKED_FORMAT_NAME, "format_version": version,
               "packing": packing,
               "other_dtype": other_dtype, "architecture": "mamba2", "config": model.config.to_dict(),
               "ternary": header_t, "tokenizer": "tokenizer.json" if tokenizer_path else None, "source": source}
@@ -90,11 +89,11 @@ def export_packed(model, out: Path, packing: str = "tq2", other_dtype: str = "fp
 
 # ------------------------------------------------------------------ load
 def _check_header(h: dict, folder: Path) -> None:
-    if type(h.get("format_version")) is not int or h["format_version"] not in FORMAT_VERSIONS:
+    if type(h.get("format_version")) is not int or h["format_version"] not in PACKED_VERSIONS:
         raise UserError(f"{folder}: packed format version {h.get('format_version')!r} is not supported "
-                        f"(this ternary-mamba reads versions {', '.join(map(str, FORMAT_VERSIONS))})")
+                        f"(this ternary-mamba reads versions {', '.join(map(str, PACKED_VERSIONS))})")
     emb = h.get("embedding", "fp16")
-    if emb not in TABLE_FORMATS or (emb != "fp16" and h["format_version"] < 2):
+    if emb not in TABLE_FORMATS or (emb != "fp16" and h["format_version"] < PACKED_VERSION_TABLES):
         raise UserError(f"{folder}: header \"embedding\": {emb!r} is not a table format of version "
                         f"{h['format_version']} ({', '.join(TABLE_FORMATS)}; quantized ones need version 2)")
     if not isinstance(h.get("packing"), str) or h["packing"] not in PER_BYTE:
@@ -209,8 +208,8 @@ def _load_quantized_embedding(model, fmt: str, get, keys: set, path: Path) -> se
     codes, scales = get(f"{EMB}.codes"), get(f"{EMB}.scales")
     V, d = cfg.padded_vocab_size, cfg.d_model
     want_codes = (torch.int8, (V, d)) if fmt == "int8" else (torch.uint8, (V, d // 2))
-    want_scales = (V,) if fmt == "int8" else (V, d // 32)
-    if fmt == "q4" and d % 32:
+    want_scales = (V,) if fmt == "int8" else (V, d // Q4_GROUP)
+    if fmt == "q4" and d % Q4_GROUP:
         raise UserError(f"{path}: q4 embedding needs d_model a multiple of 32 (config has {d})")
     if (codes.dtype, tuple(codes.shape)) != want_codes:
         raise UserError(f"{path}: {EMB}.codes is {codes.dtype} {tuple(codes.shape)}, expected {want_codes[0]} "

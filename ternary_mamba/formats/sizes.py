@@ -9,7 +9,7 @@ from ..core.config import MB, Mamba2Config, count_params_by_component
 from ..quant.packing import PER_BYTE
 from ..quant.tables import table_bytes
 from .fs import read_json
-from ..quant.groups import DEFAULT_GROUP_SIZE, resolve_group_size
+from ..spec import DEFAULT_GROUP_SIZE, Q4_GROUP, TARGETS, resolve_group_size
 
 
 def format_info(cfg: Mamba2Config, title: str = "") -> str:
@@ -28,7 +28,7 @@ def format_info(cfg: Mamba2Config, title: str = "") -> str:
 
 
 def packed_size_bytes(cfg: Mamba2Config, group_size: int = DEFAULT_GROUP_SIZE, packing: str = "tq1",
-                      separate_head: bool = False, targets=("in_proj", "out_proj"),
+                      separate_head: bool = False, targets=TARGETS,
                       embedding: str = "fp16") -> dict[str, int]:
     """Bytes of a packed ternary checkpoint by component (tensor data only; the header is small).
 
@@ -61,12 +61,12 @@ def packed_size_bytes(cfg: Mamba2Config, group_size: int = DEFAULT_GROUP_SIZE, p
 
 def format_size_table(cfg, group_size: int) -> str:
     fp16 = sum(count_params_by_component(cfg).values()) * 2
-    ternary = sum(v for k, v in count_params_by_component(cfg).items() if k in ("in_proj", "out_proj"))
+    ternary = sum(v for k, v in count_params_by_component(cfg).items() if k in TARGETS)
     rows = [("FP16", fp16, 16.0),
             ("paper layout (2-bit + separate fp16 head)", sum(packed_size_bytes(cfg, group_size, "tq2", True).values()), 2 + 16 / group_size),
             ("tq2 (2-bit, tied)", sum(packed_size_bytes(cfg, group_size, "tq2").values()), 2 + 16 / group_size),
             ("tq1 (1.6-bit, tied)", sum(packed_size_bytes(cfg, group_size, "tq1").values()), 1.6 + 16 / group_size)]
-    if cfg.d_model % 32 == 0:
+    if cfg.d_model % Q4_GROUP == 0:
         rows += [(f"tq1 + {e} embedding (--embedding {e})", sum(packed_size_bytes(cfg, group_size, "tq1", embedding=e).values()),
                   1.6 + 16 / group_size) for e in ("int8", "q4")]
     lines = [f"{'layout':<44} {'MB':>10} {'vs FP16':>8} {'bits/ternary weight':>20}"]

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .build import check_rc, get_kernel
+from ..spec import SCAN_KERNEL_MULTIPLE
 from .dispatch import kernels_for
 from .kernels import conv_silu_prefill, rows_view
 
@@ -62,7 +63,7 @@ class _SSDTrain(torch.autograd.Function):
 
 def ssd_supported(xbc: Tensor, headdim: int, d_state: int, chunk_size: int) -> bool:
     """Whether the fused kernels can run: fp32 on CPU, headdim / d_state / chunk_size multiples of 16."""
-    return (headdim % 16 == 0 and d_state % 16 == 0 and chunk_size % 16 == 0 and xbc.size(1) > 0
+    return (all(v % SCAN_KERNEL_MULTIPLE == 0 for v in (headdim, d_state, chunk_size)) and xbc.size(1) > 0
             and kernels_for(xbc))
 
 

@@ -189,6 +189,9 @@ def get_kernel():
     lib.tq2_has_avx2.restype = ctypes.c_int
     lib.tm_set_threads.argtypes, lib.tm_set_threads.restype = [i64], None
     lib.tm_get_threads.argtypes, lib.tm_get_threads.restype = [], i64
+    lib.tm_abi.argtypes, lib.tm_abi.restype = [p, i64], i64
+    from .abi import check_abi
+    check_abi(lib)                    # the structs and kinds the Python side writes are the ones C reads
     import torch
     lib.tm_set_threads(torch.get_num_threads())   # the kernels follow torch's thread count
     _lib = lib

@@ -10,21 +10,18 @@
 - `triton_for(*tensors)` / `mamba_ssm_scan()`: the GPU side of the same decision — our Triton kernels
   (ops/triton_kernels.py) for CUDA tensors when triton imports, and mamba_ssm's fused chunked scan when it
   imports (the `gpu` extra); otherwise the PyTorch path, as everywhere off the CPU.
-- `group_paths(G)`: which kernel paths a ternary group size can take (the exact GEMV and decode engine, the
-  int8-activation GEMV, llama.cpp's TQ blocks); every caller asks here instead of testing `G % n` itself.
+Which kernel paths a ternary group size can take is a fact of the format: `spec.group_paths(G)`.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from .build import get_kernel
 
-GEMV_MAX_ROWS = 16           # up to this many rows (tokens) per call use the GEMV kernels; more use a GEMM
 REFERENCE_KINDS = ("torch", "sequential")
 _stack: list[str] = []       # innermost reference_path() last
 
@@ -102,24 +99,6 @@ def mamba_ssm_scan(x: torch.Tensor):
         return None
     mod = _try_import("mamba_ssm.ops.triton.ssd_combined")
     return getattr(mod, "mamba_chunk_scan_combined", None) if mod is not None else None
-
-
-@dataclass(frozen=True)
-class GroupPaths:
-    """Kernel paths open to ternary weights with one scale per `group_size` weights along a row."""
-    group_size: int
-    gemv: bool       # exact ternary GEMV and the whole-model decode engine (csrc/tq2_gemv.c, lm_step.c)
-    gemv_a8: bool    # the int8-activation GEMV (opt-in, not bit-exact): integer sums per group of 128
-    gguf_tq: bool    # llama.cpp's TQ1_0 / TQ2_0 (blocks of 256 weights, one scale each) hold it exactly
-    gemv_bf16: bool  # the bf16-activation GEMV (opt-in, the paper's A16): chunks of 64 weights per group
-
-
-def group_paths(group_size: int) -> GroupPaths:
-    G = int(group_size)
-    if G < 1:
-        raise ValueError(f"group size {G} must be resolved (>= 1) before asking for kernel paths")
-    # 256: llama.cpp's TQ block (quant.groups.GGUF_TQ_BLOCK; ops sits below quant and cannot import it)
-    return GroupPaths(G, gemv=G % 8 == 0, gemv_a8=G % 128 == 0, gguf_tq=G % 256 == 0, gemv_bf16=G % 64 == 0)
 
 
 def cpu_has_bf16_kernels() -> bool:

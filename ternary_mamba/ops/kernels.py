@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..spec import A8_GROUP_MULTIPLE, BF16_GROUP_MULTIPLE, Q4_GROUP, SCAN_KERNEL_MULTIPLE, KernelKind
 from .build import check_rc, get_kernel
 
 
@@ -15,6 +16,19 @@ def _cpu(*tensors: torch.Tensor | None) -> None:
     for t in tensors:
         if t is not None and t.device.type != "cpu":
             raise TypeError(f"C kernel given a {t.device.type} tensor {tuple(t.shape)}; only CPU tensors are accepted")
+
+
+def _check(ok: bool, what: str) -> None:
+    """A precondition of a C kernel (an exception, not an assert: it must hold under `python -O` too)."""
+    if not ok:
+        raise ValueError(f"C kernel precondition failed: {what}")
+
+
+def _lib():
+    lib = get_kernel()
+    if lib is None:
+        raise RuntimeError("the C kernel library is not built (ops.dispatch decides before calling a kernel)")
+    return lib
 
 
 def _dtype(dtype: torch.dtype, *tensors: torch.Tensor | None) -> None:
@@ -30,7 +44,7 @@ def tq2_gemv(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, group_s
     _dtype(torch.uint8, codes)
     _dtype(torch.float32, scales, x)
     lib = get_kernel()
-    assert lib is not None
+    _check(lib is not None, 'library built')
     x = x.contiguous()
     out_f, in_f = codes.size(0), codes.size(1) * 4
     y = torch.empty(x.size(0), out_f, dtype=torch.float32)
@@ -44,7 +58,8 @@ def tq2_gemv_bf16(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, gr
     _cpu(codes, scales, x)
     _dtype(torch.uint8, codes)
     _dtype(torch.float32, scales)
-    assert group_size % 64 == 0 and codes.is_contiguous() and scales.is_contiguous()
+    _check(group_size % BF16_GROUP_MULTIPLE == 0 and codes.is_contiguous() and scales.is_contiguous(),
+           'bf16 GEMV: groups of a multiple of 64, contiguous codes and scales')
     lib = get_kernel()
     xb = x.to(torch.bfloat16).contiguous()            # round to nearest even, as the kernel's own conversion
     out_f, in_f = codes.size(0), codes.size(1) * 4
@@ -75,7 +90,7 @@ def tq2_gemm_a8(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, grou
     _cpu(codes, scales, x)
     _dtype(torch.uint8, codes)
     _dtype(torch.float32, scales, x)
-    assert codes.is_contiguous() and scales.is_contiguous()
+    _check(codes.is_contiguous() and scales.is_contiguous(), 'contiguous codes and scales')
     lib = get_kernel()
     x = x.contiguous()
     out_f, in_f = codes.size(0), codes.size(1) * 4
@@ -94,7 +109,7 @@ def tq2_dequant(codes: torch.Tensor, scales: torch.Tensor, group_size: int, out:
     _dtype(torch.uint8, codes)
     _dtype(torch.float32, scales, out)
     lib = get_kernel()
-    assert lib is not None
+    _check(lib is not None, 'library built')
     out_f, in_f = codes.size(0), codes.size(1) * 4
     w = out if out is not None else torch.empty(out_f, in_f, dtype=torch.float32)
     lib.tq2_dequant(codes.data_ptr(), scales.data_ptr(), w.data_ptr(), out_f, in_f, group_size)
@@ -108,7 +123,7 @@ def ssd_step_inplace(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, dA:
     _dtype(torch.float32, state)
     lib = get_kernel()
     b, h, p, n = state.shape
-    assert state.is_contiguous() and state.dtype == torch.float32
+    _check(state.is_contiguous() and state.dtype == torch.float32, 'contiguous fp32 state')
     x, dt, dA, B, C = (t.contiguous().float() for t in (x, dt, dA, B, C))
     y = torch.empty(b, h, p)
     lib.ssd_step_inplace(state.data_ptr(), x.data_ptr(), dt.data_ptr(), dA.data_ptr(), B.data_ptr(), C.data_ptr(),
@@ -132,7 +147,8 @@ def q4_gemv(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tens
     _cpu(q, scale, x)
     _dtype(torch.uint8, q)
     _dtype(torch.float32, scale, x)
-    assert q.is_contiguous() and scale.is_contiguous() and q.size(1) * 2 == scale.size(1) * 32 == x.size(-1)
+    _check(q.is_contiguous() and scale.is_contiguous() and q.size(1) * 2 == scale.size(1) * Q4_GROUP == x.size(-1),
+           'contiguous q4 table, scales and matching row length')
     lib = get_kernel()
     x = x.contiguous()
     y = torch.empty(x.size(0), q.size(0))
@@ -142,7 +158,8 @@ def q4_gemv(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tens
     return y
 
 
-TABLE_KINDS = {torch.float32: 0, torch.float16: 4, torch.int8: 3, torch.uint8: 5}   # uint8: q4 (two per byte)
+TABLE_KINDS = {torch.float32: KernelKind.F32, torch.float16: KernelKind.F16, torch.int8: KernelKind.I8,
+               torch.uint8: KernelKind.Q4}   # uint8: q4 (two per byte)
 
 
 def table_rows(w: torch.Tensor, scale: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
@@ -153,10 +170,11 @@ def table_rows(w: torch.Tensor, scale: torch.Tensor | None, ids: torch.Tensor) -
     kind = TABLE_KINDS.get(w.dtype)
     if kind is None or not w.is_contiguous():
         raise TypeError(f"table_rows: unsupported table {w.dtype} {tuple(w.shape)}")
-    if kind in (3, 5):
+    if kind in (KernelKind.I8, KernelKind.Q4):
         _dtype(torch.float32, scale)
-        assert scale is not None and scale.is_contiguous() and scale.size(0) == w.size(0)
-    d = w.size(1) * (2 if kind == 5 else 1)
+        _check(scale is not None and scale.is_contiguous() and scale.size(0) == w.size(0),
+               'int8/q4 table: contiguous per-row scales')
+    d = w.size(1) * (2 if kind == KernelKind.Q4 else 1)
     ids = ids.contiguous()
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= w.size(0)):
         raise IndexError(f"token id out of range [0, {w.size(0)})")
@@ -187,7 +205,7 @@ def ssd_prefill(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
         return None
     b, l, h, p = x.shape
     g, n = B.shape[-2:]
-    if p % 16 or l == 0:
+    if p % SCAN_KERNEL_MULTIPLE or l == 0:
         return None
     x, x_rs = rows_view(x, h * p)
     B, bc_rs = rows_view(B, g * n)
@@ -216,7 +234,7 @@ def gated_norm_prefill(y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, mixer)
     lib = get_kernel()
     c = mixer.cfg
     b, l = y.shape[:2]
-    assert y.is_contiguous()
+    _check(y.is_contiguous(), 'contiguous y')
     x, x_rs = rows_view(x, c.d_inner)
     z, z_rs = rows_view(z, c.d_inner)
     D, w = mixer.D.detach().contiguous().float(), mixer.norm.weight.detach().contiguous().float()
@@ -254,7 +272,7 @@ def f16_gemv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """w (out, in) fp16, x (nb, in) fp32 -> x w^T (nb, out) fp32, the fp16 weights converted exactly."""
     _cpu(w, x)
     lib = get_kernel()
-    assert w.dtype == torch.float16 and w.is_contiguous()
+    _check(w.dtype == torch.float16 and w.is_contiguous(), 'contiguous fp16 weight')
     x = x.contiguous().float()
     y = torch.empty(x.size(0), w.size(0))
     lib.f16_gemv(w.data_ptr(), x.data_ptr(), y.data_ptr(), w.size(0), w.size(1), x.size(0))
@@ -269,12 +287,13 @@ def mixer_step_inplace(mixer, zxbcdt: torch.Tensor, conv_state: torch.Tensor, ss
     lib = get_kernel()
     c = mixer.cfg
     zxbcdt = zxbcdt.contiguous()
-    assert conv_state.is_contiguous() and ssm_state.is_contiguous() and zxbcdt.dtype == torch.float32
+    _check(conv_state.is_contiguous() and ssm_state.is_contiguous() and zxbcdt.dtype == torch.float32,
+           'contiguous fp32 states and input')
     nb = zxbcdt.size(0)
     y = torch.empty(nb, c.d_inner)
     work = torch.empty(c.conv_dim)
     params = [mixer.conv1d.weight, mixer.dt_bias, mixer.A_log, mixer.D, mixer.norm.weight]
-    assert all(t.is_contiguous() and t.dtype == torch.float32 for t in params)
+    _check(all(t.is_contiguous() and t.dtype == torch.float32 for t in params), 'contiguous fp32 parameters')
     bias = mixer.conv1d.bias
     lib.mixer_step_inplace(zxbcdt.data_ptr(), conv_state.data_ptr(), mixer.conv1d.weight.data_ptr(),
                            bias.data_ptr() if bias is not None else None, mixer.dt_bias.data_ptr(),
@@ -286,12 +305,13 @@ def mixer_step_inplace(mixer, zxbcdt: torch.Tensor, conv_state: torch.Tensor, ss
 
 def tq2_gemv_a8(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, group_size: int) -> torch.Tensor:
     """Like tq2_gemv, but with x quantized to int8 (one absmax scale per row) and integer dot products — the
-    opt-in fast path (llama.cpp's TQ2_0 does the same); needs group_size % 128 == 0."""
+    opt-in fast path (llama.cpp's TQ2_0 does the same); needs group_size % A8_GROUP_MULTIPLE == 0."""
     _cpu(codes, scales, x)
     _dtype(torch.uint8, codes)
     _dtype(torch.float32, scales)
     lib = get_kernel()
-    assert lib is not None and group_size % 128 == 0
+    _check(lib is not None and group_size % A8_GROUP_MULTIPLE == 0,
+           'int8-activation GEMV: groups of a multiple of 128')
     x = x.contiguous().float()
     nb, in_f = x.shape
     out_f = codes.size(0)

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-SCALE_MIN, FP16_MAX, BF16_MAX = 1e-4, 65504.0, 65280.0
+from ..spec import BF16_MAX, FP16_MAX, SCALE_MIN
+
 
 
 @triton.jit

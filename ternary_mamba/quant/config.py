@@ -6,12 +6,9 @@ from dataclasses import dataclass
 
 from ..config_base import Config, option
 from ..errors import UserError
-from .groups import DEFAULT_GROUP_SIZE, check_group_size
+from ..spec import (DEFAULT_GROUP_SIZE, SCALE_FORMATS, SCALE_MODES, SCALE_PARAMS, TARGETS,
+                    check_group_size)
 
-SCALE_MODES = ("absmean", "learned", "frozen", "guarded")
-SCALE_PARAMS = ("log", "linear")   # how learned scales are parameterised (quant/qat.py)
-SCALE_FORMATS = ("fp16", "bf16")     # see quant/ternary.py round_scale
-TARGETS = ("in_proj", "out_proj")
 COLLAPSE_ACTIONS = ("warn", "guard", "stop")
 
 

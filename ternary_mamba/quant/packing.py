@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-PER_BYTE = {"tq2": 4, "tq1": 5}
+from ..spec import PER_BYTE, TQ1_MAX_BYTE, TQ2_INVALID_FIELD
 
 
 def pack(codes: Tensor, packing: str) -> Tensor:
@@ -39,8 +39,8 @@ def unpack(packed: Tensor, packing: str, shape: tuple[int, ...]) -> Tensor:
         digits = (b >> torch.tensor([0, 2, 4, 6], dtype=torch.int32, device=b.device)) & 3
     else:
         digits = (b // torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32, device=b.device)) % 3
-    if packing == "tq2" and (digits == 3).any():
-        raise ValueError("invalid tq2 byte (a 2-bit field equal to 3)")
-    if packing == "tq1" and (packed > 242).any():
-        raise ValueError("invalid tq1 byte (> 242)")
+    if packing == "tq2" and (digits == TQ2_INVALID_FIELD).any():
+        raise ValueError(f"invalid tq2 byte (a 2-bit field equal to {TQ2_INVALID_FIELD})")
+    if packing == "tq1" and (packed > TQ1_MAX_BYTE).any():
+        raise ValueError(f"invalid tq1 byte (> {TQ1_MAX_BYTE})")
     return (digits.reshape(-1)[:n] - 1).to(torch.int8).reshape(shape)

@@ -32,8 +32,9 @@ from ..errors import UserError
 from ..ops.device import scalar
 from ..ops.dispatch import triton_for, triton_kernels
 from .config import SCALE_MODES, TernaryConfig  # noqa: F401  (re-exported: the QAT API in one import)
-from .groups import resolve_group_size
-from .ternary import SCALE_MIN, TernarySTE, absmean_scale, mse_optimal_zeros, round_scale, ternary_codes
+from ..spec import resolve_group_size
+from ..spec import SCALE_MIN, TRAINED_SCALE_MODES
+from .ternary import TernarySTE, absmean_scale, mse_optimal_zeros, round_scale, ternary_codes
 
 class TernaryLinear(nn.Module):
     """A linear layer whose forward uses s16 · ternary(w) instead of w (fake quantization)."""
@@ -106,7 +107,7 @@ class TernaryLinear(nn.Module):
 
     @property
     def trains_scale(self) -> bool:
-        return self.mode in ("learned", "guarded")
+        return self.mode in TRAINED_SCALE_MODES
 
     @property
     def has_corrections(self) -> bool:
@@ -178,7 +179,7 @@ def set_lambda(model: nn.Module, lam: float) -> None:
 def set_scale_mode(model: nn.Module, mode: str) -> None:
     """Switch learned <-> guarded in place (the --on-collapse guard action)."""
     for _, m in ternary_modules(model):
-        if {m.mode, mode} - {"learned", "guarded"}:
+        if {m.mode, mode} - set(TRAINED_SCALE_MODES):
             raise UserError("only learned and guarded scales can be switched during training")
         m.mode = mode
     model.ternary_config.scale_mode = mode

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .groups import Q4_GROUP, TABLE_FORMATS
+from ..spec import Q4_GROUP, TABLE_FORMATS
 
 Q4_SCALE_SEARCH = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)   # fractions of absmax / 7 tried per group
 

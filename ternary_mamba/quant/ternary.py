@@ -8,11 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..spec import BF16_MAX, FP16_MAX, SCALE_MIN
 
-
-SCALE_MIN = 1e-4     # keeps fp16 scales normal-ish and all-zero groups harmless
-SCALE_MAX = 65504.0  # largest fp16
-BF16_SCALE_MAX = 65280.0   # largest bf16 value that fp16 holds too
 # fp16: scales are fp16 values (what the packed format stores).  bf16: scales are bf16 values inside fp16's normal
 # range, so s·t is exact in fp32, fp16 *and* bf16 and the fp16 file still holds them exactly: a bf16 autocast
 # forward then multiplies by exactly the weights a packed export dequantizes to.
@@ -32,8 +29,8 @@ def absmean_scale(w: Tensor, group_size: int) -> Tensor:
 def round_scale(s: Tensor, fmt: str = "fp16") -> Tensor:
     """The fp16 value a packed file stores, back in fp32 (fmt="bf16": a bf16 value, which fp16 holds exactly)."""
     if fmt == "bf16":
-        return s.clamp(SCALE_MIN, BF16_SCALE_MAX).bfloat16().float()
-    return s.clamp(SCALE_MIN, SCALE_MAX).half().float()
+        return s.clamp(SCALE_MIN, BF16_MAX).bfloat16().float()
+    return s.clamp(SCALE_MIN, FP16_MAX).half().float()
 
 
 def ternary_codes(w: Tensor, s16: Tensor, group_size: int) -> Tensor:

@@ -27,32 +27,18 @@ from torch import Tensor
 
 from ..core.model import LayerState, has_forward_hooks
 from ..ops.build import get_kernel
+from ..ops.abi import TmLayer as _Layer, TmLinear as _Linear, TmModel as _Model
 from ..ops.dispatch import kernels_available
+from ..spec import DECODE_MAX_BATCH, KernelKind
 from .heads import Fp16Head, Int8Head, head_weight
 from .packed_linear import PackedTernaryLinear
 from .tables import QuantizedEmbedding, QuantizedHead
 
-MAX_BATCH = 64            # tm_step's limit
 _ENGINES: "weakref.WeakKeyDictionary[nn.Module, DecodeEngine]" = weakref.WeakKeyDictionary()
 
-_i64, _p = ctypes.c_int64, ctypes.c_void_p
-TM_F32, TM_TQ2, TM_TQ2_A8, TM_I8, TM_F16, TM_Q4, TM_TQ2_BF16 = 0, 1, 2, 3, 4, 5, 6
-
-
-class _Linear(ctypes.Structure):
-    _fields_ = [("kind", _i64), ("out", _i64), ("in_", _i64), ("G", _i64), ("w", _p), ("scales", _p), ("bias", _p)]
-
-
-class _Layer(ctypes.Structure):
-    _fields_ = [("norm_w", _p), ("in_proj", _Linear), ("out_proj", _Linear), ("conv_w", _p), ("conv_b", _p),
-                ("dt_bias", _p), ("A_log", _p), ("D", _p), ("gnorm_w", _p)]
-
-
-class _Model(ctypes.Structure):
-    _fields_ = [(k, _i64) for k in ("n_layer", "d_model", "d_inner", "ngroups", "d_state", "nheads", "headdim",
-                                    "d_conv", "max_in")] + \
-               [("eps", ctypes.c_double), ("gnorm_eps", ctypes.c_double), ("embedding", _p), ("norm_f", _p),
-                ("head", _Linear), ("layers", ctypes.POINTER(_Layer)), ("emb_kind", _i64), ("emb_scales", _p)]
+_p = ctypes.c_void_p
+TM_F32, TM_TQ2, TM_TQ2_A8, TM_I8, TM_F16, TM_Q4, TM_TQ2_BF16 = (KernelKind.F32, KernelKind.TQ2, KernelKind.TQ2_A8,
+    KernelKind.I8, KernelKind.F16, KernelKind.Q4, KernelKind.TQ2_BF16)
 
 
 class Unsupported(Exception):
@@ -171,7 +157,7 @@ class DecodeEngine:
 
     def prepare_state(self, state: list, nb: int) -> list | None:
         """The state as tm_step needs it (contiguous fp32 of the right shapes), or None if it cannot be."""
-        if not 1 <= nb <= MAX_BATCH or len(state) != self.n_layer:
+        if not 1 <= nb <= DECODE_MAX_BATCH or len(state) != self.n_layer:
             return None
         out = []
         for s in state:
@@ -188,7 +174,7 @@ class DecodeEngine:
         rc = self.lib.tm_step(ctypes.byref(self.model_struct), tok_ptr, nb, conv_ptrs, ssm_ptrs,
                               logits.data_ptr(), work.data_ptr(), qwork.data_ptr(),
                               self.profile.data_ptr() if self.profile is not None else None)
-        assert rc == 0, rc
+        check_rc(rc, "tm_step")
         return logits
 
     @property
@@ -206,7 +192,7 @@ class DecodeEngine:
         rc = self.lib.tm_step_greedy(ctypes.byref(self.model_struct), ctypes.byref(self._pre[0]), tok_ptr, nb,
                                      conv_ptrs, ssm_ptrs, n_valid, nxt, cnt, approx.data_ptr(), work.data_ptr(),
                                      qwork.data_ptr(), self.profile.data_ptr() if self.profile is not None else None)
-        assert rc == 0, rc
+        check_rc(rc, "tm_step")
         self.rescored += sum(cnt)
         return list(nxt)
 

@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.dispatch import GEMV_MAX_ROWS, kernels_for
+from ..ops.dispatch import kernels_for
+from ..spec import GEMV_MAX_ROWS
 from ..ops.kernels import f16_gemv, i8_gemv
 
 

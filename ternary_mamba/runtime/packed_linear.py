@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.dispatch import GEMV_MAX_ROWS, cpu_has_bf16_kernels, group_paths, kernels_for
+from ..ops.dispatch import cpu_has_bf16_kernels, kernels_for
+from ..spec import GEMV_MAX_ROWS, group_paths
 from ..ops.kernels import tq2_dequant, tq2_dequant_bf16, tq2_gemm_a8, tq2_gemv, tq2_gemv_a8, tq2_gemv_bf16
 from ..quant.packing import unpack
 from ..quant.ternary import dequantize

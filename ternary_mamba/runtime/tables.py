@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.dispatch import GEMV_MAX_ROWS, kernels_for
+from ..ops.dispatch import kernels_for
+from ..spec import GEMV_MAX_ROWS
 from ..ops.kernels import i8_gemv, q4_gemv, table_rows
 from ..quant.tables import dequantize_table
 

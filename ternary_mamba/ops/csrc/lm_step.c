@@ -7,6 +7,7 @@
 #include <math.h>
 #include <string.h>
 #include <time.h>
+#include <stddef.h>
 #include "kernels.h"
 #include "vec16.h"
 #ifdef __AVX2__
@@ -14,7 +15,9 @@
 #endif
 
 
+// Mirrored by ternary_mamba/spec.py KernelKind and DECODE_MAX_BATCH; tm_abi() lets Python check both at load.
 enum { TM_F32 = 0, TM_TQ2 = 1, TM_TQ2_A8 = 2, TM_I8 = 3, TM_F16 = 4, TM_Q4 = 5, TM_TQ2_BF16 = 6 };
+#define TM_MAX_BATCH 64
 
 typedef struct {
     int64_t kind, out, in, G;
@@ -39,6 +42,31 @@ typedef struct {
     int64_t emb_kind;
     const float *emb_scales;        // TM_I8: (vocab) | TM_Q4: (vocab, d_model/32) | unused
 } tm_model;
+
+// The ABI as this build lays it out, for the Python side to compare with its ctypes mirror (ops/abi.py) at load:
+// the enum values and batch limit, then sizeof and every field's offset of tm_linear, tm_layer and tm_model.
+// Returns how many values it has (writes at most n of them).
+#define ABI_PUT(v) do { if (k < n) out[k] = (int64_t)(v); k++; } while (0)
+int64_t tm_abi(int64_t *out, int64_t n) {
+    int64_t k = 0;
+    ABI_PUT(TM_F32); ABI_PUT(TM_TQ2); ABI_PUT(TM_TQ2_A8); ABI_PUT(TM_I8); ABI_PUT(TM_F16); ABI_PUT(TM_Q4);
+    ABI_PUT(TM_TQ2_BF16); ABI_PUT(TM_MAX_BATCH);
+    ABI_PUT(sizeof(tm_linear)); ABI_PUT(offsetof(tm_linear, kind)); ABI_PUT(offsetof(tm_linear, out));
+    ABI_PUT(offsetof(tm_linear, in)); ABI_PUT(offsetof(tm_linear, G)); ABI_PUT(offsetof(tm_linear, w));
+    ABI_PUT(offsetof(tm_linear, scales)); ABI_PUT(offsetof(tm_linear, bias));
+    ABI_PUT(sizeof(tm_layer)); ABI_PUT(offsetof(tm_layer, norm_w)); ABI_PUT(offsetof(tm_layer, in_proj));
+    ABI_PUT(offsetof(tm_layer, out_proj)); ABI_PUT(offsetof(tm_layer, conv_w)); ABI_PUT(offsetof(tm_layer, conv_b));
+    ABI_PUT(offsetof(tm_layer, dt_bias)); ABI_PUT(offsetof(tm_layer, A_log)); ABI_PUT(offsetof(tm_layer, D));
+    ABI_PUT(offsetof(tm_layer, gnorm_w));
+    ABI_PUT(sizeof(tm_model)); ABI_PUT(offsetof(tm_model, n_layer)); ABI_PUT(offsetof(tm_model, d_model));
+    ABI_PUT(offsetof(tm_model, d_inner)); ABI_PUT(offsetof(tm_model, ngroups)); ABI_PUT(offsetof(tm_model, d_state));
+    ABI_PUT(offsetof(tm_model, nheads)); ABI_PUT(offsetof(tm_model, headdim)); ABI_PUT(offsetof(tm_model, d_conv));
+    ABI_PUT(offsetof(tm_model, max_in)); ABI_PUT(offsetof(tm_model, eps)); ABI_PUT(offsetof(tm_model, gnorm_eps));
+    ABI_PUT(offsetof(tm_model, embedding)); ABI_PUT(offsetof(tm_model, norm_f)); ABI_PUT(offsetof(tm_model, head));
+    ABI_PUT(offsetof(tm_model, layers)); ABI_PUT(offsetof(tm_model, emb_kind)); ABI_PUT(offsetof(tm_model, emb_scales));
+    return k;
+}
+#undef ABI_PUT
 
 static int64_t d_in_proj(const tm_model *m) { return 2 * m->d_inner + 2 * m->ngroups * m->d_state + m->nheads; }
 
@@ -221,7 +249,7 @@ static void linear(const tm_linear *L, const float *x, float *y, int64_t nb, int
     case TM_TQ2_A8: {
         int8_t *xq = qwork;
         int32_t *qsum = (int32_t *)(qwork + ((nb * L->in + 15) & ~(int64_t)15));
-        float xs[64];                               // nb <= 64 (checked by the caller)
+        float xs[TM_MAX_BATCH];                     // nb <= TM_MAX_BATCH (checked by the caller)
         tq2_quantize_x(x, xq, xs, qsum, L->in, L->G, nb);
         tq2_gemv_a8((const uint8_t *)L->w, L->scales, xq, xs, qsum, y, L->out, L->in, L->G, nb);
         break;
@@ -290,7 +318,7 @@ static float *tm_trunk(const tm_model *m, const int64_t *tokens, int64_t nb, flo
 // prof (or NULL) accumulates seconds per phase: [embed+norms+residual, in_proj, mixer, out_proj, head].
 int tm_step(const tm_model *m, const int64_t *tokens, int64_t nb, float *const *conv_states,
             float *const *ssm_states, float *logits, float *work, int8_t *qwork, double *prof) {
-    if (nb < 1 || nb > 64) return -1;
+    if (nb < 1 || nb > TM_MAX_BATCH) return -1;
     double t0 = prof ? now() : 0.0;
     const float *u = tm_trunk(m, tokens, nb, conv_states, ssm_states, work, qwork, prof, &t0);
     linear(&m->head, u, logits, nb, qwork);
@@ -314,7 +342,7 @@ static float head_row(const tm_linear *H, int64_t j, const float *u) {
 int tm_step_greedy(const tm_model *m, const tm_linear *pre, const int64_t *tokens, int64_t nb,
                    float *const *conv_states, float *const *ssm_states, int64_t n_valid, int64_t *next,
                    int64_t *rescored, float *approx, float *work, int8_t *qwork, double *prof) {
-    if (nb < 1 || nb > 64 || (m->head.kind != TM_F32 && m->head.kind != TM_F16) || pre->kind != TM_I8
+    if (nb < 1 || nb > TM_MAX_BATCH || (m->head.kind != TM_F32 && m->head.kind != TM_F16) || pre->kind != TM_I8
             || pre->out != m->head.out || n_valid < 1 || n_valid > m->head.out) return -1;
     double t0 = prof ? now() : 0.0;
     const float *u = tm_trunk(m, tokens, nb, conv_states, ssm_states, work, qwork, prof, &t0);

@@ -18,13 +18,11 @@
 #define CODE_PREFETCH 8192
 
 static float LUT[256][4] __attribute__((aligned(16)));
-static int lut_ready = 0;
 
-static void init_lut(void) {
-    if (lut_ready) return;
+// Filled once when the library is loaded (before any thread can call a kernel): no flag to race on.
+__attribute__((constructor)) static void init_lut(void) {
     for (int b = 0; b < 256; b++)
         for (int j = 0; j < 4; j++) LUT[b][j] = (float)(((b >> (2 * j)) & 3) - 1);
-    lut_ready = 1;
 }
 
 int tq2_has_avx2(void) {
@@ -164,7 +162,6 @@ static inline void tq2_rows4_dot(const uint8_t *rows, int64_t row_bytes, const f
 // codes (out, in/4) uint8; scales (out, in/G) fp32; x (nb, in); y (nb, out).  Requires in % G == 0, G % 8 == 0.
 void tq2_gemv(const uint8_t *codes, const float *scales, const float *x, float *y,
               int64_t out, int64_t in, int64_t G, int64_t nb) {
-    init_lut();
     const int64_t row_bytes = in / 4, ngroups = in / G;
 #ifdef __AVX512F__
     if (G % 32 == 0) {
@@ -193,7 +190,6 @@ void tq2_gemv(const uint8_t *codes, const float *scales, const float *x, float *
 
 // Dequantize a whole tq2 matrix into w (out, in) fp32: w = t * s, bit-identical to the fake-quant weight.
 void tq2_dequant(const uint8_t *codes, const float *scales, float *w, int64_t out, int64_t in, int64_t G) {
-    init_lut();
     const int64_t row_bytes = in / 4, ngroups = in / G, gbytes = G / 4;
     #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < out; o++) {
