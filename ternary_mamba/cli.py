@@ -46,7 +46,7 @@ TYPED = {
                        ("train", "training"))),
     "pretrain": Typed("commands.configs:PretrainConfig", "commands.pretrain:pretrain",
                       "train a Mamba-2 from scratch (the teacher; --ternary: the from-scratch control)",
-                      (("train", "training"),)),
+                      (("quant", "quantization (--ternary)"), ("train", "training"))),
     "ptq": Typed("commands.configs:PtqConfig", "commands.ptq:ptq",
                  "post-training ternarization (no training) + post-hoc corrections"),
     "export": Typed("commands.configs:ExportConfig", "commands.export:export",

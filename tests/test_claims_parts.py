@@ -89,4 +89,4 @@ def test_pretrain_takes_a_scale_mode(text_dir, tmp_path, mode):
     m = load_model(out / "model")
     assert m.ternary_config.scale_mode == mode
     rec = json.loads((out / "run.json").read_text())
-    assert rec["config"]["scale_mode"] == mode
+    assert rec["config"]["quant"]["scale_mode"] == mode

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ..config_base import Config, option
 from ..errors import UserError
 from ..formats.configs import GGUF_TYPES
-from ..quant.config import SCALE_MODES, SCALE_PARAMS, MonitorConfig, TernaryConfig
+from ..quant.config import SCALE_MODES, MonitorConfig, TernaryConfig
 from ..spec import DEFAULT_GROUP_SIZE, GGUF_TQ_BLOCK, PACKINGS, TABLE_FORMATS, check_chunk_size
 from ..train.config import DistillConfig, TrainConfig
 
@@ -105,10 +105,8 @@ class PretrainConfig(Config):
     eval_data: list[str] | None = option(None, help="held-out text (default: 1%% split off --data)")
     out: str | None = option(None, required=True, help="run folder", resume_free=True)
     ternary: bool = option(False, help="ternary QAT from random init (the paper's from-scratch control)")
-    group_size: int = option(DEFAULT_GROUP_SIZE, help="--ternary: weights per scale; -1: one per row")
-    scale_mode: str = option("absmean", choices=SCALE_MODES, help="--ternary: how scales are found (as for "
-                             "quantize; learned scales start from the random init's absmean)")
-    scale_param: str = option("log", choices=SCALE_PARAMS, help="--ternary: learned scales as log s or s")
+    quant: TernaryConfig = option(default_factory=TernaryConfig)   # --ternary: as for quantize (learned scales
+    # start from the random init's absmean); --dtype bf16 records scale_format bf16 here
     train: TrainConfig = option(default_factory=lambda: TrainConfig(tokens=10_000_000, lr=3e-3))
     activation_checkpointing: bool = _checkpointing()
     log_to: tuple[str, ...] = _log_to()

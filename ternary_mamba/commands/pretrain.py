@@ -17,7 +17,7 @@ from ..formats.fs import write_json_atomic
 from ..formats.tokenizer import load_tokenizer
 from ..ops.device import autocast, precision
 from ..quant.monitor import ZeroRatioMonitor
-from ..quant.qat import TernaryConfig, quantize_
+from ..quant.qat import quantize_
 from ..train import distributed as D
 from ..train.checkpointing import checkpoint_blocks_
 from ..train.loop import Trainer, note_token_budget
@@ -46,8 +46,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
     tcfg = cfg.train
     note_token_budget(tcfg)
     tcfg.total_steps  # validates the budget before anything is written
-    if cfg.ternary:
-        TernaryConfig(group_size=cfg.group_size, scale_mode=cfg.scale_mode, scale_param=cfg.scale_param)
+    if cfg.ternary and dtype == torch.bfloat16 and cfg.quant.scale_format != "bf16":
+        # the same rule as quantize: bf16 autocast is exact only with bf16-valued scales; recorded in run.json so
+        # that a run in progress reloads with them
+        cfg = cfg.replace(quant=cfg.quant.replace(scale_format="bf16"))
     cfg = cfg.replace(model=cfg.model if cfg.model in PRESETS else str(Path(cfg.model).resolve()),
                       tokenizer=str(Path(cfg.tokenizer).resolve()), data=absolute(cfg.data),
                       eval_data=absolute(cfg.eval_data))
@@ -60,9 +62,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         m = Mamba2LM(mcfg)
         m.reset_parameters(seed=tcfg.seed)
         if cfg.ternary:
-            quantize_(m, TernaryConfig(group_size=cfg.group_size, scale_mode=cfg.scale_mode,
-                                       scale_param=cfg.scale_param,
-                                       scale_format="bf16" if dtype == torch.bfloat16 else "fp16"))
+            quantize_(m, cfg.quant)
         return m
     model = build().to(device)
     qmon = ZeroRatioMonitor() if cfg.ternary else None

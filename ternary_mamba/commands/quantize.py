@@ -20,7 +20,7 @@ from ..formats.sizes import packed_size_bytes
 from ..formats.tokenizer import load_tokenizer, tokenizer_path_for
 from ..quant.monitor import ZeroRatioMonitor, zero_ratio_stats
 from ..ops.device import autocast, precision
-from ..spec import DEFAULT_GROUP_SIZE, GGUF_TQ_BLOCK
+from ..spec import DEFAULT_GROUP_SIZE, GGUF_TQ_BLOCK, PER_ROW, group_paths
 from ..quant.qat import TernaryConfig, quantize_, set_lambda
 from ..train import distributed as D
 from ..train.distill import DistillObjective, evaluate_vs_teacher
@@ -56,7 +56,7 @@ def quantize(cfg: QuantizeConfig | None = None) -> Path:
         print("--dtype bf16: scales rounded to bf16 values (--scale-format bf16), so training, export and "
               "inference use the same weights")
         cfg = cfg.replace(quant=cfg.quant.replace(scale_format="bf16"))
-    if cfg.target == "gguf" and cfg.quant.group_size != -1 and cfg.quant.group_size % GGUF_TQ_BLOCK:
+    if cfg.target == "gguf" and cfg.quant.group_size != PER_ROW and not group_paths(cfg.quant.group_size).gguf_tq:
         if cfg.quant.group_size == DEFAULT_GROUP_SIZE:
             print(f"--target gguf: groups of {GGUF_TQ_BLOCK} (llama.cpp's TQ2_0 / TQ1_0 hold them exactly)")
             cfg = cfg.replace(quant=cfg.quant.replace(group_size=GGUF_TQ_BLOCK))

@@ -164,12 +164,14 @@ class Claims:
 
     def scratch(self, name: str, seed: int) -> dict:
         from ..commands.pretrain import pretrain
+        from ..quant.config import TernaryConfig
         label, mode = SCRATCH[name]
         run = self.out / "runs" / name / f"seed{seed}"
         if not (run / "summary.json").exists():
             pretrain(PretrainConfig(model=str(resolve_model_dir(self.teacher_path) / "config.json"),
-                                    tokenizer=self.tok_path, ternary=mode is not None, scale_mode=mode or "absmean",
-                                    group_size=self.args.group_size, **self._train_config(run, PretrainConfig(), seed)))
+                                    tokenizer=self.tok_path, ternary=mode is not None,
+                                    quant=TernaryConfig(group_size=self.args.group_size, scale_mode=mode or "absmean"),
+                                    **self._train_config(run, PretrainConfig(), seed)))
         summary = json.loads((run / "summary.json").read_text())
         return {"label": label, "model": _name(str(run / "model")), "tokens": summary["tokens"],
                 "collapse_events": summary.get("collapse_events", []), "curve": _curve(run),

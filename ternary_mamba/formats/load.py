@@ -85,9 +85,12 @@ def load_checkpoint_model(run: Path):
         if c.get("ternary"):
             from ..quant.config import TernaryConfig
             from ..quant.qat import quantize_
-            quantize_(model, TernaryConfig(group_size=c.get("group_size", 128),
-                                           scale_mode=c.get("scale_mode", "absmean"),
-                                           scale_param=c.get("scale_param", "log")))
+            if "quant" in c:         # the quantization as the run recorded it (scale format included)
+                quantize_(model, TernaryConfig.from_dict(c["quant"], f"{run / 'run.json'}: config.quant"))
+            else:                    # run records written before pretrain nested its TernaryConfig (flat fields)
+                quantize_(model, TernaryConfig.from_dict(
+                    {k: c[k] for k in ("group_size", "scale_mode", "scale_param") if k in c},
+                    f"{run / 'run.json'}: config"))
     else:
         raise UserError(f"{run}: run.json names no known command; cannot rebuild its model")
     load_state_dict_strict(model, load_file(str(run / "checkpoint" / "model.safetensors")), str(run / "checkpoint"))

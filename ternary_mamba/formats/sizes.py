@@ -27,7 +27,7 @@ def format_info(cfg: Mamba2Config, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def packed_size_bytes(cfg: Mamba2Config, group_size: int = DEFAULT_GROUP_SIZE, packing: str = "tq1",
+def packed_size_bytes(cfg: Mamba2Config, group_size: int | dict[str, int] = DEFAULT_GROUP_SIZE, packing: str = "tq1",
                       separate_head: bool = False, targets=TARGETS,
                       embedding: str = "fp16") -> dict[str, int]:
     """Bytes of a packed ternary checkpoint by component (tensor data only; the header is small).
@@ -43,7 +43,7 @@ def packed_size_bytes(cfg: Mamba2Config, group_size: int = DEFAULT_GROUP_SIZE, p
     for name, (rows, cols) in shapes.items():
         if name not in targets:
             continue
-        G = resolve_group_size(group_size, cols)
+        G = resolve_group_size(group_size[name] if isinstance(group_size, dict) else group_size, cols, name)
         n = rows * cols
         out[f"{name} codes"] = cfg.n_layer * -(-n // per_byte)
         out[f"{name} scales"] = cfg.n_layer * (n // G) * 2
@@ -59,20 +59,30 @@ def packed_size_bytes(cfg: Mamba2Config, group_size: int = DEFAULT_GROUP_SIZE, p
     return out
 
 
-def format_size_table(cfg, group_size: int) -> str:
+def ternary_bits_per_weight(cfg: Mamba2Config, group_size: int | dict[str, int], packing: str) -> float:
+    """Bits per ternary weight (codes + fp16 scales) of the packed layout: from the bytes, whatever the groups."""
+    sizes = packed_size_bytes(cfg, group_size, packing)
+    n = sum(v for k, v in count_params_by_component(cfg).items() if k in TARGETS)
+    return 8 * sum(v for k, v in sizes.items() if k.endswith((" codes", " scales"))) / n
+
+
+def format_size_table(cfg, group_size: int | dict[str, int]) -> str:
+    """The size of every packed layout of `cfg`; `group_size` as a model records it (resolved, or the user's -1)."""
     fp16 = sum(count_params_by_component(cfg).values()) * 2
     ternary = sum(v for k, v in count_params_by_component(cfg).items() if k in TARGETS)
+    b2, b1 = ternary_bits_per_weight(cfg, group_size, "tq2"), ternary_bits_per_weight(cfg, group_size, "tq1")
     rows = [("FP16", fp16, 16.0),
-            ("paper layout (2-bit + separate fp16 head)", sum(packed_size_bytes(cfg, group_size, "tq2", True).values()), 2 + 16 / group_size),
-            ("tq2 (2-bit, tied)", sum(packed_size_bytes(cfg, group_size, "tq2").values()), 2 + 16 / group_size),
-            ("tq1 (1.6-bit, tied)", sum(packed_size_bytes(cfg, group_size, "tq1").values()), 1.6 + 16 / group_size)]
+            ("paper layout (2-bit + separate fp16 head)", sum(packed_size_bytes(cfg, group_size, "tq2", True).values()), b2),
+            ("tq2 (2-bit, tied)", sum(packed_size_bytes(cfg, group_size, "tq2").values()), b2),
+            ("tq1 (1.6-bit, tied)", sum(packed_size_bytes(cfg, group_size, "tq1").values()), b1)]
     if cfg.d_model % Q4_GROUP == 0:
         rows += [(f"tq1 + {e} embedding (--embedding {e})", sum(packed_size_bytes(cfg, group_size, "tq1", embedding=e).values()),
-                  1.6 + 16 / group_size) for e in ("int8", "q4")]
+                  b1) for e in ("int8", "q4")]
     lines = [f"{'layout':<44} {'MB':>10} {'vs FP16':>8} {'bits/ternary weight':>20}"]
     for name, size, bpw in rows:
         lines.append(f"{name:<44} {size / MB:>10,.1f} {fp16 / size:>7.2f}x {bpw if name != 'FP16' else 16:>20.3f}")
-    lines.append(f"({ternary:,} ternary weights of {sum(count_params_by_component(cfg).values()):,}; group size {group_size})")
+    groups = ", ".join(f"{k} {v}" for k, v in group_size.items()) if isinstance(group_size, dict) else group_size
+    lines.append(f"({ternary:,} ternary weights of {sum(count_params_by_component(cfg).values()):,}; group size {groups})")
     return "\n".join(lines)
 
 

@@ -7,14 +7,15 @@ from dataclasses import dataclass
 from ..config_base import Config, option
 from ..errors import UserError
 from ..spec import (DEFAULT_GROUP_SIZE, SCALE_FORMATS, SCALE_MODES, SCALE_PARAMS, TARGETS,
-                    check_group_size)
+                    check_group_size, resolve_group_size)
 
 COLLAPSE_ACTIONS = ("warn", "guard", "stop")
 
 
 @dataclass
 class TernaryConfig(Config):
-    group_size: int = option(DEFAULT_GROUP_SIZE, help="weights per scale along in_features; -1: one per row")
+    group_size: int | dict[str, int] = option(DEFAULT_GROUP_SIZE, help="weights per scale along in_features; -1: "
+                                              "one per row (a model records it resolved, per projection)")
     scale_mode: str = option("absmean", choices=SCALE_MODES, help="absmean: recomputed each step (BitNet); "
                              "learned: LSQ-trained; frozen: absmean at initialisation, never updated; "
                              "guarded: learned, clamped to the guard band x absmean")
@@ -36,7 +37,12 @@ class TernaryConfig(Config):
             raise UserError(f"scale mode '{self.scale_mode}' unknown; choose one of {', '.join(SCALE_MODES)}")
         if self.scale_param not in SCALE_PARAMS:
             raise UserError(f"scale param {self.scale_param!r}: choose one of {', '.join(SCALE_PARAMS)}")
-        check_group_size(self.group_size)
+        if isinstance(self.group_size, dict):      # resolved per projection (see `resolved`)
+            if not self.group_size or not all(isinstance(k, str) and k for k in self.group_size) \
+                    or any(check_group_size(v) < 1 for v in self.group_size.values()):
+                raise UserError(f"group sizes {self.group_size!r}: a resolved size (>= 1) per projection name")
+        else:
+            check_group_size(self.group_size)
         if self.scale_format not in SCALE_FORMATS:
             raise UserError(f"scale format {self.scale_format!r}: choose one of {', '.join(SCALE_FORMATS)}")
         if not 0 < self.guard_low < 1 < self.guard_high:
@@ -47,6 +53,20 @@ class TernaryConfig(Config):
         if bad:
             raise UserError(f"targets {bad}: only in_proj and out_proj can be ternary (the embedding/head stay fp16)")
 
+
+    def group_for(self, name: str) -> int:
+        """The group size asked for a projection called `name` (in_proj, out_proj, ...): -1 only before resolving."""
+        if isinstance(self.group_size, dict):
+            if name not in self.group_size:
+                raise UserError(f"no group size recorded for projection {name!r} (have {sorted(self.group_size)})")
+            return self.group_size[name]
+        return self.group_size
+
+    def resolved(self, in_features: dict[str, int]) -> "TernaryConfig":
+        """This config with `group_size` resolved against each projection's in_features (`spec.resolve_group_size`):
+        one int when every projection resolves alike, else {projection: G}.  What a model records and saves."""
+        gs = {name: resolve_group_size(self.group_for(name), n, name) for name, n in in_features.items()}
+        return self.replace(group_size=gs[next(iter(gs))] if len(set(gs.values())) == 1 else gs)
 
     @classmethod
     def from_saved(cls, d: dict) -> "TernaryConfig":

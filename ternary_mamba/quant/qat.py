@@ -42,7 +42,7 @@ class TernaryLinear(nn.Module):
     def __init__(self, linear: nn.Linear, cfg: TernaryConfig, name: str = ""):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        G = resolve_group_size(cfg.group_size, self.in_features, name)
+        G = resolve_group_size(cfg.group_for(name.rsplit(".", 1)[-1]), self.in_features, name)
         self.group_size, self.mode, self.scale_format = G, cfg.scale_mode, cfg.scale_format
         self.guard = (cfg.guard_low, cfg.guard_high)
         self.weight = linear.weight  # the same Parameter: the latent full-precision weight
@@ -154,6 +154,7 @@ def quantize_(model: nn.Module, cfg: TernaryConfig,
     swaps = [(fqn, m) for fqn, m in model.named_modules() if fqn and filter_fn(m, fqn)]
     if not swaps:
         raise UserError("quantize_: no module matched the filter")
+    cfg = cfg.resolved({fqn.rsplit(".", 1)[-1]: m.in_features for fqn, m in swaps})   # the one resolution
     for fqn, m in swaps:
         parent_name, _, child = fqn.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
