@@ -8,7 +8,7 @@ from conftest import random_model, tiny_config
 from ternary_mamba.ops import autograd as fused
 from ternary_mamba.ops.build import get_kernel
 from ternary_mamba.ops.dispatch import reference_path
-from ternary_mamba.core.ssd import ssd_chunked
+from ternary_mamba.ops.ssd_torch import ssd_chunked
 
 pytestmark = pytest.mark.skipif(get_kernel() is None, reason="no C compiler")
 

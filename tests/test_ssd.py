@@ -6,7 +6,7 @@ import torch
 
 from ternary_mamba.ops.dispatch import reference_path
 
-from ternary_mamba.core.ssd import ssd_chunked, ssd_sequential
+from ternary_mamba.ops.ssd_torch import ssd_chunked, ssd_sequential
 
 
 def _inputs(b, l, h, p, g, n, seed=0):
@@ -103,7 +103,7 @@ def test_fused_forward_steps_aside_for_hooks_on_the_modules_it_skips():
 
 
 def test_decay_matrix_backward_matches_autograd_of_the_formula():
-    from ternary_mamba.core.ssd import decay_matrix
+    from ternary_mamba.ops.ssd_torch import decay_matrix
     g = torch.Generator().manual_seed(0)
     a = (-torch.rand(2, 3, 16, generator=g, dtype=torch.float64)).cumsum(-1).requires_grad_(True)
     k = a.size(-1)

@@ -5,8 +5,8 @@ Module names follow mamba_ssm so that its checkpoints load key-for-key:
     A_log, D, norm, out_proj}, backbone.norm_f, lm_head (weight tied to the embedding).
 Every projection is called as a module (`self.in_proj(u)`), never by reaching into its `.weight`, so a
 swapped-in quantized module is always the one that runs.  The model knows nothing of quantization, file
-formats or training; which implementation of the scan, conv and norms runs is `ops.dispatch`'s decision
-(C kernels for fp32 CPU tensors, the PyTorch reference otherwise or inside `reference_path()`).
+formats or training.  The mixer is one straight path of ops (`ops.conv.conv_silu`, `ops.scan.ssd_scan`,
+`ops.norms.gated_norm`); each op chooses its implementation (C, mamba_ssm, PyTorch) and has a `*_ref` beside it.
 """
 from __future__ import annotations
 
@@ -18,14 +18,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops import autograd as fused
+from ..ops.conv import conv_silu
 from ..ops.device import full_precision
-from ..ops.dispatch import kernels_for, mamba_ssm_scan, reference_kind
-from ..ops.kernels import (conv_silu_prefill, gated_norm_prefill, mixer_step_inplace, ssd_prefill,
-                           ssd_step_inplace)
-from ..spec import SCAN_KERNEL_MULTIPLE
+from ..ops.dispatch import kernels_for
+from ..ops.kernels import mixer_step_inplace
+from ..ops.norms import gated_norm, rms_norm
+from ..ops.scan import ScanDims, ssd_scan, ssd_step
 from .config import Mamba2Config
-from .ssd import ssd_chunked, ssd_sequential, ssd_step
 
 
 def has_forward_hooks(*mods: nn.Module) -> bool:
@@ -56,11 +55,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad) \
-                and fused.rms_norm_supported(x, self.weight):
-            return fused.rms_norm_train(x, self.weight, self.eps)   # training: C forward + backward
-        xf = x.float()   # in fp32 whatever the dtype (a no-op for fp32 inputs), cast back at the end
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class GatedRMSNorm(nn.Module):
@@ -72,10 +67,7 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
-        y = y * F.silu(z)
-        yg = y.unflatten(-1, (self.ngroups, -1))
-        yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + self.eps)
-        return yg.flatten(-2) * self.weight
+        return gated_norm(y, z, self.weight, self.ngroups, self.eps)
 
 
 class Mamba2Mixer(nn.Module):
@@ -89,6 +81,7 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.ones(cfg.nheads))
         self.norm = GatedRMSNorm(cfg.d_inner, cfg.ngroups, cfg.norm_eps)
         self.out_proj = nn.Linear(cfg.d_inner, cfg.d_model, bias=cfg.bias)
+        self.dims = ScanDims(cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state, cfg.chunk_size)
 
     def _split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         c = self.cfg
@@ -115,79 +108,16 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(y.to(u.dtype)), new_state
 
     def _mix(self, z: Tensor, xBC: Tensor, dt: Tensor, state: LayerState | None) -> tuple[Tensor, LayerState]:
-        """fp32 z, xBC, dt (b, l, ·) -> y (b, l, d_inner) before out_proj, and the new state."""
-        c = self.cfg
+        """fp32 z, xBC, dt (b, l, ·) -> y (b, l, d_inner) before out_proj, and the new state: conv + SiLU, the
+        scan (D skip included), the gated norm."""
         b, l, _ = xBC.shape
-        ref = reference_kind()
-        if ref is None and not torch.is_grad_enabled() and kernels_for(xBC) \
-                and not has_forward_hooks(self.conv1d, self.norm):
-            fast = self._forward_fused(z, xBC, dt, state)   # inference: conv + scan in C
-            if fast is not None:
-                return fast
-        init = state.ssm.float() if state is not None else None
-        A, dt_bias, D = -torch.exp(self.A_log.float()), self.dt_bias.float(), self.D.float()
-        if ref is None and fused.conv_supported(xBC, self.conv1d.weight) \
-                and fused.ssd_supported(xBC, c.headdim, c.d_state, c.chunk_size):
-            # training: conv + SiLU and the scan + D skip as C kernels with hand-written backward passes
-            xBC, conv_state = fused.conv_silu_train(xBC, self.conv1d.weight, self.conv1d.bias,
-                                                    state.conv.float() if state is not None else None)
-            y, ssm_state = fused.ssd_train(xBC, F.softplus(dt + dt_bias), A, D,
-                                           c.nheads, c.headdim, c.ngroups, c.d_state, c.chunk_size, init)
-            y = y.view(b, l, c.d_inner)
-            if type(self.norm) is GatedRMSNorm and not has_forward_hooks(self.norm) \
-                    and fused.gated_norm_supported(y, z, self.norm.weight):
-                return fused.gated_norm_train(y, z, self.norm.weight, self.norm.ngroups, self.norm.eps), \
-                    LayerState(conv_state, ssm_state)
-            return self.norm(y, z), LayerState(conv_state, ssm_state)
-        # the PyTorch reference: causal depthwise conv over time, continuing from the previous inputs (zeros at
-        # the start), as K shifted multiply-adds in the (b, l, channels) layout: no transposes, cheap backward
-        K = c.d_conv
-        hist = state.conv.transpose(1, 2) if state is not None else xBC.new_zeros(b, K - 1, c.conv_dim)
-        xp = torch.cat([hist.to(xBC.dtype), xBC], dim=1)                    # (b, K-1+l, conv_dim)
-        w = self.conv1d.weight[:, 0, :].float()                              # (conv_dim, K)
-        out = xp[:, K - 1:] * w[:, K - 1]
-        for k in range(K - 1):
-            out = out + xp[:, k:k + l] * w[:, k]
-        if self.conv1d.bias is not None:
-            out = out + self.conv1d.bias.float()
-        conv_state = xp[:, xp.size(1) - (K - 1):].transpose(1, 2)           # (b, conv_dim, K-1)
-        x, B, C = F.silu(out).split([c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
-        dt = F.softplus(dt + dt_bias)
-        x = x.view(b, l, c.nheads, c.headdim)
-        B, C = B.view(b, l, c.ngroups, c.d_state), C.view(b, l, c.ngroups, c.d_state)
-        scan = mamba_ssm_scan(x)          # CUDA with mamba_ssm installed: its fused chunked scan (D skip included)
-        if scan is not None:
-            y, ssm_state = scan(x, dt, A, B, C, c.chunk_size, D=D, initial_states=init, return_final_states=True)
-            return self.norm(y.reshape(b, l, c.d_inner), z), LayerState(conv_state, ssm_state)
-        if ref == "sequential":
-            y, ssm_state = ssd_sequential(x, dt, A, B, C, init)
-        else:
-            y, ssm_state = ssd_chunked(x, dt, A, B, C, c.chunk_size, init)
-        y = (y + x * D[:, None]).reshape(b, l, c.d_inner)
-        return self.norm(y, z), LayerState(conv_state, ssm_state)
-
-    def _forward_fused(self, z: Tensor, xBC: Tensor, dt: Tensor, state: LayerState | None):
-        """forward() without autograd: conv + SiLU and the chunked scan as C kernels, reading x/B/C in place."""
-        c = self.cfg
-        b, l, _ = xBC.shape
-        conv = conv_silu_prefill(xBC, self.conv1d.weight, self.conv1d.bias, state.conv if state is not None else None)
-        if conv is None or c.headdim % SCAN_KERNEL_MULTIPLE:
-            return None
-        xBC, conv_state = conv
-        x, B, C = xBC.split([c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
+        xBC, conv_state = conv_silu(xBC, self.conv1d.weight, self.conv1d.bias,
+                                    state.conv.float() if state is not None else None)
         dt = F.softplus(dt + self.dt_bias.float())
         A = -torch.exp(self.A_log.float())
-        x = x.view(b, l, c.nheads, c.headdim)
-        B, C = B.view(b, l, c.ngroups, c.d_state), C.view(b, l, c.ngroups, c.d_state)
-        out = ssd_prefill(x, dt, A, B, C, c.chunk_size, state.ssm if state is not None else None)
-        if out is None:
-            return None
-        y, ssm_state = out
-        if type(self.norm) is GatedRMSNorm:
-            y = gated_norm_prefill(y, x, z, self)            # D skip + gate + grouped RMSNorm in one pass
-        else:
-            y = self.norm((y + x * self.D.float()[:, None]).reshape(b, l, c.d_inner), z)
-        return y, LayerState(conv_state, ssm_state)
+        y, ssm_state = ssd_scan(xBC, dt, A, self.D.float(), self.dims,
+                                state.ssm.float() if state is not None else None)
+        return self.norm(y.reshape(b, l, self.cfg.d_inner), z), LayerState(conv_state, ssm_state)
 
     def step(self, u: Tensor, state: LayerState, inplace: bool = False) -> tuple[Tensor, LayerState]:
         """One token: u (b, d_model) -> (b, d_model); O(1) in the sequence length.
@@ -211,10 +141,7 @@ class Mamba2Mixer(nn.Module):
             x, B, C, dt, A = self._ssm_inputs(xBC, dt)
             x = x.view(-1, c.nheads, c.headdim)
             B, C = B.view(-1, c.ngroups, c.d_state), C.view(-1, c.ngroups, c.d_state)
-            if inplace and state.ssm.is_contiguous() and kernels_for(state.ssm, x, dt, B, C):
-                y, ssm = ssd_step_inplace(state.ssm, x, dt, torch.exp(dt * A), B, C), state.ssm
-            else:
-                y, ssm = ssd_step(state.ssm.float(), x, dt, A, B, C)
+            y, ssm = ssd_step(state.ssm, x, dt, A, B, C, inplace=inplace)
             y = self.norm((y + x * self.D.float()[:, None]).reshape(-1, c.d_inner), z)
         return self.out_proj(y.to(u.dtype)), LayerState(window[:, :, 1:], ssm)
 

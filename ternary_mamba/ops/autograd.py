@@ -1,13 +1,12 @@
 """The training path's fused kernels: forward and backward in C, each as one autograd.Function.
 
-- `ssd_train`: the chunked SSD scan plus the D skip.  Reference: autograd through `core.ssd.ssd_chunked` followed by
-  `y + D x`.  The PyTorch version spends most of a training step building (chunks x heads x k x k) and
+- `ssd_train`: the chunked SSD scan plus the D skip.  Reference: `ops.scan.ssd_scan_ref`.  The PyTorch version spends most of a training step building (chunks x heads x k x k) and
   (chunks x p x n) temporaries and their gradients; the C kernels (csrc/ssd_prefill.c forward, csrc/ssd_train.c
   backward) work per (batch, head) on small in-cache GEMMs and keep only the state entering every chunk.
 - `conv_silu_train`: the causal depthwise conv + SiLU (csrc/ssd_prefill.c forward, csrc/conv_train.c backward).
-  Reference: the shifted multiply-adds of `core.model.Mamba2Mixer.forward` followed by F.silu.
-- `gated_norm_train`: the mixer's gated RMSNorm (csrc/norm_train.c).  Reference: `core.model.GatedRMSNorm`.
-- `rms_norm_train`: the block RMSNorm (csrc/norm_train.c).  Reference: `core.model.RMSNorm`'s formula.
+  Reference: `ops.conv.conv_silu_ref`.
+- `gated_norm_train`: the mixer's gated RMSNorm (csrc/norm_train.c).  Reference: `ops.norms.gated_norm_ref`.
+- `rms_norm_train`: the block RMSNorm (csrc/norm_train.c).  Reference: `ops.norms.rms_norm_ref`.
 
 Tests compare values and every gradient with the references (tests/test_fused_train.py).
 """

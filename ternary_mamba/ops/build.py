@@ -171,8 +171,6 @@ def get_kernel():
     lib.gated_norm_bwd.restype = lib.rms_norm_bwd.restype = ctypes.c_int
     lib.conv_silu_prefill.argtypes = [p, i64, p, p, p, p, p, i64, i64, i64, i64]
     lib.conv_silu_prefill.restype = ctypes.c_int
-    lib.gated_norm_prefill.argtypes = [p, p, i64, p, i64, p, p, i64, i64, i64, i64, ctypes.c_float]
-    lib.gated_norm_prefill.restype = None
     lib.ssd_prefill.restype = ctypes.c_int
     lib.f32_gemv.argtypes = [p, p, p, i64, i64, i64]
     lib.f16_gemv.argtypes = [p, p, p, i64, i64, i64]

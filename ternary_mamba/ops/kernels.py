@@ -195,11 +195,11 @@ def rows_view(t: torch.Tensor, inner: int) -> tuple[torch.Tensor, int]:
 
 
 def ssd_prefill(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                chunk_size: int, initial_state: torch.Tensor | None = None):
-    """The chunked SSD scan fused in C for inference (same signature and result as ssd.ssd_chunked); x, B and C
-    may be views into a wider (b, l, ·) tensor.  Returns None when it cannot run (no kernel, headdim not a
-    multiple of 16, not fp32)."""
-    _cpu(x, dt, A, B, C, initial_state)
+                chunk_size: int, initial_state: torch.Tensor | None = None, D: torch.Tensor | None = None):
+    """The chunked SSD scan fused in C for inference (the signature and result of ops.ssd_torch.ssd_chunked, plus
+    the skip D x when D (h,) is given); x, B and C may be views into a wider (b, l, ·) tensor.  Returns None when
+    it cannot run (no kernel, headdim not a multiple of 16, not fp32)."""
+    _cpu(x, dt, A, B, C, initial_state, D)
     lib = get_kernel()
     if lib is None or any(t.dtype != torch.float32 for t in (x, dt, A, B, C)):
         return None
@@ -215,32 +215,16 @@ def ssd_prefill(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
         bc_rs = g * n
     dt, A = dt.contiguous(), A.contiguous()
     init = initial_state.contiguous().float() if initial_state is not None else None
+    D = D.detach().contiguous().float() if D is not None else None
     y = torch.empty(b, l, h, p)
     state = torch.empty(b, h, p, n)
     rc = lib.ssd_prefill(x.data_ptr(), dt.data_ptr(), A.data_ptr(), B.data_ptr(), C.data_ptr(),
                          init.data_ptr() if init is not None else None, y.data_ptr(), state.data_ptr(),
-                         b, l, h, p, g, n, chunk_size, x_rs, bc_rs, None, None)
+                         b, l, h, p, g, n, chunk_size, x_rs, bc_rs, None, D.data_ptr() if D is not None else None)
     if rc == -1:
         return None      # a shape the kernel does not take: the caller uses the PyTorch scan
     check_rc(rc, "ssd_prefill")
     return y, state
-
-
-def gated_norm_prefill(y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, mixer) -> torch.Tensor:
-    """GatedRMSNorm(y + D x, z) of a whole sequence in one C pass; y (b, l, h, p) contiguous is overwritten and
-    returned as (b, l, d_inner).  x (b, l, h, p) and z (b, l, d_inner) may be views."""
-    _cpu(y, x, z)
-    _dtype(torch.float32, y)
-    lib = get_kernel()
-    c = mixer.cfg
-    b, l = y.shape[:2]
-    _check(y.is_contiguous(), 'contiguous y')
-    x, x_rs = rows_view(x, c.d_inner)
-    z, z_rs = rows_view(z, c.d_inner)
-    D, w = mixer.D.detach().contiguous().float(), mixer.norm.weight.detach().contiguous().float()
-    lib.gated_norm_prefill(y.data_ptr(), x.data_ptr(), x_rs, z.data_ptr(), z_rs, D.data_ptr(), w.data_ptr(),
-                           b * l, c.nheads, c.headdim, c.ngroups, float(mixer.norm.eps))
-    return y.view(b, l, c.d_inner)
 
 
 def conv_silu_prefill(xbc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -26,7 +26,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..core.model import LayerState, has_forward_hooks
-from ..ops.build import get_kernel
+from ..ops.build import check_rc, get_kernel
 from ..ops.abi import TmLayer as _Layer, TmLinear as _Linear, TmModel as _Model
 from ..ops.dispatch import kernels_available
 from ..spec import DECODE_MAX_BATCH, KernelKind

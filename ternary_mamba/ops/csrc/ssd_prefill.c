@@ -58,38 +58,10 @@ int conv_silu_prefill(const float *xbc, int64_t in_rs, const float *prev, const 
     return 0;
 }
 
-// The mixer's tail over a sequence (reference: GatedRMSNorm(y + D x, z)):  v = (y + D_h x) * silu(z), then one
-// RMS statistic per group of d_inner/ng channels, times norm_w.  y (b*l, d_inner) contiguous is overwritten
-// with the result; x and z rows are read at strides x_rs / z_rs (views into wider tensors).
-void gated_norm_prefill(float *y, const float *x, int64_t x_rs, const float *z, int64_t z_rs, const float *D,
-                        const float *norm_w, int64_t rows, int64_t nh, int64_t p, int64_t ng, float eps) {
-    const int64_t di = nh * p, gs = di / ng;
-    #pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        float *yr = y + r * di;
-        const float *xr = x + r * x_rs, *zr = z + r * z_rs;
-        for (int64_t h = 0; h < nh; h++) {
-            const float d = D[h];
-            int64_t i = h * p;
-            for (; i + VW <= (h + 1) * p; i += VW) {
-                const vw zz = vwload(zr + i);
-                vwstore(yr + i, (vwload(yr + i) + d * vwload(xr + i)) * (zz / (1.f + vwexp(-zz))));
-            }
-            for (; i < (h + 1) * p; i++) yr[i] = (yr[i] + d * xr[i]) * (zr[i] / (1.f + expf(-zr[i])));
-        }
-        for (int64_t g = 0; g < ng; g++) {
-            float *v = yr + g * gs;
-            const float inv = 1.f / sqrtf(dot(v, v, gs) / (float)gs + eps);
-            const float *w = norm_w + g * gs;
-            for (int64_t i = 0; i < gs; i++) v[i] *= inv * w[i];
-        }
-    }
-}
-
 
 // x_rs / bc_rs: elements between consecutive positions of x and of B/C (x may be a view into xBC).
 // Returns 0, or -1 if p is not a multiple of 16 (the caller then uses the PyTorch scan).
-// Training (ssd_train.c) also passes D (the skip y += D_h x, else NULL) and chunk_states (b,h,chunks,p,n): the
+// D: the skip y += D_h x (NULL: none).  Training (ssd_train.c) also passes chunk_states (b,h,chunks,p,n): the
 // state entering every chunk, which the backward pass starts from.
 int ssd_prefill(const float *x, const float *dt, const float *A, const float *B, const float *C, const float *init,
                 float *y, float *final_state, int64_t nb, int64_t l, int64_t nh, int64_t p, int64_t ng, int64_t n,

@@ -1,4 +1,5 @@
-"""The SSD scan of Mamba-2: a chunked form for training/prefill and a sequential reference.
+"""The SSD scan of Mamba-2 in PyTorch: the chunked form (the reference `ops.scan.ssd_scan_ref` runs, and what every
+device without a fused kernel trains with) and the token-by-token recurrence it is checked against.
 
 Notation (mamba_ssm): b batch, l sequence, h heads, p headdim, g groups (B/C shared by h/g heads),
 n d_state, c chunks of length k.  Recurrence, per head:
