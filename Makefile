@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all test-asan test-avx2 bench clean
+.PHONY: demo test test-all test-asan test-kernels bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## QAT+KD of the bundled teacher on the bundled books (<= 10 min on 2 cores)
 	$(BIN)/ternary-mamba quantize
 
-test: $(STAMP)  ## the offline test suite (no ../shared, no network)
+test: $(STAMP)  ## the offline test suite (no ../shared, no network), then the kernels built for other CPUs
 	$(BIN)/python -m pytest -q
+	bash scripts/test_kernels.sh
 
 test-all: $(STAMP)  ## including the slow tests
 	$(BIN)/python -m pytest -q -m ""
@@ -25,8 +26,8 @@ test-all: $(STAMP)  ## including the slow tests
 test-asan: $(STAMP)  ## the C kernels under AddressSanitizer: kernel tests + the fuzz cases
 	bash scripts/test_asan.sh
 
-test-avx2: $(STAMP)  ## the C kernels built for an AVX2-only CPU: kernel tests + the fuzz cases
-	bash scripts/test_avx2.sh
+test-kernels: $(STAMP)  ## only the kernel tests, against builds for a scalar (x86-64) and an AVX2-only CPU
+	bash scripts/test_kernels.sh
 
 bench: $(STAMP)
 	$(BIN)/ternary-mamba bench model

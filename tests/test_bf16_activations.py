@@ -62,7 +62,7 @@ def test_packed_model_bf16_decode_and_prefill(tmp_path):
 @pytest.mark.parametrize("out_f,in_f,G,nt", [(37, 256, 128, 5), (300, 768, 128, 51), (64, 512, 256, 17),
                                              (20, 96, 32, 3)])
 def test_a8_prefill_gemm_matches_the_a8_gemv(out_f, in_f, G, nt):
-    """The int8 GEMM of prefill (VNNI, or vpmaddubsw on AVX2 builds: `make test-avx2`): the a8 GEMV's arithmetic token by token (same int8 rounding,
+    """The int8 GEMM of prefill (VNNI, or vpmaddubsw on AVX2 builds: scripts/test_kernels.sh): the a8 GEMV's arithmetic token by token (same int8 rounding,
     integer group sums), for partial row blocks and token tiles; None where the CPU has neither."""
     _kernel()
     from ternary_mamba.ops.kernels import tq2_gemm_a8, tq2_gemv_a8

@@ -1,7 +1,6 @@
 """The command line: instant help, info on presets/folders, one-line errors."""
 import subprocess
 import sys
-import time
 
 from ternary_mamba.cli import main
 
@@ -10,9 +9,11 @@ def test_help_is_instant_and_does_not_import_torch():
     code = "import sys, ternary_mamba.cli as c; c.build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
-    t = time.time()
-    r = subprocess.run([sys.executable, "-m", "ternary_mamba", "--help"], capture_output=True, text=True)
-    assert r.returncode == 0 and "quantize" in r.stdout and time.time() - t < 10
+    # instant = nothing heavy is imported (checked above, and for the full CLI here), not a wall-clock bound
+    code = "import sys, runpy; sys.argv = ['ternary-mamba', '--help']\ntry:\n    runpy.run_module('ternary_mamba', " \
+           "run_name='__main__')\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and "quantize" in r.stdout and r.stdout.strip().endswith("False")
 
 
 def test_info_on_the_1_3b_preset(capsys):

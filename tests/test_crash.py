@@ -1,4 +1,4 @@
-"""Crash safety: a run killed with SIGKILL at 20 random moments (inside checkpoint saving too) always resumes,
+"""Crash safety: a run killed with SIGKILL at 20 seeded random moments (inside checkpoint saving too) always resumes,
 never goes back past its last checkpoint, and ends on exactly the uninterrupted trajectory."""
 import json
 import os
@@ -6,10 +6,11 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 from conftest import BUNDLED_TOKENIZER
+from ternary_mamba import faults
 from ternary_mamba.cli import main
+from ternary_mamba.formats.fs import aside_path
 
 TINY = '{"d_model": 32, "n_layer": 2, "d_state": 16, "headdim": 16, "vocab_size": 8192, "chunk_size": 16}'
 STEPS = 100
@@ -26,10 +27,14 @@ def _losses(run):
 
 
 def _saved_step(run):
-    try:
-        return json.loads((run / "checkpoint" / "trainer_state.json").read_text())["step"]
-    except (OSError, ValueError, KeyError):
-        return None
+    """The step of the checkpoint a resume would load: the checkpoint folder, or, killed between the renames of
+    a save, its previous version set aside (which `--resume` puts back)."""
+    for d in (run / "checkpoint", aside_path(run / "checkpoint")):
+        try:
+            return json.loads((d / "trainer_state.json").read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            continue
+    return None
 
 
 def test_twenty_sigkills_lose_nothing(text_dir, tmp_path):
@@ -42,26 +47,19 @@ def test_twenty_sigkills_lose_nothing(text_dir, tmp_path):
         __import__("torch").set_num_threads(n)
     ref = _losses(tmp_path / "ref")
     run, rng, kills, last = tmp_path / "run", random.Random(0), 0, 0
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     while kills < 20:
-        extra = ["--resume"] if _saved_step(run) is not None else []
+        start = _saved_step(run)
+        extra = ["--resume"] if start is not None else []
         if not extra and run.exists():          # killed before its first checkpoint: start again
             import shutil
             shutil.rmtree(run)
-        p = subprocess.Popen([sys.executable, "-m", "ternary_mamba", *_args(cfg, text_dir, run, extra)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        start = _saved_step(run) or 0
-        deadline = time.time() + 120
-        # wait until this process has trained a little (random: 0-2 further saves), then kill it mid-flight
-        target = start + rng.randint(0, 2)
-        while time.time() < deadline and p.poll() is None and (_saved_step(run) or 0) < target:
-            time.sleep(0.01)
-        time.sleep(rng.random() * 0.05)         # sometimes inside the next save
-        if p.poll() is not None:                # it finished: the run is complete
-            assert p.returncode == 0, p.stderr.read()[-2000:]
-            break
-        p.send_signal(signal.SIGKILL)
-        p.wait()
+        # a moment this process will reach, chosen up front (no timer to race): while computing a step's loss,
+        # inside a checkpoint save after 0-3 of its files, or between the renames that swap it in (faults.py)
+        step, where = (start or 1) + rng.randint(1, 3), rng.choice(faults.POINTS)
+        env = {**os.environ, "TERNARY_MAMBA_FAULT": f"kill@0:{step}:{where}"}
+        p = subprocess.run([sys.executable, "-m", "ternary_mamba", *_args(cfg, text_dir, run, extra)], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
+        assert p.returncode == -signal.SIGKILL, (where, step, p.stderr[-2000:])
         kills += 1
         now = _saved_step(run)
         assert now is None or now >= last, f"the checkpoint went back from step {last} to {now}"

@@ -3,10 +3,8 @@ the same global batch, and a killed distributed run resumes onto the same trajec
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -23,10 +21,10 @@ def _args(cfg, data, out, batch, extra=()):
             "--save-every", "2", "--out", str(out), "--lr", "3e-3", "--threads", "1", *extra]
 
 
-def _torchrun(args, **kw):
+def _torchrun(args, fault=None, **kw):
     exe = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [exe, "--standalone", "--nproc_per_node=2", "-m", "ternary_mamba", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"TERNARY_MAMBA_FAULT": fault} if fault else {})}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
@@ -63,14 +61,12 @@ def test_two_processes_match_single_process(setup, text_dir, mode):
 def test_killed_distributed_run_resumes_onto_the_same_trajectory(setup, text_dir):
     cfg, d, ref = setup
     out = d / "killed"
-    p = _torchrun(_args(cfg, text_dir, out, batch=8), start_new_session=True)
+    # rank 0 SIGKILLs itself inside step 7 (faults.py); torchrun then stops the other rank
+    p = _torchrun(_args(cfg, text_dir, out, batch=8), start_new_session=True, fault="kill@0:7")
+    p.communicate(timeout=600)
+    assert p.returncode != 0
     state = out / "checkpoint" / "trainer_state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (state.exists() and json.loads(state.read_text())["step"] >= 6):
-        time.sleep(0.1)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    assert json.loads(state.read_text())["step"] < 12
+    assert json.loads(state.read_text())["step"] == 6
     p = _torchrun(_args(cfg, text_dir, out, batch=8, extra=["--resume"]))
     log = p.communicate(timeout=600)[0]
     assert p.returncode == 0, log[-3000:]
@@ -84,12 +80,13 @@ def test_a_fault_on_one_rank_stops_every_rank_promptly(setup, text_dir, tmp_path
     cfg, _, _ = setup
     exe = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TERNARY_MAMBA_FAULT": fault}
-    t = time.time()
+    # "promptly": every rank stops by itself (no rank left waiting in a collective until torchrun's or NCCL's
+    # timeout); the subprocess limit is only a backstop
     p = subprocess.run([exe, "--standalone", "--nproc_per_node=2", "-m", "ternary_mamba",
                         *_args(cfg, text_dir, tmp_path / "f", batch=8)], env=env, capture_output=True, text=True,
                        timeout=300)
     out = p.stdout + p.stderr
-    assert p.returncode != 0 and time.time() - t < 120
+    assert p.returncode != 0
     assert message in out, out[-2000:]
     ours = [l for l in out.splitlines() if l.startswith("ternary-mamba pretrain: error:")]
     assert len(ours) == 1 if fault.startswith("nan") else len(ours) >= 1, ours

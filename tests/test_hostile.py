@@ -121,7 +121,7 @@ CASES = {
     "packed: one-element bias": _case_bias,
     "packed: malformed header": _case_header,
     "config: norm_eps a string": _config_case("norm_eps", "tiny", "norm_eps must be a positive number"),
-    "config: chunk_size 2^20": _config_case("chunk_size", 2 ** 20, "chunk_size 1048576 is larger"),
+    "config: chunk_size 2^20": _config_case("chunk_size", 2 ** 20, "chunk_size 1048576: at most 1024"),
     "config: d_model a list": _config_case("d_model", [64], "d_model must be a positive integer"),
     "config: ssm_cfg a string": _case_ssm_cfg,
     "index: weight_map a list": _index_case(["s1.safetensors"], "weight_map must be"),

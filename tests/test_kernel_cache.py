@@ -12,8 +12,10 @@ CODE = ("import warnings; warnings.simplefilter('ignore'); from ternary_mamba.op
         "torch.ones(1, 8), 8).shape == (1, 2) else 'none')")
 
 
-def _run(cache):
+def _run(cache, strict=True):
     env = {**os.environ, "TERNARY_MAMBA_CACHE": str(cache)}
+    if not strict:
+        env.pop("TERNARY_MAMBA_REQUIRE_KERNELS", None)
     return subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -34,6 +36,22 @@ def test_a_world_writable_cache_is_refused(tmp_path):
     cache = tmp_path / "c"
     (cache / "kernels").mkdir(parents=True)
     os.chmod(cache / "kernels", 0o777)
-    r = _run(cache)
+    r = _run(cache, strict=False)
     assert r.returncode == 0 and r.stdout.strip() == "none"
+    strict = _run(cache)                                 # where kernels are required, the refusal is an error
+    assert strict.returncode != 0 and "group- or world-writable" in strict.stderr
     assert not list((cache / "kernels").glob("*.so"))
+
+
+def test_a_kernel_that_does_not_compile_fails_where_kernels_are_required(tmp_path):
+    """A compile error is a failure (named, with the compiler's error) when TERNARY_MAMBA_REQUIRE_KERNELS=1, not
+    a silent fallback to PyTorch that skips every kernel test."""
+    if subprocess.run(["which", "gcc"], capture_output=True).returncode:
+        pytest.skip("no C compiler")
+    env = {**os.environ, "TERNARY_MAMBA_CACHE": str(tmp_path / "c"), "TERNARY_MAMBA_REQUIRE_KERNELS": "1",
+           "TERNARY_MAMBA_MARCH": "no-such-cpu"}
+    r = subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "no-such-cpu" in r.stderr and "error" in r.stderr
+    env.pop("TERNARY_MAMBA_REQUIRE_KERNELS")
+    r = subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok"   # for users: a portable build instead

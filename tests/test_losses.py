@@ -44,6 +44,16 @@ def test_kl_matches_the_reference(tau):
     assert torch.allclose(_grad(out, s), _grad(kl_div_reference(t, s, tau), s), atol=1e-8, rtol=1e-4)
 
 
+@pytest.mark.parametrize("tau", [1.0, 3.0])
+def test_kl_equals_pytorchs_kl_div(tau):
+    """Independent of our reference: torch's own F.kl_div, averaged over tokens (batchmean of the flattened rows)."""
+    gen = torch.Generator().manual_seed(2)
+    s, t = torch.randn(3, 17, 300, generator=gen) * 3, torch.randn(3, 17, 300, generator=gen) * 3
+    want = F.kl_div(F.log_softmax(s.view(-1, 300) / tau, -1), F.log_softmax(t.view(-1, 300) / tau, -1),
+                    reduction="batchmean", log_target=True)
+    torch.testing.assert_close(kl_div(t, s, tau), want, rtol=1e-5, atol=1e-6)
+
+
 def test_kl_gives_the_teacher_side_a_gradient_through_the_reference():
     t = torch.randn(5, 40, requires_grad=True)
     s = torch.randn(5, 40)

@@ -29,7 +29,14 @@ def test_plan_for_the_paper_run(capsys):
     assert main(["plan", "--teacher", "mamba2-1.3b", "--device", "cuda", "--dtype", "bf16", "--batch-size", "8",
                  "--seq-len", "2048"]) == 0
     out = capsys.readouterr().out
-    assert "1.344 B params" in out and "AdamW moments" in out and "102 M tokens in" in out
+    # Mamba-2 1.3B's parameters from its published shape, written out here (not the package's counter):
+    # d 2048, 48 layers, d_inner 4096, 64 heads, d_state 128, conv 4, vocab 50277 padded to 50288, tied head
+    d, L, di, h, n, K, V = 2048, 48, 4096, 64, 128, 4, 50288
+    conv = di + 2 * n
+    per_layer = (2 * di + 2 * n + h) * d + conv * K + conv + 3 * h + di + di * d + d
+    params = V * d + L * per_layer + d
+    assert params == 1_343_757_312
+    assert f"{params / 1e9:.3f} B params" in out and "AdamW moments" in out and "102 M tokens in" in out
     assert "fits in 80 GB" in out and "micro-batch 1 x 2048 fits" in out
     assert main(["plan", "--teacher", "mamba2-130m", "--gpu", "a10g", "--activation-checkpointing",
                  "--batch-size", "4", "--seq-len", "1024", "--nproc", "2", "--fsdp"]) == 0

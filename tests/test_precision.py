@@ -120,5 +120,5 @@ def test_c_kernels_refuse_tensors_they_were_not_written_for():
         tq2_dequant(codes, scales.half(), 8)
     with pytest.raises(TypeError):
         i8_gemv(torch.zeros(4, 8, dtype=torch.int8), scales.view(-1), x.bfloat16())
-    with pytest.raises((TypeError, AssertionError)):
+    with pytest.raises(TypeError):
         f16_gemv(torch.zeros(4, 8), x)

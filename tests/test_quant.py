@@ -44,11 +44,32 @@ def test_packing_inputs_are_not_mutated():
 
 
 def test_learned_scale_gets_lsq_gradient_and_weight_ste():
+    """The gradients against LSQ's formula written out here (Esser et al. 2020, ternary levels, grad scale
+    1/sqrt(G)), element by element in plain Python: not the implementation's own tensor expressions."""
     torch.manual_seed(0)
-    q = TernaryLinear(torch.nn.Linear(64, 16, bias=False), TernaryConfig(group_size=32, scale_mode="learned"))
-    q(torch.randn(4, 64)).pow(2).sum().backward()
-    assert q.log_scale.grad is not None and torch.isfinite(q.log_scale.grad).all() and q.log_scale.grad.abs().sum() > 0
-    assert q.weight.grad is not None and q.weight.grad.abs().sum() > 0
+    G = 32
+    q = TernaryLinear(torch.nn.Linear(64, 16, bias=False), TernaryConfig(group_size=G, scale_mode="learned"))
+    with torch.no_grad():
+        q.log_scale.add_(torch.randn_like(q.log_scale) * 0.3)     # some weights clip, some round to 0
+    x = torch.randn(4, 64)
+    q(x).pow(2).sum().backward()
+    y = q(x).detach()
+    grad_q = 2 * y.T @ x                                          # dL/dQ of sum((x Q^T)^2), (16, 64)
+    s = q.log_scale.detach().exp().half().float()                 # the fp16 value the forward used
+    want_s, want_w = torch.zeros_like(s), torch.zeros(16, 64)
+    for o in range(16):
+        for i in range(64):
+            sg = float(s[o, i // G])
+            v = float(q.weight.detach()[o, i]) / sg
+            if abs(v) <= 1:
+                want_w[o, i] = grad_q[o, i]
+                dq_ds = max(-1.0, min(1.0, float(round(v)))) - v   # round(v) - v inside the range
+            else:
+                dq_ds = 1.0 if v > 0 else -1.0                      # the clipped level, outside it
+            want_s[o, i // G] += float(grad_q[o, i]) * dq_ds / G ** 0.5
+    torch.testing.assert_close(q.weight.grad, want_w, rtol=1e-5, atol=1e-5)
+    # the parameter is log s: d/d(log s) = s d/ds, with s the unrounded exp(log s)
+    torch.testing.assert_close(q.log_scale.grad, want_s * q.log_scale.detach().exp(), rtol=1e-4, atol=1e-5)
 
 
 def test_absmean_gives_pure_ste_gradient():

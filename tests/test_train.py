@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -56,18 +55,13 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tiny_cfg, text_dir, tm
     assert main(args) == 0
     ref = _losses(tmp_path / "a")
     b = tmp_path / "b"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "ternary_mamba",
-                             *_pretrain_args(tiny_cfg, text_dir, b, 12288, one_thread)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = b / "checkpoint" / "trainer_state.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (state.exists() and json.loads(state.read_text())["step"] >= 10):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = json.loads(state.read_text())["step"]
-    assert killed_at < len(ref), "the run finished before it could be killed; make it longer"
+    env = {**os.environ, "TERNARY_MAMBA_FAULT": "kill@0:11"}    # SIGKILL inside step 11 (faults.py)
+    proc = subprocess.run([sys.executable, "-m", "ternary_mamba",
+                           *_pretrain_args(tiny_cfg, text_dir, b, 12288, one_thread)],
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = json.loads((b / "checkpoint" / "trainer_state.json").read_text())["step"]
+    assert killed_at == 10 < len(ref)           # the last checkpoint before the kill (--save-every 2)
     assert main(_pretrain_args(tiny_cfg, text_dir, b, 12288, ["--resume", *one_thread])) == 0
     got = _losses(b)
     assert len(got) == len(ref)

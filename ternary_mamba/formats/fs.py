@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .. import faults
 from ..errors import UserError
 
 
@@ -88,6 +89,7 @@ def atomic_dir(out: Path, overwrite: bool = False):
                 if old.exists():
                     shutil.rmtree(old)
                 os.replace(out_p, old)          # 1. the previous version aside (still complete)
+                faults.point("swap")
             os.replace(tmp, out_p)              # 2. the new one in
             done = True
             _fsync_path(out_p.parent)

@@ -123,7 +123,8 @@ def ssd_step_inplace(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, dA:
     _dtype(torch.float32, state)
     lib = get_kernel()
     b, h, p, n = state.shape
-    _check(state.is_contiguous() and state.dtype == torch.float32, 'contiguous fp32 state')
+    _dtype(torch.float32, state)
+    _check(state.is_contiguous(), 'contiguous state')
     x, dt, dA, B, C = (t.contiguous().float() for t in (x, dt, dA, B, C))
     y = torch.empty(b, h, p)
     lib.ssd_step_inplace(state.data_ptr(), x.data_ptr(), dt.data_ptr(), dA.data_ptr(), B.data_ptr(), C.data_ptr(),
@@ -256,7 +257,8 @@ def f16_gemv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """w (out, in) fp16, x (nb, in) fp32 -> x w^T (nb, out) fp32, the fp16 weights converted exactly."""
     _cpu(w, x)
     lib = get_kernel()
-    _check(w.dtype == torch.float16 and w.is_contiguous(), 'contiguous fp16 weight')
+    _dtype(torch.float16, w)
+    _check(w.is_contiguous(), 'contiguous fp16 weight')
     x = x.contiguous().float()
     y = torch.empty(x.size(0), w.size(0))
     lib.f16_gemv(w.data_ptr(), x.data_ptr(), y.data_ptr(), w.size(0), w.size(1), x.size(0))
@@ -271,13 +273,13 @@ def mixer_step_inplace(mixer, zxbcdt: torch.Tensor, conv_state: torch.Tensor, ss
     lib = get_kernel()
     c = mixer.cfg
     zxbcdt = zxbcdt.contiguous()
-    _check(conv_state.is_contiguous() and ssm_state.is_contiguous() and zxbcdt.dtype == torch.float32,
-           'contiguous fp32 states and input')
+    _check(conv_state.is_contiguous() and ssm_state.is_contiguous(), 'contiguous states')
     nb = zxbcdt.size(0)
     y = torch.empty(nb, c.d_inner)
     work = torch.empty(c.conv_dim)
     params = [mixer.conv1d.weight, mixer.dt_bias, mixer.A_log, mixer.D, mixer.norm.weight]
-    _check(all(t.is_contiguous() and t.dtype == torch.float32 for t in params), 'contiguous fp32 parameters')
+    _dtype(torch.float32, *params)
+    _check(all(t.is_contiguous() for t in params), 'contiguous parameters')
     bias = mixer.conv1d.bias
     lib.mixer_step_inplace(zxbcdt.data_ptr(), conv_state.data_ptr(), mixer.conv1d.weight.data_ptr(),
                            bias.data_ptr() if bias is not None else None, mixer.dt_bias.data_ptr(),

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from .. import faults
 from ..formats.fs import atomic_dir, recover
 from ..ops.device import AUTOCAST_DEVICES, autocast, scalar
 from ..errors import UserError
@@ -118,10 +118,15 @@ class Trainer:
         if self.rank == 0:
             if self.inner.config.tie_embeddings:
                 msd.pop("lm_head.weight", None)  # stored once, as the embedding
+            faults.at(self.rank, self.step)
             with atomic_dir(self.ckpt_dir, overwrite=True) as tmp:
+                faults.point("save0")
                 save_file({k: v.contiguous() for k, v in msd.items()}, str(tmp / "model.safetensors"))
+                faults.point("save1")
                 torch.save(osd, tmp / "optimizer.pt")
+                faults.point("save2")
                 (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "world_size": self.world}))
+                faults.point("save3")
         self.saved_step = self.step
         D.barrier()
 
@@ -254,18 +259,9 @@ class Trainer:
 
 
 def _injected_fault(loss: torch.Tensor, rank: int, step: int) -> torch.Tensor:
-    """Fault injection for the distributed tests: TERNARY_MAMBA_FAULT=nan@RANK:STEP makes that rank's loss NaN
-    at that step, raise@RANK:STEP raises there.  Unset (always, outside tests), it does nothing."""
-    spec = os.environ.get("TERNARY_MAMBA_FAULT")
-    if not spec:
-        return loss
-    kind, _, where = spec.partition("@")
-    r, _, s = where.partition(":")
-    if (int(r), int(s)) != (rank, step):
-        return loss
-    if kind == "raise":
-        raise UserError(f"rank {rank}: injected fault at step {step}")
-    return loss * float("nan")
+    """The tests' fault at the loss (`ternary_mamba.faults`): NaN, a raise or a SIGKILL at one rank and step."""
+    faults.at(rank, step)
+    return loss * float("nan") if faults.point("loss") == "nan" else loss
 
 
 def _max_rss_mb() -> float:
