@@ -20,7 +20,7 @@ from .version import __version__  # noqa: E402,F401
 _API = {
     "Mamba2Config": ("core.config", "Mamba2Config"),
     "Mamba2LM": ("core.model", "Mamba2LM"),
-    "load_model": ("formats.load", "load_model"),
+    "load_model": ("runtime.load", "load_model"),
     "load_tokenizer": ("formats.tokenizer", "load_tokenizer"),
     "quantize_": ("quant.qat", "quantize_"),
     "convert_": ("runtime.convert", "convert_"),

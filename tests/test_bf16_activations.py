@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import random_model, random_tq2, tiny_config
-from ternary_mamba.formats.load import load_model
+from ternary_mamba.runtime.load import load_model
 from ternary_mamba.formats.packed import export_packed
 from ternary_mamba.ops.dispatch import cpu_has_bf16_kernels
 from ternary_mamba.quant.qat import TernaryConfig, quantize_

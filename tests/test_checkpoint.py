@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from conftest import random_model, tiny_config
 from ternary_mamba.formats.folders import model_state_for_saving, save_model
-from ternary_mamba.formats.load import load_model
+from ternary_mamba.runtime.load import load_model
 from ternary_mamba.errors import UserError
 
 

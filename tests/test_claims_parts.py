@@ -79,7 +79,7 @@ def test_bootstrap_intervals_cover_the_estimate_and_separate_different_arms():
 def test_pretrain_takes_a_scale_mode(text_dir, tmp_path, mode):
     from conftest import BUNDLED_TOKENIZER
     from ternary_mamba.cli import main
-    from ternary_mamba.formats.load import load_model
+    from ternary_mamba.runtime.load import load_model
     cfg = tmp_path / "tiny.json"
     cfg.write_text('{"d_model": 32, "n_layer": 2, "d_state": 16, "headdim": 16, "vocab_size": 8192, "chunk_size": 16}')
     out = tmp_path / "scratch"

@@ -132,7 +132,7 @@ def test_fp16_head_equals_the_fp32_head_on_fp16_weights():
 
 
 def test_packed_folder_decodes_through_the_engine_with_its_fp16_head(tmp_path):
-    from ternary_mamba.formats.load import load_model
+    from ternary_mamba.runtime.load import load_model
     from ternary_mamba.runtime.heads import Fp16Head
     from ternary_mamba.formats.packed import export_packed
     m = random_model(tiny_config(d_model=128, headdim=32))

@@ -19,7 +19,7 @@ from hypothesis import strategies as st  # noqa: E402
 from conftest import BUNDLED_TOKENIZER, random_model, tiny_config  # noqa: E402
 from ternary_mamba.errors import UserError  # noqa: E402
 from ternary_mamba.formats.configs import config_from_dict  # noqa: E402
-from ternary_mamba.formats.load import load_model  # noqa: E402
+from ternary_mamba.runtime.load import load_model  # noqa: E402
 
 N = int(os.environ.get("FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=N, derandomize=True, deadline=None, database=None,

@@ -4,7 +4,7 @@ import torch
 
 from conftest import random_model, tiny_config
 from ternary_mamba.formats.folders import save_model
-from ternary_mamba.formats.load import load_model
+from ternary_mamba.runtime.load import load_model
 from ternary_mamba.cli import main
 from ternary_mamba.errors import UserError
 from ternary_mamba.quant.qat import TernaryConfig, quantize_

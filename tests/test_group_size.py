@@ -10,7 +10,7 @@ from ternary_mamba.commands.configs import ExportConfig
 from ternary_mamba.commands.export import export
 from ternary_mamba.errors import UserError
 from ternary_mamba.formats.folders import save_model
-from ternary_mamba.formats.load import load_model
+from ternary_mamba.runtime.load import load_model
 from ternary_mamba.quant.qat import TernaryConfig, quantize_, ternary_modules
 
 

@@ -7,8 +7,10 @@ Layers, from the ground up (a module may import its own package and any lower la
   1  ops                             kernel build, C bindings, autograd functions, the one dispatch point
   2  core                            config + parameter counts, the model, the PyTorch SSD reference
   3  quant                           ternary math, QAT modules, packing, post-hoc corrections, monitor
-  4  runtime                         packed linear, heads, decode engine, generation, convert_, memory
-  5  formats                         model folders, packed, GGUF, tokenizer, configs, sizes, load_model
+  4  formats                         pure serialization: our folders, packed, GGUF, HF folders, tokenizers, configs,
+                                     sizes, paths (what is read is a header + tensors; no runtime module)
+  5  runtime                         packed linear, heads, decode engine, generation, convert_, memory, and
+                                     load_model (builds on meta, swaps modules, loads with assign=True)
   6  train, eval                     training loop / objectives / runs / report; scoring, lm-eval, parity
   7  commands                        one function per CLI command over its typed config
   8  experiment, bench               the claims experiment; the shipped benchmarks
@@ -20,7 +22,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "ternary_mamba"
-LAYER = {"errors": 0, "config_base": 0, "version": 0, "assets": 0, "spec": 0, "faults": 0, "ops": 1, "core": 2, "quant": 3, "runtime": 4, "formats": 5,
+LAYER = {"errors": 0, "config_base": 0, "version": 0, "assets": 0, "spec": 0, "faults": 0, "ops": 1, "core": 2, "quant": 3, "formats": 4, "runtime": 5,
          "train": 6, "eval": 6, "commands": 7, "experiment": 8, "bench": 8, "cli": 9, "__main__": 9, "": 9}
 FORBIDDEN = {("train", "eval"), ("eval", "train"), ("experiment", "bench"), ("bench", "experiment"),
              ("core", "quant"), ("quant", "train"), ("formats", "train")}

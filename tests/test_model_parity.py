@@ -6,7 +6,7 @@ import torch
 from ternary_mamba.ops.dispatch import reference_path
 
 from conftest import random_model, tiny_config
-from ternary_mamba.formats.load import load_model
+from ternary_mamba.runtime.load import load_model
 
 transformers = pytest.importorskip("transformers")
 

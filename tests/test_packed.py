@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import random_model, random_tq2, tiny_config
-from ternary_mamba.formats.load import load_model
+from ternary_mamba.runtime.load import load_model
 from ternary_mamba.errors import UserError
 from ternary_mamba.formats.packed import export_packed
 from ternary_mamba.runtime.packed_linear import PackedTernaryLinear

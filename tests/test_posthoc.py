@@ -8,7 +8,7 @@ from conftest import random_model, tiny_config
 from ternary_mamba.experiment.analysis import (decay_horizons, inject_noise, recurrence_analysis, relative_error,
                                               states_at, trajectories)
 from ternary_mamba.formats.folders import save_model
-from ternary_mamba.formats.load import load_model
+from ternary_mamba.runtime.load import load_model
 from ternary_mamba.cli import main
 from ternary_mamba.errors import UserError
 from ternary_mamba.quant.posthoc import (PosthocConfig, capture_inputs, correction_params, lowrank_fit,

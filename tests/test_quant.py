@@ -180,7 +180,7 @@ def test_collapse_guard_action_switches_to_guarded():
 
 def test_quantized_model_roundtrips_through_checkpoint(tmp_path):
     from ternary_mamba.formats.folders import save_model
-    from ternary_mamba.formats.load import load_model
+    from ternary_mamba.runtime.load import load_model
     model = random_model(tiny_config())
     quantize_(model, TernaryConfig(group_size=32, scale_mode="learned"))
     save_model(model, tmp_path / "s")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from conftest import random_model, tiny_config
 from ternary_mamba.errors import UserError
-from ternary_mamba.formats.load import load_model
+from ternary_mamba.runtime.load import load_model
 from ternary_mamba.formats.packed import export_packed
 from ternary_mamba.quant.qat import TernaryConfig, quantize_
 from ternary_mamba.quant.tables import dequantize_table, quantize_table, table_bytes

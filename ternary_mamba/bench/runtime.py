@@ -161,7 +161,7 @@ def load_bench_model(name: str):
     if name in PRESETS:
         torch.manual_seed(0)
         return Mamba2LM(Mamba2Config(**{"chunk_size": 64, **PRESETS[name]})).eval()
-    from ..formats.load import load_model
+    from ..runtime.load import load_model
     return load_model(name)
 
 

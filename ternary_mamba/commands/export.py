@@ -8,7 +8,8 @@ from pathlib import Path
 from ..core.config import MB
 from ..errors import UserError
 from ..formats.folders import find_tokenizer
-from ..formats.load import is_gguf, load_model, load_model_and_tokenizer, resolve_student_dir
+from ..runtime.load import load_model, load_model_and_tokenizer
+from ..formats.paths import is_gguf, resolve_student_dir
 from ..formats.sizes import format_size_table
 from ..spec import group_paths
 from ..quant.qat import TernaryConfig, quantize_, ternary_modules

@@ -5,7 +5,7 @@ import sys
 import time
 
 from ..errors import UserError
-from ..formats.load import load_model_and_tokenizer
+from ..runtime.load import load_model_and_tokenizer
 from ..ops.device import autocast, precision
 from ..runtime.generate import generate_text
 from ..runtime.heads import use_int8_head

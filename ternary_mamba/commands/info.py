@@ -7,7 +7,7 @@ from ..core.config import MB, PRESETS, Mamba2Config
 from ..errors import UserError
 from ..formats.configs import PACKED_FORMAT_NAME, config_from_json
 from ..formats.fs import read_json
-from ..formats.load import is_gguf, resolve_student_dir
+from ..formats.paths import is_gguf, resolve_student_dir
 from ..formats.sizes import format_info, format_size_table, packed_info
 from ..spec import DEFAULT_GROUP_SIZE
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from ..core.config import PRESETS, Mamba2Config, count_params_by_component
 from ..errors import UserError
 from ..formats.configs import config_from_json
-from ..formats.load import resolve_model_dir
+from ..formats.paths import resolve_model_dir
 from ..quant.config import TernaryConfig
 from ..train.memory import plan_memory, qat_kd_flops_per_token
 from .configs import GPU_PEAK_TFLOPS, PlanConfig

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from ..core.config import MB
 from ..errors import UserError
-from ..formats.load import load_model, resolve_student_dir
+from ..runtime.load import load_model
+from ..formats.paths import resolve_student_dir
 
 SKIP = ("checkpoint", "metrics.jsonl")   # training state stays local
 

@@ -15,7 +15,8 @@ from ..errors import UserError
 from ..formats.datasets import is_hub_source
 from ..formats.folders import save_model
 from ..formats.fs import write_json_atomic
-from ..formats.load import load_model, resolve_model_dir
+from ..runtime.load import load_model
+from ..formats.paths import resolve_model_dir
 from ..formats.sizes import packed_size_bytes
 from ..formats.tokenizer import load_tokenizer, tokenizer_path_for
 from ..quant.monitor import ZeroRatioMonitor, zero_ratio_stats

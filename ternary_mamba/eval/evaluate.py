@@ -10,7 +10,7 @@ import torch
 
 from ..errors import UserError
 from ..formats.fs import atomic_write_bytes
-from ..formats.load import load_model_and_tokenizer
+from ..runtime.load import load_model_and_tokenizer
 from ..ops.device import autocast, precision
 from .scoring import loglikelihoods
 from .tasks import AVERAGE_METRIC, SEVEN, TASKS, Doc, parse_tasks

@@ -11,7 +11,8 @@ from lm_eval.api.registry import register_model
 
 from ..errors import UserError
 from ..formats.folders import find_tokenizer
-from ..formats.load import load_model, resolve_student_dir
+from ..runtime.load import load_model
+from ..formats.paths import resolve_student_dir
 from ..formats.tokenizer import load_tokenizer
 from ..runtime.generate import generate_ids
 from .scoring import loglikelihoods

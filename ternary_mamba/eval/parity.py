@@ -43,7 +43,7 @@ def parity_report(log, d_model: int = 128, n_layer: int = 2, seqlen: int = 100, 
         import transformers  # noqa: F401
     except ImportError:
         raise UserError("parity needs transformers (pip install '.[test]')") from None
-    from ..formats.load import load_model
+    from ..runtime.load import load_model
     out = {}
     for ngroups in (1, 2):
         with tempfile.TemporaryDirectory() as tmp:

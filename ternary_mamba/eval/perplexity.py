@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..formats.load import load_model_and_tokenizer
+from ..runtime.load import load_model_and_tokenizer
 from ..formats.text import find_text_files, read_documents
 from ..ops.device import autocast, module_device, precision
 

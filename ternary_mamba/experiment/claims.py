@@ -33,7 +33,8 @@ from ..commands.defaults import bundled_teacher
 from ..errors import UserError
 from ..formats.folders import find_tokenizer
 from ..formats.fs import write_json_atomic
-from ..formats.load import load_model, resolve_model_dir
+from ..runtime.load import load_model
+from ..formats.paths import resolve_model_dir
 from ..formats.tokenizer import load_tokenizer
 from ..train.data import PackedSequences, load_tokens, tokenize_to_file
 from ..train.runs import prepare_data

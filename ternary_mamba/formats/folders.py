@@ -64,7 +64,10 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     raise UserError(f"{folder}: no weights (model.safetensors, its index, or pytorch_model.bin)")
 
 
-def load_state_dict_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+def load_state_dict_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str,
+                           assign: bool = False) -> None:
+    """Load `sd` (our names or transformers') after checking every key, shape and dtype against the model; as fp32.
+    assign=True: the tensors replace the model's (a model built on the meta device), the tied head re-tied."""
     sd = {_hf_to_ours(k): v for k, v in sd.items()}
     expected = model.state_dict()
     if model.config.tie_embeddings:
@@ -81,7 +84,10 @@ def load_state_dict_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], 
             raise UserError(f"{source}: {k} has shape {tuple(v.shape)}, config expects {tuple(expected[k].shape)}")
         if not v.is_floating_point():
             raise UserError(f"{source}: {k} has dtype {v.dtype}, expected floating point")
-    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False, assign=False)
+    # assign: own copies (a tensor read from a memory-mapped file must not become a parameter as it is)
+    model.load_state_dict({k: v.to(torch.float32, copy=assign) for k, v in sd.items()}, strict=False, assign=assign)
+    if assign and model.config.tie_embeddings and isinstance(getattr(model.lm_head, "weight", None), torch.nn.Parameter):
+        model.lm_head.weight = model.backbone.embedding.weight
 
 
 def model_state_for_saving(model) -> dict[str, torch.Tensor]:

@@ -1,31 +1,26 @@
-"""The packed ternary checkpoint (docs/PACKED_FORMAT.md): export, validation and loading.
+"""The packed ternary checkpoint (docs/PACKED_FORMAT.md): writing one, and reading one back as a checked header
+and tensors.  Pure serialization: building a model from it is `runtime.packed_model.load_packed`.
 
 A packed folder holds config.json (the self-describing header) and model.safetensors with, per ternary
 module `<name>`: `<name>.codes` (uint8, the packed flattened codes) and `<name>.scales` (fp16,
-(out, in // G)); every other tensor in fp16 (or fp32), the tied embedding stored once.
-
-At load, ternary weights stay packed: tq2 codes are used as stored (memory-mapped), tq1 codes are
-re-packed once to the 2-bit layout the kernel reads.  Decoding multiplies straight from the codes
-(`runtime.packed_linear.PackedTernaryLinear`)."""
+(out, in // G)); every other tensor in fp16 (or fp32), the tied embedding stored once.  `read_packed` returns
+the ternary weights as 2-bit codes (tq1 re-packed once to the layout the kernels read)."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..core.config import Mamba2Config
-from ..core.model import Mamba2LM
 from ..errors import UserError
-from ..quant.packing import PER_BYTE, pack, unpack
-from ..quant.qat import ternary_modules
-from ..quant.tables import TABLE_FORMATS, check_table_format, quantize_table
-from ..runtime.convert import packed_codes
-from ..runtime.heads import Fp16Head
-from ..runtime.packed_linear import PackedTernaryLinear
-from ..runtime.tables import install_quantized_table
-from ..spec import PACKED_FORMAT_NAME, PACKED_VERSION_DENSE, PACKED_VERSION_TABLES, PACKED_VERSIONS, Q4_GROUP
-from .folders import load_state_dict_strict, model_state_for_saving
+from ..quant.packing import pack, unpack
+from ..quant.qat import packed_codes, ternary_modules
+from ..quant.tables import check_table_format, quantize_table
+from ..spec import (PACKED_FORMAT_NAME, PACKED_VERSION_DENSE, PACKED_VERSION_TABLES, PACKED_VERSIONS, PER_BYTE,
+                    Q4_GROUP, TABLE_FORMATS, TQ2_INVALID_FIELD)
+from .folders import model_state_for_saving
 from .fs import atomic_dir, read_json
 
 EMB = "backbone.embedding"
@@ -117,7 +112,7 @@ def _is_count(v) -> bool:
 def _check_codes(codes: torch.Tensor, where: str) -> None:
     """tq2 bytes hold four 2-bit fields in {0, 1, 2}; a 3 would decode differently on each path."""
     c = codes.reshape(-1)
-    bad = ((c & 3) == 3) | ((c >> 2 & 3) == 3) | ((c >> 4 & 3) == 3) | ((c >> 6 & 3) == 3)
+    bad = sum(((c >> s & 3) == TQ2_INVALID_FIELD).to(torch.uint8) for s in (0, 2, 4, 6)).bool()
     if bool(bad.any()):
         raise UserError(f"{where}: invalid tq2 byte {int(c[bad][0])} at offset {int(bad.nonzero()[0])} "
                         "(a 2-bit field equal to 3); the file is corrupt")
@@ -128,7 +123,29 @@ def _check_finite(t: torch.Tensor, where: str) -> None:
         raise UserError(f"{where}: holds NaN or infinite values; the file is corrupt")
 
 
-def load_packed(folder: Path):
+@dataclass
+class TernaryTensors:
+    """One ternary projection as read: 2-bit codes (out, in / 4) uint8, fp16 scales (out, in / G), bias or None."""
+    shape: tuple[int, int]
+    group_size: int
+    codes: torch.Tensor
+    scales: torch.Tensor
+    bias: torch.Tensor | None
+
+
+@dataclass
+class PackedRead:
+    """A packed folder, read and checked: its header, model config, ternary projections, the quantized embedding
+    table (format, codes, scales) if any, and every other tensor by name."""
+    header: dict
+    config: Mamba2Config
+    ternary: dict[str, TernaryTensors]
+    table: tuple[str, torch.Tensor, torch.Tensor] | None
+    rest: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def read_packed(folder: Path) -> PackedRead:
+    """Read and check a packed folder (header, every tensor's dtype and shape against it, codes, finiteness)."""
     from safetensors import SafetensorError, safe_open
     folder = Path(folder)
     h = read_json(folder / "config.json")
@@ -145,20 +162,16 @@ def load_packed(folder: Path):
         get = f.get_tensor
     except (SafetensorError, OSError, RuntimeError) as e:
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
-    with torch.device("meta"):
-        model = Mamba2LM(cfg, init=False)
-    model = model.to_empty(device="cpu")
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.backbone.embedding.weight
+    ternary = {}
     for name, spec in h["ternary"].items():
         out_f, in_f = spec["shape"]
         G = spec["group_size"]
-        try:
-            lin = model.get_submodule(name)
-        except AttributeError:
-            raise UserError(f"{folder}: header names ternary module {name!r} that the model does not have") from None
-        if (lin.out_features, lin.in_features) != (out_f, in_f) or G < 1 or in_f % G or in_f % 4:
-            raise UserError(f"{folder}: {name} header shape {spec['shape']} / group {G} does not match the config")
+        want = {"in_proj": (cfg.d_in_proj, cfg.d_model), "out_proj": (cfg.d_model, cfg.d_inner)}.get(name.rsplit(".", 1)[-1])
+        if want is not None and (out_f, in_f) != want:
+            raise UserError(f"{folder}: {name} header shape {spec['shape']} does not match the config ({list(want)})")
+        if in_f % G or in_f % 4:
+            raise UserError(f"{folder}: {name} header shape {spec['shape']} / group {G}: groups must divide the "
+                            "row and rows hold whole bytes of 2-bit codes")
         for suffix in ("codes", "scales"):
             if f"{name}.{suffix}" not in keys:
                 raise UserError(f"{path}: missing tensor {name}.{suffix}")
@@ -180,26 +193,20 @@ def load_packed(folder: Path):
             raise UserError(f"{path}: {name}.bias has shape {tuple(bias.shape)} ({bias.dtype}); expected ({out_f},)")
         if bias is not None:
             _check_finite(bias, f"{path}: {name}.bias")
-        packed = PackedTernaryLinear(codes.view(out_f, in_f // 4), scales, in_f, G, bias)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, packed)
+        ternary[name] = TernaryTensors((out_f, in_f), G, codes.view(out_f, in_f // 4), scales, bias)
         keys -= {f"{name}.codes", f"{name}.scales", f"{name}.bias"}
+    table = None
     if h.get("embedding", "fp16") != "fp16":
-        keys -= _load_quantized_embedding(model, h["embedding"], get, keys, path)
+        table = _read_table(cfg, h["embedding"], get, keys, path)
+        keys -= {f"{EMB}.codes", f"{EMB}.scales"}
     rest = {k: get(k) for k in keys}
     for k, v in rest.items():
         _check_finite(v, f"{path}: {k}")
-    load_state_dict_strict(model, rest, str(path))
-    if h.get("other_dtype") == "fp16" and cfg.tie_embeddings and h.get("embedding", "fp16") == "fp16":
-        # the stored fp16 head, read at half the bytes of fp32, same values
-        model.lm_head = Fp16Head(model.backbone.embedding.weight)
-    model.packed_header = h
-    return model.eval()
+    return PackedRead(h, cfg, ternary, table, rest)
 
 
-def _load_quantized_embedding(model, fmt: str, get, keys: set, path: Path) -> set:
-    """Install the quantized table as the embedding and the tied head; returns the keys it consumed."""
-    cfg = model.config
+def _read_table(cfg: Mamba2Config, fmt: str, get, keys: set, path: Path) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """The quantized embedding + tied head table: (format, codes, scales), checked against the config."""
     if not cfg.tie_embeddings:
         raise UserError(f"{path}: a quantized embedding needs tie_embeddings in the config")
     for suffix in ("codes", "scales"):
@@ -210,12 +217,11 @@ def _load_quantized_embedding(model, fmt: str, get, keys: set, path: Path) -> se
     want_codes = (torch.int8, (V, d)) if fmt == "int8" else (torch.uint8, (V, d // 2))
     want_scales = (V,) if fmt == "int8" else (V, d // Q4_GROUP)
     if fmt == "q4" and d % Q4_GROUP:
-        raise UserError(f"{path}: q4 embedding needs d_model a multiple of 32 (config has {d})")
+        raise UserError(f"{path}: q4 embedding needs d_model a multiple of {Q4_GROUP} (config has {d})")
     if (codes.dtype, tuple(codes.shape)) != want_codes:
         raise UserError(f"{path}: {EMB}.codes is {codes.dtype} {tuple(codes.shape)}, expected {want_codes[0]} "
                         f"{want_codes[1]} for a {fmt} table")
     if scales.dtype != torch.float16 or tuple(scales.shape) != want_scales:
         raise UserError(f"{path}: {EMB}.scales is {scales.dtype} {tuple(scales.shape)}, expected float16 {want_scales}")
     _check_finite(scales, f"{path}: {EMB}.scales")
-    install_quantized_table(model, codes, scales, fmt)
-    return {f"{EMB}.codes", f"{EMB}.scales"}
+    return fmt, codes, scales

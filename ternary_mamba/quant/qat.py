@@ -34,6 +34,7 @@ from ..ops.dispatch import triton_for, triton_kernels
 from .config import SCALE_MODES, TernaryConfig  # noqa: F401  (re-exported: the QAT API in one import)
 from ..spec import resolve_group_size
 from ..spec import SCALE_MIN, TRAINED_SCALE_MODES
+from .packing import pack
 from .ternary import TernarySTE, absmean_scale, mse_optimal_zeros, round_scale, ternary_codes
 
 class TernaryLinear(nn.Module):
@@ -184,3 +185,13 @@ def set_scale_mode(model: nn.Module, mode: str) -> None:
             raise UserError("only learned and guarded scales can be switched during training")
         m.mode = mode
     model.ternary_config.scale_mode = mode
+
+
+@torch.no_grad()
+def packed_codes(m: TernaryLinear, packing: str = "tq2") -> tuple[Tensor, Tensor]:
+    """(packed uint8 codes (flattened), fp16 scales (out, in // G)): exactly the weights m's forward uses."""
+    if m.has_corrections:
+        raise UserError("this model carries post-hoc corrections (bias / low-rank), which packed ternary "
+                        "weights do not hold; convert a plain PTQ, QEP or QAT student")
+    codes, s16 = m.export()
+    return pack(codes, packing), s16.contiguous()

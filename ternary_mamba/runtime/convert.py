@@ -1,26 +1,14 @@
 """`convert_(model)`: a fake-quant student (TernaryLinear modules) -> the same model with PackedTernaryLinear
-modules, in memory.  The packed export (`formats.packed`) and the benchmarks build their packed weights here, and
-a test asserts the converted model's logits equal the fake-quant model's."""
+modules, in memory (the codes are `quant.qat.packed_codes`, as in the packed export).  A test asserts the converted
+model's logits equal the fake-quant model's."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch import Tensor
 
 from ..errors import UserError
-from ..quant.packing import pack
-from ..quant.qat import TernaryConfig, TernaryLinear, quantize_, ternary_modules
+from ..quant.qat import TernaryConfig, packed_codes, quantize_, ternary_modules
 from .packed_linear import PackedTernaryLinear
-
-
-@torch.no_grad()
-def packed_codes(m: TernaryLinear, packing: str = "tq2") -> tuple[Tensor, Tensor]:
-    """(packed uint8 codes (flattened), fp16 scales (out, in // G)): exactly the weights m's forward uses."""
-    if m.has_corrections:
-        raise UserError("this model carries post-hoc corrections (bias / low-rank), which packed ternary "
-                        "weights do not hold; convert a plain PTQ, QEP or QAT student")
-    codes, s16 = m.export()
-    return pack(codes, packing), s16.contiguous()
 
 
 @torch.no_grad()
