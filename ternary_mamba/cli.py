@@ -155,16 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _pretrain_model_flag(args) -> None:
-    """`pretrain --config X` where X is a preset or a model config.json (the flag's meaning before run configs)
-    means `--model-config X`; a run config (a run.json, or a file of PretrainConfig fields) stays a --config."""
+def _check_pretrain_config_flag(args) -> None:
+    """`pretrain --config` is a run config, as for every command (a run.json, or a file of PretrainConfig fields);
+    a model preset or a model config.json goes to --model-config.  Said in one line instead of guessed."""
     from .commands.flags import DEST
+    from .errors import UserError
     path = getattr(args, DEST + "file", None)
-    if path is None or _is_pretrain_config(path):
-        return
-    setattr(args, DEST + "file", None)
-    if not hasattr(args, DEST + "model"):
-        setattr(args, DEST + "model", path)
+    if path is not None and not _is_pretrain_config(path):
+        raise UserError(f"--config {path}: not a pretrain config (a run.json or a file of its fields); a model "
+                        f"preset or a model config.json goes to --model-config")
 
 
 def _is_pretrain_config(path: str) -> bool:
@@ -185,7 +184,7 @@ def typed_config(args):
     from .commands.flags import DEST, config_from_args
     spec: Typed = args.typed
     if args.command == "pretrain":
-        _pretrain_model_flag(args)
+        _check_pretrain_config_flag(args)
     band = vars(args).pop("guard_band", None)
     if band is not None:
         setattr(args, DEST + "quant__guard_low", band[0])

@@ -83,7 +83,7 @@ def test_pretrain_takes_a_scale_mode(text_dir, tmp_path, mode):
     cfg = tmp_path / "tiny.json"
     cfg.write_text('{"d_model": 32, "n_layer": 2, "d_state": 16, "headdim": 16, "vocab_size": 8192, "chunk_size": 16}')
     out = tmp_path / "scratch"
-    assert main(["pretrain", "--config", str(cfg), "--tokenizer", str(BUNDLED_TOKENIZER), "--data",
+    assert main(["pretrain", "--model-config", str(cfg), "--tokenizer", str(BUNDLED_TOKENIZER), "--data",
                  str(text_dir), "--ternary", "--scale-mode", mode, "--group-size", "32", "--tokens", "2048",
                  "--seq-len", "32", "--batch-size", "4", "--out", str(out), "--eval-every", "0"]) == 0
     m = load_model(out / "model")

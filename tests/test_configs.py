@@ -64,12 +64,14 @@ def test_round_trip_through_a_dict():
         TrainConfig(save_every=0)
 
 
-def test_pretrain_config_flag_still_takes_a_model_config(tmp_path):
+def test_pretrain_config_is_a_run_config_and_a_model_config_is_refused_in_one_line(tmp_path):
     f = tmp_path / "tiny.json"
     f.write_text('{"d_model": 32, "n_layer": 2, "chunk_size": 16}')
-    cfg = _cfg(["pretrain", "--config", str(f), "--tokenizer", "t.json", "--data", "d", "--out", "o"])
+    cfg = _cfg(["pretrain", "--model-config", str(f), "--tokenizer", "t.json", "--data", "d", "--out", "o"])
     assert isinstance(cfg, PretrainConfig) and cfg.model == str(f)
-    assert _cfg(["pretrain", "--config", "teacher-8k"]).model == "teacher-8k"
+    for wrong in (str(f), "teacher-8k"):
+        with pytest.raises(UserError, match="--model-config"):
+            _cfg(["pretrain", "--config", wrong])
     run = tmp_path / "run.json"
     run.write_text(json.dumps({"command": "pretrain", "config": {"model": "tiny", "train": {"tokens": 777}}}))
     assert _cfg(["pretrain", "--config", str(run)]).train.tokens == 777

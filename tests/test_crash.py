@@ -17,7 +17,7 @@ STEPS = 100
 
 
 def _args(cfg, data, out, extra=()):
-    return ["pretrain", "--config", str(cfg), "--tokenizer", str(BUNDLED_TOKENIZER), "--data", str(data),
+    return ["pretrain", "--model-config", str(cfg), "--tokenizer", str(BUNDLED_TOKENIZER), "--data", str(data),
             "--tokens", str(STEPS * 4 * 64), "--seq-len", "64", "--batch-size", "4", "--eval-every", "0",
             "--save-every", "1", "--lr", "3e-3", "--threads", "1", "--out", str(out), *extra]
 

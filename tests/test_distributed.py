@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and not os.path
 
 
 def _args(cfg, data, out, batch, extra=()):
-    return ["pretrain", "--config", str(cfg), "--tokenizer", str(BUNDLED_TOKENIZER), "--data", str(data),
+    return ["pretrain", "--model-config", str(cfg), "--tokenizer", str(BUNDLED_TOKENIZER), "--data", str(data),
             "--tokens", str(16 * 64 * 12), "--seq-len", "64", "--batch-size", str(batch), "--eval-every", "0",
             "--save-every", "2", "--out", str(out), "--lr", "3e-3", "--threads", "1", *extra]
 

@@ -25,7 +25,7 @@ def tiny_cfg(tmp_path_factory):
 
 
 def _pretrain_args(cfg, data, out, tokens=8192, extra=()):
-    return ["pretrain", "--config", str(cfg), "--tokenizer", str(BUNDLED_TOKENIZER), "--data", str(data),
+    return ["pretrain", "--model-config", str(cfg), "--tokenizer", str(BUNDLED_TOKENIZER), "--data", str(data),
             "--tokens", str(tokens), "--seq-len", "64", "--batch-size", "4", "--eval-every", "8",
             "--eval-batches", "1", "--save-every", "2", "--out", str(out), "--lr", "3e-3", *extra]
 

@@ -13,23 +13,16 @@ import torch
 from ..core.config import MB, count_params_by_component
 from ..errors import UserError
 from ..formats.datasets import is_hub_source
-from ..formats.folders import save_model
-from ..formats.fs import write_json_atomic
 from ..runtime.load import load_model
 from ..formats.paths import resolve_model_dir
 from ..formats.sizes import packed_size_bytes
 from ..formats.tokenizer import load_tokenizer, tokenizer_path_for
 from ..quant.monitor import ZeroRatioMonitor, zero_ratio_stats
-from ..ops.device import autocast, precision
+from ..ops.device import autocast
 from ..spec import DEFAULT_GROUP_SIZE, GGUF_TQ_BLOCK, PER_ROW, group_paths
 from ..quant.qat import TernaryConfig, quantize_, set_lambda
-from ..train import distributed as D
 from ..train.distill import DistillObjective, evaluate_vs_teacher
-from ..train.checkpointing import checkpoint_blocks_
-from ..train.loop import Trainer, note_token_budget
-from ..train.sinks import MetricSinks
-from ..train.report import try_report
-from ..train.runs import prepare_run_and_data, run_record
+from ..train.run import Run
 from .configs import QuantizeConfig, resolve_auto_dtype
 from .defaults import with_bundled_defaults
 
@@ -48,15 +41,8 @@ def build_student(teacher, qcfg: TernaryConfig):
 def quantize(cfg: QuantizeConfig | None = None) -> Path:
     """QAT+KD of `cfg.teacher` into a ternary student; returns the run folder (run.json, metrics.jsonl,
     checkpoint/, student/, summary.json, report.md).  The Python twin of `ternary-mamba quantize`."""
-    from ..config_base import resume_free_paths
-    cfg = with_bundled_defaults(cfg or QuantizeConfig())
-    cfg = resolve_auto_dtype(cfg)
-    device, dtype = precision(cfg.device, cfg.dtype)
-    if dtype == torch.bfloat16 and cfg.quant.scale_format != "bf16":
-        # bf16 autocast multiplies by bf16(s·t): exact only when the scales are bf16 values (quant/ternary.py)
-        print("--dtype bf16: scales rounded to bf16 values (--scale-format bf16), so training, export and "
-              "inference use the same weights")
-        cfg = cfg.replace(quant=cfg.quant.replace(scale_format="bf16"))
+    run = Run("quantize", resolve_auto_dtype(with_bundled_defaults(cfg or QuantizeConfig())))
+    cfg = run.cfg
     if cfg.target == "gguf" and cfg.quant.group_size != PER_ROW and not group_paths(cfg.quant.group_size).gguf_tq:
         if cfg.quant.group_size == DEFAULT_GROUP_SIZE:
             print(f"--target gguf: groups of {GGUF_TQ_BLOCK} (llama.cpp's TQ2_0 / TQ1_0 hold them exactly)")
@@ -78,21 +64,18 @@ def quantize(cfg: QuantizeConfig | None = None) -> Path:
     if tok.vocab_size > teacher.config.padded_vocab_size:
         raise UserError(f"{tok_path}: {tok.vocab_size} tokens, more than the teacher's vocabulary "
                         f"({teacher.config.padded_vocab_size}); pass the teacher's own tokenizer")
-    qcfg, tcfg, dcfg, mcfg = cfg.quant, cfg.train, cfg.distill, cfg.monitor
-    note_token_budget(tcfg)
-    tcfg.total_steps  # validate the budget before writing anything
-    student = build_student(teacher, qcfg).to(device)  # validates the group size against the teacher's shapes
+    run.cfg = cfg
+    run.check_budget()
+    device, dtype = run.device, run.dtype
+    student = build_student(teacher, cfg.quant).to(device)  # validates the group size against the teacher's shapes
     # the frozen teacher in the run's dtype (the paper's FP16 teacher); the student keeps fp32 master weights
     teacher = teacher.to(device=device, dtype=dtype)
     # the run's record: every path absolute, so `--config run.json` replays it from anywhere
-    cfg = cfg.replace(teacher=str(Path(cfg.teacher).resolve()) if Path(cfg.teacher).exists() else cfg.teacher,
-                      tokenizer=str(Path(tok_path).resolve()), data=absolute(cfg.data),
-                      eval_data=absolute(cfg.eval_data))
-    out = Path(cfg.out)
-    resume, train, held = prepare_run_and_data(out, run_record("quantize", cfg), cfg.resume,
-                                               resume_free_paths(QuantizeConfig), cfg.data, cfg.eval_data, tok,
-                                               tcfg.seq_len, 0.02, cfg.cache_dir, budget=tcfg.tokens)
-
+    run.cfg = cfg = cfg.replace(teacher=str(Path(cfg.teacher).resolve()) if Path(cfg.teacher).exists() else cfg.teacher,
+                                tokenizer=str(Path(tok_path).resolve()), data=absolute(cfg.data),
+                                eval_data=absolute(cfg.eval_data))
+    train, held = run.open(tok, 0.02)
+    qcfg, tcfg, dcfg, mcfg = cfg.quant, cfg.train, cfg.distill, cfg.monitor
     monitor = ZeroRatioMonitor(every=mcfg.monitor_every, margin=mcfg.collapse_margin,
                                tolerance=mcfg.collapse_tolerance, action=mcfg.on_collapse)
     objective = DistillObjective(teacher, tau=dcfg.tau, alpha_ce=dcfg.alpha_ce, beta_hidden=dcfg.beta_hidden,
@@ -101,38 +84,22 @@ def quantize(cfg: QuantizeConfig | None = None) -> Path:
                                  gamma_state=dcfg.gamma_state, state_segments=dcfg.state_segments)
     if dcfg.lam_warmup:
         set_lambda(student, 1.0 / dcfg.lam_warmup)
-    if cfg.activation_checkpointing:
-        checkpoint_blocks_(student)
-    trainer = Trainer(student, objective, tcfg, out, train, held, fsdp=cfg.fsdp, device=device, dtype=dtype)
-    if resume:
-        trainer.load_checkpoint()
-        if dcfg.lam_warmup:
-            objective.after_step(student, trainer.step - 1)
-        print(f"resuming {out} at step {trainer.step}")
+    trainer = run.trainer_for(student, objective, train, held)
+    if run.resumed and dcfg.lam_warmup:
+        objective.after_step(student, trainer.step - 1)
     n = count_params_by_component(teacher.config)
     print(f"QAT+KD: {Path(cfg.teacher).name} ({sum(n.values()) / 1e6:.2f} M params) -> ternary "
           f"{'+'.join(qcfg.targets)}, group {qcfg.group_size}, scales {qcfg.scale_mode}; "
-          f"{tcfg.tokens:,} tokens in {tcfg.total_steps} steps on {device} ({cfg.dtype}) -> {out}")
-    if cfg.log_to != ("jsonl",) and D.is_main():
-        trainer.sinks = MetricSinks(out, cfg.log_to, cfg.to_dict())
-    t0 = time.time()
-    trainer.run()
-    wall = time.time() - t0
-    if trainer.sinks is not None:
-        trainer.sinks.close()
-    student = D.gathered_model(trainer, lambda: build_student(teacher, qcfg).float())
-    if not D.is_main():
-        return out
-
+          f"{tcfg.tokens:,} tokens in {tcfg.total_steps} steps on {device} ({cfg.dtype}) -> {run.out}")
+    student = run.train(lambda: build_student(teacher, qcfg).float())
+    if student is None:
+        return run.out
     with autocast(device, dtype):
-        summary = final_summary(teacher, student, qcfg, held, cfg, wall, trainer.step * tcfg.tokens_per_step,
-                                monitor)
-    save_model(student, out / "student", tokenizer_path=tok.path, overwrite=True,
-               extra={"teacher": str(cfg.teacher), "training": {"kind": "quantize", "tokens": summary["tokens"]}})
-    write_json_atomic(out / "summary.json", summary)
-    try_report(out)
-    print(format_summary(summary, out))
-    return out
+        summary = final_summary(teacher, student, qcfg, held, cfg, run.wall_s, run.tokens_trained, monitor)
+    run.finish(student, "student", tok.path, summary,
+               {"teacher": str(cfg.teacher), "training": {"kind": "quantize", "tokens": summary["tokens"]}})
+    print(format_summary(summary, run.out))
+    return run.out
 
 
 @torch.no_grad()
