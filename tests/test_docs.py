@@ -1,4 +1,4 @@
-"""The README's, docs/GPU.md's and `--help`'s command lines cannot rot: every `ternary-mamba ...` line parses
+"""The README's, docs/*.md's and `--help`'s command lines cannot rot: every `ternary-mamba ...` line parses
 with today's CLI (flags that exist, choices that are valid), and the ones whose config file ships in the repo
 build their typed config."""
 import re
@@ -40,8 +40,8 @@ def _argv(cmd: str) -> list[str] | None:
 
 
 def _all():
-    texts = {"README.md": (ROOT / "README.md").read_text(), "docs/GPU.md": (ROOT / "docs" / "GPU.md").read_text(),
-             "--help epilog": EPILOG}
+    texts = {"README.md": (ROOT / "README.md").read_text(), "--help epilog": EPILOG,
+             **{f"docs/{p.name}": p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))}}
     for where, text in texts.items():
         blocks = re.findall(r"```bash\n(.*?)```", text, re.S) if where != "--help epilog" else [text]
         for block in blocks:
@@ -69,3 +69,13 @@ def test_a_documented_command_parses(where, cmd, argv, monkeypatch):
         f = getattr(args, "cfg__file", None)
         if f is None or Path(f).exists() or args.command == "pretrain":
             typed_config(args)           # flags (and a shipped config file) make a valid typed config
+
+
+def test_the_readme_is_the_products_front_page():
+    """What it is, quick start, results, links: short, and no development notes (the machines, ../shared)."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 250
+    outside_generated = re.sub(r"<!-- claims:begin -->.*?<!-- claims:end -->", "", text, flags=re.S)
+    assert "../shared" not in outside_generated
+    for name in re.findall(r"\]\((docs/[^)#]+)", text):
+        assert (ROOT / name).exists(), name

@@ -1,7 +1,7 @@
 """A fuzz harness for every untrusted file the package reads: config.json in its three dialects, packed headers
 and codes, safetensors headers and index files, GGUF files.  Each mutated input must either load (and then
 give finite logits) or raise `UserError` — never another exception, a crash, or an out-of-bounds read (the
-ASan job runs these cases against an AddressSanitizer build of the kernels: tests/test_sanitize.py).
+ASan job runs these cases against an AddressSanitizer build of the kernels: scripts/test_asan.sh).
 
 A fixed-seed run of a few hundred cases is part of the suite; FUZZ_EXAMPLES=5000 (slow marker) runs longer."""
 import json

@@ -11,7 +11,7 @@ from ..core.model import Mamba2LM
 from ..ops.device import cpu_description
 from ..runtime.convert import ptq_pack_
 
-LLAMA_CPP = {  # measured on these machines, 2 threads (../shared/MACHINE.md)
+LLAMA_CPP = {  # llama.cpp built from source, AVX2 + FMA CPU, 2 threads, random weights (reference points)
     "mamba2-130m": {"decode": {"f32": 41, "tq2": 128, "tq1": 114}, "prefill": {"f32": 330, "tq2": 405}},
     "mamba2-1.3b": {"decode": {"f16": 7.7, "tq2": 23, "tq1": 18}, "prefill": {"f16": 45, "tq2": 48}},
 }

@@ -239,7 +239,7 @@ class ClaimsConfig(Config):
     eval_data: list[str] | None = option(None, help="primary held-out text (default: the bundled clean held-out "
                                          "books, whose authors and series no training split holds)")
     all_heldout: list[str] | None = option(None, help="a further held-out set reported beside (e.g. all eight "
-                                           "held-out books of ../shared/data/corpora/gutenberg/heldout)")
+                                           "held-out books of the Gutenberg corpus's held-out split)")
     tokens: int = option(100_000, help="training tokens of every QAT / scratch run (100 k: the whole experiment "
                          "then fits in < 3 h on 2 cores; raise it where there is time)")
     seeds: int = option(3, help="seeds of every training arm (more can be added to a finished experiment)")

@@ -108,7 +108,7 @@ PRESETS: dict[str, dict] = {
     "mamba2-780m": dict(d_model=1536, n_layer=48),
     "mamba2-1.3b": dict(d_model=2048, n_layer=48),
     "mamba2-2.7b": dict(d_model=2560, n_layer=64),
-    # ~5 M parameters: the benchmark shape of the foundation issue
+    # ~5 M parameters: the shape `bench model` trains
     "bench-5m": dict(d_model=256, n_layer=6, d_state=64, headdim=32, vocab_size=8192),
     # the bundled teacher's shape (see assets/teacher/README.md)
     "teacher-8k": dict(d_model=256, n_layer=8, d_state=64, headdim=32, vocab_size=8192),

@@ -1,6 +1,6 @@
 """Which held-out books are clean: the leakage of the bundled corpus's held-out split, by author and series.
 
-The corpus (`../shared/data/corpora/gutenberg`, see its manifest.tsv) splits by whole book, but six of its
+The Gutenberg corpus (see its manifest.tsv) splits by whole book, but six of its
 eight held-out books have their author — and three their series — among the 122 training books the bundled
 teacher saw.  Only two do not; they are bundled in `assets/books/heldout-clean` and are the claims
 experiment's primary held-out set.  No re-split was needed: the teacher never saw either book or any other

@@ -81,7 +81,7 @@ def _compile() -> Path:
     sources = sorted(CSRC.glob("*.c"))
     src = b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()) if p.suffix in (".c", ".h"))
     flags = ["-O3", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11", "-Wno-psabi"]   # a*b+c as one FMA
-    if os.environ.get("TERNARY_MAMBA_SANITIZE"):   # AddressSanitizer build (tests/test_sanitize.py)
+    if os.environ.get("TERNARY_MAMBA_SANITIZE"):   # AddressSanitizer build (scripts/test_asan.sh)
         flags = ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer", "-shared", "-fPIC", "-std=c11"]
     # TERNARY_MAMBA_MARCH: the target instead of the build machine's (e.g. haswell = AVX2 without AVX-512, to
     # build for, or test the code paths of, older CPUs)

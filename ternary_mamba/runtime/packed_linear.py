@@ -98,7 +98,7 @@ def use_a8_activations(model, enabled: bool = True) -> int:
 def use_bf16_activations(model, enabled: bool = True) -> int:
     """Opt-in, the paper's A16: packed projections round their input to bf16 and multiply with AVX512-BF16 dot
     products (decode: csrc/tq2_bf16.c; prefill: bf16(scale * t) and torch's bf16 GEMM, whose output is bf16).
-    Not exact (relative error ~0.3 % per projection, measured by `ternary-mamba bench accuracy`).  Only where the
+    Not exact (relative error ~0.3 % per projection, measured by `ternary-mamba ppl PACKED --activations`).  Only where the
     CPU has AVX512-BF16 (else nothing changes and 0 is returned: the exact path is faster than bf16 emulation);
     needs groups of a multiple of 64.  Turns int8 activations off.  Returns how many modules use it."""
     if enabled and not cpu_has_bf16_kernels():
