@@ -9,8 +9,6 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .spec import SCALE_MODES
-
 EPILOG = """examples:
   ternary-mamba quantize                                   # bundled teacher + bundled books (the demo)
   ternary-mamba quantize --teacher state-spaces/mamba2-130m --data books/ --tokens 5000000 --out runs/130m
@@ -32,6 +30,7 @@ class Typed:
     function: str      # "module:function"
     help: str
     groups: tuple = ()  # (nested config field, argument-group title)
+    config_file: bool = True   # the command takes --config FILE
 
     def load(self, which: str):
         import importlib
@@ -59,7 +58,31 @@ TYPED = {
                  "perplexity and bits per byte on held-out text"),
     "plan": Typed("commands.configs:PlanConfig", "commands.plan:plan",
                   "memory per GPU and hours of a QAT+KD run (traced on the meta device; nothing is allocated)"),
+    "info": Typed("commands.tool_configs:InfoConfig", "commands.info:info_command",
+                  "config, parameter counts by component and sizes of a model, run or preset", config_file=False),
+    "push": Typed("commands.tool_configs:PushConfig", "commands.push:push_command",
+                  "upload a model folder to the Hugging Face hub with its model card", config_file=False),
+    "report": Typed("commands.tool_configs:ReportConfig", "commands.report:report",
+                    "(re)generate report.md with plots for a run folder", config_file=False),
+    "parity": Typed("commands.tool_configs:ParityConfig", "commands.parity:parity",
+                    "our model vs transformers' Mamba2ForCausalLM on the same weights (max abs logit differences; "
+                    "needs transformers)", config_file=False),
 }
+BENCH = {
+    "model": Typed("bench.configs:BenchModelConfig", "bench.model:run_bench_model",
+                   "training / prefill / decode of our Mamba-2 vs transformers'", config_file=False),
+    "qat": Typed("bench.configs:BenchQatConfig", "bench.model:run_bench_qat",
+                 "cost of a QAT+KD step relative to a plain training step", config_file=False),
+    "gpu": Typed("bench.configs:BenchGpuConfig", "bench.gpu:run_bench_gpu",
+                 "QAT+KD training steps of the real configs on a CUDA GPU: tokens/s, MFU, peak memory vs `plan`",
+                 config_file=False),
+    "decode": Typed("bench.configs:BenchDecodeConfig", "bench.runtime:run_bench_runtime",
+                    "decode tokens/s: dense fp32 vs packed ternary with our runtime", config_file=False),
+    "prefill": Typed("bench.configs:BenchPrefillConfig", "bench.runtime:run_bench_runtime",
+                     "prefill tokens/s: dense fp32 vs packed ternary with our runtime", config_file=False),
+}
+TOKENIZER_TRAIN = Typed("commands.tool_configs:TokenizerTrainConfig", "commands.tokenizer:train_tokenizer_command",
+                        "train a byte-level BPE tokenizer", config_file=False)
 CLAIMS = Typed("commands.configs:ClaimsConfig", "experiment.claims:claims",
                "the paper's claims on one teacher: table + plots (resumable)")
 
@@ -67,7 +90,7 @@ CLAIMS = Typed("commands.configs:ClaimsConfig", "experiment.claims:claims",
 def _add_typed(sub, name: str, spec: Typed) -> None:
     from .commands.flags import add_config_flags
     p = sub.add_parser(name, help=spec.help, description=spec.help)
-    add_config_flags(p, spec.load("config"), groups=dict(spec.groups))
+    add_config_flags(p, spec.load("config"), groups=dict(spec.groups), with_config_file=spec.config_file)
     if name == "quantize":   # --guard-band LOW HIGH: both ends of the band in one flag
         p.add_argument("--guard-band", type=float, nargs=2, metavar=("LOW", "HIGH"), default=argparse.SUPPRESS,
                        help="guarded: scale kept within [LOW, HIGH] x the group's current absmean")
@@ -82,8 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ternary-mamba {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("info", help="config, parameter counts by component and sizes of a model, run or preset")
-    p.add_argument("path", help="model folder, run folder, packed folder, config.json, preset name or hub id")
     for name, spec in TYPED.items():
         _add_typed(sub, name, spec)
 
@@ -91,67 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     esub = p.add_subparsers(dest="exp_command", metavar="WHICH")
     _add_typed(esub, "claims", CLAIMS)
 
-    p = sub.add_parser("push", help="upload a model folder to the Hugging Face hub with its model card")
-    p.add_argument("folder", help="packed, hf, student or run folder")
-    p.add_argument("repo_id", help="OWNER/NAME on the hub")
-    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded and print the card")
-    p.add_argument("--private", action="store_true", help="create the repository private")
-
-    p = sub.add_parser("report", help="(re)generate report.md with plots for a run folder")
-    p.add_argument("run")
-
     p = sub.add_parser("lm-eval", help="lm-evaluation-harness's CLI with the ternary-mamba model type registered",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
 
     p = sub.add_parser("bench", help="speed benchmarks (ratios against a reference measured in the same run)")
     bsub = p.add_subparsers(dest="bench_command", metavar="WHAT")
-    b = bsub.add_parser("model", help="training / prefill / decode of our Mamba-2 vs transformers'")
-    b.add_argument("--skip-130m", action="store_true", help="only the training benchmark")
-    b.add_argument("--profile", action="store_true", help="also: where a training step's time goes (torch.profiler)")
-    b.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every measurement (each keeps its best)")
-    b.add_argument("--json", default=None, help="also write the results here")
-    b.add_argument("--threads", type=int, default=2)
-
-    b = bsub.add_parser("qat", help="cost of a QAT+KD step relative to a plain training step")
-    b.add_argument("--config", default="teacher-8k", help="model preset (default %(default)s)")
-    b.add_argument("--scale-mode", default="absmean", choices=SCALE_MODES)
-    b.add_argument("--threads", type=int, default=2)
-
-    b = bsub.add_parser("gpu", help="QAT+KD training steps of the real configs on a CUDA GPU: tokens/s, MFU, "
-                        "peak memory vs `plan`")
-    b.add_argument("--models", nargs="+", default=["mamba2-130m", "mamba2-1.3b"], help="presets (random weights)")
-    b.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default %(default)s)")
-    b.add_argument("--steps", type=int, default=4, help="timed steps per setting, after 2 warm-up steps")
-    b.add_argument("--profile", action="store_true", help="also: where the last setting's step spends GPU time")
-    b.add_argument("--chunk-size", type=int, default=None, help="the scan's chunk length instead of the preset's "
-                   "(the same function of the inputs; a speed knob of the PyTorch scan)")
-    b.add_argument("--json", default=None, help="also write the results here")
-
-    for what, n, tok_help in (("decode", 160, "tokens decoded per variant, spread over the rounds"),
-                              ("prefill", 512, "prompt length")):
-        b = bsub.add_parser(what, help=f"{what} tokens/s: dense fp32 vs packed ternary with our runtime")
-        b.add_argument("--models", nargs="+", default=["mamba2-130m"], help="presets (random weights) or FP model folders")
-        b.add_argument("--tokens", type=int, default=n, help=f"{tok_help} (default %(default)s)")
-        b.add_argument("--rounds", type=int, default=5,
-                       help="interleaved rounds over all variants; each variant's best round counts (default 5)")
-        b.add_argument("--threads", type=int, default=2)
-        b.set_defaults(what=what)
-
-    p = sub.add_parser("parity", help="our model vs transformers' Mamba2ForCausalLM on the same weights (max abs "
-                       "logit differences; needs transformers)")
-    p.add_argument("--seq-len", "--seqlen", dest="seqlen", type=int, default=100,
-                   help="tokens per sequence (default %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="autocast precision of both models (default %(default)s: the exactness check)")
-
+    for name, spec in BENCH.items():
+        _add_typed(bsub, name, spec)
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tok_command", metavar="ACTION")
-    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer")
-    t.add_argument("--data", nargs="+", required=True, help="text / jsonl / parquet files or folders")
-    t.add_argument("--vocab-size", type=int, default=8192, help="tokens, <|endoftext|> included (default %(default)s)")
-    t.add_argument("--out", required=True, help="the tokenizer.json to write")
+    _add_typed(tsub, "train", TOKENIZER_TRAIN)
     return parser
 
 
@@ -202,42 +173,15 @@ def _run(args) -> None:
         else:
             fn(cfg)
         return
-    if args.command == "info":
-        from .commands.info import info
-        print(info(args.path))
-    elif args.command == "experiment":
+    if args.command == "experiment":
         raise UserError("usage: ternary-mamba experiment claims [--tokens N] [--out DIR]")
-    elif args.command == "push":
-        from .commands.push import push
-        push(args.folder, args.repo_id, args.dry_run, args.private)
-    elif args.command == "report":
-        from .train.report import run_report
-        run_report(args)
     elif args.command == "lm-eval":
         from .eval.lm_eval_main import main as lm_eval_main
         lm_eval_main(args.rest)
-    elif args.command == "parity":
-        from .eval.parity import run_parity
-        run_parity(args)
     elif args.command == "tokenizer":
-        if args.tok_command != "train":
-            raise UserError("usage: ternary-mamba tokenizer train --data PATH... --vocab-size N --out tokenizer.json")
-        from .commands.tokenizer import train_tokenizer
-        train_tokenizer(args.data, args.vocab_size, args.out)
+        raise UserError("usage: ternary-mamba tokenizer train --data PATH... --vocab-size N --out tokenizer.json")
     elif args.command == "bench":
-        if args.bench_command == "model":
-            from .bench.model import run_bench_model
-            return run_bench_model(args)
-        if args.bench_command == "qat":
-            from .bench.model import run_bench_qat
-            return run_bench_qat(args)
-        if args.bench_command == "gpu":
-            from .bench.gpu import run_bench_gpu
-            return run_bench_gpu(args)
-        if args.bench_command in ("decode", "prefill"):
-            from .bench.runtime import run_bench_runtime
-            return run_bench_runtime(args)
-        raise UserError("usage: ternary-mamba bench {model,qat,gpu,decode,prefill}")
+        raise UserError(f"usage: ternary-mamba bench {{{','.join(BENCH)}}}")
 
 
 # commands that allocate the same large activations every step: they keep freed memory in the heap

@@ -74,7 +74,7 @@ def test_sequential_reference_matches_chunked_model():
 
 def test_the_parity_command_reports_small_differences(capsys):
     from ternary_mamba.cli import main
-    assert main(["parity", "--seqlen", "40"]) == 0
+    assert main(["parity", "--seq-len", "40"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ngroups")]
     assert len(lines) == 2
     from ternary_mamba.eval.parity import parity_report

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..core.config import PRESETS, Mamba2Config, train_flops_per_token
 from ..core.model import Mamba2LM
+from ..errors import UserError
 from ..train.objectives import next_token_loss
 
 
@@ -271,7 +272,9 @@ def run_bench_qat(args) -> None:
     from ..quant.qat import TernaryConfig, quantize_
     from ..train.distill import DistillObjective
     torch.manual_seed(0)
-    cfg = Mamba2Config(**PRESETS[args.config], chunk_size=64)
+    if args.model not in PRESETS:
+        raise UserError(f"--model-config {args.model}: choose a preset ({', '.join(PRESETS)})")
+    cfg = Mamba2Config(**PRESETS[args.model], chunk_size=64)
     plain = Mamba2LM(cfg)
     teacher = copy.deepcopy(plain).eval()
     student = copy.deepcopy(plain)
@@ -292,5 +295,5 @@ def run_bench_qat(args) -> None:
         opt_s.zero_grad()
     t_plain = min(_best_time(plain_step), _best_time(plain_step))
     t_qat = min(_best_time(qat_step), _best_time(qat_step))
-    print(f"{args.config} ({cfg.n_params / 1e6:.1f} M params), batch 8x256: plain step {t_plain * 1e3:.0f} ms, "
+    print(f"{args.model} ({cfg.n_params / 1e6:.1f} M params), batch 8x256: plain step {t_plain * 1e3:.0f} ms, "
           f"QAT+KD step ({args.scale_mode} scales) {t_qat * 1e3:.0f} ms -> {t_qat / t_plain:.2f}x  [target <= 1.5x]")

@@ -10,6 +10,7 @@ from ..formats.fs import read_json
 from ..formats.paths import is_gguf, resolve_student_dir
 from ..formats.sizes import format_info, format_size_table, packed_info
 from ..spec import DEFAULT_GROUP_SIZE
+from .flags import require
 
 
 def run_results(run: Path) -> str:
@@ -59,3 +60,11 @@ def info(path: str) -> str:
         sizes = f"packed sizes: not shown ({e})"
     results = "\n" + run_results(run) if run is not None else ""
     return format_info(cfg, str(folder)) + "\n" + sizes + results
+
+
+def info_command(cfg) -> str:
+    """`ternary-mamba info PATH`: prints and returns `info(cfg.path)` (cfg: commands.tool_configs.InfoConfig)."""
+    require(cfg, "path", command="info")
+    out = info(cfg.path)
+    print(out)
+    return out

@@ -8,6 +8,7 @@ from ..core.config import MB
 from ..errors import UserError
 from ..runtime.load import load_model
 from ..formats.paths import resolve_student_dir
+from .flags import require
 
 SKIP = ("checkpoint", "metrics.jsonl")   # training state stays local
 
@@ -46,3 +47,9 @@ def push(folder: str, repo_id: str, dry_run: bool = False, private: bool = False
         raise UserError(f"{repo_id}: upload failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     print(f"uploaded: https://huggingface.co/{repo_id}")
     return files
+
+
+def push_command(cfg) -> list[tuple[str, int]]:
+    """`ternary-mamba push FOLDER REPO_ID` over its typed config (commands.tool_configs.PushConfig)."""
+    require(cfg, "folder", "repo_id", command="push")
+    return push(cfg.folder, cfg.repo_id, cfg.dry_run, cfg.private)

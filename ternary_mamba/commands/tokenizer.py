@@ -6,6 +6,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..formats.tokenizer import train_bpe_tokenizer
 from ..formats.text import find_text_files
+from .flags import require
 
 
 def train_tokenizer(data: list[str], vocab_size: int, out: str) -> Path:
@@ -18,3 +19,9 @@ def train_tokenizer(data: list[str], vocab_size: int, out: str) -> Path:
     sample = "It was the best of times."
     print(f"wrote {out_p}: {tok.vocab_size} tokens; {sample!r} -> {len(tok.encode(sample))} tokens")
     return out_p
+
+
+def train_tokenizer_command(cfg) -> Path:
+    """`ternary-mamba tokenizer train` over its typed config (commands.tool_configs.TokenizerTrainConfig)."""
+    require(cfg, "data", "out", command="tokenizer train")
+    return train_tokenizer(cfg.data, cfg.vocab_size, cfg.out)

@@ -81,7 +81,3 @@ def _compare(ours, hf, ids, vocab: int, seqlen: int) -> dict:
     return {"forward_vs_transformers": (full - ref).abs().max().item(), "step_vs_transformers": step_err,
             "prefill_then_step_vs_forward": prefill_err, "sequential_vs_chunked": seq_err,
             "max_abs_logit": ref.abs().max().item()}
-
-
-def run_parity(args) -> None:
-    parity_report(print, seqlen=args.seqlen, device=args.device, dtype=args.dtype)

@@ -130,14 +130,6 @@ def make_report(run: str | Path) -> Path:
     return out
 
 
-def run_report(args) -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UserError("report needs matplotlib: pip install 'ternary-mamba[plot]'") from None
-    print(f"wrote {make_report(args.run)}")
-
-
 def try_report(out: Path) -> None:
     """report.md with plots, when matplotlib is installed (`ternary-mamba report RUN` later otherwise)."""
     try:

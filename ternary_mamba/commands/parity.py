@@ -1,0 +1,9 @@
+"""`ternary-mamba parity`: our Mamba-2 against transformers' Mamba2ForCausalLM on the same weights."""
+from __future__ import annotations
+
+from ..eval.parity import parity_report
+
+
+def parity(cfg) -> None:
+    """cfg: commands.tool_configs.ParityConfig; prints the max abs logit differences."""
+    parity_report(print, seqlen=cfg.seq_len, device=cfg.device, dtype=cfg.dtype)
