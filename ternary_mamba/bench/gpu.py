@@ -112,10 +112,10 @@ def _profile_step(trainer, top: int = 12) -> dict:
             "ops": table(ops, lambda e: f"{e.key} {str(e.input_shapes)[:80]}")}
 
 
-def run_bench_gpu(args) -> None:
+def run_bench_gpu(cfg) -> None:
     if not torch.cuda.is_available():
         raise UserError("no CUDA device is visible: this benchmark runs on a GPU")
-    for m in args.models:
+    for m in cfg.models:
         if m not in PRESETS:
             raise UserError(f"--models {m}: not a preset ({', '.join(p for p in PRESETS if p.startswith('mamba2'))})")
     from ..commands.configs import GPU_PEAK_TFLOPS
@@ -129,11 +129,11 @@ def run_bench_gpu(args) -> None:
     out = {"device": name, "torch": torch.__version__, "bf16_gemm_tflops": peak, "nominal_tflops": nominal,
            "settings": []}
     plans = []   # (preset, micro-batch, seq-len, checkpointing, reference path)
-    for m in args.models:
+    for m in cfg.models:
         big = Mamba2Config(**PRESETS[m]).d_model >= 2048
-        plans += [(m, 1 if big else 8, args.seq_len, False, False)]
+        plans += [(m, 1 if big else 8, cfg.seq_len, False, False)]
         if big:
-            plans += [(m, 8, args.seq_len, True, False)]
+            plans += [(m, 8, cfg.seq_len, True, False)]
     if plans:
         plans.insert(1, (*plans[0][:4], True))      # the first setting again on the reference path
     print(f"{'model':<13} {'micro-batch':>12} {'ckpt':>5} {'path':<20} {'step s':>7} {'tok/s':>9} {'MFU':>6} "
@@ -141,8 +141,8 @@ def run_bench_gpu(args) -> None:
     for p in plans:
         preset, batch, seq, ck, ref = p
         try:
-            r = _setting(preset, batch, seq, ck, args.steps, reference=ref,
-                         profile=args.profile and p is plans[-1], chunk_size=args.chunk_size)
+            r = _setting(preset, batch, seq, ck, cfg.steps, reference=ref,
+                         profile=cfg.profile and p is plans[-1], chunk_size=cfg.chunk_size)
         except torch.cuda.OutOfMemoryError:
             print(f"{preset:<13} {batch:>5} x {seq:<5} {'yes' if ck else 'no':>5}  out of memory")
             torch.cuda.empty_cache()
@@ -164,7 +164,7 @@ def run_bench_gpu(args) -> None:
                 print(f"  by {'GPU kernel' if what == 'kernels' else 'PyTorch op (input shapes)'}:")
                 for k in r["profile"][what]:
                     print(f"  {100 * k['share']:5.1f}%  {k['ms']:8.1f} ms  {k['calls']:>6}x  {k['name']}")
-    if args.json:
+    if cfg.json:
         from ..formats.fs import write_json_atomic
-        write_json_atomic(args.json, out)
-        print(f"wrote {args.json}")
+        write_json_atomic(cfg.json, out)
+        print(f"wrote {cfg.json}")

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ..core.config import PRESETS, Mamba2Config, train_flops_per_token
 from ..core.model import Mamba2LM
 from ..errors import UserError
+from ..spec import DEFAULT_GROUP_SIZE
 from ..train.objectives import next_token_loss
 
 
@@ -240,31 +241,31 @@ def profile_training(log, steps: int = 3, chunk: int = 32, preset: str = "bench-
     return {label: us / total for label, us in shares.items()}
 
 
-def run_bench_model(args) -> None:
+def run_bench_model(cfg) -> None:
     from ..ops.device import cpu_description
     from .runtime import llama_cpp_version
     torch.manual_seed(0)
     out = {"threads": torch.get_num_threads(), "machine": cpu_description(), "llama_cpp": llama_cpp_version()}
     print(f"machine: {out['machine']}; threads {out['threads']}; {out['llama_cpp']}")
-    out["training"] = bench_training(print, rounds=args.rounds)
-    if getattr(args, "profile", False):
+    out["training"] = bench_training(print, rounds=cfg.rounds)
+    if cfg.profile:
         out["training_profile"] = profile_training(print)
-    if not args.skip_130m:
-        out["mamba2_130m"] = bench_130m(print, rounds=args.rounds)
-        if getattr(args, "profile", False):
+    if not cfg.skip_130m:
+        out["mamba2_130m"] = bench_130m(print, rounds=cfg.rounds)
+        if cfg.profile:
             from .runtime import decode_profile, load_bench_model
             phases = decode_profile(load_bench_model("mamba2-130m"), 32)
             if phases:
                 print("130m decode step profile (fp32, full logits; ms/token): "
                       + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
                 out["decode_profile_ms"] = phases
-    if args.json:
+    if cfg.json:
         from ..formats.fs import atomic_write_bytes
-        atomic_write_bytes(args.json, (json.dumps(out, indent=2) + "\n").encode())
-        print(f"wrote {args.json}")
+        atomic_write_bytes(cfg.json, (json.dumps(out, indent=2) + "\n").encode())
+        print(f"wrote {cfg.json}")
 
 
-def run_bench_qat(args) -> None:
+def run_bench_qat(cfg) -> None:
     """Cost of one QAT+KD step (frozen teacher forward + ternary student forward/backward) relative
     to one plain training step of the same model without teacher or quantization."""
     import copy
@@ -272,15 +273,15 @@ def run_bench_qat(args) -> None:
     from ..quant.qat import TernaryConfig, quantize_
     from ..train.distill import DistillObjective
     torch.manual_seed(0)
-    if args.model not in PRESETS:
-        raise UserError(f"--model-config {args.model}: choose a preset ({', '.join(PRESETS)})")
-    cfg = Mamba2Config(**PRESETS[args.model], chunk_size=64)
-    plain = Mamba2LM(cfg)
+    if cfg.model not in PRESETS:
+        raise UserError(f"--model-config {cfg.model}: choose a preset ({', '.join(PRESETS)})")
+    mcfg = Mamba2Config(**{**PRESETS[cfg.model], "chunk_size": 64})
+    plain = Mamba2LM(mcfg)
     teacher = copy.deepcopy(plain).eval()
     student = copy.deepcopy(plain)
-    quantize_(student, TernaryConfig(group_size=128, scale_mode=args.scale_mode))
+    quantize_(student, TernaryConfig(group_size=DEFAULT_GROUP_SIZE, scale_mode=cfg.scale_mode))
     obj = DistillObjective(teacher)
-    ids = torch.randint(0, cfg.vocab_size, (8, 257))
+    ids = torch.randint(0, mcfg.vocab_size, (8, 257))
     opt_p = torch.optim.AdamW(plain.parameters(), lr=1e-4, fused=True)
     opt_s = torch.optim.AdamW(obj.param_groups(student), lr=1e-4, fused=True)
 
@@ -295,5 +296,5 @@ def run_bench_qat(args) -> None:
         opt_s.zero_grad()
     t_plain = min(_best_time(plain_step), _best_time(plain_step))
     t_qat = min(_best_time(qat_step), _best_time(qat_step))
-    print(f"{args.model} ({cfg.n_params / 1e6:.1f} M params), batch 8x256: plain step {t_plain * 1e3:.0f} ms, "
-          f"QAT+KD step ({args.scale_mode} scales) {t_qat * 1e3:.0f} ms -> {t_qat / t_plain:.2f}x  [target <= 1.5x]")
+    print(f"{cfg.model} ({mcfg.n_params / 1e6:.1f} M params), batch 8x256: plain step {t_plain * 1e3:.0f} ms, "
+          f"QAT+KD step ({cfg.scale_mode} scales) {t_qat * 1e3:.0f} ms -> {t_qat / t_plain:.2f}x  [target <= 1.5x]")

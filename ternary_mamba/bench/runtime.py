@@ -207,48 +207,48 @@ def decode_profile(model, n: int) -> dict[str, float] | None:
 
 
 @torch.no_grad()
-def run_bench_runtime(args) -> None:
+def run_bench_runtime(cfg) -> None:
     import tempfile
     from pathlib import Path
     from ..errors import UserError
     from ..runtime.memory import release_freed_memory
-    for name in args.models:   # fail before minutes of measuring, not after
+    for name in cfg.models:   # fail before minutes of measuring, not after
         hub_id = name.count("/") == 1 and not name.startswith((".", "/"))
         if name not in PRESETS and not Path(name).is_dir() and not hub_id:
             raise UserError(f"{name}: neither a preset ({', '.join(PRESETS)}), a model folder nor a hub id")
     bw = memory_bandwidth_gbs()
-    rounds = getattr(args, "rounds", 5)
+    rounds = cfg.rounds
     print(f"machine: {cpu_description()}; {llama_cpp_version()}")
     print(f"memory read bandwidth (measured now): {bw:.1f} GB/s; threads {torch.get_num_threads()}; "
           f"best of {rounds} interleaved rounds per variant")
-    for name in args.models:
+    for name in cfg.models:
         model = load_bench_model(name)
         if getattr(model, "ternary_config", None) is not None or getattr(model, "packed_header", None):
             print(f"{name}: pass a full-precision model or a preset; skipping")
             continue
-        variants = build_variants(model, args.what)
+        variants = build_variants(model, cfg.what)
         release_freed_memory()   # the fp32 projections the packed copies replaced
-        per_round = max(1, args.tokens // rounds) if args.what == "decode" else args.tokens
-        make = _decode_timer if args.what == "decode" else _prefill_timer
+        per_round = max(1, cfg.tokens // rounds) if cfg.what == "decode" else cfg.tokens
+        make = _decode_timer if cfg.what == "decode" else _prefill_timer
         timers = {k: make(m, per_round) for k, m in variants.items()}
-        if args.what == "decode":   # greedy decoding: the same tokens as argmax of the full logits
+        if cfg.what == "decode":   # greedy decoding: the same tokens as argmax of the full logits
             timers.update({f"{k} greedy": _decode_timer(variants[k], per_round, greedy=True)
                            for k in ("fp32", "tq2") if k in variants})
         with tempfile.TemporaryDirectory() as tmp:
-            llama = llama_cpp_timers(model, args.what, per_round, torch.get_num_threads(), tmp)
+            llama = llama_cpp_timers(model, cfg.what, per_round, torch.get_num_threads(), tmp)
             timers.update(llama or {})
             best = {k: 0.0 for k in timers}
             for _ in range(rounds):
                 for k, run in timers.items():
                     best[k] = max(best[k], run())
             del timers, llama
-        what = "decode" if args.what == "decode" else f"prefill 1x{args.tokens}"
+        what = "decode" if cfg.what == "decode" else f"prefill 1x{cfg.tokens}"
         for k, r in best.items():
             line = f"{name} {what} {k:>17}: {r:8.1f} tok/s"
             if k in variants:
                 nbytes = bytes_per_token(variants[k])
                 line += f"  x{r / best['fp32']:5.2f} of fp32"
-                if args.what == "decode":
+                if cfg.what == "decode":
                     share = 100 * nbytes * r / 1e9 / bw
                     line += (f"  {nbytes / 1e6:7.1f} MB/token  {nbytes * r / 1e9:5.1f} GB/s = " +
                              (f"{share:3.0f} % of bandwidth" if share <= 100 else
@@ -266,8 +266,8 @@ def run_bench_runtime(args) -> None:
                                   f"{best[k] / (lf if k.startswith('fp32') else lt):.2f}x" for k in greedy))
         else:
             print(f"{name}: llama.cpp not installed (pip install '.[llama]'); figures measured earlier on these "
-                  f"machines: {LLAMA_CPP.get(name, {}).get(args.what, 'n/a')}")
-        if args.what == "decode":
+                  f"machines: {LLAMA_CPP.get(name, {}).get(cfg.what, 'n/a')}")
+        if cfg.what == "decode":
             for k, m in variants.items():
                 prof = decode_profile(m, max(8, per_round))
                 if prof:
