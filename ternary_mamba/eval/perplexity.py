@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..runtime.load import load_model_and_tokenizer
+from ..runtime.metrics import IGNORE, heldout_windows
 from ..formats.text import find_text_files, read_documents
 from ..ops.device import autocast, module_device, precision
 
@@ -26,21 +27,18 @@ def text_perplexity(model, tok, texts: list[str], seq_len: int, batch_size: int,
         raise UserError("no text to score")
     data = torch.tensor(ids)
     windows = [(s, min(s + seq_len, len(ids) - 1)) for s in range(0, len(ids) - 1, seq_len)]
-    nll, n = 0.0, 0
-    vocab = model.config.vocab_size
     dev = module_device(model)
+    batches = []
     for b in range(0, len(windows), batch_size):
         group = windows[b:b + batch_size]
         L = max(e - s for s, e in group)
         x = torch.zeros(len(group), L, dtype=torch.long)
-        y = torch.full((len(group), L), -100, dtype=torch.long)
+        y = torch.full((len(group), L), IGNORE, dtype=torch.long)
         for j, (s, e) in enumerate(group):
             x[j, :e - s], y[j, :e - s] = data[s:e], data[s + 1:e + 1]
-        logits = model(x.to(dev))[..., :vocab]
-        if not bool(torch.isfinite(logits).all()):
-            raise UserError("the model produced NaN or infinite logits: its weights are corrupt or overflowed")
-        nll += F.cross_entropy(logits.flatten(0, 1).float(), y.to(dev).flatten(), ignore_index=-100, reduction="sum").item()
-        n += int((y != -100).sum())
+        batches.append((x.to(dev), y.to(dev)))
+    w = heldout_windows(model, batches)            # the one held-out metric (runtime.metrics)
+    nll, n = sum(w["ce"]), int(sum(w["tokens"]))
     nbytes = len(tok.decode(ids[1:n + 1]).encode("utf-8"))
     return {"tokens": n, "ppl": math.exp(nll / n), "bits_per_byte": nll / math.log(2) / max(nbytes, 1), "bytes": nbytes}
 

@@ -8,13 +8,10 @@ the mean over the drawn seeds, and the 2.5 / 97.5 percentiles are reported.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from ..ops.losses import kl_div
+from ..ops.device import module_device
+from ..runtime.metrics import heldout_windows, sequence_batches, summarize
 
 BOOTSTRAP = 1000
 
@@ -26,35 +23,17 @@ def eval_windows(seqs, n: int) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, len(seqs) - 1, n)})
 
 
-@torch.no_grad()
 def per_window(student, teacher, seqs, windows: list[int], batch_size: int = 8,
                teacher_logits: list | None = None) -> dict:
-    """{'ce', 'kl', 'agree', 'tokens'}: per-window sums (lists, one entry per window).  `teacher_logits`: a list
-    to fill on the first call (then reused: the teacher is evaluated once per set)."""
-    vocab = teacher.config.vocab_size
-    out = {"ce": [], "kl": [], "agree": [], "tokens": []}
-    for j, s in enumerate(range(0, len(windows), batch_size)):
-        batch = seqs.batch(windows[s:s + batch_size])
-        x, y = batch[:, :-1], batch[:, 1:]
-        sl = student(x)[..., :vocab].float()
-        if teacher_logits is not None and j < len(teacher_logits):
-            tl = teacher_logits[j]
-        else:
-            tl = teacher(x)[..., :vocab].float()
-            if teacher_logits is not None:
-                teacher_logits.append(tl)
-        for i in range(x.size(0)):
-            out["ce"].append(F.cross_entropy(sl[i], y[i], reduction="sum").item())
-            out["kl"].append(kl_div(tl[i:i + 1], sl[i:i + 1]).item() * y.size(1))
-            out["agree"].append((sl[i].argmax(-1) == tl[i].argmax(-1)).sum().item())
-            out["tokens"].append(y.size(1))
-    return out
+    """{'ce', 'kl', 'agree', 'tokens'}: per-window sums (lists, one entry per window), by the one held-out metric
+    (`runtime.metrics`).  `teacher_logits`: a list to fill on the first call (then reused: the teacher is evaluated
+    once per set)."""
+    batches = sequence_batches(seqs, windows, batch_size, module_device(student))
+    return heldout_windows(student, batches, teacher, teacher_logits)
 
 
-def summary(w: dict) -> dict:
-    n = sum(w["tokens"])
-    ce = sum(w["ce"]) / n
-    return {"loss": ce, "ppl": math.exp(min(ce, 50)), "kl": sum(w["kl"]) / n, "top1_agree": sum(w["agree"]) / n}
+summary = summarize   # token-weighted loss, ppl, kl, top1_agree of per-window sums
+
 
 
 def _per_seed(ws: list[dict], idx: np.ndarray, key: str) -> np.ndarray:

@@ -14,14 +14,13 @@ Logits are compared over the real vocabulary only (the padded rows never receive
 """
 from __future__ import annotations
 
-import math
 
 import torch
-import torch.nn.functional as F
 
-from ..ops.device import module_device, scalar
+from ..ops.device import scalar
 from ..ops.losses import cross_entropy, kl_div
 from ..quant.qat import set_lambda
+from ..runtime.metrics import heldout_metrics
 from .objectives import param_groups
 
 
@@ -119,21 +118,6 @@ def segmented_forward(model, x, segments: int):
     return torch.cat(logits, 1), states
 
 
-@torch.no_grad()
 def evaluate_vs_teacher(student, teacher, heldout, n_batches: int, batch_size: int) -> dict:
-    """Held-out CE / perplexity of the student, KL(teacher ‖ student) and top-1 agreement."""
-    vocab = teacher.config.vocab_size
-    n = min(len(heldout), n_batches * batch_size)
-    ce = kl = agree = 0.0
-    count = 0
-    for s in range(0, n, batch_size):
-        batch = heldout.batch(range(s, min(n, s + batch_size))).to(module_device(student))
-        x, y = batch[:, :-1], batch[:, 1:]
-        sl, tl = student(x)[..., :vocab].float(), teacher(x)[..., :vocab].float()
-        k = y.numel()
-        ce += F.cross_entropy(sl.flatten(0, 1), y.flatten(), reduction="sum").item()
-        kl += kl_div(tl, sl).item() * k
-        agree += (sl.argmax(-1) == tl.argmax(-1)).float().sum().item()
-        count += k
-    ce /= count
-    return {"loss": ce, "ppl": math.exp(min(ce, 50)), "kl": kl / count, "top1_agree": agree / count}
+    """Held-out CE / perplexity of the student, KL(teacher ‖ student) and top-1 agreement (runtime.metrics)."""
+    return heldout_metrics(student, heldout, n_batches * batch_size, batch_size, teacher=teacher)

@@ -2,12 +2,12 @@
 groups every objective shares."""
 from __future__ import annotations
 
-import math
 
 import torch
 
-from ..ops.device import module_device, scalar
+from ..ops.device import scalar
 from ..ops.losses import cross_entropy
+from ..runtime.metrics import heldout_metrics
 
 NO_DECAY = ("norm", "A_log", "D", "dt_bias", "bias", "scale")
 
@@ -28,17 +28,6 @@ def next_token_loss(model, batch: torch.Tensor) -> torch.Tensor:
     return cross_entropy(logits.float(), batch[:, 1:])   # fused kernel (ops/losses.py); F.cross_entropy otherwise
 
 
-@torch.no_grad()
-def heldout_loss(model, heldout, n_batches: int, batch_size: int) -> float:
-    """Mean next-token cross-entropy over the first n_batches*batch_size held-out windows (fixed set)."""
-    n = min(len(heldout), n_batches * batch_size)
-    total = 0.0
-    for s in range(0, n, batch_size):
-        idx = range(s, min(n, s + batch_size))
-        total += next_token_loss(model, heldout.batch(idx).to(module_device(model))).item() * len(idx)
-    return total / n
-
-
 class LMObjective:
     def __init__(self, weight_decay: float, quant_monitor=None):
         self.weight_decay, self.qmon = weight_decay, quant_monitor
@@ -51,8 +40,7 @@ class LMObjective:
         return loss, {"loss": scalar(loss)}
 
     def evaluate(self, model, heldout, n_batches, batch_size):
-        loss = heldout_loss(model, heldout, n_batches, batch_size)
-        return {"loss": loss, "ppl": math.exp(min(loss, 50))}
+        return heldout_metrics(model, heldout, n_batches * batch_size, batch_size)
 
     def monitor(self, model, step):
         return self.qmon.record(model, step) if self.qmon else {}
