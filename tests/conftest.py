@@ -30,7 +30,7 @@ def tiny_config(**kw) -> Mamba2Config:
 def random_tq2(out_f: int, in_f: int, G: int, g: torch.Generator):
     """Random ternary codes in the packed tq2 layout (out_f, in_f / 4) and fp32 group scales in [0.1, 1.1),
     drawn from `g` (codes first, then scales), for the kernel tests."""
-    from ternary_mamba.quant.packing import pack
+    from ternary_mamba.ops.packing import pack
     t = torch.randint(-1, 2, (out_f, in_f), generator=g, dtype=torch.int8)
     return pack(t, "tq2").reshape(out_f, in_f // 4), torch.rand(out_f, in_f // G, generator=g) + 0.1
 

@@ -3,7 +3,8 @@ every input when autograd is on), and it did take a fast path where one exists (
 import pytest
 import torch
 
-from ternary_mamba.ops import conv, norms, scan
+from ternary_mamba.ops import conv, norms, scan, ternary_linear
+from ternary_mamba.ops.packing import pack
 from ternary_mamba.ops.dispatch import kernels_available, reference_path
 
 DIMS = scan.ScanDims(nheads=4, headdim=16, ngroups=2, d_state=16, chunk_size=16)
@@ -22,6 +23,9 @@ def _inputs(op: str, g: torch.Generator, b=2, l=37):
         return r(b, l, 64), r(b, l, 64), r(64).abs() + 0.5, 2, 1e-5
     if op == "rms_norm":
         return r(b, l, 64), r(64).abs() + 0.5, 1e-5
+    if op == "ternary_linear":
+        t = torch.randint(-1, 2, (48, 128), generator=g, dtype=torch.int8)
+        return r(b, l, 128), pack(t, "tq2").view(48, 32), torch.rand(48, 2, generator=g) + 0.1, 64, r(48)
     if op == "ssd_step":
         return r(b, h, p, n), r(b, h, p), torch.rand(b, h, generator=g) * 0.5, -torch.rand(h, generator=g), r(b, ng, n), r(b, ng, n)
     raise KeyError(op)
@@ -29,7 +33,9 @@ def _inputs(op: str, g: torch.Generator, b=2, l=37):
 
 OPS = {"ssd_scan": (scan.ssd_scan, scan.ssd_scan_ref), "conv_silu": (conv.conv_silu, conv.conv_silu_ref),
        "gated_norm": (norms.gated_norm, norms.gated_norm_ref), "rms_norm": (norms.rms_norm, norms.rms_norm_ref),
-       "ssd_step": (scan.ssd_step, scan.ssd_step_ref)}
+       "ssd_step": (scan.ssd_step, scan.ssd_step_ref),
+       "ternary_linear": (ternary_linear.ternary_linear, ternary_linear.ternary_linear_ref)}
+TRAINED = {"ternary_linear": (0, 3)}   # tensors (x, bias) that get gradients (packed codes and scales are not trained)
 
 
 def _outputs(out):
@@ -46,7 +52,8 @@ def test_dispatcher_agrees_with_its_reference(op, grad):
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
 
     def run(fn):
-        xs = [t.clone().requires_grad_(grad) for t in tensors]
+        xs = [t.clone().requires_grad_(grad and t.is_floating_point() and (op not in TRAINED or i in TRAINED[op]))
+              for i, t in enumerate(tensors)]
         it = iter(xs)
         call = [next(it) if isinstance(a, torch.Tensor) else a for a in args]
         with torch.set_grad_enabled(grad):
@@ -54,8 +61,9 @@ def test_dispatcher_agrees_with_its_reference(op, grad):
             if not grad:
                 return outs, []
             loss = sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outs)
-            grads = torch.autograd.grad(loss, xs, allow_unused=True)
-            return [o.detach() for o in outs], [gr for gr in grads]
+            want = [x for x in xs if x.requires_grad]
+            grads = torch.autograd.grad(loss, want, allow_unused=True)
+            return [o.detach() for o in outs], list(grads)
 
     got, got_g = run(fast)
     want, want_g = run(ref)

@@ -195,7 +195,7 @@ def test_a8_is_opt_in_and_close(tmp_path):
 
 
 def test_prefill_scratch_buffer_is_only_used_without_autograd():
-    from ternary_mamba.quant.packing import pack
+    from ternary_mamba.ops.packing import pack
     g = torch.Generator().manual_seed(0)
     mods = []
     for _ in range(2):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ternary_mamba.quant.packing import pack, unpack
+from ternary_mamba.ops.packing import pack, unpack
 
 
 @pytest.mark.parametrize("packing", ["tq2", "tq1"])

@@ -15,7 +15,7 @@ import torch
 
 from ..core.config import Mamba2Config
 from ..errors import UserError
-from ..quant.packing import pack, unpack
+from ..ops.packing import pack, unpack
 from ..quant.qat import packed_codes, ternary_modules
 from ..quant.tables import check_table_format, quantize_table
 from ..spec import (PACKED_FORMAT_NAME, PACKED_VERSION_DENSE, PACKED_VERSION_TABLES, PACKED_VERSIONS, PER_BYTE,

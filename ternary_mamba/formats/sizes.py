@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from ..core.config import MB, Mamba2Config, count_params_by_component
-from ..quant.packing import PER_BYTE
+from ..ops.packing import PER_BYTE
 from ..quant.tables import table_bytes
 from .fs import read_json
 from ..spec import DEFAULT_GROUP_SIZE, Q4_GROUP, TARGETS, resolve_group_size

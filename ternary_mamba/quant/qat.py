@@ -34,7 +34,7 @@ from ..ops.dispatch import triton_for, triton_kernels
 from .config import SCALE_MODES, TernaryConfig  # noqa: F401  (re-exported: the QAT API in one import)
 from ..spec import resolve_group_size
 from ..spec import SCALE_MIN, TRAINED_SCALE_MODES
-from .packing import pack
+from ..ops.packing import pack
 from .ternary import TernarySTE, absmean_scale, mse_optimal_zeros, round_scale, ternary_codes
 
 class TernaryLinear(nn.Module):

@@ -1,25 +1,15 @@
-"""`PackedTernaryLinear`: a ternary projection that keeps its weights packed (2-bit codes + per-group scales).
-
-Decoding (<= GEMV_MAX_ROWS tokens per call) multiplies straight from the codes (csrc/tq2_gemv.c); longer inputs
-(prefill) dequantize one matrix at a time into a scratch buffer and use the fp32 GEMM.  Opt-in, not exact:
-int8 activations (`use_a8_activations`: the a8 GEMV, and for prefill the int8 GEMM of csrc/tq2_gemm_a8.c) and
-bf16 activations (`use_bf16_activations`, the paper's A16: csrc/tq2_bf16.c, and for prefill bf16(scale * t) with
-torch's bf16 GEMM).  Inside `ops.dispatch.reference_path()`, or for tensors the kernels do not take (not fp32 on
-the CPU), the pure-PyTorch unpack + F.linear runs instead: the reference the tests compare against."""
+"""`PackedTernaryLinear`: a ternary projection that keeps its weights packed (2-bit codes + per-group scales).  Its
+forward is the op `ops.ternary_linear.ternary_linear` (which implementation runs is decided there, beside its
+reference).  Opt-in, not exact: int8 activations (`use_a8_activations`) and bf16 activations
+(`use_bf16_activations`, the paper's A16)."""
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.dispatch import cpu_has_bf16_kernels, kernels_for
-from ..spec import GEMV_MAX_ROWS, group_paths
-from ..ops.kernels import tq2_dequant, tq2_dequant_bf16, tq2_gemm_a8, tq2_gemv, tq2_gemv_a8, tq2_gemv_bf16
-from ..quant.packing import unpack
-from ..quant.ternary import dequantize
-
-_SCRATCH: dict[str, Tensor | None] = {"w": None, "wb": None}   # dequantization buffers for prefill (no autograd)
+from ..ops.dispatch import cpu_has_bf16_kernels
+from ..ops.ternary_linear import dequantize, ternary_linear, ternary_linear_a8_ref
+from ..spec import group_paths
 
 
 class PackedTernaryLinear(nn.Module):
@@ -34,48 +24,15 @@ class PackedTernaryLinear(nn.Module):
         self.bf16 = False  # opt-in: bf16 activations, decode and prefill (see use_bf16_activations); not exact
 
     def dequantized_weight(self, scratch: bool = False) -> Tensor:
-        """The fp32 weight.  scratch=True (no autograd only) writes it into a buffer shared by all packed
-        modules: no fresh allocation (page faults, zeroing) per call, which costs more than the dequantization."""
-        if kernels_for(self.scales) and self.codes.device.type == "cpu":
-            out = None
-            if scratch:
-                n = self.out_features * self.in_features
-                if _SCRATCH.get("w") is None or _SCRATCH["w"].numel() < n:
-                    _SCRATCH["w"] = torch.empty(n)
-                out = _SCRATCH["w"][:n].view(self.out_features, self.in_features)
-            return tq2_dequant(self.codes, self.scales, self.group_size, out)
-        codes = unpack(self.codes.reshape(-1), "tq2", (self.out_features, self.in_features))
-        return dequantize(codes, self.scales, self.group_size)
+        """The fp32 weight (scratch=True: into the buffer shared by all packed modules; no autograd only)."""
+        return dequantize(self.codes, self.scales, self.group_size, scratch)
+
+    @property
+    def activations(self) -> str:
+        return "a8" if self.a8 and self.paths.gemv_a8 else "bf16" if self.bf16 else "exact"
 
     def forward(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        on_cpu = self.codes.device.type == "cpu" and kernels_for(x2, self.scales, dtype=None)
-        if x2.size(0) <= GEMV_MAX_ROWS and self.paths.gemv and on_cpu:
-            gemv = tq2_gemv_a8 if self.a8 and self.paths.gemv_a8 else tq2_gemv
-            if self.bf16 and self.paths.gemv_bf16:
-                gemv = tq2_gemv_bf16
-            y = gemv(self.codes, self.scales, x2.float(), self.group_size)
-            if self.bias is not None:
-                y = y + self.bias
-            return y.reshape(*lead, self.out_features)
-        scratch = not torch.is_grad_enabled()   # the shared buffer is overwritten by the next call
-        if self.a8 and self.paths.gemv_a8 and scratch and on_cpu:   # prefill with int8 activations (int8 GEMM)
-            y = tq2_gemm_a8(self.codes, self.scales, x2.float(), self.group_size)
-            if y is not None:
-                y = y + self.bias if self.bias is not None else y
-                return y.reshape(*lead, self.out_features).to(x.dtype)
-        if self.bf16 and scratch and on_cpu:     # prefill in bf16: bf16(scale * t) and the bf16 GEMM (oneDNN)
-            y = F.linear(x.to(torch.bfloat16), self._bf16_weight()).float()
-            return y + self.bias if self.bias is not None else y
-        return F.linear(x, self.dequantized_weight(scratch), self.bias)
-
-    def _bf16_weight(self) -> Tensor:
-        n = self.out_features * self.in_features
-        if _SCRATCH.get("wb") is None or _SCRATCH["wb"].numel() < n:
-            _SCRATCH["wb"] = torch.empty(n, dtype=torch.bfloat16)
-        out = _SCRATCH["wb"][:n].view(self.out_features, self.in_features)
-        return tq2_dequant_bf16(self.codes, self.scales, self.group_size, out)
+        return ternary_linear(x, self.codes, self.scales, self.group_size, self.bias, self.activations)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, group_size={self.group_size}, packed=tq2"
@@ -112,12 +69,4 @@ def use_bf16_activations(model, enabled: bool = True) -> int:
     return n
 
 
-def a8_reference(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Pure-PyTorch reference of tq2_gemv_a8 (same int8 rounding, exact integer group sums)."""
-    out_f, in_f = codes.size(0), codes.size(1) * 4
-    t = unpack(codes.reshape(-1), "tq2", (out_f, in_f)).to(torch.int64)            # {-1, 0, 1}
-    m = x.abs().amax(-1, keepdim=True)
-    q = torch.round(x * torch.where(m > 0, 127.0 / m, torch.zeros_like(m))).to(torch.int64)   # (nb, in)
-    G = group_size
-    isum = torch.einsum("ogi,bgi->bog", t.view(out_f, in_f // G, G), q.view(-1, in_f // G, G))  # exact ints
-    return (isum.double() * scales.double()).sum(-1).mul(m.double() / 127.0).float()
+a8_reference = ternary_linear_a8_ref   # the int8-activation product's reference (ops/ternary_linear.py)

@@ -1,4 +1,4 @@
-// Ternary matrix x vector products straight from 2-bit packed codes (tq2 layout, see quant/packing.py).
+// Ternary matrix x vector products straight from 2-bit packed codes (tq2 layout, see ops/packing.py).
 //   y[b, o] = sum_g s[o, g] * sum_{i in g} t[o, i] * x[b, i],   t in {-1, 0, +1}
 // Codes of row o occupy in/4 bytes; each byte holds 4 codes (code + 1, 2 bits each, low bits first).
 // A 256-entry table turns one byte into 4 floats; with AVX2 two bytes make one 8-wide FMA operand.
