@@ -66,7 +66,7 @@ def test_a8_prefill_gemm_matches_the_a8_gemv(out_f, in_f, G, nt):
     integer group sums), for partial row blocks and token tiles; None where the CPU has neither."""
     _kernel()
     from ternary_mamba.ops.kernels import tq2_gemm_a8, tq2_gemv_a8
-    from ternary_mamba.runtime.packed_linear import a8_reference
+    from ternary_mamba.ops.ternary_linear import ternary_linear_a8_ref as a8_reference
     g = torch.Generator().manual_seed(out_f)
     codes, sc = random_tq2(out_f, in_f, G, g)
     x = torch.randn(nt, in_f, generator=g) * 3

@@ -3,7 +3,7 @@ every input when autograd is on), and it did take a fast path where one exists (
 import pytest
 import torch
 
-from ternary_mamba.ops import conv, norms, scan, ternary_linear
+from ternary_mamba.ops import conv, losses, norms, scan, ternary_linear
 from ternary_mamba.ops.packing import pack
 from ternary_mamba.ops.dispatch import kernels_available, reference_path
 
@@ -23,6 +23,10 @@ def _inputs(op: str, g: torch.Generator, b=2, l=37):
         return r(b, l, 64), r(b, l, 64), r(64).abs() + 0.5, 2, 1e-5
     if op == "rms_norm":
         return r(b, l, 64), r(64).abs() + 0.5, 1e-5
+    if op == "kl_div":
+        return r(b, l, 300) * 3, r(b, l, 300) * 3, 2.0
+    if op == "cross_entropy":
+        return r(b, l, 300) * 3, torch.randint(0, 300, (b, l), generator=g)
     if op == "ternary_linear":
         t = torch.randint(-1, 2, (48, 128), generator=g, dtype=torch.int8)
         return r(b, l, 128), pack(t, "tq2").view(48, 32), torch.rand(48, 2, generator=g) + 0.1, 64, r(48)
@@ -34,8 +38,10 @@ def _inputs(op: str, g: torch.Generator, b=2, l=37):
 OPS = {"ssd_scan": (scan.ssd_scan, scan.ssd_scan_ref), "conv_silu": (conv.conv_silu, conv.conv_silu_ref),
        "gated_norm": (norms.gated_norm, norms.gated_norm_ref), "rms_norm": (norms.rms_norm, norms.rms_norm_ref),
        "ssd_step": (scan.ssd_step, scan.ssd_step_ref),
-       "ternary_linear": (ternary_linear.ternary_linear, ternary_linear.ternary_linear_ref)}
-TRAINED = {"ternary_linear": (0, 3)}   # tensors (x, bias) that get gradients (packed codes and scales are not trained)
+       "ternary_linear": (ternary_linear.ternary_linear, ternary_linear.ternary_linear_ref),
+       "kl_div": (losses.kl_div, losses.kl_div_ref), "cross_entropy": (losses.cross_entropy, losses.cross_entropy_ref)}
+TRAINED = {"ternary_linear": (0, 3), "kl_div": (1,)}   # the teacher's logits (kl_div's first) get none either
+TRAINED_NOTE = None   # tensors (x, bias) that get gradients (packed codes and scales are not trained)
 
 
 def _outputs(out):

@@ -160,7 +160,7 @@ def test_fused_mixer_step_matches_the_torch_step(conv_bias, ngroups):
 def test_a8_gemv_matches_its_integer_reference_and_is_close_to_fp32():
     from ternary_mamba.ops.build import get_kernel
     from ternary_mamba.ops.kernels import tq2_gemv, tq2_gemv_a8
-    from ternary_mamba.runtime.packed_linear import a8_reference
+    from ternary_mamba.ops.ternary_linear import ternary_linear_a8_ref as a8_reference
     if get_kernel() is None:
         pytest.skip("no C compiler")
     g = torch.Generator().manual_seed(0)

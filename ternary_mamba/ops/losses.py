@@ -47,10 +47,14 @@ class _CrossEntropy(torch.autograd.Function):
         return dx, None
 
 
+def cross_entropy_ref(logits: Tensor, target: Tensor, ignore_index: int = -100) -> Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=ignore_index)
+
+
 def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100) -> Tensor:
     """Mean next-token cross-entropy; logits (…, V), target (…) int64 (ignore_index: no loss, no gradient)."""
     if not _fusable(logits) or ignore_index >= 0:
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=ignore_index)
+        return cross_entropy_ref(logits, target, ignore_index)
     t = target.reshape(-1).to(torch.int64)
     t = torch.where(t == ignore_index, -1, t).contiguous()
     V = logits.size(-1)
@@ -81,7 +85,7 @@ class _KL(torch.autograd.Function):
         return None, ds, None
 
 
-def kl_div_reference(t_logits: Tensor, s_logits: Tensor, tau: float = 1.0) -> Tensor:
+def kl_div_ref(t_logits: Tensor, s_logits: Tensor, tau: float = 1.0) -> Tensor:
     t = F.log_softmax(t_logits.float() / tau, dim=-1)
     s = F.log_softmax(s_logits.float() / tau, dim=-1)
     return (t.exp() * (t - s)).sum(-1).mean()
@@ -91,9 +95,9 @@ def kl_div(t_logits: Tensor, s_logits: Tensor, tau: float = 1.0) -> Tensor:
     """Mean over tokens of KL(softmax(t/τ) ‖ softmax(s/τ)); logits (…, V).  The teacher's side gets no gradient
     from the fused kernel, so a teacher logits tensor that requires grad takes the reference."""
     if t_logits.requires_grad and torch.is_grad_enabled():
-        return kl_div_reference(t_logits, s_logits, tau)
+        return kl_div_ref(t_logits, s_logits, tau)
     if triton_for(t_logits, s_logits):          # CUDA: the Triton kernel (ops/triton_kernels.py)
         return triton_kernels().kl_div(t_logits.float(), s_logits.float(), tau)
     if not _fusable(t_logits, s_logits):
-        return kl_div_reference(t_logits, s_logits, tau)
+        return kl_div_ref(t_logits, s_logits, tau)
     return _KL.apply(_rows(t_logits), _rows(s_logits), float(tau))

@@ -142,7 +142,7 @@ def _kl_bwd(T, S, LSE_T, LSE_S, DS, V, stride_t, stride_s, inv_tau, scale, BLOCK
 
 
 class FusedKL(torch.autograd.Function):
-    """Reference: `ops.losses.kl_div_reference`.  t, s: (N, V) with unit stride along V."""
+    """Reference: `ops.losses.kl_div_ref`.  t, s: (N, V) with unit stride along V."""
 
     @staticmethod
     def forward(ctx, t, s, tau: float):

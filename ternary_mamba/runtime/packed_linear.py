@@ -8,7 +8,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..ops.dispatch import cpu_has_bf16_kernels
-from ..ops.ternary_linear import dequantize, ternary_linear, ternary_linear_a8_ref
+from ..ops.ternary_linear import dequantize, ternary_linear
 from ..spec import group_paths
 
 
@@ -69,4 +69,3 @@ def use_bf16_activations(model, enabled: bool = True) -> int:
     return n
 
 
-a8_reference = ternary_linear_a8_ref   # the int8-activation product's reference (ops/ternary_linear.py)
