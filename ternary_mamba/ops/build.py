@@ -1,11 +1,13 @@
-"""Building and loading the compiled kernels (csrc/*.c), once with the system C compiler and loaded with ctypes:
-tq2_gemv.c the ternary and int8 products and the fused mixer step; lm_step.c the whole-model decode step;
-ssd_prefill.c the fused conv and chunked scan for inference (and the forward of training); ssd_train.c,
-conv_train.c and norm_train.c the backward passes of training (and the norm's forward); losses.c cross-entropy and the distillation KL.  Built with
--march=native (AVX2 + FMA where the CPU has them, a portable loop otherwise) and OpenMP.  If no compiler is
-available, `get_kernel()` returns None after one warning and callers use the pure-PyTorch reference.
-Callers never ask this module directly whether to use a kernel: `ops.dispatch` decides (device, dtype,
-the reference-path switch)."""
+"""Building and loading the compiled kernels (csrc/*.c), once with the system C compiler and loaded with ctypes.
+The sources, one concept each: tq2_gemv.c (ternary GEMV, exact and int8-activation), tq2_bf16.c (bf16-activation
+GEMV), tq2_gemm_a8.c (int8 prefill GEMM), dense_gemv.c (fp32 / fp16 / int8 GEMVs), ssm_step.c (the SSM step),
+mixer_step.c (a mixer's whole step), lm_step.c (the one-call decode step), ssd_prefill.c (conv and chunked scan),
+ssd_train.c, conv_train.c, norm_train.c (training's backward passes and the norms), losses.c (CE and KL),
+tables.c (quantized embedding rows), bandwidth.c (the benchmarks' probe), threads.c.  Built with -march=native
+(AVX2 + FMA where the CPU has them, a portable loop otherwise) and OpenMP.  If no compiler is available,
+`get_kernel()` returns None after one warning and callers use the pure-PyTorch reference (where
+TERNARY_MAMBA_REQUIRE_KERNELS=1, it raises).  Callers never ask this module whether to use a kernel: each op's
+dispatcher decides (ops/dispatch.py: device, dtype, the reference-path switch)."""
 from __future__ import annotations
 
 import ctypes

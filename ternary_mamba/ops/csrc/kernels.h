@@ -20,6 +20,7 @@ void tq2_gemv_a8(const uint8_t *codes, const float *scales, const int8_t *xq, co
                  float *y, int64_t out, int64_t in, int64_t G, int64_t nb);
 void i8_gemv(const int8_t *w, const float *scale, const float *x, float *y, int64_t out, int64_t in, int64_t nb);
 void f16_gemv(const uint16_t *w, const float *x, float *y, int64_t out, int64_t in, int64_t nb);
+float f16_dot(const uint16_t *row, const float *xx, int64_t in);   // one fp16 row . x, exactly f16_gemv's
 void q4_gemv(const uint8_t *q, const float *scale, const float *x, float *y, float *xsum,
              int64_t out, int64_t in, int64_t nb);
 void table_rows(int64_t kind, const void *w, const float *scale, const int64_t *ids, int64_t n, int64_t d, float *out);
@@ -33,6 +34,8 @@ int tq2_gemm_a8(const uint8_t *codes, const float *scales, const float *x, float
                 int64_t out, int64_t in, int64_t G, int64_t nt);
 int tq2_has_vnni512(void);
 void f32_gemv(const float *w, const float *x, float *y, int64_t out, int64_t in, int64_t nb);
+void ssd_step_inplace(float *state, const float *x, const float *dt, const float *dA, const float *B, const float *C,
+                      float *y, int64_t nb, int64_t nh, int64_t hp, int64_t ng, int64_t n);
 void mixer_step_inplace(const float *zxbcdt, float *conv_state, const float *conv_w, const float *conv_b,
                         const float *dt_bias, const float *A_log, const float *Dp, const float *norm_w,
                         float *ssm_state, float *y, float *work,
