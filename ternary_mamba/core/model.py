@@ -20,8 +20,7 @@ from torch import Tensor
 
 from ..ops.conv import conv_silu
 from ..ops.device import full_precision
-from ..ops.dispatch import kernels_for
-from ..ops.kernels import mixer_step_inplace
+from ..ops.mixer_step import fused_mixer_step
 from ..ops.norms import gated_norm, rms_norm
 from ..ops.scan import ScanDims, ssd_scan, ssd_step
 from .config import Mamba2Config
@@ -125,13 +124,10 @@ class Mamba2Mixer(nn.Module):
         c = self.cfg
         check_state(state, u.size(0), c)
         zxbcdt = self.in_proj(u)
-        params = (self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D, self.norm.weight)
-        if inplace and state.ssm.is_contiguous() and not torch.is_grad_enabled() \
-                and type(self.norm) is GatedRMSNorm and all(p is None or p.is_contiguous() for p in params) \
-                and kernels_for(zxbcdt, state.conv, state.ssm, *params):
-            # conv + SSM step + gated norm in one C call
-            conv = state.conv if state.conv.is_contiguous() else state.conv.contiguous()
-            return self.out_proj(mixer_step_inplace(self, zxbcdt, conv, state.ssm)), LayerState(conv, state.ssm)
+        if inplace and type(self.norm) is GatedRMSNorm:     # the whole step in one call (it reads norm.weight)
+            fused = fused_mixer_step(self, zxbcdt, state.conv, state.ssm)
+            if fused is not None:
+                return self.out_proj(fused[0]), LayerState(fused[1], state.ssm)
         with full_precision(u.device.type):     # fp32 between the projections, as in forward
             z, xBC, dt = (t.float() for t in self._split(zxbcdt))
             window = torch.cat([state.conv.float(), xBC[:, :, None]], dim=2)    # (b, conv_dim, d_conv)

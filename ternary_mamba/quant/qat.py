@@ -30,12 +30,11 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..ops.device import scalar
-from ..ops.dispatch import triton_for, triton_kernels
 from .config import SCALE_MODES, TernaryConfig  # noqa: F401  (re-exported: the QAT API in one import)
 from ..spec import resolve_group_size
 from ..spec import SCALE_MIN, TRAINED_SCALE_MODES
 from ..ops.packing import pack
-from .ternary import TernarySTE, absmean_scale, mse_optimal_zeros, round_scale, ternary_codes
+from .ternary import absmean_scale, fake_quant, mse_optimal_zeros, round_scale, ternary_codes
 
 class TernaryLinear(nn.Module):
     """A linear layer whose forward uses s16 · ternary(w) instead of w (fake quantization)."""
@@ -86,13 +85,8 @@ class TernaryLinear(nn.Module):
         return scale
 
     def quantized_weight(self) -> Tensor:
-        if triton_for(self.weight) and self.group_size & (self.group_size - 1) == 0:   # CUDA: one fused pass
-            # the scale from torch's absmean, as the export computes it: the codes the file holds are these
-            q = triton_kernels().ternary_fake_quant(self.weight, self.effective_scale(), self.group_size,
-                                                    self.trains_scale, self.scale_format)
-        else:
-            q = TernarySTE.apply(self.weight, self.effective_scale(), self.group_size, self.trains_scale,
-                                 self.scale_format)
+        # the scale from torch's absmean on every device, as the export computes it: the codes a file holds
+        q = fake_quant(self.weight, self.effective_scale(), self.group_size, self.trains_scale, self.scale_format)
         if self.lam >= 1.0:
             return q  # exact: identical to the packed export
         return self.weight + self.lam * (q - self.weight)

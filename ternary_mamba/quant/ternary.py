@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..ops.dispatch import triton_for, triton_kernels
 from ..spec import BF16_MAX, FP16_MAX, SCALE_MIN
 
 # fp16: scales are fp16 values (what the packed format stores).  bf16: scales are bf16 values inside fp16's normal
@@ -73,6 +74,19 @@ class TernarySTE(torch.autograd.Function):
         dq_ds = torch.where(inside, grouped(codes.float(), G) - v, v.sign())
         grad_s = (g * dq_ds).sum(-1) / G ** 0.5
         return grad_w, grad_s, None, None, None
+
+
+def fake_quant_ref(w: Tensor, scale: Tensor, group_size: int, learned: bool, fmt: str = "fp16") -> Tensor:
+    """s16 · ternary(w) with the straight-through gradients of `TernarySTE` (the reference)."""
+    return TernarySTE.apply(w, scale, group_size, learned, fmt)
+
+
+def fake_quant(w: Tensor, scale: Tensor, group_size: int, learned: bool, fmt: str = "fp16") -> Tensor:
+    """The fake-quantized weight, one op: on CUDA with triton, one fused Triton pass (ops/triton_kernels.py; groups
+    of a power of two); anything else, or inside `reference_path()`: `fake_quant_ref`."""
+    if triton_for(w) and group_size & (group_size - 1) == 0:
+        return triton_kernels().ternary_fake_quant(w, scale, group_size, learned, fmt)
+    return fake_quant_ref(w, scale, group_size, learned, fmt)
 
 
 OPT_GRID = torch.exp(torch.linspace(-2.0, 1.5, 71))   # scale / absmean from 0.14 to 4.5, 5 % steps

@@ -71,10 +71,6 @@ def wrap(model: torch.nn.Module, fsdp: bool, device: torch.device | None = None)
     return DDP(model)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
-
-
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on any: a collective, so all ranks must call it together."""
     if not active():
