@@ -31,8 +31,7 @@ from torch import Tensor
 from ..errors import UserError
 from ..ops.device import scalar
 from .config import SCALE_MODES, TernaryConfig  # noqa: F401  (re-exported: the QAT API in one import)
-from ..spec import resolve_group_size
-from ..spec import SCALE_MIN, TRAINED_SCALE_MODES
+from ..spec import PER_ROW, SCALE_MIN, TRAINED_SCALE_MODES, resolve_group_size
 from ..ops.packing import pack
 from .ternary import absmean_scale, fake_quant, mse_optimal_zeros, round_scale, ternary_codes
 
@@ -42,7 +41,9 @@ class TernaryLinear(nn.Module):
     def __init__(self, linear: nn.Linear, cfg: TernaryConfig, name: str = ""):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        G = resolve_group_size(cfg.group_for(name.rsplit(".", 1)[-1]), self.in_features, name)
+        G = cfg.group_for(name.rsplit(".", 1)[-1])   # resolved by quantize_ (TernaryConfig.resolved)
+        if G == PER_ROW or self.in_features % G:      # a module built on its own: resolve (and check) here
+            G = resolve_group_size(G, self.in_features, name)
         self.group_size, self.mode, self.scale_format = G, cfg.scale_mode, cfg.scale_format
         self.guard = (cfg.guard_low, cfg.guard_high)
         self.weight = linear.weight  # the same Parameter: the latent full-precision weight
