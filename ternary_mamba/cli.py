@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except RuntimeError as e:
         from .train.distributed import active, world
-        if not active():
+        if not active() or world()[1] == 1:
             raise
         # under torchrun a rank that failed has left; the collectives of the others fail: one line, not a traceback
         print(f"ternary-mamba {args.command}: error: rank {world()[0]}: stopped because another rank failed "

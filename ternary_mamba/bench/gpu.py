@@ -44,8 +44,9 @@ def _setting(preset: str, batch: int, seq: int, checkpointing: bool, steps: int,
     from ..train.distill import DistillObjective
     from ..train.loop import Trainer
     from ..train.memory import plan_memory, qat_kd_flops_per_token
+    from ..spec import DEFAULT_GROUP_SIZE
     cfg = Mamba2Config(**{**PRESETS[preset], **({"chunk_size": chunk_size} if chunk_size else {})})
-    q = TernaryConfig(group_size=128, scale_mode="learned", scale_format="bf16")
+    q = TernaryConfig(group_size=DEFAULT_GROUP_SIZE, scale_mode="learned", scale_format="bf16")
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     if cuda:

@@ -1,10 +1,15 @@
 """Data-parallel training on torch.distributed: DDP, or FSDP2 (`fully_shard`) with --fsdp.
 
-Launch with torchrun; the backend is NCCL on GPUs and gloo on CPU.  Each rank reads its own slice of
-every global batch (data.batch_indices), so the global batch is per-rank batch x ranks x accumulation
-and the trajectory equals a single process run with that global batch.  Rank 0 alone prints and writes;
-checkpoints hold full (unsharded) state dicts.  A run resumes with the same world size only (run.json
-records it), since the global batch depends on it."""
+Launch with torchrun; the backend is NCCL on GPUs and gloo on CPU.  Under torchrun the process group is formed
+whatever the world size (`--nproc-per-node 1` runs the DDP / FSDP2 code on one GPU).  Each rank reads its own slice
+of every global batch (data.batch_indices), so the global batch is per-rank batch x ranks x accumulation and the
+trajectory equals a single process run with that global batch.  Rank 0 alone prints and writes; checkpoints hold
+full (unsharded) state dicts.  A run resumes with the same world size only (run.json records it), since the global
+batch depends on it.
+
+Every collective of ours goes through `all_reduce` (and `barrier`), which puts its tensor on the device the
+backend serves (`collective_device`: NCCL serves CUDA tensors only; a CPU tensor there raises "No backend type
+associated with device type cpu").  tests/test_collectives.py keeps it so."""
 from __future__ import annotations
 
 import os
@@ -22,10 +27,14 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
+def launched() -> bool:
+    """Started by torchrun (or another launcher that sets the rendezvous environment), at any world size."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
+
+
 def init_if_launched() -> None:
-    """Join the process group when started by torchrun (WORLD_SIZE > 1)."""
-    rank, size = world()
-    if size > 1 and not dist.is_initialized():
+    """Join the process group when started by torchrun, world size 1 included."""
+    if launched() and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=timedelta(minutes=10))
         if backend == "nccl":
@@ -39,12 +48,17 @@ def shutdown() -> None:
 
 
 def active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """A process group is formed (under torchrun, at any world size)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def barrier() -> None:
     if active():
-        dist.barrier()
+        dev = collective_device()
+        if dev.type == "cuda":
+            dist.barrier(device_ids=[dev.index])
+        else:
+            dist.barrier()
 
 
 def local_device() -> torch.device:
@@ -71,17 +85,42 @@ def wrap(model: torch.nn.Module, fsdp: bool, device: torch.device | None = None)
     return DDP(model)
 
 
+BACKEND_DEVICE_TYPES = {"gloo": ("cpu",), "nccl": ("cuda",), "mpi": ("cpu",), "ucc": ("cpu", "cuda")}
+
+
+def served_device_types(backend: str) -> set[str]:
+    """Device types a backend serves: "nccl" -> {cuda}, "gloo" -> {cpu}, a map "cpu:gloo,cuda:nccl" -> both."""
+    if ":" in backend:
+        return {part.split(":")[0].strip() for part in backend.split(",")}
+    return set(BACKEND_DEVICE_TYPES.get(backend, ("cpu",)))
+
+
+def collective_device() -> torch.device:
+    """Where this rank's collective tensors must live: the CPU when the backend serves it, else this rank's GPU."""
+    return torch.device("cpu") if "cpu" in served_device_types(dist.get_backend()) else local_device()
+
+
+def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    """The one collective of ours: `t` reduced over every rank (sum unless `op`), computed on `collective_device()`
+    and returned on t's own device.  Every rank must call it together."""
+    x = t.to(collective_device())
+    dist.all_reduce(x, op=op if op is not None else dist.ReduceOp.SUM)
+    return x.to(t.device)
+
+
+def describe(model: torch.nn.Module) -> str:
+    """How training is spread, for the run's header: "" in one process, else the wrapper, ranks and backend."""
+    if not active():
+        return ""
+    kind = "DDP" if hasattr(model, "module") else "FSDP2"
+    return f"{kind} over {dist.get_world_size()} rank(s), {dist.get_backend()} (collectives on {collective_device()})"
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on any: a collective, so all ranks must call it together."""
     if not active():
         return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def _collective_device() -> torch.device:
-    return local_device() if dist.get_backend() == "nccl" else torch.device("cpu")
+    return bool(all_reduce(torch.tensor([1.0 if flag else 0.0]), dist.ReduceOp.MAX).item())
 
 
 def mean_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -89,9 +128,7 @@ def mean_metrics(metrics: dict[str, float]) -> dict[str, float]:
     if not active() or not metrics:
         return metrics
     keys = sorted(metrics)
-    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
+    t = all_reduce(torch.tensor([metrics[k] for k in keys], dtype=torch.float64)) / dist.get_world_size()
     return dict(zip(keys, t.tolist()))
 
 

@@ -98,6 +98,8 @@ class Trainer:
         self.fsdp = fsdp
         self.inner = model                    # the Mamba2LM (sharded in place under FSDP)
         self.model = D.wrap(model, fsdp, self.device)   # what forward is called on (DDP wrapper, or the module)
+        if self.verbose and D.active():
+            print(f"distributed: {D.describe(self.model)}")
         # the fused (single-kernel) AdamW: ~5x faster than the default on a CPU; not with sharded (DTensor) params
         fused = not fsdp and all(p.device.type in AUTOCAST_DEVICES for p in model.parameters())
         self.opt = torch.optim.AdamW(objective.param_groups(model), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
