@@ -81,6 +81,11 @@ def test_quantize_runs_and_beats_ptq(tiny_teacher_dir, text_dir, tmp_path):
     assert any("zero_ratio_layers" in r for r in recs)
     from ternary_mamba import load_model
     assert load_model(out / "student").ternary_config.scale_mode == "guarded"
+    # what changes the numbers is recorded: versions, CPU kind, threads, kernels; and the scan that ran
+    env = json.loads((out / "run.json").read_text())["environment"]
+    assert {"torch", "cpu", "threads", "kernels", "kernel_march"} <= set(env)
+    from ternary_mamba.ops.build import get_kernel
+    assert ("c-train" if get_kernel() is not None else "torch") in s["kernel_paths"]["scan"]
 
 
 def test_bad_inputs_give_one_line_and_exit_1(tiny_cfg, text_dir, tmp_path, capsys):

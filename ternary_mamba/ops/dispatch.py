@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Iterator
 
 import torch
@@ -70,12 +71,20 @@ _optional: dict[str, object] = {}
 
 
 def _try_import(name: str):
+    """An optional module, or None: silently when it is not installed, with one warning when it is installed but
+    fails to import (a broken CUDA extension, a version mismatch): never a silent fallback from a broken install."""
     if name not in _optional:
+        import importlib
         try:
-            import importlib
             _optional[name] = importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - ImportError, or a CUDA extension failing to load: not available
+        except ModuleNotFoundError as e:
             _optional[name] = None
+            if e.name is not None and not name.startswith(e.name) and not e.name.startswith(name.split(".")[0]):
+                warnings.warn(f"{name} is installed but needs {e.name}: using the PyTorch path", stacklevel=2)
+        except Exception as e:  # noqa: BLE001 - installed but broken
+            _optional[name] = None
+            warnings.warn(f"{name} is installed but failed to import ({type(e).__name__}: {str(e)[:160]}); "
+                          "using the PyTorch path", stacklevel=2)
     return _optional[name]
 
 

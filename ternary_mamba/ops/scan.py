@@ -34,11 +34,22 @@ class ScanDims(NamedTuple):
 
 
 _last = {"scan": None}
+_counts: dict[str, int] = {}
 
 
 def last_scan() -> str | None:
     """"c-train", "c-prefill", "mamba_ssm", "torch" or "sequential": what the latest `ssd_scan` ran."""
     return _last["scan"]
+
+
+def scans_run() -> dict[str, int]:
+    """How many scans each implementation ran in this process (what a run records)."""
+    return dict(_counts)
+
+
+def _ran(kind: str) -> None:
+    _last["scan"] = kind
+    _counts[kind] = _counts.get(kind, 0) + 1
 
 
 def needs_grad(*tensors: Tensor | None) -> bool:
@@ -72,23 +83,23 @@ def ssd_scan(xBC: Tensor, dt: Tensor, A: Tensor, D: Tensor, dims: ScanDims,
     if ref is None and kernels_for(xBC, dt, A, D, initial_state):
         if needs_grad(xBC, dt, A, D, initial_state):
             if fused.ssd_supported(xBC, dims.headdim, dims.d_state, dims.chunk_size):
-                _last["scan"] = "c-train"
+                _ran("c-train")
                 y, state = fused.ssd_train(xBC, dt, A, D, *dims, initial_state)
                 return y, state
         else:
             x, B, C = split_xbc(xBC, dims)
             out = ssd_prefill(x, dt, A, B, C, dims.chunk_size, initial_state, D=D)
             if out is not None:
-                _last["scan"] = "c-prefill"
+                _ran("c-prefill")
                 return out
     if ref is None:
         scan = mamba_ssm_scan(xBC)
         if scan is not None:
             x, B, C = split_xbc(xBC, dims)
-            _last["scan"] = "mamba_ssm"
+            _ran("mamba_ssm")
             return scan(x, dt, A, B, C, dims.chunk_size, D=D, initial_states=initial_state,
                         return_final_states=True)
-    _last["scan"] = ref or "torch"
+    _ran(ref or "torch")
     return ssd_scan_ref(xBC, dt, A, D, dims, initial_state)
 
 

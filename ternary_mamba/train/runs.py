@@ -21,7 +21,26 @@ def run_record(command: str, cfg) -> dict:
     size (the global batch depends on it) and the version that wrote it."""
     from ..version import __version__
     from . import distributed as D
-    return {"command": command, "ternary_mamba": __version__, "world_size": D.world()[1], "config": cfg.to_dict()}
+    return {"command": command, "ternary_mamba": __version__, "world_size": D.world()[1], "config": cfg.to_dict(),
+            "environment": environment()}
+
+
+def environment() -> dict:
+    """What changes a run's numbers besides its config: versions, CPU kind, threads, the kernels' build target
+    and whether they are built (recorded in run.json; `--threads` replays the thread count)."""
+    import os
+    import platform
+
+    import torch
+
+    from ..ops.build import get_kernel, kernel_threads
+    from ..ops.device import cpu_description
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpu": cpu_description(),
+            "threads": torch.get_num_threads(), "kernel_threads": kernel_threads(),
+            "kernels": "built" if get_kernel() is not None else "none (PyTorch reference)",
+            "kernel_march": os.environ.get("TERNARY_MAMBA_MARCH", "native"),
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+            "reference_path": os.environ.get("TERNARY_MAMBA_REFERENCE") or None}
 
 
 def _flat(d, prefix: tuple = ()):
