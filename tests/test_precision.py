@@ -122,3 +122,28 @@ def test_c_kernels_refuse_tensors_they_were_not_written_for():
         i8_gemv(torch.zeros(4, 8, dtype=torch.int8), scales.view(-1), x.bfloat16())
     with pytest.raises(TypeError):
         f16_gemv(torch.zeros(4, 8), x)
+
+
+def test_a_16bit_teacher_keeps_its_ssm_parameters_norms_and_residual_in_fp32():
+    """Only the projections of the frozen teacher go to bf16: dt_bias ~ -4..-7 would round to steps of 1/32, and
+    the residual stream stays fp32 (mamba_ssm's residual_in_fp32).  Its logits stay closer to the fp32 teacher's
+    than those of a teacher cast whole."""
+    from conftest import random_model, tiny_config
+    from ternary_mamba.ops.device import autocast
+    from ternary_mamba.train.distill import frozen_teacher
+    import copy
+    m = random_model(tiny_config(), seed=5).eval()
+    with torch.no_grad():
+        for layer in m.backbone.layers:
+            layer.mixer.dt_bias.uniform_(-7, -4)
+    t = frozen_teacher(copy.deepcopy(m), "cpu", torch.bfloat16)
+    mixer = t.backbone.layers[0].mixer
+    assert mixer.in_proj.weight.dtype == mixer.out_proj.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in (mixer.dt_bias, mixer.A_log, mixer.D, mixer.norm.weight,
+                                                  mixer.conv1d.weight, t.backbone.embedding.weight, t.backbone.norm_f.weight))
+    assert not any(p.requires_grad for p in t.parameters())
+    whole = copy.deepcopy(m).to(torch.bfloat16)
+    ids = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), autocast(torch.device("cpu"), torch.bfloat16):
+        ref, ours, cast = m(ids).float(), t(ids).float(), whole(ids).float()
+    assert (ours - ref).abs().max() < (cast - ref).abs().max()

@@ -41,7 +41,7 @@ def _setting(preset: str, batch: int, seq: int, checkpointing: bool, steps: int,
     from ..train.checkpointing import checkpoint_blocks_
     from ..train.config import TrainConfig
     from ..train.data import PackedSequences
-    from ..train.distill import DistillObjective
+    from ..train.distill import DistillObjective, frozen_teacher
     from ..train.loop import Trainer
     from ..train.memory import plan_memory, qat_kd_flops_per_token
     from ..spec import DEFAULT_GROUP_SIZE
@@ -56,7 +56,7 @@ def _setting(preset: str, batch: int, seq: int, checkpointing: bool, steps: int,
     with dev:
         teacher = Mamba2LM(cfg)
     student = copy.deepcopy(teacher)
-    teacher = teacher.to(torch.bfloat16).eval()
+    teacher = frozen_teacher(teacher, dev, torch.bfloat16)
     quantize_(student, q)
     if checkpointing:
         checkpoint_blocks_(student)

@@ -21,7 +21,7 @@ from ..quant.monitor import ZeroRatioMonitor, zero_ratio_stats
 from ..ops.device import autocast
 from ..spec import DEFAULT_GROUP_SIZE, GGUF_TQ_BLOCK, PER_ROW, group_paths
 from ..quant.qat import TernaryConfig, quantize_, set_lambda
-from ..train.distill import DistillObjective, evaluate_vs_teacher
+from ..train.distill import DistillObjective, evaluate_vs_teacher, frozen_teacher
 from ..train.run import Run
 from .configs import QuantizeConfig, resolve_auto_dtype
 from .defaults import with_bundled_defaults
@@ -68,8 +68,9 @@ def quantize(cfg: QuantizeConfig | None = None) -> Path:
     run.check_budget()
     device, dtype = run.device, run.dtype
     student = build_student(teacher, cfg.quant).to(device)  # validates the group size against the teacher's shapes
-    # the frozen teacher in the run's dtype (the paper's FP16 teacher); the student keeps fp32 master weights
-    teacher = teacher.to(device=device, dtype=dtype)
+    # the frozen teacher's projections in the run's dtype (the paper's FP16 teacher; the SSM parameters, norms and
+    # residual stream stay fp32); the student keeps fp32 master weights
+    teacher = frozen_teacher(teacher, device, dtype)
     # the run's record: every path absolute, so `--config run.json` replays it from anywhere
     run.cfg = cfg = cfg.replace(teacher=str(Path(cfg.teacher).resolve()) if Path(cfg.teacher).exists() else cfg.teacher,
                                 tokenizer=str(Path(tok_path).resolve()), data=absolute(cfg.data),

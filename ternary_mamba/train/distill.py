@@ -24,6 +24,20 @@ from ..runtime.metrics import heldout_metrics
 from .objectives import param_groups
 
 
+def frozen_teacher(teacher, device, dtype):
+    """The distillation teacher on `device`, frozen.  Under a 16-bit dtype only its projections (in_proj, out_proj:
+    nearly all of its bytes) are stored in it; the SSM parameters (A_log, dt_bias ~ -4..-7 would round to steps of
+    1/32 in bf16, D), the conv, the norms and the embedding with its tied head stay fp32, so the residual stream
+    stays fp32 too (mamba_ssm's residual_in_fp32) and the logits keep their precision."""
+    teacher = teacher.to(device)
+    if dtype != torch.float32:
+        head = getattr(teacher, "lm_head", None)
+        for m in teacher.modules():
+            if isinstance(m, torch.nn.Linear) and m is not head:
+                m.to(dtype)
+    return teacher.eval().requires_grad_(False)
+
+
 class DistillObjective:
     def __init__(self, teacher, *, tau: float = 1.0, alpha_ce: float = 0.0, beta_hidden: float = 0.0,
                  weight_decay: float = 0.0, scale_lr_mult: float = 1.0, scale_weight_decay: float = 0.0,

@@ -22,7 +22,7 @@ from ..core.config import Mamba2Config, train_flops_per_token
 from ..core.model import Mamba2LM
 from ..quant.config import TernaryConfig
 from ..quant.qat import quantize_
-from .distill import DistillObjective
+from .distill import DistillObjective, frozen_teacher
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -54,8 +54,8 @@ def _meta_models(cfg: Mamba2Config, qcfg: TernaryConfig, dtype: str):
         teacher = Mamba2LM(cfg, init=False)
     student = copy.deepcopy(teacher)
     quantize_(student, qcfg)
-    teacher = teacher.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
-    return teacher.eval().requires_grad_(False), student.train()
+    teacher = frozen_teacher(teacher, "meta", {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
+    return teacher, student.train()
 
 
 def traced_activation_bytes(teacher, student, batch: int, seq_len: int, device: str = "meta") -> int:
