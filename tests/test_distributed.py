@@ -42,11 +42,13 @@ def setup(tmp_path_factory, text_dir):
     return cfg, d, _losses(d / "single")
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp-accum", "fsdp-accum"])
 def test_two_processes_match_single_process(setup, text_dir, mode):
+    """2 ranks x 8 (or x 4 x 2 accumulated micro-batches, gradients reduced once per step) = the single run's 16."""
     cfg, d, ref = setup
     out = d / mode
-    p = _torchrun(_args(cfg, text_dir, out, batch=8, extra=["--fsdp"] if mode == "fsdp" else []))
+    extra = (["--fsdp"] if mode.startswith("fsdp") else []) + (["--grad-accum", "2"] if "accum" in mode else [])
+    p = _torchrun(_args(cfg, text_dir, out, batch=4 if "accum" in mode else 8, extra=extra))
     log = p.communicate(timeout=600)[0]
     assert p.returncode == 0, log[-3000:]
     got = _losses(out)

@@ -12,8 +12,10 @@ backend serves (`collective_device`: NCCL serves CUDA tensors only; a CPU tensor
 associated with device type cpu").  tests/test_collectives.py keeps it so."""
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -80,9 +82,10 @@ def wrap(model: torch.nn.Module, fsdp: bool, device: torch.device | None = None)
         fully_shard(model)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
+    # gradients as views into the all-reduce buckets: one copy of them, not two
     if device is not None and device.type == "cuda":
-        return DDP(model, device_ids=[device.index])
-    return DDP(model)
+        return DDP(model, device_ids=[device.index], gradient_as_bucket_view=True)
+    return DDP(model, gradient_as_bucket_view=True)
 
 
 BACKEND_DEVICE_TYPES = {"gloo": ("cpu",), "nccl": ("cuda",), "mpi": ("cpu",), "ucc": ("cpu", "cuda")}
@@ -106,6 +109,26 @@ def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     x = t.to(collective_device())
     dist.all_reduce(x, op=op if op is not None else dist.ReduceOp.SUM)
     return x.to(t.device)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: torch.nn.Module, sync: bool) -> Iterator[None]:
+    """Around one micro-batch's forward and backward: sync=False (every micro-batch but a step's last) skips the
+    gradient reduction, which then happens once per optimizer step (DDP `no_sync`, FSDP2
+    `set_requires_gradient_sync`).  The sum is the same; only the order of its additions differs."""
+    if sync or not active():
+        yield
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def describe(model: torch.nn.Module) -> str:

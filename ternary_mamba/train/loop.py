@@ -190,15 +190,17 @@ class Trainer:
             idx = batch_indices(len(self.train_data), cfg.batch_size, self.step * cfg.grad_accum + micro,
                                 cfg.seed, self.rank, self.world)
             batch = self.train_data.batch(idx).to(self.device, non_blocking=True)
-            with autocast(self.device, self.dtype):
-                loss, metrics = self.objective.loss(self.model, batch)
-            loss = _injected_fault(loss, self.rank, self.step)
-            bad = loss.device.type != "meta" and not bool(torch.isfinite(loss))
-            if D.any_rank(bad):      # every rank stops together (none is left waiting in a collective)
-                raise CollectiveError(f"step {self.step}: loss is not finite{' on some rank' if not bad else ''}; "
-                                      f"stopping without saving ({self._last_good()}); try a lower --lr")
-            scaled = loss / cfg.grad_accum
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            with D.gradient_sync(self.model, sync=micro == cfg.grad_accum - 1):   # one reduction per step
+                with autocast(self.device, self.dtype):
+                    loss, metrics = self.objective.loss(self.model, batch)
+                loss = _injected_fault(loss, self.rank, self.step)
+                bad = loss.device.type != "meta" and not bool(torch.isfinite(loss))
+                if D.any_rank(bad):      # every rank stops together (none is left waiting in a collective)
+                    raise CollectiveError(f"step {self.step}: loss is not finite"
+                                          f"{' on some rank' if not bad else ''}; stopping without saving "
+                                          f"({self._last_good()}); try a lower --lr")
+                scaled = loss / cfg.grad_accum
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
         params = [p for g in self.opt.param_groups for p in g["params"]]
