@@ -80,6 +80,9 @@ BENCH = {
                     "decode tokens/s: dense fp32 vs packed ternary with our runtime", config_file=False),
     "prefill": Typed("bench.configs:BenchPrefillConfig", "bench.runtime:run_bench_runtime",
                      "prefill tokens/s: dense fp32 vs packed ternary with our runtime", config_file=False),
+    "ops": Typed("bench.configs:BenchOpsConfig", "bench.ops:run_bench_ops",
+                 "every op's fast path against its reference at a model's shapes: which ran, max error, time",
+                 config_file=False),
 }
 TOKENIZER_TRAIN = Typed("commands.tool_configs:TokenizerTrainConfig", "commands.tokenizer:train_tokenizer_command",
                         "train a byte-level BPE tokenizer", config_file=False)

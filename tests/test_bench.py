@@ -70,3 +70,15 @@ def test_bench_gpu_table_and_json_with_the_gpu_stood_in_by_the_cpu(monkeypatch, 
     assert rec["nominal_tflops"] == 989.0 and len(rec["settings"]) == 2
     r = rec["settings"][0]
     assert abs(r["plan_mfu"] - r["tflops"] / 989.0) < 1e-12 and abs(r["mfu"] - r["tflops"] / 800.0) < 1e-12
+
+
+def test_bench_ops_compares_every_op_with_its_reference(tmp_path):
+    from ternary_mamba.bench.configs import BenchOpsConfig
+    from ternary_mamba.bench.ops import run_bench_ops
+    out = run_bench_ops(BenchOpsConfig(model="tiny", seq_len=40, rounds=1, json=str(tmp_path / "ops.json")))
+    ops = {(r["op"], r["pass"]): r for r in out["ops"]}
+    assert {op for op, _ in ops} == {"ssd_scan", "conv_silu", "gated_norm", "rms_norm", "fake_quant", "kl_div",
+                                     "cross_entropy"}
+    assert all(r["out_diff"] < 1e-3 and (r["pass"] == "forward" or r["grad_diff"] < 1e-2) for r in out["ops"])
+    assert all(r["impl"] not in (None, "?") for r in out["ops"])
+    assert (tmp_path / "ops.json").exists()

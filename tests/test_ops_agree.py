@@ -5,7 +5,7 @@ import torch
 
 from ternary_mamba.ops import conv, losses, norms, scan, ternary_linear
 from ternary_mamba.ops.packing import pack
-from ternary_mamba.ops.dispatch import kernels_available, reference_path
+from ternary_mamba.ops.dispatch import kernels_available, last_impl, reference_path
 
 DIMS = scan.ScanDims(nheads=4, headdim=16, ngroups=2, d_state=16, chunk_size=16)
 
@@ -40,6 +40,10 @@ OPS = {"ssd_scan": (scan.ssd_scan, scan.ssd_scan_ref), "conv_silu": (conv.conv_s
        "ssd_step": (scan.ssd_step, scan.ssd_step_ref),
        "ternary_linear": (ternary_linear.ternary_linear, ternary_linear.ternary_linear_ref),
        "kl_div": (losses.kl_div, losses.kl_div_ref), "cross_entropy": (losses.cross_entropy, losses.cross_entropy_ref)}
+# the implementation each op's dispatcher must pick for these CPU fp32 inputs: (no autograd, autograd)
+FAST = {"ssd_scan": ("c-prefill", "c-train"), "conv_silu": ("c-prefill", "c-train"), "gated_norm": ("c", "c"),
+        "rms_norm": ("torch", "c-train"), "kl_div": ("c", "c"), "cross_entropy": ("c", "c"),
+        "ssd_step": ("torch", None)}   # the step is fused only when asked to update in place (below)
 TRAINED = {"ternary_linear": (0, 3), "kl_div": (1,)}   # the teacher's logits (kl_div's first) get none either
 TRAINED_NOTE = None   # tensors (x, bias) that get gradients (packed codes and scales are not trained)
 
@@ -80,20 +84,20 @@ def test_dispatcher_agrees_with_its_reference(op, grad):
             assert a is None or not a.abs().any()
         else:
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
-    if op == "ssd_scan" and kernels_available():
-        assert scan.last_scan() == ("c-train" if grad else "c-prefill")   # the fast path really ran
+    if kernels_available() and op in FAST:
+        assert last_impl(op) == FAST[op][grad]   # the fast path really ran (else the agreement proves nothing)
 
 
 def test_inside_reference_path_the_dispatchers_are_their_references():
     args = _inputs("ssd_scan", torch.Generator().manual_seed(0))
     with reference_path(), torch.no_grad():
         y, s = scan.ssd_scan(*args)
-        assert scan.last_scan() == "torch"
+        assert last_impl("ssd_scan") == "torch"
         y2, s2 = scan.ssd_scan_ref(*args)
     assert torch.equal(y, y2) and torch.equal(s, s2)
     with reference_path("sequential"), torch.no_grad():
         y3, _ = scan.ssd_scan(*args)
-        assert scan.last_scan() == "sequential"
+        assert last_impl("ssd_scan") == "sequential"
     torch.testing.assert_close(y3, y, rtol=1e-4, atol=1e-4)
 
 
@@ -106,4 +110,4 @@ def test_the_step_updates_in_place_only_when_asked():
         y2, new2 = scan.ssd_step(state, x, dt, A, B, C, inplace=True)
     torch.testing.assert_close(y2, y, rtol=1e-5, atol=1e-5)
     if kernels_available():
-        assert new2 is state
+        assert new2 is state and last_impl("ssd_step") == "c-inplace"

@@ -85,7 +85,7 @@ def test_quantize_runs_and_beats_ptq(tiny_teacher_dir, text_dir, tmp_path):
     env = json.loads((out / "run.json").read_text())["environment"]
     assert {"torch", "cpu", "threads", "kernels", "kernel_march"} <= set(env)
     from ternary_mamba.ops.build import get_kernel
-    assert ("c-train" if get_kernel() is not None else "torch") in s["kernel_paths"]["scan"]
+    assert ("c-train" if get_kernel() is not None else "torch") in s["kernel_paths"]["ssd_scan"]
 
 
 def test_bad_inputs_give_one_line_and_exit_1(tiny_cfg, text_dir, tmp_path, capsys):

@@ -68,3 +68,17 @@ class BenchDecodeConfig(Config):
 class BenchPrefillConfig(BenchDecodeConfig):
     tokens: int = option(512, help="prompt length")
     what = "prefill"
+
+
+@dataclass
+class BenchOpsConfig(Config):
+    model: str = option("mamba2-1.3b", flag="--model-config", help="model preset whose shapes the ops see")
+    device: str = option("cpu", help="cpu, cuda or cuda:N")
+    batch_size: int = option(1, help="sequences")
+    seq_len: int = option(512, help="tokens per sequence")
+    chunk_size: int | None = option(None, help="the scan's chunk length instead of the preset's")
+    rounds: int = option(3, help="timed repetitions (each figure is the best)")
+    json: str | None = option(None, help="also write the results here")
+
+    def __post_init__(self):
+        _at_least_one(self, "batch_size", "seq_len", "chunk_size", "rounds")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import autograd as fused
-from .dispatch import kernels_for, reference_kind
+from .dispatch import kernels_for, ran, reference_kind
 from .kernels import conv_silu_prefill
 from .scan import needs_grad
 
@@ -41,9 +41,12 @@ def conv_silu(xBC: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tens
     if reference_kind() is None and kernels_for(xBC, weight, bias, conv_state):
         if needs_grad(xBC, weight, bias, conv_state):
             if fused.conv_supported(xBC, weight):
+                ran("conv_silu", "c-train")
                 return fused.conv_silu_train(xBC, weight, bias, conv_state)
         else:
             out = conv_silu_prefill(xBC, weight, bias, conv_state)
             if out is not None:
+                ran("conv_silu", "c-prefill")
                 return out
+    ran("conv_silu", "torch")
     return conv_silu_ref(xBC, weight, bias, conv_state)

@@ -67,6 +67,27 @@ def kernels_for(*tensors: torch.Tensor | None, dtype: torch.dtype | None = torch
     return kernels_available()
 
 
+_last_impl: dict[str, str] = {}
+_impl_counts: dict[str, dict[str, int]] = {}
+
+
+def ran(op: str, impl: str) -> None:
+    """Each op's dispatcher says which implementation it ran (cheap: a dictionary update)."""
+    _last_impl[op] = impl
+    c = _impl_counts.setdefault(op, {})
+    c[impl] = c.get(impl, 0) + 1
+
+
+def last_impl(op: str) -> str | None:
+    """The implementation the latest call of `op` ran, e.g. last_impl("ssd_scan") == "c-train"."""
+    return _last_impl.get(op)
+
+
+def impls_run() -> dict[str, dict[str, int]]:
+    """{op: {implementation: calls}} in this process: what a run records (summary.json "kernel_paths")."""
+    return {op: dict(c) for op, c in _impl_counts.items()}
+
+
 _optional: dict[str, object] = {}
 
 

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .build import get_kernel
-from .dispatch import kernels_for, triton_for, triton_kernels
+from .dispatch import kernels_for, ran, triton_for, triton_kernels
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -54,12 +54,14 @@ def cross_entropy_ref(logits: Tensor, target: Tensor, ignore_index: int = -100) 
 def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100) -> Tensor:
     """Mean next-token cross-entropy; logits (…, V), target (…) int64 (ignore_index: no loss, no gradient)."""
     if not _fusable(logits) or ignore_index >= 0:
+        ran("cross_entropy", "torch")
         return cross_entropy_ref(logits, target, ignore_index)
     t = target.reshape(-1).to(torch.int64)
     t = torch.where(t == ignore_index, -1, t).contiguous()
     V = logits.size(-1)
     if t.numel() and (t.max() >= V):
         raise IndexError(f"target {int(t.max())} is out of bounds for {V} classes")
+    ran("cross_entropy", "c")
     return _CrossEntropy.apply(_rows(logits), t)
 
 
@@ -95,9 +97,13 @@ def kl_div(t_logits: Tensor, s_logits: Tensor, tau: float = 1.0) -> Tensor:
     """Mean over tokens of KL(softmax(t/τ) ‖ softmax(s/τ)); logits (…, V).  The teacher's side gets no gradient
     from the fused kernel, so a teacher logits tensor that requires grad takes the reference."""
     if t_logits.requires_grad and torch.is_grad_enabled():
+        ran("kl_div", "torch")
         return kl_div_ref(t_logits, s_logits, tau)
     if triton_for(t_logits, s_logits):          # CUDA: the Triton kernel (ops/triton_kernels.py)
+        ran("kl_div", "triton")
         return triton_kernels().kl_div(t_logits.float(), s_logits.float(), tau)
     if not _fusable(t_logits, s_logits):
+        ran("kl_div", "torch")
         return kl_div_ref(t_logits, s_logits, tau)
+    ran("kl_div", "c")
     return _KL.apply(_rows(t_logits), _rows(s_logits), float(tau))

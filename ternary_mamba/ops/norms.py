@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import autograd as fused
-from .dispatch import reference_kind
+from .dispatch import ran, reference_kind
 
 
 def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -24,7 +24,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """x * rsqrt(mean(x², -1) + eps) * weight."""
     if reference_kind() is None and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) \
             and fused.rms_norm_supported(x, weight):
+        ran("rms_norm", "c-train")
         return fused.rms_norm_train(x, weight, eps)
+    ran("rms_norm", "torch")
     return rms_norm_ref(x, weight, eps)
 
 
@@ -38,5 +40,7 @@ def gated_norm_ref(y: Tensor, z: Tensor, weight: Tensor, ngroups: int, eps: floa
 def gated_norm(y: Tensor, z: Tensor, weight: Tensor, ngroups: int, eps: float) -> Tensor:
     """norm(y * silu(z)) per group of y.size(-1) / ngroups channels, times weight; y, z (b, l, d) or (b, d)."""
     if reference_kind() is None and y.dim() == 3 and y.size(1) > 0 and fused.gated_norm_supported(y, z, weight):
+        ran("gated_norm", "c")
         return fused.gated_norm_train(y, z, weight, ngroups, eps)     # C forward (+ backward under autograd)
+    ran("gated_norm", "torch")
     return gated_norm_ref(y, z, weight, ngroups, eps)

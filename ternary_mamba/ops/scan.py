@@ -9,7 +9,7 @@ xBC (b, l, h·p + 2·g·n) is the conv + SiLU output (x | B | C side by side; th
   - CPU fp32, no gradients: the C chunked scan (csrc/ssd_prefill.c);
   - CUDA with mamba_ssm installed: its fused Triton scan (`mamba_chunk_scan_combined`);
   - anything else, or inside `reference_path()`: the reference (chunked PyTorch; "sequential": token by token).
-`last_scan()` names the implementation the latest call took (recorded by benchmarks and runs).
+`ops.dispatch.last_impl("ssd_scan")` names the implementation the latest call took (recorded by runs).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import autograd as fused
-from .dispatch import kernels_for, mamba_ssm_scan, reference_kind
+from .dispatch import kernels_for, mamba_ssm_scan, ran, reference_kind
 from .kernels import ssd_prefill, ssd_step_inplace
 from .ssd_torch import ssd_chunked, ssd_sequential
 from .ssd_torch import ssd_step as _torch_step
@@ -33,23 +33,6 @@ class ScanDims(NamedTuple):
     chunk_size: int
 
 
-_last = {"scan": None}
-_counts: dict[str, int] = {}
-
-
-def last_scan() -> str | None:
-    """"c-train", "c-prefill", "mamba_ssm", "torch" or "sequential": what the latest `ssd_scan` ran."""
-    return _last["scan"]
-
-
-def scans_run() -> dict[str, int]:
-    """How many scans each implementation ran in this process (what a run records)."""
-    return dict(_counts)
-
-
-def _ran(kind: str) -> None:
-    _last["scan"] = kind
-    _counts[kind] = _counts.get(kind, 0) + 1
 
 
 def needs_grad(*tensors: Tensor | None) -> bool:
@@ -83,23 +66,23 @@ def ssd_scan(xBC: Tensor, dt: Tensor, A: Tensor, D: Tensor, dims: ScanDims,
     if ref is None and kernels_for(xBC, dt, A, D, initial_state):
         if needs_grad(xBC, dt, A, D, initial_state):
             if fused.ssd_supported(xBC, dims.headdim, dims.d_state, dims.chunk_size):
-                _ran("c-train")
+                ran("ssd_scan", "c-train")
                 y, state = fused.ssd_train(xBC, dt, A, D, *dims, initial_state)
                 return y, state
         else:
             x, B, C = split_xbc(xBC, dims)
             out = ssd_prefill(x, dt, A, B, C, dims.chunk_size, initial_state, D=D)
             if out is not None:
-                _ran("c-prefill")
+                ran("ssd_scan", "c-prefill")
                 return out
     if ref is None:
         scan = mamba_ssm_scan(xBC)
         if scan is not None:
             x, B, C = split_xbc(xBC, dims)
-            _ran("mamba_ssm")
+            ran("ssd_scan", "mamba_ssm")
             return scan(x, dt, A, B, C, dims.chunk_size, D=D, initial_states=initial_state,
                         return_final_states=True)
-    _ran(ref or "torch")
+    ran("ssd_scan", ref or "torch")
     return ssd_scan_ref(xBC, dt, A, D, dims, initial_state)
 
 
@@ -115,5 +98,7 @@ def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tens
     """One recurrent step; inplace=True lets the C kernel update a contiguous fp32 CPU state in place."""
     if inplace and reference_kind() is None and state.is_contiguous() and not needs_grad(state, x, dt, A, B, C) \
             and kernels_for(state, x, dt, B, C):
+        ran("ssd_step", "c-inplace")
         return ssd_step_inplace(state, x, dt, torch.exp(dt * A), B, C), state
+    ran("ssd_step", "torch")
     return ssd_step_ref(state, x, dt, A, B, C)

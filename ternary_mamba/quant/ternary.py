@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ops.dispatch import triton_for, triton_kernels
+from ..ops.dispatch import ran, triton_for, triton_kernels
 from ..spec import BF16_MAX, FP16_MAX, SCALE_MIN
 
 # fp16: scales are fp16 values (what the packed format stores).  bf16: scales are bf16 values inside fp16's normal
@@ -85,7 +85,9 @@ def fake_quant(w: Tensor, scale: Tensor, group_size: int, learned: bool, fmt: st
     """The fake-quantized weight, one op: on CUDA with triton, one fused Triton pass (ops/triton_kernels.py; groups
     of a power of two); anything else, or inside `reference_path()`: `fake_quant_ref`."""
     if triton_for(w) and group_size & (group_size - 1) == 0:
+        ran("fake_quant", "triton")
         return triton_kernels().ternary_fake_quant(w, scale, group_size, learned, fmt)
+    ran("fake_quant", "torch")
     return fake_quant_ref(w, scale, group_size, learned, fmt)
 
 

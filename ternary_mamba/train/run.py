@@ -99,7 +99,7 @@ class Run:
     def finish(self, model, folder: str, tokenizer_path, summary: dict, extra: dict) -> Path:
         """Write the model folder (`out/folder`), summary.json and report.md (rank 0)."""
         save_model(model, self.out / folder, tokenizer_path=tokenizer_path, overwrite=True, extra=extra)
-        from ..ops.scan import scans_run
-        write_json_atomic(self.out / "summary.json", {**summary, "kernel_paths": {"scan": scans_run()}})
+        from ..ops.dispatch import impls_run
+        write_json_atomic(self.out / "summary.json", {**summary, "kernel_paths": impls_run()})
         try_report(self.out)
         return self.out / folder
