@@ -82,3 +82,27 @@ def test_bench_ops_compares_every_op_with_its_reference(tmp_path):
     assert all(r["out_diff"] < 1e-3 and (r["pass"] == "forward" or r["grad_diff"] < 1e-2) for r in out["ops"])
     assert all(r["impl"] not in (None, "?") for r in out["ops"])
     assert (tmp_path / "ops.json").exists()
+
+
+def test_the_gpu_check_report_reads_what_the_steps_leave(tmp_path):
+    """scripts/gpu_check_report.py on a folder shaped like a GPU check's (no GPU needed)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "steps.txt").write_text("ops 12 0\nddp 30 0\n")
+    for run, losses in (("ddp", [3.0, 2.5]), ("fsdp", [3.0, 2.50001]), ("killed", [3.0, 2.5]),
+                        ("fp32", [3.0, 2.4]), ("bf16", [3.01, 2.42])):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": v}) + "\n"
+                                                              for i, v in enumerate(losses)))
+    (tmp_path / "bf16" / "summary.json").write_text(json.dumps({"rows": {"QAT+KD (absmean)": {"kl": 0.2}}}))
+    (tmp_path / "ddp.log").write_text("distributed: DDP over 1 rank(s), nccl (collectives on cuda:0)\n")
+    r = subprocess.run([sys.executable, str(root / "scripts" / "gpu_check_report.py"), str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert res["distributed"]["nccl_group_formed"] and res["steps"]["ddp"] == {"seconds": 30, "rc": 0}
+    assert abs(res["bf16_vs_fp32"]["max_loss_gap"] - 0.02) < 1e-9 and res["bf16_vs_fp32"]["final_kl_bf16"] == 0.2
+    assert "| ops | 12 | 0 |" in (tmp_path / "table.md").read_text()
