@@ -188,3 +188,15 @@ def test_quantized_model_roundtrips_through_checkpoint(tmp_path):
     ids = torch.randint(0, 512, (1, 9))
     with torch.no_grad():
         assert torch.equal(model(ids), loaded(ids))
+
+
+@pytest.mark.parametrize("G", [32, 128, 1024])
+def test_the_sorted_optimum_search_equals_the_direct_one(G):
+    from ternary_mamba.quant.ternary import mse_optimal_zeros, mse_optimal_zeros_ref
+    g = torch.Generator().manual_seed(G)
+    w = torch.randn(32, 2048, generator=g) * torch.rand(32, 1, generator=g)
+    w[0, :G] = 0.0                                       # an all-zero group
+    w[1, :G] = torch.linspace(-1, 1, G)                  # evenly spaced magnitudes (many near-ties)
+    r1, z1 = mse_optimal_zeros(w, G)
+    r2, z2 = mse_optimal_zeros_ref(w, G)
+    assert torch.equal(r1, r2) and torch.equal(z1, z2)

@@ -120,11 +120,16 @@ class TernaryLinear(nn.Module):
     def stats(self, optimum: bool = False) -> dict[str, float]:
         """zero ratio and mean scale / absmean; optimum: also the zero ratio of the per-group MSE-optimal scales
         of the current latent weights (what a zero ratio is measured against)."""
+        return {k: scalar(v) for k, v in self.stat_tensors(optimum).items()}
+
+    @torch.no_grad()
+    def stat_tensors(self, optimum: bool = False) -> dict[str, Tensor]:
+        """`stats` as 0-dim tensors on the weight's device (no host sync: a caller reads many modules at once)."""
         codes, s16 = self.export()
-        st = {"zero_ratio": scalar((codes == 0).float().mean()),
-              "scale_over_absmean": scalar(s16.float().mean() / _full(self.weight).abs().mean().clamp_min(1e-12))}
+        st = {"zero_ratio": (codes == 0).float().mean(),
+              "scale_over_absmean": s16.float().mean() / _full(self.weight).abs().mean().clamp_min(1e-12)}
         if optimum:
-            st["zero_ratio_opt"] = scalar(mse_optimal_zeros(_full(self.weight).float(), self.group_size)[1].mean())
+            st["zero_ratio_opt"] = mse_optimal_zeros(_full(self.weight).float(), self.group_size)[1].mean()
         return st
 
     def extra_repr(self) -> str:
