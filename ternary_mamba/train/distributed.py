@@ -63,6 +63,21 @@ def barrier() -> None:
             dist.barrier()
 
 
+_slow_group = {}
+SLOW_WAIT = timedelta(hours=6)   # how long the other ranks wait while rank 0 tokenizes a corpus
+
+
+def barrier_for_slow_work() -> None:
+    """A barrier for waits that outlast the process group's timeout (10 minutes): rank 0 tokenizing ~100 M tokens
+    before the others read its cache.  It runs on a gloo (CPU) group of its own with a timeout of SLOW_WAIT, so
+    an NCCL group's watchdog never fires on it.  Every rank calls it at the same point."""
+    if not active():
+        return
+    if "g" not in _slow_group:
+        _slow_group["g"] = dist.new_group(backend="gloo", timeout=SLOW_WAIT)
+    dist.barrier(group=_slow_group["g"])
+
+
 def local_device() -> torch.device:
     """This rank's device: cuda:LOCAL_RANK when CUDA is available, else the CPU."""
     if torch.cuda.is_available():

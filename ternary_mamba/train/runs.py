@@ -110,7 +110,7 @@ def prepare_run_and_data(out: Path, record: dict, resume: bool, free: set[tuple]
         check_run_dir(out, record, resume, free)   # before minutes of tokenizing, and before writing anything
         train, held = prepare_data(data, eval_data, tok, seq_len, heldout_fraction, cache_dir, budget=budget)
         load = prepare_run_dir(out, record, resume, free)
-    D.barrier()
+    D.barrier_for_slow_work()     # the others wait for the token cache (longer than a collective's timeout)
     if not D.is_main():
         train, held = prepare_data(data, eval_data, tok, seq_len, heldout_fraction, cache_dir, verbose=False,
                                    budget=budget)
