@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 EPILOG = """examples:
   ternary-mamba quantize                                   # bundled teacher + bundled books (the demo)
@@ -153,6 +154,19 @@ def _is_pretrain_config(path: str) -> bool:
         return False
 
 
+def _recorded_threads(cfg) -> int | None:
+    """The threads recorded in the run.json of a run being resumed (None when there is none to read)."""
+    if not getattr(cfg, "resume", False) or not getattr(cfg, "out", None):
+        return None
+    import json
+    try:
+        rec = json.loads((Path(cfg.out) / "run.json").read_text())
+        n = rec["config"]["threads"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
 def typed_config(args):
     """The command's typed config from its parsed flags (and --config file)."""
     from .commands.flags import DEST, config_from_args
@@ -215,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .errors import UserError
     usage = {"experiment": ("exp_command", "experiment claims [--tokens N] [--out DIR]"),
-             "bench": ("bench_command", "bench {model,qat,gpu,decode,prefill}"),
+             "bench": ("bench_command", f"bench {{{','.join(BENCH)}}}"),
              "tokenizer": ("tok_command", "tokenizer train --data PATH... --vocab-size N --out tokenizer.json")}
     if args.command in usage and getattr(args, usage[args.command][0], None) is None:   # instantly, before torch
         print(f"ternary-mamba {args.command}: error: usage: ternary-mamba {usage[args.command][1]}", file=sys.stderr)
@@ -228,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in MEMORY_HUNGRY:
             from .runtime.memory import keep_freed_memory
             keep_freed_memory()   # no page faults on every step's fresh activations (see runtime/memory.py)
+        if not threads and getattr(args, "_cfg", None) is not None:
+            threads = _recorded_threads(args._cfg)   # --resume: the thread count the run was started with
         if threads:
             from .ops.build import set_threads
             set_threads(threads)          # torch and the C kernels (their own OpenMP runtime)
@@ -236,8 +252,13 @@ def main(argv: list[str] | None = None) -> int:
             from .ops.threads import default_threads
             n, why = default_threads()    # idle physical cores: a busy core would stall every barrier
             set_threads(n)
+            threads = n
             if "busy" in why:   # a note with the command's report (stdout): stderr stays for the one-line error
                 print(f"ternary-mamba {args.command}: {why}", flush=True)
+        if threads and hasattr(getattr(args, "_cfg", None), "threads"):
+            # the count in force is what run.json records: the summation order (and so the last digits of every
+            # figure) depends on it, and a replay or a resume then uses it
+            args._cfg = args._cfg.replace(threads=threads)
         if args.command in ("pretrain", "quantize"):
             from .train.distributed import init_if_launched, is_main
             init_if_launched()

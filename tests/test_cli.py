@@ -47,3 +47,14 @@ def test_bench_rejects_an_unknown_model_before_measuring(capsys):
     assert "bandwidth" not in out.out                      # nothing was measured first
     err = out.err.strip().splitlines()
     assert len(err) == 1 and "neither a preset" in err[0]
+
+
+def test_a_resume_takes_the_recorded_thread_count(tmp_path):
+    import json
+    from ternary_mamba.cli import _recorded_threads
+    from ternary_mamba.commands.configs import QuantizeConfig
+    (tmp_path / "run.json").write_text(json.dumps({"command": "quantize", "config": {"threads": 3}}))
+    assert _recorded_threads(QuantizeConfig(out=str(tmp_path), resume=True)) == 3
+    assert _recorded_threads(QuantizeConfig(out=str(tmp_path), resume=False)) is None
+    (tmp_path / "run.json").write_text('{"config": {"threads": true}}')
+    assert _recorded_threads(QuantizeConfig(out=str(tmp_path), resume=True)) is None

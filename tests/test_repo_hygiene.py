@@ -36,3 +36,16 @@ def test_no_absolute_machine_paths_in_committed_files():
 def test_the_pattern_catches_machine_paths():
     assert MACHINE_PATH.search("see /home/alice/runs/x") and MACHINE_PATH.search('"/work/main/a.py"')
     assert not MACHINE_PATH.search("runs/x and ../shared/data and https://example.org/home/page")
+
+
+def test_the_package_data_ships_the_kernel_sources_and_assets():
+    """A built wheel holds what the package reads at run time: the C sources (or every install silently runs the
+    slow PyTorch path) and the bundled assets.  Checked on pyproject's package-data patterns."""
+    import tomllib
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = cfg["tool"]["setuptools"]["package-data"]["ternary_mamba"]
+    pkg = ROOT / "ternary_mamba"
+    shipped = {p for pat in patterns for p in pkg.glob(pat) if p.is_file()}
+    needed = {p for p in (pkg / "ops" / "csrc").iterdir() if p.suffix in (".c", ".h")}
+    assert needed and needed <= shipped, sorted(str(p.relative_to(pkg)) for p in needed - shipped)
+    assert (pkg / "assets" / "teacher" / "model.safetensors") in shipped

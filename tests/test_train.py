@@ -82,7 +82,9 @@ def test_quantize_runs_and_beats_ptq(tiny_teacher_dir, text_dir, tmp_path):
     from ternary_mamba import load_model
     assert load_model(out / "student").ternary_config.scale_mode == "guarded"
     # what changes the numbers is recorded: versions, CPU kind, threads, kernels; and the scan that ran
-    env = json.loads((out / "run.json").read_text())["environment"]
+    rec = json.loads((out / "run.json").read_text())
+    assert isinstance(rec["config"]["threads"], int) and rec["config"]["threads"] >= 1   # the count in force
+    env = rec["environment"]
     assert {"torch", "cpu", "threads", "kernels", "kernel_march"} <= set(env)
     from ternary_mamba.ops.build import get_kernel
     assert ("c-train" if get_kernel() is not None else "torch") in s["kernel_paths"]["ssd_scan"]
