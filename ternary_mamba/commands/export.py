@@ -12,6 +12,7 @@ from ..runtime.load import load_model, load_model_and_tokenizer
 from ..formats.paths import is_gguf, resolve_student_dir
 from ..formats.sizes import format_size_table
 from ..spec import group_paths
+from ..quant.adopt import adopt_ternary_
 from ..quant.qat import TernaryConfig, quantize_, ternary_modules
 from .configs import ExportConfig
 from .flags import require
@@ -34,9 +35,14 @@ def export(cfg: ExportConfig) -> Path:
     if getattr(model, "packed_header", None):
         raise UserError(f"{folder}: already packed")
     if getattr(model, "ternary_config", None) is None:
-        print(f"{folder} is full precision: applying absmean PTQ (group {cfg.group_size}) before packing")
-        quantize_(model, TernaryConfig(group_size=cfg.group_size))
-        source += " (absmean PTQ)"
+        adopted = adopt_ternary_(model)
+        if adopted is not None:           # read back from a ternary export: the same codes and scales, exactly
+            print(f"{folder}: its projections are already ternary (groups of {adopted}); packing them as they are")
+            source += " (ternary weights adopted exactly)"
+        else:
+            print(f"{folder} is full precision: applying absmean PTQ (group {cfg.group_size}) before packing")
+            quantize_(model, TernaryConfig(group_size=cfg.group_size))
+            source += " (absmean PTQ)"
     out = Path(cfg.out)
     if cfg.format == "gguf":
         from ..formats.gguf import export_gguf
