@@ -126,3 +126,38 @@ def test_missing_folder_and_offline_hub_id(tmp_path):
         load_model(tmp_path / "nope")
     with pytest.raises(UserError, match="local folder"):
         load_model("state-spaces/mamba2-130m")  # HF_HUB_OFFLINE=1 in conftest
+
+
+@pytest.mark.parametrize("damage", ["one-element moments", "empty state", "no groups", "not a dict"])
+def test_a_damaged_optimizer_state_is_refused_before_torch_sees_it(tmp_path, text_dir, damage):
+    """A moment of the wrong shape reached the fused AdamW kernel and crashed the process (SIGSEGV); an empty
+    state silently restarted the optimizer.  Both are one-line errors now, and the checkpoint stays as it was."""
+    import subprocess
+    import sys
+    from conftest import BUNDLED_TOKENIZER
+    from ternary_mamba.cli import main
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text('{"d_model": 32, "n_layer": 2, "d_state": 16, "headdim": 16, "vocab_size": 8192, "chunk_size": 16}')
+    args = ["pretrain", "--model-config", str(cfg), "--tokenizer", str(BUNDLED_TOKENIZER), "--data", str(text_dir),
+            "--tokens", "2048", "--seq-len", "32", "--batch-size", "4", "--eval-every", "0", "--save-every", "4",
+            "--threads", "1", "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    opt = tmp_path / "run" / "checkpoint" / "optimizer.pt"
+    osd = torch.load(opt, weights_only=True)
+    if damage == "one-element moments":
+        for st in osd["state"].values():
+            st["exp_avg"] = torch.zeros(1)
+    elif damage == "empty state":
+        osd = {"state": {}, "param_groups": osd["param_groups"]}
+    elif damage == "no groups":
+        osd = {"state": {}, "param_groups": []}
+    else:
+        osd = [1, 2, 3]
+    torch.save(osd, opt)
+    before = opt.read_bytes()
+    r = subprocess.run([sys.executable, "-m", "ternary_mamba", *args, "--resume"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 1, (r.returncode, r.stderr[-800:])
+    err = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(err) == 1 and "optimizer.pt" in err[0], r.stderr[-800:]
+    assert opt.read_bytes() == before

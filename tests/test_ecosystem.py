@@ -100,3 +100,42 @@ def test_a_run_in_progress_is_sampled_from_its_checkpoint(run, tmp_path, capsys)
     assert main(["generate", str(prog), "--prompt", "Once", "--max-new-tokens", "4", "--temperature", "0"]) == 0
     assert "a run in progress; using its checkpoint at step" in capsys.readouterr().err
     assert main(["info", str(prog)]) == 0 and "last checkpoint at step" in capsys.readouterr().out
+
+
+def _tree(root):
+    """Every path under root with its bytes (files) or its target (symlinks): what 'unchanged' means."""
+    import hashlib
+    import os
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for n in dirs + files:
+            p = os.path.join(dirpath, n)
+            if os.path.islink(p):
+                out[p] = "link:" + os.readlink(p)
+            elif os.path.isfile(p):
+                out[p] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+            else:
+                out[p] = "dir"
+    return out
+
+
+@pytest.mark.parametrize("card", ["missing", "dangling symlink"])
+def test_push_dry_run_writes_nothing_anywhere(run, tmp_path, capsys, card):
+    import shutil
+    folder = tmp_path / "student"
+    shutil.copytree(run / "student", folder)
+    (folder / "README.md").unlink(missing_ok=True)
+    target = tmp_path / "outside" / "README.md"
+    if card == "dangling symlink":
+        (folder / "README.md").symlink_to(target)
+    before = _tree(tmp_path)
+    assert main(["push", str(folder), "me/ternary-tiny", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "README.md" in out and "--- README.md (model card) ---" in out
+    assert _tree(tmp_path) == before and not target.exists()
+
+
+@pytest.mark.parametrize("repo", ["owner/", "/name", "owner", "a/b/c", "own er/x"])
+def test_push_refuses_a_malformed_repo_id(run, repo, capsys):
+    assert main(["push", str(run / "student"), repo, "--dry-run"]) == 1
+    assert "OWNER/NAME" in capsys.readouterr().err

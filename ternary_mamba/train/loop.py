@@ -147,14 +147,15 @@ class Trainer:
             osd = torch.load(self.ckpt_dir / "optimizer.pt", weights_only=True)
         except Exception as e:
             raise UserError(f"{self.ckpt_dir}: unreadable checkpoint ({type(e).__name__}: {e})") from None
-        if self.inner.config.tie_embeddings:
+        if not isinstance(state, dict) or type(state.get("step")) is not int or state["step"] < 0:
+            raise UserError(f"{self.ckpt_dir / 'trainer_state.json'}: \"step\" must be a non-negative integer")
+        check_optimizer_state(osd, self.inner, self.opt, state["step"], self.ckpt_dir / "optimizer.pt")
+        if self.inner.config.tie_embeddings and "backbone.embedding.weight" in msd:
             msd["lm_head.weight"] = msd["backbone.embedding.weight"]
         try:
             D.load_full_state(self.inner, self.opt, msd, osd)
         except (RuntimeError, KeyError, ValueError) as e:
             raise UserError(f"{self.ckpt_dir}: checkpoint does not fit this run ({str(e).splitlines()[0][:200]})") from None
-        if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0:
-            raise UserError(f"{self.ckpt_dir / 'trainer_state.json'}: \"step\" must be a non-negative integer")
         self.step = self.saved_step = state["step"]
         # drop metrics logged after the checkpoint: the resumed run re-logs them identically.  Rank 0 alone
         # (it alone appends); then every rank waits, so no rank's append can race the rewrite
@@ -260,6 +261,36 @@ class Trainer:
             self.objective.check(rec)  # e.g. the zero-ratio collapse detector; may raise
         progress.close()
         return last
+
+
+def check_optimizer_state(osd, model, opt, step: int, where) -> None:
+    """An optimizer state read from a file fits this run before torch sees it (a moment of the wrong shape reaches
+    the fused AdamW kernel as a bad pointer): the same parameter groups with the same parameters, every moment a
+    floating tensor of its parameter's shape, and a state for every trained parameter once training has started."""
+    params = dict(model.named_parameters())
+    if not isinstance(osd, dict) or not isinstance(osd.get("state"), dict) or not isinstance(osd.get("param_groups"), list):
+        raise UserError(f"{where}: not an optimizer state (expected {{'state': ..., 'param_groups': [...]}})")
+    groups = osd["param_groups"]
+    if len(groups) != len(opt.param_groups) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                                        for g in groups):
+        raise UserError(f"{where}: {len(groups)} parameter groups, this run has {len(opt.param_groups)}")
+    named = [n for g in groups for n in g["params"]]
+    unknown = [n for n in named if n not in params]
+    if unknown or len(named) != sum(len(g["params"]) for g in opt.param_groups):
+        raise UserError(f"{where}: its parameters are not this model's ({unknown[:2] or len(named)})")
+    for name, st in osd["state"].items():
+        p = params.get(name)
+        if p is None or not isinstance(st, dict):
+            raise UserError(f"{where}: state for unknown parameter {name!r}")
+        for k, v in st.items():
+            if k == "step":
+                continue
+            if not isinstance(v, torch.Tensor) or not v.is_floating_point() or tuple(v.shape) != tuple(p.shape):
+                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise UserError(f"{where}: {name}.{k} is {got}, the parameter is {tuple(p.shape)}")
+    trained = [n for n, p in params.items() if p.requires_grad]
+    if step > 0 and trained and not osd["state"]:
+        raise UserError(f"{where}: no optimizer state although the run is at step {step}; the file is damaged")
 
 
 def _injected_fault(loss: torch.Tensor, rank: int, step: int) -> torch.Tensor:
