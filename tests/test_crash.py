@@ -70,3 +70,28 @@ def test_twenty_sigkills_lose_nothing(text_dir, tmp_path):
     assert kills == 20, f"only {kills} kills happened before the run finished"
     assert len(got) == len(ref) == STEPS
     assert max(abs(a - b) for a, b in zip(got, ref)) <= 1e-6
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_and_a_killed_saves_leftovers_go(text_dir, tmp_path):
+    """Two runs on one --out cannot both proceed (the folder is locked while a run holds it); the temporary
+    checkpoint folder a killed save left is removed when the run is resumed."""
+    from ternary_mamba.train.runs import claim_run_dir
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(TINY)
+    run = tmp_path / "run"
+    args = ["pretrain", "--model-config", str(cfg), "--tokenizer", str(BUNDLED_TOKENIZER), "--data", str(text_dir),
+            "--tokens", str(4 * 4 * 64), "--seq-len", "64", "--batch-size", "4", "--eval-every", "0",
+            "--save-every", "1", "--threads", "1", "--out", str(run)]
+    claim_run_dir(run)                           # this process holds the folder, as a run in progress would
+    r = subprocess.run([sys.executable, "-m", "ternary_mamba", *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "another run is using this folder" in r.stderr and not run.exists()
+    env = {**os.environ, "TERNARY_MAMBA_FAULT": "kill@0:2:save2"}     # killed inside the save of step 2
+    other = tmp_path / "other"
+    p = subprocess.run([sys.executable, "-m", "ternary_mamba", *args[:-1], str(other)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL
+    assert list(other.glob(".checkpoint.tmp*"))              # the half-written checkpoint
+    p = subprocess.run([sys.executable, "-m", "ternary_mamba", *args[:-1], str(other), "--resume"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-1000:]
+    assert not list(other.glob(".checkpoint.tmp*")) and not list(tmp_path.glob(".other.lock"))

@@ -60,6 +60,18 @@ def recover(out: Path) -> None:
         _fsync_path(out.parent)
 
 
+def remove_stale_temps(out: Path) -> int:
+    """Remove what a killed `atomic_dir(out)` left: its `.NAME.tmp*` siblings (a whole checkpoint, maybe).  Call it
+    only where no other process can be writing `out` now (a run folder its lock holds).  Returns how many."""
+    out = Path(out)
+    n = 0
+    for p in out.parent.glob(f".{out.name}.tmp*"):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            n += 1
+    return n
+
+
 def atomic_dir(out: Path, overwrite: bool = False):
     """Context manager: yields a temporary sibling folder, renamed onto `out` only on success.  Replacing an
     existing `out` renames it aside, renames the new one in, then deletes the old one: at every instant one

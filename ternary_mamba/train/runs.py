@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from ..formats.fs import read_json, recover, write_json_atomic
+from ..formats.fs import read_json, recover, remove_stale_temps, write_json_atomic
 from ..formats.datasets import is_hub_source
 from .data import PackedSequences, load_tokens, split_heldout, tokenize_to_file
 
@@ -100,6 +100,41 @@ def check_run_dir(out: Path, record: dict, resume: bool, free: set[tuple] = froz
     return False
 
 
+_locks: dict[str, int] = {}
+
+
+def claim_run_dir(out: Path) -> None:
+    """Hold this run folder for the life of the process: an exclusive lock (flock) on `.NAME.lock` beside it, so two
+    runs on one --out cannot both proceed (the check and the run.json write are not one atomic step).  The lock is
+    the kernel's: a killed run releases it (its empty lock file may stay; a finished one removes it)."""
+    import fcntl
+    import os
+    out = Path(out).absolute()
+    if str(out) in _locks:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f".{out.name}.lock"
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"{lock}: cannot create the run's lock file ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise UserError(f"{out}: another run is using this folder right now; wait for it or choose another --out") \
+            from None
+    _locks[str(out)] = fd
+    import atexit
+
+    def release():   # the lock file goes with the run (the lock itself dies with the process anyway)
+        try:
+            lock.unlink()
+        except OSError:
+            pass
+    atexit.register(release)
+
+
 def prepare_run_and_data(out: Path, record: dict, resume: bool, free: set[tuple], data, eval_data, tok,
                          seq_len: int, heldout_fraction: float, cache_dir, budget: int | None = None
                          ) -> tuple[bool, PackedSequences, PackedSequences]:
@@ -107,7 +142,9 @@ def prepare_run_and_data(out: Path, record: dict, resume: bool, free: set[tuple]
     then read the cached tokens.  Returns (load checkpoint?, train, held-out)."""
     from . import distributed as D
     if D.is_main():
+        claim_run_dir(out)                          # no second run on this folder from here on
         check_run_dir(out, record, resume, free)   # before minutes of tokenizing, and before writing anything
+        remove_stale_temps(Path(out) / "checkpoint")   # what a save killed mid-way left beside the checkpoint
         train, held = prepare_data(data, eval_data, tok, seq_len, heldout_fraction, cache_dir, budget=budget)
         load = prepare_run_dir(out, record, resume, free)
     D.barrier_for_slow_work()     # the others wait for the token cache (longer than a collective's timeout)
