@@ -141,6 +141,22 @@ CASES = {
         "different config|no checkpoint"),
     "path: a one-slash path that does not exist": lambda d, f: (
         ["generate", str(d / "nope" / "x"), "--prompt", "Hi"], "no such folder"),
+    "flag: --lr nan": lambda d, f: (_quantize(f, d, "--lr", "nan"), "--lr nan: must be a finite number"),
+    "flag: --warmup-frac nan": lambda d, f: (_quantize(f, d, "--warmup-frac", "nan"), "must be a finite number"),
+    "flag: --warmup-frac 2": lambda d, f: (_quantize(f, d, "--warmup-frac", "2"), "must be <= 1"),
+    "flag: --tau inf": lambda d, f: (_quantize(f, d, "--tau", "inf"), "--tau inf: must be a finite number"),
+    "flag: --grad-clip 0": lambda d, f: (_quantize(f, d, "--grad-clip", "0"), "--grad-clip 0.0: must be > 0"),
+    "config file: YAML alias bomb": lambda d, f: (
+        (d / "bomb.yaml").write_text('a: &a ["x","x"]\nb: &b [*a,*a]\nc: [*b,*b]\n') and
+        _quantize(f, d, "--config", str(d / "bomb.yaml")), "aliases"),
+    "config file: endless (/dev/zero)": lambda d, f: (_quantize(f, d, "--config", "/dev/zero"), "larger than"),
+    "config file: a folder": lambda d, f: ((d / "cfgdir").mkdir() or _quantize(f, d, "--config", str(d / "cfgdir")),
+                                           "is a folder"),
+    "plan: --peak-tflops 0": lambda d, f: (["plan", "--peak-tflops", "0"], "must be a positive number"),
+    "plan: --peak-tflops nan": lambda d, f: (["plan", "--peak-tflops", "nan"], "must be a positive number"),
+    "plan: --seq-len 10^12": lambda d, f: (["plan", "--seq-len", str(10 ** 12)], "more tokens per micro-batch"),
+    "plan: --batch-size 10^15": lambda d, f: (["plan", "--batch-size", str(10 ** 15)], "more tokens per micro-batch"),
+    "push: repo id owner/": lambda d, f: (["push", str(f / "packed"), "owner/", "--dry-run"], "OWNER/NAME"),
 }
 
 

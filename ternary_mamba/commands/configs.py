@@ -306,8 +306,16 @@ class PlanConfig(Config):
     def __post_init__(self):
         _positive(self, "batch_size", "seq_len", "nproc", "tokens")
         _check_dtype(self)
-        if not 0 < self.mfu <= 1:
+        if not 0 < self.mfu <= 1:          # NaN fails this too
             raise UserError(f"--mfu {self.mfu}: must be in (0, 1]")
+        if self.peak_tflops is not None and not 0 < self.peak_tflops <= 1e5:
+            raise UserError(f"--peak-tflops {self.peak_tflops}: must be a positive number of TFLOP/s")
+        # what a real run can be: the activations of one micro-batch are traced, so bound them before anything
+        if self.seq_len > 1 << 20 or self.batch_size > 1 << 16 or self.seq_len * self.batch_size > 1 << 24:
+            raise UserError(f"--batch-size {self.batch_size} x --seq-len {self.seq_len}: more tokens per micro-batch "
+                            f"than any GPU holds (at most {1 << 24:,}; sequences up to {1 << 20:,})")
+        if self.nproc > 1 << 16 or self.tokens > 10 ** 15:
+            raise UserError(f"--nproc {self.nproc} / --tokens {self.tokens}: beyond any real run")
 
 
 def resolve_auto_dtype(cfg):

@@ -86,24 +86,48 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, defaults=None, groups
         target.add_argument(_flag(path, f), **kw)
 
 
+MAX_CONFIG_BYTES = 1_000_000
+
+
+def _no_alias_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """safe_load without aliases: `*x` expands a shared node, and nested aliases grow exponentially (a
+        "billion laughs" file); a config file has no need of them."""
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not accepted in a config file",
+                                                  event.start_mark)
+            return super().compose_node(parent, index)
+    return Loader
+
+
 def read_config_file(path: str | Path) -> dict:
     """A JSON or YAML mapping; a run folder's run.json ({"command", "config": {...}}) gives its config."""
     p = Path(path)
     if p.is_dir() and (p / "run.json").exists():
         p = p / "run.json"
     try:
-        text = p.read_text()
+        with open(p, "rb") as f:              # bounded: /dev/zero or a huge file is refused, not read whole
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise UserError(f"{p}: larger than {MAX_CONFIG_BYTES // 1000} kB; a config file is a few settings")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise UserError(f"{p}: config file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{p}: is a folder (a run folder holds run.json; pass a file)") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{p}: cannot read the config file ({e})") from None
+        raise UserError(f"{p}: cannot read the config file ({getattr(e, 'strerror', None) or e})") from None
     if p.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError:
             raise UserError(f"{p}: YAML configs need PyYAML (pip install pyyaml); or write it as JSON") from None
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_no_alias_loader())  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as e:
             raise UserError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
     else:

@@ -2,11 +2,22 @@
 `DistillConfig` (the QAT+KD loss).  No torch here: the CLI builds its flags from these fields."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
 from ..config_base import Config, option
 from ..errors import UserError
+
+
+def _number(v: float, flag: str, low: float | None = None, high: float | None = None, low_open: bool = False) -> None:
+    """A finite number within its range (NaN passes every comparison, so it is refused first)."""
+    if not math.isfinite(v):
+        raise UserError(f"{flag} {v}: must be a finite number")
+    if low is not None and (v < low or (low_open and v == low)):
+        raise UserError(f"{flag} {v}: must be {'>' if low_open else '>='} {low:g}")
+    if high is not None and v > high:
+        raise UserError(f"{flag} {v}: must be <= {high:g}")
 
 
 @dataclass
@@ -32,8 +43,11 @@ class TrainConfig(Config):
                 raise UserError(f"--{k.replace('_', '-')} must be >= 1")
         if self.eval_every < 0:
             raise UserError("--eval-every must be >= 0 (0: never)")
-        if self.lr <= 0:
-            raise UserError("--lr must be > 0")
+        _number(self.lr, "--lr", low=0.0, low_open=True, high=10.0)
+        _number(self.min_lr_ratio, "--min-lr-ratio", low=0.0, high=1.0)
+        _number(self.warmup_frac, "--warmup-frac", low=0.0, high=1.0)
+        _number(self.weight_decay, "--weight-decay", low=0.0, high=10.0)
+        _number(self.grad_clip, "--grad-clip", low=0.0, low_open=True)
 
     @property
     def tokens_per_step(self) -> int:
@@ -64,8 +78,11 @@ class DistillConfig(Config):
                                  "multiples of seq-len / segments; keep them multiples of the chunk size)")
 
     def __post_init__(self):
-        if self.tau <= 0:
-            raise UserError("--tau must be > 0")
+        _number(self.tau, "--tau", low=0.0, low_open=True, high=100.0)
+        for flag, v in (("--alpha-ce", self.alpha_ce), ("--beta-hidden", self.beta_hidden),
+                        ("--gamma-state", self.gamma_state)):
+            _number(v, flag, low=0.0)
+        _number(self.scale_lr_mult, "--scale-lr-mult", low=0.0, low_open=True, high=1e4)
         if self.lam_warmup < 0:
             raise UserError("--lam-warmup must be >= 0")
         if self.gamma_state < 0 or self.state_segments < 1:
