@@ -101,8 +101,43 @@ def _add_typed(sub, name: str, spec: Typed) -> None:
     p.set_defaults(typed=spec)
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated flags (`--token` would be --tokens or --tokenizer, and a new flag can change what an old
+    command line means); a mistake is one line, not the usage block (`--help` has that)."""
+
+    def __init__(self, *args, **kw):
+        kw.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kw)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _subparser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    """The (sub)parser that parsed the command the user typed (bench decode, tokenizer train, ...)."""
+    p = parser
+    for dest in ("command", "bench_command", "tok_command", "exp_command"):
+        name = getattr(args, dest, None)
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if name is None or not subs or name not in subs[0].choices:
+            continue
+        p = subs[0].choices[name]
+    return p
+
+
+def _unknown_arguments(parser, args, extra: list[str]) -> str:
+    """One line for arguments nobody takes, with the closest flag the command has."""
+    import difflib
+    p = _subparser(parser, args)
+    bad = next((e for e in extra if e.startswith("-")), extra[0])
+    flags = sorted(s for s in p._option_string_actions if s.startswith("--"))
+    close = difflib.get_close_matches(bad.split("=")[0], flags, n=1, cutoff=0.6) if bad.startswith("-") else []
+    hint = f"; did you mean {close[0]}?" if close else f" ({p.prog} --help lists what it takes)"
+    return f"{p.prog}: error: unrecognized argument {bad}{hint}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ternary-mamba", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Grouped ternary (W1.58A16) QAT + distillation for Mamba-2, packed export and CPU inference.")
     from .version import __version__
@@ -175,6 +210,10 @@ def typed_config(args):
         _check_pretrain_config_flag(args)
     band = vars(args).pop("guard_band", None)
     if band is not None:
+        from .errors import UserError
+        given = [f for f in ("guard_low", "guard_high") if hasattr(args, DEST + "quant__" + f)]
+        if given:
+            raise UserError(f"--guard-band sets both ends; drop --{given[0].replace('_', '-')} (or --guard-band)")
         setattr(args, DEST + "quant__guard_low", band[0])
         setattr(args, DEST + "quant__guard_high", band[1])
     return config_from_args(spec.load("config"), args, args.command)
@@ -223,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         argcomplete.autocomplete(parser)
     except ImportError:
         pass
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        print(_unknown_arguments(parser, args, extra), file=sys.stderr)
+        return 2
     if args.command is None:
         parser.print_help()
         return 0
@@ -281,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
               f"({str(e).splitlines()[0][:120]}); see that rank's message", file=sys.stderr)
         return 1
     finally:
+        if "ternary_mamba.train.runs" in sys.modules:
+            from .train.runs import release_run_dirs
+            release_run_dirs()
         if "torch.distributed" in sys.modules:
             from .train.distributed import shutdown
             shutdown()

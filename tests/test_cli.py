@@ -58,3 +58,26 @@ def test_a_resume_takes_the_recorded_thread_count(tmp_path):
     assert _recorded_threads(QuantizeConfig(out=str(tmp_path), resume=False)) is None
     (tmp_path / "run.json").write_text('{"config": {"threads": true}}')
     assert _recorded_threads(QuantizeConfig(out=str(tmp_path), resume=True)) is None
+
+
+def test_a_mistyped_flag_is_one_line_with_the_closest_flag(capsys):
+    assert main(["quantize", "--tokenz", "1000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ternary-mamba quantize: error: unrecognized argument --tokenz; did you mean --tokens?"]
+    assert main(["bench", "decode", "--tokns", "3"]) == 2
+    assert "did you mean --tokens?" in capsys.readouterr().err
+
+
+def test_no_abbreviated_flags():
+    """--token is neither --tokens nor --tokenizer: abbreviations would change meaning as flags are added."""
+    import pytest
+    with pytest.raises(SystemExit):
+        from ternary_mamba.cli import build_parser
+        build_parser().parse_args(["quantize", "--tok", "5"])
+
+
+def test_conflicting_guard_flags_and_an_unknown_preset_are_one_line(capsys):
+    assert main(["quantize", "--guard-band", "0.4", "1.6", "--guard-low", "0.3"]) == 1
+    assert "drop --guard-low" in capsys.readouterr().err
+    assert main(["plan", "--teacher", "mamba2-13b"]) == 1
+    assert "did you mean mamba2-1.3b?" in capsys.readouterr().err

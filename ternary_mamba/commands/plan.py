@@ -29,6 +29,11 @@ def model_config(spec: str) -> Mamba2Config:
         except Exception as e:  # noqa: BLE001 - offline / unknown repo
             raise UserError(f"{spec}: could not fetch its config.json ({type(e).__name__}); pass a preset "
                             f"({', '.join(p for p in PRESETS if p.startswith('mamba2'))}) or a local config.json") from None
+    if not p.exists() and "/" not in spec:           # a name that is not a preset
+        import difflib
+        close = difflib.get_close_matches(spec, list(PRESETS), n=1)
+        raise UserError(f"--teacher {spec}: not a preset{f' (did you mean {close[0]}?)' if close else ''}; presets: "
+                        f"{', '.join(PRESETS)}; or a model folder, config.json or hub id")
     return config_from_json(resolve_model_dir(spec) / "config.json")
 
 

@@ -16,14 +16,23 @@ from ..quant.monitor import ZeroRatioMonitor
 from ..quant.qat import quantize_
 from ..train.objectives import LMObjective
 from ..train.run import Run
+from ..train.runs import release_run_dirs
 from .configs import PretrainConfig, resolve_auto_dtype
 from .flags import require
 from .quantize import absolute
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
-    """Train from random initialisation (ternary from step 0 with `cfg.ternary`); returns the run folder.
-    The Python twin of `ternary-mamba pretrain`."""
+    """Train from random initialisation (ternary from step 0 with `cfg.ternary`); returns the run folder (held,
+    i.e. locked, while the run lasts, released however it ends).  The Python twin of `ternary-mamba pretrain`."""
+    try:
+        return _pretrain(cfg)
+    finally:
+        release_run_dirs()
+
+
+def _pretrain(cfg: PretrainConfig) -> Path:
+    """The body of `pretrain`."""
     require(cfg, "model", "tokenizer", "data", "out", command="pretrain")
     run = Run("pretrain", resolve_auto_dtype(cfg), announce=cfg.ternary)
     cfg = run.cfg

@@ -23,6 +23,7 @@ from ..spec import DEFAULT_GROUP_SIZE, GGUF_TQ_BLOCK, PER_ROW, group_paths
 from ..quant.qat import TernaryConfig, quantize_, set_lambda
 from ..train.distill import DistillObjective, evaluate_vs_teacher, frozen_teacher
 from ..train.run import Run
+from ..train.runs import release_run_dirs
 from .configs import QuantizeConfig, resolve_auto_dtype
 from .defaults import with_bundled_defaults
 
@@ -39,8 +40,16 @@ def build_student(teacher, qcfg: TernaryConfig):
 
 
 def quantize(cfg: QuantizeConfig | None = None) -> Path:
-    """QAT+KD of `cfg.teacher` into a ternary student; returns the run folder (run.json, metrics.jsonl,
-    checkpoint/, student/, summary.json, report.md).  The Python twin of `ternary-mamba quantize`."""
+    """QAT+KD of `cfg.teacher` into a ternary student; returns the run folder (held, i.e. locked, while the run
+    lasts, released however it ends).  The Python twin of `ternary-mamba quantize`."""
+    try:
+        return _quantize(cfg)
+    finally:
+        release_run_dirs()
+
+
+def _quantize(cfg: QuantizeConfig | None = None) -> Path:
+    """The body of `quantize`."""
     run = Run("quantize", resolve_auto_dtype(with_bundled_defaults(cfg or QuantizeConfig())))
     cfg = run.cfg
     if cfg.target == "gguf" and cfg.quant.group_size != PER_ROW and not group_paths(cfg.quant.group_size).gguf_tq:

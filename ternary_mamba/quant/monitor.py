@@ -30,7 +30,9 @@ def zero_ratio_stats(model, optimum: bool = False) -> dict:
         for _, m in mods:
             st = m.stat_tensors(optimum)
             rows.append(torch.stack([st[k].float().to(m.weight.device) for k in keys]))
-        vals = torch.stack(rows).cpu().tolist()
+        stacked = torch.stack(rows)
+        vals = (stacked.cpu().tolist() if stacked.device.type != "meta"          # meta: shapes only, no values
+                else [[float("nan")] * len(keys) for _ in rows])
     else:
         vals = []
     per_layer: dict[int, list[float]] = {}

@@ -135,6 +135,16 @@ def claim_run_dir(out: Path) -> None:
     atexit.register(release)
 
 
+def release_run_dirs() -> None:
+    """Let go of every run folder this process holds (the end of a command; the CLI and the Python API)."""
+    import os
+    for key in list(_locks):
+        try:
+            os.close(_locks.pop(key))
+        except OSError:
+            pass
+
+
 def prepare_run_and_data(out: Path, record: dict, resume: bool, free: set[tuple], data, eval_data, tok,
                          seq_len: int, heldout_fraction: float, cache_dir, budget: int | None = None
                          ) -> tuple[bool, PackedSequences, PackedSequences]:
