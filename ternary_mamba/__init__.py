@@ -9,7 +9,8 @@ Python API (mirrors the CLI: each command is a function over the same typed conf
     evaluate(EvalConfig(...))        -> results        `ternary-mamba eval`
     perplexity(PplConfig(...))       -> results        `ternary-mamba ppl`
     load_model(path_or_hub_id)       -> Mamba2LM       model / run / packed folder, .gguf file or hub id
-    load_tokenizer(path)             -> Tokenizer      a tokenizer.json (or a folder holding one)
+    load_tokenizer(path)             -> Tokenizer      a tokenizer.json (a folder holding one, or a .gguf file)
+    save_model(model, folder)        -> folder         our folder format (config.json + safetensors), atomically
     quantize_(model, TernaryConfig(...))               swap linears for ternary QAT modules, in place
     convert_(model)                                    fake-quant ternary modules -> packed ones, in place
     reference_path()                                   run the pure-PyTorch reference inside a `with` block
@@ -22,6 +23,7 @@ _API = {
     "Mamba2LM": ("core.model", "Mamba2LM"),
     "load_model": ("runtime.load", "load_model"),
     "load_tokenizer": ("formats.tokenizer", "load_tokenizer"),
+    "save_model": ("formats.folders", "save_model"),
     "quantize_": ("quant.qat", "quantize_"),
     "convert_": ("runtime.convert", "convert_"),
     "reference_path": ("ops.dispatch", "reference_path"),

@@ -115,3 +115,17 @@ def test_threads_reach_the_c_kernels():
     finally:
         set_threads(n)
     assert kernel_threads() == n
+
+
+def test_the_api_loads_a_gguf_tokenizer_and_saves_models(tmp_path):
+    pytest.importorskip("gguf")
+    import ternary_mamba as tm
+    from conftest import BUNDLED_TOKENIZER
+    from ternary_mamba.formats.gguf import export_gguf
+    m = random_model(tiny_config(d_model=256, headdim=32, vocab_size=8192), seed=0)
+    tm.quantize_(m, tm.TernaryConfig(group_size=256))
+    export_gguf(m, tmp_path / "m.gguf", "tq2_0", BUNDLED_TOKENIZER)
+    tok = tm.load_tokenizer(tmp_path / "m.gguf")
+    assert tok.encode("Once upon a time") == tm.load_tokenizer(BUNDLED_TOKENIZER).encode("Once upon a time")
+    out = tm.save_model(m, tmp_path / "saved")
+    assert tm.load_model(out).ternary_config.group_size == 256

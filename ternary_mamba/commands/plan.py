@@ -58,8 +58,9 @@ def plan(cfg: PlanConfig) -> dict:
     flops = qat_kd_flops_per_token(mcfg, cfg.activation_checkpointing)
     tok_s = cfg.mfu * peak * 1e12 / flops * cfg.nproc
     hours = cfg.tokens / tok_s / 3600
+    unit = "GPU" if cfg.device.startswith("cuda") else "process"
     lines = [f"QAT+KD plan: {cfg.teacher} ({n / 1e9:.3f} B params), {cfg.dtype}, micro-batch {cfg.batch_size} x "
-             f"{cfg.seq_len} per GPU, {where}{', FSDP' if cfg.fsdp else ''}", "", f"{'memory per GPU':<46} {'GB':>9}"]
+             f"{cfg.seq_len} per {unit}, {where}{', FSDP' if cfg.fsdp else ''}", "", f"{'memory per ' + unit:<46} {'GB':>9}"]
     for name, b in mem.rows():
         lines.append(f"{name:<46} {b / GB:>9.2f}")
     fits = mem_gb is None or mem.peak <= mem_gb * GB * 0.92

@@ -17,7 +17,8 @@ from ..ops.device import autocast, module_device, precision
 
 
 @torch.no_grad()
-def text_perplexity(model, tok, texts: list[str], seq_len: int, batch_size: int, max_tokens: int | None = None) -> dict:
+def text_perplexity(model, tok, texts: list[str], seq_len: int, batch_size: int, max_tokens: int | None = None,
+                    progress: str | None = None) -> dict:
     ids: list[int] = []
     for t in texts:
         ids += tok.encode(t) + ([tok.eos_id] if tok.eos_id is not None else [])
@@ -37,7 +38,7 @@ def text_perplexity(model, tok, texts: list[str], seq_len: int, batch_size: int,
         for j, (s, e) in enumerate(group):
             x[j, :e - s], y[j, :e - s] = data[s:e], data[s + 1:e + 1]
         batches.append((x.to(dev), y.to(dev)))
-    w = heldout_windows(model, batches)            # the one held-out metric (runtime.metrics)
+    w = heldout_windows(model, batches, progress=progress)   # the one held-out metric (runtime.metrics)
     nll, n = sum(w["ce"]), int(sum(w["tokens"]))
     nbytes = len(tok.decode(ids[1:n + 1]).encode("utf-8"))
     return {"tokens": n, "ppl": math.exp(nll / n), "bits_per_byte": nll / math.log(2) / max(nbytes, 1), "bytes": nbytes}
@@ -74,7 +75,8 @@ def run_ppl(args) -> dict:
         for suffix, mdl in variants:
             t0 = time.time()
             with torch.no_grad(), autocast(device, dtype):
-                r = text_perplexity(mdl, tok, texts, args.seq_len, args.batch_size, args.max_tokens)
+                r = text_perplexity(mdl, tok, texts, args.seq_len, args.batch_size, args.max_tokens,
+                                    progress=m + suffix)
             results[m + suffix] = r
             print(f"{m + suffix:<40} {r['tokens']:>10,} {r['ppl']:>10.3f} {r['bits_per_byte']:>10.4f} "
                   f"{time.time() - t0:>7.1f}s")

@@ -36,11 +36,19 @@ def window_sums(logits: Tensor, targets: Tensor, teacher_logits: Tensor | None =
 
 
 @torch.no_grad()
-def heldout_windows(model, batches, teacher=None, teacher_logits: list | None = None) -> dict[str, list[float]]:
+def heldout_windows(model, batches, teacher=None, teacher_logits: list | None = None,
+                    progress: str | None = None) -> dict[str, list[float]]:
     """Per-window sums over `batches` (an iterable of (inputs (b, l), targets (b, l)) on the model's device).
-    `teacher_logits`: a list filled on the first call and reused after (the teacher evaluated once per set)."""
+    `teacher_logits`: a list filled on the first call and reused after (the teacher evaluated once per set).
+    `progress`: a label for a progress bar on stderr (long evaluations say how far they are)."""
     vocab = model.config.vocab_size
     out: dict[str, list[float]] = {}
+    if progress is not None:
+        import sys
+
+        from tqdm import tqdm
+        batches = tqdm(batches, desc=progress, unit="batch", leave=False, file=sys.stderr, mininterval=1.0,
+                       disable=len(batches) < 2 if hasattr(batches, "__len__") else False)
     for j, (x, y) in enumerate(batches):
         logits = model(x)[..., :vocab]
         if not bool(torch.isfinite(logits).all()):
