@@ -46,6 +46,29 @@ def test_compiled_fake_quant_is_bit_exact_with_the_cpu_reference(fmt, learned):
         assert torch.allclose(s2.grad.cpu(), s1.grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("which", ["rms", "gated"])
+def test_compiled_norms_match_the_cpu_reference_at_1_3b_width(which):
+    """ops/triton_norms.py compiled for the GPU (what the dispatcher picks there) against the PyTorch references."""
+    from ternary_mamba.ops import norms
+    g = torch.Generator().manual_seed(2)
+    d = 2048 if which == "rms" else 4096
+    args = [torch.randn(2, 64, d, generator=g)] + ([torch.randn(2, 64, d, generator=g)] if which == "gated" else [])
+    w = torch.rand(d, generator=g) + 0.5
+    fn = (lambda *a: norms.rms_norm(*a, 1e-5)) if which == "rms" else (lambda *a: norms.gated_norm(*a, 1, 1e-5))
+    ref_fn = (lambda *a: norms.rms_norm_ref(*a, 1e-5)) if which == "rms" else \
+        (lambda *a: norms.gated_norm_ref(*a, 1, 1e-5))
+    cpu = [t.clone().requires_grad_() for t in args + [w]]
+    gpu = [t.to(CUDA).requires_grad_() for t in args + [w]]
+    ref, got = ref_fn(*cpu), fn(*gpu)
+    assert dispatch.last_impl("rms_norm" if which == "rms" else "gated_norm") == "triton"
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=1e-4)
+    dout = torch.randn(ref.shape, generator=g)
+    (ref * dout).sum().backward()
+    (got * dout.to(CUDA)).sum().backward()
+    for a, b in zip(gpu, cpu):
+        torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("tau", [1.0, 2.0])
 def test_compiled_kl_matches_the_cpu_reference(tau):
     tk = dispatch.triton_kernels()

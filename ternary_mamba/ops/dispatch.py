@@ -122,6 +122,11 @@ def triton_kernels():
     return _try_import("ternary_mamba.ops.triton_kernels")
 
 
+def triton_norms():
+    """ops/triton_norms.py (the RMS norms' Triton kernels), or None where triton does not import."""
+    return _try_import("ternary_mamba.ops.triton_norms")
+
+
 def mamba_ssm_scan(x: torch.Tensor):
     """mamba_ssm's `mamba_chunk_scan_combined` for CUDA tensors when it imports, else None (untested here: it
     cannot be imported without CUDA)."""
