@@ -69,6 +69,25 @@ def test_compiled_norms_match_the_cpu_reference_at_1_3b_width(which):
         torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-3, atol=1e-3)
 
 
+def test_compiled_conv_silu_matches_the_cpu_reference_at_1_3b_width():
+    from ternary_mamba.ops import conv
+    g = torch.Generator().manual_seed(3)
+    C, K = 4352, 4
+    ins = [torch.randn(2, 300, C, generator=g), torch.randn(C, 1, K, generator=g) * 0.5, torch.randn(C, generator=g),
+           torch.randn(2, C, K - 1, generator=g)]
+    cpu = [t.clone().requires_grad_() for t in ins]
+    gpu = [t.to(CUDA).requires_grad_() for t in ins]
+    o1, s1 = conv.conv_silu_ref(*cpu)
+    o2, s2 = conv.conv_silu(*gpu)
+    assert dispatch.last_impl("conv_silu") == "triton"
+    torch.testing.assert_close(o2.cpu(), o1, rtol=1e-4, atol=1e-4)
+    dout = torch.randn(o1.shape, generator=g)
+    (o1 * dout).sum().backward()
+    (o2 * dout.to(CUDA)).sum().backward()
+    for a, b in zip(gpu, cpu):
+        torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-3, atol=2e-3)
+
+
 @pytest.mark.parametrize("tau", [1.0, 2.0])
 def test_compiled_kl_matches_the_cpu_reference(tau):
     tk = dispatch.triton_kernels()

@@ -4,8 +4,9 @@ the PyTorch reference with the same signature and result.
     conv_silu(xBC, weight, bias, conv_state) -> silu(conv) (b, l, conv_dim), new conv state (b, conv_dim, K-1)
 
 xBC (b, l, conv_dim) (a view is fine), weight (conv_dim, 1, K), bias (conv_dim) or None, conv_state: the K-1
-inputs before position 0 (b, conv_dim, K-1), or None for zeros.  CPU fp32: C (forward + hand-written backward
-when gradients are needed, csrc/ssd_prefill.c + csrc/conv_train.c); anything else: the reference.
+inputs before position 0 (b, conv_dim, K-1), or None for zeros.  CUDA with triton: Triton kernels, forward and
+backward (ops/triton_conv.py); CPU fp32: C (forward + hand-written backward when gradients are needed,
+csrc/ssd_prefill.c + csrc/conv_train.c); anything else, or inside `reference_path()`: the reference.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import autograd as fused
-from .dispatch import kernels_for, ran, reference_kind
+from .dispatch import kernels_for, ran, reference_kind, triton_conv, triton_for
 from .kernels import conv_silu_prefill
 from .scan import needs_grad
 
@@ -38,6 +39,9 @@ def conv_silu_ref(xBC: Tensor, weight: Tensor, bias: Tensor | None, conv_state: 
 def conv_silu(xBC: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor | None = None
               ) -> tuple[Tensor, Tensor]:
     """Causal depthwise conv + SiLU by the fastest implementation these tensors may take."""
+    if triton_for(xBC, weight, bias, conv_state) and xBC.numel() and triton_conv() is not None:
+        ran("conv_silu", "triton")
+        return triton_conv().conv_silu(xBC, weight, bias, conv_state)
     if reference_kind() is None and kernels_for(xBC, weight, bias, conv_state):
         if needs_grad(xBC, weight, bias, conv_state):
             if fused.conv_supported(xBC, weight):

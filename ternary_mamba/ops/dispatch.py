@@ -122,6 +122,11 @@ def triton_kernels():
     return _try_import("ternary_mamba.ops.triton_kernels")
 
 
+def triton_conv():
+    """ops/triton_conv.py (the causal conv + SiLU's Triton kernels), or None where triton does not import."""
+    return _try_import("ternary_mamba.ops.triton_conv")
+
+
 def triton_norms():
     """ops/triton_norms.py (the RMS norms' Triton kernels), or None where triton does not import."""
     return _try_import("ternary_mamba.ops.triton_norms")
