@@ -22,7 +22,7 @@ _API = {
     "Mamba2Config": ("core.config", "Mamba2Config"),
     "Mamba2LM": ("core.model", "Mamba2LM"),
     "load_model": ("runtime.load", "load_model"),
-    "load_tokenizer": ("formats.tokenizer", "load_tokenizer"),
+    "load_tokenizer": ("runtime.load", "load_tokenizer"),
     "save_model": ("formats.folders", "save_model"),
     "quantize_": ("quant.qat", "quantize_"),
     "convert_": ("runtime.convert", "convert_"),

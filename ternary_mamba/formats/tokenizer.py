@@ -33,12 +33,9 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """A tokenizer.json file, a folder holding one, or a .gguf file (its embedded tokenizer)."""
+    """A tokenizer.json file, or a folder holding one (a .gguf file's: `runtime.load.load_tokenizer`)."""
     from tokenizers import Tokenizer as HFTokenizer
     p = Path(path)
-    if p.suffix == ".gguf" and p.is_file():
-        from .gguf import load_gguf_tokenizer
-        return load_gguf_tokenizer(p)
     if p.is_dir():
         p = p / "tokenizer.json"
     if not p.exists():

@@ -93,3 +93,12 @@ def load_model_and_tokenizer(path: str | os.PathLike, tokenizer: str | None = No
         return load_checkpoint_model(run), load_tokenizer(tokenizer_path_for(run, tok))
     folder = resolve_student_dir(path)
     return load_model(folder), load_tokenizer(tokenizer_path_for(folder, tokenizer))
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer of any path `load_model` takes: a tokenizer.json, a folder holding one, or a .gguf file."""
+    if is_gguf(path):
+        from ..formats.gguf import load_gguf_tokenizer
+        return load_gguf_tokenizer(Path(path))
+    from ..formats.tokenizer import load_tokenizer as load_json_tokenizer
+    return load_json_tokenizer(path)
