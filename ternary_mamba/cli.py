@@ -314,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ternary-mamba {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:          # a full disk, a read-only or missing folder, a file where a folder belongs, ...
+        where = e.filename if e.filename is not None else "?"
+        print(f"ternary-mamba {args.command}: error: {where}: {e.strerror or e}", file=sys.stderr)
+        return 1
     except RuntimeError as e:
         from .train.distributed import active, world
         if not active() or world()[1] == 1:

@@ -157,6 +157,19 @@ CASES = {
     "plan: --seq-len 10^12": lambda d, f: (["plan", "--seq-len", str(10 ** 12)], "more tokens per micro-batch"),
     "plan: --batch-size 10^15": lambda d, f: (["plan", "--batch-size", str(10 ** 15)], "more tokens per micro-batch"),
     "push: repo id owner/": lambda d, f: (["push", str(f / "packed"), "owner/", "--dry-run"], "OWNER/NAME"),
+    "data: jsonl text null": lambda d, f: ((d / "c").mkdir() or (d / "c" / "a.jsonl").write_text('{"text": null}\n')
+                                           and ["quantize", "--data", str(d / "c"), "--out", str(d / "run")],
+                                           "a.jsonl:1: \"text\" must be a string, got NoneType"),
+    "data: jsonl text a number": lambda d, f: ((d / "c").mkdir() or (d / "c" / "a.jsonl").write_text('{"text": 3}\n')
+                                             and ["quantize", "--data", str(d / "c"), "--out", str(d / "run")],
+                                             "must be a string, got int"),
+    "data: jsonl line a list": lambda d, f: ((d / "c").mkdir() or (d / "c" / "a.jsonl").write_text('[1, 2]\n')
+                                           and ["quantize", "--data", str(d / "c"), "--out", str(d / "run")],
+                                           "expected a JSON object"),
+    "device: meta": lambda d, f: (_quantize(f, d, "--device", "meta"), "commands run on the CPU or a CUDA GPU"),
+    "device: mps": lambda d, f: (_quantize(f, d, "--device", "mps"), "commands run on the CPU or a CUDA GPU"),
+    "os: --out under a file": lambda d, f: ((d / "afile").write_text("mine") and
+                                            _quantize(f, d)[:-1] + [str(d / "afile" / "run")], "afile: exists and is not a folder"),
 }
 
 

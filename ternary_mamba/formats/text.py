@@ -54,7 +54,10 @@ def read_documents(path: Path) -> list[str]:
         if not line.strip():
             continue
         try:
-            docs.append(json.loads(line)["text"])
-        except (json.JSONDecodeError, KeyError, TypeError):
+            doc = json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError, IndexError):
             raise UserError(f"{path}:{i}: expected a JSON object with a \"text\" field") from None
+        if not isinstance(doc, str):
+            raise UserError(f"{path}:{i}: \"text\" must be a string, got {type(doc).__name__}")
+        docs.append(doc)
     return docs

@@ -71,6 +71,9 @@ def cpu_has(flag: str) -> bool:
 
 def check_precision(device: torch.device, dtype_name: str) -> str | None:
     """Raise ValueError for what cannot run; return a warning (also issued) for what runs slowly."""
+    if device.type not in ("cpu", "cuda"):
+        avail = "cpu" + (", cuda" if torch.cuda.is_available() else "")
+        raise ValueError(f"--device {device}: commands run on the CPU or a CUDA GPU (available here: {avail})")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
                          f"cuda {torch.version.cuda}); use --device cpu")

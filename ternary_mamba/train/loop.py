@@ -149,6 +149,9 @@ class Trainer:
             raise UserError(f"{self.ckpt_dir}: unreadable checkpoint ({type(e).__name__}: {e})") from None
         if not isinstance(state, dict) or type(state.get("step")) is not int or state["step"] < 0:
             raise UserError(f"{self.ckpt_dir / 'trainer_state.json'}: \"step\" must be a non-negative integer")
+        if state["step"] > self.cfg.total_steps:
+            raise UserError(f"{self.ckpt_dir / 'trainer_state.json'}: step {state['step']} is beyond this run's "
+                            f"{self.cfg.total_steps} steps; the file is damaged (or the run has another budget)")
         check_optimizer_state(osd, self.inner, self.opt, state["step"], self.ckpt_dir / "optimizer.pt")
         if self.inner.config.tie_embeddings and "backbone.embedding.weight" in msd:
             msd["lm_head.weight"] = msd["backbone.embedding.weight"]

@@ -112,6 +112,9 @@ def claim_run_dir(out: Path) -> None:
     out = Path(out).absolute()
     if str(out) in _locks:
         return
+    for up in (out.parent, *out.parent.parents):
+        if up.exists() and not up.is_dir():
+            raise UserError(f"{up}: exists and is not a folder; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = out.parent / f".{out.name}.lock"
     try:
