@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..core.gpt import GPTConfig, GPTLM
-from ..formats.fs import atomic_dir
+from ..formats.fs import atomic_dir, save_safetensors
 from ..quant.config import TernaryConfig
 from ..quant.monitor import ZeroRatioMonitor
 from ..quant.qat import quantize_
@@ -23,14 +23,13 @@ from ..train.objectives import LMObjective
 
 
 def save_gpt(model, folder: Path) -> None:
-    from safetensors.torch import save_file
     sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}   # tied
     meta = {"architecture": "gpt", "config": asdict(model.config)}
     q = getattr(model, "ternary_config", None)
     if q is not None:
         meta["quantization"] = q.to_dict()
     with atomic_dir(folder, overwrite=True) as tmp:
-        save_file(sd, str(tmp / "model.safetensors"))
+        save_safetensors(sd, tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 

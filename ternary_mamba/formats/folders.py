@@ -16,7 +16,7 @@ import torch
 
 from ..errors import UserError
 from .configs import FORMAT_NAME
-from .fs import atomic_dir, read_json
+from .fs import atomic_dir, read_json, save_safetensors
 
 
 def _hf_to_ours(key: str) -> str:
@@ -100,7 +100,6 @@ def model_state_for_saving(model) -> dict[str, torch.Tensor]:
 def save_model(model, out: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None,
                extra: dict | None = None, overwrite: bool = False) -> Path:
     """Write the project's folder atomically: config.json + model.safetensors (+ tokenizer.json)."""
-    from safetensors.torch import save_file
     meta = {"format": FORMAT_NAME, "architecture": "mamba2", "config": model.config.to_dict()}
     q = getattr(model, "ternary_config", None)
     if q is not None:
@@ -108,7 +107,7 @@ def save_model(model, out: str | os.PathLike, tokenizer_path: str | os.PathLike 
     meta.update(extra or {})
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        save_file(model_state_for_saving(model), str(tmp / "model.safetensors"))
+        save_safetensors(model_state_for_saving(model), tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")

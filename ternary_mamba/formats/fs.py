@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -135,3 +136,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def write_json_atomic(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with its I/O failures (a full disk, say) raised as the OSError they are, so the CLI
+    reports them in one line like every other OS error."""
+    import errno as _errno
+
+    from safetensors.torch import save_file
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as e:  # noqa: BLE001 - SafetensorError wraps the OS error in its message
+        m = re.search(r"os error (\d+)", str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code) if code in _errno.errorcode else str(e), str(path)) from None

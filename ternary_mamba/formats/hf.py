@@ -16,7 +16,7 @@ from ..core.config import MB, count_params_by_component
 from ..errors import UserError
 from ..quant.qat import TernaryLinear
 from .folders import model_state_for_saving
-from .fs import atomic_dir
+from .fs import atomic_dir, save_safetensors
 
 HF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -107,12 +107,11 @@ def card_facts(folder: Path | None) -> dict:
 def export_hf(model, out: Path, dtype: str = "fp16", tokenizer_path: Path | None = None, source: str = "",
               facts: dict | None = None) -> Path:
     """Write a transformers Mamba2ForCausalLM folder (atomically)."""
-    from safetensors.torch import save_file
     if dtype not in HF_DTYPES:
         raise UserError(f"--hf-dtype {dtype}: choose one of {', '.join(HF_DTYPES)}")
     sd = {k: v.to(HF_DTYPES[dtype]).contiguous() for k, v in _dense_state(model).items()}
     with atomic_dir(Path(out)) as tmp:
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(sd, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config(model.config, dtype), indent=2) + "\n")
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")

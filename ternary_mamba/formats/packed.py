@@ -21,7 +21,7 @@ from ..quant.tables import check_table_format, quantize_table
 from ..spec import (PACKED_FORMAT_NAME, PACKED_VERSION_DENSE, PACKED_VERSION_TABLES, PACKED_VERSIONS, PER_BYTE,
                     Q4_GROUP, TABLE_FORMATS, TQ2_INVALID_FIELD)
 from .folders import model_state_for_saving
-from .fs import atomic_dir, read_json
+from .fs import atomic_dir, read_json, save_safetensors
 
 EMB = "backbone.embedding"
 
@@ -32,7 +32,6 @@ def export_packed(model, out: Path, packing: str = "tq2", other_dtype: str = "fp
     """Write a packed folder from a fake-quant student (a model with TernaryLinear modules).  embedding:
     "fp16" (stored in other_dtype like every other tensor), or "int8" / "q4" (the tied embedding and head as one
     quantized table, quant/tables.py)."""
-    from safetensors.torch import save_file
     if packing not in PER_BYTE:
         raise UserError(f"--format {packing}: choose tq2 or tq1")
     dt = {"fp16": torch.float16, "fp32": torch.float32}[other_dtype]
@@ -70,7 +69,7 @@ def export_packed(model, out: Path, packing: str = "tq2", other_dtype: str = "fp
     if embedding != "fp16":
         header["embedding"] = embedding
     with atomic_dir(Path(out)) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"ternary_mamba": json.dumps(header)})
+        save_safetensors(tensors, tmp / "model.safetensors", metadata={"ternary_mamba": json.dumps(header)})
         (tmp / "config.json").write_text(json.dumps(header, indent=2) + "\n")
         if tokenizer_path:
             import shutil

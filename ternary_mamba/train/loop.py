@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import faults
-from ..formats.fs import atomic_dir, recover
+from ..formats.fs import atomic_dir, recover, save_safetensors
 from ..ops.device import AUTOCAST_DEVICES, autocast, scalar
 from ..errors import UserError
 from . import distributed as D
@@ -115,7 +115,6 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
         """Full state dicts (gathered under FSDP, a collective), written by rank 0, swapped in atomically."""
-        from safetensors.torch import save_file
         msd, osd = D.full_state(self.inner, self.opt)  # complete on rank 0 only
         if self.rank == 0:
             if self.inner.config.tie_embeddings:
@@ -123,7 +122,7 @@ class Trainer:
             faults.at(self.rank, self.step)
             with atomic_dir(self.ckpt_dir, overwrite=True) as tmp:
                 faults.point("save0")
-                save_file({k: v.contiguous() for k, v in msd.items()}, str(tmp / "model.safetensors"))
+                save_safetensors({k: v.contiguous() for k, v in msd.items()}, tmp / "model.safetensors")
                 faults.point("save1")
                 torch.save(osd, tmp / "optimizer.pt")
                 faults.point("save2")
