@@ -69,3 +69,16 @@ def test_heldout_split_is_disjoint():
     assert train.window(len(train) - 1)[-1] == held.window(0)[0]  # adjacent, not overlapping inputs
     with pytest.raises(UserError, match="less than one sequence"):
         PackedSequences(np.arange(5, dtype=np.uint16), 10)
+
+
+def test_a_steps_windows_depend_on_the_global_batch_alone():
+    """16 windows per step, shared out as 1 x 16, 2 ranks x 8, 1 rank x 2 micro-batches x 8, 2 x 2 x 4: the same
+    windows every step, across epoch boundaries too (what a resume at another world size relies on)."""
+    def step_windows(step, B, world, accum):
+        return sorted(int(i) for r in range(world) for m in range(accum)
+                      for i in batch_indices(100, B, step, seed=3, rank=r, world=world, accum=accum, micro=m))
+    for step in (0, 5, 6, 13):                      # 100 // 16 = 6 steps an epoch
+        ref = step_windows(step, 16, 1, 1)
+        assert len(set(ref)) == 16
+        for B, world, accum in ((8, 2, 1), (8, 1, 2), (4, 2, 2)):
+            assert step_windows(step, B, world, accum) == ref, (step, B, world, accum)

@@ -76,6 +76,22 @@ def test_killed_distributed_run_resumes_onto_the_same_trajectory(setup, text_dir
     assert len(got) == 12 and max(abs(a - b) for a, b in zip(got, ref)) < 2e-4
 
 
+def test_a_run_resumes_at_another_world_size_with_the_same_global_batch(setup, text_dir):
+    """Killed in one process (batch 16), resumed on two ranks (8 each): the same trajectory as the uninterrupted run."""
+    cfg, d, ref = setup
+    out = d / "regrown"
+    env = {**os.environ, "TERNARY_MAMBA_FAULT": "kill@0:7"}
+    r = subprocess.run([sys.executable, "-m", "ternary_mamba", *_args(cfg, text_dir, out, batch=16)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 6
+    p = _torchrun(_args(cfg, text_dir, out, batch=8, extra=["--resume"]))
+    log = p.communicate(timeout=600)[0]
+    assert p.returncode == 0, log[-3000:]
+    assert "shared out anew (world size 1 -> 2)" in log
+    got = _losses(out)
+    assert len(got) == len(ref) == 12 and max(abs(a - b) for a, b in zip(got, ref)) < 2e-4
+
+
 @pytest.mark.parametrize("fault,message", [("nan@1:3", "loss is not finite on some rank"),
                                            ("raise@1:3", "injected fault at step 3")])
 def test_a_fault_on_one_rank_stops_every_rank_promptly(setup, text_dir, tmp_path, fault, message):

@@ -187,14 +187,18 @@ def split_heldout(tokens: np.ndarray, seq_len: int, heldout_fraction: float) -> 
     return PackedSequences(tokens, seq_len, 0, len(full) - n_held), PackedSequences(tokens, seq_len, len(full) - n_held, len(full))
 
 
-def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0, world: int = 1) -> np.ndarray:
-    """Window indices of global step `step` for one rank: a fresh seeded permutation every epoch, so
-    any step's batch is a pure function of (seed, step) and a resumed run sees exactly the same data."""
-    global_bs = batch_size * world
+def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0, world: int = 1,
+                  accum: int = 1, micro: int = 0) -> np.ndarray:
+    """Window indices of one rank's micro-batch `micro` of optimizer step `step`: a fresh seeded permutation every
+    epoch, cut into global batches of batch_size x world x accum windows.  A step's windows are a pure function of
+    (seed, step, global batch), whatever the world size and accumulation that share them out, so a run resumes
+    exactly, and resumes at another world size when the global batch stays the same."""
+    global_bs = batch_size * world * accum
     per_epoch = max(1, n // global_bs)
     epoch, k = divmod(step, per_epoch)
     perm = np.random.default_rng([seed, epoch]).permutation(n)
     idx = perm[k * global_bs:(k + 1) * global_bs]
     if len(idx) < global_bs:  # fewer windows than one global batch: wrap around
         idx = np.resize(perm, global_bs)
-    return idx[rank * batch_size:(rank + 1) * batch_size]
+    j = micro * world + rank
+    return idx[j * batch_size:(j + 1) * batch_size]

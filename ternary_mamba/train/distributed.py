@@ -4,8 +4,8 @@ Launch with torchrun; the backend is NCCL on GPUs and gloo on CPU.  Under torchr
 whatever the world size (`--nproc-per-node 1` runs the DDP / FSDP2 code on one GPU).  Each rank reads its own slice
 of every global batch (data.batch_indices), so the global batch is per-rank batch x ranks x accumulation and the
 trajectory equals a single process run with that global batch.  Rank 0 alone prints and writes; checkpoints hold
-full (unsharded) state dicts.  A run resumes with the same world size only (run.json records it), since the global
-batch depends on it.
+full (unsharded) state dicts, so a run resumes at another world size too, as long as the global batch
+(--batch-size x ranks x --grad-accum) stays the same: the data order depends on the global batch alone.
 
 Every collective of ours goes through `all_reduce` (and `barrier`), which puts its tensor on the device the
 backend serves (`collective_device`: NCCL serves CUDA tensors only; a CPU tensor there raises "No backend type

@@ -190,8 +190,8 @@ class Trainer:
             g["lr"] = g["base_lr"] * lr_factor(self.step, cfg.total_steps, cfg.warmup_frac, cfg.min_lr_ratio)
         sums: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
-            idx = batch_indices(len(self.train_data), cfg.batch_size, self.step * cfg.grad_accum + micro,
-                                cfg.seed, self.rank, self.world)
+            idx = batch_indices(len(self.train_data), cfg.batch_size, self.step, cfg.seed, self.rank, self.world,
+                                accum=cfg.grad_accum, micro=micro)
             batch = self.train_data.batch(idx).to(self.device, non_blocking=True)
             with D.gradient_sync(self.model, sync=micro == cfg.grad_accum - 1):   # one reduction per step
                 with autocast(self.device, self.dtype):

@@ -67,6 +67,32 @@ def prepare_run_dir(out: Path, record: dict, resume: bool, free: set[tuple] = fr
     return False
 
 
+SHARING = {"world_size", "train.batch_size", "train.grad_accum"}   # how a global batch is shared out
+
+
+def _global_batch(rec: dict) -> int | None:
+    t = (rec.get("config") or {}).get("train") or {}
+    try:
+        return int(rec.get("world_size", 1)) * int(t["batch_size"]) * int(t.get("grad_accum", 1))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _same_global_batch(diff: list, old: dict, new: dict) -> list:
+    """A resume may share the global batch out differently (another world size, micro-batch or accumulation:
+    checkpoints hold full state and the data order depends on the global batch alone); only that is dropped."""
+    if not diff or not {k for k, _, _ in diff} & SHARING:
+        return diff
+    g_old, g_new = _global_batch(old), _global_batch(new)
+    if g_old is None or g_old != g_new:
+        return diff
+    rest = [d for d in diff if d[0] not in SHARING]
+    if not rest:
+        print(f"resuming with the global batch of {g_new} sequences shared out anew (world size "
+              f"{old.get('world_size', 1)} -> {new.get('world_size', 1)})")
+    return rest
+
+
 def check_run_dir(out: Path, record: dict, resume: bool, free: set[tuple] = frozenset()) -> bool:
     """Every check of a run folder, writing nothing (so it runs before tokenizing): True when a checkpoint is to
     be loaded, False when a new run may start there."""
@@ -84,6 +110,7 @@ def check_run_dir(out: Path, record: dict, resume: bool, free: set[tuple] = froz
             raise UserError(f"{out}: is a `{old.get('command')}` run, not `{record['command']}`")
         diff = config_diff({"world_size": old.get("world_size", 1), **old["config"]},
                            {"world_size": record["world_size"], **record["config"]}, free)
+        diff = _same_global_batch(diff, old, record)
         if diff:
             k, a, b = diff[0]
             raise UserError(f"{out}: --resume with a different config ({k}: run has {a!r}, now {b!r}); "
