@@ -56,3 +56,22 @@ def test_fused_kl_matches_the_reference_and_its_gradient(tau):
     got.backward()
     ref.backward()
     assert torch.allclose(s.grad, s_ref.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_fake_quant_can_write_the_bf16_the_gemm_reads(learned):
+    """Under bf16 autocast with bf16 scales the kernel writes bf16: the same values as the fp32 reference (s·t is
+    exact in bf16), and the same gradients."""
+    G = 64
+    w, s = fake_quant_weights(G=G)
+    w1, s1 = w.clone().requires_grad_(), s.clone().requires_grad_()
+    w2, s2 = w.clone().requires_grad_(), s.clone().requires_grad_()
+    ref = TernarySTE.apply(w1, s1, G, learned, "bf16")
+    got = tk.ternary_fake_quant(w2, s2, G, learned, "bf16", torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.equal(got.float(), ref)
+    dq = torch.randn_like(ref).bfloat16()
+    (ref * dq.float()).sum().backward()
+    (got.float() * dq.float()).sum().backward()
+    assert w2.grad.dtype == torch.float32 and torch.allclose(w2.grad, w1.grad)
+    if learned:
+        assert torch.allclose(s2.grad, s1.grad, rtol=1e-5, atol=1e-7)

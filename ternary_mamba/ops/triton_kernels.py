@@ -44,7 +44,7 @@ def _fq_fwd(W, S, Q, S16, G: tl.constexpr, ABSMEAN: tl.constexpr, BF16: tl.const
     s16 = _round_scale(s, BF16, lo, hi)
     v = tl.math.div_rn(w, s16)
     t = tl.where(v > 0.5, 1.0, tl.where(v < -0.5, -1.0, 0.0))   # round(clamp(v, -1, 1)), ties to even
-    tl.store(Q + offs, t * s16)
+    tl.store(Q + offs, (t * s16).to(Q.dtype.element_ty))   # exact in bf16 too when the scales are bf16 values
     tl.store(S16 + g, s16)
 
 
@@ -72,10 +72,10 @@ class TernaryFakeQuant(torch.autograd.Function):
     """Same contract as `quant.ternary.TernarySTE` (its reference): forward(w, scale, G, learned, fmt)."""
 
     @staticmethod
-    def forward(ctx, w, scale, group_size: int, learned: bool, fmt: str = "fp16"):
+    def forward(ctx, w, scale, group_size: int, learned: bool, fmt: str = "fp16", out_dtype=torch.float32):
         _check_group(group_size)
         wc = w.contiguous()
-        q = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+        q = torch.empty(w.shape, dtype=out_dtype, device=w.device)
         n_groups = w.numel() // group_size
         s16 = torch.empty(n_groups, dtype=torch.float32, device=w.device)
         sc = scale.contiguous().float() if scale is not None else s16
@@ -89,16 +89,18 @@ class TernaryFakeQuant(torch.autograd.Function):
     def backward(ctx, dq):
         wc, s16 = ctx.saved_tensors
         if not ctx.learned:
-            return dq, None, None, None, None
+            return dq.to(wc.dtype), None, None, None, None, None
         G = ctx.group_size
         dw = torch.empty_like(wc, dtype=torch.float32)
         ds = torch.empty(s16.shape, dtype=torch.float32, device=wc.device)
         _fq_bwd[(s16.numel(),)](wc, s16, dq.contiguous().float(), dw, ds, G, 1.0 / G ** 0.5)
-        return dw.to(wc.dtype), ds.view(ctx.scale_shape), None, None, None
+        return dw.to(wc.dtype), ds.view(ctx.scale_shape), None, None, None, None
 
 
-def ternary_fake_quant(w, scale, group_size: int, learned: bool, fmt: str = "fp16"):
-    return TernaryFakeQuant.apply(w, scale, group_size, learned, fmt)
+def ternary_fake_quant(w, scale, group_size: int, learned: bool, fmt: str = "fp16", out_dtype=torch.float32):
+    """out_dtype bf16 (under bf16 autocast, with bf16 scales): the weights written in the dtype the GEMM reads, the
+    same values (s·t is exact in bf16 then), half the bytes and no cast kernel after."""
+    return TernaryFakeQuant.apply(w, scale, group_size, learned, fmt, out_dtype)
 
 
 @triton.jit

@@ -86,7 +86,10 @@ def fake_quant(w: Tensor, scale: Tensor, group_size: int, learned: bool, fmt: st
     of a power of two); anything else, or inside `reference_path()`: `fake_quant_ref`."""
     if triton_for(w) and group_size & (group_size - 1) == 0:
         ran("fake_quant", "triton")
-        return triton_kernels().ternary_fake_quant(w, scale, group_size, learned, fmt)
+        dev = w.device.type
+        bf16_gemm = fmt == "bf16" and torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16
+        return triton_kernels().ternary_fake_quant(w, scale, group_size, learned, fmt,
+                                                   torch.bfloat16 if bf16_gemm else torch.float32)
     ran("fake_quant", "torch")
     return fake_quant_ref(w, scale, group_size, learned, fmt)
 
