@@ -75,3 +75,18 @@ def test_fake_quant_can_write_the_bf16_the_gemm_reads(learned):
     assert w2.grad.dtype == torch.float32 and torch.allclose(w2.grad, w1.grad)
     if learned:
         assert torch.allclose(s2.grad, s1.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_kl_reads_16_bit_logits_as_they_are():
+    """The fused KL on bf16 logits (what the heads give under autocast) equals the reference on the same values in
+    fp32; its gradient comes back in bf16, the logits' dtype."""
+    g = torch.Generator().manual_seed(4)
+    t = (torch.randn(6, 1000, generator=g) * 3).bfloat16()
+    s = (torch.randn(6, 1000, generator=g) * 3).bfloat16().requires_grad_()
+    s_ref = s.detach().float().requires_grad_()
+    got, ref = tk.kl_div(t, s, 1.0), kl_div_ref(t.float(), s_ref, 1.0)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
+    got.backward()
+    ref.backward()
+    assert s.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(s.grad.float(), s_ref.grad, rtol=1e-2, atol=1e-4)

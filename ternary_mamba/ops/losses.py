@@ -101,7 +101,7 @@ def kl_div(t_logits: Tensor, s_logits: Tensor, tau: float = 1.0) -> Tensor:
         return kl_div_ref(t_logits, s_logits, tau)
     if triton_for(t_logits, s_logits):          # CUDA: the Triton kernel (ops/triton_kernels.py)
         ran("kl_div", "triton")
-        return triton_kernels().kl_div(t_logits.float(), s_logits.float(), tau)
+        return triton_kernels().kl_div(t_logits, s_logits, tau)   # reads 16-bit logits as they are, sums in fp32
     if not _fusable(t_logits, s_logits):
         ran("kl_div", "torch")
         return kl_div_ref(t_logits, s_logits, tau)

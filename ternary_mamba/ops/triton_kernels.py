@@ -140,7 +140,7 @@ def _kl_bwd(T, S, LSE_T, LSE_S, DS, V, stride_t, stride_s, inv_tau, scale, BLOCK
         m = o < V
         t = tl.load(T + r * stride_t + o, mask=m, other=0.0).to(tl.float32) * inv_tau - lt
         s = tl.load(S + r * stride_s + o, mask=m, other=0.0).to(tl.float32) * inv_tau - ls
-        tl.store(DS + r * V + o, (tl.exp(s) - tl.exp(t)) * inv_tau * scale, mask=m)
+        tl.store(DS + r * V + o, ((tl.exp(s) - tl.exp(t)) * inv_tau * scale).to(DS.dtype.element_ty), mask=m)
 
 
 class FusedKL(torch.autograd.Function):
@@ -160,9 +160,9 @@ class FusedKL(torch.autograd.Function):
     def backward(ctx, g):
         t, s, lse_t, lse_s = ctx.saved_tensors
         N, V = s.shape
-        ds = torch.empty(N, V, dtype=torch.float32, device=s.device)
+        ds = torch.empty(N, V, dtype=s.dtype, device=s.device)      # the logits' own dtype: 16-bit reads, 16-bit grads
         _kl_bwd[(N,)](t, s, lse_t, lse_s, ds, V, t.stride(0), s.stride(0), 1.0 / ctx.tau, float(g) / N, ctx.block)
-        return None, ds.to(s.dtype), None
+        return None, ds, None
 
 
 def kl_div(t_logits, s_logits, tau: float = 1.0):

@@ -75,13 +75,16 @@ class DistillObjective:
                 t_out = self.teacher(x, return_hidden=self.beta > 0)
             s_out = student(x, return_hidden=self.beta > 0)
             t_logits, s_logits = (t_out[0], s_out[0]) if self.beta > 0 else (t_out, s_out)
-        # the losses in fp32 whatever the forward's precision (a no-op for fp32 logits)
-        t_logits, s_logits = t_logits[..., :self.vocab].float(), s_logits[..., :self.vocab].float()
+        # the losses sum in fp32 whatever the forward's precision; on CUDA the fused KL reads 16-bit logits as they
+        # are (no fp32 copies of (tokens x vocab)), elsewhere they are cast (a no-op for fp32 logits)
+        t_logits, s_logits = t_logits[..., :self.vocab], s_logits[..., :self.vocab]
+        if s_logits.device.type != "cuda":
+            t_logits, s_logits = t_logits.float(), s_logits.float()
         kl = kl_div(t_logits, s_logits, self.tau)
         loss = self.tau ** 2 * kl
         metrics = {"kl": scalar(kl)}
         if self.alpha > 0:
-            ce = cross_entropy(s_logits, y)
+            ce = cross_entropy(s_logits.float(), y)
             loss = loss + self.alpha * ce
             metrics["ce"] = scalar(ce)
         if self.beta > 0:
