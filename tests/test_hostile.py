@@ -166,6 +166,8 @@ CASES = {
     "data: jsonl line a list": lambda d, f: ((d / "c").mkdir() or (d / "c" / "a.jsonl").write_text('[1, 2]\n')
                                            and ["quantize", "--data", str(d / "c"), "--out", str(d / "run")],
                                            "expected a JSON object"),
+    "packed: truncated (info)": lambda d, f: (_copy(f / "packed", d / "p") and (d / "p" / "model.safetensors").write_bytes(
+        (d / "p" / "model.safetensors").read_bytes()[:5000]) and ["info", str(d / "p")], "not a readable safetensors"),
     "device: meta": lambda d, f: (_quantize(f, d, "--device", "meta"), "commands run on the CPU or a CUDA GPU"),
     "device: mps": lambda d, f: (_quantize(f, d, "--device", "mps"), "commands run on the CPU or a CUDA GPU"),
     "os: --out under a file": lambda d, f: ((d / "afile").write_text("mine") and

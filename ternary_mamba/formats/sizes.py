@@ -9,6 +9,7 @@ from ..core.config import MB, Mamba2Config, count_params_by_component
 from ..ops.packing import PER_BYTE
 from ..quant.tables import table_bytes
 from .fs import read_json
+from ..errors import UserError
 from ..spec import DEFAULT_GROUP_SIZE, Q4_GROUP, TARGETS, resolve_group_size
 
 
@@ -92,7 +93,12 @@ def packed_info(folder: Path) -> str:
     h = read_json(folder / "config.json")
     sizes: dict[str, int] = {}
     n_ternary = 0
-    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+    try:
+        f = safe_open(str(folder / "model.safetensors"), "pt")
+    except Exception as e:  # noqa: BLE001 - SafetensorError / OSError: a damaged or missing file
+        raise UserError(f"{folder / 'model.safetensors'}: not a readable safetensors file "
+                        f"({str(e).splitlines()[0][:160]})") from None
+    with f:
         for k in f.keys():
             t = f.get_slice(k)
             nbytes = 1
