@@ -111,6 +111,20 @@ def _corpus_case(content: bytes, msg):
     return make
 
 
+def _run_folder(d, metrics: str | None, summary: dict | None = None):
+    """A run folder as a finished run leaves it, with the given metrics.jsonl (None: a folder in its place)."""
+    r = d / "r"
+    r.mkdir()
+    (r / "run.json").write_text(json.dumps({"command": "quantize", "config": {}}))
+    if metrics is None:
+        (r / "metrics.jsonl").mkdir()
+    else:
+        (r / "metrics.jsonl").write_text(metrics)
+    if summary is not None:
+        (r / "summary.json").write_text(json.dumps(summary))
+    return r
+
+
 def _quantize(files, d, *extra):
     return ["quantize", "--data", str(files / "text"), "--out", str(d / "run"), *extra]
 
@@ -168,6 +182,15 @@ CASES = {
                                            "expected a JSON object"),
     "packed: truncated (info)": lambda d, f: (_copy(f / "packed", d / "p") and (d / "p" / "model.safetensors").write_bytes(
         (d / "p" / "model.safetensors").read_bytes()[:5000]) and ["info", str(d / "p")], "not a readable safetensors"),
+    "run: metrics line a list": lambda d, f: (_run_folder(d, '[1, 2]\n{"step": 1, "loss": 1.0}\n') and
+                                            ["report", str(d / "r")], "metrics.jsonl:1: expected a JSON object"),
+    "run: metrics loss a string": lambda d, f: (_run_folder(d, '{"step": 1, "loss": "bad"}\n{"step": 2}\n') and
+                                              ["report", str(d / "r")], "'loss' must be a number"),
+    "run: metrics step true": lambda d, f: (_run_folder(d, '{"step": true, "loss": 1.0}\n{"step": 2}\n') and
+                                          ["report", str(d / "r")], "\"step\" must be a non-negative integer"),
+    "run: metrics.jsonl a folder": lambda d, f: (_run_folder(d, None) and ["report", str(d / "r")], "is a folder"),
+    "run: summary row ppl a string": lambda d, f: (_run_folder(d, '{"step": 1}\n', {"rows": {"x": {"ppl": "no"}}})
+                                                 and ["info", str(d / "r")], "'ppl' must be a finite number"),
     "device: meta": lambda d, f: (_quantize(f, d, "--device", "meta"), "commands run on the CPU or a CUDA GPU"),
     "device: mps": lambda d, f: (_quantize(f, d, "--device", "mps"), "commands run on the CPU or a CUDA GPU"),
     "os: --out under a file": lambda d, f: ((d / "afile").write_text("mine") and

@@ -16,9 +16,10 @@ from .flags import require
 def run_results(run: Path) -> str:
     """A run folder's final summary (the table `quantize` / `pretrain` printed), or its progress so far."""
     from ..formats.fs import read_json
+    from ..formats.records import read_summary
     lines = [f"run: {run}"]
     if (run / "summary.json").exists():
-        s = read_json(run / "summary.json")
+        s = read_summary(run / "summary.json")
         for name, r in (s.get("rows") or {}).items():
             z = f", zero ratio {r['zero_ratio']:.3f}" if "zero_ratio" in r else ""
             lines.append(f"  {name:<30} held-out ppl {r['ppl']:.2f}, KL {r['kl']:.4f}, top-1 {r['top1_agree']:.3f}{z}")

@@ -33,6 +33,7 @@ from ..commands.defaults import bundled_teacher
 from ..errors import UserError
 from ..formats.folders import find_tokenizer
 from ..formats.fs import write_json_atomic
+from ..formats.records import read_metrics
 from ..runtime.load import load_model
 from ..formats.paths import resolve_model_dir
 from ..formats.tokenizer import load_tokenizer
@@ -269,8 +270,7 @@ def _curve(run: Path) -> list[dict]:
     keep = ("step", "tokens", "zero_ratio", "zero_ratio_opt", "eval_kl", "eval_loss", "eval_ppl", "kl", "loss",
             "state_mse")
     out = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
+    for r in read_metrics(run / "metrics.jsonl"):
         if "zero_ratio" in r or "eval_kl" in r or "eval_loss" in r:
             out.append({k: r[k] for k in keep if k in r})
     return out

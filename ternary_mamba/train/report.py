@@ -6,20 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import UserError
+from ..formats.fs import read_json
+from ..formats.records import read_metrics, read_summary
 
 
 def _records(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        raise UserError(f"{run}: not a run folder (no metrics.jsonl)")
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+    return read_metrics(run / "metrics.jsonl")
 
 
 def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict, logy: bool = False, marks=(),
@@ -60,9 +52,9 @@ def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict, logy: 
 def make_report(run: str | Path) -> Path:
     run = Path(run)
     recs = _records(run)
-    record = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+    record = read_json(run / "run.json") if (run / "run.json").exists() else {}
     cfg = record.get("config", {}) if isinstance(record.get("config"), dict) else {}
-    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+    summary = read_summary(run / "summary.json") if (run / "summary.json").exists() else {}
     rows = summary.get("rows") or {}
     train = [r for r in recs if "loss" in r]
     ev = [r for r in recs if "eval_ppl" in r]
