@@ -281,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "typed", None) is not None:
             args._cfg = typed_config(args)
             threads = getattr(args._cfg, "threads", None)
+        if os.environ.get("TERNARY_MAMBA_REFERENCE") or os.environ.get("TERNARY_MAMBA_FAULT"):
+            from .faults import ENV, parse
+            from .ops.dispatch import reference_kind
+            reference_kind()                  # the environment switches, checked before anything runs
+            if os.environ.get(ENV):
+                parse(os.environ[ENV])
         if args.command in MEMORY_HUNGRY:
             from .runtime.memory import keep_freed_memory
             keep_freed_memory()   # no page faults on every step's fresh activations (see runtime/memory.py)

@@ -81,3 +81,13 @@ def test_conflicting_guard_flags_and_an_unknown_preset_are_one_line(capsys):
     assert "drop --guard-low" in capsys.readouterr().err
     assert main(["plan", "--teacher", "mamba2-13b"]) == 1
     assert "did you mean mamba2-1.3b?" in capsys.readouterr().err
+
+
+def test_environment_switches_are_checked_in_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("TERNARY_MAMBA_REFERENCE", "banana")
+    assert main(["info", "mamba2-130m"]) == 1
+    assert "TERNARY_MAMBA_REFERENCE='banana'" in capsys.readouterr().err
+    monkeypatch.delenv("TERNARY_MAMBA_REFERENCE")
+    monkeypatch.setenv("TERNARY_MAMBA_FAULT", "junk")
+    assert main(["info", "mamba2-130m"]) == 1
+    assert "TERNARY_MAMBA_FAULT='junk'" in capsys.readouterr().err

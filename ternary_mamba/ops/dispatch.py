@@ -27,11 +27,15 @@ REFERENCE_KINDS = ("torch", "sequential")
 _stack: list[str] = []       # innermost reference_path() last
 
 
+ENV_REFERENCE = {"": None, "0": None, "1": "torch", "torch": "torch", "sequential": "sequential"}
+
+
 def _env_reference() -> str | None:
     v = os.environ.get("TERNARY_MAMBA_REFERENCE") or ("torch" if os.environ.get("TERNARY_MAMBA_NO_KERNEL") else "")
-    if not v or v == "0":
-        return None
-    return "sequential" if v == "sequential" else "torch"
+    if v not in ENV_REFERENCE:
+        from ..errors import UserError
+        raise UserError(f"TERNARY_MAMBA_REFERENCE={v!r}: use 1 (or torch), sequential, or 0 / unset")
+    return ENV_REFERENCE[v]
 
 
 @contextlib.contextmanager
