@@ -102,3 +102,35 @@ def test_generate_from_a_gguf_file_uses_its_embedded_tokenizer(tmp_path, capsys)
     assert main(["generate", str(tmp_path / "m.gguf"), "--prompt", "Once", "--max-new-tokens", "4",
                  "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("Once")
+
+
+def _tokenizer_gguf(path, tokens, types=True, merges=("a b",)):
+    w = gguf.GGUFWriter(str(path), "mamba2")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    if types:
+        w.add_token_types([1] * len(tokens))
+    w.add_token_merges(list(merges))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("case,msg", [("no token types", "token_type is missing"),
+                                      ("a merge without a space", "not two tokens separated by a space"),
+                                      ("a token that is not UTF-8", "not UTF-8")])
+def test_a_bad_embedded_tokenizer_is_one_line(tmp_path, case, msg):
+    from ternary_mamba.formats.gguf import load_gguf_tokenizer
+    tokens = ["a", "b", "ab"]
+    kw = {}
+    if case == "no token types":
+        kw["types"] = False
+    elif case == "a merge without a space":
+        kw["merges"] = ("ab",)
+    else:
+        tokens = [b"a", b"\xff\xfe", b"ab"]
+    p = _tokenizer_gguf(tmp_path / "t.gguf", tokens, **kw)
+    with pytest.raises(UserError, match=msg):
+        load_gguf_tokenizer(p)

@@ -250,20 +250,40 @@ def load_gguf_tokenizer(path: Path):
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
         raise UserError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0][:160]})") from None
 
-    def strings(key):
+    def field(key):
         f = r.fields.get(key)
         if f is None:
-            raise UserError(f"{path}: has no embedded tokenizer ({key}); pass --tokenizer")
-        return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+            raise UserError(f"{path}: has no embedded tokenizer ({key} is missing); pass --tokenizer")
+        return f
 
-    model_kind = strings("tokenizer.ggml.model")[0]
+    def strings(key):
+        f = field(key)
+        try:
+            return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: {key} holds a string that is not UTF-8 (byte {e.start})") from None
+        except (TypeError, ValueError, IndexError):
+            raise UserError(f"{path}: {key} is not a list of strings") from None
+
+    kinds = strings("tokenizer.ggml.model")
+    model_kind = kinds[0] if kinds else ""
     if model_kind != "gpt2":
         raise UserError(f"{path}: embedded tokenizer {model_kind!r} is not supported (gpt2 BPE only); pass --tokenizer")
     tokens = strings("tokenizer.ggml.tokens")
-    f = r.fields["tokenizer.ggml.token_type"]
-    types = [int(f.parts[i][0]) for i in f.data]
+    f = field("tokenizer.ggml.token_type")
+    try:
+        types = [int(f.parts[i][0]) for i in f.data]
+    except (TypeError, ValueError, IndexError):
+        raise UserError(f"{path}: tokenizer.ggml.token_type is not a list of integers") from None
+    if len(types) != len(tokens) or not tokens:
+        raise UserError(f"{path}: {len(tokens)} tokens but {len(types)} token types")
     vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty != 5}      # drop [PADi]
-    merges = [tuple(m.split(" ", 1)) for m in strings("tokenizer.ggml.merges")]
+    merges = []
+    for m in strings("tokenizer.ggml.merges"):
+        a, sep, b = m.partition(" ")
+        if not sep or not a or not b:
+            raise UserError(f"{path}: tokenizer.ggml.merges entry {m!r:.40} is not two tokens separated by a space")
+        merges.append((a, b))
     tok = HFTokenizer(models.BPE(vocab, merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
