@@ -177,9 +177,8 @@ def bench_130m(log, decode_tokens: int = 32, rounds: int = 3) -> dict:
         del pre, dec
     t_ours, t_hf = best["prefill_ours"], best["prefill_hf"]
     d_ours, d_hf = best["decode_ours"], best["decode_hf"]
-    state = 2 * 4 * cfg.n_layer * cfg.nheads * cfg.headdim * cfg.d_state   # the SSM state, read and written
     head = cfg.padded_vocab_size * cfg.d_model
-    nbytes = bytes_per_token(ours) + state                           # a full-logits step (transformers' too)
+    nbytes = bytes_per_token(ours)          # weights + the recurrent state read and written: a full-logits step
     greedy_bytes = nbytes - 4 * head + head + 4 * cfg.padded_vocab_size   # ours: int8 pre-pass of the head
     floor = nbytes / (bw * 1e9)
     t_ll, d_ll = best.get("prefill_llama"), best.get("decode_llama")

@@ -57,8 +57,22 @@ def pack_in_place(model: Mamba2LM, group_size: int = 128) -> None:
     ptq_pack_(model, group_size)
 
 
+def state_bytes_per_token(model) -> int:
+    """The recurrent state a decode step reads and writes back (fp32): every layer's SSM state (nheads x headdim x
+    d_state) and conv window (conv_dim x (d_conv - 1)), twice."""
+    c = model.config
+    return 2 * 4 * c.n_layer * (c.nheads * c.headdim * c.d_state + c.conv_dim * (c.d_conv - 1))
+
+
 def bytes_per_token(model) -> int:
-    """Bytes a decode step reads: every buffer/parameter once, but only one embedding row (tied head reads all)."""
+    """Bytes a decode step moves: every weight buffer/parameter once (but one embedding row where the head does not
+    read the embedding) plus the recurrent state read and written (`state_bytes_per_token`): the roofline's bytes."""
+    return weight_bytes_per_token(model) + state_bytes_per_token(model)
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights a decode step reads: every buffer/parameter once, but only one embedding row (tied head
+    reads all)."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) not in seen:
@@ -250,7 +264,8 @@ def run_bench_runtime(cfg) -> None:
                 line += f"  x{r / best['fp32']:5.2f} of fp32"
                 if cfg.what == "decode":
                     share = 100 * nbytes * r / 1e9 / bw
-                    line += (f"  {nbytes / 1e6:7.1f} MB/token  {nbytes * r / 1e9:5.1f} GB/s = " +
+                    line += (f"  {nbytes / 1e6:7.1f} MB/token (state {state_bytes_per_token(variants[k]) / 1e6:.1f})"
+                             f"  {nbytes * r / 1e9:5.1f} GB/s = " +
                              (f"{share:3.0f} % of bandwidth" if share <= 100 else
                               "at the measured bandwidth (the probe read less: a limit, not >100 %)"))
             print(line)
