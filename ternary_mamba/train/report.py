@@ -42,8 +42,9 @@ def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict, logy: 
         ax.yaxis.set_minor_formatter(plain)
         ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.grid(alpha=0.3)
-    if len(series) + len(hlines) > 1:
-        ax.legend(fontsize=7, ncol=2)
+    n = len(series) + len(hlines)
+    if n > 1:
+        ax.legend(fontsize=7, ncol=1 if n <= 4 else 2, loc="best", framealpha=0.8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -73,8 +74,14 @@ def make_report(run: str | Path) -> Path:
         _plot(run / "loss.png", "training loss", "tokens (M)", "loss", series, logy=True)
         figs.append(("Training loss", "loss.png"))
     if ev:
-        series = {"student, held-out": (toks(ev), [r["eval_ppl"] for r in ev], "o-")}
-        refs = [(r["ppl"], f"{name}: {r['ppl']:.2f}", c) for (name, r), c in zip(
+        # the curve and the summary's lines are measured on different numbers of held-out windows: each says its own
+        t = cfg.get("train", {}) if isinstance(cfg.get("train"), dict) else {}
+        curve_tok = t.get("eval_batches", 0) * t.get("batch_size", 0) * t.get("seq_len", 0)
+        summ_tok = summary.get("heldout_tokens")
+        curve_note = f" (first {curve_tok / 1e3:.0f} k tokens)" if curve_tok else ""
+        summ_note = f" (summary, {summ_tok / 1e3:.0f} k tokens)" if isinstance(summ_tok, (int, float)) else ""
+        series = {f"student, held-out{curve_note}": (toks(ev), [r["eval_ppl"] for r in ev], "o-")}
+        refs = [(r["ppl"], f"{name}: {r['ppl']:.2f}{summ_note}", c) for (name, r), c in zip(
             ((n, r) for n, r in rows.items() if n.startswith(("teacher", "PTQ"))), ("green", "gray"))]
         _plot(run / "heldout_ppl.png", "held-out perplexity", "tokens (M)", "perplexity", series, logy=True,
               hlines=refs)
@@ -82,7 +89,7 @@ def make_report(run: str | Path) -> Path:
     if zr:
         n_layers = len(zr[0]["zero_ratio_layers"])
         series = {f"layer {i}": (toks(zr), [r["zero_ratio_layers"][i] for r in zr]) for i in range(n_layers)}
-        series["all"] = (toks(zr), [r["zero_ratio"] for r in zr], "k-")
+        series["all"] = (toks(zr), [r["zero_ratio"] for r in zr], "k:")   # dotted: the layers stay visible
         events = summary.get("collapse_events") or []
         marks = [(next((r["tokens"] / 1e6 for r in recs if r.get("step") == e["step"]), 0), "collapse") for e in events[:1]]
         opt = [r for r in zr if "zero_ratio_opt" in r]
