@@ -96,3 +96,14 @@ def test_unknown_task_and_missing_file(tmp_path):
     from ternary_mamba.eval.tasks import TASKS
     with pytest.raises(UserError, match="task file not found"):
         TASKS["piqa"](tmp_path)
+
+
+@pytest.mark.parametrize("content,msg", [("not json\n", "boolq_validation.jsonl:1: not JSON"),
+                                         ("[1, 2]\n", "expected a JSON object, got list"),
+                                         ('{"question": "q", "passage": "p"}\n', "has no field 'answer'")])
+def test_a_bad_task_row_is_one_line(tmp_path, content, msg):
+    from ternary_mamba.eval.tasks import load_task
+    (tmp_path / "boolq").mkdir()
+    (tmp_path / "boolq" / "boolq_validation.jsonl").write_text(content)
+    with pytest.raises(UserError, match=msg):
+        load_task("boolq", tmp_path)

@@ -13,7 +13,7 @@ from ..formats.fs import atomic_write_bytes
 from ..runtime.load import load_model_and_tokenizer
 from ..ops.device import autocast, precision
 from .scoring import loglikelihoods
-from .tasks import AVERAGE_METRIC, SEVEN, TASKS, Doc, parse_tasks
+from .tasks import AVERAGE_METRIC, SEVEN, Doc, load_task, parse_tasks
 
 
 def _stderr(p: float, n: int) -> float:
@@ -58,7 +58,7 @@ def evaluate_model(path: str, tasks: list[str], data_dir: Path, limit: int | Non
     model = model.to(dev)
     res = {}
     for name in tasks:
-        docs = TASKS[name](data_dir)
+        docs = load_task(name, data_dir)
         if limit:
             docs = docs[:limit]
         with torch.no_grad(), autocast(dev, dt):
@@ -116,7 +116,7 @@ def run_eval(args) -> list[dict]:
     if not data_dir.is_dir():
         raise UserError(f"{data_dir}: --data-dir is not a folder")
     for t in tasks:  # fail before loading any model
-        TASKS[t](data_dir) if args.limit is None else None
+        load_task(t, data_dir) if args.limit is None else None
     results = []
     t0 = time.time()
     for m in args.models:

@@ -30,9 +30,21 @@ class Doc:
 
 
 def jsonl_records(path: Path) -> list[dict]:
+    """The rows of a task file: one JSON object per line (a line that is not says so, with file and line)."""
     if not path.exists():
         raise UserError(f"{path}: task file not found (pass --data-dir pointing at the evals folder)")
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}:{i}: not JSON") from None
+        if not isinstance(r, dict):
+            raise UserError(f"{path}:{i}: expected a JSON object, got {type(r).__name__}")
+        rows.append(r)
+    return rows
 
 
 def _hellaswag_pre(text: str) -> str:
@@ -103,6 +115,17 @@ def lambada_openai(d: Path) -> list[Doc]:
 TASKS: dict[str, Callable[[Path], list[Doc]]] = {
     "boolq": boolq, "piqa": piqa, "hellaswag": hellaswag, "winogrande": winogrande, "arc_easy": arc_easy,
     "arc_challenge": arc_challenge, "openbookqa": openbookqa, "lambada_openai": lambada_openai}
+
+
+def load_task(name: str, data_dir: Path) -> list[Doc]:
+    """A task's documents; a row without a field the task needs (or of the wrong type) is one line naming the task."""
+    try:
+        return TASKS[name](data_dir)
+    except KeyError as e:
+        raise UserError(f"{name}: a row of its task file (under {data_dir}) has no field {e}") from None
+    except (TypeError, ValueError, AttributeError, IndexError) as e:
+        raise UserError(f"{name}: a row of its task file (under {data_dir}) is malformed ({type(e).__name__}: "
+                        f"{str(e)[:80]})") from None
 
 
 def parse_tasks(spec: str) -> list[str]:
