@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all test-asan test-kernels bench clean
+.PHONY: demo test test-all test-asan test-kernels test-wheel bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test-all: $(STAMP)  ## including the slow tests
 
 test-asan: $(STAMP)  ## the C kernels under AddressSanitizer: kernel tests + the fuzz cases
 	bash scripts/test_asan.sh
+
+test-wheel: $(STAMP)  ## a wheel built from this tree, installed alone: its kernels build and run, the CLI starts
+	bash scripts/test_wheel.sh
 
 test-kernels: $(STAMP)  ## only the kernel tests, against builds for a scalar (x86-64) and an AVX2-only CPU
 	bash scripts/test_kernels.sh
