@@ -65,6 +65,9 @@ TYPED = {
                   "upload a model folder to the Hugging Face hub with its model card", config_file=False),
     "report": Typed("commands.tool_configs:ReportConfig", "commands.report:report",
                     "(re)generate report.md with plots for a run folder", config_file=False),
+    "serve": Typed("commands.tool_configs:ServeConfig", "commands.serve:serve",
+                   "an OpenAI-compatible HTTP API (completions, chat completions, streaming) over a model",
+                   config_file=False),
     "parity": Typed("commands.tool_configs:ParityConfig", "commands.parity:parity",
                     "our model vs transformers' Mamba2ForCausalLM on the same weights (max abs logit differences; "
                     "needs transformers)", config_file=False),
@@ -242,7 +245,7 @@ def _run(args) -> None:
 
 # commands that allocate the same large activations every step: they keep freed memory in the heap
 MEMORY_HUNGRY = ("quantize", "pretrain", "experiment", "bench", "ptq")
-AUTO_THREADS = ("quantize", "pretrain", "experiment", "ptq", "eval", "ppl", "parity")   # generate decides after loading
+AUTO_THREADS = ("quantize", "pretrain", "experiment", "ptq", "eval", "ppl", "parity", "serve")   # generate decides after loading
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,3 +45,26 @@ class TokenizerTrainConfig(Config):
     data: list[str] | None = option(None, required=True, help="text / jsonl / parquet files or folders")
     vocab_size: int = option(8192, help="tokens, <|endoftext|> included")
     out: str | None = option(None, required=True, help="the tokenizer.json to write")
+
+
+@dataclass
+class ServeConfig(Config):
+    model: str | None = option(None, positional=True, required=True,
+                               help="model / run / packed folder, .gguf file or hub id")
+    host: str = option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    port: int = option(8080, help="TCP port (0: any free one, printed)")
+    tokenizer: str | None = option(None, help="tokenizer.json (default: the model's)")
+    max_tokens_limit: int = option(2048, help="the most tokens one request may generate")
+    int8_head: bool = option(False, help="8-bit output head (faster decoding; logits change slightly)")
+    a8: bool = option(False, help="packed models: int8 activations (faster, not bit-exact)")
+    device: str | None = option(None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    threads: int | None = option(None, help="CPU threads of torch and the C kernels")
+
+    def __post_init__(self):
+        from ..errors import UserError
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"--port {self.port}: must be in 0..65535")
+        if self.max_tokens_limit < 1:
+            raise UserError("--max-tokens-limit must be >= 1")
+        if self.threads is not None and self.threads < 1:
+            raise UserError("--threads must be >= 1")
