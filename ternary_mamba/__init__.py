@@ -14,6 +14,7 @@ Python API (mirrors the CLI: each command is a function over the same typed conf
     quantize_(model, TernaryConfig(...))               swap linears for ternary QAT modules, in place
     convert_(model)                                    fake-quant ternary modules -> packed ones, in place
     reference_path()                                   run the pure-PyTorch reference inside a `with` block
+    quiet()                                            say nothing inside a `with` block (the "ternary_mamba" logger)
 """
 from .version import __version__  # noqa: E402,F401
 
@@ -48,6 +49,7 @@ _API = {
     "perplexity": ("commands.evaluate", "perplexity"),
     "claims": ("experiment.claims", "claims"),
     "UserError": ("errors", "UserError"),
+    "quiet": ("log", "quiet"),
 }
 __all__ = sorted(_API)
 

@@ -130,3 +130,20 @@ def test_the_api_loads_a_gguf_tokenizer_and_saves_models(tmp_path):
     assert tok.encode("Once upon a time") == tm.load_tokenizer(BUNDLED_TOKENIZER).encode("Once upon a time")
     out = tm.save_model(m, tmp_path / "saved")
     assert tm.load_model(out).ternary_config.group_size == 256
+
+
+def test_the_api_says_what_it_does_through_a_logger_that_can_be_silenced(tmp_path, capsys):
+    import logging
+    import ternary_mamba as tm
+    from ternary_mamba.commands.configs import ExportConfig
+    out = tm.export(ExportConfig(model="bundled", format="tq2", out=str(tmp_path / "a")))
+    assert "wrote" in capsys.readouterr().out and out.exists()
+    with tm.quiet():
+        tm.export(ExportConfig(model="bundled", format="tq2", out=str(tmp_path / "b")))
+    assert capsys.readouterr().out == ""
+    logging.getLogger("ternary_mamba").setLevel(logging.WARNING)
+    try:
+        tm.export(ExportConfig(model="bundled", format="tq2", out=str(tmp_path / "c")))
+        assert capsys.readouterr().out == ""
+    finally:
+        logging.getLogger("ternary_mamba").setLevel(logging.INFO)

@@ -22,7 +22,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "ternary_mamba"
-LAYER = {"errors": 0, "config_base": 0, "version": 0, "assets": 0, "spec": 0, "faults": 0, "ops": 1, "core": 2, "quant": 3, "formats": 4, "runtime": 5,
+LAYER = {"errors": 0, "config_base": 0, "version": 0, "assets": 0, "spec": 0, "faults": 0, "log": 0, "ops": 1, "core": 2, "quant": 3, "formats": 4, "runtime": 5,
          "train": 6, "eval": 6, "commands": 7, "experiment": 8, "bench": 8, "cli": 9, "__main__": 9, "": 9}
 FORBIDDEN = {("train", "eval"), ("eval", "train"), ("experiment", "bench"), ("bench", "experiment"),
              ("core", "quant"), ("quant", "train"), ("formats", "train")}

@@ -16,6 +16,7 @@ import torch
 from ..core.config import PRESETS, Mamba2Config
 from ..core.model import Mamba2LM
 from ..errors import UserError
+from ..log import say
 
 PAPER_TOKENS = 102_000_000
 
@@ -125,7 +126,7 @@ def run_bench_gpu(cfg) -> None:
     # `plan --mfu` is a fraction of the vendor's nominal peak; the MFU column below is against the measured GEMM
     kind = next((k for k in GPU_PEAK_TFLOPS if k.replace("rtx", "") in name.lower()), None)
     nominal = GPU_PEAK_TFLOPS[kind][0] if kind else None
-    print(f"device: {name}, torch {torch.__version__}, CUDA {torch.version.cuda}; bf16 GEMM 8192^3 measured "
+    say(f"device: {name}, torch {torch.__version__}, CUDA {torch.version.cuda}; bf16 GEMM 8192^3 measured "
           f"{peak:.0f} TFLOP/s" + (f" (nominal {nominal:.0f}: `plan --gpu {kind}`)" if nominal else ""))
     out = {"device": name, "torch": torch.__version__, "bf16_gemm_tflops": peak, "nominal_tflops": nominal,
            "settings": []}
@@ -137,7 +138,7 @@ def run_bench_gpu(cfg) -> None:
             plans += [(m, 8, cfg.seq_len, True, False)]
     if plans:
         plans.insert(1, (*plans[0][:4], True))      # the first setting again on the reference path
-    print(f"{'model':<13} {'micro-batch':>12} {'ckpt':>5} {'path':<20} {'step s':>7} {'tok/s':>9} {'MFU':>6} "
+    say(f"{'model':<13} {'micro-batch':>12} {'ckpt':>5} {'path':<20} {'step s':>7} {'tok/s':>9} {'MFU':>6} "
           f"{'peak GB':>8} {'plan GB':>8} {'102M tok':>9} {'--mfu':>6}")
     for p in plans:
         preset, batch, seq, ck, ref = p
@@ -145,27 +146,27 @@ def run_bench_gpu(cfg) -> None:
             r = _setting(preset, batch, seq, ck, cfg.steps, reference=ref,
                          profile=cfg.profile and p is plans[-1], chunk_size=cfg.chunk_size)
         except torch.cuda.OutOfMemoryError:
-            print(f"{preset:<13} {batch:>5} x {seq:<5} {'yes' if ck else 'no':>5}  out of memory")
+            say(f"{preset:<13} {batch:>5} x {seq:<5} {'yes' if ck else 'no':>5}  out of memory")
             torch.cuda.empty_cache()
             continue
         r["mfu"] = r["tflops"] / peak
         r["plan_mfu"] = r["tflops"] / nominal if nominal else None    # what `plan --mfu` takes
         out["settings"].append(r)
-        print(f"{preset:<13} {batch:>5} x {seq:<5} {'yes' if ck else 'no':>5} {r['path']:<20} {r['step_s']:>7.3f} "
+        say(f"{preset:<13} {batch:>5} x {seq:<5} {'yes' if ck else 'no':>5} {r['path']:<20} {r['step_s']:>7.3f} "
               f"{r['tok_s']:>9,.0f} {100 * r['mfu']:>5.1f}% {r['peak_gb']:>8.1f} {r['planned_gb']:>8.1f} "
               f"{r['hours_102m']:>8.1f}h {r['plan_mfu'] or float('nan'):>6.3f}", flush=True)
     if nominal:
-        print(f"MFU: against the GEMM measured above; `plan --gpu {kind} --mfu` takes the fraction of the nominal "
+        say(f"MFU: against the GEMM measured above; `plan --gpu {kind} --mfu` takes the fraction of the nominal "
               f"{nominal:.0f} TFLOP/s, the last column")
     for r in out["settings"]:
         if "profile" in r:
-            print(f"\nwhere a {r['preset']} step's GPU time goes ({r['batch']} x {r['seq_len']}, "
+            say(f"\nwhere a {r['preset']} step's GPU time goes ({r['batch']} x {r['seq_len']}, "
                   f"{'checkpointing' if r['checkpointing'] else 'no checkpointing'}):")
             for what in ("kernels", "ops"):
-                print(f"  by {'GPU kernel' if what == 'kernels' else 'PyTorch op (input shapes)'}:")
+                say(f"  by {'GPU kernel' if what == 'kernels' else 'PyTorch op (input shapes)'}:")
                 for k in r["profile"][what]:
-                    print(f"  {100 * k['share']:5.1f}%  {k['ms']:8.1f} ms  {k['calls']:>6}x  {k['name']}")
+                    say(f"  {100 * k['share']:5.1f}%  {k['ms']:8.1f} ms  {k['calls']:>6}x  {k['name']}")
     if cfg.json:
         from ..formats.fs import write_json_atomic
         write_json_atomic(cfg.json, out)
-        print(f"wrote {cfg.json}")
+        say(f"wrote {cfg.json}")

@@ -16,6 +16,7 @@ from ..core.model import Mamba2LM
 from ..errors import UserError
 from ..spec import DEFAULT_GROUP_SIZE
 from ..train.objectives import next_token_loss
+from ..log import say
 
 
 def _best_time(fn, repeats: int = 3, warmup: int = 1) -> float:
@@ -245,23 +246,23 @@ def run_bench_model(cfg) -> None:
     from .runtime import llama_cpp_version
     torch.manual_seed(0)
     out = {"threads": torch.get_num_threads(), "machine": cpu_description(), "llama_cpp": llama_cpp_version()}
-    print(f"machine: {out['machine']}; threads {out['threads']}; {out['llama_cpp']}")
-    out["training"] = bench_training(print, rounds=cfg.rounds)
+    say(f"machine: {out['machine']}; threads {out['threads']}; {out['llama_cpp']}")
+    out["training"] = bench_training(say, rounds=cfg.rounds)
     if cfg.profile:
-        out["training_profile"] = profile_training(print)
+        out["training_profile"] = profile_training(say)
     if not cfg.skip_130m:
-        out["mamba2_130m"] = bench_130m(print, rounds=cfg.rounds)
+        out["mamba2_130m"] = bench_130m(say, rounds=cfg.rounds)
         if cfg.profile:
             from .runtime import decode_profile, load_bench_model
             phases = decode_profile(load_bench_model("mamba2-130m"), 32)
             if phases:
-                print("130m decode step profile (fp32, full logits; ms/token): "
+                say("130m decode step profile (fp32, full logits; ms/token): "
                       + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
                 out["decode_profile_ms"] = phases
     if cfg.json:
         from ..formats.fs import atomic_write_bytes
         atomic_write_bytes(cfg.json, (json.dumps(out, indent=2) + "\n").encode())
-        print(f"wrote {cfg.json}")
+        say(f"wrote {cfg.json}")
 
 
 def run_bench_qat(cfg) -> None:
@@ -295,5 +296,5 @@ def run_bench_qat(cfg) -> None:
         opt_s.zero_grad()
     t_plain = min(_best_time(plain_step), _best_time(plain_step))
     t_qat = min(_best_time(qat_step), _best_time(qat_step))
-    print(f"{cfg.model} ({mcfg.n_params / 1e6:.1f} M params), batch 8x256: plain step {t_plain * 1e3:.0f} ms, "
+    say(f"{cfg.model} ({mcfg.n_params / 1e6:.1f} M params), batch 8x256: plain step {t_plain * 1e3:.0f} ms, "
           f"QAT+KD step ({cfg.scale_mode} scales) {t_qat * 1e3:.0f} ms -> {t_qat / t_plain:.2f}x  [target <= 1.5x]")

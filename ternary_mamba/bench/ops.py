@@ -14,6 +14,7 @@ from ..ops import conv, losses, norms, scan
 from ..ops.dispatch import last_impl
 from ..quant import ternary as tq
 from ..spec import DEFAULT_GROUP_SIZE
+from ..log import say
 
 
 def _inputs(cfg: Mamba2Config, batch: int, seq: int, dev: torch.device, g: torch.Generator):
@@ -85,8 +86,8 @@ def run_bench_ops(cfg) -> dict:
         mcfg = mcfg.replace(chunk_size=cfg.chunk_size)
     g = torch.Generator().manual_seed(0)
     rows = []
-    print(f"ops at {cfg.model} shapes, batch {cfg.batch_size} x {cfg.seq_len}, on {device} (best of {cfg.rounds})")
-    print(f"{'op':<14} {'pass':<8} {'impl':<10} {'max |out diff|':>15} {'max |grad diff|':>16} {'fast ms':>9} "
+    say(f"ops at {cfg.model} shapes, batch {cfg.batch_size} x {cfg.seq_len}, on {device} (best of {cfg.rounds})")
+    say(f"{'op':<14} {'pass':<8} {'impl':<10} {'max |out diff|':>15} {'max |grad diff|':>16} {'fast ms':>9} "
           f"{'ref ms':>9} {'speed-up':>9}")
     for name, fast, ref, args, grads in _inputs(mcfg, cfg.batch_size, cfg.seq_len, device, g):
         for train in (False, True):
@@ -99,12 +100,12 @@ def run_bench_ops(cfg) -> dict:
                    "fast_ms": 1e3 * _time(fast, args, grads, train, device, cfg.rounds),
                    "ref_ms": 1e3 * _time(ref, args, grads, train, device, cfg.rounds)}
             rows.append(row)
-            print(f"{name:<14} {row['pass']:<8} {impl:<10} {row['out_diff']:>15.2e} "
+            say(f"{name:<14} {row['pass']:<8} {impl:<10} {row['out_diff']:>15.2e} "
                   f"{row['grad_diff'] if train else float('nan'):>16.2e} {row['fast_ms']:>9.2f} {row['ref_ms']:>9.2f} "
                   f"{row['ref_ms'] / max(row['fast_ms'], 1e-9):>8.2f}x", flush=True)
     out = {"model": cfg.model, "device": str(device), "batch": cfg.batch_size, "seq_len": cfg.seq_len, "ops": rows}
     if cfg.json:
         from ..formats.fs import write_json_atomic
         write_json_atomic(cfg.json, out)
-        print(f"wrote {cfg.json}")
+        say(f"wrote {cfg.json}")
     return out

@@ -10,6 +10,7 @@ from ..core.config import PRESETS, Mamba2Config
 from ..core.model import Mamba2LM
 from ..ops.device import cpu_description
 from ..runtime.convert import ptq_pack_
+from ..log import say
 
 LLAMA_CPP = {  # llama.cpp built from source, AVX2 + FMA CPU, 2 threads, random weights (reference points)
     "mamba2-130m": {"decode": {"f32": 41, "tq2": 128, "tq1": 114}, "prefill": {"f32": 330, "tq2": 405}},
@@ -232,13 +233,13 @@ def run_bench_runtime(cfg) -> None:
             raise UserError(f"{name}: neither a preset ({', '.join(PRESETS)}), a model folder nor a hub id")
     bw = memory_bandwidth_gbs()
     rounds = cfg.rounds
-    print(f"machine: {cpu_description()}; {llama_cpp_version()}")
-    print(f"memory read bandwidth (measured now): {bw:.1f} GB/s; threads {torch.get_num_threads()}; "
+    say(f"machine: {cpu_description()}; {llama_cpp_version()}")
+    say(f"memory read bandwidth (measured now): {bw:.1f} GB/s; threads {torch.get_num_threads()}; "
           f"best of {rounds} interleaved rounds per variant")
     for name in cfg.models:
         model = load_bench_model(name)
         if getattr(model, "ternary_config", None) is not None or getattr(model, "packed_header", None):
-            print(f"{name}: pass a full-precision model or a preset; skipping")
+            say(f"{name}: pass a full-precision model or a preset; skipping")
             continue
         variants = build_variants(model, cfg.what)
         release_freed_memory()   # the fp32 projections the packed copies replaced
@@ -268,25 +269,25 @@ def run_bench_runtime(cfg) -> None:
                              f"  {nbytes * r / 1e9:5.1f} GB/s = " +
                              (f"{share:3.0f} % of bandwidth" if share <= 100 else
                               "at the measured bandwidth (the probe read less: a limit, not >100 %)"))
-            print(line)
+            say(line)
         if "llama.cpp F32" in best:
             lf, lt = best["llama.cpp F32"], best["llama.cpp TQ2_0"]
-            print(f"{name} {what} vs llama.cpp (same run, same weights via our GGUF export): "
+            say(f"{name} {what} vs llama.cpp (same run, same weights via our GGUF export): "
                   + ", ".join(f"{k} / llama.cpp {'F32' if k == 'fp32' else 'TQ2_0'} = "
                               f"{best[k] / (lf if k == 'fp32' else lt):.2f}x" for k in variants))
             greedy = [k for k in best if k.endswith(" greedy")]
             if greedy:
-                print(f"{name} {what} greedy vs llama.cpp (whose greedy decoding computes the full logits): "
+                say(f"{name} {what} greedy vs llama.cpp (whose greedy decoding computes the full logits): "
                       + ", ".join(f"{k} / llama.cpp {'F32' if k.startswith('fp32') else 'TQ2_0'} = "
                                   f"{best[k] / (lf if k.startswith('fp32') else lt):.2f}x" for k in greedy))
         else:
-            print(f"{name}: llama.cpp not installed (pip install '.[llama]'); figures measured earlier on these "
+            say(f"{name}: llama.cpp not installed (pip install '.[llama]'); figures measured earlier on these "
                   f"machines: {LLAMA_CPP.get(name, {}).get(cfg.what, 'n/a')}")
         if cfg.what == "decode":
             for k, m in variants.items():
                 prof = decode_profile(m, max(8, per_round))
                 if prof:
-                    print(f"{name} decode profile {k:>13} (ms/token): "
+                    say(f"{name} decode profile {k:>13} (ms/token): "
                           + ", ".join(f"{p} {v:.2f}" for p, v in prof.items()))
         del model, variants
         release_freed_memory()   # the next model's llama.cpp files need the page cache

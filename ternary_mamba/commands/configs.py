@@ -11,6 +11,7 @@ from ..formats.configs import GGUF_TYPES
 from ..quant.config import SCALE_MODES, MonitorConfig, TernaryConfig
 from ..spec import DEFAULT_GROUP_SIZE, GGUF_TQ_BLOCK, PACKINGS, TABLE_FORMATS, check_chunk_size
 from ..train.config import DistillConfig, TrainConfig
+from ..log import say
 
 CORRECTIONS = ("bias", "lowrank", "qep", "gptq")
 DTYPE_NAMES = ("fp32", "bf16", "fp16")   # ops/device.py maps them to torch dtypes
@@ -329,5 +330,5 @@ def resolve_auto_dtype(cfg):
     except RuntimeError as e:
         raise UserError(f"--device {cfg.device}: {e}") from None
     name, why = auto_dtype(device)
-    print(f"--dtype auto: {why}")
+    say(f"--dtype auto: {why}")
     return cfg.replace(dtype=name)

@@ -16,6 +16,7 @@ from ..quant.adopt import adopt_ternary_
 from ..quant.qat import TernaryConfig, quantize_, ternary_modules
 from .configs import ExportConfig
 from .flags import require
+from ..log import say
 
 def export(cfg: ExportConfig) -> Path:
     """Write `cfg.model` as a packed folder or a GGUF file at `cfg.out`; returns that path.  The Python twin of
@@ -37,10 +38,10 @@ def export(cfg: ExportConfig) -> Path:
     if getattr(model, "ternary_config", None) is None:
         adopted = adopt_ternary_(model)
         if adopted is not None:           # read back from a ternary export: the same codes and scales, exactly
-            print(f"{folder}: its projections are already ternary (groups of {adopted}); packing them as they are")
+            say(f"{folder}: its projections are already ternary (groups of {adopted}); packing them as they are")
             source += " (ternary weights adopted exactly)"
         else:
-            print(f"{folder} is full precision: applying absmean PTQ (group {cfg.group_size}) before packing")
+            say(f"{folder} is full precision: applying absmean PTQ (group {cfg.group_size}) before packing")
             quantize_(model, TernaryConfig(group_size=cfg.group_size))
             source += " (absmean PTQ)"
     out = Path(cfg.out)
@@ -51,20 +52,20 @@ def export(cfg: ExportConfig) -> Path:
             groups = {m.group_size for _, m in ternary_modules(model)}
             qtype = "tq2_0" if all(group_paths(g).gguf_tq for g in groups) else "f16"
             if qtype == "f16":
-                print(f"groups of {min(groups)} do not fit llama.cpp's TQ types (256 weights per scale): writing "
+                say(f"groups of {min(groups)} do not fit llama.cpp's TQ types (256 weights per scale): writing "
                       "the exact f16 weights; quantize with --target gguf for a TQ2_0 file")
         types = export_gguf(model, out, qtype, tok_path, name=folder.name)
-        print(f"wrote {out}: {out.stat().st_size / MB:.2f} MB, {len(types)} tensors, ternary projections as "
+        say(f"wrote {out}: {out.stat().st_size / MB:.2f} MB, {len(types)} tensors, ternary projections as "
               f"{qtype.upper()}, embedding {'fp32' if qtype == 'f32' else 'fp16'} (llama.cpp architecture mamba2)")
         return out
     if cfg.format == "hf":
         from ..formats.hf import card_facts, export_hf
         export_hf(model, out, cfg.hf_dtype, tok_path, source, card_facts(folder if folder.is_dir() else None))
-        print(f"wrote {out}: a transformers Mamba2ForCausalLM folder ({cfg.hf_dtype}, ternary weights dequantized) "
+        say(f"wrote {out}: a transformers Mamba2ForCausalLM folder ({cfg.hf_dtype}, ternary weights dequantized) "
               "with its model card")
         return out
     export_packed(model, out, cfg.format, cfg.other_dtype, tok_path, source, cfg.embedding)
     size = (out / "model.safetensors").stat().st_size / MB
-    print(f"wrote {out}: {size:.2f} MB ({cfg.format}, embedding {cfg.embedding})")
-    print(format_size_table(model.config, model.ternary_config.group_size))
+    say(f"wrote {out}: {size:.2f} MB ({cfg.format}, embedding {cfg.embedding})")
+    say(format_size_table(model.config, model.ternary_config.group_size))
     return out

@@ -11,6 +11,7 @@ from ..formats.paths import is_gguf, resolve_student_dir
 from ..formats.sizes import format_info, format_size_table, packed_info
 from ..spec import DEFAULT_GROUP_SIZE
 from .flags import require
+from ..log import say
 
 
 def run_results(run: Path) -> str:
@@ -67,5 +68,5 @@ def info_command(cfg) -> str:
     """`ternary-mamba info PATH`: prints and returns `info(cfg.path)` (cfg: commands.tool_configs.InfoConfig)."""
     require(cfg, "path", command="info")
     out = info(cfg.path)
-    print(out)
+    say(out)
     return out

@@ -10,6 +10,7 @@ from ..formats.paths import resolve_model_dir
 from ..quant.config import TernaryConfig
 from ..train.memory import plan_memory, qat_kd_flops_per_token
 from .configs import GPU_PEAK_TFLOPS, PlanConfig
+from ..log import say
 
 GB = 1e9
 
@@ -79,7 +80,7 @@ def plan(cfg: PlanConfig) -> dict:
         lines.append("measure the MFU on your GPU with `ternary-mamba bench gpu` and pass it as --mfu (an H200 "
                      "measured 0.09 of its nominal peak at 1.3B, micro-batch 8 x 2048 with checkpointing, without "
                      "mamba_ssm)")
-    print("\n".join(lines))
+    say("\n".join(lines))
     return {"memory_bytes": dict(mem.rows()), "fits": fits, "tok_per_s": tok_s, "hours": hours,
             "flops_per_token": flops}
 

@@ -20,6 +20,7 @@ from ..train.runs import release_run_dirs
 from .configs import PretrainConfig, resolve_auto_dtype
 from .flags import require
 from .quantize import absolute
+from ..log import say
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
@@ -58,7 +59,7 @@ def _pretrain(cfg: PretrainConfig) -> Path:
         return m
     model = build().to(run.device)
     run.trainer_for(model, LMObjective(tcfg.weight_decay, ZeroRatioMonitor() if cfg.ternary else None), train, held)
-    print(f"pretraining {mcfg.n_params / 1e6:.2f} M params on {len(train) * tcfg.seq_len / 1e6:.1f} M tokens "
+    say(f"pretraining {mcfg.n_params / 1e6:.2f} M params on {len(train) * tcfg.seq_len / 1e6:.1f} M tokens "
           f"(budget {tcfg.tokens / 1e6:.1f} M), held-out {len(held) * tcfg.seq_len / 1e3:.0f} k tokens")
     model = run.train(build)
     if model is None:
@@ -70,6 +71,6 @@ def _pretrain(cfg: PretrainConfig) -> Path:
                "heldout_loss": ev["loss"], "heldout_ppl": ev["ppl"], "heldout_tokens": len(held) * tcfg.seq_len,
                "final_train_loss": run.last_metrics.get("loss")}
     folder = run.finish(model, "model", tok.path, summary, {"training": {"kind": "pretrain", **summary}})
-    print(f"done: held-out ppl {ev['ppl']:.2f} (loss {ev['loss']:.4f}) over {summary['heldout_tokens']:,} tokens; "
+    say(f"done: held-out ppl {ev['ppl']:.2f} (loss {ev['loss']:.4f}) over {summary['heldout_tokens']:,} tokens; "
           f"model in {folder}")
     return run.out

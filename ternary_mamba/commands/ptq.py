@@ -24,6 +24,7 @@ from ..train.distill import evaluate_vs_teacher
 from ..train.runs import prepare_data
 from .configs import PtqConfig
 from .defaults import with_bundled_defaults
+from ..log import say
 
 
 def calibration_batches(train, n_seqs: int, batch_size: int, seed: int) -> list[torch.Tensor]:
@@ -64,7 +65,7 @@ def ptq(cfg: PtqConfig | None = None, teacher=None, data=None) -> dict:
                                     progress=(lambda i, n, name: print(f"\r{pcfg.label}: {i + 1}/{n} {name}   ",
                                                                        end="", flush=True)) if tty else None)
     if tty:
-        print()
+        say()
     wall = time.time() - t0
     row = {**evaluate_vs_teacher(student, teacher, held, cfg.eval_batches, 8),
            "zero_ratio": zero_ratio_stats(student)["zero_ratio"]}
@@ -77,7 +78,7 @@ def ptq(cfg: PtqConfig | None = None, teacher=None, data=None) -> dict:
         save_model(student, out / "student", tokenizer_path=tok_path,
                    extra={"teacher": str(cfg.teacher), "training": {"kind": "ptq", "method": pcfg.label}})
         write_json_atomic(out / "summary.json", summary)
-    print(f"{pcfg.label}: held-out ppl {row['ppl']:.2f}, KL to teacher {row['kl']:.4f}, top-1 agreement "
+    say(f"{pcfg.label}: held-out ppl {row['ppl']:.2f}, KL to teacher {row['kl']:.4f}, top-1 agreement "
           f"{row['top1_agree']:.3f}, zero ratio {row['zero_ratio']:.3f}, size {sizes['tq2'] / MB:.2f} MB "
           f"(+{extra:,} correction params); calibration {summary['calib_tokens']:,} tokens, {wall:.1f} s"
           + (f"; student in {out / 'student'}" if out else ""))

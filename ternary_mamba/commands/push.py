@@ -10,6 +10,7 @@ from ..errors import UserError
 from ..runtime.load import load_model
 from ..formats.paths import resolve_student_dir
 from .flags import require
+from ..log import say
 
 SKIP = ("checkpoint", "metrics.jsonl")   # training state stays local
 
@@ -41,12 +42,12 @@ def push(folder: str, repo_id: str, dry_run: bool = False, private: bool = False
     files = [f for f in plan_upload(src) if not (own_card and f[0] == "README.md")]
     if own_card:
         files.append(("README.md", len(card_text.encode())))
-    print(f"{'would upload' if dry_run else 'uploading'} {len(files)} files from {src} to {repo_id}"
+    say(f"{'would upload' if dry_run else 'uploading'} {len(files)} files from {src} to {repo_id}"
           f"{' (private)' if private else ''}:")
     for name, size in files:
-        print(f"  {name:<40} {size / MB:>10.2f} MB")
+        say(f"  {name:<40} {size / MB:>10.2f} MB")
     if dry_run:
-        print("\n--- README.md (model card) ---\n" + card_text)
+        say("\n--- README.md (model card) ---\n" + card_text)
         return files
     try:
         from huggingface_hub import HfApi
@@ -62,7 +63,7 @@ def push(folder: str, repo_id: str, dry_run: bool = False, private: bool = False
             api.upload_file(path_or_fileobj=card_text.encode(), path_in_repo="README.md", repo_id=repo_id)
     except Exception as e:  # noqa: BLE001 - auth, network, permissions: one line
         raise UserError(f"{repo_id}: upload failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
-    print(f"uploaded: https://huggingface.co/{repo_id}")
+    say(f"uploaded: https://huggingface.co/{repo_id}")
     return files
 
 

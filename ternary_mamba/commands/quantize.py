@@ -26,6 +26,7 @@ from ..train.run import Run
 from ..train.runs import release_run_dirs
 from .configs import QuantizeConfig, resolve_auto_dtype
 from .defaults import with_bundled_defaults
+from ..log import say
 
 
 def absolute(paths: list[str] | None) -> list[str] | None:
@@ -54,7 +55,7 @@ def _quantize(cfg: QuantizeConfig | None = None) -> Path:
     cfg = run.cfg
     if cfg.target == "gguf" and cfg.quant.group_size != PER_ROW and not group_paths(cfg.quant.group_size).gguf_tq:
         if cfg.quant.group_size == DEFAULT_GROUP_SIZE:
-            print(f"--target gguf: groups of {GGUF_TQ_BLOCK} (llama.cpp's TQ2_0 / TQ1_0 hold them exactly)")
+            say(f"--target gguf: groups of {GGUF_TQ_BLOCK} (llama.cpp's TQ2_0 / TQ1_0 hold them exactly)")
             cfg = cfg.replace(quant=cfg.quant.replace(group_size=GGUF_TQ_BLOCK))
         else:
             warnings.warn(f"--target gguf with --group-size {cfg.quant.group_size}: a GGUF export can only be "
@@ -98,7 +99,7 @@ def _quantize(cfg: QuantizeConfig | None = None) -> Path:
     if run.resumed and dcfg.lam_warmup:
         objective.after_step(student, trainer.step - 1)
     n = count_params_by_component(teacher.config)
-    print(f"QAT+KD: {Path(cfg.teacher).name} ({sum(n.values()) / 1e6:.2f} M params) -> ternary "
+    say(f"QAT+KD: {Path(cfg.teacher).name} ({sum(n.values()) / 1e6:.2f} M params) -> ternary "
           f"{'+'.join(qcfg.targets)}, group {qcfg.group_size}, scales {qcfg.scale_mode}; "
           f"{tcfg.tokens:,} tokens in {tcfg.total_steps} steps on {device} ({cfg.dtype}) -> {run.out}")
     student = run.train(lambda: build_student(teacher, qcfg).float())
@@ -108,7 +109,7 @@ def _quantize(cfg: QuantizeConfig | None = None) -> Path:
         summary = final_summary(teacher, student, qcfg, held, cfg, run.wall_s, run.tokens_trained, monitor)
     run.finish(student, "student", tok.path, summary,
                {"teacher": str(cfg.teacher), "training": {"kind": "quantize", "tokens": summary["tokens"]}})
-    print(format_summary(summary, run.out))
+    say(format_summary(summary, run.out))
     return run.out
 
 

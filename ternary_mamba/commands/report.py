@@ -6,6 +6,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..train.report import make_report
 from .flags import require
+from ..log import say
 
 
 def report(cfg) -> Path:
@@ -16,5 +17,5 @@ def report(cfg) -> Path:
     except ImportError:
         raise UserError("report needs matplotlib: pip install 'ternary-mamba[plot]'") from None
     out = make_report(cfg.run)
-    print(f"wrote {out}")
+    say(f"wrote {out}")
     return out

@@ -21,6 +21,7 @@ from ..ops.device import autocast, precision
 from ..runtime.generate import generate_ids
 from ..runtime.load import load_model_and_tokenizer
 from .flags import require
+from ..log import say
 
 MAX_BODY = 1_000_000
 
@@ -217,7 +218,7 @@ def serve(cfg) -> None:
     """`ternary-mamba serve` (cfg: commands.tool_configs.ServeConfig): runs until interrupted."""
     server = make_server(cfg)
     host, port = server.server_address[:2]
-    print(f"serving {cfg.model} at http://{host}:{port}/v1 (OpenAI-compatible: /v1/completions, "
+    say(f"serving {cfg.model} at http://{host}:{port}/v1 (OpenAI-compatible: /v1/completions, "
           f"/v1/chat/completions, /v1/models); Ctrl-C stops it", flush=True)
     try:
         server.serve_forever()

@@ -7,6 +7,7 @@ from ..errors import UserError
 from ..formats.tokenizer import train_bpe_tokenizer
 from ..formats.text import find_text_files
 from .flags import require
+from ..log import say
 
 
 def train_tokenizer(data: list[str], vocab_size: int, out: str) -> Path:
@@ -17,7 +18,7 @@ def train_tokenizer(data: list[str], vocab_size: int, out: str) -> Path:
         raise UserError("--vocab-size must be at least 300 (256 bytes + merges)")
     tok = train_bpe_tokenizer(find_text_files(data), vocab_size, out_p)
     sample = "It was the best of times."
-    print(f"wrote {out_p}: {tok.vocab_size} tokens; {sample!r} -> {len(tok.encode(sample))} tokens")
+    say(f"wrote {out_p}: {tok.vocab_size} tokens; {sample!r} -> {len(tok.encode(sample))} tokens")
     return out_p
 
 

@@ -14,6 +14,7 @@ from ..runtime.load import load_model_and_tokenizer
 from ..ops.device import autocast, precision
 from .scoring import loglikelihoods
 from .tasks import AVERAGE_METRIC, SEVEN, Doc, load_task, parse_tasks
+from ..log import say
 
 
 def _stderr(p: float, n: int) -> float:
@@ -52,7 +53,7 @@ def average_seven(results: dict) -> float | None:
 
 
 def evaluate_model(path: str, tasks: list[str], data_dir: Path, limit: int | None, batch_size: int,
-                   max_len: int, log=print, device: str | None = None, dtype: str = "fp32") -> dict:
+                   max_len: int, log=say, device: str | None = None, dtype: str = "fp32") -> dict:
     dev, dt = precision(device, dtype)
     model, tok = load_model_and_tokenizer(path)
     model = model.to(dev)
@@ -120,21 +121,21 @@ def run_eval(args) -> list[dict]:
     results = []
     t0 = time.time()
     for m in args.models:
-        print(f"{m}:")
+        say(f"{m}:")
         if args.harness:
             results.append(evaluate_with_harness(m, tasks, data_dir, args.limit, args.batch_size))
         else:
             results.append(evaluate_model(m, tasks, data_dir, args.limit, args.batch_size, args.max_len,
                                           device=getattr(args, "device", None), dtype=getattr(args, "dtype", "fp32")))
     table = markdown_table(results, tasks)
-    print("\n" + table)
-    print(f"\nwall time {time.time() - t0:.0f} s" + ("" if args.limit is None else f" (--limit {args.limit})"))
-    print("metric per task: acc_norm for hellaswag, arc_challenge, openbookqa; acc otherwise "
+    say("\n" + table)
+    say(f"\nwall time {time.time() - t0:.0f} s" + ("" if args.limit is None else f" (--limit {args.limit})"))
+    say("metric per task: acc_norm for hellaswag, arc_challenge, openbookqa; acc otherwise "
           "(Mamba / Bi-Mamba convention); lambada: perplexity / acc")
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out, (json.dumps({"results": results, "limit": args.limit}, indent=2) + "\n").encode())
         atomic_write_bytes(out.with_suffix(".md"), (table + "\n").encode())
-        print(f"wrote {out} and {out.with_suffix('.md')}")
+        say(f"wrote {out} and {out.with_suffix('.md')}")
     return results

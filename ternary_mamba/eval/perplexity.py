@@ -14,6 +14,7 @@ from ..runtime.load import load_model_and_tokenizer
 from ..runtime.metrics import IGNORE, heldout_windows
 from ..formats.text import find_text_files, read_documents
 from ..ops.device import autocast, module_device, precision
+from ..log import say
 
 
 @torch.no_grad()
@@ -49,7 +50,7 @@ def run_ppl(args) -> dict:
     results = {}
     device, dtype = precision(getattr(args, "device", None), getattr(args, "dtype", "fp32"))
     texts = [doc for f in find_text_files(args.text) for doc in read_documents(f)]
-    print(f"{'model':<40} {'tokens':>10} {'ppl':>10} {'bits/byte':>10} {'time':>8}")
+    say(f"{'model':<40} {'tokens':>10} {'ppl':>10} {'bits/byte':>10} {'time':>8}")
     for m in args.models:
         model, tok = load_model_and_tokenizer(m)
         model = model.to(device)
@@ -78,7 +79,7 @@ def run_ppl(args) -> dict:
                 r = text_perplexity(mdl, tok, texts, args.seq_len, args.batch_size, args.max_tokens,
                                     progress=m + suffix)
             results[m + suffix] = r
-            print(f"{m + suffix:<40} {r['tokens']:>10,} {r['ppl']:>10.3f} {r['bits_per_byte']:>10.4f} "
+            say(f"{m + suffix:<40} {r['tokens']:>10,} {r['ppl']:>10.3f} {r['bits_per_byte']:>10.4f} "
                   f"{time.time() - t0:>7.1f}s")
         if getattr(args, "activations", False):
             if not getattr(model, "packed_header", None):
@@ -130,12 +131,12 @@ def run_activation_variants(args, model, tok, texts: list[str], name: str) -> di
         if opt_in(mv):
             variants[label] = mv
         else:
-            print(f"{name}: {label}: not available here (needs packed groups of 128 / 64, and AVX512-BF16 for bf16)")
+            say(f"{name}: {label}: not available here (needs packed groups of 128 / 64, and AVX512-BF16 for bf16)")
     if not variants:
         return {}
     limit = args.max_tokens or 4096
     r = decode_path_scores(model, tok, texts, variants, limit)
     for k, v in r.items():
-        print(f"{name} decode path, {k:<22} {v['tokens']:>8,} tokens  ppl {v['ppl']:9.3f}  "
+        say(f"{name} decode path, {k:<22} {v['tokens']:>8,} tokens  ppl {v['ppl']:9.3f}  "
               f"KL to exact {v['kl']:.2e} nats/token")
     return {f"{name} decode {k}": v for k, v in r.items()}

@@ -41,6 +41,7 @@ from ..train.data import PackedSequences, load_tokens, tokenize_to_file
 from ..train.runs import prepare_data
 from .arms import ANALYSED, CONTROL_POSTHOC, POSTHOC, QAT, SCRATCH, SEQ_LEN
 from .stats import eval_windows, per_window
+from ..log import say
 
 
 class Claims:
@@ -93,9 +94,9 @@ class Claims:
     def stage(self, name: str, fn):
         path = self.out / "stages" / f"{name}.json"
         if path.exists():
-            print(f"[claims] {name}: done (cached)")
+            say(f"[claims] {name}: done (cached)")
             return json.loads(path.read_text())
-        print(f"[claims] {name} ...", flush=True)
+        say(f"[claims] {name} ...", flush=True)
         t0 = time.time()
         result = fn()
         result["stage_wall_s"] = time.time() - t0
@@ -232,7 +233,7 @@ class Claims:
                                              inject_noise(self.teacher, layer, G, seed=self.args.seed))
         out = {}
         for name, (label, model) in models.items():
-            print(f"[claims] recurrence: {name}", flush=True)
+            say(f"[claims] recurrence: {name}", flush=True)
             m = load_model(model) if isinstance(model, (str, Path)) else model
             out[name] = {"label": label, **recurrence_analysis(m, self.teacher, tokens, ref, horizons, t0)}
         return {"positions": T, "sequences": n, "t0": t0, "train_len": SEQ_LEN,
@@ -257,7 +258,7 @@ class Claims:
         rec = self.stage("recurrence", lambda: self.recurrence(results))
         from .results import write_results
         md = write_results(self.out, results, rec, self)
-        print(md)
+        say(md)
         return results
 
 

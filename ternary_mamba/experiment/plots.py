@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .arms import QAT, SCALE_LR_SWEEP
+from ..log import say
 
 
 def _plt():
@@ -112,7 +113,7 @@ def write_plots(out: Path, arms: dict, rec: dict) -> list[str]:
     try:
         _plt()
     except ImportError:
-        print("matplotlib is not installed: no plots (pip install 'ternary-mamba[plot]')")
+        say("matplotlib is not installed: no plots (pip install 'ternary-mamba[plot]')")
         return []
     plots = {"collapse.png": lambda p: plot_collapse(p, arms), "scale_lr_sweep.png": lambda p: plot_sweep(p, arms),
              "state_error_by_horizon.png": lambda p: plot_heads(p, rec),

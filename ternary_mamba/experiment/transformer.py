@@ -20,6 +20,7 @@ from ..train.config import TrainConfig
 from ..train.distill import DistillObjective
 from ..train.loop import Trainer
 from ..train.objectives import LMObjective
+from ..log import say
 
 
 def save_gpt(model, folder: Path) -> None:
@@ -50,7 +51,7 @@ def _train(model, objective, cfg: TrainConfig, run: Path, train, held) -> None:
     trainer = Trainer(model, objective, cfg, run, train, held)
     if (run / "checkpoint" / "trainer_state.json").exists():
         trainer.load_checkpoint()
-        print(f"resuming {run} at step {trainer.step}")
+        say(f"resuming {run} at step {trainer.step}")
     trainer.run()
     return objective
 

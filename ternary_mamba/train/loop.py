@@ -25,13 +25,14 @@ from ..errors import UserError
 from . import distributed as D
 from .config import TrainConfig
 from .data import PackedSequences, batch_indices
+from ..log import say
 
 
 def note_token_budget(cfg: TrainConfig) -> None:
     """Say up front when whole steps cannot spend --tokens exactly (the run trains fewer)."""
     steps = cfg.total_steps
     if steps * cfg.tokens_per_step != cfg.tokens:
-        print(f"--tokens {cfg.tokens:,}: trains {steps * cfg.tokens_per_step:,} tokens ({steps} steps of "
+        say(f"--tokens {cfg.tokens:,}: trains {steps * cfg.tokens_per_step:,} tokens ({steps} steps of "
               f"{cfg.tokens_per_step:,} = batch x seq-len x grad-accum x ranks)")
 
 
@@ -99,7 +100,7 @@ class Trainer:
         self.inner = model                    # the Mamba2LM (sharded in place under FSDP)
         self.model = D.wrap(model, fsdp, self.device)   # what forward is called on (DDP wrapper, or the module)
         if self.verbose and D.active():
-            print(f"distributed: {D.describe(self.model)}")
+            say(f"distributed: {D.describe(self.model)}")
         # the fused (single-kernel) AdamW: ~5x faster than the default on a CPU; not with sharded (DTensor) params
         fused = not fsdp and all(p.device.type in AUTOCAST_DEVICES for p in model.parameters())
         self.opt = torch.optim.AdamW(objective.param_groups(model), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,

@@ -27,6 +27,7 @@ from .loop import Trainer, note_token_budget
 from .report import try_report
 from .runs import prepare_run_and_data, run_record
 from .sinks import MetricSinks
+from ..log import say
 
 
 class Run:
@@ -38,7 +39,7 @@ class Run:
         quant = getattr(cfg, "quant", None)
         if quant is not None and self.dtype == torch.bfloat16 and quant.scale_format != "bf16":
             if announce:
-                print("--dtype bf16: scales rounded to bf16 values (--scale-format bf16), so training, export and "
+                say("--dtype bf16: scales rounded to bf16 values (--scale-format bf16), so training, export and "
                       "inference use the same weights")
             cfg = cfg.replace(quant=quant.replace(scale_format="bf16"))
         self.cfg = cfg
@@ -74,7 +75,7 @@ class Run:
                     dtype=self.dtype)
         if self.resumed:
             t.load_checkpoint()
-            print(f"resuming {self.out} at step {t.step}")
+            say(f"resuming {self.out} at step {t.step}")
         if c.log_to != ("jsonl",) and D.is_main():
             t.sinks = MetricSinks(self.out, c.log_to, c.to_dict())
         self.trainer = t

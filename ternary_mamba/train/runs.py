@@ -12,6 +12,7 @@ from ..errors import UserError
 from ..formats.fs import read_json, recover, remove_stale_temps, write_json_atomic
 from ..formats.datasets import is_hub_source
 from .data import PackedSequences, load_tokens, split_heldout, tokenize_to_file
+from ..log import say
 
 RUN_JSON = "run.json"
 
@@ -88,7 +89,7 @@ def _same_global_batch(diff: list, old: dict, new: dict) -> list:
         return diff
     rest = [d for d in diff if d[0] not in SHARING]
     if not rest:
-        print(f"resuming with the global batch of {g_new} sequences shared out anew (world size "
+        say(f"resuming with the global batch of {g_new} sequences shared out anew (world size "
               f"{old.get('world_size', 1)} -> {new.get('world_size', 1)})")
     return rest
 
