@@ -139,3 +139,14 @@ def test_push_dry_run_writes_nothing_anywhere(run, tmp_path, capsys, card):
 def test_push_refuses_a_malformed_repo_id(run, repo, capsys):
     assert main(["push", str(run / "student"), repo, "--dry-run"]) == 1
     assert "OWNER/NAME" in capsys.readouterr().err
+
+
+def test_cards_carry_valid_metadata_and_no_machine_paths(run, tmp_path, capsys):
+    assert main(["export", str(run), "--format", "tq2", "--out", str(tmp_path / "p")]) == 0
+    card = (tmp_path / "p" / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "base_model" not in front                   # a local teacher is no hub id
+    assert str(tmp_path) not in card and str(run) not in card
+    capsys.readouterr()
+    assert main(["push", str(run), "me/x", "--dry-run"]) == 1
+    assert "push an export of it" in capsys.readouterr().err

@@ -29,6 +29,9 @@ def plan_upload(folder: Path) -> list[tuple[str, int]]:
 def push(folder: str, repo_id: str, dry_run: bool = False, private: bool = False) -> list[tuple[str, int]]:
     """Upload `folder` (a packed, hf, student or run folder) with its model card.  Nothing is written locally:
     a folder without a card (or whose README.md is a symlink) gets one generated in memory and uploaded as such."""
+    if (Path(folder) / "run.json").exists():
+        raise UserError(f"{folder}: a run folder holds the fp32 fake-quant student; push an export of it "
+                        f"(ternary-mamba export {folder} --format tq2 --out DIR, or --format hf) instead")
     src = resolve_student_dir(folder)
     if not REPO_ID.match(repo_id):
         raise UserError(f"{repo_id!r}: a hub repository id is OWNER/NAME (letters, digits, '.', '_', '-')")

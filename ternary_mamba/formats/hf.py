@@ -50,6 +50,12 @@ def _dense_state(model) -> dict[str, torch.Tensor]:
     return {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in sd.items()}
 
 
+def _source_name(source: str) -> str:
+    """The folder a model came from, by name only (a card names no path of the machine it was made on)."""
+    path, _, note = source.partition(" (")
+    return f"`{Path(path).name}`" + (f" ({note}" if note else "")
+
+
 def model_card(model, source: str, fmt: str, extra: dict | None = None) -> str:
     """README.md for an exported model: what it is, how it was made, what it measured, how big it is."""
     cfg, q = model.config, getattr(model, "ternary_config", None) or getattr(model, "converted_from", None)
@@ -64,10 +70,11 @@ def model_card(model, source: str, fmt: str, extra: dict | None = None) -> str:
               "in_proj / out_proj weights are ternary, {-1, 0, +1} x one scale per group (W1.58A16), made with "
               "[ternary-mamba](https://pypi.org/project/ternary-mamba/) by grouped quantization-aware training "
               "with knowledge distillation from the full-precision teacher.", "",
-              "| | |", "|---|---|", f"| source | `{source}` |", f"| format | {fmt} |"]
+              "| | |", "|---|---|", f"| source | {_source_name(source)} |", f"| format | {fmt} |"]
     if q is not None:
         lines += [f"| group size | {q.group_size} |", f"| scales | {q.scale_mode} ({q.scale_format}) |"]
-    for k in ("base_model", "tokens", "heldout_ppl", "teacher_ppl", "kl_to_teacher", "zero_ratio", "size_mb"):
+    for k in ("base_model", "teacher", "tokens", "heldout_ppl", "teacher_ppl", "kl_to_teacher", "zero_ratio",
+              "size_mb"):
         if e.get(k) is not None:
             v = e[k]
             lines.append(f"| {k.replace('_', ' ')} | {v:,.4g} |" if isinstance(v, float) else f"| {k.replace('_', ' ')} | {v:,} |"
@@ -85,8 +92,10 @@ def card_facts(folder: Path | None) -> dict:
     base = {}
     try:
         t = json.loads((Path(folder) / "config.json").read_text()).get("teacher")
-        base = {"base_model": t if isinstance(t, str) and t.count("/") == 1 and not Path(t).exists()
-                else Path(t).name} if t else {}
+        # base_model is hub metadata: a hub id or nothing (a local teacher is named in the card's table instead)
+        if isinstance(t, str) and t:
+            base = ({"base_model": t} if t.count("/") == 1 and not Path(t).exists() and not t.startswith((".", "/"))
+                    else {"teacher": Path(t).name})
     except (OSError, ValueError):
         pass
     for s in (Path(folder) / "summary.json", Path(folder).parent / "summary.json"):
