@@ -118,10 +118,12 @@ def final_summary(teacher, student, qcfg, held, cfg: QuantizeConfig, wall, token
     student.eval()
     nb, bs = cfg.final_eval_batches, cfg.train.batch_size
     ptq = build_student(teacher, qcfg.replace(scale_mode="absmean")).float().eval()
-    rows = {f"teacher ({cfg.dtype})": evaluate_vs_teacher(teacher, teacher, held, nb, bs),
-            "PTQ (absmean, no training)": {**evaluate_vs_teacher(ptq, teacher, held, nb, bs),
+    say("final evaluation on the held-out set: teacher, PTQ, QAT+KD")
+    rows = {f"teacher ({cfg.dtype})": evaluate_vs_teacher(teacher, teacher, held, nb, bs, progress="teacher"),
+            "PTQ (absmean, no training)": {**evaluate_vs_teacher(ptq, teacher, held, nb, bs, progress="PTQ"),
                                            "zero_ratio": zero_ratio_stats(ptq)["zero_ratio"]},
-            f"QAT+KD ({qcfg.scale_mode})": {**evaluate_vs_teacher(student, teacher, held, nb, bs),
+            f"QAT+KD ({qcfg.scale_mode})": {**evaluate_vs_teacher(student, teacher, held, nb, bs,
+                                                                  progress="QAT+KD"),
                                            "zero_ratio": zero_ratio_stats(student)["zero_ratio"]}}
     mcfg = teacher.config
     sizes = {"fp16": sum(count_params_by_component(mcfg).values()) * 2,

@@ -87,9 +87,10 @@ def sequence_batches(seqs, indices, batch_size: int, device) -> list[tuple[Tenso
     return out
 
 
-def heldout_metrics(model, seqs, n_windows: int, batch_size: int, teacher=None) -> dict[str, float]:
+def heldout_metrics(model, seqs, n_windows: int, batch_size: int, teacher=None,
+                    progress: str | None = None) -> dict[str, float]:
     """The summary over the first `n_windows` held-out windows: loss, ppl (and kl, top1_agree with a teacher)."""
     from ..ops.device import module_device
     n = min(len(seqs), n_windows)
     return summarize(heldout_windows(model, sequence_batches(seqs, range(n), batch_size, module_device(model)),
-                                     teacher))
+                                     teacher, progress=progress))

@@ -135,6 +135,9 @@ def segmented_forward(model, x, segments: int):
     return torch.cat(logits, 1), states
 
 
-def evaluate_vs_teacher(student, teacher, heldout, n_batches: int, batch_size: int) -> dict:
-    """Held-out CE / perplexity of the student, KL(teacher ‖ student) and top-1 agreement (runtime.metrics)."""
-    return heldout_metrics(student, heldout, n_batches * batch_size, batch_size, teacher=teacher)
+def evaluate_vs_teacher(student, teacher, heldout, n_batches: int, batch_size: int,
+                        progress: str | None = None) -> dict:
+    """Held-out CE / perplexity of the student, KL(teacher ‖ student) and top-1 agreement (runtime.metrics);
+    `progress`: a label for a progress bar on stderr."""
+    return heldout_metrics(student, heldout, n_batches * batch_size, batch_size, teacher=teacher,
+                           progress=progress)
