@@ -47,8 +47,9 @@ def heldout_windows(model, batches, teacher=None, teacher_logits: list | None = 
         import sys
 
         from tqdm import tqdm
+        short = len(batches) < 2 if hasattr(batches, "__len__") else False
         batches = tqdm(batches, desc=progress, unit="batch", leave=False, file=sys.stderr, mininterval=1.0,
-                       disable=len(batches) < 2 if hasattr(batches, "__len__") else False)
+                       disable=short or not sys.stderr.isatty())   # a bar on a terminal; a log gets none
     for j, (x, y) in enumerate(batches):
         logits = model(x)[..., :vocab]
         if not bool(torch.isfinite(logits).all()):
