@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import BUNDLED_TOKENIZER, random_model, tiny_config
+from ternary_mamba.assets import TEACHER
 from ternary_mamba.cli import main
 
 
@@ -111,6 +112,13 @@ def _corpus_case(content: bytes, msg):
     return make
 
 
+def _set_quant(folder, value):
+    meta = json.loads((folder / "config.json").read_text())
+    meta["quantization"] = value
+    (folder / "config.json").write_text(json.dumps(meta))
+    return folder
+
+
 def _run_folder(d, metrics: str | None, summary: dict | None = None):
     """A run folder as a finished run leaves it, with the given metrics.jsonl (None: a folder in its place)."""
     r = d / "r"
@@ -191,6 +199,9 @@ CASES = {
     "run: metrics.jsonl a folder": lambda d, f: (_run_folder(d, None) and ["report", str(d / "r")], "is a folder"),
     "run: summary row ppl a string": lambda d, f: (_run_folder(d, '{"step": 1}\n', {"rows": {"x": {"ppl": "no"}}})
                                                  and ["info", str(d / "r")], "'ppl' must be a finite number"),
+    "config: quantization 'yes'": lambda d, f: (_copy(TEACHER, d / "t") and _set_quant(d / "t", "yes") and
+                                               ["generate", str(d / "t"), "--prompt", "Hi"],
+                                               "quantization: expected an object"),
     "device: meta": lambda d, f: (_quantize(f, d, "--device", "meta"), "commands run on the CPU or a CUDA GPU"),
     "device: mps": lambda d, f: (_quantize(f, d, "--device", "mps"), "commands run on the CPU or a CUDA GPU"),
     "os: --out under a file": lambda d, f: ((d / "afile").write_text("mine") and

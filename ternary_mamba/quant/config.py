@@ -69,9 +69,11 @@ class TernaryConfig(Config):
         return self.replace(group_size=gs[next(iter(gs))] if len(set(gs.values())) == 1 else gs)
 
     @classmethod
-    def from_saved(cls, d: dict) -> "TernaryConfig":
+    def from_saved(cls, d: dict, source: str = "config.json: quantization") -> "TernaryConfig":
         """The config a saved student records.  Files written before `scale_param` existed hold linear scales."""
-        return cls.from_dict({"scale_param": "linear", **d})
+        if not isinstance(d, dict):
+            raise UserError(f"{source}: expected an object of quantization settings, got {type(d).__name__}")
+        return cls.from_dict({"scale_param": "linear", **d}, source)
 
 
 @dataclass

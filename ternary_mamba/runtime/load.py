@@ -29,7 +29,7 @@ def load_checkpoint_model(run: Path):
         model = load_model(c["teacher"])
         from ..quant.config import TernaryConfig
         from ..quant.qat import quantize_
-        quantize_(model, TernaryConfig.from_saved(c["quant"]))
+        quantize_(model, TernaryConfig.from_saved(c.get("quant"), f"{run / 'run.json'}: config.quant"))
     elif command == "pretrain":
         sd = load_file(str(run / "checkpoint" / "model.safetensors"))
         cfg = resolve_config(c["model"]).replace(vocab_size=sd["backbone.embedding.weight"].shape[0])
@@ -75,7 +75,7 @@ def load_model(path_or_id: str | os.PathLike, device: str = "cpu"):
     quant = meta.get("quantization")
     if quant:  # a QAT student: rebuild its ternary modules before loading latent weights + scales
         from ..quant.qat import TernaryConfig, quantize_
-        quantize_(model, TernaryConfig.from_saved(quant))
+        quantize_(model, TernaryConfig.from_saved(quant, f"{folder / 'config.json'}: quantization"))
     load_state_dict_strict(model, sd, str(folder))
     return model.to(device).eval()
 
