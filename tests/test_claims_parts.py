@@ -90,3 +90,13 @@ def test_pretrain_takes_a_scale_mode(text_dir, tmp_path, mode):
     assert m.ternary_config.scale_mode == mode
     rec = json.loads((out / "run.json").read_text())
     assert rec["config"]["quant"]["scale_mode"] == mode
+
+
+def test_published_commands_name_corpora_from_their_data_folder():
+    from ternary_mamba.commands.configs import ClaimsConfig
+    from ternary_mamba.experiment.results import command, shown_data_path
+    assert shown_data_path("../shared/data/corpora/gutenberg/train") == "DATA/corpora/gutenberg/train"
+    assert shown_data_path("/home/x/data/evals") == "DATA/evals"
+    assert shown_data_path("books/") == "books/"                     # inside the working directory: as given
+    cmd = command(ClaimsConfig(control_data=["../shared/data/corpora/gutenberg/train"], out="runs/c"))
+    assert "--control-data DATA/corpora/gutenberg/train" in cmd and "shared" not in cmd

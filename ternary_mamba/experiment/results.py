@@ -279,7 +279,18 @@ def command(a) -> str:
         v = getattr(a, field)
         if v is not None and v != getattr(defaults, field):
             parts.append(f"--{field.replace('_', '-')} {v}")
-    for field in ("data", "eval_data", "all_heldout", "control_data", "skip"):
+    for field in ("data", "eval_data", "all_heldout", "control_data"):
         if getattr(a, field):
-            parts.append(f"--{field.replace('_', '-')} {' '.join(getattr(a, field))}")
+            parts.append(f"--{field.replace('_', '-')} {' '.join(shown_data_path(p) for p in getattr(a, field))}")
+    if a.skip:
+        parts.append(f"--skip {' '.join(a.skip)}")
     return " ".join(parts + [f"--out {a.out}"])
+
+
+def shown_data_path(path: str) -> str:
+    """A corpus path as published results name it: from its `data` folder on, as `DATA/...` (the reader's own
+    copy of the corpora), not as the directory layout of the machine the experiment ran on."""
+    parts = Path(path).parts
+    if "data" in parts and (Path(path).is_absolute() or parts[0] == ".."):
+        return str(Path("DATA", *parts[parts.index("data") + 1:]))
+    return path
