@@ -15,6 +15,7 @@ Kernels      the kinds of projections and tables the C decode engine understands
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 
 from .errors import UserError
@@ -108,8 +109,10 @@ class GroupPaths:
     gemv_bf16: bool  # the bf16-activation GEMV (opt-in, the paper's A16)
 
 
+@functools.lru_cache(maxsize=None)
 def group_paths(group_size: int) -> GroupPaths:
-    """Which kernel paths a resolved group size can take; every caller asks here instead of testing `G % n`."""
+    """Which kernel paths a resolved group size can take; every caller asks here instead of testing `G % n`.
+    Cached: `ops.ternary_linear` asks on every call of a packed projection."""
     G = int(group_size)
     if G < 1:
         raise ValueError(f"group size {G} must be resolved (>= 1) before asking for kernel paths")
