@@ -128,7 +128,8 @@ def test_missing_folder_and_offline_hub_id(tmp_path):
         load_model("state-spaces/mamba2-130m")  # HF_HUB_OFFLINE=1 in conftest
 
 
-@pytest.mark.parametrize("damage", ["one-element moments", "empty state", "no groups", "not a dict"])
+@pytest.mark.parametrize("damage", ["one-element moments", "empty state", "no groups", "not a dict", "empty step",
+                                    "betas a string"])
 def test_a_damaged_optimizer_state_is_refused_before_torch_sees_it(tmp_path, text_dir, damage):
     """A moment of the wrong shape reached the fused AdamW kernel and crashed the process (SIGSEGV); an empty
     state silently restarted the optimizer.  Both are one-line errors now, and the checkpoint stays as it was."""
@@ -151,6 +152,11 @@ def test_a_damaged_optimizer_state_is_refused_before_torch_sees_it(tmp_path, tex
         osd = {"state": {}, "param_groups": osd["param_groups"]}
     elif damage == "no groups":
         osd = {"state": {}, "param_groups": []}
+    elif damage == "empty step":      # torch's float(step) of a 0-element tensor raised inside load_state_dict
+        for st in osd["state"].values():
+            st["step"] = torch.zeros(0)
+    elif damage == "betas a string":  # torch adopts the saved group settings: AdamW would fail mid-step
+        osd["param_groups"][0]["betas"] = "fast"
     else:
         osd = [1, 2, 3]
     torch.save(osd, opt)

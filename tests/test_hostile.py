@@ -133,6 +133,37 @@ def _run_folder(d, metrics: str | None, summary: dict | None = None):
     return r
 
 
+def _eval_rows(d, files, row: dict):
+    """An evals folder whose arc_easy file holds this row; the command that scores it."""
+    (d / "ev" / "arc_easy").mkdir(parents=True)
+    (d / "ev" / "arc_easy" / "ARC-Easy-Test.jsonl").write_text(json.dumps(row) + "\n")
+    return ["eval", str(files / "packed"), "--tasks", "arc_easy", "--data-dir", str(d / "ev")]
+
+
+def _gguf_with_extra_tensor(d, files, name: str, qtype: str = "F32"):
+    """A valid f16 GGUF of a tiny model plus one more tensor."""
+    import gguf
+    from ternary_mamba.formats.gguf import export_gguf
+    import numpy as np
+    src = d / "src.gguf"
+    export_gguf(random_model(tiny_config(vocab_size=8192)), src, "f16", BUNDLED_TOKENIZER)
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(d / "m.gguf", "mamba2")
+    for k, f in r.fields.items():
+        if not k.startswith("GGUF.") and k != "general.architecture":
+            w.add_key_value(k, f.contents(), f.types[0], f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+    for t in r.tensors:
+        w.add_tensor(t.name, t.data.copy(), raw_dtype=t.tensor_type)
+    if qtype == "F32":
+        w.add_tensor(name, np.zeros((4, 32), dtype=np.float32))
+    else:   # a tensor type no mamba2 file holds (the bytes of one Q5_K block-row)
+        w.add_tensor(name, np.zeros((1, 176), dtype=np.uint8), raw_dtype=getattr(gguf.GGMLQuantizationType, qtype))
+    for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
+        step()
+    src.unlink()
+    return ["generate", str(d / "m.gguf"), "--prompt", "Hi", "--max-new-tokens", "2"]
+
+
 def _quantize(files, d, *extra):
     return ["quantize", "--data", str(files / "text"), "--out", str(d / "run"), *extra]
 
@@ -202,6 +233,24 @@ CASES = {
     "config: quantization 'yes'": lambda d, f: (_copy(TEACHER, d / "t") and _set_quant(d / "t", "yes") and
                                                ["generate", str(d / "t"), "--prompt", "Hi"],
                                                "quantization: expected an object"),
+    "eval: gold beyond the choices": lambda d, f: (_eval_rows(d, f, {"question": "q", "choices": ["a", "b"], "gold": 5}),
+                                                  "2 choices and gold 5: not a valid row"),
+    "eval: no choices": lambda d, f: (_eval_rows(d, f, {"question": "q", "choices": [], "gold": 0}),
+                                      "0 choices"),
+    "eval: task file not UTF-8": lambda d, f: (((d / "ev" / "arc_easy").mkdir(parents=True),
+                                                (d / "ev" / "arc_easy" / "ARC-Easy-Test.jsonl").write_bytes(b"\xff\xfe{}"),
+                                                ["eval", str(f / "packed"), "--tasks", "arc_easy", "--data-dir",
+                                                 str(d / "ev")])[-1], "not UTF-8"),
+    "gguf: a tensor no mamba2 model has": lambda d, f: (_gguf_with_extra_tensor(d, f, "blk.0.attn_q.weight"),
+                                                        "not part of a 2-layer mamba2 model"),
+    "gguf: a tensor of a foreign type": lambda d, f: (_gguf_with_extra_tensor(d, f, "blk.9.x", "Q5_K"),
+                                                      "has type .*a mamba2 file holds"),
+    "json: config.json nested 10^5 deep": lambda d, f: (_copy(f / "packed", d / "p") and
+                                                        (d / "p" / "config.json").write_text("[" * 100000 + "]" * 100000)
+                                                        and ["info", str(d / "p")], "nested too deeply"),
+    "json: config.json a folder": lambda d, f: (_copy(f / "packed", d / "p") and
+                                                ((d / "p" / "config.json").unlink() or (d / "p" / "config.json").mkdir())
+                                                or ["info", str(d / "p")], "is a folder|not a model"),
     "device: meta": lambda d, f: (_quantize(f, d, "--device", "meta"), "commands run on the CPU or a CUDA GPU"),
     "device: mps": lambda d, f: (_quantize(f, d, "--device", "mps"), "commands run on the CPU or a CUDA GPU"),
     "os: --out under a file": lambda d, f: ((d / "afile").write_text("mine") and

@@ -33,13 +33,19 @@ def jsonl_records(path: Path) -> list[dict]:
     """The rows of a task file: one JSON object per line (a line that is not says so, with file and line)."""
     if not path.exists():
         raise UserError(f"{path}: task file not found (pass --data-dir pointing at the evals folder)")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             r = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise UserError(f"{path}:{i}: not JSON") from None
         if not isinstance(r, dict):
             raise UserError(f"{path}:{i}: expected a JSON object, got {type(r).__name__}")
@@ -120,12 +126,20 @@ TASKS: dict[str, Callable[[Path], list[Doc]]] = {
 def load_task(name: str, data_dir: Path) -> list[Doc]:
     """A task's documents; a row without a field the task needs (or of the wrong type) is one line naming the task."""
     try:
-        return TASKS[name](data_dir)
+        docs = TASKS[name](data_dir)
     except KeyError as e:
         raise UserError(f"{name}: a row of its task file (under {data_dir}) has no field {e}") from None
     except (TypeError, ValueError, AttributeError, IndexError) as e:
         raise UserError(f"{name}: a row of its task file (under {data_dir}) is malformed ({type(e).__name__}: "
                         f"{str(e)[:80]})") from None
+    for i, d in enumerate(docs):
+        ok = (len(d.contexts) == len(d.continuations) >= (1 if name == "lambada_openai" else 2)
+              and all(isinstance(x, str) for x in d.contexts + d.continuations)
+              and type(d.gold) is int and 0 <= d.gold < len(d.continuations))
+        if not ok:
+            raise UserError(f"{name}: document {i + 1} of its task file (under {data_dir}) has "
+                            f"{len(d.continuations)} choices and gold {d.gold!r:.20}: not a valid row")
+    return docs
 
 
 def parse_tasks(spec: str) -> list[str]:

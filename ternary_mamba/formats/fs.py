@@ -13,11 +13,24 @@ from .. import faults
 from ..errors import UserError
 
 
+MAX_JSON_BYTES = 64 << 20     # configs, headers, records: far below this; a bigger "JSON" file is not ours
+
+
 def read_json(path: Path) -> dict:
+    """A JSON object from a file we did not necessarily write: bounded in size and nesting, one line on failure."""
     try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise UserError(f"{path}: {path.stat().st_size / 1e6:.0f} MB, more than any JSON file of ours "
+                            f"({MAX_JSON_BYTES >> 20} MB)")
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not a JSON file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested too deeply") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):

@@ -20,6 +20,7 @@ model's padded vocabulary with [PADi] tokens as llama.cpp's converter does.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -198,22 +199,42 @@ def _model_from_gguf(r, path: Path, gguf):
         v = f.parts[f.data[0]]
         return bytes(v).decode() if f.types[0] == gguf.GGUFValueType.STRING else v.item()
 
+    def int_field(key, hi=1 << 24):
+        v = field(key)
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+            raise UserError(f"{path}: GGUF metadata {key} = {v!r:.40} is not an integer in [1, {hi}]")
+        return v
+
     if field("general.architecture") != ARCH:
         raise UserError(f"{path}: architecture {field('general.architecture')!r} is not mamba2")
+    infos = _checked_tensor_infos(r, path, gguf)
+    d_model, d_inner = int_field(f"{ARCH}.embedding_length"), int_field(f"{ARCH}.ssm.inner_size")
+    nh = int_field(f"{ARCH}.ssm.time_step_rank")
+    emb_shape = infos.get("token_embd.weight")
+    if emb_shape is None or len(emb_shape) != 2 or emb_shape[1] != d_model:
+        raise UserError(f"{path}: token_embd.weight has shape {emb_shape}, expected (vocab, {d_model})")
+    eps = field(f"{ARCH}.attention.layer_norm_rms_epsilon")
+    if d_inner % d_model or d_inner % nh:
+        raise UserError(f"{path}: GGUF metadata inner_size {d_inner} is not a multiple of embedding_length "
+                        f"{d_model} and of time_step_rank {nh}")
+    cfg = Mamba2Config(d_model=d_model, n_layer=int_field(f"{ARCH}.block_count", 1024), vocab_size=emb_shape[0],
+                       d_state=int_field(f"{ARCH}.ssm.state_size", 1024), d_conv=int_field(f"{ARCH}.ssm.conv_kernel", 16),
+                       expand=d_inner // d_model, headdim=d_inner // nh,
+                       ngroups=int_field(f"{ARCH}.ssm.group_count", 1024), pad_vocab_size_multiple=1,
+                       tie_embeddings="output.weight" not in infos, norm_eps=eps,
+                       conv_bias="blk.0.ssm_conv1d.bias" in infos)
+    expected = _expected_numels(cfg)
+    for name, shape in infos.items():
+        if name not in expected:
+            raise UserError(f"{path}: tensor {name!r:.60} is not part of a {cfg.n_layer}-layer mamba2 model")
+        if math.prod(shape) != expected[name]:
+            raise UserError(f"{path}: tensor {name} has shape {shape} ({math.prod(shape)} values); this model's "
+                            f"metadata needs {expected[name]}")
     t = {}
     for tensor in r.tensors:
-        shape = tuple(int(x) for x in reversed(tensor.shape.tolist()))
         data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        t[tensor.name] = torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))
-    d_model, d_inner = field(f"{ARCH}.embedding_length"), field(f"{ARCH}.ssm.inner_size")
-    nh = field(f"{ARCH}.ssm.time_step_rank")
+        t[tensor.name] = torch.from_numpy(np.array(data, dtype=np.float32).reshape(infos[tensor.name]))
     emb = t["token_embd.weight"]
-    cfg = Mamba2Config(d_model=d_model, n_layer=field(f"{ARCH}.block_count"), vocab_size=emb.shape[0],
-                       d_state=field(f"{ARCH}.ssm.state_size"), d_conv=field(f"{ARCH}.ssm.conv_kernel"),
-                       expand=d_inner // d_model, headdim=d_inner // nh, ngroups=field(f"{ARCH}.ssm.group_count"),
-                       pad_vocab_size_multiple=1, tie_embeddings="output.weight" not in t,
-                       norm_eps=field(f"{ARCH}.attention.layer_norm_rms_epsilon"),
-                       conv_bias="blk.0.ssm_conv1d.bias" in t)
     sd = {"backbone.embedding.weight": emb, "backbone.norm_f.weight": t["output_norm.weight"]}
     if not cfg.tie_embeddings:
         sd["lm_head.weight"] = t["output.weight"]
@@ -238,6 +259,48 @@ def _model_from_gguf(r, path: Path, gguf):
     if missing or unexpected:
         raise UserError(f"{path}: tensors do not match a mamba2 model (missing {missing[:2]}, unexpected {unexpected[:2]})")
     return model.eval()
+
+
+# the tensor types a mamba2 GGUF of ours (or llama.cpp's converter) holds; anything else is refused unread
+TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "TQ1_0", "TQ2_0")
+
+
+def _checked_tensor_infos(r, path: Path, gguf) -> dict[str, tuple[int, ...]]:
+    """name -> shape (PyTorch order) of every tensor, checked before any is read: unique UTF-8 names, a known
+    tensor type, 1-4 positive dimensions."""
+    infos = {}
+    allowed = {getattr(gguf.GGMLQuantizationType, n) for n in TENSOR_TYPES if hasattr(gguf.GGMLQuantizationType, n)}
+    for tensor in r.tensors:
+        name = tensor.name
+        if not isinstance(name, str) or not name or len(name) > 256:
+            raise UserError(f"{path}: a tensor has an empty or invalid name")
+        if name in infos:
+            raise UserError(f"{path}: tensor {name!r:.60} appears twice")
+        if tensor.tensor_type not in allowed:
+            raise UserError(f"{path}: tensor {name!r:.60} has type {tensor.tensor_type!r:.30}; a mamba2 file holds "
+                            f"{', '.join(TENSOR_TYPES)}")
+        shape = tuple(int(x) for x in reversed(tensor.shape.tolist()))
+        if not 1 <= len(shape) <= 4 or min(shape) < 1:
+            raise UserError(f"{path}: tensor {name!r:.60} has shape {shape}")
+        infos[name] = shape
+    return infos
+
+
+def _expected_numels(cfg: Mamba2Config) -> dict[str, int]:
+    """GGUF tensor name -> number of values, for a model of this config (no tensor allocated)."""
+    n_in, conv = cfg.d_in_proj, cfg.conv_dim
+    out = {"token_embd.weight": cfg.vocab_size * cfg.d_model, "output_norm.weight": cfg.d_model}
+    if not cfg.tie_embeddings:
+        out["output.weight"] = cfg.vocab_size * cfg.d_model
+    for i in range(cfg.n_layer):
+        b = f"blk.{i}."
+        out.update({b + "attn_norm.weight": cfg.d_model, b + "ssm_in.weight": n_in * cfg.d_model,
+                    b + "ssm_out.weight": cfg.d_model * cfg.d_inner, b + "ssm_conv1d.weight": conv * cfg.d_conv,
+                    b + "ssm_dt.bias": cfg.nheads, b + "ssm_a": cfg.nheads, b + "ssm_d": cfg.nheads,
+                    b + "ssm_norm.weight": cfg.d_inner})
+        if cfg.conv_bias:
+            out[b + "ssm_conv1d.bias"] = conv
+    return out
 
 
 def load_gguf_tokenizer(path: Path):

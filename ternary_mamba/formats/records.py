@@ -35,6 +35,8 @@ def read_metrics(path: Path) -> list[dict]:
             continue
         try:
             r = json.loads(line)
+        except RecursionError:
+            raise UserError(f"{path}:{i}: JSON nested too deeply") from None
         except json.JSONDecodeError:
             if i == len(lines):              # the last line, cut short by a kill
                 continue
@@ -49,6 +51,21 @@ def read_metrics(path: Path) -> list[dict]:
                 raise UserError(f"{path}:{i}: {k!r} must be a number, got {v!r:.40}")
         out.append(r)
     return out
+
+
+def read_trainer_state(path: Path, total_steps: int) -> dict:
+    """trainer_state.json of a checkpoint: {"step": int in [0, total_steps], "world_size": positive int (optional)}."""
+    s = read_json(Path(path))
+    step = s.get("step")
+    if type(step) is not int or step < 0:
+        raise UserError(f"{path}: \"step\" must be a non-negative integer, got {step!r:.40}")
+    if step > total_steps:
+        raise UserError(f"{path}: step {step} is beyond this run's {total_steps} steps; the file is damaged (or the "
+                        f"run has another budget)")
+    ws = s.get("world_size", 1)
+    if type(ws) is not int or not 1 <= ws <= 1 << 20:
+        raise UserError(f"{path}: \"world_size\" must be a positive integer, got {ws!r:.40}")
+    return s
 
 
 def read_summary(path: Path) -> dict:

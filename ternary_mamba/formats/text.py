@@ -55,7 +55,7 @@ def read_documents(path: Path) -> list[str]:
             continue
         try:
             doc = json.loads(line)["text"]
-        except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+        except (json.JSONDecodeError, KeyError, TypeError, IndexError, RecursionError):
             raise UserError(f"{path}:{i}: expected a JSON object with a \"text\" field") from None
         if not isinstance(doc, str):
             raise UserError(f"{path}:{i}: \"text\" must be a string, got {type(doc).__name__}")

@@ -141,17 +141,13 @@ class Trainer:
     def load_checkpoint(self) -> None:
         from safetensors.torch import load_file
         recover(self.ckpt_dir)
+        from ..formats.records import read_trainer_state
+        state = read_trainer_state(self.ckpt_dir / "trainer_state.json", self.cfg.total_steps)
         try:
-            state = json.loads((self.ckpt_dir / "trainer_state.json").read_text())
             msd = load_file(str(self.ckpt_dir / "model.safetensors"))
             osd = torch.load(self.ckpt_dir / "optimizer.pt", weights_only=True)
         except Exception as e:
             raise UserError(f"{self.ckpt_dir}: unreadable checkpoint ({type(e).__name__}: {e})") from None
-        if not isinstance(state, dict) or type(state.get("step")) is not int or state["step"] < 0:
-            raise UserError(f"{self.ckpt_dir / 'trainer_state.json'}: \"step\" must be a non-negative integer")
-        if state["step"] > self.cfg.total_steps:
-            raise UserError(f"{self.ckpt_dir / 'trainer_state.json'}: step {state['step']} is beyond this run's "
-                            f"{self.cfg.total_steps} steps; the file is damaged (or the run has another budget)")
         check_optimizer_state(osd, self.inner, self.opt, state["step"], self.ckpt_dir / "optimizer.pt")
         if self.inner.config.tie_embeddings and "backbone.embedding.weight" in msd:
             msd["lm_head.weight"] = msd["backbone.embedding.weight"]
@@ -277,6 +273,10 @@ def check_optimizer_state(osd, model, opt, step: int, where) -> None:
     if len(groups) != len(opt.param_groups) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
                                                         for g in groups):
         raise UserError(f"{where}: {len(groups)} parameter groups, this run has {len(opt.param_groups)}")
+    for saved, ours in zip(groups, opt.param_groups):   # torch adopts the saved hyperparameters: same kinds only
+        for k, v in saved.items():
+            if k != "params" and not _same_kind(v, ours.get(k, v)):
+                raise UserError(f"{where}: parameter group setting {k!r} is {v!r:.40}, this run's is {ours.get(k)!r:.40}")
     named = [n for g in groups for n in g["params"]]
     unknown = [n for n in named if n not in params]
     if unknown or len(named) != sum(len(g["params"]) for g in opt.param_groups):
@@ -286,7 +286,10 @@ def check_optimizer_state(osd, model, opt, step: int, where) -> None:
         if p is None or not isinstance(st, dict):
             raise UserError(f"{where}: state for unknown parameter {name!r}")
         for k, v in st.items():
-            if k == "step":
+            if k == "step":    # AdamW's step count: a finite non-negative scalar (torch converts it with float())
+                n = v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_complex() else v
+                if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n < 0:
+                    raise UserError(f"{where}: {name}.step is {v!r:.40}, not a step count")
                 continue
             if not isinstance(v, torch.Tensor) or not v.is_floating_point() or tuple(v.shape) != tuple(p.shape):
                 got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
@@ -294,6 +297,19 @@ def check_optimizer_state(osd, model, opt, step: int, where) -> None:
     trained = [n for n, p in params.items() if p.requires_grad]
     if step > 0 and trained and not osd["state"]:
         raise UserError(f"{where}: no optimizer state although the run is at step {step}; the file is damaged")
+
+
+def _same_kind(v, ours) -> bool:
+    """A saved optimizer setting can stand in for ours: same type (bool, number, tuple of numbers), finite."""
+    if isinstance(ours, bool) or ours is None:      # flags (fused, foreach: None or a bool)
+        return v is None or isinstance(v, bool)
+    if isinstance(ours, str):
+        return isinstance(v, str)
+    if isinstance(ours, (int, float)):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+    if isinstance(ours, (tuple, list)):
+        return isinstance(v, (tuple, list)) and len(v) == len(ours) and all(_same_kind(a, b) for a, b in zip(v, ours))
+    return True
 
 
 def _injected_fault(loss: torch.Tensor, rank: int, step: int) -> torch.Tensor:
