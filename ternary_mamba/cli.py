@@ -279,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in usage and getattr(args, usage[args.command][0], None) is None:   # instantly, before torch
         print(f"ternary-mamba {args.command}: error: usage: ternary-mamba {usage[args.command][1]}", file=sys.stderr)
         return 1
+    completed = False
     try:
         threads = getattr(args, "threads", None)
         if getattr(args, "typed", None) is not None:
@@ -316,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             if not is_main():  # rank 0 alone prints
                 sys.stdout = open(os.devnull, "w")
         _run(args)
+        completed = True
     except UserError as e:
         if not (type(e).__name__ == "CollectiveError" and os.environ.get("RANK", "0") != "0"):
             print(f"ternary-mamba {args.command}: error: {e}", file=sys.stderr)
@@ -328,6 +330,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ternary-mamba {args.command}: error: {where}: {e.strerror or e}", file=sys.stderr)
         return 1
     except RuntimeError as e:
+        if "can't allocate memory" in str(e) or type(e).__name__ == "OutOfMemoryError":
+            print(f"ternary-mamba {args.command}: error: out of memory ({str(e).splitlines()[0][:160]}); use a smaller "
+                  f"model, batch or sequence length (`ternary-mamba plan` estimates the memory)", file=sys.stderr)
+            return 1
+        if str(e).startswith("Symlink loop from "):     # pathlib's resolve() before Python 3.13 (then: OSError ELOOP)
+            print(f"ternary-mamba {args.command}: error: {str(e)[len('Symlink loop from '):].strip(chr(39))}: Too many "
+                  f"levels of symbolic links", file=sys.stderr)
+            return 1
         from .train.distributed import active, world
         if not active() or world()[1] == 1:
             raise
@@ -338,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if "ternary_mamba.train.runs" in sys.modules:
             from .train.runs import release_run_dirs
-            release_run_dirs()
+            release_run_dirs(failed=not completed)
         if "torch.distributed" in sys.modules:
             from .train.distributed import shutdown
             shutdown()

@@ -251,6 +251,18 @@ CASES = {
     "json: config.json a folder": lambda d, f: (_copy(f / "packed", d / "p") and
                                                 ((d / "p" / "config.json").unlink() or (d / "p" / "config.json").mkdir())
                                                 or ["info", str(d / "p")], "is a folder|not a model"),
+    "os: --data a symlink loop": lambda d, f: (((d / "l1").symlink_to(d / "l2"), (d / "l2").symlink_to(d / "l1"),
+                                                _quantize(f, d)[:2] + [str(d / "l1")] + _quantize(f, d)[3:])[-1],
+                                               "l1: Too many levels of symbolic links"),
+    "os: --config a symlink loop": lambda d, f: (((d / "l1").symlink_to(d / "l2"), (d / "l2").symlink_to(d / "l1"),
+                                                  _quantize(f, d, "--config", str(d / "l1")))[-1], "symbolic links"),
+    "os: --out name too long": lambda d, f: (_quantize(f, d)[:-1] + [str(d / ("x" * 300))], "File name too long"),
+    "os: model path too long": lambda d, f: (["generate", str(d / ("y" * 300)), "--prompt", "Hi"],
+                                             "File name too long|no such folder"),
+    "config: d_model 65536 (52 B parameters)": lambda d, f: (
+        (d / "big.json").write_text('{"d_model": 65536, "n_layer": 2, "vocab_size": 8192, "d_state": 64}') and
+        ["pretrain", "--model-config", str(d / "big.json"), "--tokenizer", str(BUNDLED_TOKENIZER), "--data",
+         str(f / "text"), "--out", str(d / "run")], "beyond this toolkit's limits.*TERNARY_MAMBA_ALLOW_LARGE=1"),
     "device: meta": lambda d, f: (_quantize(f, d, "--device", "meta"), "commands run on the CPU or a CUDA GPU"),
     "device: mps": lambda d, f: (_quantize(f, d, "--device", "mps"), "commands run on the CPU or a CUDA GPU"),
     "os: --out under a file": lambda d, f: ((d / "afile").write_text("mine") and
@@ -275,6 +287,38 @@ def test_a_hostile_input_is_one_line_and_changes_nothing(name, files, tmp_path, 
     assert re.search(msg, err[0]), err[0]
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p in before}
     assert after == before, "a failed command changed files that existed before"
+
+
+def test_a_failed_start_leaves_no_run_folder(files, tmp_path, capsys, monkeypatch):
+    """The run folder is made, then the run fails before its first step completes: the folder goes again."""
+    monkeypatch.setenv("TERNARY_MAMBA_FAULT", "raise@0:0")
+    assert main(["quantize", "--data", str(files / "text"), "--tokens", "4096", "--seq-len", "64", "--batch-size", "4",
+                 "--eval-every", "0", "--out", str(tmp_path / "run")]) == 1
+    assert "injected" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_env_switches_are_checked(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TERNARY_MAMBA_ALLOW_LARGE", "yes")
+    (tmp_path / "big.json").write_text('{"d_model": 65536, "n_layer": 2, "vocab_size": 8192, "d_state": 64}')
+    assert main(["plan", "--teacher", str(tmp_path / "big.json")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "TERNARY_MAMBA_ALLOW_LARGE='yes': expected 0 or 1" in err[0], err
+
+
+def test_an_unreadable_corpus_file_is_one_line(files, tmp_path, capsys):
+    """EACCES (root reads everything, so this runs as a normal user only)."""
+    import os
+    if os.geteuid() == 0:
+        pytest.skip("root bypasses file permissions")
+    (tmp_path / "c").mkdir()
+    f = tmp_path / "c" / "a.txt"
+    f.write_text("Some text. " * 400)
+    f.chmod(0)
+    assert main(["quantize", "--data", str(tmp_path / "c"), "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Permission denied" in err[0], err
+    assert not (tmp_path / "run").exists()
 
 
 def test_step_with_a_wrong_state_is_refused():

@@ -27,9 +27,12 @@ def pretrain(cfg: PretrainConfig) -> Path:
     """Train from random initialisation (ternary from step 0 with `cfg.ternary`); returns the run folder (held,
     i.e. locked, while the run lasts, released however it ends).  The Python twin of `ternary-mamba pretrain`."""
     try:
-        return _pretrain(cfg)
-    finally:
-        release_run_dirs()
+        out = _pretrain(cfg)
+    except BaseException:
+        release_run_dirs(failed=True)      # a failed start leaves no run folder (one that ran keeps its checkpoint)
+        raise
+    release_run_dirs()
+    return out
 
 
 def _pretrain(cfg: PretrainConfig) -> Path:

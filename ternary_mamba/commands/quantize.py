@@ -44,9 +44,12 @@ def quantize(cfg: QuantizeConfig | None = None) -> Path:
     """QAT+KD of `cfg.teacher` into a ternary student; returns the run folder (held, i.e. locked, while the run
     lasts, released however it ends).  The Python twin of `ternary-mamba quantize`."""
     try:
-        return _quantize(cfg)
-    finally:
-        release_run_dirs()
+        out = _quantize(cfg)
+    except BaseException:
+        release_run_dirs(failed=True)      # a failed start leaves no run folder (one that ran keeps its checkpoint)
+        raise
+    release_run_dirs()
+    return out
 
 
 def _quantize(cfg: QuantizeConfig | None = None) -> Path:

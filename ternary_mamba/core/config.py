@@ -11,6 +11,18 @@ from ..spec import check_chunk_size
 MB = 1e6  # sizes are reported in decimal megabytes, as the paper does (2,687.5 MB for Mamba-2 1.3B)
 
 
+MAX_PARAMS = 20_000_000_000     # a config beyond these is refused unless TERNARY_MAMBA_ALLOW_LARGE=1: a typo
+MAX_TENSOR = 1 << 31            # (d_model 65536) would otherwise try to allocate tens of GB before anything checks
+
+
+def _allow_large() -> bool:
+    import os
+    v = os.environ.get("TERNARY_MAMBA_ALLOW_LARGE", "0")
+    if v not in ("0", "1"):
+        raise UserError(f"TERNARY_MAMBA_ALLOW_LARGE={v!r:.20}: expected 0 or 1")
+    return v == "1"
+
+
 @dataclass
 class Mamba2Config:
     d_model: int = 768
@@ -57,8 +69,11 @@ class Mamba2Config:
             raise UserError(f"config: d_inner={self.d_inner} (expand*d_model) is not a multiple of headdim={self.headdim}")
         if self.nheads % self.ngroups:
             raise UserError(f"config: nheads={self.nheads} is not a multiple of ngroups={self.ngroups}")
-        if self.n_params > 100e9:
-            raise UserError(f"config: {self.n_params/1e9:.0f} B parameters is absurd for this toolkit")
+        big = max(self.d_in_proj * self.d_model, self.padded_vocab_size * self.d_model)
+        if (self.n_params > MAX_PARAMS or big > MAX_TENSOR) and not _allow_large():
+            raise UserError(f"config: {self.n_params / 1e9:.1f} B parameters, largest tensor {big / 1e9:.2f} B values: "
+                            f"beyond this toolkit's limits ({MAX_PARAMS / 1e9:.0f} B, {MAX_TENSOR / 1e9:.2f} B; the "
+                            f"largest Mamba-2 is 2.7 B); set TERNARY_MAMBA_ALLOW_LARGE=1 if you mean it")
 
     # ---- derived sizes (names as in mamba_ssm) ----
     @property

@@ -105,7 +105,12 @@ def atomic_dir(out: Path, overwrite: bool = False):
         os.chmod(tmp, 0o777 & ~mask)
         done = False
         try:
-            yield tmp
+            try:
+                yield tmp
+            except OSError as e:   # name the file as the user knows it, not its temporary folder (gone next)
+                if e.filename is not None and str(e.filename).startswith(str(tmp)):
+                    raise OSError(e.errno, e.strerror, str(out_p) + str(e.filename)[len(str(tmp)):]) from None
+                raise
             for f in tmp.rglob("*"):
                 os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~mask)
                 _fsync_path(f)

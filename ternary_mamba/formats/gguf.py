@@ -166,9 +166,14 @@ def export_gguf(model, out: Path, qtype: str = "tq2_0", tokenizer_path: Path | N
         w.write_tensors_to_file()
         w.close()
         os.replace(tmp, out)
-    except BaseException:
-        w.close()
+    except BaseException as e:
+        try:
+            w.close()                     # may fail again on a full disk; the temporary file goes either way
+        except OSError:
+            pass
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:     # gguf's writer does not say which file
+            raise OSError(e.errno, e.strerror, str(out)) from None
         raise
     return types
 

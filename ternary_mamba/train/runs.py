@@ -63,9 +63,14 @@ def prepare_run_dir(out: Path, record: dict, resume: bool, free: set[tuple] = fr
     """Create (or check for resuming) a run folder; returns True when a checkpoint should be loaded."""
     if check_run_dir(out, record, resume, free):
         return True
+    if not Path(out).exists():
+        _created.add(str(Path(out).absolute()))
     Path(out).mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(out) / RUN_JSON, record)
     return False
+
+
+_created: set[str] = set()     # run folders this process made (removed again if the run fails before it has run)
 
 
 SHARING = {"world_size", "train.batch_size", "train.grad_accum"}   # how a global batch is shared out
@@ -166,9 +171,20 @@ def claim_run_dir(out: Path) -> None:
     atexit.register(release)
 
 
-def release_run_dirs() -> None:
-    """Let go of every run folder this process holds (the end of a command; the CLI and the Python API)."""
+def release_run_dirs(failed: bool = False) -> None:
+    """Let go of every run folder this process holds (the end of a command; the CLI and the Python API).  After a
+    failed start, a folder this process created that holds nothing but its run.json is removed: a failed start
+    leaves no output behind."""
     import os
+    for key in list(_created):
+        _created.discard(key)
+        out = Path(key)
+        if failed and out.is_dir() and {p.name for p in out.iterdir()} <= {RUN_JSON}:
+            try:
+                (out / RUN_JSON).unlink(missing_ok=True)
+                out.rmdir()
+            except OSError:
+                pass
     for key in list(_locks):
         try:
             os.close(_locks.pop(key))
