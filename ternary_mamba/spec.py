@@ -127,3 +127,19 @@ def check_chunk_size(chunk_size: int, what: str = "chunk_size") -> int:
     if chunk_size > MAX_CHUNK_SIZE:
         raise UserError(f"{what} {chunk_size}: at most {MAX_CHUNK_SIZE} (64 is fastest on CPUs, 256 on GPUs)")
     return chunk_size
+
+
+# ---- GPUs the planner knows (data-sheet figures: dense 16-bit tensor-core peak, fp32 CUDA-core peak, HBM) ----
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    tensor_tflops: float      # dense 16-bit tensor-core peak
+    fp32_tflops: float        # fp32 on CUDA cores (no TF32: the scan's matmuls run in full fp32)
+    hbm_tbps: float           # memory bandwidth, TB/s
+    memory_gb: int
+
+
+GPUS = {"h100": GPU("H100 SXM", 989.0, 67.0, 3.35, 80), "h200": GPU("H200", 989.0, 67.0, 4.8, 141),
+        "a100": GPU("A100 SXM", 312.0, 19.5, 2.04, 80), "l40s": GPU("L40S", 362.0, 91.6, 0.864, 48),
+        "a10g": GPU("A10G", 70.0, 31.2, 0.6, 24), "rtx4090": GPU("RTX 4090", 165.0, 82.6, 1.01, 24)}

@@ -42,3 +42,69 @@ def test_plan_for_the_paper_run(capsys):
                  "--batch-size", "4", "--seq-len", "1024", "--nproc", "2", "--fsdp"]) == 0
     out = capsys.readouterr().out
     assert "2 x A10G" in out and "FSDP" in out
+
+
+def _gpu_measurements():
+    """The rows of docs/GPU.md's "measurements the planner is held to" table."""
+    text = (Path(__file__).parent.parent / "docs" / "GPU.md").read_text()
+    block = text.split("### The measurements the planner is held to", 1)[1]
+    rows = []
+    for line in block.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[0] in ("130m", "370m", "780m", "1.3B", "2.7B"):
+            b, l = (int(x) for x in cells[1].split(" × "))
+            rows.append(dict(model="mamba2-" + cells[0].lower(), batch=b, seq=l, ckpt=cells[2] == "yes", gpu=cells[3],
+                             tok_s=None if cells[4] == "-" else float(cells[4]),
+                             peak_gb=None if cells[5] == "-" else float(cells[5])))
+    assert rows, "the table is gone from docs/GPU.md"
+    return rows
+
+
+KNOWN_MISS = {("mamba2-1.3b", 1, False)}   # plan 20 % high (docs/GPU.md says why); strict: passing flags the fix
+
+
+def _cases(what):
+    return [pytest.param(r, id=f"{r['model']}-{r['batch']}x{r['seq']}-ckpt{int(r['ckpt'])}-{r['gpu']}",
+                         marks=[pytest.mark.xfail(strict=True, reason="known: the trace keeps fp32 copies")]
+                         if what == "peak_gb" and (r["model"], r["batch"], r["ckpt"]) in KNOWN_MISS else [])
+            for r in _gpu_measurements() if r[what] is not None]
+
+
+def _setup(r):
+    from ternary_mamba.core.config import PRESETS, Mamba2Config
+    from ternary_mamba.quant.config import TernaryConfig
+    return Mamba2Config(**PRESETS[r["model"]]), TernaryConfig(group_size=256, scale_mode="guarded", scale_format="bf16")
+
+
+@pytest.mark.parametrize("r", _cases("peak_gb"))
+def test_planned_peak_within_15_percent_of_the_gpu_measurement(r):
+    from ternary_mamba.train.memory import plan_memory
+    cfg, q = _setup(r)
+    planned = plan_memory(cfg, q, r["batch"], r["seq"], "bf16", 1, False, r["ckpt"], "cuda").peak / 1e9
+    assert 0.85 <= r["peak_gb"] / planned <= 1.15, (r, planned)
+
+
+@pytest.mark.parametrize("r", _cases("tok_s"))
+def test_cost_model_time_within_15_percent_of_the_gpu_measurement(r):
+    from ternary_mamba.spec import GPUS
+    from ternary_mamba.train.costmodel import predict_step
+    cfg, q = _setup(r)
+    pred = predict_step(cfg, q, r["batch"], r["seq"], GPUS[r["gpu"]], "bf16", r["ckpt"])
+    assert 0.85 <= r["tok_s"] / pred.tok_s <= 1.15, (r, pred.tok_s, pred.bound())
+    assert 0 < pred.mfu < 1
+
+
+def test_the_cost_model_sees_what_changes_the_time():
+    """Sanity of the model itself: checkpointing costs time, a faster memory system saves it, a bigger
+    micro-batch amortises the optimizer and raises tok/s."""
+    import dataclasses
+    from ternary_mamba.core.config import PRESETS, Mamba2Config
+    from ternary_mamba.quant.config import TernaryConfig
+    from ternary_mamba.spec import GPUS
+    from ternary_mamba.train.costmodel import predict_step
+    cfg, q = Mamba2Config(**PRESETS["mamba2-130m"]), TernaryConfig(group_size=256, scale_format="bf16")
+    h = GPUS["h100"]
+    base = predict_step(cfg, q, 2, 512, h)
+    assert predict_step(cfg, q, 2, 512, h, checkpointing=True).seconds > base.seconds
+    assert predict_step(cfg, q, 2, 512, dataclasses.replace(h, hbm_tbps=2 * h.hbm_tbps)).seconds < base.seconds
+    assert predict_step(cfg, q, 8, 512, h).tok_s > base.tok_s

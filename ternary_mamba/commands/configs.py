@@ -9,7 +9,7 @@ from ..config_base import Config, option
 from ..errors import UserError
 from ..formats.configs import GGUF_TYPES
 from ..quant.config import SCALE_MODES, MonitorConfig, TernaryConfig
-from ..spec import DEFAULT_GROUP_SIZE, GGUF_TQ_BLOCK, PACKINGS, TABLE_FORMATS, check_chunk_size
+from ..spec import DEFAULT_GROUP_SIZE, GGUF_TQ_BLOCK, GPUS, PACKINGS, TABLE_FORMATS, check_chunk_size
 from ..train.config import DistillConfig, TrainConfig
 from ..log import say
 
@@ -279,8 +279,7 @@ class ClaimsConfig(Config):
 
 
 # nominal dense 16-bit tensor-core TFLOP/s and memory (GB) from the vendors' spec sheets
-GPU_PEAK_TFLOPS = {"h100": (989.0, 80), "h200": (989.0, 141), "a100": (312.0, 80), "l40s": (362.0, 48),
-                   "a10g": (70.0, 24), "rtx4090": (165.0, 24)}
+GPU_PEAK_TFLOPS = {k: (g.tensor_tflops, g.memory_gb) for k, g in GPUS.items()}   # (nominal 16-bit TFLOP/s, GB)
 
 
 @dataclass
@@ -299,15 +298,14 @@ class PlanConfig(Config):
     scale_mode: str = option("guarded", choices=SCALE_MODES, help="scale mode (learned / "
                              "guarded scales are parameters too)")
     tokens: int = option(102_000_000, help="token budget (the paper's: 102 M)")
-    mfu: float = option(0.08, help="assumed model-FLOPs utilisation (fraction of the nominal peak; the paper's "
-                        "4 H100-hours for 102 M tokens of Mamba-2 1.3B are ~8 %%; `bench gpu` measures yours: "
-                        "0.09 on an H200 at 1.3B, micro-batch 8 x 2048 with checkpointing, no mamba_ssm)")
+    mfu: float | None = option(None, help="time from an assumed utilisation (fraction of the nominal peak of the "
+                               "planner's FLOPs) instead of the per-op cost model; `bench gpu` measures yours")
     peak_tflops: float | None = option(None, help="override the GPU's nominal TFLOP/s")
 
     def __post_init__(self):
         _positive(self, "batch_size", "seq_len", "nproc", "tokens")
         _check_dtype(self)
-        if not 0 < self.mfu <= 1:          # NaN fails this too
+        if self.mfu is not None and not 0 < self.mfu <= 1:          # NaN fails this too
             raise UserError(f"--mfu {self.mfu}: must be in (0, 1]")
         if self.peak_tflops is not None and not 0 < self.peak_tflops <= 1e5:
             raise UserError(f"--peak-tflops {self.peak_tflops}: must be a positive number of TFLOP/s")

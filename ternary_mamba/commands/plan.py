@@ -9,7 +9,8 @@ from ..formats.configs import config_from_json
 from ..formats.paths import resolve_model_dir
 from ..quant.config import TernaryConfig
 from ..train.memory import plan_memory, qat_kd_flops_per_token
-from .configs import GPU_PEAK_TFLOPS, PlanConfig
+from ..spec import GPUS
+from .configs import PlanConfig
 from ..log import say
 
 GB = 1e9
@@ -44,12 +45,16 @@ def plan(cfg: PlanConfig) -> dict:
     q = TernaryConfig(group_size=cfg.group_size, scale_mode=cfg.scale_mode,
                       scale_format="bf16" if cfg.dtype == "bf16" else "fp16")
     mem = plan_memory(mcfg, q, cfg.batch_size, cfg.seq_len, cfg.dtype, cfg.nproc, cfg.fsdp,
-                      cfg.activation_checkpointing)
+                      cfg.activation_checkpointing, cfg.device)
     n = sum(count_params_by_component(mcfg).values())
+    gpu = None
     if cfg.device.startswith("cuda"):
-        peak, mem_gb = GPU_PEAK_TFLOPS[cfg.gpu]
-        peak = cfg.peak_tflops or peak
-        where = f"{cfg.nproc} x {cfg.gpu.upper()} ({mem_gb} GB, {peak:.0f} TFLOP/s nominal)"
+        import dataclasses
+        gpu = GPUS[cfg.gpu]
+        if cfg.peak_tflops:
+            gpu = dataclasses.replace(gpu, tensor_tflops=cfg.peak_tflops)
+        peak, mem_gb = gpu.tensor_tflops, gpu.memory_gb
+        where = f"{cfg.nproc} x {cfg.gpu.upper()} ({mem_gb} GB, {peak:.0f} TFLOP/s nominal, {gpu.hbm_tbps} TB/s)"
     elif cfg.device == "cpu":
         from ..ops.device import measured_gemm_tflops
         peak, mem_gb = cfg.peak_tflops or measured_gemm_tflops(cfg.dtype), None
@@ -57,9 +62,7 @@ def plan(cfg: PlanConfig) -> dict:
     else:
         raise UserError(f"--device {cfg.device}: plan for cuda or cpu")
     flops = qat_kd_flops_per_token(mcfg, cfg.activation_checkpointing)
-    tok_s = cfg.mfu * peak * 1e12 / flops * cfg.nproc
-    hours = cfg.tokens / tok_s / 3600
-    unit = "GPU" if cfg.device.startswith("cuda") else "process"
+    unit = "GPU" if gpu else "process"
     lines = [f"QAT+KD plan: {cfg.teacher} ({n / 1e9:.3f} B params), {cfg.dtype}, micro-batch {cfg.batch_size} x "
              f"{cfg.seq_len} per {unit}, {where}{', FSDP' if cfg.fsdp else ''}", "", f"{'memory per ' + unit:<46} {'GB':>9}"]
     for name, b in mem.rows():
@@ -69,20 +72,35 @@ def plan(cfg: PlanConfig) -> dict:
         lines.append(f"{'fits in ' + str(mem_gb) + ' GB (8 % kept for the allocator)?':<46} {'yes' if fits else 'NO':>9}")
         if not fits:
             lines.append("  -> " + _advice(cfg, mem, mem_gb * GB * 0.92))
-    lines += ["", f"compute: {flops / 1e9:.2f} GFLOP per token (student fwd+bwd, teacher fwd); at {cfg.mfu:.0%} of "
-              f"peak: {tok_s:,.0f} tok/s -> {cfg.tokens / 1e6:,.0f} M tokens in {hours:.2f} h "
-              f"({hours * cfg.nproc:.2f} GPU-hours)" if cfg.device != "cpu" else
-              f"compute: {flops / 1e9:.2f} GFLOP per token; at {cfg.mfu:.0%} of the measured GEMM rate: "
-              f"{tok_s:,.0f} tok/s -> {cfg.tokens / 1e6:,.0f} M tokens in {hours:.1f} h",
-              "activations: traced on the meta device through the PyTorch path in fp32 (an upper bound under "
-              "16-bit autocast; the CPU's C kernels keep less)"]
-    if cfg.device != "cpu":
-        lines.append("measure the MFU on your GPU with `ternary-mamba bench gpu` and pass it as --mfu (an H200 "
-                     "measured 0.09 of its nominal peak at 1.3B, micro-batch 8 x 2048 with checkpointing, without "
-                     "mamba_ssm)")
+    lines.append("")
+    conventional = None
+    if gpu is not None and cfg.mfu is None:
+        from ..train.costmodel import predict_step
+        pred = predict_step(mcfg, q, cfg.batch_size, cfg.seq_len, gpu, cfg.dtype, cfg.activation_checkpointing)
+        tok_s, conventional = pred.tok_s * cfg.nproc, pred.mfu
+        hours = cfg.tokens / tok_s / 3600
+        lines += [f"time (per-op cost model of the traced step): {pred.seconds:.2f} s per micro-batch -> "
+                  f"{pred.tok_s:,.0f} tok/s per GPU -> {cfg.tokens / 1e6:,.0f} M tokens in {hours:.2f} h "
+                  f"({hours * cfg.nproc:.2f} GPU-hours)",
+                  f"model-FLOPs MFU {conventional:.1%} (8 N per token: the student's training 6 N + the teacher's "
+                  f"forward 2 N, of the nominal peak); counting every traced FLOP (scan, recomputation): "
+                  f"{flops * pred.tok_s / (peak * 1e12):.1%}",
+                  f"bound by: {pred.bound()}",
+                  "not modelled: communication between GPUs (DDP overlaps it with the backward), the zero-ratio "
+                  "monitor (at eval steps); `bench gpu` measures the real step"]
+    else:
+        mfu = cfg.mfu or 0.08
+        tok_s = mfu * peak * 1e12 / flops * cfg.nproc
+        hours = cfg.tokens / tok_s / 3600
+        lines += [f"compute: {flops / 1e9:.2f} GFLOP per token (student fwd+bwd, teacher fwd); at {mfu:.0%} of "
+                  f"peak{' (assumed; --mfu sets it)' if cfg.mfu is None else ''}: {tok_s:,.0f} tok/s -> "
+                  f"{cfg.tokens / 1e6:,.0f} M tokens in {hours:.2f} h" +
+                  (f" ({hours * cfg.nproc:.2f} GPU-hours)" if gpu else "")]
+    lines.append("activations: traced on the meta device (on CUDA with the fused fake-quant and KD kernels and "
+                 "16-bit logits; the blocks' tensors in fp32, an upper bound under autocast)")
     say("\n".join(lines))
     return {"memory_bytes": dict(mem.rows()), "fits": fits, "tok_per_s": tok_s, "hours": hours,
-            "flops_per_token": flops}
+            "flops_per_token": flops, "model_flops_mfu": conventional}
 
 
 def _advice(cfg: PlanConfig, mem, usable: float) -> str:

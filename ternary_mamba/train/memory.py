@@ -12,6 +12,7 @@ against the peak memory of a real CPU step at small scale.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -49,7 +50,7 @@ class MemoryPlan:
                 ("backward transient (logit grads, 2 blocks)", self.backward_transient), ("peak", self.peak)]
 
 
-def _meta_models(cfg: Mamba2Config, qcfg: TernaryConfig, dtype: str):
+def meta_models(cfg: Mamba2Config, qcfg: TernaryConfig, dtype: str):
     with torch.device("meta"):
         teacher = Mamba2LM(cfg, init=False)
     student = copy.deepcopy(teacher)
@@ -58,8 +59,10 @@ def _meta_models(cfg: Mamba2Config, qcfg: TernaryConfig, dtype: str):
     return teacher, student.train()
 
 
-def traced_activation_bytes(teacher, student, batch: int, seq_len: int, device: str = "meta") -> int:
-    """Bytes autograd keeps for the backward of one QAT+KD loss (parameters excluded, views counted once)."""
+def traced_activation_bytes(teacher, student, batch: int, seq_len: int, device: str = "meta",
+                            fused: bool = False) -> int:
+    """Bytes autograd keeps for the backward of one QAT+KD loss (parameters excluded, views counted once).
+    fused=True: as on CUDA, where the fake-quant and the KD loss are fused kernels that keep no temporaries."""
     kept: dict[int, tuple[torch.Tensor, int]] = {}
     params = {id(p) for p in student.parameters()}
 
@@ -71,14 +74,19 @@ def traced_activation_bytes(teacher, student, batch: int, seq_len: int, device: 
 
     ids = torch.zeros(batch, seq_len + 1, dtype=torch.long, device=device)
     objective = DistillObjective(teacher)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    from .standins import fused_kernels
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            (fused_kernels() if fused else contextlib.nullcontext()):
         objective.loss(student, ids)
     return sum(n for _, n in kept.values())
 
 
 def plan_memory(cfg: Mamba2Config, qcfg: TernaryConfig, batch: int, seq_len: int, dtype: str = "bf16",
-                ranks: int = 1, fsdp: bool = False, checkpointing: bool = False) -> MemoryPlan:
-    teacher, student = _meta_models(cfg, qcfg, dtype)
+                ranks: int = 1, fsdp: bool = False, checkpointing: bool = False, device: str = "cpu") -> MemoryPlan:
+    """Bytes per rank.  On CUDA with a 16-bit dtype the logits are 16-bit (autocast) and the fused KD kernel keeps
+    only the two logit tensors for its backward; on the CPU (and in fp32) the head keeps fp32 logits, the KL's
+    inputs and the final norm (the trace's view, checked against a measured CPU step)."""
+    teacher, student = meta_models(cfg, qcfg, dtype)
     seen, weights, trainable = set(), 0, 0
     for p in student.parameters():
         if id(p) in seen:
@@ -88,10 +96,16 @@ def plan_memory(cfg: Mamba2Config, qcfg: TernaryConfig, batch: int, seq_len: int
         trainable += p.numel() * 4 if p.requires_grad else 0
     shard = ranks if fsdp else 1
     t_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in teacher.parameters()}.values())
-    acts = traced_activation_bytes(teacher, student, batch, seq_len)
-    logits = batch * seq_len * cfg.padded_vocab_size * 4
-    head = 4 * batch * seq_len * (cfg.padded_vocab_size * 4 + cfg.d_model * 2)   # logits, KL inputs, final norm
-    layer = max(acts - head, 0) // cfg.n_layer                          # one block's activations
+    cuda = device.startswith("cuda")
+    gpu16 = cuda and dtype != "fp32"    # autocast to a 16-bit type
+    traced = traced_activation_bytes(teacher, student, batch, seq_len, fused=cuda)
+    logits = batch * seq_len * cfg.padded_vocab_size * (2 if gpu16 else 4)
+    if cuda:   # the fused KD kernel keeps the student's and the teacher's logits; the trace holds the rest
+        blocks, head = traced, 2 * logits
+    else:      # the trace holds the logits, the KL's inputs and the final norm too
+        head = 4 * batch * seq_len * (cfg.padded_vocab_size * 4 + cfg.d_model * 2)
+        blocks = max(traced - head, 0)
+    layer = blocks // cfg.n_layer                                        # one block's activations
     # the backward's transient: the logits' gradient with the softmax and log-softmax gradients beside all
     # saved tensors; under checkpointing the saved set is small and one dlogits remains, plus one block
     # recomputed.  In a block's backward its gradients live beside its activations: one block more.
@@ -99,6 +113,8 @@ def plan_memory(cfg: Mamba2Config, qcfg: TernaryConfig, batch: int, seq_len: int
     transient = (logits if checkpointing else 3 * logits) + 2 * layer
     if checkpointing:   # each block keeps its fp32 input; the rest is recomputed in its backward
         acts = cfg.n_layer * batch * seq_len * cfg.d_model * 4 + head
+    else:
+        acts = blocks + head
     return MemoryPlan(weights // shard, trainable // shard, 2 * trainable // shard, t_bytes, acts, transient)
 
 

@@ -1,0 +1,89 @@
+"""Stand-ins for the fused CUDA kernels when a step is traced on the `meta` device (the planner's memory and time):
+there the PyTorch references would run, which keep per-weight temporaries for their backward (the fake-quant's
+masks and ratios: ~5 GB at 1.3B) that the Triton kernels never make.  A stand-in passes its input through,
+saves nothing, and (given a tracer) costs the bytes the real kernel moves."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def _nbytes(x) -> int:
+    return x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
+
+
+class FusedOp(torch.autograd.Function):
+    """Stands for one fused Triton kernel in the trace: forward and backward each cost the bytes given."""
+
+    @staticmethod
+    def forward(ctx, tracer, fwd_bytes, bwd_bytes, x, *others):
+        ctx.tracer, ctx.bwd_bytes, ctx.n = tracer, bwd_bytes, len(others)
+        if tracer is None:
+            return x.clone()
+        tracer.add("stream", 0.0, fwd_bytes)
+        with quiet(tracer):
+            return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.tracer is not None:
+            ctx.tracer.add("stream", 0.0, ctx.bwd_bytes)
+        return (None, None, None, g) + (None,) * ctx.n
+
+
+class LossStandIn(torch.autograd.Function):
+    """A fused loss kernel: logits in, a scalar out; its backward writes the logits' gradient."""
+
+    @staticmethod
+    def forward(ctx, tracer, fwd_bytes, bwd_bytes, logits):
+        ctx.tracer, ctx.bwd_bytes = tracer, bwd_bytes
+        ctx.shape, ctx.dtype, ctx.device = logits.shape, logits.dtype, logits.device
+        if tracer is not None:
+            tracer.add("stream", 0.0, fwd_bytes)
+        with quiet(tracer):
+            return logits.new_zeros((), dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.tracer is not None:
+            ctx.tracer.add("stream", 0.0, ctx.bwd_bytes)
+        with quiet(ctx.tracer):
+            return None, None, None, torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device)
+
+
+@contextlib.contextmanager
+def quiet(tracer):
+    """Ops inside are part of a stand-in: the tracer does not count them."""
+    if tracer is None:
+        yield
+        return
+    tracer.fused += 1
+    try:
+        yield
+    finally:
+        tracer.fused -= 1
+
+
+@contextlib.contextmanager
+def fused_kernels(tracer=None):
+    """The CUDA step's fused kernels in place of their PyTorch chains: the fake-quant (reads the fp32 weight and
+    its scales, writes the 16-bit weight; backward reads the 16-bit gradient and the weight, writes the fp32
+    gradient) and the KD loss (reads both 16-bit logits; backward writes the 16-bit gradient)."""
+    from ..quant import qat
+    from . import distill
+    real_fq, real_kl = qat.fake_quant, distill.kl_div
+
+    def fake_quant(w, scale, group_size, learned, fmt="fp16"):
+        n = w.numel()
+        return FusedOp.apply(tracer, 6 * n + _nbytes(scale), 10 * n + 2 * _nbytes(scale), w, scale)
+
+    def kl_div(t_logits, s_logits, tau=1.0):
+        n = s_logits.numel()
+        return LossStandIn.apply(tracer, 4 * n, 6 * n, s_logits)
+
+    qat.fake_quant, distill.kl_div = fake_quant, kl_div
+    try:
+        yield
+    finally:
+        qat.fake_quant, distill.kl_div = real_fq, real_kl
