@@ -84,6 +84,9 @@ BENCH = {
                     "decode tokens/s: dense fp32 vs packed ternary with our runtime", config_file=False),
     "prefill": Typed("bench.configs:BenchPrefillConfig", "bench.runtime:run_bench_runtime",
                      "prefill tokens/s: dense fp32 vs packed ternary with our runtime", config_file=False),
+    "serve": Typed("bench.configs:BenchServeConfig", "bench.serve:run_bench_serve",
+                   "load test of `serve` on loopback: tokens/s and latency percentiles at 1, 4, 16 concurrent "
+                   "clients (official openai client)", config_file=False),
     "ops": Typed("bench.configs:BenchOpsConfig", "bench.ops:run_bench_ops",
                  "every op's fast path against its reference at a model's shapes: which ran, max error, time",
                  config_file=False),

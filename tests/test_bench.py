@@ -106,3 +106,17 @@ def test_the_gpu_check_report_reads_what_the_steps_leave(tmp_path):
     assert res["distributed"]["nccl_group_formed"] and res["steps"]["ddp"] == {"seconds": 30, "rc": 0}
     assert abs(res["bf16_vs_fp32"]["max_loss_gap"] - 0.02) < 1e-9 and res["bf16_vs_fp32"]["final_kl_bf16"] == 0.2
     assert "| ops | 12 | 0 |" in (tmp_path / "table.md").read_text()
+
+
+def test_bench_serve_runs_every_load_level_and_sees_the_batching(tmp_path, capsys):
+    """The load test's mechanics (not its speed): every level measured, more clients share decode steps."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("openai")
+    import json
+    out = tmp_path / "serve.json"
+    assert main(["bench", "serve", "--clients", "1", "3", "--requests", "2", "--max-tokens", "6", "--threads", "1",
+                 "--json", str(out)]) == 0
+    levels = json.loads(out.read_text())["levels"]
+    assert [lv["clients"] for lv in levels] == [1, 3] and all(lv["requests"] == lv["clients"] * 2 for lv in levels)
+    assert levels[0]["rows_per_step"] == 1.0 and levels[1]["rows_per_step"] > 1.0
+    assert "| clients | tok/s |" in capsys.readouterr().out

@@ -82,3 +82,19 @@ class BenchOpsConfig(Config):
 
     def __post_init__(self):
         _at_least_one(self, "batch_size", "seq_len", "chunk_size", "rounds")
+
+
+@dataclass
+class BenchServeConfig(Config):
+    model: str | None = option(None, help="model to serve (default: the bundled teacher, absmean PTQ, packed tq2 in "
+                               "a temporary folder: what serving a shipped ternary model runs)")
+    clients: list[int] = option(default_factory=lambda: [1, 4, 16], help="concurrent clients, one load level each")
+    requests: int = option(3, help="requests each client sends, one after the other")
+    max_tokens: int = option(64, help="tokens each request generates (sampled, temperature 1: no early stop)")
+    threads: int = option(2, help="CPU threads of torch and the C kernels")
+    json: str | None = option(None, help="also write the results here")
+
+    def __post_init__(self):
+        _at_least_one(self, "requests", "max_tokens", "threads")
+        if not self.clients or min(self.clients) < 1 or max(self.clients) > 64:
+            raise UserError(f"--clients {self.clients}: each level must be in 1..64")

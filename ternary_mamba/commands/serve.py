@@ -4,26 +4,29 @@ folders, GGUF files, runs, full-precision folders), as llama.cpp's server offers
     GET  /v1/models            the one model served
     POST /v1/completions       {"prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream"}
     POST /v1/chat/completions  {"messages": [{"role", "content"}], ...}  (a base model: the turns as plain text)
-    GET  /health
+    GET  /health               {"status": "ok", "waiting": N, "decoding": M}
 
-Requests run one at a time (one model, one decode state); "stream": true sends server-sent events ending in
-`data: [DONE]`.  Standard library only (http.server); a bad request is a 400 with an OpenAI-style error body."""
+Requests are decoded together: `runtime.batching.BatchedGenerator` prefills each prompt, then advances every
+running request with one decode-engine step (up to --max-batch rows); more requests wait in a bounded queue
+(--max-queue; beyond it: HTTP 503).  "stream": true sends server-sent events ending in `data: [DONE]`; a client
+that disconnects frees its row at the next step.  Errors are JSON bodies in OpenAI's shape.  Built on FastAPI
+and uvicorn (the `serve` extra: pip install 'ternary-mamba[serve]'); Ctrl-C / SIGTERM shut down gracefully."""
 from __future__ import annotations
 
+import asyncio
 import json
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ..errors import UserError
-from ..ops.device import autocast, precision
-from ..runtime.generate import generate_ids
+from ..ops.device import precision
+from ..runtime.batching import BatchedGenerator, QueueFull
 from ..runtime.load import load_model_and_tokenizer
 from .flags import require
 from ..log import say
 
 MAX_BODY = 1_000_000
+MAX_PROMPT_TOKENS = 32_768
 
 
 class BadRequest(Exception):
@@ -31,12 +34,12 @@ class BadRequest(Exception):
 
 
 class Engine:
-    """The model, its tokenizer and the lock that serialises generation."""
+    """The model, its tokenizer and the batching decoder behind the HTTP routes."""
 
     def __init__(self, cfg):
         self.device, self.dtype = precision(cfg.device, "fp32")
         self.model, self.tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer)
-        self.model = self.model.to(self.device)
+        self.model = self.model.to(self.device).eval()
         if cfg.int8_head:
             from ..runtime.heads import use_int8_head
             use_int8_head(self.model)
@@ -45,10 +48,10 @@ class Engine:
             use_a8_activations(self.model)
         self.name = str(cfg.model)
         self.limit = cfg.max_tokens_limit
-        self.lock = threading.Lock()
+        self.gen = BatchedGenerator(self.model, self.tok.eos_id, cfg.max_batch, cfg.max_queue)
 
-    def complete(self, prompt: str, body: dict):
-        """Yields text pieces as they decode; ends with a ("finish", reason, prompt_tokens, completion_tokens)."""
+    def start(self, prompt: str, body: dict):
+        """Validate the request and queue it: (request, stop strings, prompt tokens)."""
         max_tokens = _int(body, "max_tokens", 16, 1, self.limit)
         temperature = _num(body, "temperature", 1.0, 0.0, 10.0)
         top_p = _num(body, "top_p", 1.0, 1e-6, 1.0)
@@ -60,11 +63,21 @@ class Engine:
         ids = self.tok.encode(prompt)
         if not ids:
             raise BadRequest("the prompt encodes to no tokens")
+        if len(ids) > MAX_PROMPT_TOKENS:
+            raise BadRequest(f"the prompt is {len(ids)} tokens; at most {MAX_PROMPT_TOKENS}")
+        return self.gen.submit(ids, max_tokens, temperature, top_p, seed), stop, len(ids)
+
+    async def pieces(self, req, stop: list[str]):
+        """Text pieces as they decode (complete UTF-8 only, cut at a stop string); the request is cancelled
+        when the consumer stops early (a client that went away)."""
         out: list[int] = []
-        shown, reason = "", "length"
-        with self.lock, autocast(self.device, self.dtype):
-            for t in generate_ids(self.model, ids, max_tokens, temperature, top_p, seed, self.tok.eos_id):
-                out.append(t)
+        shown, reason = "", None
+        try:
+            while True:
+                toks = await asyncio.to_thread(req.get_ready)
+                if toks is None:
+                    break
+                out += toks
                 text = self.tok.decode(out)
                 hit = next((text.index(s) for s in stop if s in text), None)
                 if hit is not None:
@@ -74,10 +87,9 @@ class Engine:
                     shown = text
                 if reason == "stop":
                     break
-            else:
-                if len(out) < max_tokens:
-                    reason = "stop"            # the end-of-text token
-        yield ("finish", reason, len(ids), len(out))
+        finally:
+            req.cancel()
+        yield ("finish", reason or req.finish_reason or "length", len(out))
 
 
 def _num(body: dict, key: str, default: float, lo: float, hi: float) -> float:
@@ -110,117 +122,161 @@ def chat_prompt(messages) -> str:
     return "\n".join(lines) + "\nAssistant:"
 
 
-def make_handler(engine: Engine):
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "ternary-mamba"
+def _error(code: int, msg: str, kind: str = "invalid_request_error"):
+    from fastapi.responses import JSONResponse
+    return JSONResponse({"error": {"message": msg, "type": kind, "code": code}}, status_code=code)
 
-        def log_message(self, fmt, *args):          # one line per request on stderr, as servers do
-            pass
 
-        def _json(self, code: int, obj) -> None:
-            data = json.dumps(obj).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+def make_app(engine: Engine):
+    """The FastAPI application over `engine` (its routes are the module docstring's)."""
+    try:
+        from fastapi import FastAPI, Request
+        from fastapi.responses import StreamingResponse
+        from starlette.exceptions import HTTPException
+    except ImportError:
+        raise UserError("serve needs FastAPI and uvicorn: pip install 'ternary-mamba[serve]'") from None
+    from contextlib import asynccontextmanager
 
-        def _error(self, code: int, msg: str) -> None:
-            self._json(code, {"error": {"message": msg, "type": "invalid_request_error", "code": code}})
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        engine.gen.close()                    # graceful shutdown: running requests end, the worker stops
 
-        def do_GET(self):
-            if self.path == "/health":
-                return self._json(200, {"status": "ok"})
-            if self.path == "/v1/models":
-                return self._json(200, {"object": "list", "data": [{"id": engine.name, "object": "model",
-                                                                    "owned_by": "ternary-mamba"}]})
-            self._error(404, f"no route {self.path}")
+    app = FastAPI(title="ternary-mamba", lifespan=lifespan)
 
-        def do_POST(self):
-            if self.path not in ("/v1/completions", "/v1/chat/completions"):
-                return self._error(404, f"no route {self.path}")
-            try:
-                n = int(self.headers.get("Content-Length") or 0)
-                if not 0 < n <= MAX_BODY:
-                    raise BadRequest(f"the body must be JSON of at most {MAX_BODY} bytes")
-                body = json.loads(self.rfile.read(n))
-                if not isinstance(body, dict):
-                    raise BadRequest("the body must be a JSON object")
-                chat = self.path.endswith("chat/completions")
-                if chat:
-                    prompt = chat_prompt(body.get("messages"))
-                else:
-                    prompt = body.get("prompt")
-                    if isinstance(prompt, list) and len(prompt) == 1:
-                        prompt = prompt[0]
-                    if not isinstance(prompt, str):
-                        raise BadRequest("\"prompt\" must be a string")
-                pieces = engine.complete(prompt, body)
-                first = next(pieces)              # validation errors surface before any byte is sent
-            except (BadRequest, json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
-                return self._error(400, str(e) if isinstance(e, BadRequest) else f"not valid JSON ({e})")
-            except UserError as e:
-                return self._error(400, str(e))
-            rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-            created = int(time.time())
-            kind = "chat.completion" if chat else "text_completion"
-            if body.get("stream"):
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Cache-Control", "no-cache")
-                self.end_headers()
-                try:
-                    for piece in _chain(first, pieces):
-                        if isinstance(piece, tuple):
-                            choice = ({"index": 0, "delta": {}, "finish_reason": piece[1]} if chat else
-                                      {"index": 0, "text": "", "finish_reason": piece[1]})
-                        else:
-                            choice = ({"index": 0, "delta": {"content": piece}, "finish_reason": None} if chat
-                                      else {"index": 0, "text": piece, "finish_reason": None})
-                        obj = {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created,
-                               "model": engine.name, "choices": [choice]}
-                        self.wfile.write(f"data: {json.dumps(obj)}\n\n".encode())
-                        self.wfile.flush()
-                    self.wfile.write(b"data: [DONE]\n\n")
-                except (BrokenPipeError, ConnectionResetError):   # the client left: free the model for the next
-                    pieces.close()
-                return
-            text, fin = "", ("finish", "length", 0, 0)
-            for piece in _chain(first, pieces):
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc):      # 404 / 405 in OpenAI's error shape
+        return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "waiting": len(engine.gen._pending), "decoding": len(engine.gen._active)}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": engine.name, "object": "model", "owned_by": "ternary-mamba"}]}
+
+    async def complete(request, chat: bool):
+        try:
+            if int(request.headers.get("content-length") or 0) > MAX_BODY:
+                raise BadRequest(f"the body must be JSON of at most {MAX_BODY} bytes")
+            raw = await request.body()
+            if not 0 < len(raw) <= MAX_BODY:
+                raise BadRequest(f"the body must be JSON of at most {MAX_BODY} bytes")
+            body = json.loads(raw)
+            if not isinstance(body, dict):
+                raise BadRequest("the body must be a JSON object")
+            if chat:
+                prompt = chat_prompt(body.get("messages"))
+            else:
+                prompt = body.get("prompt")
+                if isinstance(prompt, list) and len(prompt) == 1:
+                    prompt = prompt[0]
+                if not isinstance(prompt, str):
+                    raise BadRequest("\"prompt\" must be a string")
+            req, stop, n_prompt = engine.start(prompt, body)
+        except QueueFull as e:
+            return _error(503, str(e), "server_busy")
+        except (BadRequest, UserError) as e:
+            return _error(400, str(e))
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            return _error(400, f"not valid JSON ({str(e)[:100]})")
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        created, kind = int(time.time()), "chat.completion" if chat else "text_completion"
+
+        def choice(text: str | None, finish: str | None, final: bool = False) -> dict:
+            if chat and final:
+                return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+            if chat:
+                return {"index": 0, "delta": {} if text is None else {"content": text}, "finish_reason": finish}
+            return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+
+        if body.get("stream"):
+            async def events():
+                async for piece in engine.pieces(req, stop):
+                    c = choice(None, piece[1]) if isinstance(piece, tuple) else choice(piece, None)
+                    obj = {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created,
+                           "model": engine.name, "choices": [c]}
+                    yield f"data: {json.dumps(obj)}\n\n"
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        text, fin = "", ("finish", "length", 0)
+        try:
+            async for piece in engine.pieces(req, stop):
                 if isinstance(piece, tuple):
                     fin = piece
                 else:
                     text += piece
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": fin[1]}
-                      if chat else {"index": 0, "text": text, "finish_reason": fin[1], "logprobs": None})
-            self._json(200, {"id": rid, "object": kind, "created": created, "model": engine.name,
-                             "choices": [choice], "usage": {"prompt_tokens": fin[2], "completion_tokens": fin[3],
-                                                            "total_tokens": fin[2] + fin[3]}})
-    return Handler
+        except UserError as e:
+            return _error(500, str(e), "server_error")
+        return {"id": rid, "object": kind, "created": created, "model": engine.name,
+                "choices": [choice(text, fin[1], final=True)],
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": fin[2], "total_tokens": n_prompt + fin[2]}}
+
+    async def completions(request):
+        return await complete(request, chat=False)
+
+    async def chat_completions(request):
+        return await complete(request, chat=True)
+
+    for path, route in (("/v1/completions", completions), ("/v1/chat/completions", chat_completions)):
+        route.__annotations__ = {"request": Request}   # the class itself: this module's annotations are strings
+        app.add_api_route(path, route, methods=["POST"])
+    return app
 
 
-def _chain(first, rest):
-    yield first
-    yield from rest
+class Server:
+    """A running server (uvicorn in a thread of this process): what tests and `bench serve` start."""
 
+    def __init__(self, cfg):
+        require(cfg, "model", command="serve")
+        try:
+            import uvicorn
+        except ImportError:
+            raise UserError("serve needs FastAPI and uvicorn: pip install 'ternary-mamba[serve]'") from None
+        import socket
+        self.engine = Engine(cfg)
+        self.app = make_app(self.engine)
+        try:
+            self.sock = socket.create_server((cfg.host, cfg.port))
+        except OSError as e:
+            raise UserError(f"{cfg.host}:{cfg.port}: cannot listen ({e.strerror})") from None
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.uvicorn = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=10))
 
-def make_server(cfg) -> ThreadingHTTPServer:
-    """The server, bound and ready (`serve_forever()` runs it); `server.server_address` says where."""
-    require(cfg, "model", command="serve")
-    engine = Engine(cfg)
-    try:
-        return ThreadingHTTPServer((cfg.host, cfg.port), make_handler(engine))
-    except OSError as e:
-        raise UserError(f"{cfg.host}:{cfg.port}: cannot listen ({e.strerror})") from None
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def run(self) -> None:
+        """Serve until SIGINT / SIGTERM (uvicorn's handlers: stop accepting, finish what runs, close)."""
+        self.uvicorn.run(sockets=[self.sock])
+
+    def start_in_thread(self) -> "Server":
+        import threading
+        self.uvicorn.config.install_signal_handlers = False   # not the main thread
+        self._thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self._thread.start()
+        while not self.uvicorn.started:
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+        if getattr(self, "_thread", None):
+            self._thread.join(30)
+        self.engine.gen.close()
+        self.sock.close()
 
 
 def serve(cfg) -> None:
     """`ternary-mamba serve` (cfg: commands.tool_configs.ServeConfig): runs until interrupted."""
-    server = make_server(cfg)
-    host, port = server.server_address[:2]
-    say(f"serving {cfg.model} at http://{host}:{port}/v1 (OpenAI-compatible: /v1/completions, "
-          f"/v1/chat/completions, /v1/models); Ctrl-C stops it", flush=True)
+    server = Server(cfg)
+    say(f"serving {cfg.model} at {server.url}/v1 (OpenAI-compatible: /v1/completions, /v1/chat/completions, "
+        f"/v1/models; up to {cfg.max_batch} requests decoded together, {cfg.max_queue} waiting); Ctrl-C stops it",
+        flush=True)
     try:
-        server.serve_forever()
+        server.run()
     finally:
-        server.server_close()
+        server.engine.gen.close()
+        server.sock.close()

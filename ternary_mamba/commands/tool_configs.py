@@ -55,6 +55,8 @@ class ServeConfig(Config):
     port: int = option(8080, help="TCP port (0: any free one, printed)")
     tokenizer: str | None = option(None, help="tokenizer.json (default: the model's)")
     max_tokens_limit: int = option(2048, help="the most tokens one request may generate")
+    max_batch: int = option(8, help="requests decoded together (one decode step advances all of them)")
+    max_queue: int = option(64, help="requests that may wait for a place in the batch (more: HTTP 503)")
     int8_head: bool = option(False, help="8-bit output head (faster decoding; logits change slightly)")
     a8: bool = option(False, help="packed models: int8 activations (faster, not bit-exact)")
     device: str | None = option(None, help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -66,5 +68,10 @@ class ServeConfig(Config):
             raise UserError(f"--port {self.port}: must be in 0..65535")
         if self.max_tokens_limit < 1:
             raise UserError("--max-tokens-limit must be >= 1")
+        from ..spec import DECODE_MAX_BATCH
+        if not 1 <= self.max_batch <= DECODE_MAX_BATCH:
+            raise UserError(f"--max-batch {self.max_batch}: must be in 1..{DECODE_MAX_BATCH}")
+        if not 1 <= self.max_queue <= 1 << 16:
+            raise UserError(f"--max-queue {self.max_queue}: must be in 1..65536")
         if self.threads is not None and self.threads < 1:
             raise UserError("--threads must be >= 1")
