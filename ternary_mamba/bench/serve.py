@@ -88,7 +88,7 @@ def run_bench_serve(cfg) -> dict:
         model = cfg.model or str(_packed_bundled(Path(tmp)))
         label = cfg.model or "bundled teacher (absmean PTQ, packed tq2)"
         server = Server(ServeConfig(model=model, port=0, max_batch=max(cfg.clients), max_queue=4 * max(cfg.clients),
-                                    max_tokens_limit=max(cfg.max_tokens, 1))).start_in_thread()
+                                    max_tokens_limit=max(cfg.max_tokens, 8))).start_in_thread()
         try:
             client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=600)
             _level(client, server.engine.name, 1, 1, 8, server.engine)          # warm-up: kernels built, caches
