@@ -137,3 +137,23 @@ def test_a_full_queue_is_refused_not_grown():
         assert [len(list(r)) <= 4 for r in reqs] == [True, True]
     gen.close()
     assert all(r.finish_reason in ("length", "stop") for r in reqs)
+
+
+def test_a_sampled_completion_equals_generate_with_the_same_seed(client):
+    """Rows are sampled with their own generator (one uniform draw each): sharing decode steps with other
+    requests does not change a request's tokens."""
+    r = client.completions.create(model="bundled", prompt="The sea", max_tokens=10, temperature=0.9, top_p=0.8, seed=7)
+    want = generate(GenerateConfig(model="bundled", prompt="The sea", max_new_tokens=10, temperature=0.9, top_p=0.8,
+                                   seed=7))
+    assert r.choices[0].text == want
+
+
+def test_sample_rows_are_independent_of_their_neighbours():
+    import torch
+    from ternary_mamba.runtime.generate import sample_rows
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2, 3)]   # noqa: E731
+    together = sample_rows(logits, [1.0, 0.0, 0.7], [1.0, 1.0, 0.9], gens())
+    alone = [sample_rows(logits[i:i + 1], [t], [p], [g])[0] for i, (t, p, g) in
+             enumerate(zip([1.0, 0.0, 0.7], [1.0, 1.0, 0.9], gens()))]
+    assert together.tolist() == [int(a) for a in alone] and together[1] == logits[1].argmax()

@@ -28,7 +28,7 @@ from ..log import logger
 from ..ops.device import module_device
 from ..spec import DECODE_MAX_BATCH
 from . import decode_engine
-from .generate import sample_next
+from .generate import sample_next, sample_rows
 
 _END = object()
 
@@ -182,11 +182,13 @@ class BatchedGenerator:
         self.steps += 1
         self.rows += len(self._active)
         keep = []
-        for i, r in enumerate(self._active):
+        act = self._active
+        toks = sample_rows(logits[:, :self.vocab], [r.temperature for r in act], [r.top_p for r in act],
+                           [self._gens[id(r)] for r in act]).tolist()
+        for i, (r, tok) in enumerate(zip(act, toks)):
             if r._cancelled.is_set():
                 self._finish(r, "cancelled")
                 continue
-            tok = int(sample_next(logits[i:i + 1, :self.vocab], r.temperature, r.top_p, self._gens[id(r)])[0])
             if not self._emit(r, tok):
                 self._last[id(r)] = tok
                 keep.append(i)

@@ -11,18 +11,51 @@ from .decode_engine import session
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
-    """logits (b, V) -> token ids (b,).  temperature 0 = greedy; top_p < 1 = nucleus sampling."""
+    """logits (b, V) -> token ids (b,), every row with the same settings and generator.  temperature 0 = greedy;
+    top_p < 1 = nucleus sampling."""
+    return sample_rows(logits, [temperature] * logits.size(0), [top_p] * logits.size(0), [gen] * logits.size(0))
+
+
+def sample_rows(logits: torch.Tensor, temperatures: list[float], top_ps: list[float],
+                gens: list[torch.Generator]) -> torch.Tensor:
+    """logits (b, V) -> token ids (b,), row i with its own temperature, top-p and generator, in one vectorised
+    pass (a serving batch samples every request at once).  Inverse-CDF sampling: one uniform draw per row from
+    its generator, so a row's token does not depend on the other rows."""
     if not bool(torch.isfinite(logits).all()):
         raise UserError("the model produced NaN or infinite logits: its weights are corrupt or overflowed")
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, idx = probs.sort(dim=-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
+    out = logits.argmax(-1)
+    plain = [i for i, t in enumerate(temperatures) if t > 0 and top_ps[i] >= 1.0]
+    nucleus = [i for i, t in enumerate(temperatures) if t > 0 and top_ps[i] < 1.0]
+    for rows, sort in ((plain, False), (nucleus, True)):   # each row always takes the same path, alone or not
+        if not rows:
+            continue
+        idx = torch.tensor(rows, device=logits.device)
+        temp = torch.tensor([temperatures[i] for i in rows], device=logits.device, dtype=torch.float32)
+        probs = torch.softmax(logits.index_select(0, idx).float() / temp[:, None], dim=-1)
+        if sort:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            top_p = torch.tensor([top_ps[i] for i in rows], device=logits.device, dtype=torch.float32)
+            cdf = (sorted_p * (sorted_p.cumsum(-1) - sorted_p < top_p[:, None])).cumsum(-1)  # keeps the top token
+        else:                                   # no nucleus: the CDF in vocabulary order (no sort)
+            order, cdf = None, probs.cumsum(-1)
+        u = torch.stack([torch.rand((), generator=gens[i]) for i in rows]).to(logits.device) * cdf[:, -1]
+        pick = torch.searchsorted(cdf, u[:, None].contiguous(), right=True).clamp_max_(cdf.size(-1) - 1)
+        out[idx] = (pick if order is None else order.gather(-1, pick)).squeeze(-1)
+    return out
+    idx = torch.tensor(rows, device=logits.device)
+    temp = torch.tensor([temperatures[i] for i in rows], device=logits.device, dtype=torch.float32)
+    probs = torch.softmax(logits.index_select(0, idx).float() / temp[:, None], dim=-1)
+    if all(top_ps[i] >= 1.0 for i in rows):     # no nucleus: the CDF in vocabulary order (no sort)
+        order, cdf = None, probs.cumsum(-1)
+    else:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        top_p = torch.tensor([top_ps[i] for i in rows], device=logits.device, dtype=torch.float32)
+        sorted_p = sorted_p * (sorted_p.cumsum(-1) - sorted_p < top_p[:, None])   # keeps the most likely token
+        cdf = sorted_p.cumsum(-1)
+    u = torch.stack([torch.rand((), generator=gens[i]) for i in rows]).to(logits.device) * cdf[:, -1]
+    pick = torch.searchsorted(cdf, u[:, None].contiguous(), right=True).clamp_max_(cdf.size(-1) - 1)
+    out[idx] = (pick if order is None else order.gather(-1, pick)).squeeze(-1)
+    return out
 
 
 @torch.no_grad()
