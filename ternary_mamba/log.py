@@ -1,5 +1,5 @@
 """What the package says as it works (progress, tables, where results went): one logger, "ternary_mamba", at INFO,
-written to the current standard output.  The command line shows it; from Python, silence it with
+written to the current standard output (warnings to standard error).  The command line shows it; from Python, silence it with
 `logging.getLogger("ternary_mamba").setLevel(logging.WARNING)` or `with ternary_mamba.quiet(): ...`.
 Errors are exceptions (`UserError`), never log lines."""
 from __future__ import annotations
@@ -13,12 +13,14 @@ logger = logging.getLogger("ternary_mamba")
 
 
 class _Stdout(logging.Handler):
-    """To whatever sys.stdout is at the time (a redirected or captured stdout included)."""
+    """To whatever sys.stdout is at the time (a redirected or captured stdout included); warnings to stderr, so
+    that what a command writes as its result (generated text, tables) stays clean."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            sys.stdout.write(self.format(record) + "\n")
-            sys.stdout.flush()
+            out = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+            out.write(self.format(record) + "\n")
+            out.flush()
         except Exception:  # noqa: BLE001 - logging never raises into the caller
             self.handleError(record)
 

@@ -55,3 +55,17 @@ def test_a_kernel_that_does_not_compile_fails_where_kernels_are_required(tmp_pat
     env.pop("TERNARY_MAMBA_REQUIRE_KERNELS")
     r = subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip() == "ok"   # for users: a portable build instead
+
+
+def test_a_missing_compiler_is_one_line_and_the_pytorch_path_runs(tmp_path):
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "TERNARY_MAMBA_CACHE": str(tmp_path / "cache")}
+    env.pop("TERNARY_MAMBA_REQUIRE_KERNELS", None)
+    r = subprocess.run([sys.executable, "-m", "ternary_mamba", "generate", "bundled", "--prompt", "Hi",
+                        "--max-new-tokens", "3", "--temperature", "0"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-500:]
+    lines = [l for l in r.stderr.splitlines() if "unavailable" in l]
+    assert len(lines) == 1 and "no-such-cc" in lines[0] and "Traceback" not in r.stderr, r.stderr

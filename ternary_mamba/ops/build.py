@@ -15,7 +15,6 @@ import hashlib
 import os
 import shutil
 import subprocess
-import warnings
 from pathlib import Path
 
 CSRC = Path(__file__).parent / "csrc"   # every .c file here is built into one library
@@ -139,7 +138,9 @@ def get_kernel():
     except (RuntimeError, OSError) as e:
         if _strict():
             raise RuntimeError(f"{e} (TERNARY_MAMBA_REQUIRE_KERNELS=1: no fallback)") from e
-        warnings.warn(f"ternary kernel unavailable ({e}); using the slower pure-PyTorch path", stacklevel=2)
+        from ..log import logger    # one line (the CLI's handler prints it on stderr), not a warning's two
+        logger.warning("ternary kernels unavailable (%s); using the slower pure-PyTorch path",
+                       str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
         return None
     i64, p = ctypes.c_int64, ctypes.c_void_p
     lib.tq2_gemv.argtypes = [p, p, p, p, i64, i64, i64, i64]
