@@ -78,12 +78,18 @@ def test_lm_eval_adapter_matches_our_scoring(tiny_teacher_dir):
     assert lm.loglikelihood(reqs) == loglikelihoods(lm.model, lm.tok, pairs, batch_size=2)
 
 
-def test_our_evaluator_agrees_with_lm_eval_on_generated_tasks(tiny_teacher_dir, evals_dir):
+def test_our_evaluator_agrees_with_lm_eval_on_generated_tasks(tiny_teacher_dir, evals_dir, caplog):
+    """... and the task files we write are complete: lm-eval fills in no default and warns about nothing."""
+    import logging
     pytest.importorskip("lm_eval")
     from ternary_mamba.eval.harness_tasks import run_harness
     tasks = parse_tasks("all")
     ours = evaluate_model(str(tiny_teacher_dir), tasks, evals_dir, None, 4, 1024, log=lambda *_: None)["tasks"]
-    theirs = run_harness(str(tiny_teacher_dir), tasks, evals_dir, None, 4)
+    with caplog.at_level(logging.INFO):
+        theirs = run_harness(str(tiny_teacher_dir), tasks, evals_dir, None, 4)
+    noise = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING or "using default" in
+             r.getMessage() or "Overwriting default" in r.getMessage()]
+    assert not noise, noise[:3]
     for t in tasks:
         for metric in ("acc", "acc_norm", "perplexity"):
             if metric in theirs[t]:

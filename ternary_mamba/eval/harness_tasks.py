@@ -8,9 +8,10 @@ from pathlib import Path
 
 from .tasks import jsonl_records
 
-MC = "output_type: multiple_choice\ntest_split: test\n"
-ACC = "metric_list:\n  - metric: acc\n"
-ACC_NORM = ACC + "  - metric: acc_norm\n"
+MC = "output_type: multiple_choice\ntest_split: test\nnum_fewshot: 0\n"
+# every metric complete (aggregation and direction), so lm-eval fills in nothing and warns about nothing
+ACC = "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+ACC_NORM = ACC + "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
 
 YAML = {
     "boolq": MC + 'doc_to_text: "{{passage}}\\nQuestion: {{question}}?\\nAnswer:"\ndoc_to_target: label\n'
@@ -25,9 +26,10 @@ YAML = {
                 'doc_to_target: "{{choices.label.index(answerKey)}}"\ndoc_to_choice: "{{choices.text}}"\n' + ACC_NORM,
     "openbookqa": MC + "doc_to_text: question_stem\ndoc_to_target: \"{{choices.label.index(answerKey.lstrip())}}\"\n"
                   'doc_to_choice: "{{choices.text}}"\n' + ACC_NORM,
-    "lambada_openai": "output_type: loglikelihood\ntest_split: test\n"
+    "lambada_openai": "output_type: loglikelihood\ntest_split: test\nnum_fewshot: 0\n"
                       "doc_to_text: \"{{text.split(' ')[:-1]|join(' ')}}\"\ndoc_to_target: \"{{' '+text.split(' ')[-1]}}\"\n"
-                      "metric_list:\n  - metric: perplexity\n  - metric: acc\n",
+                      "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
+                      "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n",
 }
 YAML["arc_challenge"] = YAML["arc_easy"]
 
@@ -99,6 +101,11 @@ def run_harness(model_path: str, tasks: list[str], data_dir: Path, limit: int | 
         write_harness_tasks(tasks, data_dir, Path(tmp), limit)
         tm = TaskManager(include_path=tmp, include_defaults=False)
         lm = TernaryMambaLM(model_path, batch_size=batch_size)
-        res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, num_fewshot=0)
+        try:                                   # the local JSON files load in milliseconds: no progress bars
+            import datasets
+            datasets.disable_progress_bars()
+        except ImportError:
+            pass
+        res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm)   # zero-shot: the YAMLs say so
     return {t: {k.split(",")[0]: v for k, v in r.items() if isinstance(v, (int, float))}
             for t, r in res["results"].items()}
