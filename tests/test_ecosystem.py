@@ -146,6 +146,14 @@ def test_cards_carry_valid_metadata_and_no_machine_paths(run, tmp_path, capsys):
     card = (tmp_path / "p" / "README.md").read_text()
     front = card.split("---")[1]
     assert "base_model" not in front                   # a local teacher is no hub id
+    hub = pytest.importorskip("huggingface_hub")
+    data = hub.ModelCard(card).data.to_dict()          # the hub's own parser reads the metadata
+    assert data["library_name"] == "ternary-mamba" and "ternary" in data["tags"]
+    from ternary_mamba.formats.hf import card_metadata
+    assert hub.ModelCard("---\n" + card_metadata("hf", "state-spaces/mamba2-130m").strip() + "\n---\n").data.base_model == \
+        "state-spaces/mamba2-130m"
+    assert "base_model" not in card_metadata("hf", "/abs/path/teacher") and "base_model" not in card_metadata(
+        "hf", "./teacher")
     assert str(tmp_path) not in card and str(run) not in card
     capsys.readouterr()
     assert main(["push", str(run), "me/x", "--dry-run"]) == 1

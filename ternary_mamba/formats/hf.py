@@ -56,16 +56,28 @@ def _source_name(source: str) -> str:
     return f"`{Path(path).name}`" + (f" ({note}" if note else "")
 
 
+def card_metadata(fmt: str, base_model: str | None) -> str:
+    """The card's YAML metadata, made by huggingface_hub's ModelCardData when it is installed (the hub's own
+    schema and field names), else the same fields by hand.  base_model is a hub id or absent, never a path."""
+    fields = {"library_name": "transformers" if fmt == "hf" else "ternary-mamba",
+              "tags": ["mamba2", "ternary", "quantization", "w1.58a16", "ternary-mamba"]}
+    if base_model and base_model.count("/") == 1 and not base_model.startswith((".", "/")):
+        fields["base_model"] = base_model
+    try:
+        from huggingface_hub import ModelCardData
+    except ImportError:
+        import yaml
+        return yaml.safe_dump(fields, sort_keys=False)
+    return ModelCardData(**fields).to_yaml()
+
+
 def model_card(model, source: str, fmt: str, extra: dict | None = None) -> str:
     """README.md for an exported model: what it is, how it was made, what it measured, how big it is."""
     cfg, q = model.config, getattr(model, "ternary_config", None) or getattr(model, "converted_from", None)
     n = sum(count_params_by_component(cfg).values())
     e = extra or {}
-    lines = ["---", "library_name: transformers" if fmt == "hf" else "library_name: ternary-mamba",
-             "tags: [mamba2, ternary, quantization, w1.58a16, ternary-mamba]"]
-    if e.get("base_model"):
-        lines.append(f"base_model: {e['base_model']}")
-    lines += ["---", "", f"# {Path(source).name} — ternary Mamba-2 ({fmt})", "",
+    lines = ["---", card_metadata(fmt, e.get("base_model")).strip(), "---", "",
+             f"# {Path(source).name} — ternary Mamba-2 ({fmt})", "",
               f"A Mamba-2 ({n / 1e6:,.1f} M parameters, d_model {cfg.d_model}, {cfg.n_layer} layers) whose "
               "in_proj / out_proj weights are ternary, {-1, 0, +1} x one scale per group (W1.58A16), made with "
               "[ternary-mamba](https://pypi.org/project/ternary-mamba/) by grouped quantization-aware training "
