@@ -252,6 +252,15 @@ AUTO_THREADS = ("quantize", "pretrain", "experiment", "ptq", "eval", "ppl", "par
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .errors import cli_mode
+    cli_mode(True)
+    try:
+        return _main(argv)
+    finally:
+        cli_mode(False)
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["lm-eval"]:          # lm-eval parses its own flags, --help included
         from .errors import UserError

@@ -147,3 +147,18 @@ def test_the_api_says_what_it_does_through_a_logger_that_can_be_silenced(tmp_pat
         assert capsys.readouterr().out == ""
     finally:
         logging.getLogger("ternary_mamba").setLevel(logging.INFO)
+
+
+def test_errors_name_flags_on_the_command_line_and_arguments_in_python(tmp_path, capsys):
+    """The same refusal: `--resume` / `--out` for a CLI user, `resume` / `out` for a Python caller."""
+    from ternary_mamba.cli import main
+    from ternary_mamba.errors import UserError, as_argument
+    assert as_argument("pass --resume or another --out; --max-new-tokens 3; a-b --x") == \
+        "pass resume or another out; max_new_tokens 3; a-b x"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("mine")
+    assert main(["quantize", "--out", str(tmp_path / "run"), "--tokens", "4096"]) == 1
+    assert "pass --resume to continue it or choose another --out" in capsys.readouterr().err
+    from ternary_mamba import QuantizeConfig, quantize
+    with pytest.raises(UserError, match="pass resume to continue it or choose another out"):
+        quantize(QuantizeConfig(out=str(tmp_path / "run")))

@@ -70,7 +70,7 @@ def test_pretrain_config_is_a_run_config_and_a_model_config_is_refused_in_one_li
     cfg = _cfg(["pretrain", "--model-config", str(f), "--tokenizer", "t.json", "--data", "d", "--out", "o"])
     assert isinstance(cfg, PretrainConfig) and cfg.model == str(f)
     for wrong in (str(f), "teacher-8k"):
-        with pytest.raises(UserError, match="--model-config"):
+        with pytest.raises(UserError, match="model_config"):
             _cfg(["pretrain", "--config", wrong])
     run = tmp_path / "run.json"
     run.write_text(json.dumps({"command": "pretrain", "config": {"model": "tiny", "train": {"tokens": 777}}}))

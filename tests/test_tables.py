@@ -97,7 +97,7 @@ def test_bad_quantized_embedding_files(tmp_path):
     from safetensors.torch import load_file, save_file
     m = random_model(tiny_config(d_model=64))
     quantize_(m, TernaryConfig(group_size=32))
-    with pytest.raises(UserError, match="--embedding q3"):
+    with pytest.raises(UserError, match="embedding q3"):
         export_packed(m, tmp_path / "x", "tq2", embedding="q3")
     export_packed(m, tmp_path / "p", "tq2", embedding="q4")
     cfg = json.loads((tmp_path / "p" / "config.json").read_text())
