@@ -67,7 +67,7 @@ def test_tokenizer_for_a_mamba_ssm_checkpoint_without_one(tmp_path, monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "config.json").write_text('{"d_model": 64, "n_layer": 2, "vocab_size": 512, '
                                           '"ssm_cfg": {"layer": "Mamba2"}}')
-    with pytest.raises(UserError, match="GPT-NeoX-20B's; pass --tokenizer EleutherAI/gpt-neox-20b"):
+    with pytest.raises(UserError, match="GPT-NeoX-20B's; pass tokenizer EleutherAI/gpt-neox-20b"):
         tokenizer_path_for(tmp_path)
     assert tokenizer_path_for(tmp_path, str(BUNDLED_TOKENIZER)) == BUNDLED_TOKENIZER
     with pytest.raises(UserError, match="no tokenizer.json"):
