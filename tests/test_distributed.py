@@ -108,3 +108,24 @@ def test_a_fault_on_one_rank_stops_every_rank_promptly(setup, text_dir, tmp_path
     assert message in out, out[-2000:]
     ours = [l for l in out.splitlines() if l.startswith("ternary-mamba pretrain: error:")]
     assert len(ours) == 1 if fault.startswith("nan") else len(ours) >= 1, ours
+
+
+def test_fsdp_checkpoints_are_sharded_and_resume_at_another_world_size(setup, text_dir):
+    """An FSDP run on 2 ranks writes one shard per rank (nothing gathered to rank 0); killed inside step 7, it
+    resumes in one process (world size 2 -> 1, batch doubled) onto the uninterrupted trajectory."""
+    cfg, d, ref = setup
+    out = d / "fsdp-sharded"
+    p = _torchrun(_args(cfg, text_dir, out, batch=8, extra=["--fsdp"]), start_new_session=True, fault="kill@0:7")
+    p.communicate(timeout=600)
+    assert p.returncode != 0
+    ckpt = out / "checkpoint"
+    assert sorted(f.name for f in ckpt.iterdir()) == ["shard-00000-of-00002.safetensors",
+                                                      "shard-00001-of-00002.safetensors", "trainer_state.json"]
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 6
+    r = subprocess.run([sys.executable, "-m", "ternary_mamba", *_args(cfg, text_dir, out, batch=16,
+                                                                      extra=["--fsdp", "--resume"])],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    got = _losses(out)
+    assert len(got) == 12 and max(abs(a - b) for a, b in zip(got, ref)) < 2e-4
+    assert not list(out.glob(".checkpoint.tmp*"))

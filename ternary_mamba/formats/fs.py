@@ -86,11 +86,20 @@ def remove_stale_temps(out: Path) -> int:
     return n
 
 
-def atomic_dir(out: Path, overwrite: bool = False):
+def shared_temp(out: Path) -> Path:
+    """The temporary sibling that several processes write into (a sharded checkpoint: every rank its file) before
+    one of them commits it with `atomic_dir(out, shared=True)`; a `.NAME.tmp*` name, so `remove_stale_temps`
+    clears what a killed save left."""
+    out = Path(out)
+    return out.parent / f".{out.name}.tmp-shared"
+
+
+def atomic_dir(out: Path, overwrite: bool = False, shared: bool = False):
     """Context manager: yields a temporary sibling folder, renamed onto `out` only on success.  Replacing an
     existing `out` renames it aside, renames the new one in, then deletes the old one: at every instant one
     complete version exists under `out` or aside (`recover` puts an aside one back).  Files are fsynced before
-    the renames; permissions follow the umask."""
+    the renames; permissions follow the umask.  shared=True: the temporary folder is `shared_temp(out)` (made
+    empty here), which other processes may write into before the block ends."""
     @contextlib.contextmanager
     def _ctx():
         out_p = Path(out)
@@ -100,7 +109,13 @@ def atomic_dir(out: Path, overwrite: bool = False):
         if out_p.exists() and not out_p.is_dir():
             raise UserError(f"{out_p}: exists and is a file; choose another output folder")
         out_p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_p.name}.tmp", dir=out_p.parent))
+        if shared:
+            tmp = shared_temp(out_p)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out_p.name}.tmp", dir=out_p.parent))
         mask = _umask()
         os.chmod(tmp, 0o777 & ~mask)
         done = False

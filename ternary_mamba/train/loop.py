@@ -115,7 +115,10 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
-        """Full state dicts (gathered under FSDP, a collective), written by rank 0, swapped in atomically."""
+        """Under FSDP on several ranks: every rank writes its shards (train/sharded_checkpoint.py), rank 0 commits
+        the folder atomically once all have written.  Otherwise: the full state dicts, written by rank 0."""
+        if self.fsdp and D.active() and self.world > 1:
+            return self._save_sharded()
         msd, osd = D.full_state(self.inner, self.opt)  # complete on rank 0 only
         if self.rank == 0:
             if self.inner.config.tie_embeddings:
@@ -132,6 +135,27 @@ class Trainer:
         self.saved_step = self.step
         D.barrier()
 
+    def _save_sharded(self) -> None:
+        from ..formats.fs import shared_temp
+        from .sharded_checkpoint import save_shard
+        faults.at(self.rank, self.step)
+        if self.rank == 0:
+            with atomic_dir(self.ckpt_dir, overwrite=True, shared=True) as tmp:
+                D.barrier()                                  # 1. the empty shared folder exists
+                faults.point("save0")
+                save_shard(self.inner, self.opt, tmp, 0, self.world)
+                D.barrier()                                  # 2. every rank has written its shard
+                faults.point("save1")
+                (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "world_size": self.world,
+                                                                    "sharded": True}))
+                faults.point("save3")
+        else:
+            D.barrier()
+            save_shard(self.inner, self.opt, shared_temp(self.ckpt_dir), self.rank, self.world)
+            D.barrier()
+        self.saved_step = self.step
+        D.barrier()                                          # 3. committed before anyone goes on
+
     def _last_good(self) -> str:
         """Where the last checkpoint is: written only after finite steps, so it holds no exploded weights."""
         if self.saved_step is None:
@@ -143,11 +167,15 @@ class Trainer:
         recover(self.ckpt_dir)
         from ..formats.records import read_trainer_state
         state = read_trainer_state(self.ckpt_dir / "trainer_state.json", self.cfg.total_steps)
-        try:
-            msd = load_file(str(self.ckpt_dir / "model.safetensors"))
-            osd = torch.load(self.ckpt_dir / "optimizer.pt", weights_only=True)
-        except Exception as e:
-            raise UserError(f"{self.ckpt_dir}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+        from .sharded_checkpoint import is_sharded, load_sharded
+        if is_sharded(self.ckpt_dir):            # written by an FSDP run: reassembled, at any world size
+            msd, osd, _ = load_sharded(self.ckpt_dir)
+        else:
+            try:
+                msd = load_file(str(self.ckpt_dir / "model.safetensors"))
+                osd = torch.load(self.ckpt_dir / "optimizer.pt", weights_only=True)
+            except Exception as e:
+                raise UserError(f"{self.ckpt_dir}: unreadable checkpoint ({type(e).__name__}: {e})") from None
         check_optimizer_state(osd, self.inner, self.opt, state["step"], self.ckpt_dir / "optimizer.pt")
         if self.inner.config.tie_embeddings and "backbone.embedding.weight" in msd:
             msd["lm_head.weight"] = msd["backbone.embedding.weight"]
