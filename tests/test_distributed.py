@@ -129,3 +129,21 @@ def test_fsdp_checkpoints_are_sharded_and_resume_at_another_world_size(setup, te
     got = _losses(out)
     assert len(got) == 12 and max(abs(a - b) for a, b in zip(got, ref)) < 2e-4
     assert not list(out.glob(".checkpoint.tmp*"))
+
+
+def test_a_sharded_save_killed_midway_leaves_the_previous_checkpoint(setup, text_dir):
+    """Rank 0 killed while step 6's shards are being written: step 4's checkpoint is still whole, the half-written
+    folder is cleared at the next start, and the resumed run (on 2 ranks again) follows the trajectory."""
+    cfg, d, ref = setup
+    out = d / "fsdp-killed-in-save"
+    p = _torchrun(_args(cfg, text_dir, out, batch=8, extra=["--fsdp"]), start_new_session=True,
+                  fault="kill@0:6:save0")
+    p.communicate(timeout=600)
+    assert p.returncode != 0
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 4
+    p = _torchrun(_args(cfg, text_dir, out, batch=8, extra=["--fsdp", "--resume"]))
+    log = p.communicate(timeout=600)[0]
+    assert p.returncode == 0, log[-3000:]
+    got = _losses(out)
+    assert len(got) == 12 and max(abs(a - b) for a, b in zip(got, ref)) < 2e-4
+    assert not list(out.glob(".checkpoint.tmp*"))

@@ -88,18 +88,17 @@ def remove_stale_temps(out: Path) -> int:
 
 def shared_temp(out: Path) -> Path:
     """The temporary sibling that several processes write into (a sharded checkpoint: every rank its file) before
-    one of them commits it with `atomic_dir(out, shared=True)`; a `.NAME.tmp*` name, so `remove_stale_temps`
-    clears what a killed save left."""
+    one of them commits it with `commit_dir`; a `.NAME.tmp*` name, so `remove_stale_temps` clears what a killed
+    save left."""
     out = Path(out)
     return out.parent / f".{out.name}.tmp-shared"
 
 
-def atomic_dir(out: Path, overwrite: bool = False, shared: bool = False):
+def atomic_dir(out: Path, overwrite: bool = False):
     """Context manager: yields a temporary sibling folder, renamed onto `out` only on success.  Replacing an
     existing `out` renames it aside, renames the new one in, then deletes the old one: at every instant one
     complete version exists under `out` or aside (`recover` puts an aside one back).  Files are fsynced before
-    the renames; permissions follow the umask.  shared=True: the temporary folder is `shared_temp(out)` (made
-    empty here), which other processes may write into before the block ends."""
+    the renames; permissions follow the umask."""
     @contextlib.contextmanager
     def _ctx():
         out_p = Path(out)
@@ -109,13 +108,7 @@ def atomic_dir(out: Path, overwrite: bool = False, shared: bool = False):
         if out_p.exists() and not out_p.is_dir():
             raise UserError(f"{out_p}: exists and is a file; choose another output folder")
         out_p.parent.mkdir(parents=True, exist_ok=True)
-        if shared:
-            tmp = shared_temp(out_p)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        else:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out_p.name}.tmp", dir=out_p.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_p.name}.tmp", dir=out_p.parent))
         mask = _umask()
         os.chmod(tmp, 0o777 & ~mask)
         done = False
@@ -126,25 +119,32 @@ def atomic_dir(out: Path, overwrite: bool = False, shared: bool = False):
                 if e.filename is not None and str(e.filename).startswith(str(tmp)):
                     raise OSError(e.errno, e.strerror, str(out_p) + str(e.filename)[len(str(tmp)):]) from None
                 raise
-            for f in tmp.rglob("*"):
-                os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~mask)
-                _fsync_path(f)
-            _fsync_path(tmp)
-            old = aside_path(out_p)
-            if out_p.exists():
-                if old.exists():
-                    shutil.rmtree(old)
-                os.replace(out_p, old)          # 1. the previous version aside (still complete)
-                faults.point("swap")
-            os.replace(tmp, out_p)              # 2. the new one in
+            commit_dir(tmp, out_p)
             done = True
-            _fsync_path(out_p.parent)
-            if old.exists():
-                shutil.rmtree(old, ignore_errors=True)   # 3. only now is the previous version deleted
         finally:
             if not done and tmp.exists():       # the incomplete new version; the previous one is untouched
                 shutil.rmtree(tmp, ignore_errors=True)
     return _ctx()
+
+
+def commit_dir(tmp: Path, out: Path) -> None:
+    """Put the finished folder `tmp` in place of `out` (see `atomic_dir`): fsync, previous version aside, the new
+    one in, then the previous one deleted.  On failure `tmp` stays for the caller to remove."""
+    mask = _umask()
+    for f in tmp.rglob("*"):
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~mask)
+        _fsync_path(f)
+    _fsync_path(tmp)
+    old = aside_path(out)
+    if out.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)                    # 1. the previous version aside (still complete)
+        faults.point("swap")
+    os.replace(tmp, out)                        # 2. the new one in
+    _fsync_path(out.parent)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)  # 3. only now is the previous version deleted
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

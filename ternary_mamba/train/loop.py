@@ -112,11 +112,13 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoint"
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.sinks = None    # extra metric sinks (train/sinks.py), set by the command
+        self._saver = None   # FSDP on several ranks: the asynchronous sharded saver (train/sharded_checkpoint.py)
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
-        """Under FSDP on several ranks: every rank writes its shards (train/sharded_checkpoint.py), rank 0 commits
-        the folder atomically once all have written.  Otherwise: the full state dicts, written by rank 0."""
+        """Under FSDP on several ranks: every rank writes its shards in the background (train/sharded_checkpoint.py)
+        and the save is committed at the next step's start (the last one at once).  Otherwise: the full state
+        dicts, written by rank 0."""
         if self.fsdp and D.active() and self.world > 1:
             return self._save_sharded()
         msd, osd = D.full_state(self.inner, self.opt)  # complete on rank 0 only
@@ -136,25 +138,20 @@ class Trainer:
         D.barrier()
 
     def _save_sharded(self) -> None:
-        from ..formats.fs import shared_temp
-        from .sharded_checkpoint import save_shard
+        from .sharded_checkpoint import ShardedSaver
+        if self._saver is None:
+            self._saver = ShardedSaver(self.ckpt_dir, self.rank, self.world, D.barrier)
         faults.at(self.rank, self.step)
-        if self.rank == 0:
-            with atomic_dir(self.ckpt_dir, overwrite=True, shared=True) as tmp:
-                D.barrier()                                  # 1. the empty shared folder exists
-                faults.point("save0")
-                save_shard(self.inner, self.opt, tmp, 0, self.world)
-                D.barrier()                                  # 2. every rank has written its shard
-                faults.point("save1")
-                (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "world_size": self.world,
-                                                                    "sharded": True}))
-                faults.point("save3")
-        else:
-            D.barrier()
-            save_shard(self.inner, self.opt, shared_temp(self.ckpt_dir), self.rank, self.world)
-            D.barrier()
-        self.saved_step = self.step
-        D.barrier()                                          # 3. committed before anyone goes on
+        committed = self._saver.save(self.inner, self.opt, self.step, wait=self.step >= self.cfg.total_steps)
+        if committed is not None:
+            self.saved_step = committed
+
+    def commit_pending_save(self) -> None:
+        """The asynchronous save of the previous step, committed (every rank calls this at a step's start)."""
+        if self._saver is not None:
+            committed = self._saver.commit()
+            if committed is not None:
+                self.saved_step = committed
 
     def _last_good(self) -> str:
         """Where the last checkpoint is: written only after finite steps, so it holds no exploded weights."""
@@ -265,6 +262,7 @@ class Trainer:
             self.log({"step": 0, "tokens": 0, **{f"eval_{k}": v for k, v in ev.items()}})
         span_s, span_tok = 0.0, 0   # training time and tokens since the last printed line (evaluation excluded)
         while self.step < total:
+            self.commit_pending_save()
             t0 = time.time()
             metrics = self.train_step()
             step_s = time.time() - t0

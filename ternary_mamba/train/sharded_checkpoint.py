@@ -8,8 +8,9 @@ Its safetensors metadata says, as JSON, each tensor's global shape and the rows 
 
 Loading reads every shard, checks that the pieces of each tensor tile its global shape exactly, and gives the
 full (unsharded) state dicts to the loader all runs use (`distributed.load_full_state`): so a sharded
-checkpoint resumes at any world size, or in one process.  The save is a barrier and one file per rank; the
-commit (the atomic swap of the folder) is rank 0's, after every rank has written.
+checkpoint resumes at any world size, or in one process.  Saving is asynchronous (`ShardedSaver`): a copy of the
+shards to CPU memory, a background write, and the commit (rank 0's atomic swap of the folder, after a barrier)
+at the start of the next step.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .. import faults
 from ..errors import UserError
 from ..formats.fs import save_safetensors
 
@@ -48,8 +50,9 @@ def _local_rows(t, rank: int, world: int) -> tuple[torch.Tensor, int | None]:
     return local, start
 
 
-def save_shard(model, optimizer, folder: Path, rank: int, world: int) -> None:
-    """This rank's shard file in `folder` (every rank calls this; no collective inside)."""
+def shard_tensors(model, optimizer, rank: int, world: int) -> tuple[dict, dict]:
+    """A snapshot of this rank's shards (CPU copies: training may go on while they are written) and the file's
+    metadata."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     opts = StateDictOptions(full_state_dict=False)
@@ -73,7 +76,73 @@ def save_shard(model, optimizer, folder: Path, rank: int, world: int) -> None:
     meta = {"layout": json.dumps(layout), "rank": str(rank), "world_size": str(world)}
     if rank == 0:
         meta["param_groups"] = json.dumps(osd["param_groups"])
-    save_safetensors(tensors, Path(folder) / f"shard-{rank:05d}-of-{world:05d}.safetensors", meta)
+    return tensors, meta
+
+
+def shard_name(rank: int, world: int) -> str:
+    return f"shard-{rank:05d}-of-{world:05d}.safetensors"
+
+
+class ShardedSaver:
+    """Asynchronous sharded saves for one rank.  `save` snapshots this rank's shards (a copy to CPU memory), then
+    a background thread writes them while training goes on; `commit` (called by every rank at the start of the
+    next step, or at once for the last save) waits for the writes of every rank (a barrier) and rank 0 swaps the
+    folder in.  Until then the previous checkpoint stays in place, so a kill at any point leaves one complete
+    checkpoint; what a killed save left is removed at the next start (`remove_stale_temps`)."""
+
+    def __init__(self, ckpt_dir: Path, rank: int, world: int, barrier):
+        from ..formats.fs import shared_temp
+        self.ckpt_dir, self.rank, self.world, self.barrier = Path(ckpt_dir), rank, world, barrier
+        self.tmp = shared_temp(self.ckpt_dir)
+        self._pending = None
+
+    def save(self, model, optimizer, step: int, wait: bool) -> int | None:
+        """Start saving `step`; with wait=True also commit it.  Returns the step committed by this call, if any."""
+        import shutil
+        import threading
+        committed = self.commit()
+        if self.rank == 0:
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir(parents=True)
+        self.barrier()                                   # the empty shared folder exists for every rank
+        faults.point("save0")
+        tensors, meta = shard_tensors(model, optimizer, self.rank, self.world)
+        box: dict = {}
+
+        def write() -> None:
+            try:
+                save_safetensors(tensors, self.tmp / shard_name(self.rank, self.world), meta)
+            except BaseException as e:  # noqa: BLE001 - handed to commit(), raised there
+                box["error"] = e
+        thread = threading.Thread(target=write, name="checkpoint-writer", daemon=True)
+        thread.start()
+        self._pending = (step, thread, box)
+        return self.commit() if wait else committed
+
+    def commit(self) -> int | None:
+        """Finish the pending save (every rank calls this); returns its step, or None when none was pending."""
+        if self._pending is None:
+            return None
+        step, thread, box = self._pending
+        self._pending = None
+        thread.join()
+        if "error" in box:
+            e = box["error"]
+            if isinstance(e, OSError) and e.filename and str(e.filename).startswith(str(self.tmp)):
+                raise OSError(e.errno, e.strerror, str(self.ckpt_dir) + str(e.filename)[len(str(self.tmp)):])
+            raise e
+        self.barrier()                                   # every rank's shard is on disk
+        faults.point("save1")
+        if self.rank == 0:
+            from ..formats.fs import commit_dir, recover
+            (self.tmp / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": self.world,
+                                                                     "sharded": True}))
+            faults.point("save3")
+            recover(self.ckpt_dir)
+            commit_dir(self.tmp, self.ckpt_dir)
+        self.barrier()                                   # committed before anyone reads or saves again
+        return step
 
 
 def load_sharded(folder: Path) -> tuple[dict, dict, int]:
