@@ -91,10 +91,15 @@ def wrap(model: torch.nn.Module, fsdp: bool, device: torch.device | None = None)
     if not active():
         return model
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        # The policy is stated, not left to defaults: the all-gathered weights stay fp32, because the ternary codes
+        # are computed from them (a bf16 gather would round weights near a code threshold to the other code, and
+        # the export, made from the fp32 masters, would no longer be the model that was trained); the compute is
+        # 16-bit under autocast; gradients are reduced in fp32.
+        mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
         for layer in model.backbone.layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
     # gradients as views into the all-reduce buckets: one copy of them, not two
