@@ -120,3 +120,15 @@ def test_bench_serve_runs_every_load_level_and_sees_the_batching(tmp_path, capsy
     assert [lv["clients"] for lv in levels] == [1, 3] and all(lv["requests"] == lv["clients"] * 2 for lv in levels)
     assert levels[0]["rows_per_step"] == 1.0 and levels[1]["rows_per_step"] > 1.0
     assert "| clients | tok/s |" in capsys.readouterr().out
+
+
+def test_the_decode_roofline_bytes_add_up_for_every_variant():
+    """The per-part bytes the decode benchmark prints sum to the bytes its roofline divides by, for the dense
+    model and every packed variant (fp16 / int8 head, tied or not)."""
+    from conftest import random_model, tiny_config
+    from ternary_mamba.bench.runtime import build_variants, bytes_breakdown, bytes_per_token
+    for tie in (True, False):
+        for name, m in build_variants(random_model(tiny_config(tie_embeddings=tie, d_model=128)).eval(), "decode").items():
+            parts = bytes_breakdown(m)
+            assert sum(parts.values()) == bytes_per_token(m), (tie, name, parts)
+            assert (parts["codes"] > 0) == (name != "fp32") and parts["head"] > 0

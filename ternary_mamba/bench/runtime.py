@@ -71,6 +71,37 @@ def bytes_per_token(model) -> int:
     return weight_bytes_per_token(model) + state_bytes_per_token(model)
 
 
+def bytes_breakdown(model) -> dict[str, int]:
+    """`bytes_per_token` by what is read: ternary codes, their scales, dense projection weights, the output head,
+    the embedding row, the small per-layer tensors (norms, conv, A, D, dt bias), and the SSM and conv states read
+    and written.  The parts sum to `bytes_per_token`."""
+    from ..runtime.packed_linear import PackedTernaryLinear
+    c = model.config
+    out = {"codes": 0, "scales": 0, "dense weights": 0, "head": 0, "embedding row": 0, "small tensors": 0,
+           "ssm state": 2 * 4 * c.n_layer * c.nheads * c.headdim * c.d_state,
+           "conv state": 2 * 4 * c.n_layer * c.conv_dim * (c.d_conv - 1)}
+    emb = getattr(model.backbone.embedding, "weight", None)
+    head_reads_emb = emb is not None and getattr(model.lm_head, "weight", None) is emb
+    seen = set()
+    for mname, mod in model.named_modules():
+        for pname, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            if t is None or id(t) in seen:
+                continue
+            seen.add(id(t))
+            n = t.numel() * t.element_size()
+            if t is emb:
+                out["head" if head_reads_emb else "embedding row"] += n if head_reads_emb else t.size(1) * t.element_size()
+            elif mname == "lm_head" or mname.startswith("lm_head."):
+                out["head"] += n
+            elif isinstance(mod, PackedTernaryLinear):
+                out["codes" if pname == "codes" else "scales" if pname == "scales" else "small tensors"] += n
+            elif isinstance(mod, torch.nn.Linear) and t.dim() == 2:
+                out["dense weights"] += n
+            else:
+                out["small tensors"] += n
+    return out
+
+
 def weight_bytes_per_token(model) -> int:
     """Bytes of weights a decode step reads: every buffer/parameter once, but only one embedding row (tied head
     reads all)."""
@@ -265,10 +296,12 @@ def run_bench_runtime(cfg) -> None:
                 line += f"  x{r / best['fp32']:5.2f} of fp32"
                 if cfg.what == "decode":
                     share = 100 * nbytes * r / 1e9 / bw
-                    line += (f"  {nbytes / 1e6:7.1f} MB/token (state {state_bytes_per_token(variants[k]) / 1e6:.1f})"
-                             f"  {nbytes * r / 1e9:5.1f} GB/s = " +
-                             (f"{share:3.0f} % of bandwidth" if share <= 100 else
-                              "at the measured bandwidth (the probe read less: a limit, not >100 %)"))
+                    line += (f"  {nbytes / 1e6:7.1f} MB/token  roofline {bw * 1e9 / nbytes:7.1f} tok/s  "
+                             + (f"{share:3.0f} % of it" if share <= 100 else
+                                "at the measured bandwidth (the probe read less: a limit, not >100 %)"))
+                    parts = bytes_breakdown(variants[k])          # sums to nbytes (tests/test_bench.py)
+                    line += "\n" + " " * 24 + "MB/token: " + ", ".join(
+                        f"{p} {v / 1e6:.1f}" for p, v in parts.items() if v)
             say(line)
         if "llama.cpp F32" in best:
             lf, lt = best["llama.cpp F32"], best["llama.cpp TQ2_0"]
