@@ -136,6 +136,11 @@ def triton_norms():
     return _try_import("ternary_mamba.ops.triton_norms")
 
 
+def triton_scan():
+    """ops/triton_scan.py (the SSD scan's forward in Triton, for tensors that need no gradient), or None."""
+    return _try_import("ternary_mamba.ops.triton_scan")
+
+
 def mamba_ssm_scan(x: torch.Tensor):
     """mamba_ssm's `mamba_chunk_scan_combined` for CUDA tensors when it imports, else None (untested here: it
     cannot be imported without CUDA)."""

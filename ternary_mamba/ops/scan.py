@@ -8,6 +8,8 @@ xBC (b, l, h·p + 2·g·n) is the conv + SiLU output (x | B | C side by side; th
   - CPU fp32, gradients needed: the C forward + hand-written backward (ops/autograd.py, csrc/ssd_train.c);
   - CPU fp32, no gradients: the C chunked scan (csrc/ssd_prefill.c);
   - CUDA with mamba_ssm installed: its fused Triton scan (`mamba_chunk_scan_combined`);
+  - CUDA without mamba_ssm, no gradients (the frozen teacher, evaluation, prefill): our Triton forward
+    (ops/triton_scan.py);
   - anything else, or inside `reference_path()`: the reference (chunked PyTorch; "sequential": token by token).
 `ops.dispatch.last_impl("ssd_scan")` names the implementation the latest call took (recorded by runs).
 """
@@ -19,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import autograd as fused
-from .dispatch import kernels_for, mamba_ssm_scan, ran, reference_kind
+from .dispatch import kernels_for, mamba_ssm_scan, ran, reference_kind, triton_for, triton_scan
 from .kernels import ssd_prefill, ssd_step_inplace
 from .ssd_torch import ssd_chunked, ssd_sequential
 from .ssd_torch import ssd_step as _torch_step
@@ -82,6 +84,12 @@ def ssd_scan(xBC: Tensor, dt: Tensor, A: Tensor, D: Tensor, dims: ScanDims,
             ran("ssd_scan", "mamba_ssm")
             return scan(x, dt, A, B, C, dims.chunk_size, D=D, initial_states=initial_state,
                         return_final_states=True)
+        k = dims.chunk_size
+        if not needs_grad(xBC, dt, A, D, initial_state) and triton_for(xBC, dt, A, D, initial_state) \
+                and k >= 16 and k & (k - 1) == 0 and triton_scan() is not None:
+            x, B, C = split_xbc(xBC, dims)       # no gradient wanted (the teacher, evaluation, prefill)
+            ran("ssd_scan", "triton-fwd")
+            return triton_scan().ssd_scan_fwd(x, dt, A, B, C, D, k, initial_state)
     ran("ssd_scan", ref or "torch")
     return ssd_scan_ref(xBC, dt, A, D, dims, initial_state)
 

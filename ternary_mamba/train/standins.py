@@ -65,11 +65,16 @@ def quiet(tracer):
         tracer.fused -= 1
 
 
+FUSED = ("fake_quant", "kd_loss", "teacher_scan")   # the fused CUDA kernels a trace can stand in for
+
+
 @contextlib.contextmanager
-def fused_kernels(tracer=None):
+def fused_kernels(tracer=None, kernels: tuple[str, ...] = FUSED):
     """The CUDA step's fused kernels in place of their PyTorch chains: the fake-quant (reads the fp32 weight and
     its scales, writes the 16-bit weight; backward reads the 16-bit gradient and the weight, writes the fp32
-    gradient) and the KD loss (reads both 16-bit logits; backward writes the 16-bit gradient)."""
+    gradient), the KD loss (reads both 16-bit logits; backward writes the 16-bit gradient) and, where no gradient
+    is wanted (the frozen teacher), the Triton scan forward.  Without a tracer (the memory trace) the scan is
+    left as it is: the teacher keeps nothing for a backward either way."""
     from ..quant import qat
     from . import distill
     real_fq, real_kl = qat.fake_quant, distill.kl_div
@@ -82,8 +87,33 @@ def fused_kernels(tracer=None):
         n = s_logits.numel()
         return LossStandIn.apply(tracer, 4 * n, 6 * n, s_logits)
 
-    qat.fake_quant, distill.kl_div = fake_quant, kl_div
+    from ..core import model as core_model
+    from ..ops.scan import needs_grad, split_xbc
+    real_scan = core_model.ssd_scan
+
+    def ssd_scan(xBC, dt, A, D, dims, initial_state=None):
+        """No gradient wanted (the frozen teacher): the Triton forward (ops/triton_scan.py), three kernels that
+        read x, dt, B, C once and write y, plus the chunk states written, read and carried."""
+        if needs_grad(xBC, dt, A, D, initial_state) or tracer is None or "teacher_scan" not in kernels:
+            return real_scan(xBC, dt, A, D, dims, initial_state)
+        b, l, _ = xBC.shape
+        h, p, g, n, k = dims
+        c = -(-l // k)
+        with quiet(tracer):
+            x, B, C = split_xbc(xBC, dims)
+            out = (x * D[:, None]).float(), x.new_zeros(b, h, p, n, dtype=torch.float32)
+        states = 4 * b * c * h * p * n
+        io = _nbytes(xBC) * 2 + _nbytes(dt) + 4 * b * l * h * p * 2 + 4 * b * h * c * k * 2
+        flops = 2.0 * b * c * h * (k * k * n + k * k * p + 2 * k * p * n)
+        tracer.add("fp32", flops, io + 4 * states)
+        return out
+
+    if "fake_quant" in kernels:
+        qat.fake_quant = fake_quant
+    if "kd_loss" in kernels:
+        distill.kl_div = kl_div
+    core_model.ssd_scan = ssd_scan
     try:
         yield
     finally:
-        qat.fake_quant, distill.kl_div = real_fq, real_kl
+        qat.fake_quant, distill.kl_div, core_model.ssd_scan = real_fq, real_kl, real_scan
