@@ -86,6 +86,7 @@ def plan(cfg: PlanConfig) -> dict:
                   f"forward 2 N, of the nominal peak); counting every traced FLOP (scan, recomputation): "
                   f"{flops * pred.tok_s / (peak * 1e12):.1%}",
                   f"bound by: {pred.bound()}",
+                  *(_outlook(mcfg, q, cfg, gpu, pred) if cfg.outlook else []),
                   "not modelled: communication between GPUs (DDP overlaps it with the backward), the zero-ratio "
                   "monitor (at eval steps); `bench gpu` measures the real step"]
     else:
@@ -101,6 +102,20 @@ def plan(cfg: PlanConfig) -> dict:
     say("\n".join(lines))
     return {"memory_bytes": dict(mem.rows()), "fits": fits, "tok_per_s": tok_s, "hours": hours,
             "flops_per_token": flops, "model_flops_mfu": conventional}
+
+
+def _outlook(mcfg, q, cfg: PlanConfig, gpu, today) -> list[str]:
+    """The same step predicted with the kernels still to come: what a fused mixer would give, and what bounds it."""
+    from ..train.costmodel import predict_step
+    from ..train.standins import FUSED_MIXER, FUSED_MIXER_TC
+    lines = ["outlook (the same cost model):"]
+    for label, kernels in (("fused mixer (scan fwd+bwd, conv, norms), scan in fp32", FUSED_MIXER),
+                           ("... and the scan's products on tensor cores (16-bit in, fp32 sum)", FUSED_MIXER_TC)):
+        p = predict_step(mcfg, q, cfg.batch_size, cfg.seq_len, gpu, cfg.dtype, cfg.activation_checkpointing, kernels)
+        lines.append(f"  {label}: {p.seconds:.2f} s -> {p.tok_s:,.0f} tok/s per GPU ({p.tok_s / today.tok_s:.1f}x "
+                     f"today), model-FLOPs MFU {p.mfu:.1%}, {cfg.tokens / p.tok_s / 3600:.2f} GPU-hours for "
+                     f"{cfg.tokens / 1e6:,.0f} M tokens; bound by {p.bound()}")
+    return lines
 
 
 def _advice(cfg: PlanConfig, mem, usable: float) -> str:

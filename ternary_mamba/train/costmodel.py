@@ -145,7 +145,7 @@ class StepPrediction:
 
     def bound(self) -> str:
         """Where the time goes, largest share first."""
-        parts = sorted(self.costs.seconds.items(), key=lambda kv: -kv[1])
+        parts = sorted(((k, v) for k, v in self.costs.seconds.items() if self.costs.kernels[k]), key=lambda kv: -kv[1])
         names = {"tensor": "16-bit GEMMs", "fp32": "fp32 scan GEMMs", "stream": "memory-bound ops"}
         return ", ".join(f"{names[k]} {v / self.seconds:.0%} ({self.costs.kernels[k]:,} kernels)" for k, v in parts)
 

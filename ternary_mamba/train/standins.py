@@ -65,7 +65,33 @@ def quiet(tracer):
         tracer.fused -= 1
 
 
-FUSED = ("fake_quant", "kd_loss", "teacher_scan")   # the fused CUDA kernels a trace can stand in for
+FUSED = ("fake_quant", "kd_loss", "teacher_scan")   # the fused CUDA kernels the code runs today
+# and those a fully fused mixer adds: the scan's training forward + backward (mamba_ssm's, or ours to come),
+# the causal conv + SiLU and the two RMS norms (our Triton kernels, costed as their PyTorch chains until now)
+FUSED_MIXER = FUSED + ("train_scan", "conv", "norms")
+# and the scan's products on tensor cores (16-bit inputs, fp32 accumulation, as mamba_ssm runs them for 16-bit
+# activations) instead of fp32 CUDA cores
+FUSED_MIXER_TC = FUSED_MIXER + ("scan_tensor_cores",)
+
+
+class Fused(torch.autograd.Function):
+    """One fused kernel each way, with given costs: forward returns `compute()` (run uncounted), backward
+    returns zero gradients of the inputs' shapes (written by the kernel, uncounted beyond its bytes)."""
+
+    @staticmethod
+    def forward(ctx, tracer, fwd, bwd, compute, *inputs):
+        ctx.tracer, ctx.bwd = tracer, bwd
+        ctx.shapes = [(t.shape, t.dtype, t.device) if isinstance(t, torch.Tensor) else None for t in inputs]
+        tracer.add(*fwd)
+        with quiet(tracer):
+            return compute()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.tracer.add(*ctx.bwd)
+        with quiet(ctx.tracer):
+            return (None, None, None, None) + tuple(None if s is None else torch.zeros(s[0], dtype=s[1], device=s[2])
+                                                    for s in ctx.shapes)
 
 
 @contextlib.contextmanager
@@ -105,15 +131,63 @@ def fused_kernels(tracer=None, kernels: tuple[str, ...] = FUSED):
         states = 4 * b * c * h * p * n
         io = _nbytes(xBC) * 2 + _nbytes(dt) + 4 * b * l * h * p * 2 + 4 * b * h * c * k * 2
         flops = 2.0 * b * c * h * (k * k * n + k * k * p + 2 * k * p * n)
-        tracer.add("fp32", flops, io + 4 * states)
+        tracer.add(scan_kind, flops, io + 4 * states)
         return out
 
+    def train_scan(xBC, dt, A, D, dims, initial_state=None):
+        """The fused training scan: forward as the teacher's; backward ~5 kernels reading the inputs, the output
+        gradient and the chunk states, writing the input gradients, at twice the forward's FLOPs."""
+        if not needs_grad(xBC, dt, A, D, initial_state):
+            return ssd_scan(xBC, dt, A, D, dims, initial_state)
+        b, l, _ = xBC.shape
+        h, p, g, n, k = dims
+        c = -(-l // k)
+        flops = 2.0 * b * c * h * (k * k * n + k * k * p + 2 * k * p * n)
+        ys = 4 * b * l * h * p
+        io = 2 * _nbytes(xBC) + _nbytes(dt) + ys + 4 * 4 * b * c * h * p * n
+
+        def compute():
+            x, B, C = split_xbc(xBC, dims)
+            return (x * D[:, None]).float(), x.new_zeros(b, h, p, n, dtype=torch.float32)
+        y, st = Fused.apply(tracer, (scan_kind, flops, io), (scan_kind, 2 * flops, 2 * io + ys), compute, xBC, dt, A, D)
+        return y, st.detach()
+
+    def conv_silu(xBC, weight, bias, conv_state=None):
+        n = _nbytes(xBC)
+        if not torch.is_grad_enabled() or not xBC.requires_grad and not weight.requires_grad:
+            tracer.add("stream", 0.0, 2 * n)
+            with quiet(tracer):
+                return real_conv(xBC, weight, bias, conv_state)
+
+        def compute():
+            return real_conv(xBC, weight, bias, conv_state)
+        return Fused.apply(tracer, ("stream", 0.0, 2 * n), ("stream", 0.0, 3 * n), compute, xBC, weight, bias)
+
+    def norm_standin(real, *args):
+        x = args[0]
+        ins = [a for a in args if isinstance(a, torch.Tensor)]
+        n = sum(_nbytes(a) for a in ins if a.dim() > 1)
+        if not torch.is_grad_enabled() or not any(a.requires_grad for a in ins):
+            tracer.add("stream", 0.0, n + _nbytes(x))
+            with quiet(tracer):
+                return real(*args)
+        return Fused.apply(tracer, ("stream", 0.0, n + _nbytes(x)), ("stream", 0.0, 2 * n + _nbytes(x)),
+                           lambda: real(*args), *args)
+
+    real_conv, real_rms, real_gated = core_model.conv_silu, core_model.rms_norm, core_model.gated_norm
+    scan_kind = "tensor" if "scan_tensor_cores" in kernels else "fp32"
     if "fake_quant" in kernels:
         qat.fake_quant = fake_quant
     if "kd_loss" in kernels:
         distill.kl_div = kl_div
-    core_model.ssd_scan = ssd_scan
+    core_model.ssd_scan = train_scan if tracer is not None and "train_scan" in kernels else ssd_scan
+    if tracer is not None and "conv" in kernels:
+        core_model.conv_silu = conv_silu
+    if tracer is not None and "norms" in kernels:
+        core_model.rms_norm = lambda x, w, eps: norm_standin(real_rms, x, w, eps)
+        core_model.gated_norm = lambda y, z, w, g, eps: norm_standin(real_gated, y, z, w, g, eps)
     try:
         yield
     finally:
         qat.fake_quant, distill.kl_div, core_model.ssd_scan = real_fq, real_kl, real_scan
+        core_model.conv_silu, core_model.rms_norm, core_model.gated_norm = real_conv, real_rms, real_gated
