@@ -88,6 +88,26 @@ def test_compiled_conv_silu_matches_the_cpu_reference_at_1_3b_width():
         torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-3, atol=2e-3)
 
 
+def test_compiled_scan_forward_matches_the_cpu_reference_at_1_3b_shapes():
+    """The Triton scan forward (no gradient: the teacher, evaluation, prefill) on the GPU, at 1.3B's mixer shapes."""
+    from ternary_mamba.core.config import PRESETS, Mamba2Config
+    from ternary_mamba.ops import scan
+    c = Mamba2Config(**PRESETS["mamba2-1.3b"])
+    dims = scan.ScanDims(c.nheads, c.headdim, c.ngroups, c.d_state, c.chunk_size)
+    g = torch.Generator().manual_seed(4)
+    xBC = torch.randn(2, 300, c.conv_dim, generator=g)
+    dt = torch.rand(2, 300, c.nheads, generator=g) * 0.1 + 0.001
+    A, D = -(torch.rand(c.nheads, generator=g) * 15 + 1), torch.randn(c.nheads, generator=g)
+    init = torch.randn(2, c.nheads, c.headdim, c.d_state, generator=g)
+    y1, s1 = scan.ssd_scan_ref(xBC, dt, A, D, dims, init)
+    with torch.no_grad():
+        y2, s2 = scan.ssd_scan(*(t.to(CUDA) for t in (xBC, dt, A, D)), dims, init.to(CUDA))
+    if dispatch.mamba_ssm_scan(xBC.to(CUDA)) is None:
+        assert dispatch.last_impl("ssd_scan") == "triton-fwd"
+    torch.testing.assert_close(y2.cpu(), y1, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(s2.cpu(), s1, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("tau", [1.0, 2.0])
 def test_compiled_kl_matches_the_cpu_reference(tau):
     tk = dispatch.triton_kernels()
