@@ -61,13 +61,10 @@ def _gpu_measurements():
     return rows
 
 
-KNOWN_MISS = {("mamba2-1.3b", 1, False)}   # plan 20 % high (docs/GPU.md says why); strict: passing flags the fix
 
 
 def _cases(what):
-    return [pytest.param(r, id=f"{r['model']}-{r['batch']}x{r['seq']}-ckpt{int(r['ckpt'])}-{r['gpu']}",
-                         marks=[pytest.mark.xfail(strict=True, reason="known: the trace keeps fp32 copies")]
-                         if what == "peak_gb" and (r["model"], r["batch"], r["ckpt"]) in KNOWN_MISS else [])
+    return [pytest.param(r, id=f"{r['model']}-{r['batch']}x{r['seq']}-ckpt{int(r['ckpt'])}-{r['gpu']}")
             for r in _gpu_measurements() if r[what] is not None]
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..core.config import Mamba2Config, train_flops_per_token
 from ..core.model import Mamba2LM
@@ -59,10 +60,27 @@ def meta_models(cfg: Mamba2Config, qcfg: TernaryConfig, dtype: str):
     return teacher, student.train()
 
 
+class _GemmOperands(TorchDispatchMode):
+    """Records the tensors that enter a projection GEMM (mm / addmm): under 16-bit autocast those are 16-bit
+    copies, so a saved one costs half its traced (fp32) size."""
+
+    def __init__(self):
+        super().__init__()
+        self.ids: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in ("mm", "addmm"):
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    self.ids.add(id(a._base if a._base is not None else a))
+        return func(*args, **(kwargs or {}))
+
+
 def traced_activation_bytes(teacher, student, batch: int, seq_len: int, device: str = "meta",
-                            fused: bool = False) -> int:
+                            fused: bool = False, autocast16: bool = False) -> int:
     """Bytes autograd keeps for the backward of one QAT+KD loss (parameters excluded, views counted once).
-    fused=True: as on CUDA, where the fake-quant and the KD loss are fused kernels that keep no temporaries."""
+    fused=True: as on CUDA, where the fake-quant and the KD loss are fused kernels that keep no temporaries.
+    autocast16=True: what a projection GEMM saves (its input and the fake-quantized weight) is 16-bit."""
     kept: dict[int, tuple[torch.Tensor, int]] = {}
     params = {id(p) for p in student.parameters()}
 
@@ -75,10 +93,11 @@ def traced_activation_bytes(teacher, student, batch: int, seq_len: int, device: 
     ids = torch.zeros(batch, seq_len + 1, dtype=torch.long, device=device)
     objective = DistillObjective(teacher)
     from .standins import fused_kernels
+    gemm = _GemmOperands()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            (fused_kernels() if fused else contextlib.nullcontext()):
+            (fused_kernels() if fused else contextlib.nullcontext()), (gemm if autocast16 else contextlib.nullcontext()):
         objective.loss(student, ids)
-    return sum(n for _, n in kept.values())
+    return sum(n // 2 if autocast16 and i in gemm.ids and t.element_size() == 4 else n for i, (t, n) in kept.items())
 
 
 def plan_memory(cfg: Mamba2Config, qcfg: TernaryConfig, batch: int, seq_len: int, dtype: str = "bf16",
@@ -98,7 +117,7 @@ def plan_memory(cfg: Mamba2Config, qcfg: TernaryConfig, batch: int, seq_len: int
     t_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in teacher.parameters()}.values())
     cuda = device.startswith("cuda")
     gpu16 = cuda and dtype != "fp32"    # autocast to a 16-bit type
-    traced = traced_activation_bytes(teacher, student, batch, seq_len, fused=cuda)
+    traced = traced_activation_bytes(teacher, student, batch, seq_len, fused=cuda, autocast16=gpu16)
     logits = batch * seq_len * cfg.padded_vocab_size * (2 if gpu16 else 4)
     if cuda:   # the fused KD kernel keeps the student's and the teacher's logits; the trace holds the rest
         blocks, head = traced, 2 * logits
