@@ -263,6 +263,39 @@ CASES = {
         (d / "big.json").write_text('{"d_model": 65536, "n_layer": 2, "vocab_size": 8192, "d_state": 64}') and
         ["pretrain", "--model-config", str(d / "big.json"), "--tokenizer", str(BUNDLED_TOKENIZER), "--data",
          str(f / "text"), "--out", str(d / "run")], "beyond this toolkit's limits.*TERNARY_MAMBA_ALLOW_LARGE=1"),
+    "flag: --tokens 0": lambda d, f: (_quantize(f, d, "--tokens", "0"), "--tokens must be >= 1"),
+    "flag: --tokens -5": lambda d, f: (_quantize(f, d, "--tokens", "-5"), "--tokens must be >= 1"),
+    "flag: --lr -1": lambda d, f: (_quantize(f, d, "--lr", "-1"), "--lr -1.0: must be > 0"),
+    "flag: --tau 0": lambda d, f: (_quantize(f, d, "--tau", "0"), "--tau 0.0: must be > 0"),
+    "flag: --eval-every -1": lambda d, f: (_quantize(f, d, "--eval-every", "-1"), "--eval-every must be >= 0"),
+    "flag: --group-size 3": lambda d, f: (_quantize(f, d, "--group-size", "3"), "group size 3 does not divide"),
+    "flag: --scale-mode bogus": lambda d, f: (_quantize(f, d, "--scale-mode", "bogus"), "invalid choice: 'bogus'"),
+    "flag: --dtype fp8": lambda d, f: (_quantize(f, d, "--dtype", "fp8"), "invalid choice: 'fp8'"),
+    "flag: --seq-len 10^9": lambda d, f: (_quantize(f, d, "--seq-len", str(10 ** 9)), "smaller than one optimizer step"),
+    "generate: --max-new-tokens 0": lambda d, f: (["generate", str(f / "packed"), "--prompt", "Hi", "--max-new-tokens",
+                                                   "0"], "--max-new-tokens must be >= 1"),
+    "generate: --temperature -1": lambda d, f: (["generate", str(f / "packed"), "--prompt", "Hi", "--temperature", "-1"],
+                                                "--temperature must be >= 0"),
+    "generate: --top-p 0": lambda d, f: (["generate", str(f / "packed"), "--prompt", "Hi", "--top-p", "0"],
+                                         "--top-p in \\(0, 1\\]"),
+    "generate: --top-p 2": lambda d, f: (["generate", str(f / "packed"), "--prompt", "Hi", "--top-p", "2"],
+                                         "--top-p in \\(0, 1\\]"),
+    "plan: --nproc 0": lambda d, f: (["plan", "--nproc", "0"], "--nproc must be >= 1"),
+    "plan: --gpu z100": lambda d, f: (["plan", "--gpu", "z100"], "invalid choice: 'z100'"),
+    "plan: --tokens 0": lambda d, f: (["plan", "--tokens", "0"], "--tokens must be >= 1"),
+    "serve: --port 70000": lambda d, f: (["serve", str(f / "packed"), "--port", "70000"], "must be in 0..65535"),
+    "serve: --max-batch 0": lambda d, f: (["serve", str(f / "packed"), "--max-batch", "0"], "must be in 1..64"),
+    "serve: --max-batch 65": lambda d, f: (["serve", str(f / "packed"), "--max-batch", "65"], "must be in 1..64"),
+    "serve: --max-queue 0": lambda d, f: (["serve", str(f / "packed"), "--max-queue", "0"], "must be in 1..65536"),
+    "bench serve: --clients 0": lambda d, f: (["bench", "serve", "--clients", "0"], "each level must be in 1..64"),
+    "bench serve: --clients 100": lambda d, f: (["bench", "serve", "--clients", "100"], "each level must be in 1..64"),
+    "path: ppl --text missing": lambda d, f: (["ppl", str(f / "packed"), "--text", str(d / "none")],
+                                              "no such file or folder"),
+    "eval: unknown task": lambda d, f: (["eval", str(f / "packed"), "--tasks", "mmlu", "--data-dir", str(d)],
+                                        "unknown task\\(s\\) mmlu"),
+    "export: --format tq3": lambda d, f: (["export", str(f / "packed"), "--format", "tq3", "--out", str(d / "x")],
+                                          "invalid choice: 'tq3'"),
+    "push: repo id a/b/c": lambda d, f: (["push", str(f / "packed"), "a/b/c", "--dry-run"], "OWNER/NAME"),
     "device: meta": lambda d, f: (_quantize(f, d, "--device", "meta"), "commands run on the CPU or a CUDA GPU"),
     "device: mps": lambda d, f: (_quantize(f, d, "--device", "mps"), "commands run on the CPU or a CUDA GPU"),
     "os: --out under a file": lambda d, f: ((d / "afile").write_text("mine") and
@@ -278,10 +311,12 @@ def test_a_hostile_input_is_one_line_and_changes_nothing(name, files, tmp_path, 
     n = torch.get_num_threads()
     try:
         rc = main(argv)
+    except SystemExit as e:        # argparse's own usage errors (an invalid choice) exit 2, as CLIs do
+        rc = e.code
     finally:
         torch.set_num_threads(n)
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1, (name, err)
+    assert rc == (2 if "invalid choice" in msg else 1), (name, rc, err)
     assert len(err) == 1 and "error:" in err[0] and "Traceback" not in err[0], err
     import re
     assert re.search(msg, err[0]), err[0]
