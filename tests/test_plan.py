@@ -106,11 +106,9 @@ def test_the_cost_model_sees_what_changes_the_time():
     assert predict_step(cfg, q, 2, 512, h, checkpointing=True).seconds > base.seconds
     assert predict_step(cfg, q, 2, 512, dataclasses.replace(h, hbm_tbps=2 * h.hbm_tbps)).seconds < base.seconds
     assert predict_step(cfg, q, 8, 512, h).tok_s > base.tok_s
-    # the teacher's Triton scan forward replaces the PyTorch chunked scan's chain of ops: less time
-    assert predict_step(cfg, q, 2, 512, h, kernels=("fake_quant", "kd_loss")).seconds > base.seconds
-    # the outlook: a fused mixer saves time again, and tensor cores for the scan's products once more
-    from ternary_mamba.train.standins import FUSED_MIXER, FUSED_MIXER_TC
-    fused = predict_step(cfg, q, 2, 512, h, kernels=FUSED_MIXER)
-    tc = predict_step(cfg, q, 2, 512, h, kernels=FUSED_MIXER_TC)
-    assert base.seconds > fused.seconds > tc.seconds
-    assert fused.costs.kernels["stream"] < base.costs.kernels["stream"] / 3 and tc.costs.kernels["fp32"] == 0
+    # today's fused kernels against the ones the measured code had; tensor cores for the scan once more
+    from ternary_mamba.train.standins import FUSED_TC
+    older = predict_step(cfg, q, 2, 512, h, kernels=("fake_quant", "kd_loss"))
+    tc = predict_step(cfg, q, 2, 512, h, kernels=FUSED_TC)
+    assert older.seconds > base.seconds > tc.seconds
+    assert base.costs.kernels["stream"] < older.costs.kernels["stream"] / 3 and tc.costs.kernels["fp32"] == 0

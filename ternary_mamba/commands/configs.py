@@ -301,8 +301,8 @@ class PlanConfig(Config):
     mfu: float | None = option(None, help="time from an assumed utilisation (fraction of the nominal peak of the "
                                "planner's FLOPs) instead of the per-op cost model; `bench gpu` measures yours")
     peak_tflops: float | None = option(None, help="override the GPU's nominal TFLOP/s")
-    outlook: bool = option(False, help="also predict the step with a fully fused mixer (the scan's training "
-                           "kernels, conv, norms), in fp32 and with the scan's products on tensor cores")
+    outlook: bool = option(False, help="also predict the step with the scan's products on tensor cores (16-bit "
+                           "inputs, fp32 sums) instead of fp32")
 
     def __post_init__(self):
         _positive(self, "batch_size", "seq_len", "nproc", "tokens")

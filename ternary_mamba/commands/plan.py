@@ -105,17 +105,14 @@ def plan(cfg: PlanConfig) -> dict:
 
 
 def _outlook(mcfg, q, cfg: PlanConfig, gpu, today) -> list[str]:
-    """The same step predicted with the kernels still to come: what a fused mixer would give, and what bounds it."""
+    """The same step predicted with the scan's products on tensor cores: what bounds it then."""
     from ..train.costmodel import predict_step
-    from ..train.standins import FUSED_MIXER, FUSED_MIXER_TC
-    lines = ["outlook (the same cost model):"]
-    for label, kernels in (("fused mixer (scan fwd+bwd, conv, norms), scan in fp32", FUSED_MIXER),
-                           ("... and the scan's products on tensor cores (16-bit in, fp32 sum)", FUSED_MIXER_TC)):
-        p = predict_step(mcfg, q, cfg.batch_size, cfg.seq_len, gpu, cfg.dtype, cfg.activation_checkpointing, kernels)
-        lines.append(f"  {label}: {p.seconds:.2f} s -> {p.tok_s:,.0f} tok/s per GPU ({p.tok_s / today.tok_s:.1f}x "
-                     f"today), model-FLOPs MFU {p.mfu:.1%}, {cfg.tokens / p.tok_s / 3600:.2f} GPU-hours for "
-                     f"{cfg.tokens / 1e6:,.0f} M tokens; bound by {p.bound()}")
-    return lines
+    from ..train.standins import FUSED_TC
+    p = predict_step(mcfg, q, cfg.batch_size, cfg.seq_len, gpu, cfg.dtype, cfg.activation_checkpointing, FUSED_TC)
+    return [f"outlook, the scan's products on tensor cores (16-bit in, fp32 sums; the same cost model): "
+            f"{p.seconds:.2f} s -> {p.tok_s:,.0f} tok/s per GPU ({p.tok_s / today.tok_s:.1f}x), model-FLOPs MFU "
+            f"{p.mfu:.1%}, {cfg.tokens / p.tok_s / 3600:.2f} GPU-hours for {cfg.tokens / 1e6:,.0f} M tokens; bound "
+            f"by {p.bound()}"]
 
 
 def _advice(cfg: PlanConfig, mem, usable: float) -> str:

@@ -8,8 +8,8 @@ xBC (b, l, h·p + 2·g·n) is the conv + SiLU output (x | B | C side by side; th
   - CPU fp32, gradients needed: the C forward + hand-written backward (ops/autograd.py, csrc/ssd_train.c);
   - CPU fp32, no gradients: the C chunked scan (csrc/ssd_prefill.c);
   - CUDA with mamba_ssm installed: its fused Triton scan (`mamba_chunk_scan_combined`);
-  - CUDA without mamba_ssm, no gradients (the frozen teacher, evaluation, prefill): our Triton forward
-    (ops/triton_scan.py);
+  - CUDA without mamba_ssm: our Triton kernels (ops/triton_scan.py): forward + backward when gradients are
+    needed ("triton"), the forward alone otherwise ("triton-fwd": the frozen teacher, evaluation, prefill);
   - anything else, or inside `reference_path()`: the reference (chunked PyTorch; "sequential": token by token).
 `ops.dispatch.last_impl("ssd_scan")` names the implementation the latest call took (recorded by runs).
 """
@@ -85,8 +85,10 @@ def ssd_scan(xBC: Tensor, dt: Tensor, A: Tensor, D: Tensor, dims: ScanDims,
             return scan(x, dt, A, B, C, dims.chunk_size, D=D, initial_states=initial_state,
                         return_final_states=True)
         k = dims.chunk_size
-        if not needs_grad(xBC, dt, A, D, initial_state) and triton_for(xBC, dt, A, D, initial_state) \
-                and k >= 16 and k & (k - 1) == 0 and triton_scan() is not None:
+        if triton_for(xBC, dt, A, D, initial_state) and k >= 16 and k & (k - 1) == 0 and triton_scan() is not None:
+            if needs_grad(xBC, dt, A, D, initial_state):     # training: forward + backward kernels
+                ran("ssd_scan", "triton")
+                return triton_scan().ssd_scan_train(xBC, dt, A, D, dims, initial_state)
             x, B, C = split_xbc(xBC, dims)       # no gradient wanted (the teacher, evaluation, prefill)
             ran("ssd_scan", "triton-fwd")
             return triton_scan().ssd_scan_fwd(x, dt, A, B, C, D, k, initial_state)

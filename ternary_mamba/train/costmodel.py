@@ -9,8 +9,8 @@ step is their sum plus AdamW's pass over the parameters.  What each op costs on 
   - `bmm` / `baddbmm` (the scan's contractions, which keep fp32 as mamba_ssm does): fp32 CUDA cores;
   - everything else (elementwise, reductions, casts, the scan's recurrence): memory-bound at the traced bytes;
   - the fused Triton kernels that replace a chain of PyTorch ops on CUDA (ternary fake-quant, the KD loss, the
-    teacher's scan forward) are one op each, costed by what they move and compute; the Triton norms and conv
-    are still costed as their PyTorch chains (an upper bound).
+    scan's forward and backward, causal conv + SiLU, the norms: `standins.FUSED`) are one op each way, costed
+    by what they move and compute; a measurement of older code names the kernels it had.
 The attainable fractions of the data-sheet peaks are fixed constants (not fitted to our measurements); the test
 compares the prediction with the GPU measurements in docs/GPU.md.  Known blind spots: kernel launch gaps (each
 kernel costs at least `MIN_KERNEL_S`), cache reuse between ops (none assumed), and elementwise tensors that are

@@ -65,13 +65,12 @@ def quiet(tracer):
         tracer.fused -= 1
 
 
-FUSED = ("fake_quant", "kd_loss", "teacher_scan")   # the fused CUDA kernels the code runs today
-# and those a fully fused mixer adds: the scan's training forward + backward (mamba_ssm's, or ours to come),
-# the causal conv + SiLU and the two RMS norms (our Triton kernels, costed as their PyTorch chains until now)
-FUSED_MIXER = FUSED + ("train_scan", "conv", "norms")
-# and the scan's products on tensor cores (16-bit inputs, fp32 accumulation, as mamba_ssm runs them for 16-bit
+# the fused CUDA kernels the code runs today, each costed as one op each way: the ternary fake-quant, the KD loss,
+# the scan (our Triton forward for the frozen teacher, forward + backward in training), causal conv + SiLU, norms
+FUSED = ("fake_quant", "kd_loss", "teacher_scan", "train_scan", "conv", "norms")
+# the outlook: the scan's products on tensor cores (16-bit inputs, fp32 sums, as mamba_ssm runs them for 16-bit
 # activations) instead of fp32 CUDA cores
-FUSED_MIXER_TC = FUSED_MIXER + ("scan_tensor_cores",)
+FUSED_TC = FUSED + ("scan_tensor_cores",)
 
 
 class Fused(torch.autograd.Function):
