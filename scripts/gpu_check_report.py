@@ -68,10 +68,11 @@ def table(res: dict) -> str:
         lines += [f"| {r['op']} | {r['pass']} | {r['impl']} | {r['out_diff']:.2e} | "
                   f"{r['grad_diff']:.2e} | {r['fast_ms']:.2f} | {r['ref_ms']:.2f} |" for r in res["ops"]]
     if res["bench"]:
-        lines += ["", "| model | batch x seq | ckpt | path | tok/s | MFU | peak GB | plan GB |", "|---|---|---|---|---:|---:|---:|---:|"]
+        lines += ["", "| model | batch x seq | ckpt | path | tok/s | plan's tok/s | MFU | peak GB | plan GB |",
+                  "|---|---|---|---|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['preset']} | {r['batch']} x {r['seq_len']} | {'yes' if r['checkpointing'] else 'no'} | "
-                  f"{r['path']} | {r['tok_s']:,.0f} | {100 * r['mfu']:.1f} % | {r['peak_gb']:.1f} | {r['planned_gb']:.1f} |"
-                  for r in res["bench"]]
+                  f"{r['path']} | {r['tok_s']:,.0f} | {r.get('predicted_tok_s') or float('nan'):,.0f} | "
+                  f"{100 * r['mfu']:.1f} % | {r['peak_gb']:.1f} | {r['planned_gb']:.1f} |" for r in res["bench"]]
     d, b = res["distributed"], res["bf16_vs_fp32"]
     lines += ["", f"NCCL at world size 1: group formed {d['nccl_group_formed']}, {d['steps']} steps; FSDP2 vs DDP max "
               f"loss gap {d['fsdp_vs_ddp_max_loss_gap']}; killed + resumed vs uninterrupted {d['killed_resumed_vs_ddp_max_loss_gap']} "

@@ -70,6 +70,9 @@ def test_bench_gpu_table_and_json_with_the_gpu_stood_in_by_the_cpu(monkeypatch, 
     assert rec["nominal_tflops"] == 989.0 and len(rec["settings"]) == 2
     r = rec["settings"][0]
     assert abs(r["plan_mfu"] - r["tflops"] / 989.0) < 1e-12 and abs(r["mfu"] - r["tflops"] / 800.0) < 1e-12
+    # the cost model's prediction for each setting beside the measurement (the reference path fuses nothing)
+    fused, ref = rec["settings"][0]["predicted_tok_s"], rec["settings"][1]["predicted_tok_s"]
+    assert fused > ref > 0 and "predicted" in out
 
 
 def test_bench_ops_compares_every_op_with_its_reference(tmp_path):

@@ -94,6 +94,21 @@ def _setting(preset: str, batch: int, seq: int, checkpointing: bool, steps: int,
             **({"profile": prof} if prof else {})}
 
 
+def _predicted(preset: str, batch: int, seq: int, ckpt: bool, reference: bool, kind: str | None,
+               chunk_size: int | None) -> float | None:
+    """What `plan`'s cost model predicts for this setting on this GPU kind (the reference path: no fused kernel),
+    printed beside the measurement so that every run checks the model."""
+    if kind is None:
+        return None
+    from ..quant.qat import TernaryConfig
+    from ..spec import DEFAULT_GROUP_SIZE, GPUS
+    from ..train.costmodel import predict_step
+    from ..train.standins import FUSED
+    cfg = Mamba2Config(**{**PRESETS[preset], **({"chunk_size": chunk_size} if chunk_size else {})})
+    q = TernaryConfig(group_size=DEFAULT_GROUP_SIZE, scale_mode="learned", scale_format="bf16")
+    return predict_step(cfg, q, batch, seq, GPUS[kind], "bf16", ckpt, () if reference else FUSED).tok_s
+
+
 def _profile_step(trainer, top: int = 12) -> dict:
     """One more step under torch.profiler: the GPU kernels, and the PyTorch ops (with their input shapes) that
     launched them, with the most GPU time and their share of the step."""
@@ -139,7 +154,7 @@ def run_bench_gpu(cfg) -> None:
     if plans:
         plans.insert(1, (*plans[0][:4], True))      # the first setting again on the reference path
     say(f"{'model':<13} {'micro-batch':>12} {'ckpt':>5} {'path':<20} {'step s':>7} {'tok/s':>9} {'MFU':>6} "
-          f"{'peak GB':>8} {'plan GB':>8} {'102M tok':>9} {'--mfu':>6}")
+          f"{'peak GB':>8} {'plan GB':>8} {'102M tok':>9} {'--mfu':>6} {'predicted':>10}")
     for p in plans:
         preset, batch, seq, ck, ref = p
         try:
@@ -151,10 +166,12 @@ def run_bench_gpu(cfg) -> None:
             continue
         r["mfu"] = r["tflops"] / peak
         r["plan_mfu"] = r["tflops"] / nominal if nominal else None    # what `plan --mfu` takes
+        r["predicted_tok_s"] = _predicted(preset, batch, seq, ck, ref, kind, cfg.chunk_size)
         out["settings"].append(r)
         say(f"{preset:<13} {batch:>5} x {seq:<5} {'yes' if ck else 'no':>5} {r['path']:<20} {r['step_s']:>7.3f} "
               f"{r['tok_s']:>9,.0f} {100 * r['mfu']:>5.1f}% {r['peak_gb']:>8.1f} {r['planned_gb']:>8.1f} "
-              f"{r['hours_102m']:>8.1f}h {r['plan_mfu'] or float('nan'):>6.3f}", flush=True)
+              f"{r['hours_102m']:>8.1f}h {r['plan_mfu'] or float('nan'):>6.3f} "
+              f"{r['predicted_tok_s'] or float('nan'):>10,.0f}", flush=True)
     if nominal:
         say(f"MFU: against the GEMM measured above; `plan --gpu {kind} --mfu` takes the fraction of the nominal "
               f"{nominal:.0f} TFLOP/s, the last column")
