@@ -81,7 +81,7 @@ def _setting(preset: str, batch: int, seq: int, checkpointing: bool, steps: int,
                     times.append(time.perf_counter() - t)
             prof = _profile_step(trainer) if profile and cuda else None
     measured = torch.cuda.max_memory_allocated() if cuda else float("nan")
-    planned = plan_memory(cfg, q, batch, seq, "bf16", 1, False, checkpointing, "cuda").peak
+    planned = plan_memory(cfg, q, batch, seq, "bf16", 1, False, checkpointing, "cuda", () if reference else None).peak
     step = float(np.median(times))
     flops = qat_kd_flops_per_token(cfg, checkpointing) * batch * seq
     del trainer, student, teacher

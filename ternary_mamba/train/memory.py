@@ -77,7 +77,7 @@ class _GemmOperands(TorchDispatchMode):
 
 
 def traced_activation_bytes(teacher, student, batch: int, seq_len: int, device: str = "meta",
-                            fused: bool = False, autocast16: bool = False) -> int:
+                            fused: bool = False, autocast16: bool = False, kernels: tuple[str, ...] | None = None) -> int:
     """Bytes autograd keeps for the backward of one QAT+KD loss (parameters excluded, views counted once).
     fused=True: as on CUDA, where the fake-quant and the KD loss are fused kernels that keep no temporaries.
     autocast16=True: what a projection GEMM saves (its input and the fake-quantized weight) is 16-bit."""
@@ -95,16 +95,20 @@ def traced_activation_bytes(teacher, student, batch: int, seq_len: int, device: 
     from .standins import fused_kernels
     gemm = _GemmOperands()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            (fused_kernels() if fused else contextlib.nullcontext()), (gemm if autocast16 else contextlib.nullcontext()):
+            (fused_kernels(None, *([kernels] if kernels is not None else [])) if fused else contextlib.nullcontext()), \
+            (gemm if autocast16 else contextlib.nullcontext()):
         objective.loss(student, ids)
     return sum(n // 2 if autocast16 and i in gemm.ids and t.element_size() == 4 else n for i, (t, n) in kept.items())
 
 
 def plan_memory(cfg: Mamba2Config, qcfg: TernaryConfig, batch: int, seq_len: int, dtype: str = "bf16",
-                ranks: int = 1, fsdp: bool = False, checkpointing: bool = False, device: str = "cpu") -> MemoryPlan:
+                ranks: int = 1, fsdp: bool = False, checkpointing: bool = False, device: str = "cpu",
+                kernels: tuple[str, ...] | None = None) -> MemoryPlan:
     """Bytes per rank.  On CUDA with a 16-bit dtype the logits are 16-bit (autocast) and the fused KD kernel keeps
     only the two logit tensors for its backward; on the CPU (and in fp32) the head keeps fp32 logits, the KL's
-    inputs and the final norm (the trace's view, checked against a measured CPU step)."""
+    inputs and the final norm (the trace's view, checked against a measured CPU step).  `kernels`: the fused CUDA
+    kernels whose saved tensors replace their PyTorch chains' (default: today's, `standins.FUSED`; a measurement of
+    older code names its own)."""
     teacher, student = meta_models(cfg, qcfg, dtype)
     seen, weights, trainable = set(), 0, 0
     for p in student.parameters():
@@ -117,7 +121,7 @@ def plan_memory(cfg: Mamba2Config, qcfg: TernaryConfig, batch: int, seq_len: int
     t_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in teacher.parameters()}.values())
     cuda = device.startswith("cuda")
     gpu16 = cuda and dtype != "fp32"    # autocast to a 16-bit type
-    traced = traced_activation_bytes(teacher, student, batch, seq_len, fused=cuda, autocast16=gpu16)
+    traced = traced_activation_bytes(teacher, student, batch, seq_len, fused=cuda, autocast16=gpu16, kernels=kernels)
     logits = batch * seq_len * cfg.padded_vocab_size * (2 if gpu16 else 4)
     if cuda:   # the fused KD kernel keeps the student's and the teacher's logits; the trace holds the rest
         blocks, head = traced, 2 * logits

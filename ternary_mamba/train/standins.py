@@ -52,6 +52,26 @@ class LossStandIn(torch.autograd.Function):
             return None, None, None, torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device)
 
 
+class _SavesLikeTritonScan(torch.autograd.Function):
+    """Keeps, for the backward, tensors of the shapes `ops.triton_scan.TritonSSD` keeps (for the memory trace)."""
+
+    @staticmethod
+    def forward(ctx, xBC, dt, A, D, dims):
+        h, p, g, n, k = dims
+        b, l, _ = xBC.shape
+        c = -(-l // k)
+        f32 = dict(device=xBC.device, dtype=torch.float32)
+        ctx.save_for_backward(torch.empty(b, l, h, p, **f32), torch.empty(b, l, h, **f32),
+                              torch.empty(b, l, g, n, **f32), torch.empty(b, l, g, n, **f32),
+                              torch.empty(b, h, c, k, **f32), torch.empty(b, c, h, p, n, **f32))
+        ctx.shapes = (xBC.shape, dt.shape, A.shape, D.shape)
+        return xBC.new_empty(b, l, h, p, dtype=torch.float32), xBC.new_empty(b, h, p, n, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, dy, ds):
+        return tuple(torch.zeros(s, device=dy.device) for s in ctx.shapes) + (None,)
+
+
 @contextlib.contextmanager
 def quiet(tracer):
     """Ops inside are part of a stand-in: the tracer does not count them."""
@@ -179,7 +199,17 @@ def fused_kernels(tracer=None, kernels: tuple[str, ...] = FUSED):
         qat.fake_quant = fake_quant
     if "kd_loss" in kernels:
         distill.kl_div = kl_div
-    core_model.ssd_scan = train_scan if tracer is not None and "train_scan" in kernels else ssd_scan
+    def train_scan_memory(xBC, dt, A, D, dims, initial_state=None):
+        """The memory trace: what our Triton training scan keeps for its backward (fp32 x, B, C, dt, the chunks'
+        cumulative decays and entering states), no more."""
+        if not needs_grad(xBC, dt, A, D, initial_state):
+            return real_scan(xBC, dt, A, D, dims, initial_state)
+        return _SavesLikeTritonScan.apply(xBC, dt, A, D, dims)
+
+    if "train_scan" in kernels:
+        core_model.ssd_scan = train_scan if tracer is not None else train_scan_memory
+    else:
+        core_model.ssd_scan = ssd_scan
     if tracer is not None and "conv" in kernels:
         core_model.conv_silu = conv_silu
     if tracer is not None and "norms" in kernels:
