@@ -16,7 +16,7 @@ from ..quant.monitor import ZeroRatioMonitor
 from ..quant.qat import quantize_
 from ..train.objectives import LMObjective
 from ..train.run import Run
-from ..train.runs import release_run_dirs
+from ..train.runs import holding_run_dirs
 from .configs import PretrainConfig, resolve_auto_dtype
 from .flags import require
 from .quantize import absolute
@@ -26,13 +26,7 @@ from ..log import say
 def pretrain(cfg: PretrainConfig) -> Path:
     """Train from random initialisation (ternary from step 0 with `cfg.ternary`); returns the run folder (held,
     i.e. locked, while the run lasts, released however it ends).  The Python twin of `ternary-mamba pretrain`."""
-    try:
-        out = _pretrain(cfg)
-    except BaseException:
-        release_run_dirs(failed=True)      # a failed start leaves no run folder (one that ran keeps its checkpoint)
-        raise
-    release_run_dirs()
-    return out
+    return holding_run_dirs(_pretrain, cfg)   # a failed start leaves no run folder (one that ran keeps its checkpoint)
 
 
 def _pretrain(cfg: PretrainConfig) -> Path:

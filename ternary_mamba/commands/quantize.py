@@ -23,7 +23,7 @@ from ..spec import DEFAULT_GROUP_SIZE, GGUF_TQ_BLOCK, PER_ROW, group_paths
 from ..quant.qat import TernaryConfig, quantize_, set_lambda
 from ..train.distill import DistillObjective, evaluate_vs_teacher, frozen_teacher
 from ..train.run import Run
-from ..train.runs import release_run_dirs
+from ..train.runs import holding_run_dirs
 from .configs import QuantizeConfig, resolve_auto_dtype
 from .defaults import with_bundled_defaults
 from ..log import say
@@ -43,13 +43,7 @@ def build_student(teacher, qcfg: TernaryConfig):
 def quantize(cfg: QuantizeConfig | None = None) -> Path:
     """QAT+KD of `cfg.teacher` into a ternary student; returns the run folder (held, i.e. locked, while the run
     lasts, released however it ends).  The Python twin of `ternary-mamba quantize`."""
-    try:
-        out = _quantize(cfg)
-    except BaseException:
-        release_run_dirs(failed=True)      # a failed start leaves no run folder (one that ran keeps its checkpoint)
-        raise
-    release_run_dirs()
-    return out
+    return holding_run_dirs(_quantize, cfg)   # a failed start leaves no run folder (one that ran keeps its checkpoint)
 
 
 def _quantize(cfg: QuantizeConfig | None = None) -> Path:

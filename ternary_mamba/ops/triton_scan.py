@@ -104,27 +104,10 @@ def ssd_scan_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Te
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (b,l,h,p), dt (b,l,h) softplus'ed, A (h,), B/C (b,l,g,n), D (h,), state (b,h,p,n) -> y (b,l,h,p) fp32
     including D·x, final state (b,h,p,n) fp32."""
-    b, l, h, p = x.shape
-    g, n = B.shape[-2:]
-    K = _block(chunk_size)
-    if K != chunk_size:
+    if _block(chunk_size) != chunk_size:
         raise ValueError(f"the Triton scan takes chunk sizes that are powers of two >= 16, not {chunk_size}")
-    nchunks = triton.cdiv(l, K)
     x, dt, B, C = (t.contiguous() for t in (x, dt, B, C))
-    dev = x.device
-    y = torch.empty(b, l, h, p, device=dev, dtype=torch.float32)
-    acum = torch.empty(b, h, nchunks, K, device=dev, dtype=torch.float32)
-    states = torch.empty(b, nchunks, h, p, n, device=dev, dtype=torch.float32)
-    prev = torch.empty_like(states)
-    final = torch.empty(b, h, p, n, device=dev, dtype=torch.float32)
-    BP, BN = _block(p), _block(n)
-    grid = (b * nchunks, h)
-    _chunk_fwd[grid](x, dt, A.float().contiguous(), B, C, y, acum, states, l, h, g, p, n, nchunks, K=K, BP=BP, BN=BN)
-    init = initial_state.float().contiguous() if initial_state is not None else final
-    BLOCK = 256
-    _state_pass[(b, h, triton.cdiv(p * n, BLOCK))](states, acum, init, prev, final, h, p * n, nchunks,
-                                                    HAS_INIT=initial_state is not None, K=K, BLOCK=BLOCK)
-    _chunk_out[grid](x, C, D.float().contiguous(), y, acum, prev, l, h, g, p, n, nchunks, K=K, BP=BP, BN=BN)
+    y, final, _, _ = _forward_saving(x, dt, A, B, C, D, chunk_size, initial_state)
     return y, final
 
 

@@ -171,6 +171,18 @@ def claim_run_dir(out: Path) -> None:
     atexit.register(release)
 
 
+def holding_run_dirs(fn, cfg):
+    """fn(cfg) with the run folders it claims released however it ends; if it fails, a folder it created that
+    holds nothing but its run.json goes too (the Python twins of `pretrain` and `quantize`)."""
+    try:
+        out = fn(cfg)
+    except BaseException:
+        release_run_dirs(failed=True)
+        raise
+    release_run_dirs()
+    return out
+
+
 def release_run_dirs(failed: bool = False) -> None:
     """Let go of every run folder this process holds (the end of a command; the CLI and the Python API).  After a
     failed start, a folder this process created that holds nothing but its run.json is removed: a failed start
