@@ -58,6 +58,12 @@ PACKED_VERSIONS = (PACKED_VERSION_DENSE, PACKED_VERSION_TABLES)
 # ---- limits ----
 GEMV_MAX_ROWS = 16           # up to this many rows (tokens) per call use the GEMV kernels; more use a GEMM
 DECODE_MAX_BATCH = 64        # sequences one decode-engine step takes (csrc/lm_step.c)
+# The fast default of `generate` / `serve` (runtime/modes.py): the fastest decode mode whose quality cost, measured at
+# export on held-out text against the exact path, is at most this mean KL (nats per token) and at least this top-1
+# agreement.  Fixed before any mode was measured (2026-12-02); changing them changes which mode runs, not a record.
+DECODE_MODES = ("fast", "a8", "i8head", "exact")   # runtime/modes.py, fastest first
+DECODE_MODE_MAX_KL = 0.02
+DECODE_MODE_MIN_TOP1 = 0.95
 MAX_CHUNK_SIZE = 1024        # the SSD scan's chunk: a compute knob (64 on CPUs, 256 in mamba_ssm)
 SCAN_KERNEL_MULTIPLE = 16    # the C scan/prefill kernels need headdim, d_state and chunk a multiple of this
 
@@ -72,6 +78,7 @@ class KernelKind(enum.IntEnum):
     F16 = 4
     Q4 = 5
     TQ2_BF16 = 6
+    Q4_A8 = 7
 
 
 def check_group_size(group_size: int) -> int:

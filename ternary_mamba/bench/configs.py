@@ -52,20 +52,33 @@ class BenchGpuConfig(Config):
 
 
 @dataclass
-class BenchDecodeConfig(Config):
+class _BenchRuntimeConfig(Config):
     models: list[str] = option(default_factory=lambda: ["mamba2-130m"], help="presets (random weights) or FP model "
                                "folders")
     tokens: int = option(160, help="tokens decoded per variant, spread over the rounds")
     rounds: int = option(5, help="interleaved rounds over all variants; each variant's best round counts")
     threads: int = option(2, help="CPU threads of torch and the C kernels")
-    what = "decode"
 
     def __post_init__(self):
         _at_least_one(self, "tokens", "rounds", "threads")
 
 
 @dataclass
-class BenchPrefillConfig(BenchDecodeConfig):
+class BenchDecodeConfig(_BenchRuntimeConfig):
+    quality_tokens: int = option(64, help="teacher-forced tokens on which each mode's KL and top-1 agreement to "
+                                 "the exact tq2 path are measured (0: skip)")
+    agreement: int = option(0, help="also generate this many greedy tokens with the fast mode's bf16 SSM state and "
+                            "with an fp32 state, and report the share of positions that agree (e.g. 2048)")
+    what = "decode"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.quality_tokens < 0 or self.agreement < 0:
+            raise UserError("--quality-tokens and --agreement must be >= 0")
+
+
+@dataclass
+class BenchPrefillConfig(_BenchRuntimeConfig):
     tokens: int = option(512, help="prompt length")
     what = "prefill"
 

@@ -58,11 +58,18 @@ def pack_in_place(model: Mamba2LM, group_size: int = 128) -> None:
     ptq_pack_(model, group_size)
 
 
-def state_bytes_per_token(model) -> int:
-    """The recurrent state a decode step reads and writes back (fp32): every layer's SSM state (nheads x headdim x
-    d_state) and conv window (conv_dim x (d_conv - 1)), twice."""
+def _ssm_state_bytes(model) -> int:
+    """Every layer's SSM state (nheads x headdim x d_state, fp32 or bf16: `use_bf16_state`) read and written."""
+    from ..runtime.decode_engine import state_dtype
     c = model.config
-    return 2 * 4 * c.n_layer * (c.nheads * c.headdim * c.d_state + c.conv_dim * (c.d_conv - 1))
+    return 2 * state_dtype(model).itemsize * c.n_layer * c.nheads * c.headdim * c.d_state
+
+
+def state_bytes_per_token(model) -> int:
+    """The recurrent state a decode step reads and writes back: every layer's SSM state (`_ssm_state_bytes`) and
+    fp32 conv window (conv_dim x (d_conv - 1)), twice."""
+    c = model.config
+    return _ssm_state_bytes(model) + 2 * 4 * c.n_layer * c.conv_dim * (c.d_conv - 1)
 
 
 def bytes_per_token(model) -> int:
@@ -78,7 +85,7 @@ def bytes_breakdown(model) -> dict[str, int]:
     from ..runtime.packed_linear import PackedTernaryLinear
     c = model.config
     out = {"codes": 0, "scales": 0, "dense weights": 0, "head": 0, "embedding row": 0, "small tensors": 0,
-           "ssm state": 2 * 4 * c.n_layer * c.nheads * c.headdim * c.d_state,
+           "ssm state": _ssm_state_bytes(model),
            "conv state": 2 * 4 * c.n_layer * c.conv_dim * (c.d_conv - 1)}
     emb = getattr(model.backbone.embedding, "weight", None)
     head_reads_emb = emb is not None and getattr(model.lm_head, "weight", None) is emb
@@ -215,7 +222,8 @@ def build_variants(model: Mamba2LM, what: str) -> dict[str, Mamba2LM]:
     """fp32 (the model itself); packed tq2 as a packed folder loads (exact ternary products, the fp16 head it
     stores); + bf16 activations (AVX512-BF16 CPUs); + 8-bit head; + int8 activations."""
     import copy
-    from ..runtime.heads import use_fp16_head, use_int8_head
+    from ..runtime.decode_engine import use_bf16_state
+    from ..runtime.heads import use_fp16_head, use_int8_head, use_q4_head
     from ..ops.dispatch import cpu_has_bf16_kernels
     from ..runtime.packed_linear import use_a8_activations, use_bf16_activations
     out = {"fp32": model}
@@ -233,7 +241,41 @@ def build_variants(model: Mamba2LM, what: str) -> dict[str, Mamba2LM]:
     a8 = copy.deepcopy(i8)
     use_a8_activations(a8)   # opt-in, not bit-exact: int8 activations (decode GEMV; prefill VNNI GEMM)
     out["tq2+i8head+a8"] = a8
+    if what == "decode":     # the fewest bytes per token: 4-bit head, int8 activations, bf16 SSM state
+        fast = copy.deepcopy(tq2)
+        use_q4_head(fast)
+        use_a8_activations(fast)
+        use_bf16_state(fast)
+        out["tq2+q4head+a8+s16"] = fast
     return out
+
+
+@torch.no_grad()
+def mode_quality(variants: dict, n: int, exact: str = "tq2", seed: int = 0) -> dict[str, tuple[float, float]]:
+    """{variant: (mean KL(exact || variant) nats per token, top-1 agreement)} over n teacher-forced tokens (the
+    exact variant's own greedy continuation of a seeded random prompt, so the positions are ones the model
+    would reach), decoding one token at a time as generate does."""
+    from ..runtime.modes import _teacher_forced_logprobs
+    ref_model = variants[exact]
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, ref_model.config.vocab_size, (8,), generator=g).tolist()
+    ids += greedy_tokens(ref_model, ids, n - len(ids) + 1) if n + 1 > len(ids) else []
+    ids = ids[:n + 1]
+    ref = _teacher_forced_logprobs(ref_model, ids)
+    out = {}
+    for k, m in variants.items():
+        if k in (exact, "fp32"):           # fp32: the unquantized model, not a mode of the packed one
+            continue
+        lp = _teacher_forced_logprobs(m, ids)
+        out[k] = (float((ref.exp() * (ref - lp)).sum(-1).mean()), float((lp.argmax(-1) == ref.argmax(-1)).float().mean()))
+    return out
+
+
+@torch.no_grad()
+def greedy_tokens(model, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens after `prompt`, decoded as generate does (the engine's session when it runs the model)."""
+    from ..runtime.generate import generate_ids
+    return list(generate_ids(model, prompt, n, temperature=0.0))
 
 
 @torch.no_grad()
@@ -316,6 +358,35 @@ def run_bench_runtime(cfg) -> None:
         else:
             say(f"{name}: llama.cpp not installed (pip install '.[llama]'); figures measured earlier on these "
                   f"machines: {LLAMA_CPP.get(name, {}).get(cfg.what, 'n/a')}")
+        if cfg.what == "decode" and cfg.quality_tokens:
+            q = mode_quality(variants, cfg.quality_tokens)
+            say(f"{name} decode quality vs the exact tq2 path ({cfg.quality_tokens} teacher-forced tokens: the exact "
+                "path's greedy continuation of a random prompt): " + "; ".join(
+                    f"{k} KL {kl:.2e} top-1 {t1:.1%}" for k, (kl, t1) in q.items()))
+        if cfg.what == "decode" and cfg.agreement and "tq2+q4head+a8+s16" in variants:
+            import copy
+            from ..runtime.decode_engine import use_bf16_state
+            fast = variants["tq2+q4head+a8+s16"]
+            fp32_state = copy.deepcopy(fast)      # the same mode with an fp32 SSM state
+            use_bf16_state(fp32_state, False)
+            prompt = [1, 2, 3, 4]
+            a, b = greedy_tokens(fast, prompt, cfg.agreement), greedy_tokens(fp32_state, prompt, cfg.agreement)
+            same = sum(x == y for x, y in zip(a, b)) / max(1, min(len(a), len(b)))
+            first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+            # greedy loops can hide drift (a repeated cycle agrees trivially): also the next-token distributions
+            # along a sampled continuation (temperature 1) of the fp32-state path, teacher-forced
+            from ..runtime.generate import generate_ids
+            from ..runtime.modes import _teacher_forced_logprobs
+            seq = prompt + list(generate_ids(fp32_state, prompt, cfg.agreement, temperature=1.0, top_p=1.0))
+            ref, lp = _teacher_forced_logprobs(fp32_state, seq), _teacher_forced_logprobs(fast, seq)
+            kl = (ref.exp() * (ref - lp)).sum(-1)
+            t1 = float((lp.argmax(-1) == ref.argmax(-1)).float().mean())
+            say(f"{name} bf16 SSM state vs fp32 state ({cfg.agreement} tokens, fast mode otherwise): greedy "
+                f"generation {same:.1%} of positions agree (first difference: "
+                f"{'none' if first is None else f'token {first}'}; {len(set(a))} distinct tokens); teacher-forced on "
+                f"a sampled continuation: KL {float(kl.mean()):.2e} (last 256 tokens {float(kl[-256:].mean()):.2e}), "
+                f"top-1 {t1:.1%}")
+            del fp32_state
         if cfg.what == "decode":
             for k, m in variants.items():
                 prof = decode_profile(m, max(8, per_round))

@@ -9,7 +9,7 @@ from ..config_base import Config, option
 from ..errors import UserError
 from ..formats.configs import GGUF_TYPES
 from ..quant.config import SCALE_MODES, MonitorConfig, TernaryConfig
-from ..spec import DEFAULT_GROUP_SIZE, GGUF_TQ_BLOCK, GPUS, PACKINGS, TABLE_FORMATS, check_chunk_size
+from ..spec import DECODE_MODES, DEFAULT_GROUP_SIZE, GGUF_TQ_BLOCK, GPUS, PACKINGS, TABLE_FORMATS, check_chunk_size
 from ..train.config import DistillConfig, TrainConfig
 from ..log import say
 
@@ -163,6 +163,11 @@ class ExportConfig(Config):
     hf_dtype: str = option("fp16", choices=("fp16", "bf16", "fp32"), help="--format hf: dtype of the weights")
     group_size: int = option(GGUF_TQ_BLOCK, help="for PTQ of a full-precision model, every format (256: what GGUF's "
                              "TQ types hold exactly)")
+    cost_tokens: int = option(256, help="tq2/tq1: held-out tokens on which each faster decode mode's KL and top-1 "
+                              "agreement to the exact path are measured and recorded (generate's fast default "
+                              "reads it); 0: skip")
+    cost_text: str | None = option(None, help="text file or folder for --cost-tokens (default: the bundled "
+                                   "held-out books)")
 
 
 @dataclass
@@ -179,6 +184,9 @@ class GenerateConfig(Config):
                       "bit-exact; groups a multiple of 128)")
     a16: bool = option(False, help="packed models: bf16 activations (the paper's A16) on CPUs with AVX512-BF16, "
                        "decode and prefill (faster, not bit-exact; groups a multiple of 64)")
+    mode: str = option("auto", choices=("auto", *DECODE_MODES), help="packed models: decode mode; auto: the fastest "
+                       "whose quality cost recorded at export is within the stated thresholds (printed), else exact")
+    exact: bool = option(False, help="the bit-exact decode path (the same as --mode exact)")
     device: str | None = _device()
     dtype: str = _dtype()
     threads: int | None = _threads()
@@ -186,6 +194,8 @@ class GenerateConfig(Config):
     def __post_init__(self):
         _check_dtype(self)
         _positive(self, "max_new_tokens", "threads")
+        if self.exact and self.mode not in ("auto", "exact"):
+            raise UserError(f"--exact and --mode {self.mode}: choose one")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
 

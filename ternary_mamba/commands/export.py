@@ -68,4 +68,33 @@ def export(cfg: ExportConfig) -> Path:
     size = (out / "model.safetensors").stat().st_size / MB
     say(f"wrote {out}: {size:.2f} MB ({cfg.format}, embedding {cfg.embedding})")
     say(format_size_table(model.config, model.ternary_config.group_size))
+    if cfg.cost_tokens:
+        record_decode_costs(out, cfg.cost_tokens, cfg.cost_text)
     return out
+
+
+def record_decode_costs(folder: Path, n_tokens: int, text: str | None = None) -> dict | None:
+    """Measure every faster decode mode of the packed `folder` against its exact path on held-out text and record
+    it there (runtime/modes.py); None when the folder has no tokenizer to encode the text with."""
+    from ..assets import HELDOUT_BOOKS
+    from ..formats.text import find_text_files, read_documents
+    from ..ops.device import cpu_description
+    from ..runtime.modes import DESCRIBE, choose_mode, measure_modes, write_record
+    model, tok = load_model_and_tokenizer(str(folder))
+    if tok is None:
+        say("no tokenizer in the folder: decode modes not measured (generate will run the exact path)")
+        return None
+    files = find_text_files([text or HELDOUT_BOOKS])
+    ids: list[int] = []
+    for f in files:
+        ids += tok.encode("\n\n".join(read_documents(f)))
+        if len(ids) > n_tokens:
+            break
+    ids = ids[:n_tokens + 1]
+    say(f"measuring decode modes on {len(ids) - 1} held-out tokens ({', '.join(f.name for f in files[:3])}...)")
+    modes = measure_modes(model, ids, on_mode=lambda m: say(f"  mode {m}: {DESCRIBE[m]}"))
+    rec = write_record(folder, modes, str(text or "bundled held-out books"), len(ids) - 1, cpu_description())
+    for m, c in modes.items():
+        say(f"  {m:>6}: KL {c['kl']:.4f} nats/token, top-1 {c['top1']:.1%} vs exact")
+    say(f"generate will decode with {choose_mode(rec)[1]}")
+    return rec

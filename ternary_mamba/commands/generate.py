@@ -9,6 +9,7 @@ from ..runtime.load import load_model_and_tokenizer
 from ..ops.device import autocast, precision
 from ..runtime.generate import generate_text
 from ..runtime.heads import use_int8_head
+from ..runtime.modes import select_mode
 from ..runtime.packed_linear import use_a8_activations, use_bf16_activations
 from .configs import GenerateConfig
 from .flags import require
@@ -29,6 +30,13 @@ def generate(cfg: GenerateConfig, stream: bool = False) -> str:
         set_threads(n)
         if stream:
             print(f"[threads: {why}]", file=sys.stderr)
+    explicit = cfg.int8_head or cfg.a8 or cfg.a16
+    if explicit and cfg.mode not in ("auto", "exact") or explicit and cfg.exact:
+        raise UserError("--int8-head / --a8 / --a16 set a mode of their own: leave out --mode / --exact")
+    if not explicit:
+        why = select_mode(model, cfg.model, "exact" if cfg.exact else cfg.mode)
+        if stream and why:
+            print(f"[decode mode: {why}]", file=sys.stderr)
     if cfg.int8_head:
         use_int8_head(model)
     if cfg.a8 and use_a8_activations(model) == 0:

@@ -40,6 +40,10 @@ class Engine:
         self.device, self.dtype = precision(cfg.device, "fp32")
         self.model, self.tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer)
         self.model = self.model.to(self.device).eval()
+        self.mode = None
+        if not (cfg.int8_head or cfg.a8):
+            from ..runtime.modes import select_mode
+            self.mode = select_mode(self.model, cfg.model, "exact" if cfg.exact else cfg.mode)
         if cfg.int8_head:
             from ..runtime.heads import use_int8_head
             use_int8_head(self.model)
@@ -275,6 +279,8 @@ def serve(cfg) -> None:
     say(f"serving {cfg.model} at {server.url}/v1 (OpenAI-compatible: /v1/completions, /v1/chat/completions, "
         f"/v1/models; up to {cfg.max_batch} requests decoded together, {cfg.max_queue} waiting); Ctrl-C stops it",
         flush=True)
+    if server.engine.mode:
+        say(f"decode mode: {server.engine.mode}", flush=True)
     try:
         server.run()
     finally:

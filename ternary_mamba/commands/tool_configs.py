@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config_base import Config, option
+from ..spec import DECODE_MODES
 from .configs import DTYPE_NAMES
 
 
@@ -59,6 +60,9 @@ class ServeConfig(Config):
     max_queue: int = option(64, help="requests that may wait for a place in the batch (more: HTTP 503)")
     int8_head: bool = option(False, help="8-bit output head (faster decoding; logits change slightly)")
     a8: bool = option(False, help="packed models: int8 activations (faster, not bit-exact)")
+    mode: str = option("auto", choices=("auto", *DECODE_MODES), help="packed models: decode mode; auto: the fastest "
+                       "whose quality cost recorded at export is within the stated thresholds (printed), else exact")
+    exact: bool = option(False, help="the bit-exact decode path (the same as --mode exact)")
     device: str | None = option(None, help="cpu, cuda or cuda:N (default: cuda when available)")
     threads: int | None = option(None, help="CPU threads of torch and the C kernels")
 
@@ -69,6 +73,9 @@ class ServeConfig(Config):
         if self.max_tokens_limit < 1:
             raise UserError("--max-tokens-limit must be >= 1")
         from ..spec import DECODE_MAX_BATCH
+        if (self.exact or self.int8_head or self.a8) and self.mode not in ("auto", "exact") \
+                or self.exact and (self.int8_head or self.a8):
+            raise UserError("--exact, --mode and --int8-head / --a8 each set the decode mode: choose one")
         if not 1 <= self.max_batch <= DECODE_MAX_BATCH:
             raise UserError(f"--max-batch {self.max_batch}: must be in 1..{DECODE_MAX_BATCH}")
         if not 1 <= self.max_queue <= 1 << 16:

@@ -26,7 +26,8 @@ class TmModel(ctypes.Structure):
     _fields_ = [(k, _i64) for k in ("n_layer", "d_model", "d_inner", "ngroups", "d_state", "nheads", "headdim",
                                     "d_conv", "max_in")] + \
                [("eps", ctypes.c_double), ("gnorm_eps", ctypes.c_double), ("embedding", _p), ("norm_f", _p),
-                ("head", TmLinear), ("layers", ctypes.POINTER(TmLayer)), ("emb_kind", _i64), ("emb_scales", _p)]
+                ("head", TmLinear), ("layers", ctypes.POINTER(TmLayer)), ("emb_kind", _i64), ("emb_scales", _p),
+                ("state_bf16", _i64)]
 
 
 def expected_abi() -> list[tuple[str, int]]:

@@ -151,6 +151,8 @@ def get_kernel():
     lib.ssd_step_inplace.restype = None
     lib.mixer_step_inplace.argtypes = [p] * 11 + [i64] * 7 + [ctypes.c_float]
     lib.mixer_step_inplace.restype = None
+    lib.mixer_step_inplace_bf16state.argtypes = [p] * 11 + [i64] * 7 + [ctypes.c_float]
+    lib.mixer_step_inplace_bf16state.restype = None
     lib.tq2_quantize_x.argtypes = [p, p, p, p, i64, i64, i64]
     lib.tq2_quantize_x.restype = None
     lib.tq2_gemv_a8.argtypes = [p] * 6 + [i64] * 4
@@ -167,6 +169,12 @@ def get_kernel():
     lib.tq2_has_vnni512.restype = ctypes.c_int
     lib.q4_gemv.argtypes = [p, p, p, p, p, i64, i64, i64]
     lib.q4_gemv.restype = None
+    lib.a8z_work_bytes.argtypes = [i64, i64]
+    lib.a8z_work_bytes.restype = i64
+    lib.tq2_gemv_a8z_auto.argtypes = [p] * 5 + [i64] * 4
+    lib.tq2_gemv_a8z_auto.restype = ctypes.c_int
+    lib.q4_gemv_a8_auto.argtypes = [p] * 5 + [i64] * 3
+    lib.q4_gemv_a8_auto.restype = ctypes.c_int
     lib.table_rows.argtypes = [i64, p, p, p, i64, i64, p]
     lib.table_rows.restype = None
     lib.ssd_prefill.argtypes = [p] * 8 + [i64] * 9 + [p, p]

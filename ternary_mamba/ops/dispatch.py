@@ -155,3 +155,10 @@ def cpu_has_bf16_kernels() -> bool:
     from .build import get_kernel
     lib = get_kernel()
     return bool(lib is not None and lib.tq2_has_bf16())
+
+
+def cpu_has_vnni512() -> bool:
+    """The compiled kernels use AVX512-VNNI (the 512-bit int8-activation decode GEMVs of csrc/decode_a8.c)."""
+    from .build import get_kernel
+    lib = get_kernel()
+    return bool(lib is not None and lib.tq2_has_vnni512())

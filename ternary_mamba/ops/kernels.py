@@ -143,8 +143,10 @@ def i8_gemv(w: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tens
     return y
 
 
-def q4_gemv(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """q (out, in/2) uint8 (4-bit codes, quant/tables.py), scale (out, in/32) fp32, x (nb, in) fp32 -> (nb, out)."""
+def q4_gemv(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, a8: bool = False) -> torch.Tensor:
+    """q (out, in/2) uint8 (4-bit codes, quant/tables.py), scale (out, in/32) fp32, x (nb, in) fp32 -> (nb, out).
+    a8: x quantized to int8 per 128 values and VNNI dot products where the build has them and in % 128 == 0
+    (csrc/decode_a8.c; reference `runtime.heads.q4_head_a8_ref`), else the fp32-activation kernel."""
     _cpu(q, scale, x)
     _dtype(torch.uint8, q)
     _dtype(torch.float32, scale, x)
@@ -153,6 +155,11 @@ def q4_gemv(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tens
     lib = get_kernel()
     x = x.contiguous()
     y = torch.empty(x.size(0), q.size(0))
+    if a8:
+        work = torch.empty(lib.a8z_work_bytes(x.size(1), x.size(0)), dtype=torch.int8)
+        if lib.q4_gemv_a8_auto(q.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), work.data_ptr(),
+                               q.size(0), x.size(1), x.size(0)) == 0:
+            return y
     xsum = torch.empty(x.size(0), scale.size(1))
     lib.q4_gemv(q.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), xsum.data_ptr(), q.size(0), x.size(1),
                 x.size(0))
@@ -267,9 +274,11 @@ def f16_gemv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def mixer_step_inplace(mixer, zxbcdt: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
     """Everything of Mamba2Mixer.step between in_proj and out_proj in one C call (conv, SSM step, D skip,
-    gated RMSNorm); conv_state / ssm_state (contiguous fp32) are updated in place.  Returns y (b, d_inner)."""
+    gated RMSNorm); conv_state (contiguous fp32) and ssm_state (contiguous fp32, or bf16: stored in bf16, fp32
+    arithmetic, each new value rounded once) are updated in place.  Returns y (b, d_inner)."""
     _cpu(zxbcdt, conv_state, ssm_state)
-    _dtype(torch.float32, zxbcdt, conv_state, ssm_state)
+    _dtype(torch.float32, zxbcdt, conv_state)
+    _check(ssm_state.dtype in (torch.float32, torch.bfloat16), 'fp32 or bf16 ssm_state')
     lib = get_kernel()
     c = mixer.cfg
     zxbcdt = zxbcdt.contiguous()
@@ -281,11 +290,12 @@ def mixer_step_inplace(mixer, zxbcdt: torch.Tensor, conv_state: torch.Tensor, ss
     _dtype(torch.float32, *params)
     _check(all(t.is_contiguous() for t in params), 'contiguous parameters')
     bias = mixer.conv1d.bias
-    lib.mixer_step_inplace(zxbcdt.data_ptr(), conv_state.data_ptr(), mixer.conv1d.weight.data_ptr(),
-                           bias.data_ptr() if bias is not None else None, mixer.dt_bias.data_ptr(),
-                           mixer.A_log.data_ptr(), mixer.D.data_ptr(), mixer.norm.weight.data_ptr(),
-                           ssm_state.data_ptr(), y.data_ptr(), work.data_ptr(),
-                           nb, c.d_inner, c.ngroups, c.d_state, c.nheads, c.headdim, c.d_conv, float(mixer.norm.eps))
+    fn = lib.mixer_step_inplace if ssm_state.dtype == torch.float32 else lib.mixer_step_inplace_bf16state
+    fn(zxbcdt.data_ptr(), conv_state.data_ptr(), mixer.conv1d.weight.data_ptr(),
+       bias.data_ptr() if bias is not None else None, mixer.dt_bias.data_ptr(),
+       mixer.A_log.data_ptr(), mixer.D.data_ptr(), mixer.norm.weight.data_ptr(),
+       ssm_state.data_ptr(), y.data_ptr(), work.data_ptr(),
+       nb, c.d_inner, c.ngroups, c.d_state, c.nheads, c.headdim, c.d_conv, float(mixer.norm.eps))
     return y
 
 
@@ -301,11 +311,16 @@ def tq2_gemv_a8(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, grou
     x = x.contiguous().float()
     nb, in_f = x.shape
     out_f = codes.size(0)
+    y = torch.empty(nb, out_f)
+    # AVX512-VNNI and rows of a multiple of 256: the 512-bit kernel (csrc/decode_a8.c), the engine's choice too
+    work = torch.empty(lib.a8z_work_bytes(in_f, nb), dtype=torch.int8)
+    if lib.tq2_gemv_a8z_auto(codes.data_ptr(), scales.data_ptr(), x.data_ptr(), y.data_ptr(), work.data_ptr(),
+                             out_f, in_f, group_size, nb) == 0:
+        return y
     xq = torch.empty(nb, in_f, dtype=torch.int8)
     xs = torch.empty(nb)
     qsum = torch.empty(nb, in_f // group_size, dtype=torch.int32)
     lib.tq2_quantize_x(x.data_ptr(), xq.data_ptr(), xs.data_ptr(), qsum.data_ptr(), in_f, group_size, nb)
-    y = torch.empty(nb, out_f)
     lib.tq2_gemv_a8(codes.data_ptr(), scales.data_ptr(), xq.data_ptr(), xs.data_ptr(), qsum.data_ptr(), y.data_ptr(),
                     out_f, in_f, group_size, nb)
     return y

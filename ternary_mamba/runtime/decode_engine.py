@@ -35,10 +35,24 @@ from .packed_linear import PackedTernaryLinear
 from .tables import QuantizedEmbedding, QuantizedHead
 
 _ENGINES: "weakref.WeakKeyDictionary[nn.Module, DecodeEngine]" = weakref.WeakKeyDictionary()
+_BF16_STATE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()   # models whose engine keeps the SSM state in bf16
+
+
+def use_bf16_state(model, enabled: bool = True) -> None:
+    """Opt-in, decode only: the engine stores every layer's SSM state in bf16 (fp32 arithmetic in registers, each
+    updated value rounded to nearest even once per step) — half of the state's bytes, which at 1.3B are 201 MB of
+    the ~660 MB a token reads.  Not exact: `ternary-mamba bench decode` prints its KL and greedy agreement to the
+    fp32-state path over long generations (Mamba models are known to degenerate with a bf16 state written back
+    every step; measure before relying on it).  The module-by-module step keeps its fp32 state."""
+    if enabled:
+        _BF16_STATE.add(model)
+    else:
+        _BF16_STATE.discard(model)
 
 _p = ctypes.c_void_p
-TM_F32, TM_TQ2, TM_TQ2_A8, TM_I8, TM_F16, TM_Q4, TM_TQ2_BF16 = (KernelKind.F32, KernelKind.TQ2, KernelKind.TQ2_A8,
-    KernelKind.I8, KernelKind.F16, KernelKind.Q4, KernelKind.TQ2_BF16)
+TM_F32, TM_TQ2, TM_TQ2_A8, TM_I8, TM_F16, TM_Q4, TM_TQ2_BF16, TM_Q4_A8 = (
+    KernelKind.F32, KernelKind.TQ2, KernelKind.TQ2_A8, KernelKind.I8, KernelKind.F16, KernelKind.Q4,
+    KernelKind.TQ2_BF16, KernelKind.Q4_A8)
 
 
 class Unsupported(Exception):
@@ -74,7 +88,7 @@ def _linear(m: nn.Module, keep: list) -> _Linear:
     if isinstance(m, QuantizedHead):
         codes, sc = m.codes.contiguous(), _f32(m.scale)
         keep += [codes, sc]
-        return _Linear(TM_Q4 if m.fmt == "q4" else TM_I8, m.out_features, m.in_features, 0, codes.data_ptr(),
+        return _Linear((TM_Q4_A8 if m.a8 else TM_Q4) if m.fmt == "q4" else TM_I8, m.out_features, m.in_features, 0, codes.data_ptr(),
                        sc.data_ptr(), None)
     if isinstance(m, Fp16Head):
         keep.append(m.w16)
@@ -91,9 +105,14 @@ def _table(emb: nn.Module) -> tuple[int, Tensor, Tensor | None]:
     raise Unsupported(f"{type(emb).__name__} embedding")
 
 
+def state_dtype(model) -> torch.dtype:
+    """The dtype the engine keeps this model's SSM state in (`use_bf16_state`)."""
+    return torch.bfloat16 if model in _BF16_STATE else torch.float32
+
+
 def _signature(model) -> tuple:
     """What the engine's pointers depend on: module identities, opt-in flags and tensor storage."""
-    sig = [id(model.lm_head), getattr(model.lm_head, "a8", None), getattr(model.lm_head, "bf16", None), _ptr(getattr(model.lm_head, "weight", None)),
+    sig = [model in _BF16_STATE, id(model.lm_head), getattr(model.lm_head, "a8", None), getattr(model.lm_head, "bf16", None), _ptr(getattr(model.lm_head, "weight", None)),
            id(model.backbone.embedding), _ptr(getattr(model.backbone.embedding, "weight", None)),
            model.backbone.norm_f.weight.data_ptr()]
     for layer in model.backbone.layers:
@@ -127,10 +146,12 @@ class DecodeEngine:
         norm_f = _f32(model.backbone.norm_f.weight.detach())
         keep += [emb, emb_scales, norm_f]
         head = _linear(model.lm_head, keep)
+        self.state_dtype = torch.bfloat16 if model in _BF16_STATE else torch.float32
         self.model_struct = _Model(c.n_layer, c.d_model, c.d_inner, c.ngroups, c.d_state, c.nheads, c.headdim,
                                    c.d_conv, max(max_in, c.d_model), float(model.backbone.layers[0].norm.eps),
                                    float(model.backbone.layers[0].mixer.norm.eps), emb.data_ptr(),
-                                   norm_f.data_ptr(), head, layers, emb_kind, _ptr(emb_scales))
+                                   norm_f.data_ptr(), head, layers, emb_kind, _ptr(emb_scales),
+                                   int(self.state_dtype == torch.bfloat16))
         self.layers, self.keep = layers, keep       # keep the described memory alive
         self.n_layer, self.vocab, self.n_out = c.n_layer, emb.size(0), head.out
         self.conv_shape, self.ssm_shape = (c.conv_dim, c.d_conv - 1), (c.nheads, c.headdim, c.d_state)
@@ -156,16 +177,19 @@ class DecodeEngine:
         return self._scratch[nb]
 
     def prepare_state(self, state: list, nb: int) -> list | None:
-        """The state as tm_step needs it (contiguous fp32 of the right shapes), or None if it cannot be."""
+        """The state as tm_step needs it (contiguous, conv fp32, ssm in `state_dtype`, the right shapes: an fp32
+        SSM state, e.g. after prefill, is rounded to a bf16 copy for a bf16-state engine), or None if it cannot
+        be."""
         if not 1 <= nb <= DECODE_MAX_BATCH or len(state) != self.n_layer:
             return None
         out = []
         for s in state:
-            if s.conv.dtype != torch.float32 or s.ssm.dtype != torch.float32 \
+            if s.conv.dtype != torch.float32 or s.ssm.dtype not in (torch.float32, self.state_dtype) \
                     or tuple(s.conv.shape) != (nb, *self.conv_shape) or tuple(s.ssm.shape) != (nb, *self.ssm_shape):
                 return None
-            out.append(s if s.conv.is_contiguous() and s.ssm.is_contiguous()
-                       else LayerState(s.conv.contiguous(), s.ssm.contiguous()))
+            ssm = s.ssm.to(self.state_dtype)
+            out.append(s if s.conv.is_contiguous() and ssm is s.ssm and ssm.is_contiguous()
+                       else LayerState(s.conv.contiguous(), ssm.contiguous()))
         return out
 
     def _call(self, tok_ptr: int, nb: int, conv_ptrs, ssm_ptrs) -> Tensor:

@@ -42,20 +42,6 @@ def sample_rows(logits: torch.Tensor, temperatures: list[float], top_ps: list[fl
         pick = torch.searchsorted(cdf, u[:, None].contiguous(), right=True).clamp_max_(cdf.size(-1) - 1)
         out[idx] = (pick if order is None else order.gather(-1, pick)).squeeze(-1)
     return out
-    idx = torch.tensor(rows, device=logits.device)
-    temp = torch.tensor([temperatures[i] for i in rows], device=logits.device, dtype=torch.float32)
-    probs = torch.softmax(logits.index_select(0, idx).float() / temp[:, None], dim=-1)
-    if all(top_ps[i] >= 1.0 for i in rows):     # no nucleus: the CDF in vocabulary order (no sort)
-        order, cdf = None, probs.cumsum(-1)
-    else:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        top_p = torch.tensor([top_ps[i] for i in rows], device=logits.device, dtype=torch.float32)
-        sorted_p = sorted_p * (sorted_p.cumsum(-1) - sorted_p < top_p[:, None])   # keeps the most likely token
-        cdf = sorted_p.cumsum(-1)
-    u = torch.stack([torch.rand((), generator=gens[i]) for i in rows]).to(logits.device) * cdf[:, -1]
-    pick = torch.searchsorted(cdf, u[:, None].contiguous(), right=True).clamp_max_(cdf.size(-1) - 1)
-    out[idx] = (pick if order is None else order.gather(-1, pick)).squeeze(-1)
-    return out
 
 
 @torch.no_grad()

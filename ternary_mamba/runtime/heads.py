@@ -3,7 +3,9 @@
   - Fp16Head: the weights in fp16, converted exactly to fp32 inside the kernel — bit-for-bit the same
     products as the fp32 head when the weights are fp16 values already (a packed model's embedding is stored
     in fp16), half the bytes;
-  - Int8Head: per-row absmax int8 + fp32 scale, a quarter of the bytes (changes logits slightly).
+  - Int8Head: per-row absmax int8 + fp32 scale, a quarter of the bytes (changes logits slightly);
+  - a 4-bit head (`use_q4_head`): the q4 table format of a quantized embedding (blocks of 32, one scale each),
+    ~1/7 of the fp32 bytes, multiplied straight from its codes (csrc/tables.c q4_gemv).
 The embedding lookup is untouched (it reads one row per token)."""
 from __future__ import annotations
 
@@ -71,3 +73,23 @@ def use_int8_head(model) -> None:
 def use_fp16_head(model) -> None:
     """Swap the model's lm_head for an Fp16Head (inference only; exact when the weights are fp16 values)."""
     model.lm_head = Fp16Head(head_weight(model))
+
+
+def use_q4_head(model) -> None:
+    """Swap the model's lm_head for a 4-bit head (the q4 table format, `quant.tables`; inference only, the
+    embedding keeps its weights).  Changes logits more than the int8 head: its cost is measured, not assumed
+    (`bench decode` prints KL and top-1 agreement to the exact path)."""
+    from ..quant.tables import quantize_table
+    from .tables import QuantizedEmbedding, QuantizedHead
+    codes, scale = quantize_table(head_weight(model).detach().float(), "q4")
+    model.lm_head = QuantizedHead(QuantizedEmbedding(codes, scale, "q4"), tied=False)
+
+
+def q4_head_a8_ref(codes: Tensor, scale: Tensor, x: Tensor) -> Tensor:
+    """The reference of the 4-bit head with int8 activations (csrc/decode_a8.c q4_gemv_a8): x (nb, in) rounded
+    per 128 values to int8 (absmax / 127, ties to even), times the dequantized table, in float64."""
+    from ..quant.tables import dequantize_table
+    xc = x.double().reshape(x.size(0), -1, 128)
+    s = xc.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(s > 0, torch.round(xc / torch.where(s > 0, s, 1)), 0)
+    return ((q * s).reshape_as(x) @ dequantize_table(codes, scale, "q4").double().T).float()

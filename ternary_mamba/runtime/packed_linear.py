@@ -42,13 +42,18 @@ def use_a8_activations(model, enabled: bool = True) -> int:
     """Opt-in fast decode and prefill: packed projections quantize their input to int8 (one absmax scale per token)
     and use integer dot products, as llama.cpp's TQ2_0 does (prefill: the int8 GEMM of csrc/tq2_gemm_a8.c where the
     CPU has AVX512-VNNI or AVX2, else the exact dequantize + GEMM).  No longer bit-exact to the fake-quant student (≈ 1 %
-    relative error per projection).  Needs groups that are a multiple of 128.  Returns how many modules use it."""
+    relative error per projection).  Needs groups that are a multiple of 128.  A 4-bit head (a q4 table, tied or
+    `use_q4_head`) also takes int8 activations (per 128 values) where the CPU has AVX512-VNNI.  Returns how many
+    ternary modules use it."""
+    from .tables import QuantizedHead
     n = 0
     for m in model.modules():
         if isinstance(m, PackedTernaryLinear) and m.paths.gemv_a8:
             m.a8 = enabled
             m.bf16 = False if enabled else m.bf16
             n += 1
+        elif isinstance(m, QuantizedHead) and m.fmt == "q4":
+            m.a8 = enabled
     return n
 
 

@@ -42,19 +42,26 @@ class QuantizedEmbedding(nn.Module):
 
 
 class QuantizedHead(nn.Module):
-    """logits = x . W^T with W the embedding's quantized table (the tied head)."""
+    """logits = x . W^T with W the embedding's quantized table (the tied head), or a table of the head's own
+    (tied=False: `runtime.heads.use_q4_head`, the embedding keeps its weights)."""
 
-    def __init__(self, emb: QuantizedEmbedding):
+    def __init__(self, emb: QuantizedEmbedding, tied: bool = True):
         super().__init__()
-        self.fmt, self.codes, self.scale = emb.fmt, emb.codes, emb.scale      # shared, not copied
+        self.fmt, self.tied = emb.fmt, tied
         self.in_features, self.out_features = emb.embedding_dim, emb.num_embeddings
+        self.a8 = False   # opt-in (use_a8_activations): int8 activations and VNNI products; not exact
+        if tied:          # the embedding's buffers, shared, not copied
+            self.codes, self.scale = emb.codes, emb.scale
+        else:             # the head's own table: buffers, so that size and bytes-per-token counts see it
+            self.register_buffer("codes", emb.codes, persistent=False)
+            self.register_buffer("scale", emb.scale, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if x2.size(0) <= GEMV_MAX_ROWS and self.codes.device.type == "cpu" and kernels_for(x2, self.scale, dtype=None):
             x2 = x2.float()
-            y = q4_gemv(self.codes, self.scale, x2) if self.fmt == "q4" else i8_gemv(self.codes, self.scale, x2)
+            y = q4_gemv(self.codes, self.scale, x2, self.a8) if self.fmt == "q4" else i8_gemv(self.codes, self.scale, x2)
         else:
             y = torch.cat([F.linear(x2.float(), dequantize_table(self.codes[i:i + HEAD_BLOCK_ROWS],
                                                                  self.scale[i:i + HEAD_BLOCK_ROWS], self.fmt))
@@ -62,7 +69,7 @@ class QuantizedHead(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, format={self.fmt} (tied to the embedding)"
+        return f"{self.in_features}, {self.out_features}, format={self.fmt}" + (" (tied to the embedding)" if self.tied else "")
 
 
 def use_quantized_embedding(model, fmt: str) -> None:

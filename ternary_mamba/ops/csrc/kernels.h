@@ -41,6 +41,11 @@ void mixer_step_inplace(const float *zxbcdt, float *conv_state, const float *con
                         float *ssm_state, float *y, float *work,
                         int64_t nb, int64_t d_inner, int64_t ng, int64_t n, int64_t nh, int64_t hp, int64_t K,
                         float eps);
+void mixer_step_inplace_bf16state(const float *zxbcdt, float *conv_state, const float *conv_w, const float *conv_b,
+                                  const float *dt_bias, const float *A_log, const float *Dp, const float *norm_w,
+                                  uint16_t *ssm_state, float *y, float *work,
+                                  int64_t nb, int64_t d_inner, int64_t ng, int64_t n, int64_t nh, int64_t hp,
+                                  int64_t K, float eps);
 int ssd_prefill(const float *x, const float *dt, const float *A, const float *B, const float *C, const float *init,
                 float *y, float *final_state, int64_t nb, int64_t l, int64_t nh, int64_t p, int64_t ng, int64_t n,
                 int64_t k, int64_t x_rs, int64_t bc_rs, float *chunk_states, const float *D);
@@ -66,3 +71,10 @@ int gated_norm_bwd(const float *y, const float *z, int64_t z_rs, const float *w,
 void rms_norm_fwd(const float *x, const float *w, float *out, float *rstd, int64_t rows, int64_t d, float eps);
 int rms_norm_bwd(const float *x, const float *w, const float *rstd, const float *dout, float *dx, float *dw,
                   int64_t rows, int64_t d);
+
+// decode_a8.c: int8-activation decode GEMVs on AVX512-VNNI (-1: not in this build / not this shape)
+int64_t a8z_work_bytes(int64_t in, int64_t nb);
+int tq2_gemv_a8z_auto(const uint8_t *codes, const float *scales, const float *x, float *y, int8_t *work,
+                      int64_t out, int64_t in, int64_t G, int64_t nb);
+int q4_gemv_a8_auto(const uint8_t *w, const float *scale, const float *x, float *y, int8_t *work,
+                    int64_t out, int64_t in, int64_t nb);

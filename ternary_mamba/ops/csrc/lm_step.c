@@ -16,7 +16,7 @@
 
 
 // Mirrored by ternary_mamba/spec.py KernelKind and DECODE_MAX_BATCH; tm_abi() lets Python check both at load.
-enum { TM_F32 = 0, TM_TQ2 = 1, TM_TQ2_A8 = 2, TM_I8 = 3, TM_F16 = 4, TM_Q4 = 5, TM_TQ2_BF16 = 6 };
+enum { TM_F32 = 0, TM_TQ2 = 1, TM_TQ2_A8 = 2, TM_I8 = 3, TM_F16 = 4, TM_Q4 = 5, TM_TQ2_BF16 = 6, TM_Q4_A8 = 7 };
 #define TM_MAX_BATCH 64
 
 typedef struct {
@@ -41,6 +41,7 @@ typedef struct {
     const tm_layer *layers;
     int64_t emb_kind;
     const float *emb_scales;        // TM_I8: (vocab) | TM_Q4: (vocab, d_model/32) | unused
+    int64_t state_bf16;             // 1: every ssm state is bf16 (uint16 bit patterns), fp32 arithmetic; 0: fp32
 } tm_model;
 
 // The ABI as this build lays it out, for the Python side to compare with its ctypes mirror (ops/abi.py) at load:
@@ -50,7 +51,7 @@ typedef struct {
 int64_t tm_abi(int64_t *out, int64_t n) {
     int64_t k = 0;
     ABI_PUT(TM_F32); ABI_PUT(TM_TQ2); ABI_PUT(TM_TQ2_A8); ABI_PUT(TM_I8); ABI_PUT(TM_F16); ABI_PUT(TM_Q4);
-    ABI_PUT(TM_TQ2_BF16); ABI_PUT(TM_MAX_BATCH);
+    ABI_PUT(TM_TQ2_BF16); ABI_PUT(TM_Q4_A8); ABI_PUT(TM_MAX_BATCH);
     ABI_PUT(sizeof(tm_linear)); ABI_PUT(offsetof(tm_linear, kind)); ABI_PUT(offsetof(tm_linear, out));
     ABI_PUT(offsetof(tm_linear, in)); ABI_PUT(offsetof(tm_linear, G)); ABI_PUT(offsetof(tm_linear, w));
     ABI_PUT(offsetof(tm_linear, scales)); ABI_PUT(offsetof(tm_linear, bias));
@@ -64,6 +65,7 @@ int64_t tm_abi(int64_t *out, int64_t n) {
     ABI_PUT(offsetof(tm_model, max_in)); ABI_PUT(offsetof(tm_model, eps)); ABI_PUT(offsetof(tm_model, gnorm_eps));
     ABI_PUT(offsetof(tm_model, embedding)); ABI_PUT(offsetof(tm_model, norm_f)); ABI_PUT(offsetof(tm_model, head));
     ABI_PUT(offsetof(tm_model, layers)); ABI_PUT(offsetof(tm_model, emb_kind)); ABI_PUT(offsetof(tm_model, emb_scales));
+    ABI_PUT(offsetof(tm_model, state_bf16));
     return k;
 }
 #undef ABI_PUT
@@ -75,13 +77,17 @@ int64_t tm_work_floats(const tm_model *m, int64_t nb) {
     const int64_t conv_dim = m->d_inner + 2 * m->ngroups * m->d_state;
     return nb * (3 * m->d_model + d_in_proj(m) + m->d_inner) + conv_dim + 2 * nb;
 }
-int64_t tm_qwork_bytes(const tm_model *m, int64_t nb) { return 2 * nb * m->max_in + 16 + 4 * nb * (m->max_in / 128 + 1); }
+int64_t tm_qwork_bytes(const tm_model *m, int64_t nb) {
+    const int64_t a = 2 * nb * m->max_in + 16 + 4 * nb * (m->max_in / 128 + 1), z = a8z_work_bytes(m->max_in, nb);
+    return a > z ? a : z;
+}
 
 static void linear(const tm_linear *L, const float *x, float *y, int64_t nb, int8_t *qwork) {
     switch (L->kind) {
     case TM_F32: f32_gemv((const float *)L->w, x, y, L->out, L->in, nb); break;
     case TM_TQ2: tq2_gemv((const uint8_t *)L->w, L->scales, x, y, L->out, L->in, L->G, nb); break;
     case TM_TQ2_A8: {
+        if (tq2_gemv_a8z_auto((const uint8_t *)L->w, L->scales, x, y, qwork, L->out, L->in, L->G, nb) == 0) break;
         int8_t *xq = qwork;
         int32_t *qsum = (int32_t *)(qwork + ((nb * L->in + 15) & ~(int64_t)15));
         float xs[TM_MAX_BATCH];                     // nb <= TM_MAX_BATCH (checked by the caller)
@@ -95,6 +101,9 @@ static void linear(const tm_linear *L, const float *x, float *y, int64_t nb, int
         f32_to_bf16(x, (uint16_t *)qwork, nb * L->in);
         tq2_gemv_bf16((const uint8_t *)L->w, L->scales, (const uint16_t *)qwork, y, L->out, L->in, L->G, nb);
         break;
+    case TM_Q4_A8:
+        if (q4_gemv_a8_auto((const uint8_t *)L->w, L->scales, x, y, qwork, L->out, L->in, nb) == 0) break;
+        /* fall through: the fp32-activation kernel where VNNI or the shape is missing */
     case TM_Q4: q4_gemv((const uint8_t *)L->w, L->scales, x, y, (float *)qwork, L->out, L->in, nb); break;
     }
     if (L->bias)
@@ -122,7 +131,7 @@ static double now(void) {
 // Everything up to the head: embedding, the layers (states updated in place), the final norm -> u (nb, d_model)
 // inside work, which is returned.
 static float *tm_trunk(const tm_model *m, const int64_t *tokens, int64_t nb, float *const *conv_states,
-                       float *const *ssm_states, float *work, int8_t *qwork, double *prof, double *t0p) {
+                       void *const *ssm_states, float *work, int8_t *qwork, double *prof, double *t0p) {
     double t0 = *t0p;
     const int64_t D = m->d_model;
     float *h = work, *u = h + nb * D, *o = u + nb * D, *zx = o + nb * D, *y = zx + nb * d_in_proj(m);
@@ -134,9 +143,15 @@ static float *tm_trunk(const tm_model *m, const int64_t *tokens, int64_t nb, flo
         TM_MARK(0)
         linear(&L->in_proj, u, zx, nb, qwork);
         TM_MARK(1)
-        mixer_step_inplace(zx, conv_states[l], L->conv_w, L->conv_b, L->dt_bias, L->A_log, L->D, L->gnorm_w,
-                           ssm_states[l], y, cwork, nb, m->d_inner, m->ngroups, m->d_state, m->nheads,
-                           m->headdim, m->d_conv, (float)m->gnorm_eps);
+        if (m->state_bf16)
+            mixer_step_inplace_bf16state(zx, conv_states[l], L->conv_w, L->conv_b, L->dt_bias, L->A_log, L->D,
+                                         L->gnorm_w, (uint16_t *)ssm_states[l], y, cwork, nb, m->d_inner,
+                                         m->ngroups, m->d_state, m->nheads, m->headdim, m->d_conv,
+                                         (float)m->gnorm_eps);
+        else
+            mixer_step_inplace(zx, conv_states[l], L->conv_w, L->conv_b, L->dt_bias, L->A_log, L->D, L->gnorm_w,
+                               (float *)ssm_states[l], y, cwork, nb, m->d_inner, m->ngroups, m->d_state,
+                               m->nheads, m->headdim, m->d_conv, (float)m->gnorm_eps);
         TM_MARK(2)
         linear(&L->out_proj, y, o, nb, qwork);
         TM_MARK(3)
@@ -148,11 +163,12 @@ static float *tm_trunk(const tm_model *m, const int64_t *tokens, int64_t nb, flo
     return u;
 }
 
-// tokens (nb), states per layer: conv (nb, conv_dim, K-1), ssm (nb, nh, P, N) contiguous fp32, updated in place;
+// tokens (nb), states per layer: conv (nb, conv_dim, K-1) fp32, ssm (nb, nh, P, N) contiguous fp32 (bf16 when
+// state_bf16), updated in place;
 // logits (nb, head.out).  Returns 0, or -1 for nb outside 1..64.
 // prof (or NULL) accumulates seconds per phase: [embed+norms+residual, in_proj, mixer, out_proj, head].
 int tm_step(const tm_model *m, const int64_t *tokens, int64_t nb, float *const *conv_states,
-            float *const *ssm_states, float *logits, float *work, int8_t *qwork, double *prof) {
+            void *const *ssm_states, float *logits, float *work, int8_t *qwork, double *prof) {
     if (nb < 1 || nb > TM_MAX_BATCH) return -1;
     double t0 = prof ? now() : 0.0;
     const float *u = tm_trunk(m, tokens, nb, conv_states, ssm_states, work, qwork, prof, &t0);
@@ -175,7 +191,7 @@ static float head_row(const tm_linear *H, int64_t j, const float *u) {
 // arithmetic; the first row with the largest exact logit is the next token, exactly argmax(logits[:n_valid]) of
 // tm_step.  next (nb) gets the tokens; rescored (nb) how many rows each needed.  approx: nb * head.out floats.
 int tm_step_greedy(const tm_model *m, const tm_linear *pre, const int64_t *tokens, int64_t nb,
-                   float *const *conv_states, float *const *ssm_states, int64_t n_valid, int64_t *next,
+                   float *const *conv_states, void *const *ssm_states, int64_t n_valid, int64_t *next,
                    int64_t *rescored, float *approx, float *work, int8_t *qwork, double *prof) {
     if (nb < 1 || nb > TM_MAX_BATCH || (m->head.kind != TM_F32 && m->head.kind != TM_F16) || pre->kind != TM_I8
             || pre->out != m->head.out || n_valid < 1 || n_valid > m->head.out) return -1;

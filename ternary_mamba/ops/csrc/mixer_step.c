@@ -42,11 +42,57 @@ static inline float state_update_dot(float *s, float a, float u, const float *B,
     return acc;
 }
 
-void mixer_step_inplace(const float *zxbcdt, float *conv_state, const float *conv_w, const float *conv_b,
-                        const float *dt_bias, const float *A_log, const float *Dp, const float *norm_w,
-                        float *ssm_state, float *y, float *work,
-                        int64_t nb, int64_t d_inner, int64_t ng, int64_t n, int64_t nh, int64_t hp, int64_t K,
-                        float eps) {
+// The same with the state stored in bf16 (opt-in, decode only: half the state's bytes, the largest read after the
+// weights at 1.3B).  The arithmetic stays fp32 in registers; each updated value is rounded to nearest even once,
+// when written back: s_bf16 <- bf16(fp32(s_bf16) * a + u * B), y = the fp32 values' dot with C (before rounding).
+static inline uint16_t f2bf_rne(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);   // NaN stays NaN
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+static inline float bf2f(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float state_update_dot_bf16(uint16_t *s, float a, float u, const float *B, const float *C, int64_t n) {
+    float acc = 0.f;
+    int64_t k = 0;
+#ifdef __AVX512F__
+    const __m512 va = _mm512_set1_ps(a), vu = _mm512_set1_ps(u);
+    __m512 c0 = _mm512_setzero_ps();
+    for (; k + 16 <= n; k += 16) {
+        const __m512 sv = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(s + k))), 16));
+        const __m512 v = _mm512_add_ps(_mm512_mul_ps(sv, va), _mm512_mul_ps(vu, _mm512_loadu_ps(B + k)));
+#if defined(__AVX512BF16__)
+        _mm256_storeu_si256((__m256i *)(s + k), (__m256i)_mm512_cvtneps_pbh(v));
+#else   // round to nearest even in integers (finite values; a NaN state is already lost)
+        const __m512i b = _mm512_castps_si512(v);
+        const __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                               _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1))));
+        _mm256_storeu_si256((__m256i *)(s + k), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+#endif
+        c0 = _mm512_fmadd_ps(v, _mm512_loadu_ps(C + k), c0);
+    }
+    acc = _mm512_reduce_add_ps(c0);
+#endif
+    for (; k < n; k++) {
+        const float v = bf2f(s[k]) * a + u * B[k];
+        s[k] = f2bf_rne(v);
+        acc += v * C[k];
+    }
+    return acc;
+}
+
+static void mixer_step_any(const float *zxbcdt, float *conv_state, const float *conv_w, const float *conv_b,
+                           const float *dt_bias, const float *A_log, const float *Dp, const float *norm_w,
+                           void *ssm_state, int state_bf16, float *y, float *work,
+                           int64_t nb, int64_t d_inner, int64_t ng, int64_t n, int64_t nh, int64_t hp, int64_t K,
+                           float eps) {
     const int64_t conv_dim = d_inner + 2 * ng * n, d_in = d_inner + conv_dim + nh, heads_per_group = nh / ng;
     for (int64_t b = 0; b < nb; b++) {
         const float *row = zxbcdt + b * d_in, *z = row, *xbc = row + d_inner, *dtr = row + d_inner + conv_dim;
@@ -71,9 +117,11 @@ void mixer_step_inplace(const float *zxbcdt, float *conv_state, const float *con
             const float a = expf(-expf(A_log[h]) * dt);
             const float *Bv = B + g * n, *Cv = C + g * n;
             for (int64_t p = 0; p < hp; p++) {
-                float *s = ssm_state + ((b * nh + h) * hp + p) * n;
+                const int64_t off = ((b * nh + h) * hp + p) * n;
                 const float xv = x[h * hp + p], uu = dt * xv;
-                yb[h * hp + p] = (state_update_dot(s, a, uu, Bv, Cv, n) + Dp[h] * xv) * silu_f(z[h * hp + p]);
+                const float sy = state_bf16 ? state_update_dot_bf16((uint16_t *)ssm_state + off, a, uu, Bv, Cv, n)
+                                            : state_update_dot((float *)ssm_state + off, a, uu, Bv, Cv, n);
+                yb[h * hp + p] = (sy + Dp[h] * xv) * silu_f(z[h * hp + p]);
             }
         }
         const int64_t gs = d_inner / ng;
@@ -84,4 +132,23 @@ void mixer_step_inplace(const float *zxbcdt, float *conv_state, const float *con
             for (int64_t i = 0; i < gs; i++) yb[g * gs + i] *= r * norm_w[g * gs + i];
         }
     }
+}
+
+void mixer_step_inplace(const float *zxbcdt, float *conv_state, const float *conv_w, const float *conv_b,
+                        const float *dt_bias, const float *A_log, const float *Dp, const float *norm_w,
+                        float *ssm_state, float *y, float *work,
+                        int64_t nb, int64_t d_inner, int64_t ng, int64_t n, int64_t nh, int64_t hp, int64_t K,
+                        float eps) {
+    mixer_step_any(zxbcdt, conv_state, conv_w, conv_b, dt_bias, A_log, Dp, norm_w, ssm_state, 0, y, work,
+                   nb, d_inner, ng, n, nh, hp, K, eps);
+}
+
+// ssm_state (nb, nh, P, N) in bf16 (uint16 bit patterns); everything else as mixer_step_inplace.
+void mixer_step_inplace_bf16state(const float *zxbcdt, float *conv_state, const float *conv_w, const float *conv_b,
+                                  const float *dt_bias, const float *A_log, const float *Dp, const float *norm_w,
+                                  uint16_t *ssm_state, float *y, float *work,
+                                  int64_t nb, int64_t d_inner, int64_t ng, int64_t n, int64_t nh, int64_t hp,
+                                  int64_t K, float eps) {
+    mixer_step_any(zxbcdt, conv_state, conv_w, conv_b, dt_bias, A_log, Dp, norm_w, ssm_state, 1, y, work,
+                   nb, d_inner, ng, n, nh, hp, K, eps);
 }

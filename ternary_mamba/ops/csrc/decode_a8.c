@@ -1,0 +1,206 @@
+// Decode GEMVs with int8 activations on AVX512-VNNI, laid out so that every 64-byte load of weights is one
+// vpdpbusd operand (the memory-roofline decode modes; reference: ops/ternary_linear.py ternary_linear_a8_ref and
+// runtime/heads.py q4_head_a8_ref, tests/test_decode_fast.py).  Both return -1 where they do not apply (no
+// AVX512-VNNI in this build, or a shape they were not written for): the caller then runs its other kernel.
+//
+// tq2_gemv_a8z: ternary codes (tq2: 4 per byte, byte i of a 128-value chunk holds values 4i..4i+3) times x
+// quantized per row to int8 (absmax / 127, round to nearest even: tq2_quantize_x's rounding).  Two chunks (256
+// values, 64 bytes of codes) per zmm: code plane j (bits 2j) of both chunks against the activations stored plane
+// by plane (tq2_quantize_xz), so each plane is one and/shift and one vpdpbusd; int32 lanes 0-7 hold chunk c, 8-15
+// chunk c + 1, started at minus the chunk's activation sum (sum (t + 1) q - sum q = sum t q), then scaled by the
+// chunk's group scale in fp32.  Four rows at a time share every activation load.  Requires in % 256 == 0 and
+// G % 128 == 0.
+//
+// q4_gemv_a8: the 4-bit head (quant/tables.py q4: 32 values per 16 bytes, byte j = value j | value j + 16 << 4,
+// w = (n - 8) s) times x quantized per 128 values to int8 (absmax / 127 per chunk).  One zmm = 4 blocks: low
+// nibbles against the chunk's values j, high nibbles against values j + 16 (q4_quantize_x stores them so), lanes
+// 4k..4k+3 = block k, started at -8 sum q of the block; scaled by s_block * s_chunk.  Requires in % 128 == 0.
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include "kernels.h"
+#include "vec16.h"
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define DECODE_A8Z 1
+#endif
+#define A8Z_PREFETCH 8192
+
+static inline int8_t q8(float v) { return (int8_t)lrintf(v); }
+
+// x (nb, in) -> xq (nb, in) int8 in the plane layout: per 256 values (chunks c, c + 1), plane j = [x[c*128 + 4i + j]
+// for i < 32] then [x[(c+1)*128 + 4i + j] for i < 32]; init (nb, in/256, 16) int32: lane 0 = -sum q of chunk c,
+// lane 8 = -sum q of chunk c + 1, other lanes 0; xs (nb) = absmax / 127.
+void tq2_quantize_xz(const float *x, int8_t *xq, int32_t *init, float *xs, int64_t in, int64_t nb) {
+    for (int64_t b = 0; b < nb; b++) {
+        const float *xr = x + b * in;
+        float m = 0.f;
+        for (int64_t i = 0; i < in; i++) m = fmaxf(m, fabsf(xr[i]));
+        const float inv = m > 0.f ? 127.f / m : 0.f;
+        xs[b] = m / 127.f;
+        int8_t *q = xq + b * in;
+        int32_t *ini = init + b * (in / 256) * 16;
+        for (int64_t p = 0; p < in / 256; p++) {
+            int32_t sums[2] = {0, 0};
+            for (int h = 0; h < 2; h++)
+                for (int j = 0; j < 4; j++)
+                    for (int i = 0; i < 32; i++) {
+                        const int8_t v = q8(xr[p * 256 + h * 128 + 4 * i + j] * inv);
+                        q[p * 256 + 64 * j + 32 * h + i] = v;
+                        sums[h] += v;
+                    }
+            for (int l = 0; l < 16; l++) ini[p * 16 + l] = 0;
+            ini[p * 16] = -sums[0];
+            ini[p * 16 + 8] = -sums[1];
+        }
+    }
+}
+
+int tq2_gemv_a8z(const uint8_t *codes, const float *scales, const int8_t *xq, const int32_t *init, const float *xs,
+                 float *y, int64_t out, int64_t in, int64_t G, int64_t nb) {
+#ifndef DECODE_A8Z
+    (void)codes; (void)scales; (void)xq; (void)init; (void)xs; (void)y; (void)out; (void)in; (void)G; (void)nb;
+    return -1;
+#else
+    if (in % 256 || G % 128 || in % G) return -1;
+    const int64_t row_bytes = in / 4, ng = in / G, npair = in / 256, nblk = (out + 3) / 4;
+    #pragma omp parallel for schedule(static)
+    for (int64_t blk = 0; blk < nblk; blk++) {
+        const int64_t o0 = 4 * blk, R = out - o0 < 4 ? out - o0 : 4;
+        const uint8_t *rows[4];
+        const float *srow[4];
+        for (int k = 0; k < 4; k++) {          // rows past `out` repeat the last one (their results are dropped)
+            const int64_t o = o0 + (k < R ? k : R - 1);
+            rows[k] = codes + o * row_bytes;
+            srow[k] = scales + o * ng;
+        }
+        const __m512i m3 = _mm512_set1_epi8(3);
+        for (int64_t b = 0; b < nb; b++) {
+            const int8_t *q = xq + b * in;
+            const int32_t *ini = init + b * npair * 16;
+            __m512 accf[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int64_t p = 0; p < npair; p++) {
+                const __m512i x0 = _mm512_loadu_si512((const void *)(q + 256 * p));
+                const __m512i x1 = _mm512_loadu_si512((const void *)(q + 256 * p + 64));
+                const __m512i x2 = _mm512_loadu_si512((const void *)(q + 256 * p + 128));
+                const __m512i x3 = _mm512_loadu_si512((const void *)(q + 256 * p + 192));
+                const __m512i a0 = _mm512_loadu_si512((const void *)(ini + 16 * p));
+                const int64_t g0 = (256 * p) / G, g1 = (256 * p + 128) / G;
+                for (int k = 0; k < 4; k++) {
+                    const uint8_t *c = rows[k] + 64 * p;
+                    if (b == 0) _mm_prefetch((const char *)c + A8Z_PREFETCH, _MM_HINT_T1);
+                    const __m512i w = _mm512_loadu_si512((const void *)c);
+                    __m512i acc = _mm512_dpbusd_epi32(a0, _mm512_and_si512(w, m3), x0);
+                    acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(w, 2), m3), x1);
+                    acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(w, 4), m3), x2);
+                    acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(w, 6), m3), x3);
+                    const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(srow[k][g0]), _mm256_set1_ps(srow[k][g1]), 1);
+                    accf[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), sv, accf[k]);
+                }
+            }
+            for (int k = 0; k < R; k++) y[b * out + o0 + k] = _mm512_reduce_add_ps(accf[k]) * xs[b];
+        }
+    }
+    return 0;
+#endif
+}
+
+// x (nb, in) -> xq (nb, in) int8 per 128-value chunk: the chunk's 4 blocks' values j < 16 first ([x[32k + j]]
+// for k < 4, j < 16), then their values j + 16; init (nb, in/128, 16) int32: lane 4k = -8 sum q of block k;
+// xs (nb, in/128) = the chunk's absmax / 127.
+void q4_quantize_x(const float *x, int8_t *xq, int32_t *init, float *xs, int64_t in, int64_t nb) {
+    const int64_t nc = in / 128;
+    for (int64_t b = 0; b < nb; b++)
+        for (int64_t c = 0; c < nc; c++) {
+            const float *xr = x + b * in + 128 * c;
+            float m = 0.f;
+            for (int i = 0; i < 128; i++) m = fmaxf(m, fabsf(xr[i]));
+            const float inv = m > 0.f ? 127.f / m : 0.f;
+            xs[b * nc + c] = m / 127.f;
+            int8_t *q = xq + b * in + 128 * c;
+            int32_t *ini = init + (b * nc + c) * 16;
+            for (int k = 0; k < 4; k++) {
+                int32_t s = 0;
+                for (int j = 0; j < 16; j++) {
+                    const int8_t lo = q8(xr[32 * k + j] * inv), hi = q8(xr[32 * k + 16 + j] * inv);
+                    q[16 * k + j] = lo;
+                    q[64 + 16 * k + j] = hi;
+                    s += lo + hi;
+                }
+                for (int l = 0; l < 4; l++) ini[4 * k + l] = 0;
+                ini[4 * k] = -8 * s;
+            }
+        }
+}
+
+int q4_gemv_a8(const uint8_t *w, const float *scale, const int8_t *xq, const int32_t *init, const float *xs,
+               float *y, int64_t out, int64_t in, int64_t nb) {
+#ifndef DECODE_A8Z
+    (void)w; (void)scale; (void)xq; (void)init; (void)xs; (void)y; (void)out; (void)in; (void)nb;
+    return -1;
+#else
+    if (in % 128) return -1;
+    const int64_t nc = in / 128, rb = in / 2, ng = in / 32;
+    const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    #pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < out; o++) {
+        const uint8_t *row = w + o * rb;
+        const float *srow = scale + o * ng;
+        const __m512i m4 = _mm512_set1_epi8(15);
+        for (int64_t b = 0; b < nb; b++) {
+            const int8_t *q = xq + b * in;
+            const int32_t *ini = init + b * nc * 16;
+            const float *sx = xs + b * nc;
+            __m512 accf = _mm512_setzero_ps();
+            for (int64_t c = 0; c < nc; c++) {
+                if (b == 0) _mm_prefetch((const char *)row + 64 * c + A8Z_PREFETCH, _MM_HINT_T1);
+                const __m512i v = _mm512_loadu_si512((const void *)(row + 64 * c));
+                __m512i acc = _mm512_loadu_si512((const void *)(ini + 16 * c));
+                acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(v, m4), _mm512_loadu_si512((const void *)(q + 128 * c)));
+                acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v, 4), m4),
+                                          _mm512_loadu_si512((const void *)(q + 128 * c + 64)));
+                const __m512 s4 = _mm512_castps128_ps512(_mm_mul_ps(_mm_loadu_ps(srow + 4 * c), _mm_set1_ps(sx[c])));
+                accf = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_permutexvar_ps(spread, s4), accf);
+            }
+            y[b * out + o] = _mm512_reduce_add_ps(accf);
+        }
+    }
+    return 0;
+#endif
+}
+
+// Scratch bytes the *_auto entry points need for nb rows of length in (at most this; tm_qwork_bytes covers it).
+int64_t a8z_work_bytes(int64_t in, int64_t nb) { return nb * in + nb * in / 2 + 4 * nb * (in / 128 + 1) + 192; }
+
+// Quantize x and run the kernel, in `work` (a8z_work_bytes): 0, or -1 when it does not apply (nothing written).
+int tq2_gemv_a8z_auto(const uint8_t *codes, const float *scales, const float *x, float *y, int8_t *work,
+                      int64_t out, int64_t in, int64_t G, int64_t nb) {
+#ifndef DECODE_A8Z
+    (void)codes; (void)scales; (void)x; (void)y; (void)work; (void)out; (void)in; (void)G; (void)nb;
+    return -1;
+#else
+    if (in % 256 || G % 128 || in % G || nb < 1) return -1;
+    int8_t *xq = work;
+    int32_t *init = (int32_t *)(work + ((nb * in + 63) & ~(int64_t)63));
+    float *xs = (float *)(init + nb * (in / 256) * 16);
+    tq2_quantize_xz(x, xq, init, xs, in, nb);
+    return tq2_gemv_a8z(codes, scales, xq, init, xs, y, out, in, G, nb);
+#endif
+}
+
+int q4_gemv_a8_auto(const uint8_t *w, const float *scale, const float *x, float *y, int8_t *work,
+                    int64_t out, int64_t in, int64_t nb) {
+#ifndef DECODE_A8Z
+    (void)w; (void)scale; (void)x; (void)y; (void)work; (void)out; (void)in; (void)nb;
+    return -1;
+#else
+    if (in % 128 || nb < 1) return -1;
+    int8_t *xq = work;
+    int32_t *init = (int32_t *)(work + ((nb * in + 63) & ~(int64_t)63));
+    float *xs = (float *)(init + nb * (in / 128) * 16);
+    q4_quantize_x(x, xq, init, xs, in, nb);
+    return q4_gemv_a8(w, scale, xq, init, xs, y, out, in, nb);
+#endif
+}
