@@ -78,3 +78,15 @@ def test_the_readme_is_the_products_front_page():
     assert "../shared" not in text and "../shared" not in (ROOT / "docs" / "claims" / "results.md").read_text()
     for name in re.findall(r"\]\((docs/[^)#]+)", text):
         assert (ROOT / name).exists(), name
+
+
+def test_the_published_claims_are_rendered_from_results_json_alone():
+    """docs/claims/results.md and the README's claims section are exactly what results.json renders to: no number
+    in them comes from anywhere else."""
+    import json
+    from ternary_mamba.experiment.results import BEGIN, END, render_markdown, render_readme
+    doc = json.loads((ROOT / "docs" / "claims" / "results.json").read_text())
+    assert (ROOT / "docs" / "claims" / "results.md").read_text() == render_markdown(doc)
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index(BEGIN):readme.index(END) + len(END)]
+    assert section == render_readme(doc, "docs/claims")

@@ -206,9 +206,27 @@ def test_claims_experiment_end_to_end_and_resume(tiny_teacher_dir, text_dir, tmp
     assert "| PTQ + QEP |" in (out / "results.md").read_text()
     text = readme.read_text()
     assert "STALE-TEXT" not in text and "tail" in text and "| claim | verdict |" in text
+    from ternary_mamba.experiment.results import render_markdown
+    assert (out / "results.md").read_text() == render_markdown(res)     # rendered from results.json alone
+    assert res["code_version"] and all(r["cache_key"] for r in res["arms"].values())
     capsys.readouterr()
     assert main(args) == 0  # resume: every stage cached
     assert capsys.readouterr().out.count("done (cached)") >= 20
+    stage = out / "stages" / "ptq.json"        # a stage cached by other settings or code is computed again
+    st = json.loads(stage.read_text())
+    stage.write_text(json.dumps({**st, "cache_key": "0" * 16}))
+    assert main(args) == 0
+    got = capsys.readouterr().out
+    assert "ptq: cached result is from other settings or code" in got and got.count("re-running it") == 1
+    assert json.loads(stage.read_text())["cache_key"] == st["cache_key"]
+    res2 = json.loads((out / "results.json").read_text())
+    res2["arms"]["ptq"]["code_version"] = "000000000000"     # a result from other code is never published
+    (out / "results.json").write_text(json.dumps(res2))
+    from ternary_mamba.errors import UserError
+    from ternary_mamba.experiment.results import publish
+    with pytest.raises(UserError, match="another code version"):
+        publish(out, tmp_path / "pub2", [])
+    assert not (tmp_path / "pub2").exists()
     other = [("20000" if a == "10000" else a) for a in args]
     assert main(other) == 1  # different experiment in the same folder
     assert "different tokens" in capsys.readouterr().err

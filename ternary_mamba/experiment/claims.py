@@ -39,6 +39,7 @@ from ..formats.paths import resolve_model_dir
 from ..formats.tokenizer import load_tokenizer
 from ..train.data import PackedSequences, load_tokens, tokenize_to_file
 from ..train.runs import prepare_data
+from ..version import code_version
 from .arms import ANALYSED, CONTROL_POSTHOC, POSTHOC, QAT, SCRATCH, SEQ_LEN
 from .stats import eval_windows, per_window
 from ..log import say
@@ -73,13 +74,18 @@ class Claims:
         self._teacher_logits: dict[str, list] = {k: [] for k in self.sets}
         self.seeds = [cfg.seed + i for i in range(cfg.seeds)]
         self.out.mkdir(parents=True, exist_ok=True)
+        self._stale: set[str] = set()       # stages whose cached result was from other settings or code
         self._check_spec()
 
-    def _check_spec(self) -> None:
+    def _spec(self) -> dict:
+        """What an experiment folder is: resuming with other values is refused."""
         a = self.args
-        spec = {"teacher": _name(self.teacher_path), "data": [_name(d) for d in self.data],
+        return {"teacher": _name(self.teacher_path), "data": [_name(d) for d in self.data],
                 "eval_data": [_name(d) for d in self.eval_data], "tokens": a.tokens, "seed": a.seed,
                 "group_size": a.group_size, "control_tokens": a.control_tokens, "eval_windows": a.eval_windows}
+
+    def _check_spec(self) -> None:
+        spec = self._spec()
         path = self.out / "experiment.json"
         if path.exists():
             old = json.loads(path.read_text())
@@ -91,15 +97,35 @@ class Claims:
             write_json_atomic(path, spec)
 
     # ------------------------------------------------------------------ stages
+    def stage_key(self, name: str) -> str:
+        """The cache key of a stage: the experiment's settings, every setting of the stage's arm and the code
+        version (version.code_version): a cached result is reused only when none of them changed."""
+        import hashlib
+        a = self.args
+        arm = name.split("@")[0]
+        gpt = arm[4:] if arm.startswith("gpt-") else None
+        setting = {"spec": self._spec(), "stage": name, "code": code_version(),
+                   "arm": repr(POSTHOC.get(gpt or arm) or QAT.get(arm) or SCRATCH.get(arm)),
+                   "calib": [a.calib_small, a.calib_large], "analysis": [a.positions, a.sequences],
+                   "sets": {k: len(w) for k, w in self.windows.items()}}
+        return hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
     def stage(self, name: str, fn):
         path = self.out / "stages" / f"{name}.json"
+        key = self.stage_key(name)
         if path.exists():
-            say(f"[claims] {name}: done (cached)")
-            return json.loads(path.read_text())
+            cached = json.loads(path.read_text())
+            if cached.get("cache_key") == key:
+                say(f"[claims] {name}: done (cached)")
+                return cached
+            say(f"[claims] {name}: cached result is from other settings or code (key {cached.get('cache_key')} "
+                f"vs {key}): re-running it")
+            self._stale.add(name)
         say(f"[claims] {name} ...", flush=True)
         t0 = time.time()
         result = fn()
         result["stage_wall_s"] = time.time() - t0
+        result["cache_key"], result["code_version"] = key, code_version()
         path.parent.mkdir(exist_ok=True)
         write_json_atomic(path, result)
         return result
@@ -140,6 +166,13 @@ class Claims:
                 "calib_tokens": s["calib_tokens"], "extra_params": s["extra_params"],
                 **self.evaluate(load_model(folder / "student"))}
 
+    def _run_folder(self, name: str, seed: int) -> Path:
+        """The arm's training run; removed first when its stage was stale (trained by other settings or code)."""
+        run = self.out / "runs" / name / f"seed{seed}"
+        if f"{name}@{seed}" in self._stale and run.exists():
+            shutil.rmtree(run)
+        return run
+
     def _train_config(self, run: Path, defaults, seed: int) -> dict:
         """What every training run shares: data, budget, seed, evaluation cadence; resumed where it stopped."""
         train = defaults.train.replace(tokens=self.args.tokens, seed=seed, eval_every=25)
@@ -154,7 +187,7 @@ class Claims:
         from ..quant.config import TernaryConfig
         from ..train.config import DistillConfig
         label, quant, distill = QAT[name]
-        run = self.out / "runs" / name / f"seed{seed}"
+        run = self._run_folder(name, seed)
         if not (run / "summary.json").exists():
             quantize(QuantizeConfig(teacher=self.teacher_path,
                                     quant=TernaryConfig(group_size=self.args.group_size, **quant),
@@ -169,7 +202,7 @@ class Claims:
         from ..commands.pretrain import pretrain
         from ..quant.config import TernaryConfig
         label, mode = SCRATCH[name]
-        run = self.out / "runs" / name / f"seed{seed}"
+        run = self._run_folder(name, seed)
         if not (run / "summary.json").exists():
             pretrain(PretrainConfig(model=str(resolve_model_dir(self.teacher_path) / "config.json"),
                                     tokenizer=self.tok_path, ternary=mode is not None,
@@ -195,6 +228,8 @@ class Claims:
 
         def teacher():
             if "t" not in holder:
+                if "gpt-teacher" in self._stale and (root / "teacher").exists():   # trained by other code
+                    shutil.rmtree(root / "teacher")
                 holder["t"] = T.train_teacher(root / "teacher", self.teacher.config, ctrain, self.held,
                                               a.control_tokens, a.seed)
             return holder["t"]
@@ -205,6 +240,8 @@ class Claims:
             results[f"gpt-{name}"] = self.stage(f"gpt-{name}", lambda n=name: self.posthoc(n, teacher=teacher()))
         for seed in self.seeds:
             def qat(seed=seed):
+                if f"gpt-qat-absmean@{seed}" in self._stale and (root / "qat-absmean" / f"seed{seed}").exists():
+                    shutil.rmtree(root / "qat-absmean" / f"seed{seed}")
                 s, events = T.qat_student(teacher(), root / "qat-absmean" / f"seed{seed}", self.train, self.held,
                                           a.tokens, seed, a.group_size)
                 return {"label": "GPT QAT+KD, absmean scales", "tokens": a.tokens, "collapse_events": events,

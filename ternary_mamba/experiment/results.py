@@ -218,56 +218,98 @@ def recurrence_table(rec: dict) -> list[str]:
 
 
 def write_results(out: Path, results: dict, rec: dict, claims) -> str:
+    """results.json from the stages (every number), then results.md, the plots and — on request — the published
+    copy and the README section, each rendered from results.json alone (`render_markdown`, `render_readme`)."""
+    from ..version import code_version
     from .plots import write_plots
     arms = group_arms(results)
     primary = next(iter(results["teacher"]["windows"]))
     stats = statistics(arms)
-    verdict = verdicts(arms, stats, rec, primary)
     a = claims.args
-    doc = {"config": a.to_dict(), "primary_set": primary,
+    doc = {"config": a.to_dict(), "command": command(a), "code_version": code_version(), "out": str(a.out),
+           "seeds": len(claims.seeds), "primary_set": primary,
            "sets": {k: {"windows": len(w), "tokens": len(w) * SEQ_LEN} for k, w in claims.windows.items()},
-           "verdicts": verdict, "statistics": stats, "arms": results, "recurrence": rec}
+           "verdicts": verdicts(arms, stats, rec, primary), "statistics": stats, "arms": results, "recurrence": rec,
+           "leakage": leakage_table()}
     # compact: per-window arrays for every arm and seed make it megabytes when indented
     atomic_write_bytes(out / "results.json", (json.dumps(doc, separators=(",", ":")) + "\n").encode())
-    plots = write_plots(out, arms, rec)
-    lines = ["# Ternary Mamba claims experiment", "", f"Command: `{command(a)}`", "",
-             f"Every training arm ran {len(claims.seeds)} seed(s) of {a.tokens:,} tokens. Cells: mean ± sd over "
-             "seeds, and a 95 % bootstrap CI of the seed mean (1,000 resamples of held-out windows and of seeds). "
-             "Differences between arms are paired on the same windows; a verdict needs their CI to exclude 0. "
-             f"Held-out sets (≤ {a.eval_windows} windows of {SEQ_LEN} tokens each, spread over the set): "
-             + ", ".join(f"{k} {len(w) * SEQ_LEN:,} tokens" for k, w in claims.windows.items())
-             + f"; **{primary}** is primary.", "", "## Verdicts", "",
-             "| claim | verdict | evidence |", "|---|---|---|"]
-    lines += [f"| {v['claim']} | **{v['verdict']}** | {v['evidence']} |" for v in verdict]
-    lines += ["", "## All arms", ""] + table(arms, stats, primary)
-    lines += ["", f"## Error along the recurrence ({rec['sequences']} held-out sequences of {rec['positions']} "
-              f"tokens; QAT and the bundled teacher trained on windows of {rec['train_len']})", ""] + recurrence_table(rec)
-    lines += ["", "## Held-out leakage of the corpus split", ""] + leakage_table()
-    lines += [""] + [f"![{p}]({p})" for p in plots]
-    md = "\n".join(lines) + "\n"
+    doc = json.loads((out / "results.json").read_text())     # what follows reads the file, nothing else
+    plots = write_plots(out, group_arms(doc["arms"]), doc["recurrence"])
+    md = render_markdown(doc, plots)
     atomic_write_bytes(out / "results.md", md.encode())
     if a.publish:
-        dest = Path(a.publish)
-        dest.mkdir(parents=True, exist_ok=True)
-        for f in ["results.md", "results.json", *plots]:
-            shutil.copyfile(out / f, dest / f)
+        publish(out, Path(a.publish), plots)
     if a.readme:
-        rewrite_readme(Path(a.readme), verdict, a)
+        rewrite_readme(Path(a.readme), doc, a.publish or a.out)
     return md
 
 
-def rewrite_readme(path: Path, verdict: list[dict], a) -> None:
+PLOTS = ("collapse.png", "scale_lr_sweep.png", "state_error_by_horizon.png", "injection.png")
+
+
+def render_markdown(doc: dict, plots: list[str] | tuple[str, ...] = PLOTS) -> str:
+    """results.md, from a results.json document alone."""
+    arms, stats, rec, primary = group_arms(doc["arms"]), doc["statistics"], doc["recurrence"], doc["primary_set"]
+    cfg = doc["config"]
+    sets = doc["sets"]
+    seeds = doc.get("seeds") or max(st[primary]["seeds"] for st in stats.values())
+    lines = ["# Ternary Mamba claims experiment", "", f"Command: `{doc_command(doc)}`", "",
+             f"Every training arm ran {seeds} seed(s) of {cfg['tokens']:,} tokens. Cells: mean ± sd over "
+             "seeds, and a 95 % bootstrap CI of the seed mean (1,000 resamples of held-out windows and of seeds). "
+             "Differences between arms are paired on the same windows; a verdict needs their CI to exclude 0. "
+             f"Held-out sets (≤ {cfg['eval_windows']} windows of {SEQ_LEN} tokens each, spread over the set): "
+             + ", ".join(f"{k} {v['tokens']:,} tokens" for k, v in sets.items())
+             + f"; **{primary}** is primary."
+             + (f" Code version {doc['code_version']}." if doc.get("code_version") else ""), "", "## Verdicts", "",
+             "| claim | verdict | evidence |", "|---|---|---|"]
+    lines += [f"| {v['claim']} | **{v['verdict']}** | {v['evidence']} |" for v in doc["verdicts"]]
+    lines += ["", "## All arms", ""] + table(arms, stats, primary)
+    lines += ["", f"## Error along the recurrence ({rec['sequences']} held-out sequences of {rec['positions']} "
+              f"tokens; QAT and the bundled teacher trained on windows of {rec['train_len']})", ""] + recurrence_table(rec)
+    lines += ["", "## Held-out leakage of the corpus split", ""] + list(doc.get("leakage") or leakage_table())
+    lines += [""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def render_readme(doc: dict, where: str) -> str:
+    """The README's claims section (markers included), from a results.json document alone."""
+    body = [BEGIN, "", f"Regenerated by `{doc_command(doc)}` — full table, intervals and plots in "
+            f"[{where}/results.md]({where}/results.md), every number in [{where}/results.json]({where}/results.json).",
+            "", "| claim | verdict | evidence |", "|---|---|---|"]
+    body += [f"| {v['claim']} | **{v['verdict']}** | {v['evidence']} |" for v in doc["verdicts"]] + ["", END]
+    return "\n".join(body)
+
+
+def doc_command(doc: dict) -> str:
+    """The command recorded in results.json (older files: rebuilt from their config)."""
+    if doc.get("command"):
+        return doc["command"]
+    from ..commands.configs import ClaimsConfig
+    return command(ClaimsConfig.from_dict(doc["config"]))
+
+
+def publish(out: Path, dest: Path, plots) -> None:
+    """Copy results.md, results.json and the plots to `dest` — refused unless results.json was produced by this
+    command line with this code version (a published number must come from the published command)."""
+    from ..errors import UserError
+    from ..version import code_version
+    doc = json.loads((out / "results.json").read_text())
+    stale = sorted({r.get("code_version") for r in doc["arms"].values()} - {code_version()})
+    if doc.get("code_version") != code_version() or stale:
+        raise UserError(f"{out}: results from another code version ({', '.join(map(str, stale)) or doc.get('code_version')}"
+                        f" vs {code_version()}): re-run the experiment before publishing")
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in ["results.md", "results.json", *plots]:
+        shutil.copyfile(out / f, dest / f)
+
+
+def rewrite_readme(path: Path, doc: dict, where: str) -> None:
     text = path.read_text()
     if BEGIN not in text or END not in text:
         say(f"{path}: no {BEGIN} / {END} markers; README left as it is")
         return
-    where = a.publish or a.out
-    body = [BEGIN, "", f"Regenerated by `{command(a)}` — full table, intervals and plots in "
-            f"[{where}/results.md]({where}/results.md), every number in [{where}/results.json]({where}/results.json).",
-            "", "| claim | verdict | evidence |", "|---|---|---|"]
-    body += [f"| {v['claim']} | **{v['verdict']}** | {v['evidence']} |" for v in verdict] + ["", END]
     head, rest = text.split(BEGIN, 1)
-    atomic_write_bytes(path, (head + "\n".join(body) + rest.split(END, 1)[1]).encode())
+    atomic_write_bytes(path, (head + render_readme(doc, where) + rest.split(END, 1)[1]).encode())
 
 
 def command(a) -> str:

@@ -37,12 +37,62 @@ void tq2_quantize_xz(const float *x, int8_t *xq, int32_t *init, float *xs, int64
     for (int64_t b = 0; b < nb; b++) {
         const float *xr = x + b * in;
         float m = 0.f;
-        for (int64_t i = 0; i < in; i++) m = fmaxf(m, fabsf(xr[i]));
+        int64_t i0 = 0;
+#ifdef __AVX512F__
+        __m512 vm = _mm512_setzero_ps();
+        for (; i0 + 16 <= in; i0 += 16) vm = _mm512_max_ps(vm, _mm512_abs_ps(_mm512_loadu_ps(xr + i0)));
+        m = _mm512_reduce_max_ps(vm);
+#endif
+        for (; i0 < in; i0++) m = fmaxf(m, fabsf(xr[i0]));
         const float inv = m > 0.f ? 127.f / m : 0.f;
         xs[b] = m / 127.f;
         int8_t *q = xq + b * in;
         int32_t *ini = init + b * (in / 256) * 16;
-        for (int64_t p = 0; p < in / 256; p++) {
+        int64_t p = 0;
+#if defined(DECODE_A8Z) && defined(__AVX512VBMI__)
+        // per chunk: 128 values -> int8 in natural order (cvtps_epi32 rounds to nearest even, as lrintf), then
+        // one vpermt2b per two planes (plane j, index i <- value 4i + j); the pair's planes side by side
+        __m512i perm01, perm23;
+        {
+            int8_t idx[128];
+            for (int o = 0; o < 64; o++) idx[o] = (int8_t)(4 * (o % 32) + o / 32);
+            for (int o = 0; o < 64; o++) idx[64 + o] = (int8_t)(4 * (o % 32) + 2 + o / 32);
+            perm01 = _mm512_loadu_si512((const void *)idx);
+            perm23 = _mm512_loadu_si512((const void *)(idx + 64));
+        }
+        const __m512 vinv = _mm512_set1_ps(inv);
+        for (; p < in / 256; p++) {
+            __m512i pl[2][2];                    // [chunk][planes 0-1 | planes 2-3]
+            int32_t sums[2];
+            for (int h = 0; h < 2; h++) {
+                const float *xc = xr + p * 256 + h * 128;
+                __m512i bytes[2], vs = _mm512_setzero_si512();
+                for (int half = 0; half < 2; half++) {
+                    __m128i part[4];
+                    for (int k = 0; k < 4; k++) {
+                        const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xc + 64 * half + 16 * k), vinv));
+                        vs = _mm512_add_epi32(vs, v);
+                        part[k] = _mm512_cvtsepi32_epi8(v);
+                    }
+                    bytes[half] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(part[1], part[0])),
+                                                     _mm256_set_m128i(part[3], part[2]), 1);
+                }
+                sums[h] = _mm512_reduce_add_epi32(vs);
+                pl[h][0] = _mm512_permutex2var_epi8(bytes[0], perm01, bytes[1]);
+                pl[h][1] = _mm512_permutex2var_epi8(bytes[0], perm23, bytes[1]);
+            }
+            for (int j = 0; j < 4; j++) {        // plane j: [chunk c plane j | chunk c + 1 plane j]
+                const __m512i a = pl[0][j / 2], c = pl[1][j / 2];
+                const __m256i lo = (j % 2) ? _mm512_extracti64x4_epi64(a, 1) : _mm512_castsi512_si256(a);
+                const __m256i hi = (j % 2) ? _mm512_extracti64x4_epi64(c, 1) : _mm512_castsi512_si256(c);
+                _mm512_storeu_si512((void *)(q + p * 256 + 64 * j), _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+            }
+            for (int l = 0; l < 16; l++) ini[p * 16 + l] = 0;
+            ini[p * 16] = -sums[0];
+            ini[p * 16 + 8] = -sums[1];
+        }
+#endif
+        for (; p < in / 256; p++) {
             int32_t sums[2] = {0, 0};
             for (int h = 0; h < 2; h++)
                 for (int j = 0; j < 4; j++)
