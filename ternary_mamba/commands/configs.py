@@ -106,6 +106,8 @@ class PretrainConfig(Config):
     eval_data: list[str] | None = option(None, help="held-out text (default: 1%% split off --data)")
     out: str | None = option(None, required=True, help="run folder", resume_free=True)
     ternary: bool = option(False, help="ternary QAT from random init (the paper's from-scratch control)")
+    scale_lr_mult: float = option(1.0, help="--ternary with learned scales: lr multiplier of the scales (as "
+                                  "quantize's --scale-lr-mult)")
     quant: TernaryConfig = option(default_factory=TernaryConfig)   # --ternary: as for quantize (learned scales
     # start from the random init's absmean); --dtype bf16 records scale_format bf16 here
     train: TrainConfig = option(default_factory=lambda: TrainConfig(tokens=10_000_000, lr=3e-3))
@@ -123,6 +125,8 @@ class PretrainConfig(Config):
     def __post_init__(self):
         _check_dtype(self)
         _positive(self, "chunk_size", "threads")
+        if not 0 < self.scale_lr_mult <= 1e4:
+            raise UserError(f"--scale-lr-mult {self.scale_lr_mult}: must be in (0, 1e4]")
 
 
 @dataclass
@@ -259,14 +263,15 @@ class ClaimsConfig(Config):
                                    "scratch-fp), control, posthoc")
     group_size: int = option(DEFAULT_GROUP_SIZE, help="weights per scale, every ternary model")
     calib_small: int = option(32, help="calibration windows of 257 tokens, the small budget (8 k tokens)")
-    calib_large: int = option(512, help="calibration windows, the large budget (131 k tokens)")
+    calib_large: int = option(389, help="calibration windows, the large budget (99,973 tokens: at most the QAT "
+                              "tokens, so the headline comparison is at equal budget)")
     eval_windows: int = option(128, help="held-out windows of 256 tokens per set, spread over the whole set")
     control_data: list[str] | None = option(None, help="the Transformer control teacher's training text (default: "
                                             "--data; pass the books the Mamba teacher was trained on)")
     control_tokens: int = option(8_000_000, help="training tokens of the Transformer control teacher (the "
                                  "bundled teacher's: 8 M)")
     positions: int = option(256, help="sequence length of the recurrence analysis (the teacher's training length)")
-    sequences: int = option(8, help="held-out sequences of the recurrence analysis")
+    sequences: int = option(32, help="held-out sequences of the recurrence analysis (its verdict's CI resamples them)")
     publish: str | None = option(None, help="also copy results.md, results.json and the plots to this folder "
                                  "(e.g. docs/claims)")
     readme: str | None = option(None, help="also rewrite the claims section of this README (between the "

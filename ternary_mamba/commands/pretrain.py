@@ -55,7 +55,8 @@ def _pretrain(cfg: PretrainConfig) -> Path:
             quantize_(m, cfg.quant)
         return m
     model = build().to(run.device)
-    run.trainer_for(model, LMObjective(tcfg.weight_decay, ZeroRatioMonitor() if cfg.ternary else None), train, held)
+    run.trainer_for(model, LMObjective(tcfg.weight_decay, ZeroRatioMonitor() if cfg.ternary else None,
+                                      cfg.scale_lr_mult), train, held)
     say(f"pretraining {mcfg.n_params / 1e6:.2f} M params on {len(train) * tcfg.seq_len / 1e6:.1f} M tokens "
           f"(budget {tcfg.tokens / 1e6:.1f} M), held-out {len(held) * tcfg.seq_len / 1e3:.0f} k tokens")
     model = run.train(build)

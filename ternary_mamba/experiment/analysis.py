@@ -109,7 +109,13 @@ def recurrence_analysis(model, teacher, tokens: Tensor, ref, horizons: Tensor, t
     fresh = trajectories(model, tokens, t0, states_at(teacher, tokens, t0))[1]      # student, teacher's state
     carried = trajectories(teacher, tokens, t0, states_at(model, tokens, t0))[1]    # teacher, student's state
     last = -1
-    return {"state_abs": binned(absolute, horizons), "state_rel": binned(rel, horizons),
+
+    def per_sequence(a: Tensor, ref_o: Tensor) -> list[float]:     # last layer, mean over positions t0..T-1
+        return ((a - ref_o).norm(dim=-1) / ref_o.norm(dim=-1).clamp_min(1e-12))[:, last].mean(0).tolist()
+    return {"injection_sequences": {"own": per_sequence(O_q[t0:], O_t[t0:]),
+                                    "weights_only": per_sequence(fresh, O_t[t0:]),
+                                    "state_only": per_sequence(carried, O_t[t0:])},
+            "state_abs": binned(absolute, horizons), "state_rel": binned(rel, horizons),
             "output": out_err.mean(-1).tolist(), "output_last_layer": out_err[:, last].tolist(),
             "injection": {"t0": t0, "own": out_err[t0:, last].tolist(),
                           "weights_only": relative_error(fresh, O_t[t0:])[:, last].tolist(),

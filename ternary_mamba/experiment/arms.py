@@ -32,14 +32,21 @@ QAT = {
     "qat-linear-lr10": ("QAT+KD, learned (linear), scale lr x10",
                         {"scale_mode": "learned", "scale_param": "linear"}, {"scale_lr_mult": 10.0}),
     "qat-guarded-lr30": ("QAT+KD, guarded, scale lr x30", {"scale_mode": "guarded"}, {"scale_lr_mult": 30.0}),
+    "qat-guarded-linear-lr10": ("QAT+KD, guarded (linear), scale lr x10",
+                                {"scale_mode": "guarded", "scale_param": "linear"}, {"scale_lr_mult": 10.0}),
     "qat-state": ("QAT+KD + state distillation, absmean", {"scale_mode": "absmean"}, {"gamma_state": 1.0}),
 }
 SCALE_LR_SWEEP = ("qat-learned", "qat-learned-lr3", "qat-learned-lr10", "qat-learned-lr30")
-SCRATCH = {  # name -> (label, ternary scale mode or None for full precision)
-    "scratch-ternary": ("from scratch, ternary absmean (same tokens)", "absmean"),
-    "scratch-ternary-learned": ("from scratch, ternary learned (same tokens)", "learned"),
-    "scratch-fp": ("from scratch, full precision (same tokens)", None),
+# The QAT token-budget sweep: name -> (the arm it repeats, its training tokens); the same for the GPT control
+BUDGETS = {"qat-absmean-400k": ("qat-absmean", 400_000), "qat-absmean-1600k": ("qat-absmean", 1_600_000)}
+SCRATCH = {  # name -> (label, TernaryConfig settings or None for full precision, scale lr multiplier)
+    "scratch-ternary": ("from scratch, ternary absmean (same tokens)", {"scale_mode": "absmean"}, 1.0),
+    "scratch-ternary-learned": ("from scratch, ternary learned (same tokens)", {"scale_mode": "learned"}, 1.0),
+    "scratch-linear-lr10": ("from scratch, learned (linear), scale lr x10 (same tokens)",
+                            {"scale_mode": "learned", "scale_param": "linear"}, 10.0),
+    "scratch-fp": ("from scratch, full precision (same tokens)", None, 1.0),
 }
-CONTROL_POSTHOC = ("ptq", "ptq-bias", "ptq-lowrank-aw", "ptq-qep", "ptq-qep-lowrank", "gptq", "gptq-lowrank")
+CONTROL_POSTHOC = ("ptq", "ptq-bias", "ptq-lowrank-aw", "ptq-qep", "ptq-qep-lowrank", "gptq", "gptq-lowrank",
+                   "gptq-L", "gptq-lowrank-L", "ptq-qep-lowrank-L")     # the same calibration as Mamba-2's arms
 ANALYSED = ("ptq", "ptq-qep-lowrank", "gptq-lowrank", "qat-absmean", "qat-learned", "qat-state")
 SEQ_LEN = 256

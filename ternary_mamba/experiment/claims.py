@@ -40,16 +40,17 @@ from ..formats.tokenizer import load_tokenizer
 from ..train.data import PackedSequences, load_tokens, tokenize_to_file
 from ..train.runs import prepare_data
 from ..version import code_version
-from .arms import ANALYSED, CONTROL_POSTHOC, POSTHOC, QAT, SCRATCH, SEQ_LEN
-from .stats import eval_windows, per_window
+from .arms import ANALYSED, BUDGETS, CONTROL_POSTHOC, POSTHOC, QAT, SCRATCH, SEQ_LEN
+from .stats import eval_windows, per_window, window_books
 from ..log import say
 
 
 class Claims:
     def __init__(self, cfg: ClaimsConfig):
-        unknown = [s for s in cfg.skip if s not in QAT and s not in SCRATCH and s not in ("control", "posthoc")]
+        unknown = [s for s in cfg.skip if s not in QAT and s not in SCRATCH and s not in BUDGETS
+                   and s not in ("control", "posthoc")]
         if unknown:
-            raise UserError(f"--skip {unknown[0]}: not a stage; choose from {', '.join([*QAT, *SCRATCH])}, "
+            raise UserError(f"--skip {unknown[0]}: not a stage; choose from {', '.join([*QAT, *BUDGETS, *SCRATCH])}, "
                             f"control, posthoc")
         self.args = cfg
         self.out = Path(cfg.out)
@@ -71,6 +72,9 @@ class Claims:
             if paths:
                 self.sets[name] = _windows(paths, self.tok)
         self.windows = {k: eval_windows(v, cfg.eval_windows) for k, v in self.sets.items()}
+        paths = {"clean": self.eval_data, "held-out": self.eval_data, "oz": [str(assets.HELDOUT_BOOKS)],
+                 "all8": cfg.all_heldout}
+        self.books = {k: window_books(paths[k], self.tok, v, self.windows[k]) for k, v in self.sets.items()}
         self._teacher_logits: dict[str, list] = {k: [] for k in self.sets}
         self.seeds = [cfg.seed + i for i in range(cfg.seeds)]
         self.out.mkdir(parents=True, exist_ok=True)
@@ -105,7 +109,7 @@ class Claims:
         arm = name.split("@")[0]
         gpt = arm[4:] if arm.startswith("gpt-") else None
         setting = {"spec": self._spec(), "stage": name, "code": code_version(),
-                   "arm": repr(POSTHOC.get(gpt or arm) or QAT.get(arm) or SCRATCH.get(arm)),
+                   "arm": repr(POSTHOC.get(gpt or arm) or QAT.get(arm) or SCRATCH.get(arm) or BUDGETS.get(gpt or arm)),
                    "calib": [a.calib_small, a.calib_large], "analysis": [a.positions, a.sequences],
                    "sets": {k: len(w) for k, w in self.windows.items()}}
         return hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -153,7 +157,7 @@ class Claims:
             pc = PosthocConfig(methods=settings.get("correct", ()), act_weighted=not settings.get("plain_svd"))
             student, _ = posthoc_quantize(teacher, calibration_batches(self.train, calib, 8, self.args.seed),
                                           self.args.group_size, pc)
-            return {"label": pc.label, "calib_tokens": calib * (SEQ_LEN + 1),
+            return {"label": pc.label, "calib_tokens": calib * (SEQ_LEN + 1), **_bits(student),
                     **self.evaluate(student, teacher, cache=False)}
         folder = self.out / "posthoc" / name
         if folder.exists():  # interrupted after writing: redo it (seconds)
@@ -161,10 +165,11 @@ class Claims:
         cfg = PtqConfig(teacher=self.teacher_path, out=str(folder), seed=self.args.seed, calib_seqs=calib,
                         group_size=self.args.group_size, eval_batches=1, **settings)   # evaluated below
         s = ptq(cfg, teacher=self.teacher, data=(self.train, self.held))
-        return {"label": s["method"] + ("" if budget == "small" else f", calib. {s['calib_tokens'] // 1000} k"),
+        student = load_model(folder / "student")
+        return {**_bits(student), "label": s["method"] + ("" if budget == "small" else f", calib. {s['calib_tokens'] // 1000} k"),
                 "model": _name(str(folder / "student")), "size_bytes": s["sizes_bytes"]["tq2"],
                 "calib_tokens": s["calib_tokens"], "extra_params": s["extra_params"],
-                **self.evaluate(load_model(folder / "student"))}
+                **self.evaluate(student)}
 
     def _run_folder(self, name: str, seed: int) -> Path:
         """The arm's training run; removed first when its stage was stale (trained by other settings or code)."""
@@ -173,9 +178,11 @@ class Claims:
             shutil.rmtree(run)
         return run
 
-    def _train_config(self, run: Path, defaults, seed: int) -> dict:
-        """What every training run shares: data, budget, seed, evaluation cadence; resumed where it stopped."""
-        train = defaults.train.replace(tokens=self.args.tokens, seed=seed, eval_every=25)
+    def _train_config(self, run: Path, defaults, seed: int, tokens: int | None = None) -> dict:
+        """What every training run shares: data, budget, seed, evaluation cadence (every 8 steps: often enough for
+        the online collapse detector to see a rise); resumed where it stopped."""
+        every = 8 if tokens is None else max(8, 8 * tokens // self.args.tokens)   # ~6 evaluations per 100 k tokens
+        train = defaults.train.replace(tokens=tokens or self.args.tokens, seed=seed, eval_every=every)
         resume = (run / "checkpoint" / "trainer_state.json").exists()
         if not resume and run.exists():        # stopped before its first checkpoint: this folder is ours to redo
             shutil.rmtree(run)
@@ -186,13 +193,16 @@ class Claims:
         from ..commands.quantize import quantize
         from ..quant.config import TernaryConfig
         from ..train.config import DistillConfig
-        label, quant, distill = QAT[name]
+        base, tokens = BUDGETS.get(name, (name, None))
+        label, quant, distill = QAT[base]
+        if tokens:
+            label = f"{label}, {tokens / 1e6:g} M tokens"
         run = self._run_folder(name, seed)
         if not (run / "summary.json").exists():
             quantize(QuantizeConfig(teacher=self.teacher_path,
                                     quant=TernaryConfig(group_size=self.args.group_size, **quant),
                                     distill=DistillConfig(**distill), final_eval_batches=1,   # evaluated below
-                                    **self._train_config(run, QuantizeConfig(), seed)))
+                                    **self._train_config(run, QuantizeConfig(), seed, tokens)))
         summary = json.loads((run / "summary.json").read_text())
         return {"label": label, "model": _name(str(run / "student")), "tokens": summary["tokens"],
                 "collapse_events": summary.get("collapse_events", []), "curve": _curve(run),
@@ -201,12 +211,12 @@ class Claims:
     def scratch(self, name: str, seed: int) -> dict:
         from ..commands.pretrain import pretrain
         from ..quant.config import TernaryConfig
-        label, mode = SCRATCH[name]
+        label, quant, lr_mult = SCRATCH[name]
         run = self._run_folder(name, seed)
         if not (run / "summary.json").exists():
             pretrain(PretrainConfig(model=str(resolve_model_dir(self.teacher_path) / "config.json"),
-                                    tokenizer=self.tok_path, ternary=mode is not None,
-                                    quant=TernaryConfig(group_size=self.args.group_size, scale_mode=mode or "absmean"),
+                                    tokenizer=self.tok_path, ternary=quant is not None, scale_lr_mult=lr_mult,
+                                    quant=TernaryConfig(group_size=self.args.group_size, **(quant or {})),
                                     **self._train_config(run, PretrainConfig(), seed)))
         summary = json.loads((run / "summary.json").read_text())
         return {"label": label, "model": _name(str(run / "model")), "tokens": summary["tokens"],
@@ -247,6 +257,18 @@ class Claims:
                 return {"label": "GPT QAT+KD, absmean scales", "tokens": a.tokens, "collapse_events": events,
                         **self.evaluate(s, teacher(), cache=False)}
             results[f"gpt-qat-absmean@{seed}"] = self.stage(f"gpt-qat-absmean@{seed}", qat)
+            for name, (_, tokens) in BUDGETS.items():      # the same token-budget sweep as Mamba-2's
+                if name in a.skip:
+                    continue
+
+                def qat_budget(seed=seed, name=name, tokens=tokens):
+                    run = root / name / f"seed{seed}"
+                    if f"gpt-{name}@{seed}" in self._stale and run.exists():
+                        shutil.rmtree(run)
+                    s, events = T.qat_student(teacher(), run, self.train, self.held, tokens, seed, a.group_size)
+                    return {"label": f"GPT QAT+KD, absmean scales, {tokens / 1e6:g} M tokens", "tokens": tokens,
+                            "collapse_events": events, **self.evaluate(s, teacher(), cache=False)}
+                results[f"gpt-{name}@{seed}"] = self.stage(f"gpt-{name}@{seed}", qat_budget)
 
     # ------------------------------------------------------------------ recurrence
     def recurrence(self, results: dict) -> dict:
@@ -284,7 +306,7 @@ class Claims:
             for name in POSTHOC:
                 results[name] = self.stage(name, lambda n=name: self.posthoc(n))
         for seed in self.seeds:     # seed-major: a stopped run has every arm at its first seeds
-            for name in QAT:
+            for name in (*QAT, *BUDGETS):
                 if name not in a.skip:
                     results[f"{name}@{seed}"] = self.stage(f"{name}@{seed}", lambda n=name, s=seed: self.qat(n, s))
             for name in SCRATCH:
@@ -297,6 +319,20 @@ class Claims:
         md = write_results(self.out, results, rec, self)
         say(md)
         return results
+
+
+def _bits(student) -> dict:
+    """The real storage of a post-hoc student per quantized weight: 2 bits of code (tq2), a 16-bit scale per group,
+    and every extra (fp16) parameter its corrections carry (bias, low-rank branches), counted against it."""
+    from ..quant.posthoc import correction_params
+    from ..quant.qat import ternary_modules
+    mods = [m for _, m in ternary_modules(student)]
+    n = sum(m.out_features * m.in_features for m in mods)
+    if not n:
+        return {}
+    extra = correction_params(student)
+    return {"quantized_weights": n, "extra_params_counted": extra,
+            "bits_per_weight": 2 + 16 / mods[0].group_size + 16 * extra / n}
 
 
 def _windows(paths: list[str], tok) -> PackedSequences:

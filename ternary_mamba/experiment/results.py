@@ -8,9 +8,9 @@ from pathlib import Path
 
 from ..core.config import MB
 from ..formats.fs import atomic_write_bytes
-from .arms import CONTROL_POSTHOC, POSTHOC, QAT, SCALE_LR_SWEEP, SCRATCH, SEQ_LEN
+from .arms import BUDGETS, CONTROL_POSTHOC, POSTHOC, QAT, SCRATCH, SEQ_LEN
 from .heldout import leakage_table
-from .stats import arm_statistics, difference_ci
+from .stats import arm_statistics
 from ..log import say
 
 BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
@@ -33,136 +33,33 @@ def _flagged(rs: list[dict]) -> int:
     return sum(1 for r in rs if r.get("collapse_events"))
 
 
-def _diff(arms, a: str, b: str, primary: str, key: str = "ppl"):
-    if a not in arms or b not in arms:
-        return None
-    return difference_ci([r["windows"][primary] for r in arms[a]], [r["windows"][primary] for r in arms[b]], key)
-
-
-def _sign(ci) -> int:
-    return 0 if ci is None or ci[0] <= 0 <= ci[1] else (1 if ci[0] > 0 else -1)
-
-
-def verdicts(arms: dict, stats: dict, rec: dict, primary: str) -> list[dict]:
-    """Each claim: held / did not hold / inconclusive, with the evidence that decided it."""
-    out = []
-
-    def add(claim, verdict, evidence):
-        out.append({"claim": claim, "verdict": verdict, "evidence": evidence})
-
-    def kl(name):
-        return stats[name][primary]["kl"] if name in stats else None
-    # 1. collapse with learned scales from a pretrained checkpoint, judged by its cost: at the end of training
-    #    the zero ratio exceeds its MSE optimum by the margin AND held-out KL is worse than absmean's (CI > 0)
-    sweep = [n for n in (*SCALE_LR_SWEEP, "qat-learned-linear", "qat-linear-lr10") if n in arms]
-    judged = {n: collapse_by_cost(arms, n, primary) for n in sweep}
-    if judged:
-        for claim, names in (("at the default scale lr", ("qat-learned", "qat-learned-linear")),
-                             ("with a raised scale lr (x3 to x30)", ("qat-learned-lr3", "qat-learned-lr10",
-                                                                      "qat-learned-lr30", "qat-linear-lr10"))):
-            js = [judged[n] for n in names if n in judged]
-            ev = "; ".join(f"{QAT[n][0].split(', ', 1)[1]}: {judged[n]['text']}" for n in names if n in judged)
-            if js:
-                v = ("held" if any(j["collapsed"] for j in js) else
-                     "did not hold" if all(j["verdict"] == "no" for j in js) else "inconclusive")
-                add(f"Zero-ratio collapse (zeros > MSE optimum + {MARGIN} and held-out KL worse than absmean's) "
-                    f"during QAT+KD from a pretrained checkpoint with learned scales, {claim}", v, ev)
-    # 2. not from scratch
-    if {"scratch-ternary-learned", "scratch-ternary"} <= set(arms):
-        j = collapse_by_cost(arms, "scratch-ternary-learned", primary, ref="scratch-ternary")
-        qat_c = sum(jj["collapsed"] for jj in judged.values())
-        verdict = "did not hold" if j["collapsed"] else ("held" if qat_c else "inconclusive")
-        add("Collapse is specific to starting from a pretrained checkpoint (absent from scratch)", verdict,
-            f"from scratch, learned vs absmean scales: {j['text']}; QAT arms collapsed by cost: {qat_c}")
-    # 3. guarded scales prevent it
-    if {"qat-learned-lr30", "qat-guarded-lr30"} <= set(arms):
-        jl, jg = judged.get("qat-learned-lr30") or collapse_by_cost(arms, "qat-learned-lr30", primary), \
-            collapse_by_cost(arms, "qat-guarded-lr30", primary)
-        d = _diff(arms, "qat-guarded-lr30", "qat-learned-lr30", primary, "kl")
-        verdict = "held" if jl["collapsed"] and not jg["collapsed"] else \
-            ("did not hold" if jl["collapsed"] else "inconclusive")
-        add("The guard band prevents collapse (scale lr x30)", verdict,
-            f"learned: {jl['text']}; guarded: {jg['text']}; KL guarded − learned {_fmt_ci(d, 4)}"
-            + ("" if jl["collapsed"] else " (nothing to prevent: the learned arm did not collapse)"))
-    # 4. learned vs absmean
-    for name in ("qat-learned", "qat-learned-linear"):
-        d = _diff(arms, name, "qat-absmean", primary, "kl")
-        if d is not None:
-            v = {-1: "held", 0: "inconclusive", 1: "did not hold"}[_sign(d)]
-            add(f"Learned scales ({QAT[name][1].get('scale_param', 'log')}) beat absmean scales", v,
-                f"held-out KL learned − absmean, 95 % CI (windows and seeds resampled): {_fmt_ci(d, 4)}")
-    # 5. post-hoc correction fails for Mamba, and the Transformer control
-    closed: dict[str, float] = {}      # arch -> share of PTQ's KL gap to QAT+KD closed by its best correction
-    for arch, prefix, qat in (("Mamba-2", "", "qat-absmean"), ("GPT control", "gpt-", "gpt-qat-absmean")):
-        names = [prefix + n for n in (POSTHOC if not prefix else CONTROL_POSTHOC) if prefix + n in stats]
-        if qat not in stats or (prefix + "ptq") not in stats or len(names) < 2:
-            continue
-        best = min((n for n in names if n != prefix + "ptq"), key=kl)
-        gap = kl(prefix + "ptq") - kl(qat)
-        closed[arch] = (kl(prefix + "ptq") - kl(best)) / gap if gap > 0 else float("nan")
-        dd = _diff(arms, best, qat, primary, "kl")
-        add(f"{arch}: PTQ + post-hoc corrections do not reach QAT+KD", "held" if _sign(dd) > 0 else
-            ("did not hold" if _sign(dd) < 0 else "inconclusive"),
-            f"best post-hoc {arms[best][0]['label']}: KL "
-            f"{kl(best):.4f} vs QAT+KD {kl(qat):.4f} (difference CI {_fmt_ci(dd, 4)}); it closes "
-            f"{100 * closed[arch]:.0f} % of PTQ's KL gap to QAT+KD")
-    if len(closed) == 2:
-        m, g = closed["Mamba-2"], closed["GPT control"]
-        verdict = "held" if g - m > 0.25 else ("did not hold" if g - m < 0.1 else "inconclusive")
-        tp = {k: stats[k][primary]["ppl"] for k in ("teacher", "gpt-teacher") if k in stats}
-        add("Post-hoc correction fails *because* the model is an SSM (the Transformer control recovers more)",
-            verdict, f"share of PTQ's KL gap closed by the best correction: Mamba-2 {100 * m:.0f} %, GPT "
-            f"{100 * g:.0f} % (held: GPT ahead by > 25 points; did not hold: < 10); teachers' held-out ppl: "
-            + ", ".join(f"{k} {v:.1f}" for k, v in tp.items())
-            + (" — the control teacher is far weaker: compare with care" if len(tp) == 2
-               and tp["gpt-teacher"] > 1.5 * tp["teacher"] else ""))
-    # 6. error carried in the state: judged on the post-hoc students (the claim explains why they fail)
+def verdicts(arms: dict, rec: dict, sets: dict) -> tuple[list[dict], list[dict]]:
+    """(table rows {claim, verdict, evidence}, the full rule rows): every claim by its pre-registered rule
+    (experiment/rules.py) on the all-eight-books set where it was evaluated (else the primary one), the other sets
+    beside; the recurrence claim by the injection split."""
+    from .rules import claim_rows, evidence
+    judged_on = "all8" if "all8" in sets else next(iter(sets))
+    rows = claim_rows(arms, sets, judged_on)
+    table = [{"claim": r["claim"] + (f" [{judged_on}]" if "ci" in r or "curve" in r else ""), "verdict": r["verdict"],
+              "evidence": evidence(r)} for r in rows]
+    # error carried in the state: judged on the post-hoc students (the claim explains why they fail), over every
+    # position after t0 and every sequence (runs that recorded them), else at t0 as the first rules did
+    from .rules import recurrence_row
+    rr = recurrence_row(rec["models"], set(POSTHOC))
+    if rr is not None:
+        rows.append(rr)
+        table.append({"claim": rr["claim"], "verdict": rr["verdict"], "evidence": rr["composite"]})
     inj = {n: m["injection"] for n, m in rec["models"].items() if not n.startswith("noise")}
-    if inj:
+    if inj and rr is None:
         shares = {n: 1 - i["weights_only"][0] / max(i["own"][0], 1e-12) for n, i in inj.items()}
         post = [v for n, v in shares.items() if n in POSTHOC]
         hi, lo = sum(v >= 0.2 for v in post), sum(v < 0.05 for v in post)
         verdict = "held" if 2 * hi > len(post) else ("did not hold" if 2 * lo > len(post) else "inconclusive")
-        add("Quantization error accumulates through the recurrent state (post-hoc students)", verdict,
-            "share of the last layer's output error at t0 removed by giving the model the teacher's state "
-            "(per post-hoc student; held: most ≥ 20 %, did not hold: most < 5 %): "
-            + ", ".join(f"{n} {100 * s:.1f} %" for n, s in shares.items()))
-    # 7. state distillation
-    d = _diff(arms, "qat-state", "qat-absmean", primary, "kl")
-    if d is not None:
-        si = [inj[n]["state_only"][0] for n in ("qat-state", "qat-absmean") if n in inj]
-        carried = f"; carried-state error at t0 {si[0]:.3f} vs {si[1]:.3f}" if len(si) == 2 else ""
-        v = {-1: "held", 0: "inconclusive", 1: "did not hold"}[_sign(d)]
-        add("State distillation narrows the held-out gap to the teacher", v,
-            f"KL state-distilled − plain, 95 % CI {_fmt_ci(d, 4)}{carried}")
-    # 8. QAT+KD vs from scratch
-    d = _diff(arms, "qat-absmean", "scratch-ternary", primary)
-    if d is not None:
-        add("QAT+KD from the pretrained teacher beats ternary training from scratch on the same tokens",
-            {-1: "held", 0: "inconclusive", 1: "did not hold"}[_sign(d)], f"held-out ppl QAT+KD − scratch, 95 % CI "
-            f"{_fmt_ci(d)}")
-    return out
-
-
-MARGIN = 0.05   # MonitorConfig.collapse_margin's default
-
-
-def collapse_by_cost(arms: dict, name: str, primary: str, ref: str = "qat-absmean") -> dict:
-    """An arm's collapse, judged at the end of training against `ref` (absmean scales) on the same seeds and
-    budget: its zero ratio exceeds its MSE optimum by MARGIN and its held-out KL is worse (95 % CI > 0)."""
-    rs = arms[name]
-    excess = sum(r["zero_ratio"] - r["zero_ratio_opt"] for r in rs) / len(rs)
-    d = _diff(arms, name, ref, primary, "kl")
-    collapsed = excess > MARGIN and _sign(d) > 0
-    verdict = "yes" if collapsed else ("no" if excess <= MARGIN or _sign(d) < 0 else "unclear")
-    online = _flagged(rs)
-    return {"collapsed": collapsed, "verdict": verdict, "excess": excess, "kl_ci": d,
-            "text": f"excess zeros {excess:+.3f}, KL − absmean {_fmt_ci(d, 4)}, online detector {online}/{len(rs)}"
-                    f" → {verdict}"}
-
-
-def _fmt_ci(ci, digits: int = 2) -> str:
-    return "-" if ci is None else f"[{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
+        table.append({"claim": "Quantization error accumulates through the recurrent state (post-hoc students)",
+                      "verdict": verdict, "evidence": "share of the last layer's output error at t0 removed by "
+                      "giving the model the teacher's state (per post-hoc student; held: most ≥ 20 %, did not hold: "
+                      "most < 5 %): " + ", ".join(f"{n} {100 * s:.1f} %" for n, s in shares.items())})
+    return table, rows
 
 
 def _cell(st: dict, key: str, digits: int) -> str:
@@ -171,14 +68,15 @@ def _cell(st: dict, key: str, digits: int) -> str:
     return f"{st[key]:.{digits}f}{sd} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
-ORDER = ("teacher", *POSTHOC, *QAT, *SCRATCH, "gpt-teacher", *(f"gpt-{n}" for n in CONTROL_POSTHOC), "gpt-qat-absmean")
+ORDER = ("teacher", *POSTHOC, *QAT, *BUDGETS, *SCRATCH, "gpt-teacher", *(f"gpt-{n}" for n in CONTROL_POSTHOC),
+         "gpt-qat-absmean", *(f"gpt-{n}" for n in BUDGETS))
 
 
 def table(arms: dict, stats: dict, primary: str) -> list[str]:
     sets = list(next(iter(stats.values())).keys())
     other = [s for s in sets if s != primary]
     head = ["method", f"{primary} ppl: mean ± sd [95 % CI]", "KL to teacher", "top-1 agree", "zero ratio (MSE opt.)",
-            "collapse flagged", "seeds", "size (MB)", "tokens", *[f"{s} ppl" for s in other]]
+            "collapse flagged", "seeds", "size (MB)", "bits / weight", "tokens", *[f"{s} ppl" for s in other]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in ORDER:
         if name not in arms:
@@ -195,8 +93,9 @@ def table(arms: dict, stats: dict, primary: str) -> list[str]:
         if size_b is None and "zero_ratio" in r and not name.startswith("gpt") and "ptq" in arms:
             size_b = arms["ptq"][0]["size_bytes"]       # every plain ternary student packs to the same size
         size = f"{size_b / MB:.2f}" if size_b else "-"
+        bits = f"{r['bits_per_weight']:.3f}" if r.get("bits_per_weight") else "-"
         lines.append(f"| {r['label']} | {_cell(st, 'ppl', 2)} | {_cell(st, 'kl', 4)} | {st['top1_agree']:.3f} | {z} | "
-                     f"{flag} | {st['seeds']} | {size} | {toks} | "
+                     f"{flag} | {st['seeds']} | {size} | {bits} | {toks} | "
                      + " | ".join(f"{stats[name][s]['ppl']:.2f}" for s in other) + " |")
     return lines
 
@@ -228,9 +127,10 @@ def write_results(out: Path, results: dict, rec: dict, claims) -> str:
     a = claims.args
     doc = {"config": a.to_dict(), "command": command(a), "code_version": code_version(), "out": str(a.out),
            "seeds": len(claims.seeds), "primary_set": primary,
-           "sets": {k: {"windows": len(w), "tokens": len(w) * SEQ_LEN} for k, w in claims.windows.items()},
-           "verdicts": verdicts(arms, stats, rec, primary), "statistics": stats, "arms": results, "recurrence": rec,
-           "leakage": leakage_table()}
+           "sets": {k: {"windows": len(w), "tokens": len(w) * SEQ_LEN, **claims.books[k]}
+                    for k, w in claims.windows.items()},
+           "statistics": stats, "arms": results, "recurrence": rec, "leakage": leakage_table()}
+    doc["verdicts"], doc["rules"] = verdicts(arms, rec, doc["sets"])
     # compact: per-window arrays for every arm and seed make it megabytes when indented
     atomic_write_bytes(out / "results.json", (json.dumps(doc, separators=(",", ":")) + "\n").encode())
     doc = json.loads((out / "results.json").read_text())     # what follows reads the file, nothing else

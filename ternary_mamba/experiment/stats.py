@@ -79,3 +79,16 @@ def difference_ci(a: list[dict], b: list[dict], key: str = "ppl", seed: int = 0)
     idx = rng.integers(0, n, size=(BOOTSTRAP, n))
     d = _seed_mean(_per_seed(a, idx, key), rng) - _seed_mean(_per_seed(b, idx, key), rng)
     return [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))]
+
+
+def window_books(paths: list[str], tok, seqs, windows: list[int]) -> dict:
+    """Which book (text file) each evaluated window starts in: {"books": [file names], "window_book": [index per
+    window]} — the unit `rules.book_resamples` draws.  Each file is tokenized on its own (cached), exactly as the
+    set's token stream concatenates them."""
+    from ..formats.text import find_text_files
+    from ..train.data import load_tokens, tokenize_to_file
+    files = find_text_files(paths)
+    ends = np.cumsum([len(load_tokens(tokenize_to_file([f], tok, None, False))) for f in files])
+    starts = [(seqs.start + w) * seqs.seq_len for w in windows]
+    return {"books": [f.name for f in files],
+            "window_book": [int(min(np.searchsorted(ends, s, side="right"), len(files) - 1)) for s in starts]}

@@ -21,7 +21,7 @@ from ..ops.device import scalar
 from ..ops.losses import cross_entropy, kl_div
 from ..quant.qat import set_lambda
 from ..runtime.metrics import heldout_metrics
-from .objectives import param_groups
+from .objectives import param_groups, with_scale_group
 
 
 def frozen_teacher(teacher, device, dtype):
@@ -50,14 +50,7 @@ class DistillObjective:
         self.gamma, self.segments = gamma_state, state_segments
 
     def param_groups(self, model):
-        scales = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in ("scale", "log_scale")]
-        ids = {id(p) for p in scales}
-        groups = param_groups(model, self.wd)
-        for g in groups:
-            g["params"] = [p for p in g["params"] if id(p) not in ids]
-        if scales:  # the trainer multiplies every group's lr by the schedule; this one starts scaled
-            groups.append({"params": scales, "weight_decay": self.scale_wd, "lr_mult": self.scale_lr_mult})
-        return groups
+        return with_scale_group(model, param_groups(model, self.wd), self.scale_lr_mult, self.scale_wd)
 
     def loss(self, student, batch):
         x, y = batch[:, :-1], batch[:, 1:]

@@ -28,12 +28,25 @@ def next_token_loss(model, batch: torch.Tensor) -> torch.Tensor:
     return cross_entropy(logits.float(), batch[:, 1:])   # fused kernel (ops/losses.py); F.cross_entropy otherwise
 
 
+def with_scale_group(model, groups: list[dict], scale_lr_mult: float, scale_wd: float = 0.0) -> list[dict]:
+    """`groups` with the learned ternary scales (`scale` / `log_scale`) moved to a group of their own whose lr
+    starts multiplied by `scale_lr_mult` (the trainer multiplies every group's lr by the schedule)."""
+    scales = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in ("scale", "log_scale")]
+    ids = {id(p) for p in scales}
+    for g in groups:
+        g["params"] = [p for p in g["params"] if id(p) not in ids]
+    if scales:
+        groups.append({"params": scales, "weight_decay": scale_wd, "lr_mult": scale_lr_mult})
+    return groups
+
+
 class LMObjective:
-    def __init__(self, weight_decay: float, quant_monitor=None):
-        self.weight_decay, self.qmon = weight_decay, quant_monitor
+    def __init__(self, weight_decay: float, quant_monitor=None, scale_lr_mult: float = 1.0):
+        self.weight_decay, self.qmon, self.scale_lr_mult = weight_decay, quant_monitor, scale_lr_mult
 
     def param_groups(self, model):
-        return param_groups(model, self.weight_decay)
+        groups = param_groups(model, self.weight_decay)
+        return groups if self.scale_lr_mult == 1.0 else with_scale_group(model, groups, self.scale_lr_mult)
 
     def loss(self, model, batch):
         loss = next_token_loss(model, batch)
