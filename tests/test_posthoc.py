@@ -191,15 +191,20 @@ def test_claims_experiment_end_to_end_and_resume(tiny_teacher_dir, text_dir, tmp
             str(text_dir), "--tokens", "10000", "--control-tokens", "10000", "--seeds", "2", "--positions", "24",
             "--sequences", "2", "--group-size", "32", "--calib-small", "4", "--calib-large", "8",
             "--eval-windows", "8", "--out", str(out), "--publish", str(tmp_path / "pub"), "--readme", str(readme),
-            "--skip", "qat-learned-linear", "qat-learned-lr3", "qat-linear-lr10", "qat-guarded", "qat-frozen",
-            "scratch-fp"]
+            "--skip", "qat-learned-linear", "qat-learned-lr3", "qat-guarded", "qat-frozen", "scratch-fp",
+            "qat-absmean-x16"]
     assert main(args) == 0
     res = json.loads((out / "results.json").read_text())
     assert {"teacher", "ptq", "gptq", "qat-absmean@0", "qat-absmean@1", "scratch-ternary@1", "gpt-teacher",
             "gpt-ptq", "gpt-qat-absmean@0"} <= set(res["arms"])
     st = res["statistics"]["qat-absmean"]["held-out"]
     assert st["seeds"] == 2 and st["ppl_ci"][0] <= st["ppl"] <= st["ppl_ci"][1]
-    assert {v["verdict"] for v in res["verdicts"]} <= {"held", "did not hold", "inconclusive"}
+    assert {v["verdict"] for v in res["verdicts"]} <= {"held", "did not hold", "inconclusive", "not tested"}
+    keys = {r["key"] for r in res["rules"]}
+    assert {"collapse-linear-x10", "collapse-scratch-linear-x10", "collapse-specific", "guard", "because-ssm",
+            "budget-curve", "recurrence"} <= keys, keys
+    assert all("sensitivity" in r for r in res["rules"] if "ci" in r)
+    assert res["sets"]["held-out"]["window_book"] and res["arms"]["ptq"]["bits_per_weight"] > 2
     assert any("Transformer control" in v["claim"] or "GPT" in v["claim"] for v in res["verdicts"])
     for png in ("collapse.png", "state_error_by_horizon.png", "injection.png"):
         assert (out / png).stat().st_size > 1000 and (tmp_path / "pub" / png).exists()

@@ -200,3 +200,18 @@ def test_the_sorted_optimum_search_equals_the_direct_one(G):
     r1, z1 = mse_optimal_zeros(w, G)
     r2, z2 = mse_optimal_zeros_ref(w, G)
     assert torch.equal(r1, r2) and torch.equal(z1, z2)
+
+
+def test_the_guard_reports_how_much_of_the_band_binds():
+    """guard_bound: the share of weights whose learned group scale the guard band clamps (0 when none is)."""
+    import torch.nn as nn
+    from ternary_mamba.quant.monitor import zero_ratio_stats
+    from ternary_mamba.quant.qat import TernaryConfig, quantize_
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 32, bias=False))
+    quantize_(m, TernaryConfig(group_size=32, scale_mode="guarded", scale_param="linear"),
+              lambda mod, fqn: isinstance(mod, nn.Linear))
+    assert zero_ratio_stats(m)["guard_bound"] == 0.0
+    with torch.no_grad():
+        m[0].scale[:16] *= 10                      # half of the rows' scales far above the band
+    assert zero_ratio_stats(m)["guard_bound"] == pytest.approx(0.5)

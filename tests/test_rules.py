@@ -79,8 +79,9 @@ def test_claim_rows_judge_each_arm_pair_and_drop_what_cannot_fail():
             "ptq": arm(0.9, seeds=1, seed=5), "gptq": arm(0.3, seeds=1, seed=6),
             "gpt-ptq": arm(0.9, seeds=1, seed=7), "gpt-gptq": arm(0.12, seeds=1, seed=8),
             "gpt-qat-absmean": arm(0.10, seed=9),
-            "qat-absmean-400k": arm(0.08, seed=10), "qat-absmean-1600k": arm(0.06, seed=11)}
-    arms["qat-absmean"][0]["tokens"] = 100_000
+            "qat-absmean-x4": arm(0.08, seed=10), "qat-absmean-x16": arm(0.06, seed=11)}
+    for name, t in (("qat-absmean", 100_000), ("qat-absmean-x4", 400_000), ("qat-absmean-x16", 1_600_000)):
+        arms[name][0]["tokens"] = t
     rows = {r["key"]: r for r in R.claim_rows(arms, sets, "all8")}
     assert rows["collapse-linear-x10"]["verdict"] == "held"
     assert rows["collapse-scratch-linear-x10"]["verdict"] == "did not hold"

@@ -37,8 +37,9 @@ QAT = {
     "qat-state": ("QAT+KD + state distillation, absmean", {"scale_mode": "absmean"}, {"gamma_state": 1.0}),
 }
 SCALE_LR_SWEEP = ("qat-learned", "qat-learned-lr3", "qat-learned-lr10", "qat-learned-lr30")
-# The QAT token-budget sweep: name -> (the arm it repeats, its training tokens); the same for the GPT control
-BUDGETS = {"qat-absmean-400k": ("qat-absmean", 400_000), "qat-absmean-1600k": ("qat-absmean", 1_600_000)}
+# The QAT token-budget sweep: name -> (the arm it repeats, its tokens as a multiple of --tokens: 0.1 M -> 0.4 M and
+# 1.6 M at the default); the same for the GPT control
+BUDGETS = {"qat-absmean-x4": ("qat-absmean", 4), "qat-absmean-x16": ("qat-absmean", 16)}
 SCRATCH = {  # name -> (label, TernaryConfig settings or None for full precision, scale lr multiplier)
     "scratch-ternary": ("from scratch, ternary absmean (same tokens)", {"scale_mode": "absmean"}, 1.0),
     "scratch-ternary-learned": ("from scratch, ternary learned (same tokens)", {"scale_mode": "learned"}, 1.0),

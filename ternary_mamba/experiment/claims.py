@@ -193,7 +193,8 @@ class Claims:
         from ..commands.quantize import quantize
         from ..quant.config import TernaryConfig
         from ..train.config import DistillConfig
-        base, tokens = BUDGETS.get(name, (name, None))
+        base, mult = BUDGETS.get(name, (name, None))
+        tokens = mult * self.args.tokens if mult else None
         label, quant, distill = QAT[base]
         if tokens:
             label = f"{label}, {tokens / 1e6:g} M tokens"
@@ -257,11 +258,11 @@ class Claims:
                 return {"label": "GPT QAT+KD, absmean scales", "tokens": a.tokens, "collapse_events": events,
                         **self.evaluate(s, teacher(), cache=False)}
             results[f"gpt-qat-absmean@{seed}"] = self.stage(f"gpt-qat-absmean@{seed}", qat)
-            for name, (_, tokens) in BUDGETS.items():      # the same token-budget sweep as Mamba-2's
+            for name, (_, mult) in BUDGETS.items():      # the same token-budget sweep as Mamba-2's
                 if name in a.skip:
                     continue
 
-                def qat_budget(seed=seed, name=name, tokens=tokens):
+                def qat_budget(seed=seed, name=name, tokens=mult * a.tokens):
                     run = root / name / f"seed{seed}"
                     if f"gpt-{name}@{seed}" in self._stale and run.exists():
                         shutil.rmtree(run)
@@ -341,8 +342,8 @@ def _windows(paths: list[str], tok) -> PackedSequences:
 
 def _curve(run: Path) -> list[dict]:
     """The run's zero ratio, its optimum and the held-out KL / loss over training (from metrics.jsonl)."""
-    keep = ("step", "tokens", "zero_ratio", "zero_ratio_opt", "eval_kl", "eval_loss", "eval_ppl", "kl", "loss",
-            "state_mse")
+    keep = ("step", "tokens", "zero_ratio", "zero_ratio_opt", "guard_bound", "eval_kl", "eval_loss", "eval_ppl", "kl",
+            "loss", "state_mse")
     out = []
     for r in read_metrics(run / "metrics.jsonl"):
         if "zero_ratio" in r or "eval_kl" in r or "eval_loss" in r:

@@ -172,6 +172,12 @@ def claim_rows(arms: dict, sets: dict, primary: str) -> list[dict]:
         return row
     out = [r for r in (run(rule) for rule in RULES) if r is not None]
     by = {r["key"]: r for r in out}
+    if "guard" in by:      # did the band bind at all (else "prevents" is untested): its peak over training
+        peaks = [max((c.get("guard_bound", 0.0) for c in r.get("curve", [])), default=0.0)
+                 for r in arms["qat-guarded-linear-lr10"]]
+        by["guard"]["guard_bound"] = max(peaks)
+        if max(peaks) == 0.0 and by["guard"]["verdict"] == "held":
+            by["guard"]["verdict"] = "inconclusive"
     if "collapse-linear-x10" in by and "collapse-scratch-linear-x10" in by:    # the two arms differ in one thing
         p, s = by["collapse-linear-x10"]["verdict"], by["collapse-scratch-linear-x10"]["verdict"]
         v = "held" if p == "held" and s == "did not hold" else "did not hold" if s == "held" else "inconclusive"
@@ -193,11 +199,10 @@ def claim_rows(arms: dict, sets: dict, primary: str) -> list[dict]:
         if r:
             out.append(r)
     curve = []
-    for name, tokens in (("qat-absmean", None), ("qat-absmean-400k", 400_000), ("qat-absmean-1600k", 1_600_000)):
+    for name in ("qat-absmean", "qat-absmean-x4", "qat-absmean-x16"):
         if bm and name in arms:
             r = apply(Rule("budget", "", bm, name, "kl", +1, 0.0), arms, primary, sets[primary]["window_book"])
-            curve.append({"arm": name, "tokens": tokens or arms[name][0].get("tokens"), "ci": r["ci"],
-                          "verdict": r["verdict"]})
+            curve.append({"arm": name, "tokens": arms[name][0].get("tokens"), "ci": r["ci"], "verdict": r["verdict"]})
     if len(curve) > 1:
         over = next((c["tokens"] for c in curve if c["verdict"] == "held"), None)
         out.append({"key": "budget-curve", "claim": "QAT+KD overtakes the best equal-bit post-hoc method within the "
@@ -216,7 +221,7 @@ def evidence(row: dict) -> str:
     sensitivity."""
     if "curve" in row:
         return "best post-hoc − QAT+KD, KL CI by budget: " + "; ".join(
-            f"{c['tokens']:,} tokens [{c['ci'][0]:+.4f}, {c['ci'][1]:+.4f}] {c['verdict']}" for c in row["curve"])
+            f"{c['tokens'] or 0:,} tokens [{c['ci'][0]:+.4f}, {c['ci'][1]:+.4f}] {c['verdict']}" for c in row["curve"])
     if "ci" not in row:
         return row.get("composite", "")
     want = ">" if row["direction"] > 0 else "<"
@@ -225,6 +230,8 @@ def evidence(row: dict) -> str:
             f"({row['books']} book(s) resampled, then windows, seeds per arm)")
     for s, o in row.get("other_sets", {}).items():
         text += f"; {s}: [{o['ci'][0]:+.4f}, {o['ci'][1]:+.4f}] {o['verdict']}"
+    if "guard_bound" in row:
+        text += f"; the band clamped up to {row['guard_bound']:.1%} of the weights' group scales during training"
     if "excess_zeros" in row:
         z = row["excess_zeros"]
         text += (f"; excess zeros {z['estimate']:+.3f} [{z['ci'][0]:+.3f}, {z['ci'][1]:+.3f}] vs {ZERO_MARGIN} "

@@ -24,11 +24,12 @@ def zero_ratio_stats(model, optimum: bool = False) -> dict:
     the whole model (the per-module figures stay on the device until then)."""
     import torch
     mods = ternary_modules(model)
-    keys = ("zero_ratio", "scale_over_absmean") + (("zero_ratio_opt",) if optimum else ())
+    keys = ("zero_ratio", "scale_over_absmean", "guard_bound") + (("zero_ratio_opt",) if optimum else ())
     if mods:
         rows = []
         for _, m in mods:
             st = m.stat_tensors(optimum)
+            st.setdefault("guard_bound", torch.zeros((), device=m.weight.device))
             rows.append(torch.stack([st[k].float().to(m.weight.device) for k in keys]))
         stacked = torch.stack(rows)
         vals = (stacked.cpu().tolist() if stacked.device.type != "meta"          # meta: shapes only, no values
@@ -37,7 +38,7 @@ def zero_ratio_stats(model, optimum: bool = False) -> dict:
         vals = []
     per_layer: dict[int, list[float]] = {}
     per_module, ratios = {}, []
-    tot = {"zero_ratio": 0.0, "zero_ratio_opt": 0.0}
+    tot = {"zero_ratio": 0.0, "zero_ratio_opt": 0.0, "guard_bound": 0.0}
     n_all = 0
     for (name, m), row in zip(mods, vals):
         st = dict(zip(keys, row))
@@ -57,6 +58,8 @@ def zero_ratio_stats(model, optimum: bool = False) -> dict:
            "zero_ratio_layers": [round(z / c, 5) for _, (z, _o, c) in sorted(per_layer.items())],
            "zero_ratio_modules": {k: round(v, 5) for k, v in per_module.items()},
            "scale_over_absmean": sum(ratios) / max(len(ratios), 1)}
+    if any(m.mode == "guarded" for _, m in mods):
+        out["guard_bound"] = tot["guard_bound"] / max(n_all, 1)   # share of weights whose group scale is clamped
     if optimum:
         out["zero_ratio_opt"] = tot["zero_ratio_opt"] / max(n_all, 1)
         out["zero_ratio_opt_layers"] = [round(o / c, 5) for _, (_z, o, c) in sorted(per_layer.items())]

@@ -128,6 +128,10 @@ class TernaryLinear(nn.Module):
         codes, s16 = self.export()
         st = {"zero_ratio": (codes == 0).float().mean(),
               "scale_over_absmean": s16.float().mean() / _full(self.weight).abs().mean().clamp_min(1e-12)}
+        if self.mode == "guarded":   # the share of groups whose learned scale the band clamps: the guard binding
+            a = absmean_scale(_full(self.weight).detach(), self.group_size)
+            s = self.stored_scale(full=True).detach()
+            st["guard_bound"] = ((s < self.guard[0] * a) | (s > self.guard[1] * a)).float().mean()
         if optimum:
             st["zero_ratio_opt"] = mse_optimal_zeros(_full(self.weight).float(), self.group_size)[1].mean()
         return st
