@@ -127,6 +127,17 @@ int tq2_gemv_a8z(const uint8_t *codes, const float *scales, const int8_t *xq, co
             srow[k] = scales + o * ng;
         }
         const __m512i m3 = _mm512_set1_epi8(3);
+#ifdef __AVX512VBMI__
+        // planes 0-2 by vpermb (the low 6 bits of a code byte -> its 2-bit field j; port 5) instead of a shift and
+        // a mask each (port 0, which the vpdpbusd already fill); plane 3 = (byte >> 2) through the plane-2 table
+        __m512i tp[3];
+        {
+            uint8_t t[3][64];
+            for (int i = 0; i < 64; i++)
+                for (int j = 0; j < 3; j++) t[j][i] = (uint8_t)((i >> (2 * j)) & 3);
+            for (int j = 0; j < 3; j++) tp[j] = _mm512_loadu_si512((const void *)t[j]);
+        }
+#endif
         for (int64_t b = 0; b < nb; b++) {
             const int8_t *q = xq + b * in;
             const int32_t *ini = init + b * npair * 16;
@@ -142,10 +153,18 @@ int tq2_gemv_a8z(const uint8_t *codes, const float *scales, const int8_t *xq, co
                     const uint8_t *c = rows[k] + 64 * p;
                     if (b == 0) _mm_prefetch((const char *)c + A8Z_PREFETCH, _MM_HINT_T1);
                     const __m512i w = _mm512_loadu_si512((const void *)c);
+#ifdef __AVX512VBMI__
+                    __m512i acc = _mm512_dpbusd_epi32(a0, _mm512_permutexvar_epi8(w, tp[0]), x0);
+                    acc = _mm512_dpbusd_epi32(acc, _mm512_permutexvar_epi8(w, tp[1]), x1);
+                    acc = _mm512_dpbusd_epi32(acc, _mm512_permutexvar_epi8(w, tp[2]), x2);
+                    acc = _mm512_dpbusd_epi32(acc, _mm512_permutexvar_epi8(_mm512_srli_epi16(w, 2), tp[2]), x3);
+                    (void)m3;
+#else
                     __m512i acc = _mm512_dpbusd_epi32(a0, _mm512_and_si512(w, m3), x0);
                     acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(w, 2), m3), x1);
                     acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(w, 4), m3), x2);
                     acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(w, 6), m3), x3);
+#endif
                     const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(srow[k][g0]), _mm256_set1_ps(srow[k][g1]), 1);
                     accf[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), sv, accf[k]);
                 }
