@@ -91,3 +91,17 @@ def test_claim_rows_judge_each_arm_pair_and_drop_what_cannot_fail():
     assert rows["budget-curve"]["overtakes_at"] == 100_000
     assert rows["scratch"]["verdict"] == "not tested"
     assert all(R.evidence(r) for r in rows.values())
+
+
+def test_because_ssm_needs_matched_teachers():
+    sets = {"all8": {"window_book": BOOKS}}
+    arms = {"qat-absmean": arm(0.10, seed=1), "gptq": arm(0.3, seeds=1, seed=6), "gpt-gptq": arm(0.12, seeds=1, seed=8),
+            "gpt-qat-absmean": arm(0.10, seed=9), "teacher": arm(0.0, seeds=1, seed=12),
+            "gpt-teacher": arm(0.0, seeds=1, seed=13)}
+    rows = {r["key"]: r for r in R.claim_rows(arms, sets, "all8")}
+    assert rows["because-ssm"]["verdict"] == "held" and abs(rows["because-ssm"]["teacher_gap"]) < 0.05
+    for w in arms["gpt-teacher"]:                                # a weaker control teacher: ppl e^0.5 higher
+        w["windows"]["all8"]["ce"] = [c + 50 for c in w["windows"]["all8"]["ce"]]
+    row = {r["key"]: r for r in R.claim_rows(arms, sets, "all8")}["because-ssm"]
+    assert row["verdict"] == "inconclusive" and row["verdict_unmatched"] == "held"
+    assert "not matched" in R.evidence(row)

@@ -193,7 +193,7 @@ class Claims:
         from ..commands.quantize import quantize
         from ..quant.config import TernaryConfig
         from ..train.config import DistillConfig
-        base, mult = BUDGETS.get(name, (name, None))
+        base, mult, _ = BUDGETS.get(name, (name, None, None))
         tokens = mult * self.args.tokens if mult else None
         label, quant, distill = QAT[base]
         if tokens:
@@ -249,7 +249,7 @@ class Claims:
             **self.evaluate(teacher(), teacher(), cache=False)})
         for name in CONTROL_POSTHOC:
             results[f"gpt-{name}"] = self.stage(f"gpt-{name}", lambda n=name: self.posthoc(n, teacher=teacher()))
-        for seed in self.seeds:
+        for i, seed in enumerate(self.seeds):
             def qat(seed=seed):
                 if f"gpt-qat-absmean@{seed}" in self._stale and (root / "qat-absmean" / f"seed{seed}").exists():
                     shutil.rmtree(root / "qat-absmean" / f"seed{seed}")
@@ -258,8 +258,8 @@ class Claims:
                 return {"label": "GPT QAT+KD, absmean scales", "tokens": a.tokens, "collapse_events": events,
                         **self.evaluate(s, teacher(), cache=False)}
             results[f"gpt-qat-absmean@{seed}"] = self.stage(f"gpt-qat-absmean@{seed}", qat)
-            for name, (_, mult) in BUDGETS.items():      # the same token-budget sweep as Mamba-2's
-                if name in a.skip:
+            for name, (_, mult, n_seeds) in BUDGETS.items():      # the same token-budget sweep as Mamba-2's
+                if name in a.skip or i >= n_seeds:
                     continue
 
                 def qat_budget(seed=seed, name=name, tokens=mult * a.tokens):
@@ -306,9 +306,9 @@ class Claims:
         if "posthoc" not in a.skip:
             for name in POSTHOC:
                 results[name] = self.stage(name, lambda n=name: self.posthoc(n))
-        for seed in self.seeds:     # seed-major: a stopped run has every arm at its first seeds
+        for i, seed in enumerate(self.seeds):     # seed-major: a stopped run has every arm at its first seeds
             for name in (*QAT, *BUDGETS):
-                if name not in a.skip:
+                if name not in a.skip and (name not in BUDGETS or i < BUDGETS[name][2]):
                     results[f"{name}@{seed}"] = self.stage(f"{name}@{seed}", lambda n=name, s=seed: self.qat(n, s))
             for name in SCRATCH:
                 if name not in a.skip:

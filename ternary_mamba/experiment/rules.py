@@ -147,6 +147,19 @@ RULES = (
 )
 
 
+TEACHER_MATCH = 0.05     # the GPT control teacher's clean ppl within 5 % of the Mamba-2 teacher's, or no verdict
+
+
+def teacher_gap(arms: dict, sets: dict) -> float | None:
+    """GPT teacher ppl / Mamba-2 teacher ppl − 1 on the clean set (else the first set both have)."""
+    if "teacher" not in arms or "gpt-teacher" not in arms:
+        return None
+    name = "clean" if "clean" in sets else next(iter(sets))
+    idx = np.arange(len(sets[name]["window_book"]))
+    t, g = (_metric([arms[k][0]["windows"][name]], idx, "ppl")[0] for k in ("teacher", "gpt-teacher"))
+    return float(g / t - 1)
+
+
 def best_posthoc(arms: dict, set_name: str, prefix: str = "") -> str | None:
     """The equal-bit post-hoc arm (no fp16 branch, calibration <= the QAT budget) with the lowest KL on the set:
     chosen on the same data it is judged on, which favours post-hoc (conservative for "post-hoc cannot reach")."""
@@ -197,6 +210,11 @@ def claim_rows(arms: dict, sets: dict, primary: str) -> list[dict]:
                      "QAT+KD is larger for Mamba-2 than for the GPT control (difference in differences of KL)",
                      bm, "qat-absmean", "kl", +1, 0.0, c=bg, d="gpt-qat-absmean"))
         if r:
+            gap = teacher_gap(arms, sets)
+            if gap is not None:
+                r["teacher_gap"] = gap
+                if abs(gap) > TEACHER_MATCH and r["verdict"] != "inconclusive":
+                    r["verdict_unmatched"], r["verdict"] = r["verdict"], "inconclusive"
             out.append(r)
     curve = []
     for name in ("qat-absmean", "qat-absmean-x4", "qat-absmean-x16"):
@@ -230,6 +248,10 @@ def evidence(row: dict) -> str:
             f"({row['books']} book(s) resampled, then windows, seeds per arm)")
     for s, o in row.get("other_sets", {}).items():
         text += f"; {s}: [{o['ci'][0]:+.4f}, {o['ci'][1]:+.4f}] {o['verdict']}"
+    if "teacher_gap" in row:
+        text += (f"; GPT teacher ppl {row['teacher_gap']:+.1%} vs Mamba-2's (clean)"
+                 + (f": not matched within {TEACHER_MATCH:.0%}, so no verdict (the CI alone would say "
+                    f"'{row['verdict_unmatched']}')" if "verdict_unmatched" in row else ""))
     if "guard_bound" in row:
         text += f"; the band clamped up to {row['guard_bound']:.1%} of the weights' group scales during training"
     if "excess_zeros" in row:

@@ -123,6 +123,12 @@ static void split_eo(float *v, int64_t n) {      // in place: [v0 v2 v4 ... | v1
 }
 #endif
 
+// The SSM state streams through once per step (1.3B: 100 MB in bf16, 201 MB in fp32) in 64-head-row blocks the
+// hardware prefetcher restarts on; prefetching 2 KB ahead took the 1.3B step from 5.4-6.3 to 4.5-6.0 ms per token
+// in bf16, 8.2-8.9 to 7.5-8.8 in fp32 (best of 5, 48 layers, 2 threads, Xeon with AVX-512, a noisy VM: 1, 3 and
+// 4 KB alike, 8 KB worse).
+#define STATE_PREFETCH 2048
+
 static void mixer_step_any(const float *zxbcdt, float *conv_state, const float *conv_w, const float *conv_b,
                            const float *dt_bias, const float *A_log, const float *Dp, const float *norm_w,
                            void *ssm_state, int state_bf16, float *y, float *work,
@@ -152,7 +158,7 @@ static void mixer_step_any(const float *zxbcdt, float *conv_state, const float *
         }
 #endif
         float *yb = y + b * d_inner;
-        #pragma omp parallel for schedule(dynamic, 2)
+        #pragma omp parallel for schedule(static)
         for (int64_t h = 0; h < nh; h++) {
             const int64_t g = h / heads_per_group;
             const float dt = softplus_f(dtr[h] + dt_bias[h]);
@@ -160,6 +166,12 @@ static void mixer_step_any(const float *zxbcdt, float *conv_state, const float *
             const float *Bv = B + g * n, *Cv = C + g * n;
             for (int64_t p = 0; p < hp; p++) {
                 const int64_t off = ((b * nh + h) * hp + p) * n;
+                {   // software prefetch STATE_PREFETCH bytes ahead: the rows after this one (near the end, the
+                    // next head's), one row's lines per row
+                    const int64_t rb = state_bf16 ? 2 * n : 4 * n;
+                    const char *pf = (const char *)ssm_state + off * (state_bf16 ? 2 : 4) + STATE_PREFETCH;
+                    for (int64_t q = 0; q < rb; q += 64) _mm_prefetch(pf + q, _MM_HINT_T0);
+                }
                 const float xv = x[h * hp + p], uu = dt * xv;
                 float sy;
 #ifdef BF16_EO
