@@ -232,6 +232,12 @@ def test_claims_experiment_end_to_end_and_resume(tiny_teacher_dir, text_dir, tmp
     with pytest.raises(UserError, match="another code version"):
         publish(out, tmp_path / "pub2", [])
     assert not (tmp_path / "pub2").exists()
+    control = list(args)                       # another control budget: only the control's stages run again
+    control[control.index("--control-tokens") + 1] = "12000"
+    capsys.readouterr()
+    assert main(control) == 0
+    rerun = [ln for ln in capsys.readouterr().out.splitlines() if "re-running it" in ln]
+    assert rerun and all(ln.startswith("[claims] gpt-") for ln in rerun), rerun
     other = [("20000" if a == "10000" else a) for a in args]
     assert main(other) == 1  # different experiment in the same folder
     assert "different tokens" in capsys.readouterr().err

@@ -82,11 +82,12 @@ class Claims:
         self._check_spec()
 
     def _spec(self) -> dict:
-        """What an experiment folder is: resuming with other values is refused."""
+        """What an experiment folder is: resuming with other values is refused (the control teacher's budget may
+        change: only the control's stages depend on it, and their cache keys hold it)."""
         a = self.args
         return {"teacher": _name(self.teacher_path), "data": [_name(d) for d in self.data],
                 "eval_data": [_name(d) for d in self.eval_data], "tokens": a.tokens, "seed": a.seed,
-                "group_size": a.group_size, "control_tokens": a.control_tokens, "eval_windows": a.eval_windows}
+                "group_size": a.group_size, "eval_windows": a.eval_windows}
 
     def _check_spec(self) -> None:
         spec = self._spec()
@@ -102,16 +103,24 @@ class Claims:
 
     # ------------------------------------------------------------------ stages
     def stage_key(self, name: str) -> str:
-        """The cache key of a stage: the experiment's settings, every setting of the stage's arm and the code
-        version (version.code_version): a cached result is reused only when none of them changed."""
+        """The cache key of a stage: the settings every stage shares (teacher, data, held-out sets, seed, group
+        size), the settings of this stage's arm and budget, and the code version (version.code_version): a cached
+        result is reused only when none of them changed."""
         import hashlib
         a = self.args
         arm = name.split("@")[0]
         gpt = arm[4:] if arm.startswith("gpt-") else None
+        base = gpt or arm
         setting = {"spec": self._spec(), "stage": name, "code": code_version(),
-                   "arm": repr(POSTHOC.get(gpt or arm) or QAT.get(arm) or SCRATCH.get(arm) or BUDGETS.get(gpt or arm)),
-                   "calib": [a.calib_small, a.calib_large], "analysis": [a.positions, a.sequences],
-                   "sets": {k: len(w) for k, w in self.windows.items()}}
+                   "sets": {k: [len(w), *(_name(p) for p in (a.all_heldout or []) if k == "all8")]
+                            for k, w in self.windows.items()},
+                   "arm": repr(POSTHOC.get(base) or QAT.get(base) or SCRATCH.get(base) or BUDGETS.get(base))}
+        if base in POSTHOC:
+            setting["calib"] = a.calib_small if POSTHOC[base][1] == "small" else a.calib_large
+        if gpt is not None or arm == "gpt-teacher":
+            setting["control"] = [a.control_tokens, [_name(d) for d in (a.control_data or [])]]
+        if arm == "recurrence":
+            setting["analysis"] = [a.positions, a.sequences, a.calib_small, a.calib_large]
         return hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def stage(self, name: str, fn):
