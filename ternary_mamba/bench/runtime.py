@@ -255,18 +255,18 @@ def mode_quality(variants: dict, n: int, exact: str = "tq2", seed: int = 0) -> d
     """{variant: (mean KL(exact || variant) nats per token, top-1 agreement)} over n teacher-forced tokens (the
     exact variant's own greedy continuation of a seeded random prompt, so the positions are ones the model
     would reach), decoding one token at a time as generate does."""
-    from ..runtime.modes import _teacher_forced_logprobs
+    from ..runtime.modes import teacher_forced_logprobs
     ref_model = variants[exact]
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, ref_model.config.vocab_size, (8,), generator=g).tolist()
     ids += greedy_tokens(ref_model, ids, n - len(ids) + 1) if n + 1 > len(ids) else []
     ids = ids[:n + 1]
-    ref = _teacher_forced_logprobs(ref_model, ids)
+    ref = teacher_forced_logprobs(ref_model, ids)
     out = {}
     for k, m in variants.items():
         if k in (exact, "fp32"):           # fp32: the unquantized model, not a mode of the packed one
             continue
-        lp = _teacher_forced_logprobs(m, ids)
+        lp = teacher_forced_logprobs(m, ids)
         out[k] = (float((ref.exp() * (ref - lp)).sum(-1).mean()), float((lp.argmax(-1) == ref.argmax(-1)).float().mean()))
     return out
 
@@ -376,9 +376,9 @@ def run_bench_runtime(cfg) -> None:
             # greedy loops can hide drift (a repeated cycle agrees trivially): also the next-token distributions
             # along a sampled continuation (temperature 1) of the fp32-state path, teacher-forced
             from ..runtime.generate import generate_ids
-            from ..runtime.modes import _teacher_forced_logprobs
+            from ..runtime.modes import teacher_forced_logprobs
             seq = prompt + list(generate_ids(fp32_state, prompt, cfg.agreement, temperature=1.0, top_p=1.0))
-            ref, lp = _teacher_forced_logprobs(fp32_state, seq), _teacher_forced_logprobs(fast, seq)
+            ref, lp = teacher_forced_logprobs(fp32_state, seq), teacher_forced_logprobs(fast, seq)
             kl = (ref.exp() * (ref - lp)).sum(-1)
             t1 = float((lp.argmax(-1) == ref.argmax(-1)).float().mean())
             say(f"{name} bf16 SSM state vs fp32 state ({cfg.agreement} tokens, fast mode otherwise): greedy "

@@ -80,10 +80,12 @@ def record_decode_costs(folder: Path, n_tokens: int, text: str | None = None) ->
     from ..formats.text import find_text_files, read_documents
     from ..ops.device import cpu_description
     from ..runtime.modes import DESCRIBE, choose_mode, measure_modes, write_record
-    model, tok = load_model_and_tokenizer(str(folder))
-    if tok is None:
+    from ..formats.tokenizer import load_tokenizer
+    tok_file = find_tokenizer(folder)
+    if tok_file is None:
         say("no tokenizer in the folder: decode modes not measured (generate will run the exact path)")
         return None
+    model, tok = load_model(folder), load_tokenizer(tok_file)
     files = find_text_files([text or HELDOUT_BOOKS])
     ids: list[int] = []
     for f in files:
@@ -91,6 +93,10 @@ def record_decode_costs(folder: Path, n_tokens: int, text: str | None = None) ->
         if len(ids) > n_tokens:
             break
     ids = ids[:n_tokens + 1]
+    if len(ids) < 2 or max(ids) >= model.config.vocab_size:
+        say(f"the tokenizer's ids do not fit this model's vocabulary ({model.config.vocab_size}) or the text is "
+            "empty: decode modes not measured (generate will run the exact path)")
+        return None
     say(f"measuring decode modes on {len(ids) - 1} held-out tokens ({', '.join(f.name for f in files[:3])}...)")
     modes = measure_modes(model, ids, on_mode=lambda m: say(f"  mode {m}: {DESCRIBE[m]}"))
     rec = write_record(folder, modes, str(text or "bundled held-out books"), len(ids) - 1, cpu_description())

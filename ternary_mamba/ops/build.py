@@ -99,10 +99,17 @@ def _compile() -> Path:
     tmp = out.with_suffix(f".tmp{os.getpid()}.so")
     try:
         attempts = [[f"-march={march}", "-fopenmp"]] + ([] if _strict() else [["-fopenmp"], []])
+        first_error = None
         for extra in attempts:
             r = subprocess.run([cc, *flags, *extra, *map(str, sources), "-o", str(tmp), "-lm"], capture_output=True,
                                text=True)
+            if r.returncode and first_error is None:
+                first_error = _first_error(r.stderr)
             if r.returncode == 0:
+                if first_error is not None:      # a generic build runs, but 1.5-3x slower: say so, once per build
+                    from ..log import logger
+                    logger.warning("C kernels built without -march=%s (%s): the portable, slower code paths run",
+                                   march, first_error[:200])
                 side = out.with_suffix(".so.sha256")
                 side_tmp = side.with_suffix(f".tmp{os.getpid()}")
                 side_tmp.write_text(_sha256(tmp) + "\n")

@@ -58,7 +58,7 @@ def apply_mode(model, mode: str) -> bool:
 
 
 @torch.no_grad()
-def _teacher_forced_logprobs(model, ids: list[int]) -> torch.Tensor:
+def teacher_forced_logprobs(model, ids: list[int]) -> torch.Tensor:
     """log-probabilities (len(ids) - 1, vocab) of each next token, decoding one token at a time as generate does."""
     from .decode_engine import step
     state = model.empty_state(1)
@@ -75,7 +75,7 @@ def measure_modes(model, ids: list[int], on_mode: Callable[[str], None] | None =
     the exact path's}} for every mode the packed `model` can run (the model itself is not changed)."""
     if len(ids) < 2:
         raise UserError("measuring decode modes needs at least 2 tokens of text")
-    ref = _teacher_forced_logprobs(model, ids)
+    ref = teacher_forced_logprobs(model, ids)
     out = {"exact": {"kl": 0.0, "top1": 1.0}}
     for mode in MODES:
         if mode == "exact":
@@ -85,7 +85,7 @@ def measure_modes(model, ids: list[int], on_mode: Callable[[str], None] | None =
             continue
         if on_mode:
             on_mode(mode)
-        lp = _teacher_forced_logprobs(m, ids)
+        lp = teacher_forced_logprobs(m, ids)
         kl = (ref.exp() * (ref - lp)).sum(-1)
         out[mode] = {"kl": float(kl.mean()), "top1": float((lp.argmax(-1) == ref.argmax(-1)).float().mean())}
         del m

@@ -4,6 +4,7 @@
 // Each projection is one of four kinds (fp32 dense, packed ternary exact, packed ternary with int8 activations,
 // int8 rows for the head); the recurrent conv/SSM states are updated in place.  Python describes the model once
 // (tm_model, built by kernels.DecodeEngine) and then calls tm_step per token: no per-layer interpreter overhead.
+#define _POSIX_C_SOURCE 199309L   // clock_gettime and CLOCK_MONOTONIC under -std=c11 (also without OpenMP)
 #include <math.h>
 #include <string.h>
 #include <time.h>

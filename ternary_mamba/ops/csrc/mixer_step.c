@@ -170,7 +170,7 @@ static void mixer_step_any(const float *zxbcdt, float *conv_state, const float *
                     // next head's), one row's lines per row
                     const int64_t rb = state_bf16 ? 2 * n : 4 * n;
                     const char *pf = (const char *)ssm_state + off * (state_bf16 ? 2 : 4) + STATE_PREFETCH;
-                    for (int64_t q = 0; q < rb; q += 64) _mm_prefetch(pf + q, _MM_HINT_T0);
+                    for (int64_t q = 0; q < rb; q += 64) __builtin_prefetch(pf + q, 0, 3);
                 }
                 const float xv = x[h * hp + p], uu = dt * xv;
                 float sy;
