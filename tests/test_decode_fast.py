@@ -152,3 +152,24 @@ def test_every_mode_runs_through_the_engine_and_measures_against_exact(packed_wi
     costs = measure_modes(m, ids)
     assert costs["fast"]["kl"] > 0 and costs["a8"]["kl"] > 0           # not exact: they do change the logits
     assert apply_mode(m, "fast") and decode_engine.engine_for(m).state_dtype == torch.bfloat16
+
+
+def test_a_mode_the_model_cannot_run_is_one_line_and_auto_falls_back_to_exact(tmp_path, capsys):
+    """Groups of 64 have no int8-activation kernels: --mode a8 / fast is refused in one line, exit 1; with no
+    recorded cost (--cost-tokens 0) the default is the exact path, and says so."""
+    from conftest import BUNDLED_TOKENIZER
+    from ternary_mamba.cli import main
+    from ternary_mamba.formats.folders import save_model
+    save_model(random_model(tiny_config(vocab_size=8192, d_model=128)), tmp_path / "fp",
+               tokenizer_path=BUNDLED_TOKENIZER)
+    assert main(["export", str(tmp_path / "fp"), "--out", str(tmp_path / "p"), "--group-size", "64",
+                 "--cost-tokens", "0"]) == 0
+    assert not (tmp_path / "p" / "decode_modes.json").exists()
+    capsys.readouterr()
+    for mode in ("a8", "fast"):
+        assert main(["generate", str(tmp_path / "p"), "--prompt", "x", "--mode", mode]) == 1
+        err = capsys.readouterr().err
+        errors = [ln for ln in err.splitlines() if "error" in ln]
+        assert len(errors) == 1 and "cannot run it" in errors[0] and "Traceback" not in err
+    assert main(["generate", str(tmp_path / "p"), "--prompt", "x", "--max-new-tokens", "2"]) == 0
+    assert "[decode mode: exact (this folder records no measured cost" in capsys.readouterr().err

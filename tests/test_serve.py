@@ -157,3 +157,34 @@ def test_sample_rows_are_independent_of_their_neighbours():
     alone = [sample_rows(logits[i:i + 1], [t], [p], [g])[0] for i, (t, p, g) in
              enumerate(zip([1.0, 0.0, 0.7], [1.0, 1.0, 0.9], gens()))]
     assert together.tolist() == [int(a) for a in alone] and together[1] == logits[1].argmax()
+
+
+def test_a_packed_model_serves_in_its_fast_mode_batched_like_generate(tmp_path):
+    """--mode fast (int8 activations, 4-bit head, bf16 SSM state): requests decoded together get exactly the tokens
+    `generate --mode fast` gives each alone (a joining request's fp32 prefill state is rounded into the batch's bf16
+    state), and the server says which mode it runs."""
+    from ternary_mamba.commands.export import export
+    from ternary_mamba.commands.configs import ExportConfig
+    export(ExportConfig(model="bundled", out=str(tmp_path / "p"), group_size=128, cost_tokens=16))
+    packed = str(tmp_path / "p")
+    want = {p: generate(GenerateConfig(model=packed, prompt=p, max_new_tokens=12, temperature=0, mode="fast"))
+            for p in PROMPTS[:3]}
+    s = Server(ServeConfig(model=packed, port=0, max_batch=4, max_queue=8, mode="fast")).start_in_thread()
+    try:
+        assert s.engine.mode.startswith("fast")
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        got, errors = {}, []
+
+        def ask(p):
+            try:
+                got[p] = c.completions.create(model="x", prompt=p, max_tokens=12, temperature=0).choices[0].text
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+        threads = [threading.Thread(target=ask, args=(p,)) for p in want]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and got == want
+    finally:
+        s.stop()
