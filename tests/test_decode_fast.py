@@ -122,8 +122,10 @@ def test_export_records_every_mode_cost_and_generate_states_the_mode_it_runs(pac
     assert main(["generate", str(packed_with_costs), "--prompt", "x", "--a8", "--mode", "fast"]) == 1
 
 
-def test_the_fast_default_is_the_fastest_mode_within_the_thresholds():
+def test_the_fast_default_is_the_fastest_mode_within_the_thresholds(monkeypatch):
+    from ternary_mamba.runtime import modes
     from ternary_mamba.runtime.modes import choose_mode
+    monkeypatch.setattr(modes, "fast_here", lambda: True)
     from ternary_mamba.spec import DECODE_MODE_MAX_KL, DECODE_MODE_MIN_TOP1
     ok, too_far = {"kl": DECODE_MODE_MAX_KL / 2, "top1": 0.999}, {"kl": DECODE_MODE_MAX_KL * 2, "top1": 0.999}
     rec = {"modes": {"exact": {"kl": 0.0, "top1": 1.0}, "fast": too_far, "a8": ok, "i8head": ok}, "tokens": 9}
@@ -132,6 +134,10 @@ def test_the_fast_default_is_the_fastest_mode_within_the_thresholds():
     assert choose_mode(rec)[0] == "i8head"
     assert choose_mode({"modes": {"exact": {"kl": 0.0, "top1": 1.0}, "fast": too_far}})[0] == "exact"
     assert choose_mode(None)[0] == "exact"
+    cheap = {"modes": {"exact": {"kl": 0.0, "top1": 1.0}, "fast": ok, "a8": ok}}
+    assert choose_mode(cheap)[0] == "fast"
+    monkeypatch.setattr(modes, "fast_here", lambda: False)   # no AVX512-VNNI: fast is slower there, never chosen
+    assert choose_mode(cheap)[0] == "a8"
 
 
 def test_a_damaged_record_is_ignored_and_the_exact_path_runs(packed_with_costs, tmp_path):

@@ -96,14 +96,25 @@ def within_cost(cost: dict) -> bool:
     return cost["kl"] <= DECODE_MODE_MAX_KL and cost["top1"] >= DECODE_MODE_MIN_TOP1
 
 
+def fast_here() -> bool:
+    """Whether `fast` is faster than `a8` on this CPU's kernels: its 4-bit head with int8 activations needs
+    AVX512-VNNI; without it the head multiplies in fp32 and the mode is slower than the exact path (130m, AVX2
+    build: 42 vs 64 tok/s), so the fast default never picks it there."""
+    from ..ops.dispatch import cpu_has_vnni512
+    return cpu_has_vnni512()
+
+
 def choose_mode(record: dict | None) -> tuple[str, str]:
-    """(mode, one line saying why and what it costs) from a folder's record (None: no record -> exact)."""
+    """(mode, one line saying why and what it costs) from a folder's record (None: no record -> exact).  The
+    order is fastest first on this CPU (`fast` only where `fast_here`)."""
     if not record:
         return "exact", ("exact (this folder records no measured cost of the faster modes; `ternary-mamba export` "
                          "measures it)")
     modes = record.get("modes", {})
     for mode in MODES:
         cost = modes.get(mode)
+        if mode == "fast" and not fast_here():
+            continue
         if mode == "exact" or (cost and within_cost(cost)):
             if mode == "exact":
                 return "exact", (f"exact (no faster mode within KL <= {DECODE_MODE_MAX_KL} and top-1 >= "

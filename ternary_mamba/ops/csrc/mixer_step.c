@@ -79,6 +79,24 @@ static inline float state_update_dot_bf16(uint16_t *s, float a, float u, const f
         c0 = _mm512_fmadd_ps(v, _mm512_loadu_ps(C + k), c0);
     }
     acc = _mm512_reduce_add_ps(c0);
+#elif defined(__AVX2__)
+    // 8 values per step: widen by a shift, round to nearest even in integers, pack back (packus per 128-bit lane,
+    // then one 64-bit permute puts the 8 results in order)
+    const __m256 va = _mm256_set1_ps(a), vu = _mm256_set1_ps(u);
+    const __m256i half = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
+    __m256 c0 = _mm256_setzero_ps();
+    for (; k + 8 <= n; k += 8) {
+        const __m256 sv = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s + k))), 16));
+        const __m256 v = _mm256_add_ps(_mm256_mul_ps(sv, va), _mm256_mul_ps(vu, _mm256_loadu_ps(B + k)));
+        const __m256i b = _mm256_castps_si256(v);
+        const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(half, _mm256_and_si256(
+            _mm256_srli_epi32(b, 16), one))), 16);
+        const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+        _mm_storeu_si128((__m128i *)(s + k), _mm256_castsi256_si128(p));
+        c0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(C + k), c0);
+    }
+    acc = hsum8(c0);
 #endif
     for (; k < n; k++) {
         const float v = bf2f(s[k]) * a + u * B[k];
