@@ -105,3 +105,23 @@ def test_because_ssm_needs_matched_teachers():
     row = {r["key"]: r for r in R.claim_rows(arms, sets, "all8")}["because-ssm"]
     assert row["verdict"] == "inconclusive" and row["verdict_unmatched"] == "held"
     assert "not matched" in R.evidence(row)
+
+
+def test_windows_are_mapped_to_the_book_they_start_in(tmp_path):
+    """stats.window_books: each file of a set tokenized on its own; a window belongs to the file its first token
+    is in (what the book bootstrap resamples)."""
+    from conftest import BUNDLED_TOKENIZER
+    from ternary_mamba.experiment.stats import window_books
+    from ternary_mamba.formats.tokenizer import load_tokenizer
+    from ternary_mamba.train.data import PackedSequences, load_tokens, tokenize_to_file
+    d = tmp_path / "books"
+    d.mkdir()
+    (d / "a.txt").write_text("alpha beta gamma delta. " * 200)
+    (d / "b.txt").write_text("one two three four five. " * 50)
+    tok = load_tokenizer(BUNDLED_TOKENIZER)
+    seqs = PackedSequences(load_tokens(tokenize_to_file([str(d)], tok, tmp_path / "c", False)), 32)
+    n_a = len(load_tokens(tokenize_to_file([str(d / "a.txt")], tok, tmp_path / "c", False)))
+    got = window_books([str(d)], tok, seqs, list(range(len(seqs))))
+    assert got["books"] == ["a.txt", "b.txt"]
+    assert got["window_book"] == [0 if w * 32 < n_a else 1 for w in range(len(seqs))]
+    assert 0 < got["window_book"].count(1) < len(seqs)
