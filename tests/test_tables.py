@@ -132,6 +132,19 @@ def test_cli_export_info_and_ppl_with_quantized_embedding(tiny_teacher_dir, text
     assert "+int8 embedding" in lines and "+q4 embedding" in lines
     assert main(["ppl", str(out), "--text", str(text_dir), "--max-tokens", "40", "--activations"]) == 0
     lines = capsys.readouterr().out
+    if "not available here" in lines:            # groups of 64: int8 activations need 128, bf16 needs AVX512-BF16
+        from ternary_mamba.ops.dispatch import cpu_has_bf16_kernels
+        assert not cpu_has_bf16_kernels() and "decode path" not in lines
+        from conftest import BUNDLED_TOKENIZER           # groups of 128: the int8-activation path runs on every CPU
+        from ternary_mamba.formats.folders import save_model
+        save_model(random_model(tiny_config(vocab_size=8192, d_model=128, headdim=32)), tmp_path / "fp128",
+                   tokenizer_path=BUNDLED_TOKENIZER)
+        assert main(["export", str(tmp_path / "fp128"), "--format", "tq2", "--group-size", "128", "--out",
+                     str(tmp_path / "g128"), "--cost-tokens", "16"]) == 0
+        capsys.readouterr()
+        assert main(["ppl", str(tmp_path / "g128"), "--text", str(text_dir), "--max-tokens", "40",
+                     "--activations"]) == 0
+        lines = capsys.readouterr().out
     assert "decode path, exact" in lines and "KL to exact" in lines
     assert main(["ppl", str(tiny_teacher_dir), "--text", str(text_dir), "--activations"]) == 1
     assert "needs a packed model" in capsys.readouterr().err

@@ -162,3 +162,11 @@ def cpu_has_vnni512() -> bool:
     from .build import get_kernel
     lib = get_kernel()
     return bool(lib is not None and lib.tq2_has_vnni512())
+
+
+def q4_a8_kernel() -> str | None:
+    """The int8-activation kernel of the 4-bit head in this build: "vnni512", "avx2" (vpmaddubsw), or None (the
+    head multiplies in fp32)."""
+    from .build import get_kernel
+    lib = get_kernel()
+    return {2: "vnni512", 1: "avx2"}.get(int(lib.q4_a8_kernel())) if lib is not None else None

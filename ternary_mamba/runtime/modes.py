@@ -97,11 +97,11 @@ def within_cost(cost: dict) -> bool:
 
 
 def fast_here() -> bool:
-    """Whether `fast` is faster than `a8` on this CPU's kernels: its 4-bit head with int8 activations needs
-    AVX512-VNNI; without it the head multiplies in fp32 and the mode is slower than the exact path (130m, AVX2
-    build: 42 vs 64 tok/s), so the fast default never picks it there."""
-    from ..ops.dispatch import cpu_has_vnni512
-    return cpu_has_vnni512()
+    """Whether `fast` can beat `a8` on this CPU's kernels: its 4-bit head needs an int8-activation kernel
+    (AVX512-VNNI, or AVX2's vpmaddubsw); without one the head multiplies in fp32 and the mode is slower than the
+    exact path (130m, a build without it: 42 vs 64 tok/s), so the fast default never picks it there."""
+    from ..ops.dispatch import q4_a8_kernel
+    return q4_a8_kernel() is not None
 
 
 def choose_mode(record: dict | None) -> tuple[str, str]:

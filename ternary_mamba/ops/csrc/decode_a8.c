@@ -11,7 +11,7 @@
 // chunk's group scale in fp32.  Four rows at a time share every activation load.  Requires in % 256 == 0 and
 // G % 128 == 0.
 //
-// q4_gemv_a8: the 4-bit head (quant/tables.py q4: 32 values per 16 bytes, byte j = value j | value j + 16 << 4,
+// q4_gemv_a8 (AVX512-VNNI, and an AVX2 variant below): the 4-bit head (quant/tables.py q4: 32 values per 16 bytes, byte j = value j | value j + 16 << 4,
 // w = (n - 8) s) times x quantized per 128 values to int8 (absmax / 127 per chunk).  One zmm = 4 blocks: low
 // nibbles against the chunk's values j, high nibbles against values j + 16 (q4_quantize_x stores them so), lanes
 // 4k..4k+3 = block k, started at -8 sum q of the block; scaled by s_block * s_chunk.  Requires in % 128 == 0.
@@ -36,14 +36,7 @@ static inline int8_t q8(float v) { return (int8_t)lrintf(v); }
 void tq2_quantize_xz(const float *x, int8_t *xq, int32_t *init, float *xs, int64_t in, int64_t nb) {
     for (int64_t b = 0; b < nb; b++) {
         const float *xr = x + b * in;
-        float m = 0.f;
-        int64_t i0 = 0;
-#ifdef __AVX512F__
-        __m512 vm = _mm512_setzero_ps();
-        for (; i0 + 16 <= in; i0 += 16) vm = _mm512_max_ps(vm, _mm512_abs_ps(_mm512_loadu_ps(xr + i0)));
-        m = _mm512_reduce_max_ps(vm);
-#endif
-        for (; i0 < in; i0++) m = fmaxf(m, fabsf(xr[i0]));
+        const float m = absmax_f32(xr, in);
         const float inv = m > 0.f ? 127.f / m : 0.f;
         xs[b] = m / 127.f;
         int8_t *q = xq + b * in;
@@ -184,8 +177,7 @@ void q4_quantize_x(const float *x, int8_t *xq, int32_t *init, float *xs, int64_t
     for (int64_t b = 0; b < nb; b++)
         for (int64_t c = 0; c < nc; c++) {
             const float *xr = x + b * in + 128 * c;
-            float m = 0.f;
-            for (int i = 0; i < 128; i++) m = fmaxf(m, fabsf(xr[i]));
+            const float m = absmax_f32(xr, 128);
             const float inv = m > 0.f ? 127.f / m : 0.f;
             xs[b * nc + c] = m / 127.f;
             int8_t *q = xq + b * in + 128 * c;
@@ -206,10 +198,7 @@ void q4_quantize_x(const float *x, int8_t *xq, int32_t *init, float *xs, int64_t
 
 int q4_gemv_a8(const uint8_t *w, const float *scale, const int8_t *xq, const int32_t *init, const float *xs,
                float *y, int64_t out, int64_t in, int64_t nb) {
-#ifndef DECODE_A8Z
-    (void)w; (void)scale; (void)xq; (void)init; (void)xs; (void)y; (void)out; (void)in; (void)nb;
-    return -1;
-#else
+#if defined(DECODE_A8Z)
     if (in % 128) return -1;
     const int64_t nc = in / 128, rb = in / 2, ng = in / 32;
     const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
@@ -237,6 +226,61 @@ int q4_gemv_a8(const uint8_t *w, const float *scale, const int8_t *xq, const int
         }
     }
     return 0;
+#elif defined(__AVX2__)
+    // AVX2 (no VNNI): half a chunk (2 blocks, 32 bytes) per ymm; vpmaddubsw of the low nibbles against values j and
+    // of the high nibbles against values j + 16, summed in int16 (|.| <= 2 * 2 * 15 * 127), widened by vpmaddwd:
+    // lanes 0-3 = block 2h, 4-7 = block 2h + 1, started at the init's lanes 8h..8h+7.  Two rows share every
+    // activation load.
+    if (in % 128) return -1;
+    const int64_t nc = in / 128, rb = in / 2, ng = in / 32, npair = (out + 1) / 2;
+    #pragma omp parallel for schedule(static)
+    for (int64_t pr = 0; pr < npair; pr++) {
+        const int64_t o0 = 2 * pr, R = out - o0 < 2 ? 1 : 2;
+        const uint8_t *rows[2] = {w + o0 * rb, w + (o0 + R - 1) * rb};
+        const float *srow[2] = {scale + o0 * ng, scale + (o0 + R - 1) * ng};
+        const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+        for (int64_t b = 0; b < nb; b++) {
+            const int8_t *q = xq + b * in;
+            const int32_t *ini = init + b * nc * 16;
+            const float *sx = xs + b * nc;
+            __m256 accf[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int64_t c = 0; c < nc; c++)
+                for (int h = 0; h < 2; h++) {
+                    const __m256i ql = _mm256_loadu_si256((const __m256i *)(q + 128 * c + 32 * h));
+                    const __m256i qh = _mm256_loadu_si256((const __m256i *)(q + 128 * c + 64 + 32 * h));
+                    const __m256i a0 = _mm256_loadu_si256((const __m256i *)(ini + 16 * c + 8 * h));
+                    for (int k = 0; k < 2; k++) {
+                        const uint8_t *p = rows[k] + 64 * c + 32 * h;
+                        if (b == 0 && h == 0) _mm_prefetch((const char *)p + A8Z_PREFETCH, _MM_HINT_T1);
+                        const __m256i v = _mm256_loadu_si256((const __m256i *)p);
+                        const __m256i s16 = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(_mm256_and_si256(v, m4), ql),
+                            _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), qh));
+                        const __m256i acc = _mm256_add_epi32(a0, _mm256_madd_epi16(s16, ones));
+                        const float s0 = srow[k][4 * c + 2 * h] * sx[c], s1 = srow[k][4 * c + 2 * h + 1] * sx[c];
+                        const __m256 sv = _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0));
+                        accf[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), sv, accf[k]);
+                    }
+                }
+            for (int k = 0; k < R; k++) y[b * out + o0 + k] = hsum8(accf[k]);
+        }
+    }
+    return 0;
+#else
+    (void)w; (void)scale; (void)xq; (void)init; (void)xs; (void)y; (void)out; (void)in; (void)nb;
+    return -1;
+#endif
+}
+
+// Which int8-activation 4-bit-head kernel this build has: 2 = AVX512-VNNI, 1 = AVX2 (vpmaddubsw), 0 = none (the
+// fp32-activation q4_gemv runs).
+int q4_a8_kernel(void) {
+#if defined(DECODE_A8Z)
+    return 2;
+#elif defined(__AVX2__)
+    return 1;
+#else
+    return 0;
 #endif
 }
 
@@ -261,7 +305,7 @@ int tq2_gemv_a8z_auto(const uint8_t *codes, const float *scales, const float *x,
 
 int q4_gemv_a8_auto(const uint8_t *w, const float *scale, const float *x, float *y, int8_t *work,
                     int64_t out, int64_t in, int64_t nb) {
-#ifndef DECODE_A8Z
+#if !defined(DECODE_A8Z) && !defined(__AVX2__)
     (void)w; (void)scale; (void)x; (void)y; (void)work; (void)out; (void)in; (void)nb;
     return -1;
 #else

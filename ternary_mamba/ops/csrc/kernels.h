@@ -1,6 +1,8 @@
 // Prototypes shared by the C sources of the ternary-mamba kernel library (all built into one .so).
 #pragma once
+#include <math.h>
 #include <stdint.h>
+#include <string.h>
 #ifdef __AVX2__
 #include <immintrin.h>
 
@@ -12,6 +14,41 @@ static inline float hsum8(__m256 a) {
     return _mm_cvtss_f32(lo);
 }
 #endif
+
+// bf16 <-> fp32.  Round to nearest even (what vcvtneps2bf16 does for finite values); a NaN stays a NaN.
+static inline uint16_t f2bf(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+static inline float bf2f(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+// max |x[i]| over n values (the int8 quantizers' absmax).
+static inline float absmax_f32(const float *x, int64_t n) {
+    float m = 0.f;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    __m512 vm = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) vm = _mm512_max_ps(vm, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+    m = _mm512_reduce_max_ps(vm);
+#elif defined(__AVX2__)
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 vm = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(vm), _mm256_extractf128_ps(vm, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+    m = _mm_cvtss_f32(h);
+#endif
+    for (; i < n; i++) m = fmaxf(m, fabsf(x[i]));
+    return m;
+}
 
 void tq2_gemv(const uint8_t *codes, const float *scales, const float *x, float *y,
               int64_t out, int64_t in, int64_t G, int64_t nb);
@@ -33,6 +70,7 @@ float stream_read(const float *buf, int64_t n);
 int tq2_gemm_a8(const uint8_t *codes, const float *scales, const float *x, float *y,
                 int64_t out, int64_t in, int64_t G, int64_t nt);
 int tq2_has_vnni512(void);
+int q4_a8_kernel(void);
 void f32_gemv(const float *w, const float *x, float *y, int64_t out, int64_t in, int64_t nb);
 void ssd_step_inplace(float *state, const float *x, const float *dt, const float *dA, const float *B, const float *C,
                       float *y, int64_t nb, int64_t nh, int64_t hp, int64_t ng, int64_t n);

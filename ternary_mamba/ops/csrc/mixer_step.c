@@ -45,19 +45,6 @@ static inline float state_update_dot(float *s, float a, float u, const float *B,
 // The same with the state stored in bf16 (opt-in, decode only: half the state's bytes, the largest read after the
 // weights at 1.3B).  The arithmetic stays fp32 in registers; each updated value is rounded to nearest even once,
 // when written back: s_bf16 <- bf16(fp32(s_bf16) * a + u * B), y = the fp32 values' dot with C (before rounding).
-static inline uint16_t f2bf_rne(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);   // NaN stays NaN
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-static inline float bf2f(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 static inline float state_update_dot_bf16(uint16_t *s, float a, float u, const float *B, const float *C, int64_t n) {
     float acc = 0.f;
     int64_t k = 0;
@@ -100,7 +87,7 @@ static inline float state_update_dot_bf16(uint16_t *s, float a, float u, const f
 #endif
     for (; k < n; k++) {
         const float v = bf2f(s[k]) * a + u * B[k];
-        s[k] = f2bf_rne(v);
+        s[k] = f2bf(v);
         acc += v * C[k];
     }
     return acc;
@@ -175,6 +162,7 @@ static void mixer_step_any(const float *zxbcdt, float *conv_state, const float *
             for (int64_t g = 0; g < 2 * ng; g++) split_eo(u + d_inner + g * n, n);
         }
 #endif
+        (void)eo;
         float *yb = y + b * d_inner;
         #pragma omp parallel for schedule(static)
         for (int64_t h = 0; h < nh; h++) {

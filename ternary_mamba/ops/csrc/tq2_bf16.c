@@ -22,19 +22,6 @@ int tq2_has_bf16(void) {
 #endif
 }
 
-static inline uint16_t f2bf(float f) {        // round to nearest even (what vcvtneps2bf16 does for finite values)
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);   // NaN stays NaN
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-static inline float bf2f(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 void f32_to_bf16(const float *x, uint16_t *xb, int64_t n) {
     for (int64_t i = 0; i < n; i++) xb[i] = f2bf(x[i]);
 }

@@ -75,14 +75,7 @@ static void quantize_tokens(const float *x, int8_t *xq, float *xs, int32_t *qsum
             continue;
         }
         const float *xr = x + t * in;
-        float m = 0.f;
-        int64_t i = 0;
-#ifdef TQ2_VNNI
-        __m512 vm = _mm512_setzero_ps();
-        for (; i + 16 <= in; i += 16) vm = _mm512_max_ps(vm, _mm512_abs_ps(_mm512_loadu_ps(xr + i)));
-        m = _mm512_reduce_max_ps(vm);
-#endif
-        for (; i < in; i++) m = fmaxf(m, fabsf(xr[i]));
+        const float m = absmax_f32(xr, in);
         const float inv = m > 0.f ? 127.f / m : 0.f;
         xs[t] = m / 127.f;
 #ifdef TQ2_VNNI

@@ -232,8 +232,7 @@ void tq2_dequant(const uint8_t *codes, const float *scales, float *w, int64_t ou
 void tq2_quantize_x(const float *x, int8_t *xq, float *xs, int32_t *qsum, int64_t in, int64_t G, int64_t nb) {
     for (int64_t b = 0; b < nb; b++) {
         const float *xr = x + b * in;
-        float m = 0.f;
-        for (int64_t i = 0; i < in; i++) m = fmaxf(m, fabsf(xr[i]));
+        const float m = absmax_f32(xr, in);
         const float inv = m > 0.f ? 127.f / m : 0.f;
         xs[b] = m / 127.f;
         int8_t *q = xq + b * in;
