@@ -38,6 +38,26 @@ def _greedy(prompt: str, n: int) -> str:
     return generate(GenerateConfig(model="bundled", prompt=prompt, max_new_tokens=n, temperature=0))
 
 
+def _ask_together(client, model: str, prompts, max_tokens: int) -> dict:
+    """Every prompt sent at once, each from its own thread (greedy); {prompt: text}, or the first error raised."""
+    got, errors = {}, []
+
+    def ask(p):
+        try:
+            got[p] = client.completions.create(model=model, prompt=p, max_tokens=max_tokens,
+                                               temperature=0).choices[0].text
+        except Exception as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+    threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return got
+
+
 def _get(url):
     with urllib.request.urlopen(url, timeout=30) as r:
         return json.loads(r.read())
@@ -71,20 +91,8 @@ def test_chat_streaming_and_stop_strings(client):
 
 def test_concurrent_requests_are_decoded_together_and_each_gets_its_own_tokens(server, client):
     want = {p: _greedy(p, 16) for p in PROMPTS}
-    got, errors = {}, []
     steps0, rows0 = server.engine.gen.steps, server.engine.gen.rows
-
-    def ask(p):
-        try:
-            got[p] = client.completions.create(model="bundled", prompt=p, max_tokens=16, temperature=0).choices[0].text
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-    threads = [threading.Thread(target=ask, args=(p,)) for p in PROMPTS]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and got == want
+    assert _ask_together(client, "bundled", want, 16) == want
     steps, rows = server.engine.gen.steps - steps0, server.engine.gen.rows - rows0
     assert rows / steps > 1.5, (steps, rows)        # several rows per decode step: batched, not one at a time
 
@@ -173,18 +181,6 @@ def test_a_packed_model_serves_in_its_fast_mode_batched_like_generate(tmp_path):
     try:
         assert s.engine.mode.startswith("fast")
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=120)
-        got, errors = {}, []
-
-        def ask(p):
-            try:
-                got[p] = c.completions.create(model="x", prompt=p, max_tokens=12, temperature=0).choices[0].text
-            except Exception as e:  # noqa: BLE001 - reported below
-                errors.append(e)
-        threads = [threading.Thread(target=ask, args=(p,)) for p in want]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors and got == want
+        assert _ask_together(c, "x", want, 12) == want
     finally:
         s.stop()
