@@ -244,11 +244,16 @@ int q4_gemv_a8(const uint8_t *w, const float *scale, const int8_t *xq, const int
             const int32_t *ini = init + b * nc * 16;
             const float *sx = xs + b * nc;
             __m256 accf[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-            for (int64_t c = 0; c < nc; c++)
+            for (int64_t c = 0; c < nc; c++) {
+                __m256 s4[2];                    // the chunk's 4 block scales x its activation scale, per row
+                for (int k = 0; k < 2; k++)
+                    s4[k] = _mm256_castps128_ps256(_mm_mul_ps(_mm_loadu_ps(srow[k] + 4 * c), _mm_set1_ps(sx[c])));
                 for (int h = 0; h < 2; h++) {
                     const __m256i ql = _mm256_loadu_si256((const __m256i *)(q + 128 * c + 32 * h));
                     const __m256i qh = _mm256_loadu_si256((const __m256i *)(q + 128 * c + 64 + 32 * h));
                     const __m256i a0 = _mm256_loadu_si256((const __m256i *)(ini + 16 * c + 8 * h));
+                    const __m256i spread = h ? _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3)
+                                             : _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
                     for (int k = 0; k < 2; k++) {
                         const uint8_t *p = rows[k] + 64 * c + 32 * h;
                         if (b == 0 && h == 0) _mm_prefetch((const char *)p + A8Z_PREFETCH, _MM_HINT_T1);
@@ -257,11 +262,11 @@ int q4_gemv_a8(const uint8_t *w, const float *scale, const int8_t *xq, const int
                             _mm256_maddubs_epi16(_mm256_and_si256(v, m4), ql),
                             _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), qh));
                         const __m256i acc = _mm256_add_epi32(a0, _mm256_madd_epi16(s16, ones));
-                        const float s0 = srow[k][4 * c + 2 * h] * sx[c], s1 = srow[k][4 * c + 2 * h + 1] * sx[c];
-                        const __m256 sv = _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0));
-                        accf[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), sv, accf[k]);
+                        accf[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_permutevar8x32_ps(s4[k], spread),
+                                                  accf[k]);
                     }
                 }
+            }
             for (int k = 0; k < R; k++) y[b * out + o0 + k] = hsum8(accf[k]);
         }
     }

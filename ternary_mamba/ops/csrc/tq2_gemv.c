@@ -159,6 +159,40 @@ static inline void tq2_rows4_dot(const uint8_t *rows, int64_t row_bytes, const f
 }
 #endif
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// Two output rows at once with exactly tq2_row_dot's AVX2 arithmetic (same four accumulators per group, same order,
+// so the same bits): every x vector is loaded once for both rows, and the two rows' eight FMA chains overlap.
+// 1.10x the single-row loop (C harness, 1.3B in_proj shape, one Zen 3 core: 10.0 -> 11.1 G weights/s; four rows
+// spill the 16 ymm registers and were slower).  Requires G % 32 == 0.
+static inline void tq2_rows2_dot(const uint8_t *rows, int64_t row_bytes, const float *srows, const float *x,
+                                 int64_t ngroups, int64_t G, float *y) {
+    const int64_t gbytes = G / 4;
+    const __m256i sh_lo = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m256i sh_hi = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
+    const __m256 tbl = _mm256_setr_ps(-1.f, 0.f, 1.f, 0.f, -1.f, 0.f, 1.f, 0.f);
+    __m256 acc_row[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t g = 0; g < ngroups; g++) {
+        const float *xg = x + g * G;
+        for (int k = 0; k < 2; k++) _mm_prefetch((const char *)rows + k * row_bytes + g * gbytes + CODE_PREFETCH, _MM_HINT_T1);
+        __m256 a[2][4];
+        for (int k = 0; k < 2; k++) a[k][0] = a[k][1] = a[k][2] = a[k][3] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < gbytes; j += 8)           // 32 weights of each row
+            for (int i = 0; i < 4; i++) {                 // accumulator i: weights 8i..8i+7 of the 32
+                const __m256 xv = _mm256_loadu_ps(xg + 4 * j + 8 * i);
+                for (int k = 0; k < 2; k++) {
+                    const __m256i b = _mm256_set1_epi32(load_u32(rows + k * row_bytes + g * gbytes + j + 4 * (i / 2)));
+                    a[k][i] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(tbl, _mm256_srlv_epi32(b, (i % 2) ? sh_hi : sh_lo)),
+                                              xv, a[k][i]);
+                }
+            }
+        for (int k = 0; k < 2; k++)
+            acc_row[k] = _mm256_fmadd_ps(_mm256_add_ps(_mm256_add_ps(a[k][0], a[k][1]), _mm256_add_ps(a[k][2], a[k][3])),
+                                         _mm256_set1_ps(srows[k * ngroups + g]), acc_row[k]);
+    }
+    for (int k = 0; k < 2; k++) y[k] = hsum8(acc_row[k]);
+}
+#endif
+
 // codes (out, in/4) uint8; scales (out, in/G) fp32; x (nb, in); y (nb, out).  Requires in % G == 0, G % 8 == 0.
 void tq2_gemv(const uint8_t *codes, const float *scales, const float *x, float *y,
               int64_t out, int64_t in, int64_t G, int64_t nb) {
@@ -177,6 +211,25 @@ void tq2_gemv(const uint8_t *codes, const float *scales, const float *x, float *
                 } else
                     for (int64_t k = o; k < out; k++)
                         y[b * out + k] = tq2_row_dot(codes + k * row_bytes, scales + k * ngroups, x + b * in, ngroups, G);
+            }
+        }
+        return;
+    }
+#endif
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    if (G % 32 == 0) {
+        const int64_t npair = (out + 1) / 2;
+        #pragma omp parallel for schedule(guided)
+        for (int64_t pr = 0; pr < npair; pr++) {
+            const int64_t o = 2 * pr;
+            for (int64_t b = 0; b < nb; b++) {
+                if (o + 2 <= out) {
+                    float r[2];
+                    tq2_rows2_dot(codes + o * row_bytes, row_bytes, scales + o * ngroups, x + b * in, ngroups, G, r);
+                    y[b * out + o] = r[0];
+                    y[b * out + o + 1] = r[1];
+                } else
+                    y[b * out + o] = tq2_row_dot(codes + o * row_bytes, scales + o * ngroups, x + b * in, ngroups, G);
             }
         }
         return;
