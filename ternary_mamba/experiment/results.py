@@ -152,14 +152,18 @@ def render_markdown(doc: dict, plots: list[str] | tuple[str, ...] = PLOTS) -> st
     arms, stats, rec, primary = group_arms(doc["arms"]), doc["statistics"], doc["recurrence"], doc["primary_set"]
     cfg = doc["config"]
     sets = doc["sets"]
+    judged = "all8" if "all8" in sets else primary      # as `verdicts` judges them
     seeds = doc.get("seeds") or max(st[primary]["seeds"] for st in stats.values())
     lines = ["# Ternary Mamba claims experiment", "", f"Command: `{doc_command(doc)}`", "",
-             f"Every training arm ran {seeds} seed(s) of {cfg['tokens']:,} tokens. Cells: mean ± sd over "
-             "seeds, and a 95 % bootstrap CI of the seed mean (1,000 resamples of held-out windows and of seeds). "
-             "Differences between arms are paired on the same windows; a verdict needs their CI to exclude 0. "
-             f"Held-out sets (≤ {cfg['eval_windows']} windows of {SEQ_LEN} tokens each, spread over the set): "
+             f"Every training arm ran {seeds} seed(s) of {cfg['tokens']:,} tokens (budget arms: their tokens and "
+             "seeds in the table). Cells: mean ± sd over seeds, and a 95 % bootstrap CI of the seed mean (1,000 "
+             "resamples of held-out windows and of seeds). Differences between arms are paired on the same windows; "
+             + ("each verdict's rule, CI (books, then windows, then seeds resampled) and margin sensitivity are in "
+                "its row. " if doc.get("rules") else "a verdict needs their CI to exclude 0. ")
+             + f"Held-out sets (≤ {cfg['eval_windows']} windows of {SEQ_LEN} tokens each, spread over the set): "
              + ", ".join(f"{k} {v['tokens']:,} tokens" for k, v in sets.items())
-             + f"; **{primary}** is primary."
+             + (f"; verdicts are judged on **{judged}** (the set named in each row; the others beside), the table of "
+                f"arms is on **{primary}** (its first columns)." if judged != primary else f"; **{primary}** is primary.")
              + (f" Code version {doc['code_version']}." if doc.get("code_version") else ""), "", "## Verdicts", "",
              "| claim | verdict | evidence |", "|---|---|---|"]
     lines += [f"| {v['claim']} | **{v['verdict']}** | {v['evidence']} |" for v in doc["verdicts"]]
