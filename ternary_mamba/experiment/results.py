@@ -76,7 +76,8 @@ def table(arms: dict, stats: dict, primary: str) -> list[str]:
     sets = list(next(iter(stats.values())).keys())
     other = [s for s in sets if s != primary]
     head = ["method", f"{primary} ppl: mean ± sd [95 % CI]", "KL to teacher", "top-1 agree", "zero ratio (MSE opt.)",
-            "collapse flagged", "seeds", "size (MB)", "bits / weight", "tokens", *[f"{s} ppl" for s in other]]
+            "collapse flagged", "seeds", "size (MB)", "bits / weight", "tokens", "wall (min / seed)",
+            *[f"{s} ppl" for s in other]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in ORDER:
         if name not in arms:
@@ -94,8 +95,10 @@ def table(arms: dict, stats: dict, primary: str) -> list[str]:
             size_b = arms["ptq"][0]["size_bytes"]       # every plain ternary student packs to the same size
         size = f"{size_b / MB:.2f}" if size_b else "-"
         bits = f"{r['bits_per_weight']:.3f}" if r.get("bits_per_weight") else "-"
+        walls = [x["stage_wall_s"] for x in rs if "stage_wall_s" in x]     # training / calibration + evaluation
+        wall = f"{sum(walls) / len(walls) / 60:.1f}" if walls else "-"
         lines.append(f"| {r['label']} | {_cell(st, 'ppl', 2)} | {_cell(st, 'kl', 4)} | {st['top1_agree']:.3f} | {z} | "
-                     f"{flag} | {st['seeds']} | {size} | {bits} | {toks} | "
+                     f"{flag} | {st['seeds']} | {size} | {bits} | {toks} | {wall} | "
                      + " | ".join(f"{stats[name][s]['ppl']:.2f}" for s in other) + " |")
     return lines
 
@@ -164,7 +167,9 @@ def render_markdown(doc: dict, plots: list[str] | tuple[str, ...] = PLOTS) -> st
              + ", ".join(f"{k} {v['tokens']:,} tokens" for k, v in sets.items())
              + (f"; verdicts are judged on **{judged}** (the set named in each row; the others beside), the table of "
                 f"arms is on **{primary}** (its first columns)." if judged != primary else f"; **{primary}** is primary.")
-             + (f" Code version {doc['code_version']}." if doc.get("code_version") else ""), "", "## Verdicts", "",
+             + (f" Code version {doc['code_version']}." if doc.get("code_version") else "")
+             + (" Wall: each stage's own time (training or calibration, then evaluation), mean per seed."
+                if any("stage_wall_s" in r for r in doc["arms"].values()) else ""), "", "## Verdicts", "",
              "| claim | verdict | evidence |", "|---|---|---|"]
     lines += [f"| {v['claim']} | **{v['verdict']}** | {v['evidence']} |" for v in doc["verdicts"]]
     lines += ["", "## All arms", ""] + table(arms, stats, primary)
