@@ -90,3 +90,17 @@ def test_the_published_claims_are_rendered_from_results_json_alone():
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index(BEGIN):readme.index(END) + len(END)]
     assert section == render_readme(doc, "docs/claims")
+
+
+def test_the_claims_header_names_the_set_the_verdicts_are_judged_on():
+    """results.md's header says which held-out set the verdict rows use (the rows name it too) and what the arm
+    table leads with; every training arm shows its stage wall time."""
+    import json
+    from ternary_mamba.experiment.results import render_markdown, verdict_set
+    doc = json.loads((ROOT / "docs" / "claims" / "results.json").read_text())
+    md = render_markdown(doc)
+    judged = verdict_set(doc["sets"])
+    assert f"verdicts are judged on **{judged}**" in md and f"arms is on **{doc['primary_set']}**" in md
+    assert all(v["claim"].endswith(f"[{judged}]") for v in doc["verdicts"] if "rule:" in v["evidence"])
+    row = next(line for line in md.splitlines() if line.startswith("| QAT+KD, absmean scales |"))
+    assert row.split(" | ")[10] != "-"        # the wall column, filled from stage_wall_s

@@ -33,12 +33,17 @@ def _flagged(rs: list[dict]) -> int:
     return sum(1 for r in rs if r.get("collapse_events"))
 
 
+def verdict_set(sets: dict) -> str:
+    """The held-out set the verdicts are judged on: all eight books where they were evaluated, else the first."""
+    return "all8" if "all8" in sets else next(iter(sets))
+
+
 def verdicts(arms: dict, rec: dict, sets: dict) -> tuple[list[dict], list[dict]]:
     """(table rows {claim, verdict, evidence}, the full rule rows): every claim by its pre-registered rule
     (experiment/rules.py) on the all-eight-books set where it was evaluated (else the primary one), the other sets
     beside; the recurrence claim by the injection split."""
     from .rules import claim_rows, evidence
-    judged_on = "all8" if "all8" in sets else next(iter(sets))
+    judged_on = verdict_set(sets)
     rows = claim_rows(arms, sets, judged_on)
     table = [{"claim": r["claim"] + (f" [{judged_on}]" if "ci" in r or "curve" in r else ""), "verdict": r["verdict"],
               "evidence": evidence(r)} for r in rows]
@@ -155,7 +160,7 @@ def render_markdown(doc: dict, plots: list[str] | tuple[str, ...] = PLOTS) -> st
     arms, stats, rec, primary = group_arms(doc["arms"]), doc["statistics"], doc["recurrence"], doc["primary_set"]
     cfg = doc["config"]
     sets = doc["sets"]
-    judged = "all8" if "all8" in sets else primary      # as `verdicts` judges them
+    judged = verdict_set(sets)
     seeds = doc.get("seeds") or max(st[primary]["seeds"] for st in stats.values())
     lines = ["# Ternary Mamba claims experiment", "", f"Command: `{doc_command(doc)}`", "",
              f"Every training arm ran {seeds} seed(s) of {cfg['tokens']:,} tokens (budget arms: their tokens and "
