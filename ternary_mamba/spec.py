@@ -79,6 +79,7 @@ class KernelKind(enum.IntEnum):
     Q4 = 5
     TQ2_BF16 = 6
     Q4_A8 = 7
+    TQ2_R4 = 8    # int8 activations, row-interleaved codes + fp16 scales (csrc/decode_r4.c), built by the engine
 
 
 def check_group_size(group_size: int) -> int:

@@ -78,6 +78,26 @@ def bytes_per_token(model) -> int:
     return weight_bytes_per_token(model) + state_bytes_per_token(model)
 
 
+def _fp16_scale_ids(model) -> set[int]:
+    """The packed projections' fp32 scale buffers that the decode engine reads as fp16 (its r4 kernel,
+    csrc/decode_r4.c, holds them so): half their bytes per token."""
+    from ..runtime.decode_engine import engine_for
+    eng = engine_for(model)
+    if eng is None:
+        return set()
+    kinds = eng.kernel_kinds()
+    lins = [lin for layer in model.backbone.layers for lin in (layer.mixer.in_proj, layer.mixer.out_proj)]
+    return {id(lin.scales) for lin, k in zip(lins, kinds) if k == "tq2_r4"}
+
+
+def kernel_summary(model) -> str:
+    """Which decode kernels ran, counted (e.g. 'tq2_r4 x96, q4_a8 x1'), or 'module path' without the engine."""
+    from collections import Counter
+    from ..runtime.decode_engine import engine_for
+    eng = engine_for(model)
+    return ", ".join(f"{k} x{n}" for k, n in Counter(eng.kernel_kinds()).items()) if eng else "module path"
+
+
 def bytes_breakdown(model) -> dict[str, int]:
     """`bytes_per_token` by what is read: ternary codes, their scales, dense projection weights, the output head,
     the embedding row, the small per-layer tensors (norms, conv, A, D, dt bias), and the SSM and conv states read
@@ -89,13 +109,13 @@ def bytes_breakdown(model) -> dict[str, int]:
            "conv state": 2 * 4 * c.n_layer * c.conv_dim * (c.d_conv - 1)}
     emb = getattr(model.backbone.embedding, "weight", None)
     head_reads_emb = emb is not None and getattr(model.lm_head, "weight", None) is emb
-    seen = set()
+    seen, half = set(), _fp16_scale_ids(model)
     for mname, mod in model.named_modules():
         for pname, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
             if t is None or id(t) in seen:
                 continue
             seen.add(id(t))
-            n = t.numel() * t.element_size()
+            n = t.numel() * (2 if id(t) in half else t.element_size())
             if t is emb:
                 out["head" if head_reads_emb else "embedding row"] += n if head_reads_emb else t.size(1) * t.element_size()
             elif mname == "lm_head" or mname.startswith("lm_head."):
@@ -110,13 +130,13 @@ def bytes_breakdown(model) -> dict[str, int]:
 
 
 def weight_bytes_per_token(model) -> int:
-    """Bytes of weights a decode step reads: every buffer/parameter once, but only one embedding row (tied head
-    reads all)."""
-    seen, total = set(), 0
+    """Bytes of weights a decode step reads: every buffer/parameter once (the scales the engine keeps in fp16 at
+    2 bytes), but only one embedding row (tied head reads all)."""
+    seen, total, half = set(), 0, _fp16_scale_ids(model)
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) not in seen:
             seen.add(id(t))
-            total += t.numel() * t.element_size()
+            total += t.numel() * (2 if id(t) in half else t.element_size())
     emb = getattr(model.backbone.embedding, "weight", None)   # None: a quantized table the head reads too
     if emb is not None and getattr(model.lm_head, "weight", None) is not emb:  # the head no longer reads the embedding: one row
         total -= emb.numel() * emb.element_size() - emb.size(1) * emb.element_size()
@@ -307,7 +327,7 @@ def run_bench_runtime(cfg) -> None:
     bw = memory_bandwidth_gbs()
     rounds = cfg.rounds
     say(f"machine: {cpu_description()}; {llama_cpp_version()}")
-    say(f"memory read bandwidth (measured now): {bw:.1f} GB/s; threads {torch.get_num_threads()}; "
+    say(f"memory read bandwidth (measured now; each round measures it again): {bw:.1f} GB/s; threads {torch.get_num_threads()}; "
           f"best of {rounds} interleaved rounds per variant")
     for name in cfg.models:
         model = load_bench_model(name)
@@ -327,10 +347,13 @@ def run_bench_runtime(cfg) -> None:
             timers.update(llama or {})
             best = {k: 0.0 for k in timers}
             for _ in range(rounds):
+                bw = max(bw, memory_bandwidth_gbs())   # the probe is one more interleaved variant: its best counts
                 for k, run in timers.items():
                     best[k] = max(best[k], run())
             del timers, llama
         what = "decode" if cfg.what == "decode" else f"prefill 1x{cfg.tokens}"
+        say(f"{name}: memory read bandwidth, best of the run's probes (one per round, interleaved with the variants, "
+            f"the roofline's denominator): {bw:.1f} GB/s")
         for k, r in best.items():
             line = f"{name} {what} {k:>17}: {r:8.1f} tok/s"
             if k in variants:
@@ -343,7 +366,7 @@ def run_bench_runtime(cfg) -> None:
                                 "at the measured bandwidth (the probe read less: a limit, not >100 %)"))
                     parts = bytes_breakdown(variants[k])          # sums to nbytes (tests/test_bench.py)
                     line += "\n" + " " * 24 + "MB/token: " + ", ".join(
-                        f"{p} {v / 1e6:.1f}" for p, v in parts.items() if v)
+                        f"{p} {v / 1e6:.1f}" for p, v in parts.items() if v) + f"; kernels: {kernel_summary(variants[k])}"
             say(line)
         if "llama.cpp F32" in best:
             lf, lt = best["llama.cpp F32"], best["llama.cpp TQ2_0"]

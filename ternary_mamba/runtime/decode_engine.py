@@ -29,6 +29,7 @@ from ..core.model import LayerState, has_forward_hooks
 from ..ops.build import check_rc, get_kernel
 from ..ops.abi import TmLayer as _Layer, TmLinear as _Linear, TmModel as _Model
 from ..ops.dispatch import kernels_available
+from ..ops.kernels import tq2r4_available, tq2r4_pack
 from ..spec import DECODE_MAX_BATCH, KernelKind
 from .heads import Fp16Head, Int8Head, head_weight
 from .packed_linear import PackedTernaryLinear
@@ -50,9 +51,12 @@ def use_bf16_state(model, enabled: bool = True) -> None:
         _BF16_STATE.discard(model)
 
 _p = ctypes.c_void_p
-TM_F32, TM_TQ2, TM_TQ2_A8, TM_I8, TM_F16, TM_Q4, TM_TQ2_BF16, TM_Q4_A8 = (
+TM_F32, TM_TQ2, TM_TQ2_A8, TM_I8, TM_F16, TM_Q4, TM_TQ2_BF16, TM_Q4_A8, TM_TQ2_R4 = (
     KernelKind.F32, KernelKind.TQ2, KernelKind.TQ2_A8, KernelKind.I8, KernelKind.F16, KernelKind.Q4,
-    KernelKind.TQ2_BF16, KernelKind.Q4_A8)
+    KernelKind.TQ2_BF16, KernelKind.Q4_A8, KernelKind.TQ2_R4)
+# int8-activation projections run through the row-interleaved kernel (csrc/decode_r4.c) where the build has it;
+# False: the plane-layout kernel (csrc/decode_a8.c) — the same integer sums (tests compare the two)
+USE_R4 = True
 
 
 class Unsupported(Exception):
@@ -78,6 +82,13 @@ def _linear(m: nn.Module, keep: list) -> _Linear:
         return _Linear(TM_F32, m.out_features, m.in_features, 0, _ptr(w), None, _ptr(b))
     if isinstance(m, PackedTernaryLinear) and m.paths.gemv:
         kind = TM_TQ2_BF16 if m.bf16 and m.paths.gemv_bf16 else TM_TQ2_A8 if m.a8 and m.paths.gemv_a8 else TM_TQ2
+        if kind == TM_TQ2_A8 and USE_R4 and tq2r4_available():
+            packed = tq2r4_pack(m.codes, _f32(m.scales), m.group_size)
+            if packed is not None:     # the same int8 arithmetic, fewer instructions per weight, fp16 scales
+                b = _f32(m.bias)
+                keep += [*packed, b]
+                return _Linear(TM_TQ2_R4, m.out_features, m.in_features, m.group_size, packed[0].data_ptr(),
+                               packed[1].data_ptr(), _ptr(b))
         codes, sc, b = m.codes.contiguous(), _f32(m.scales), _f32(m.bias)
         keep += [codes, sc, b]
         return _Linear(kind, m.out_features, m.in_features, m.group_size, codes.data_ptr(), sc.data_ptr(), _ptr(b))
@@ -166,6 +177,12 @@ class DecodeEngine:
         self.rescored = 0  # rows rescored exactly by step_greedy, summed over tokens (statistics)
         self._scratch: dict[int, tuple[Tensor, Tensor]] = {}
         self.profile: Tensor | None = None   # set to torch.zeros(5, dtype=torch.float64) to time the phases
+
+    def kernel_kinds(self) -> list[str]:
+        """Which kernel each projection runs, in_proj and out_proj per layer then the head (KernelKind names,
+        lower case), e.g. for run records and the benchmarks' byte counts."""
+        lins = [lin for layer in self.layers for lin in (layer.in_proj, layer.out_proj)] + [self.model_struct.head]
+        return [KernelKind(lin.kind).name.lower() for lin in lins]
 
     PHASES = ("embedding, norms, residual", "in_proj", "conv + SSM step + gated norm", "out_proj", "lm_head")
 
