@@ -3,6 +3,7 @@
 #include <stdint.h>
 #include <string.h>
 #include "kernels.h"
+#include "vec16.h"
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -14,6 +15,17 @@
 //   (nb, nh, P, N) are updated in place; y (nb, d_inner) is written.  conv_b may be NULL.
 static inline float silu_f(float v) { return v / (1.f + expf(-v)); }
 static inline float softplus_f(float v) { return v > 20.f ? v : log1pf(expf(v)); }
+
+// silu of n values: VW lanes at a time through vec16.h's exp (~1 ulp from expf), the tail by silu_f.  At 1.3B a
+// step takes ~400 k silu (conv outputs and gates): 1.2 ms per token one value at a time through libm's expf.
+static void silu_span(const float *in, float *out, int64_t n) {
+    int64_t i = 0;
+    for (; i + VW <= n; i += VW) {
+        const vw v = vwload(in + i);
+        vwstore(out + i, v / (1.f + vwexp(-v)));
+    }
+    for (; i < n; i++) out[i] = silu_f(in[i]);
+}
 
 // s = s * a + u * B (in place), returns s . C — one pass over a state row of n floats.
 static inline float state_update_dot(float *s, float a, float u, const float *B, const float *C, int64_t n) {
@@ -144,15 +156,19 @@ static void mixer_step_any(const float *zxbcdt, float *conv_state, const float *
         const float *row = zxbcdt + b * d_in, *z = row, *xbc = row + d_inner, *dtr = row + d_inner + conv_dim;
         float *cs = conv_state + b * conv_dim * (K - 1), *u = work;      // u: conv output after silu
         #pragma omp parallel for schedule(static)
-        for (int64_t c = 0; c < conv_dim; c++) {
-            float *s = cs + c * (K - 1);
-            const float *w = conv_w + c * K;
-            float acc = conv_b ? conv_b[c] : 0.f;
-            for (int64_t k = 0; k < K - 1; k++) acc += w[k] * s[k];
-            acc += w[K - 1] * xbc[c];
-            for (int64_t k = 0; k + 1 < K - 1; k++) s[k] = s[k + 1];
-            if (K > 1) s[K - 2] = xbc[c];
-            u[c] = silu_f(acc);
+        for (int64_t c0 = 0; c0 < conv_dim; c0 += 64) {          // 64 channels, then their silu at once
+            const int64_t c1 = c0 + 64 < conv_dim ? c0 + 64 : conv_dim;
+            for (int64_t c = c0; c < c1; c++) {
+                float *s = cs + c * (K - 1);
+                const float *w = conv_w + c * K;
+                float acc = conv_b ? conv_b[c] : 0.f;
+                for (int64_t k = 0; k < K - 1; k++) acc += w[k] * s[k];
+                acc += w[K - 1] * xbc[c];
+                for (int64_t k = 0; k + 1 < K - 1; k++) s[k] = s[k + 1];
+                if (K > 1) s[K - 2] = xbc[c];
+                u[c] = acc;
+            }
+            silu_span(u + c0, u + c0, c1 - c0);
         }
         const float *x = u, *B = u + d_inner, *C = u + d_inner + ng * n;
         int eo = 0;
@@ -170,6 +186,7 @@ static void mixer_step_any(const float *zxbcdt, float *conv_state, const float *
             const float dt = softplus_f(dtr[h] + dt_bias[h]);
             const float a = expf(-expf(A_log[h]) * dt);
             const float *Bv = B + g * n, *Cv = C + g * n;
+            silu_span(z + h * hp, yb + h * hp, hp);               // the gates first, into y
             for (int64_t p = 0; p < hp; p++) {
                 const int64_t off = ((b * nh + h) * hp + p) * n;
                 {   // software prefetch STATE_PREFETCH bytes ahead: the rows after this one (near the end, the
@@ -186,7 +203,7 @@ static void mixer_step_any(const float *zxbcdt, float *conv_state, const float *
 #endif
                 sy = state_bf16 ? state_update_dot_bf16((uint16_t *)ssm_state + off, a, uu, Bv, Cv, n)
                                 : state_update_dot((float *)ssm_state + off, a, uu, Bv, Cv, n);
-                yb[h * hp + p] = (sy + Dp[h] * xv) * silu_f(z[h * hp + p]);
+                yb[h * hp + p] *= sy + Dp[h] * xv;
             }
         }
         const int64_t gs = d_inner / ng;
