@@ -207,11 +207,20 @@ static void mixer_step_any(const float *zxbcdt, float *conv_state, const float *
             }
         }
         const int64_t gs = d_inner / ng;
-        for (int64_t g = 0; g < ng; g++) {
-            float ss = 0.f;
-            for (int64_t i = 0; i < gs; i++) ss += yb[g * gs + i] * yb[g * gs + i];
+        for (int64_t g = 0; g < ng; g++) {             // VW lanes at a time (the sum in another order than 1-by-1)
+            float *yg = yb + g * gs;
+            const float *wg = norm_w + g * gs;
+            vw acc = {0};
+            int64_t i = 0;
+            for (; i + VW <= gs; i += VW) {
+                const vw v = vwload(yg + i);
+                acc += v * v;
+            }
+            float ss = vwsum(acc);
+            for (; i < gs; i++) ss += yg[i] * yg[i];
             const float r = 1.f / sqrtf(ss / (float)gs + eps);
-            for (int64_t i = 0; i < gs; i++) yb[g * gs + i] *= r * norm_w[g * gs + i];
+            for (i = 0; i + VW <= gs; i += VW) vwstore(yg + i, vwload(yg + i) * r * vwload(wg + i));
+            for (; i < gs; i++) yg[i] *= r * wg[i];
         }
     }
 }
