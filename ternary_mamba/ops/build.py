@@ -1,6 +1,7 @@
 """Building and loading the compiled kernels (csrc/*.c), once with the system C compiler and loaded with ctypes.
 The sources, one concept each: tq2_gemv.c (ternary GEMV, exact and int8-activation), decode_a8.c and
-decode_r4.c (the decode engine's int8-activation GEMVs: plane layout, and row-interleaved with fp16 scales), tq2_bf16.c (bf16-activation
+decode_r4.c (the decode engine's int8-activation GEMVs: plane layout, and row-interleaved with fp16 scales),
+decode_lut.c (its exact GEMV by subset-sum tables), tq2_bf16.c (bf16-activation
 GEMV), tq2_gemm_a8.c (int8 prefill GEMM), dense_gemv.c (fp32 / fp16 / int8 GEMVs), ssm_step.c (the SSM step),
 mixer_step.c (a mixer's whole step), lm_step.c (the one-call decode step), ssd_prefill.c (conv and chunked scan),
 ssd_train.c, conv_train.c, norm_train.c (training's backward passes and the norms), losses.c (CE and KL),
@@ -183,6 +184,10 @@ def get_kernel():
     lib.tq2_gemv_a8z_auto.argtypes = [p] * 5 + [i64] * 4
     lib.tq2_gemv_a8z_auto.restype = ctypes.c_int
     lib.tq2r4_available.restype = ctypes.c_int
+    lib.tq2lut_available.restype = ctypes.c_int
+    lib.tq2lut_pack.argtypes, lib.tq2lut_pack.restype = [p] * 4 + [i64] * 3, ctypes.c_int
+    lib.tq2lut_work_bytes.argtypes, lib.tq2lut_work_bytes.restype = [i64, i64], i64
+    lib.tq2lut_gemv.argtypes, lib.tq2lut_gemv.restype = [p] * 5 + [i64] * 4, ctypes.c_int
     lib.tq2r4_pack.argtypes, lib.tq2r4_pack.restype = [p] * 4 + [i64] * 3, ctypes.c_int
     lib.tq2r4_work_bytes.argtypes, lib.tq2r4_work_bytes.restype = [i64, i64], i64
     lib.tq2r4_gemv_auto.argtypes, lib.tq2r4_gemv_auto.restype = [p] * 5 + [i64] * 4, ctypes.c_int

@@ -113,6 +113,12 @@ int rms_norm_bwd(const float *x, const float *w, const float *rstd, const float 
 // decode_a8.c: int8-activation decode GEMVs on AVX512-VNNI (-1: not in this build / not this shape)
 int64_t a8z_work_bytes(int64_t in, int64_t nb);
 int tq2r4_available(void);
+int tq2lut_available(void);
+int tq2lut_pack(const uint8_t *codes, const float *scales, uint8_t *dst, uint16_t *dst_scales, int64_t out,
+                int64_t in, int64_t G);
+int64_t tq2lut_work_bytes(int64_t in, int64_t nb);
+int tq2lut_gemv(const uint8_t *codes, const uint16_t *scales, const float *x, float *y, void *work, int64_t out,
+                int64_t in, int64_t G, int64_t nb);
 int tq2r4_pack(const uint8_t *codes, const float *scales, uint8_t *dst, uint16_t *dst_scales, int64_t out,
                int64_t in, int64_t G);
 int64_t tq2r4_work_bytes(int64_t in, int64_t nb);
