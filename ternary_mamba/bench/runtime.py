@@ -52,6 +52,31 @@ def memory_bandwidth_gbs(mb: int = 1024) -> float:
     return x.numel() * 4 / best / 1e9
 
 
+def thread_scaling(iters: int = 20_000_000) -> float | None:
+    """How many single threads' worth of vector arithmetic all threads together deliver (the C compute probe,
+    csrc/bandwidth.c vector_probe: register-only FMA chains; best of 3): 2.0 on 2 free cores; on the AMD EPYC VM a
+    register-only int8 dot-product loop measured 1.3 at one time and 2.0 at another (the host's load moves).  None
+    without the C kernels."""
+    from ..ops.build import get_kernel, kernel_threads
+    lib = get_kernel()
+    if lib is None:
+        return None
+    n = kernel_threads()
+
+    def best(threads: int) -> float:
+        lib.tm_set_threads(threads)
+        try:
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                lib.vector_probe(iters)
+                times.append(time.perf_counter() - t)
+            return min(times)
+        finally:
+            lib.tm_set_threads(n)
+    return n * best(1) / best(n)
+
+
 @torch.no_grad()
 def pack_in_place(model: Mamba2LM, group_size: int = 128) -> None:
     """Replace in_proj/out_proj by packed ternary modules made from absmean PTQ of the current weights."""
@@ -327,6 +352,10 @@ def run_bench_runtime(cfg) -> None:
     bw = memory_bandwidth_gbs()
     rounds = cfg.rounds
     say(f"machine: {cpu_description()}; {llama_cpp_version()}")
+    scale = thread_scaling()
+    if scale is not None:
+        say(f"vector arithmetic on {torch.get_num_threads()} threads: {scale:.2f}x one thread's (C compute probe: the "
+            f"thread count on free cores, less where the host shares them; arithmetic-bound kernels scale the same)")
     say(f"memory read bandwidth (measured now; each round measures it again): {bw:.1f} GB/s; threads {torch.get_num_threads()}; "
           f"best of {rounds} interleaved rounds per variant")
     for name in cfg.models:

@@ -174,6 +174,7 @@ def get_kernel():
     lib.tq2_dequant_bf16.restype = None
     lib.tq2_has_bf16.restype = ctypes.c_int
     lib.stream_read.argtypes, lib.stream_read.restype = [p, i64], ctypes.c_float
+    lib.vector_probe.argtypes, lib.vector_probe.restype = [i64], ctypes.c_float
     lib.tq2_gemm_a8.argtypes, lib.tq2_gemm_a8.restype = [p, p, p, p, i64, i64, i64, i64], ctypes.c_int
     lib.tq2_has_vnni512.restype = ctypes.c_int
     lib.q4_a8_kernel.restype = ctypes.c_int

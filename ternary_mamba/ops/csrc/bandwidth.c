@@ -50,3 +50,22 @@ float stream_read(const float *buf, int64_t n) {
     }
     return total;
 }
+
+// The benchmarks' compute probe: independent FMA chains on registers (no memory), `iters` steps of 8 vectors per
+// thread, on every OpenMP thread at once (the caller times it).  Comparing 1 thread with n: on VMs whose vCPUs share
+// physical cores (SMT siblings on the host) n threads do not give n times the arithmetic, and a kernel bound by
+// arithmetic on one thread stays so on all of them (the decode GEMVs on 2 such vCPUs).  Returns a sum of the
+// chains (so the loop cannot be optimised away).
+float vector_probe(int64_t iters) {
+    float sink = 0.f;
+    #pragma omp parallel reduction(+ : sink)
+    {
+        v16 a[8];
+        for (int k = 0; k < 8; k++) a[k] = (v16){0} + 1.f + 1e-3f * (float)(k + omp_get_thread_num());
+        const v16 m = (v16){0} + 0.999999f, c = (v16){0} + 1e-7f;
+        for (int64_t i = 0; i < iters; i++)
+            for (int k = 0; k < 8; k++) a[k] = a[k] * m + c;
+        for (int k = 0; k < 8; k++) sink += hsum16(a[k]);
+    }
+    return sink;
+}
