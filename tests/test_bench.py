@@ -129,7 +129,8 @@ def test_the_decode_roofline_bytes_add_up_for_every_variant():
     """The per-part bytes the decode benchmark prints sum to the bytes its roofline divides by, for the dense
     model and every packed variant (fp16 / int8 head, tied or not)."""
     from conftest import random_model, tiny_config
-    from ternary_mamba.bench.runtime import build_variants, bytes_breakdown, bytes_per_token
+    from ternary_mamba.bench.roofline import bytes_breakdown, bytes_per_token
+    from ternary_mamba.bench.runtime import build_variants
     for tie in (True, False):
         for name, m in build_variants(random_model(tiny_config(tie_embeddings=tie, d_model=128)).eval(), "decode").items():
             parts = bytes_breakdown(m)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import random_model, random_tq2, tiny_config
-from ternary_mamba.ops.kernels import tq2_gemv, tq2lut_available, tq2lut_gemv, tq2lut_pack
+from ternary_mamba.ops.decode_layouts import tq2lut_available, tq2lut_gemv, tq2lut_pack
+from ternary_mamba.ops.kernels import tq2_gemv
 from ternary_mamba.ops.ternary_linear import ternary_linear_ref
 from ternary_mamba.runtime import decode_engine
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import random_model, random_tq2, tiny_config
-from ternary_mamba.ops.kernels import tq2_gemv_a8, tq2r4_available, tq2r4_gemv, tq2r4_pack
+from ternary_mamba.ops.decode_layouts import tq2r4_available, tq2r4_gemv, tq2r4_pack
+from ternary_mamba.ops.kernels import tq2_gemv_a8
 from ternary_mamba.ops.ternary_linear import ternary_linear_a8_ref
 from ternary_mamba.runtime import decode_engine
 

@@ -161,7 +161,9 @@ def bench_130m(log, decode_tokens: int = 32, rounds: int = 3) -> dict:
         t = time.perf_counter()
         gen(1 + decode_tokens)
         return (time.perf_counter() - t - t1) / decode_tokens
-    from .runtime import bytes_per_token, llama_cpp_timers, memory_bandwidth_gbs
+    from .probes import memory_bandwidth_gbs
+    from .roofline import bytes_per_token
+    from .runtime import llama_cpp_timers
     timers = {"prefill_ours": lambda: _best_time(lambda: ours(ids), repeats=1, warmup=0),
               "prefill_hf": lambda: _best_time(lambda: hf(ids), repeats=1, warmup=0),
               "decode_ours": lambda: per_token(decode_ours), "decode_hf": lambda: per_token(decode_hf)}

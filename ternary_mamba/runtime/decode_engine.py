@@ -33,7 +33,7 @@ from ..core.model import LayerState, has_forward_hooks
 from ..ops.build import check_rc, get_kernel
 from ..ops.abi import TmLayer as _Layer, TmLinear as _Linear, TmModel as _Model
 from ..ops.dispatch import kernels_available
-from ..ops.kernels import tq2lut_available, tq2lut_pack, tq2r4_available, tq2r4_pack
+from ..ops.decode_layouts import tq2lut_available, tq2lut_pack, tq2r4_available, tq2r4_pack
 from ..spec import DECODE_MAX_BATCH, KernelKind
 from .heads import Fp16Head, Int8Head, head_weight
 from .packed_linear import PackedTernaryLinear
@@ -59,7 +59,8 @@ TM_F32, TM_TQ2, TM_TQ2_A8, TM_I8, TM_F16, TM_Q4, TM_TQ2_BF16, TM_Q4_A8, TM_TQ2_R
     KernelKind.F32, KernelKind.TQ2, KernelKind.TQ2_A8, KernelKind.I8, KernelKind.F16, KernelKind.Q4,
     KernelKind.TQ2_BF16, KernelKind.Q4_A8, KernelKind.TQ2_R4, KernelKind.TQ2_LUT)
 # int8-activation projections run through the row-interleaved kernel (csrc/decode_r4.c) where the build has it;
-# False: the plane-layout kernel (csrc/decode_a8.c) — the same integer sums (tests compare the two)
+# False: the plane-layout kernel (csrc/decode_a8.c) — the same integer sums (tests compare the two).  Both switches
+# are read when an engine is built (engines are cached per model: clear `_ENGINES` after changing them)
 USE_R4 = True
 # exact projections run through the subset-sum table kernel (csrc/decode_lut.c) where the build has it; False: the
 # FMA kernel (csrc/tq2_gemv.c) — equal up to fp32 summation order (tests compare the two)
