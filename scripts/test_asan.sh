@@ -15,5 +15,5 @@ export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1
 export TERNARY_MAMBA_SANITIZE=1 TERNARY_MAMBA_CACHE="$PWD/build/asan-cache"
 mkdir -p build/asan-cache && chmod 755 build build/asan-cache
 exec "$PY" -m pytest -q -p no:cacheprovider tests/test_fused_train.py tests/test_ssd.py tests/test_losses.py \
-  tests/test_decode_engine.py tests/test_decode_fast.py tests/test_decode_r4.py tests/test_decode_lut.py tests/test_packed.py \
+  tests/test_decode_engine.py tests/test_decode_fast.py tests/test_decode_layouts.py tests/test_packed.py \
   tests/test_fuzz.py tests/test_fuzz_records.py

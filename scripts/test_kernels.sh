@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 TESTS="tests/test_spec.py tests/test_ops_agree.py tests/test_fused_train.py tests/test_ssd.py tests/test_losses.py
-  tests/test_decode_engine.py tests/test_decode_fast.py tests/test_decode_r4.py tests/test_decode_lut.py tests/test_packed.py
+  tests/test_decode_engine.py tests/test_decode_fast.py tests/test_decode_layouts.py tests/test_packed.py
   tests/test_bf16_activations.py tests/test_fuzz.py
   tests/test_tables.py"
 for target in ${KERNEL_TARGETS:-x86-64 haswell}; do

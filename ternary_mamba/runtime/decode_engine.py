@@ -33,7 +33,7 @@ from ..core.model import LayerState, has_forward_hooks
 from ..ops.build import check_rc, get_kernel
 from ..ops.abi import TmLayer as _Layer, TmLinear as _Linear, TmModel as _Model
 from ..ops.dispatch import kernels_available
-from ..ops.decode_layouts import tq2lut_available, tq2lut_pack, tq2r4_available, tq2r4_pack
+from ..ops import decode_layouts
 from ..spec import DECODE_MAX_BATCH, KernelKind
 from .heads import Fp16Head, Int8Head, head_weight
 from .packed_linear import PackedTernaryLinear
@@ -90,15 +90,15 @@ def _linear(m: nn.Module, keep: list) -> _Linear:
         return _Linear(TM_F32, m.out_features, m.in_features, 0, _ptr(w), None, _ptr(b))
     if isinstance(m, PackedTernaryLinear) and m.paths.gemv:
         kind = TM_TQ2_BF16 if m.bf16 and m.paths.gemv_bf16 else TM_TQ2_A8 if m.a8 and m.paths.gemv_a8 else TM_TQ2
-        if kind == TM_TQ2_A8 and USE_R4 and tq2r4_available():
-            packed = tq2r4_pack(m.codes, _f32(m.scales), m.group_size)
+        if kind == TM_TQ2_A8 and USE_R4 and decode_layouts.available("r4"):
+            packed = decode_layouts.pack("r4", m.codes, _f32(m.scales), m.group_size)
             if packed is not None:     # the same int8 arithmetic, fewer instructions per weight, fp16 scales
                 b = _f32(m.bias)
                 keep += [*packed, b]
                 return _Linear(TM_TQ2_R4, m.out_features, m.in_features, m.group_size, packed[0].data_ptr(),
                                packed[1].data_ptr(), _ptr(b))
-        if kind == TM_TQ2 and USE_LUT and tq2lut_available():
-            packed = tq2lut_pack(m.codes, _f32(m.scales), m.group_size)
+        if kind == TM_TQ2 and USE_LUT and decode_layouts.available("lut"):
+            packed = decode_layouts.pack("lut", m.codes, _f32(m.scales), m.group_size)
             if packed is not None:     # exact products by subset-sum tables: fewer instructions per weight
                 b = _f32(m.bias)
                 keep += [*packed, b]

@@ -36,9 +36,8 @@ static inline int8_t q8(float v) { return (int8_t)lrintf(v); }
 void tq2_quantize_xz(const float *x, int8_t *xq, int32_t *init, float *xs, int64_t in, int64_t nb) {
     for (int64_t b = 0; b < nb; b++) {
         const float *xr = x + b * in;
-        const float m = absmax_f32(xr, in);
-        const float inv = m > 0.f ? 127.f / m : 0.f;
-        xs[b] = m / 127.f;
+        float inv;
+        xs[b] = i8_row_scale(xr, in, &inv);
         int8_t *q = xq + b * in;
         int32_t *ini = init + b * (in / 256) * 16;
         int64_t p = 0;
@@ -60,16 +59,7 @@ void tq2_quantize_xz(const float *x, int8_t *xq, int32_t *init, float *xs, int64
             for (int h = 0; h < 2; h++) {
                 const float *xc = xr + p * 256 + h * 128;
                 __m512i bytes[2], vs = _mm512_setzero_si512();
-                for (int half = 0; half < 2; half++) {
-                    __m128i part[4];
-                    for (int k = 0; k < 4; k++) {
-                        const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xc + 64 * half + 16 * k), vinv));
-                        vs = _mm512_add_epi32(vs, v);
-                        part[k] = _mm512_cvtsepi32_epi8(v);
-                    }
-                    bytes[half] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(part[1], part[0])),
-                                                     _mm256_set_m128i(part[3], part[2]), 1);
-                }
+                for (int half = 0; half < 2; half++) bytes[half] = q8_64(xc + 64 * half, vinv, &vs);
                 sums[h] = _mm512_reduce_add_epi32(vs);
                 pl[h][0] = _mm512_permutex2var_epi8(bytes[0], perm01, bytes[1]);
                 pl[h][1] = _mm512_permutex2var_epi8(bytes[0], perm23, bytes[1]);

@@ -1,7 +1,7 @@
 // The decode engine's exact ternary GEMV (fp32 activations) by table lookup, for fewer vector instructions per
 // weight than tq2_gemv (tq2_gemv.c, which stays the reference kernel and the fallback): the exact path is bound
 // by arithmetic on 2 vCPUs, not by bytes.  Reference: ops/ternary_linear.py ternary_linear_ref (the fake-quant
-// product); tests/test_decode_lut.py.
+// product); tests/test_decode_layouts.py.
 //
 // For every 4 consecutive inputs (a "quad") the 16 subset sums S[m] = sum over the bits i of m of x[4q + i] (in
 // increasing i, exact fp32 adds) form one zmm.  A row's 4 ternary weights on that quad are two 4-bit masks, pos

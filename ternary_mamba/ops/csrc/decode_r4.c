@@ -2,7 +2,7 @@
 // instructions per weight than tq2_gemv_a8z (decode_a8.c, which stays the reference kernel and the fallback):
 // on 2 vCPUs that share their compute (the AMD EPYC kind), the decode GEMVs are bound by arithmetic as much as
 // by bandwidth, so every instruction per weight counts.  Reference: ops/ternary_linear.py ternary_linear_a8_ref;
-// tests/test_decode_r4.py.
+// tests/test_decode_layouts.py.
 //
 // Layout (tq2r4_pack, once when the engine is built): rows in blocks of 4 (the last block padded with zero
 // weights); per block, per 128-value chunk c, per half h (code bytes 16h..16h+15 of the chunk's 32), 64 bytes
@@ -78,9 +78,8 @@ int tq2r4_pack(const uint8_t *codes, const float *scales, uint8_t *dst, uint16_t
 void tq2r4_quantize_x(const float *x, int8_t *xb, int32_t *init, float *xs, int64_t in, int64_t nb) {
     for (int64_t b = 0; b < nb; b++) {
         const float *xr = x + b * in;
-        const float m = absmax_f32(xr, in);
-        const float inv = m > 0.f ? 127.f / m : 0.f;
-        xs[b] = m / 127.f;
+        float inv;
+        xs[b] = i8_row_scale(xr, in, &inv);
         int8_t *q = xb + b * 4 * in;
         int32_t *ini = init + b * (in / 128) * 16;
         int64_t c = 0;
@@ -99,14 +98,7 @@ void tq2r4_quantize_x(const float *x, int8_t *xb, int32_t *init, float *xs, int6
         for (; c < in / 128; c++) {
             __m512i vs = _mm512_setzero_si512();
             for (int h = 0; h < 2; h++) {
-                __m128i part[4];
-                for (int k = 0; k < 4; k++) {
-                    const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + 128 * c + 64 * h + 16 * k), vinv));
-                    vs = _mm512_add_epi32(vs, v);
-                    part[k] = _mm512_cvtsepi32_epi8(v);
-                }
-                const __m512i bytes = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(part[1], part[0])),
-                                                         _mm256_set_m128i(part[3], part[2]), 1);
+                const __m512i bytes = q8_64(xr + 128 * c + 64 * h, vinv, &vs);
                 for (int p = 0; p < 4; p++)
                     _mm512_storeu_si512((void *)(q + c * 512 + h * 256 + p * 64), _mm512_permutexvar_epi8(idx[p], bytes));
             }

@@ -29,6 +29,21 @@ static inline float bf2f(uint16_t h) {
     return f;
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// 64 floats x * inv -> 64 int8 in order (cvtps_epi32 rounds to nearest even, as lrintf; saturating narrow), their
+// int32 values added into *sum: the int8 decode quantizers' inner step (decode_a8.c, decode_r4.c).
+static inline __m512i q8_64(const float *x, __m512 inv, __m512i *sum) {
+    __m128i part[4];
+    for (int k = 0; k < 4; k++) {
+        const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 16 * k), inv));
+        *sum = _mm512_add_epi32(*sum, v);
+        part[k] = _mm512_cvtsepi32_epi8(v);
+    }
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(part[1], part[0])),
+                              _mm256_set_m128i(part[3], part[2]), 1);
+}
+#endif
+
 // max |x[i]| over n values (the int8 quantizers' absmax).
 static inline float absmax_f32(const float *x, int64_t n) {
     float m = 0.f;
@@ -48,6 +63,13 @@ static inline float absmax_f32(const float *x, int64_t n) {
 #endif
     for (; i < n; i++) m = fmaxf(m, fabsf(x[i]));
     return m;
+}
+
+// A row's int8 scale (absmax / 127) and its inverse (0 for an all-zero row): the decode quantizers' per-row step.
+static inline float i8_row_scale(const float *x, int64_t n, float *inv) {
+    const float m = absmax_f32(x, n);
+    *inv = m > 0.f ? 127.f / m : 0.f;
+    return m / 127.f;
 }
 
 void tq2_gemv(const uint8_t *codes, const float *scales, const float *x, float *y,

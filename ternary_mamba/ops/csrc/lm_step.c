@@ -126,14 +126,7 @@ static void linear(const tm_linear *L, const float *x, float *y, int64_t nb, int
 static void rmsnorm(const float *x, const float *w, float *y, int64_t nb, int64_t d, float eps) {
     for (int64_t b = 0; b < nb; b++) {
         const float *xr = x + b * d;
-        vw acc = {0};                                   // VW lanes at a time: no serial chain of d adds
-        int64_t i = 0;
-        for (; i + VW <= d; i += VW) {
-            const vw v = vwload(xr + i);
-            acc += v * v;
-        }
-        float ss = vwsum(acc);
-        for (; i < d; i++) ss += xr[i] * xr[i];
+        const float ss = dot(xr, xr, d);                // VW lanes at a time: no serial chain of d adds
         const float r = 1.f / sqrtf(ss / (float)d + eps);
         for (int64_t i = 0; i < d; i++) y[b * d + i] = xr[i] * r * w[i];
     }

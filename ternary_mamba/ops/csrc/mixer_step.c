@@ -210,16 +210,9 @@ static void mixer_step_any(const float *zxbcdt, float *conv_state, const float *
         for (int64_t g = 0; g < ng; g++) {             // VW lanes at a time (the sum in another order than 1-by-1)
             float *yg = yb + g * gs;
             const float *wg = norm_w + g * gs;
-            vw acc = {0};
+            const float r = 1.f / sqrtf(dot(yg, yg, gs) / (float)gs + eps);
             int64_t i = 0;
-            for (; i + VW <= gs; i += VW) {
-                const vw v = vwload(yg + i);
-                acc += v * v;
-            }
-            float ss = vwsum(acc);
-            for (; i < gs; i++) ss += yg[i] * yg[i];
-            const float r = 1.f / sqrtf(ss / (float)gs + eps);
-            for (i = 0; i + VW <= gs; i += VW) vwstore(yg + i, vwload(yg + i) * r * vwload(wg + i));
+            for (; i + VW <= gs; i += VW) vwstore(yg + i, vwload(yg + i) * r * vwload(wg + i));
             for (; i < gs; i++) yg[i] *= r * wg[i];
         }
     }
