@@ -190,7 +190,7 @@ class GenerateConfig(Config):
                        "decode and prefill (faster, not bit-exact; groups a multiple of 64)")
     mode: str = option("auto", choices=("auto", *DECODE_MODES), help="packed models: decode mode; auto: the fastest "
                        "whose quality cost recorded at export is within the stated thresholds (printed), else exact")
-    exact: bool = option(False, help="the bit-exact decode path (the same as --mode exact)")
+    exact: bool = option(False, help="the exact decode path: fp32 activations, the stored head, an fp32 state (= --mode exact)")
     device: str | None = _device()
     dtype: str = _dtype()
     threads: int | None = _threads()

@@ -62,7 +62,7 @@ class ServeConfig(Config):
     a8: bool = option(False, help="packed models: int8 activations (faster, not bit-exact)")
     mode: str = option("auto", choices=("auto", *DECODE_MODES), help="packed models: decode mode; auto: the fastest "
                        "whose quality cost recorded at export is within the stated thresholds (printed), else exact")
-    exact: bool = option(False, help="the bit-exact decode path (the same as --mode exact)")
+    exact: bool = option(False, help="the exact decode path: fp32 activations, the stored head, an fp32 state (= --mode exact)")
     device: str | None = option(None, help="cpu, cuda or cuda:N (default: cuda when available)")
     threads: int | None = option(None, help="CPU threads of torch and the C kernels")
 

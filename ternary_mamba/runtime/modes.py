@@ -1,8 +1,8 @@
 """Decode modes of a packed model, what each costs in quality, and the fast default that states its cost.
 
 A mode is a set of opt-in inference settings (none is exact except "exact"):
-  exact   the packed ternary products in fp32, the stored 16-bit head, an fp32 SSM state (bit-exact to the
-          fake-quant student);
+  exact   the packed ternary products with fp32 activations, the stored 16-bit head, an fp32 SSM state (the
+          fake-quant student's arithmetic up to fp32 summation order);
   i8head  + an 8-bit head;
   a8      + int8 activations in the ternary products (and the 8-bit head);
   fast    int8 activations, a 4-bit head (int8 activations there too) and a bf16 SSM state: the fewest bytes per
@@ -121,7 +121,7 @@ def choose_mode(record: dict | None) -> tuple[str, str]:
                                  f"{DECODE_MODE_MIN_TOP1:.0%} of the exact path)")
             return mode, (f"{mode}: {DESCRIBE[mode]} — KL {cost['kl']:.4f} nats/token, top-1 {cost['top1']:.1%} "
                           f"vs the exact path on {record.get('tokens', '?')} held-out tokens (measured at export, "
-                          f"{record.get('cpu', '?')}); --exact for the bit-exact path")
+                          f"{record.get('cpu', '?')}); --exact for the exact path")
     return "exact", "exact"
 
 
