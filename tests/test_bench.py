@@ -136,3 +136,34 @@ def test_the_decode_roofline_bytes_add_up_for_every_variant():
             parts = bytes_breakdown(m)
             assert sum(parts.values()) == bytes_per_token(m), (tie, name, parts)
             assert (parts["codes"] > 0) == (name != "fp32") and parts["head"] > 0
+
+
+def test_the_bench_names_the_kernels_and_counts_fp16_scales_where_the_engine_keeps_them():
+    """`kernels: ...` names what the engine runs for each variant, and scales the engine reads as fp16 (the r4 and
+    lut layouts) count 2 bytes each in the roofline, 4 where it reads the fp32 buffer."""
+    from conftest import random_model, tiny_config
+    from ternary_mamba.bench.roofline import bytes_breakdown, kernel_summary
+    from ternary_mamba.bench.runtime import build_variants
+    from ternary_mamba.ops import decode_layouts
+    variants = build_variants(random_model(tiny_config(d_model=128)).eval(), "decode")
+    exact, fast = variants["tq2"], variants["tq2+q4head+a8+s16"]
+    n_scales = sum(lin.scales.numel() for layer in exact.backbone.layers
+                   for lin in (layer.mixer.in_proj, layer.mixer.out_proj))
+    for m, layout in ((exact, "lut"), (fast, "r4")):
+        relaid = decode_layouts.available(layout)
+        assert (f"tq2_{layout} x{2 * m.config.n_layer}" in kernel_summary(m)) == relaid, kernel_summary(m)
+        assert bytes_breakdown(m)["scales"] == n_scales * (2 if relaid else 4)
+
+
+def test_the_compute_probe_reports_one_thread_as_one():
+    from ternary_mamba.bench.probes import thread_scaling
+    from ternary_mamba.ops.build import get_kernel, set_threads
+    if get_kernel() is None:
+        pytest.skip("no C compiler")
+    import torch
+    n = torch.get_num_threads()
+    set_threads(1)
+    try:
+        assert 0.5 < thread_scaling(iters=2_000_000) < 2.0        # one thread against itself
+    finally:
+        set_threads(n)

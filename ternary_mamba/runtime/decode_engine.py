@@ -90,20 +90,17 @@ def _linear(m: nn.Module, keep: list) -> _Linear:
         return _Linear(TM_F32, m.out_features, m.in_features, 0, _ptr(w), None, _ptr(b))
     if isinstance(m, PackedTernaryLinear) and m.paths.gemv:
         kind = TM_TQ2_BF16 if m.bf16 and m.paths.gemv_bf16 else TM_TQ2_A8 if m.a8 and m.paths.gemv_a8 else TM_TQ2
-        if kind == TM_TQ2_A8 and USE_R4 and decode_layouts.available("r4"):
-            packed = decode_layouts.pack("r4", m.codes, _f32(m.scales), m.group_size)
-            if packed is not None:     # the same int8 arithmetic, fewer instructions per weight, fp16 scales
-                b = _f32(m.bias)
-                keep += [*packed, b]
-                return _Linear(TM_TQ2_R4, m.out_features, m.in_features, m.group_size, packed[0].data_ptr(),
-                               packed[1].data_ptr(), _ptr(b))
-        if kind == TM_TQ2 and USE_LUT and decode_layouts.available("lut"):
-            packed = decode_layouts.pack("lut", m.codes, _f32(m.scales), m.group_size)
-            if packed is not None:     # exact products by subset-sum tables: fewer instructions per weight
-                b = _f32(m.bias)
-                keep += [*packed, b]
-                return _Linear(TM_TQ2_LUT, m.out_features, m.in_features, m.group_size, packed[0].data_ptr(),
-                               packed[1].data_ptr(), _ptr(b))
+        # re-laid for fewer instructions per weight, fp16 scales: int8 activations -> r4 (the same integer sums),
+        # exact -> subset-sum tables (lut); where the build or the shape has no such kernel, the tq2 one
+        layout, on, relaid = {TM_TQ2_A8: ("r4", USE_R4, TM_TQ2_R4), TM_TQ2: ("lut", USE_LUT, TM_TQ2_LUT)}.get(
+            kind, (None, False, None))
+        packed = (decode_layouts.pack(layout, m.codes, _f32(m.scales), m.group_size)
+                  if on and decode_layouts.available(layout) else None)
+        if packed is not None:
+            b = _f32(m.bias)
+            keep += [*packed, b]
+            return _Linear(relaid, m.out_features, m.in_features, m.group_size, packed[0].data_ptr(),
+                           packed[1].data_ptr(), _ptr(b))
         codes, sc, b = m.codes.contiguous(), _f32(m.scales), _f32(m.bias)
         keep += [codes, sc, b]
         return _Linear(kind, m.out_features, m.in_features, m.group_size, codes.data_ptr(), sc.data_ptr(), _ptr(b))
