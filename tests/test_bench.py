@@ -167,3 +167,35 @@ def test_the_compute_probe_reports_one_thread_as_one():
         assert 0.5 < thread_scaling(iters=2_000_000) < 2.0        # one thread against itself
     finally:
         set_threads(n)
+
+
+def test_rounds_read_the_probe_around_each_roofline_variant_and_keep_the_best():
+    """interleaved_rounds: the probe at each round's start and after each paired timer (not after the others); each
+    paired timing is set against the larger reading around it; best rates and the best reading are kept."""
+    from ternary_mamba.bench.rounds import interleaved_rounds
+    log, readings = [], iter([30.0, 50.0, 40.0, 60.0, 35.0, 45.0])
+    rates = {"a": iter([10.0, 12.0]), "b": iter([5.0, 4.0]), "llama": iter([7.0, 8.0])}
+
+    def probe():
+        log.append("probe")
+        return next(readings)
+
+    def timer(k):
+        def run():
+            log.append(k)
+            return next(rates[k])
+        return run
+    best, around, top = interleaved_rounds({k: timer(k) for k in ("a", "b", "llama")}, 2, probe, {"a", "b"})
+    assert log == ["probe", "a", "probe", "b", "probe", "llama"] * 2
+    assert best == {"a": 12.0, "b": 5.0, "llama": 8.0} and top == 60.0
+    assert around == {"a": [(10.0, 50.0), (12.0, 60.0)], "b": [(5.0, 50.0), (4.0, 45.0)]}
+
+
+def test_paired_share_is_the_median_over_rounds():
+    from ternary_mamba.bench.rounds import paired_share
+    mb = 500e6                                          # 10 tok/s x 500 MB = 5 GB/s
+    assert paired_share([], mb) is None
+    assert paired_share([(10.0, 10.0)], mb) == pytest.approx(50.0)
+    assert paired_share([(10.0, 10.0), (10.0, 5.0), (10.0, 50.0)], mb) == pytest.approx(50.0)
+    assert paired_share([(10.0, 10.0), (10.0, 5.0)], mb) == pytest.approx(75.0)
+    assert paired_share([(20.0, 5.0)], mb) == pytest.approx(200.0)     # the machine sped up within the round

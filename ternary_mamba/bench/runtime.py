@@ -13,6 +13,7 @@ from ..runtime.convert import ptq_pack_
 from ..log import say
 from .probes import memory_bandwidth_gbs, thread_scaling
 from .roofline import bytes_breakdown, bytes_per_token, kernel_summary
+from .rounds import interleaved_rounds, paired_share
 
 LLAMA_CPP = {  # llama.cpp built from source, AVX2 + FMA CPU, 2 threads, random weights (reference points)
     "mamba2-130m": {"decode": {"f32": 41, "tq2": 128, "tq1": 114}, "prefill": {"f32": 330, "tq2": 405}},
@@ -251,25 +252,26 @@ def run_bench_runtime(cfg) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             llama = llama_cpp_timers(model, cfg.what, per_round, torch.get_num_threads(), tmp)
             timers.update(llama or {})
-            best = {k: 0.0 for k in timers}
-            for _ in range(rounds):
-                bw = max(bw, memory_bandwidth_gbs())   # the probe is one more interleaved variant: its best counts
-                for k, run in timers.items():
-                    best[k] = max(best[k], run())
+            # the probe is one more interleaved variant (its best counts), also read around each roofline variant
+            best, around, top = interleaved_rounds(timers, rounds, memory_bandwidth_gbs,
+                                                   set(variants) if cfg.what == "decode" else set())
+            bw = max(bw, top)
             del timers, llama
         what = "decode" if cfg.what == "decode" else f"prefill 1x{cfg.tokens}"
-        say(f"{name}: memory read bandwidth, best of the run's probes (one per round, interleaved with the variants, "
-            f"the roofline's denominator): {bw:.1f} GB/s")
+        say(f"{name}: memory read bandwidth, best of the run's probes (read at the start of each round and after "
+            f"each variant, the roofline's denominator): {bw:.1f} GB/s")
         for k, r in best.items():
             line = f"{name} {what} {k:>17}: {r:8.1f} tok/s"
             if k in variants:
                 nbytes = bytes_per_token(variants[k])
                 line += f"  x{r / best['fp32']:5.2f} of fp32"
                 if cfg.what == "decode":
-                    share = 100 * nbytes * r / 1e9 / bw
+                    share, near = 100 * nbytes * r / 1e9 / bw, paired_share(around.get(k, []), nbytes)
                     line += (f"  {nbytes / 1e6:7.1f} MB/token  roofline {bw * 1e9 / nbytes:7.1f} tok/s  "
                              + (f"{share:3.0f} % of it" if share <= 100 else
                                 "at the measured bandwidth (the probe read less: a limit, not >100 %)"))
+                    if near is not None:
+                        line += f"; {near:3.0f} % of the bandwidth probed around each round (median)"
                     parts = bytes_breakdown(variants[k])          # sums to nbytes (tests/test_bench.py)
                     line += "\n" + " " * 24 + "MB/token: " + ", ".join(
                         f"{p} {v / 1e6:.1f}" for p, v in parts.items() if v) + f"; kernels: {kernel_summary(variants[k])}"

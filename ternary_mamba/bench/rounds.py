@@ -1,0 +1,42 @@
+"""Interleaved measuring rounds and the bandwidth around each one (the benchmarks' timing loop).
+
+On a shared VM the memory bandwidth moves within minutes (the AMD EPYC kind's probe read 28-68 GB/s in one half
+hour), so a variant's best round and the probe's best round need not fall in the same moment, and their ratio (the
+roofline share every benchmark prints) mixes the machine's moods with the kernel's efficiency.  So the probe is
+also read right before and right after each timing of the variants that have a roofline, and each such timing is
+set against the larger of the two readings around it: the share of the bandwidth the machine gave at that moment."""
+from __future__ import annotations
+
+from typing import Callable
+
+
+def interleaved_rounds(timers: dict[str, Callable[[], float]], rounds: int, probe: Callable[[], float],
+                       paired: set[str]) -> tuple[dict[str, float], dict[str, list[tuple[float, float]]], float]:
+    """Run every timer once per round, in order, `rounds` times; read the probe at the start of each round and after
+    each timer in `paired`.  Returns (best rate per timer, per paired timer every round's (rate, the larger probe
+    reading just before and just after it), the best probe reading)."""
+    best = {k: 0.0 for k in timers}
+    around: dict[str, list[tuple[float, float]]] = {k: [] for k in timers if k in paired}
+    top = 0.0
+    for _ in range(rounds):
+        last = probe()
+        top = max(top, last)
+        for k, run in timers.items():
+            rate = run()
+            best[k] = max(best[k], rate)
+            if k in around:
+                after = probe()
+                top = max(top, after)
+                around[k].append((rate, max(last, after)))
+                last = after
+    return best, around, top
+
+
+def paired_share(samples: list[tuple[float, float]], bytes_per_item: float) -> float | None:
+    """Median over rounds of rate x bytes / the bandwidth read around that round (GB/s), in percent; None without
+    samples.  Above 100 % the machine sped up within the round (both readings around it were lower)."""
+    shares = sorted(100 * rate * bytes_per_item / 1e9 / bw for rate, bw in samples if bw > 0)
+    if not shares:
+        return None
+    mid = len(shares) // 2
+    return shares[mid] if len(shares) % 2 else (shares[mid - 1] + shares[mid]) / 2
