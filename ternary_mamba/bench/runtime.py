@@ -258,8 +258,9 @@ def run_bench_runtime(cfg) -> None:
             bw = max(bw, top)
             del timers, llama
         what = "decode" if cfg.what == "decode" else f"prefill 1x{cfg.tokens}"
-        say(f"{name}: memory read bandwidth, best of the run's probes (read at the start of each round and after "
-            f"each variant, the roofline's denominator): {bw:.1f} GB/s")
+        say(f"{name}: memory read bandwidth, best of the run's probes ("
+            + ("read at the start of each round and after each variant, the roofline's denominator"
+               if cfg.what == "decode" else "one at the start of each round") + f"): {bw:.1f} GB/s")
         for k, r in best.items():
             line = f"{name} {what} {k:>17}: {r:8.1f} tok/s"
             if k in variants:
