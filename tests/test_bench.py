@@ -199,3 +199,21 @@ def test_paired_share_is_the_median_over_rounds():
     assert paired_share([(10.0, 10.0), (10.0, 5.0), (10.0, 50.0)], mb) == pytest.approx(50.0)
     assert paired_share([(10.0, 10.0), (10.0, 5.0)], mb) == pytest.approx(75.0)
     assert paired_share([(20.0, 5.0)], mb) == pytest.approx(200.0)     # the machine sped up within the round
+
+
+def test_a_paired_timer_after_an_unpaired_one_gets_a_fresh_reading_before_it():
+    from ternary_mamba.bench.rounds import interleaved_rounds
+    log, readings = [], iter([30.0, 31.0, 32.0, 33.0])
+
+    def probe():
+        log.append("probe")
+        return next(readings)
+
+    def timer(k, v):
+        def run():
+            log.append(k)
+            return v
+        return run
+    _, around, top = interleaved_rounds({"llama": timer("llama", 1.0), "a": timer("a", 2.0)}, 1, probe, {"a"})
+    assert log == ["probe", "llama", "probe", "a", "probe"]
+    assert around == {"a": [(2.0, 32.0)]} and top == 32.0

@@ -12,23 +12,28 @@ from typing import Callable
 
 def interleaved_rounds(timers: dict[str, Callable[[], float]], rounds: int, probe: Callable[[], float],
                        paired: set[str]) -> tuple[dict[str, float], dict[str, list[tuple[float, float]]], float]:
-    """Run every timer once per round, in order, `rounds` times; read the probe at the start of each round and after
-    each timer in `paired`.  Returns (best rate per timer, per paired timer every round's (rate, the larger probe
+    """Run every timer once per round, in order, `rounds` times; read the probe at the start of each round, after
+    each timer in `paired`, and before one where another timer ran since the last reading.  Returns (best rate per timer, per paired timer every round's (rate, the larger probe
     reading just before and just after it), the best probe reading)."""
     best = {k: 0.0 for k in timers}
     around: dict[str, list[tuple[float, float]]] = {k: [] for k in timers if k in paired}
     top = 0.0
     for _ in range(rounds):
-        last = probe()
+        last: float | None = probe()
         top = max(top, last)
         for k, run in timers.items():
+            if k in around and last is None:           # an unpaired timer ran since the last reading
+                last = probe()
+                top = max(top, last)
             rate = run()
             best[k] = max(best[k], rate)
-            if k in around:
-                after = probe()
-                top = max(top, after)
-                around[k].append((rate, max(last, after)))
-                last = after
+            if k not in around:
+                last = None
+                continue
+            after = probe()
+            top = max(top, after)
+            around[k].append((rate, max(last, after)))
+            last = after
     return best, around, top
 
 
