@@ -7,14 +7,16 @@ also read right before and right after each timing of the variants that have a r
 set against the larger of the two readings around it: the share of the bandwidth the machine gave at that moment."""
 from __future__ import annotations
 
+import statistics
 from typing import Callable
 
 
 def interleaved_rounds(timers: dict[str, Callable[[], float]], rounds: int, probe: Callable[[], float],
                        paired: set[str]) -> tuple[dict[str, float], dict[str, list[tuple[float, float]]], float]:
     """Run every timer once per round, in order, `rounds` times; read the probe at the start of each round, after
-    each timer in `paired`, and before one where another timer ran since the last reading.  Returns (best rate per timer, per paired timer every round's (rate, the larger probe
-    reading just before and just after it), the best probe reading)."""
+    each timer in `paired`, and before one where another timer ran since the last reading.  Returns (best rate per
+    timer, per paired timer every round's (rate, the larger probe reading just before and just after it), the best
+    probe reading)."""
     best = {k: 0.0 for k in timers}
     around: dict[str, list[tuple[float, float]]] = {k: [] for k in timers if k in paired}
     top = 0.0
@@ -40,8 +42,5 @@ def interleaved_rounds(timers: dict[str, Callable[[], float]], rounds: int, prob
 def paired_share(samples: list[tuple[float, float]], bytes_per_item: float) -> float | None:
     """Median over rounds of rate x bytes / the bandwidth read around that round (GB/s), in percent; None without
     samples.  Above 100 % the machine sped up within the round (both readings around it were lower)."""
-    shares = sorted(100 * rate * bytes_per_item / 1e9 / bw for rate, bw in samples if bw > 0)
-    if not shares:
-        return None
-    mid = len(shares) // 2
-    return shares[mid] if len(shares) % 2 else (shares[mid - 1] + shares[mid]) / 2
+    shares = [100 * rate * bytes_per_item / 1e9 / bw for rate, bw in samples if bw > 0]
+    return statistics.median(shares) if shares else None
