@@ -79,7 +79,7 @@ class KernelKind(enum.IntEnum):
     Q4 = 5
     TQ2_BF16 = 6
     Q4_A8 = 7
-    TQ2_R4 = 8    # int8 activations, row-interleaved codes + fp16 scales (csrc/decode_r4.c), built by the engine
+    TQ2_R32 = 8   # int8 activations, 32-row-interleaved codes + fp16 scales (csrc/decode_r32.c), built by the engine
     TQ2_LUT = 9   # exact (fp32 activations) by subset-sum tables, 16-row blocks + fp16 scales (csrc/decode_lut.c)
 
 

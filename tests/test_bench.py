@@ -139,7 +139,7 @@ def test_the_decode_roofline_bytes_add_up_for_every_variant():
 
 
 def test_the_bench_names_the_kernels_and_counts_fp16_scales_where_the_engine_keeps_them():
-    """`kernels: ...` names what the engine runs for each variant, and scales the engine reads as fp16 (the r4 and
+    """`kernels: ...` names what the engine runs for each variant, and scales the engine reads as fp16 (the r32 and
     lut layouts) count 2 bytes each in the roofline, 4 where it reads the fp32 buffer."""
     from conftest import random_model, tiny_config
     from ternary_mamba.bench.roofline import bytes_breakdown, kernel_summary
@@ -149,7 +149,7 @@ def test_the_bench_names_the_kernels_and_counts_fp16_scales_where_the_engine_kee
     exact, fast = variants["tq2"], variants["tq2+q4head+a8+s16"]
     n_scales = sum(lin.scales.numel() for layer in exact.backbone.layers
                    for lin in (layer.mixer.in_proj, layer.mixer.out_proj))
-    for m, layout in ((exact, "lut"), (fast, "r4")):
+    for m, layout in ((exact, "lut"), (fast, "r32")):
         relaid = decode_layouts.available(layout)
         assert (f"tq2_{layout} x{2 * m.config.n_layer}" in kernel_summary(m)) == relaid, kernel_summary(m)
         assert bytes_breakdown(m)["scales"] == n_scales * (2 if relaid else 4)

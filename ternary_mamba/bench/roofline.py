@@ -26,19 +26,19 @@ def bytes_per_token(model) -> int:
 
 
 def _fp16_scale_ids(model) -> set[int]:
-    """The packed projections' fp32 scale buffers that the decode engine reads as fp16 (its r4 and lut kernels,
-    csrc/decode_r4.c and decode_lut.c, hold them so): half their bytes per token."""
+    """The packed projections' fp32 scale buffers that the decode engine reads as fp16 (its r32 and lut kernels,
+    csrc/decode_r32.c and decode_lut.c, hold them so): half their bytes per token."""
     from ..runtime.decode_engine import engine_for
     eng = engine_for(model)
     if eng is None:
         return set()
     kinds = eng.kernel_kinds()
     lins = [lin for layer in model.backbone.layers for lin in (layer.mixer.in_proj, layer.mixer.out_proj)]
-    return {id(lin.scales) for lin, k in zip(lins, kinds) if k in ("tq2_r4", "tq2_lut")}
+    return {id(lin.scales) for lin, k in zip(lins, kinds) if k in ("tq2_r32", "tq2_lut")}
 
 
 def kernel_summary(model) -> str:
-    """Which decode kernels ran, counted (e.g. 'tq2_r4 x96, q4_a8 x1'), or 'module path' without the engine."""
+    """Which decode kernels ran, counted (e.g. 'tq2_r32 x96, q4_a8 x1'), or 'module path' without the engine."""
     from collections import Counter
     from ..runtime.decode_engine import engine_for
     eng = engine_for(model)

@@ -1,6 +1,6 @@
 """Building and loading the compiled kernels (csrc/*.c), once with the system C compiler and loaded with ctypes.
 The sources, one concept each: tq2_gemv.c (ternary GEMV, exact and int8-activation), decode_a8.c and
-decode_r4.c (the decode engine's int8-activation GEMVs: plane layout, and row-interleaved with fp16 scales),
+decode_r32.c (the decode engine's int8-activation GEMVs: plane layout, and 32 rows interleaved, fp16 scales),
 decode_lut.c (its exact GEMV by subset-sum tables), tq2_bf16.c (bf16-activation
 GEMV), tq2_gemm_a8.c (int8 prefill GEMM), dense_gemv.c (fp32 / fp16 / int8 GEMVs), ssm_step.c (the SSM step),
 mixer_step.c (a mixer's whole step), lm_step.c (the one-call decode step), ssd_prefill.c (conv and chunked scan),
@@ -184,14 +184,14 @@ def get_kernel():
     lib.a8z_work_bytes.restype = i64
     lib.tq2_gemv_a8z_auto.argtypes = [p] * 5 + [i64] * 4
     lib.tq2_gemv_a8z_auto.restype = ctypes.c_int
-    lib.tq2r4_available.restype = ctypes.c_int
+    lib.tq2r32_available.restype = ctypes.c_int
     lib.tq2lut_available.restype = ctypes.c_int
     lib.tq2lut_pack.argtypes, lib.tq2lut_pack.restype = [p] * 4 + [i64] * 3, ctypes.c_int
     lib.tq2lut_work_bytes.argtypes, lib.tq2lut_work_bytes.restype = [i64, i64], i64
     lib.tq2lut_gemv.argtypes, lib.tq2lut_gemv.restype = [p] * 5 + [i64] * 4, ctypes.c_int
-    lib.tq2r4_pack.argtypes, lib.tq2r4_pack.restype = [p] * 4 + [i64] * 3, ctypes.c_int
-    lib.tq2r4_work_bytes.argtypes, lib.tq2r4_work_bytes.restype = [i64, i64], i64
-    lib.tq2r4_gemv_auto.argtypes, lib.tq2r4_gemv_auto.restype = [p] * 5 + [i64] * 4, ctypes.c_int
+    lib.tq2r32_pack.argtypes, lib.tq2r32_pack.restype = [p] * 4 + [i64] * 3, ctypes.c_int
+    lib.tq2r32_work_bytes.argtypes, lib.tq2r32_work_bytes.restype = [i64, i64], i64
+    lib.tq2r32_gemv_auto.argtypes, lib.tq2r32_gemv_auto.restype = [p] * 5 + [i64] * 4, ctypes.c_int
     lib.q4_gemv_a8_auto.argtypes = [p] * 5 + [i64] * 3
     lib.q4_gemv_a8_auto.restype = ctypes.c_int
     lib.table_rows.argtypes = [i64, p, p, p, i64, i64, p]

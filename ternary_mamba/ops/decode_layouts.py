@@ -1,10 +1,10 @@
-"""ctypes bindings of the decode engine's re-laid ternary kernels (csrc/decode_r4.c, csrc/decode_lut.c): the
+"""ctypes bindings of the decode engine's re-laid ternary kernels (csrc/decode_r32.c, csrc/decode_lut.c): the
 packers that turn tq2 codes and fp32 scales into each kernel's layout once, and the products for tests and tools.
 The engine (runtime/decode_engine.py) packs once and hands the layouts to lm_step.c; the plain tq2 kernels in
 ops/kernels.py are their references.
 
-  r4   int8 activations; rows in blocks of 4, code bytes interleaved per dword (one vpdpbusd lane = one row);
-       in and G multiples of 128; AVX512-VNNI.
+  r32  int8 activations; rows in blocks of 32, code bytes interleaved per dword (one vpdpbusd lane = one row, one
+       broadcast activation dword for all 32); G a multiple of 16; AVX512-VNNI.
   lut  exact (fp32 activations) by 16-entry subset-sum tables; rows in blocks of 16, per quad of inputs one byte
        pos | neg << 4 per row; G a multiple of 8; AVX-512.
 Both keep the scales in fp16 (the packed file's precision): a scale that is not exactly an fp16 value declines."""
@@ -15,7 +15,7 @@ import torch
 from .build import get_kernel
 from .ctypes_checks import require as _check, require_cpu as _cpu, require_dtype as _dtype
 
-ROWS_PER_BLOCK = {"r4": 4, "lut": 16}
+ROWS_PER_BLOCK = {"r32": 32, "lut": 16}
 
 
 def available(layout: str) -> bool:
@@ -49,7 +49,7 @@ def pack(layout: str, codes: torch.Tensor, scales: torch.Tensor,
 
 def gemv(layout: str, packed: tuple[torch.Tensor, torch.Tensor], out_features: int, x: torch.Tensor,
          group_size: int) -> torch.Tensor:
-    """x (nb, in) fp32 through `pack`'s layout -> (nb, out).  r4: int8 activations, the same quantized values and
+    """x (nb, in) fp32 through `pack`'s layout -> (nb, out).  r32: int8 activations, the same quantized values and
     integer sums as tq2_gemv_a8; lut: the exact product, as tq2_gemv; both up to fp32 summation order."""
     codes, sc = packed
     _cpu(codes, sc, x)
@@ -62,7 +62,7 @@ def gemv(layout: str, packed: tuple[torch.Tensor, torch.Tensor], out_features: i
            f'{layout} codes match x')
     y = torch.empty(nb, out_features)
     work = torch.empty(getattr(lib, f"tq2{layout}_work_bytes")(in_f, nb), dtype=torch.int8)
-    fn = lib.tq2r4_gemv_auto if layout == "r4" else lib.tq2lut_gemv       # the same arguments
+    fn = lib.tq2r32_gemv_auto if layout == "r32" else lib.tq2lut_gemv       # the same arguments
     rc = fn(codes.data_ptr(), sc.data_ptr(), x.data_ptr(), y.data_ptr(), work.data_ptr(), out_features, in_f,
             group_size, nb)
     _check(rc == 0, f'the {layout} kernel in this build and a group size it was written for')

@@ -9,7 +9,7 @@ arithmetic of a packed ternary model.  Supported projections: fp32 `nn.Linear`, 
 `Int8Head`, and a quantized embedding with its tied head (`runtime.tables`, int8 or q4).
 Where the build has AVX-512, the engine re-lays each packed projection's codes once, for the kernel that runs
 it: exact products through subset-sum tables (csrc/decode_lut.c), int8 activations through row-interleaved codes
-(csrc/decode_r4.c), both with the file's fp16 scales (USE_LUT / USE_R4 switch them off; the module keeps its own
+(csrc/decode_r32.c), both with the file's fp16 scales (USE_LUT / USE_R32 switch them off; the module keeps its own
 tq2 codes for prefill, so resident memory grows by one copy of the codes: 310 MB at 1.3B).
 Anything else (fake-quant QAT modules, fp16 weights, forward hooks on any module, no C compiler, a
 `reference_path()` in force) returns None and the module-by-module step runs instead.
@@ -55,13 +55,13 @@ def use_bf16_state(model, enabled: bool = True) -> None:
         _BF16_STATE.discard(model)
 
 _p = ctypes.c_void_p
-TM_F32, TM_TQ2, TM_TQ2_A8, TM_I8, TM_F16, TM_Q4, TM_TQ2_BF16, TM_Q4_A8, TM_TQ2_R4, TM_TQ2_LUT = (
+TM_F32, TM_TQ2, TM_TQ2_A8, TM_I8, TM_F16, TM_Q4, TM_TQ2_BF16, TM_Q4_A8, TM_TQ2_R32, TM_TQ2_LUT = (
     KernelKind.F32, KernelKind.TQ2, KernelKind.TQ2_A8, KernelKind.I8, KernelKind.F16, KernelKind.Q4,
-    KernelKind.TQ2_BF16, KernelKind.Q4_A8, KernelKind.TQ2_R4, KernelKind.TQ2_LUT)
-# int8-activation projections run through the row-interleaved kernel (csrc/decode_r4.c) where the build has it;
+    KernelKind.TQ2_BF16, KernelKind.Q4_A8, KernelKind.TQ2_R32, KernelKind.TQ2_LUT)
+# int8-activation projections run through the row-interleaved kernel (csrc/decode_r32.c) where the build has it;
 # False: the plane-layout kernel (csrc/decode_a8.c) — the same integer sums (tests compare the two).  Both switches
 # are read when an engine is built (engines are cached per model: clear `_ENGINES` after changing them)
-USE_R4 = True
+USE_R32 = True
 # exact projections run through the subset-sum table kernel (csrc/decode_lut.c) where the build has it; False: the
 # FMA kernel (csrc/tq2_gemv.c) — equal up to fp32 summation order (tests compare the two)
 USE_LUT = True
@@ -90,9 +90,9 @@ def _linear(m: nn.Module, keep: list) -> _Linear:
         return _Linear(TM_F32, m.out_features, m.in_features, 0, _ptr(w), None, _ptr(b))
     if isinstance(m, PackedTernaryLinear) and m.paths.gemv:
         kind = TM_TQ2_BF16 if m.bf16 and m.paths.gemv_bf16 else TM_TQ2_A8 if m.a8 and m.paths.gemv_a8 else TM_TQ2
-        # re-laid for fewer instructions per weight, fp16 scales: int8 activations -> r4 (the same integer sums),
+        # re-laid for fewer instructions per weight, fp16 scales: int8 activations -> r32 (the same integer sums),
         # exact -> subset-sum tables (lut); where the build or the shape has no such kernel, the tq2 one
-        layout, on, relaid = {TM_TQ2_A8: ("r4", USE_R4, TM_TQ2_R4), TM_TQ2: ("lut", USE_LUT, TM_TQ2_LUT)}.get(
+        layout, on, relaid = {TM_TQ2_A8: ("r32", USE_R32, TM_TQ2_R32), TM_TQ2: ("lut", USE_LUT, TM_TQ2_LUT)}.get(
             kind, (None, False, None))
         packed = (decode_layouts.pack(layout, m.codes, _f32(m.scales), m.group_size)
                   if on and decode_layouts.available(layout) else None)

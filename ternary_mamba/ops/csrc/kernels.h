@@ -31,7 +31,7 @@ static inline float bf2f(uint16_t h) {
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 // 64 floats x * inv -> 64 int8 in order (cvtps_epi32 rounds to nearest even, as lrintf; saturating narrow), their
-// int32 values added into *sum: the int8 decode quantizers' inner step (decode_a8.c, decode_r4.c).
+// int32 values added into *sum: the int8 decode quantizers' inner step (decode_a8.c).
 static inline __m512i q8_64(const float *x, __m512 inv, __m512i *sum) {
     __m128i part[4];
     for (int k = 0; k < 4; k++) {
@@ -135,18 +135,18 @@ int rms_norm_bwd(const float *x, const float *w, const float *rstd, const float 
 
 // decode_a8.c: int8-activation decode GEMVs on AVX512-VNNI (-1: not in this build / not this shape)
 int64_t a8z_work_bytes(int64_t in, int64_t nb);
-int tq2r4_available(void);
+int tq2r32_available(void);
 int tq2lut_available(void);
 int tq2lut_pack(const uint8_t *codes, const float *scales, uint8_t *dst, uint16_t *dst_scales, int64_t out,
                 int64_t in, int64_t G);
 int64_t tq2lut_work_bytes(int64_t in, int64_t nb);
 int tq2lut_gemv(const uint8_t *codes, const uint16_t *scales, const float *x, float *y, void *work, int64_t out,
                 int64_t in, int64_t G, int64_t nb);
-int tq2r4_pack(const uint8_t *codes, const float *scales, uint8_t *dst, uint16_t *dst_scales, int64_t out,
-               int64_t in, int64_t G);
-int64_t tq2r4_work_bytes(int64_t in, int64_t nb);
-int tq2r4_gemv_auto(const uint8_t *codes, const uint16_t *scales, const float *x, float *y, int8_t *work,
-                    int64_t out, int64_t in, int64_t G, int64_t nb);
+int tq2r32_pack(const uint8_t *codes, const float *scales, uint8_t *dst, uint16_t *dst_scales, int64_t out,
+                int64_t in, int64_t G);
+int64_t tq2r32_work_bytes(int64_t in, int64_t nb);
+int tq2r32_gemv_auto(const uint8_t *codes, const uint16_t *scales, const float *x, float *y, int8_t *work,
+                     int64_t out, int64_t in, int64_t G, int64_t nb);
 int tq2_gemv_a8z_auto(const uint8_t *codes, const float *scales, const float *x, float *y, int8_t *work,
                       int64_t out, int64_t in, int64_t G, int64_t nb);
 int q4_gemv_a8_auto(const uint8_t *w, const float *scale, const float *x, float *y, int8_t *work,

@@ -17,14 +17,14 @@
 
 
 // Mirrored by ternary_mamba/spec.py KernelKind and DECODE_MAX_BATCH; tm_abi() lets Python check both at load.
-enum { TM_F32 = 0, TM_TQ2 = 1, TM_TQ2_A8 = 2, TM_I8 = 3, TM_F16 = 4, TM_Q4 = 5, TM_TQ2_BF16 = 6, TM_Q4_A8 = 7, TM_TQ2_R4 = 8, TM_TQ2_LUT = 9 };
+enum { TM_F32 = 0, TM_TQ2 = 1, TM_TQ2_A8 = 2, TM_I8 = 3, TM_F16 = 4, TM_Q4 = 5, TM_TQ2_BF16 = 6, TM_Q4_A8 = 7, TM_TQ2_R32 = 8, TM_TQ2_LUT = 9 };
 #define TM_MAX_BATCH 64
 
 typedef struct {
     int64_t kind, out, in, G;
     const void *w;        // fp32 (out, in) | tq2 codes (out, in/4) | int8 (out, in) | fp16 (out, in) | q4 (out, in/2)
-                          // | TM_TQ2_R4: tq2r4_pack's codes | TM_TQ2_LUT: tq2lut_pack's
-    const float *scales;  // tq2: (out, in/G) | int8: (out) | q4: (out, in/32) | TM_TQ2_R4 / _LUT: fp16 bits | unused
+                          // | TM_TQ2_R32: tq2r32_pack's codes | TM_TQ2_LUT: tq2lut_pack's
+    const float *scales;  // tq2: (out, in/G) | int8: (out) | q4: (out, in/32) | TM_TQ2_R32 / _LUT: fp16 bits | unused
     const float *bias;    // (out) or NULL
 } tm_linear;
 
@@ -53,7 +53,7 @@ typedef struct {
 int64_t tm_abi(int64_t *out, int64_t n) {
     int64_t k = 0;
     ABI_PUT(TM_F32); ABI_PUT(TM_TQ2); ABI_PUT(TM_TQ2_A8); ABI_PUT(TM_I8); ABI_PUT(TM_F16); ABI_PUT(TM_Q4);
-    ABI_PUT(TM_TQ2_BF16); ABI_PUT(TM_Q4_A8); ABI_PUT(TM_TQ2_R4); ABI_PUT(TM_TQ2_LUT); ABI_PUT(TM_MAX_BATCH);
+    ABI_PUT(TM_TQ2_BF16); ABI_PUT(TM_Q4_A8); ABI_PUT(TM_TQ2_R32); ABI_PUT(TM_TQ2_LUT); ABI_PUT(TM_MAX_BATCH);
     ABI_PUT(sizeof(tm_linear)); ABI_PUT(offsetof(tm_linear, kind)); ABI_PUT(offsetof(tm_linear, out));
     ABI_PUT(offsetof(tm_linear, in)); ABI_PUT(offsetof(tm_linear, G)); ABI_PUT(offsetof(tm_linear, w));
     ABI_PUT(offsetof(tm_linear, scales)); ABI_PUT(offsetof(tm_linear, bias));
@@ -81,7 +81,7 @@ int64_t tm_work_floats(const tm_model *m, int64_t nb) {
 }
 int64_t tm_qwork_bytes(const tm_model *m, int64_t nb) {
     const int64_t a = 2 * nb * m->max_in + 16 + 4 * nb * (m->max_in / 128 + 1), z = a8z_work_bytes(m->max_in, nb);
-    const int64_t r = tq2r4_work_bytes(m->max_in, nb), t = tq2lut_work_bytes(m->max_in, nb), az = a > z ? a : z;
+    const int64_t r = tq2r32_work_bytes(m->max_in, nb), t = tq2lut_work_bytes(m->max_in, nb), az = a > z ? a : z;
     const int64_t rt = r > t ? r : t;
     return az > rt ? az : rt;
 }
@@ -90,8 +90,8 @@ static void linear(const tm_linear *L, const float *x, float *y, int64_t nb, int
     switch (L->kind) {
     case TM_F32: f32_gemv((const float *)L->w, x, y, L->out, L->in, nb); break;
     case TM_TQ2: tq2_gemv((const uint8_t *)L->w, L->scales, x, y, L->out, L->in, L->G, nb); break;
-    case TM_TQ2_R4:                                 // built only where the kernel exists (tq2r4_available)
-        tq2r4_gemv_auto((const uint8_t *)L->w, (const uint16_t *)(const void *)L->scales, x, y, qwork, L->out,
+    case TM_TQ2_R32:                                // built only where the kernel exists (tq2r32_available)
+        tq2r32_gemv_auto((const uint8_t *)L->w, (const uint16_t *)(const void *)L->scales, x, y, qwork, L->out,
                         L->in, L->G, nb);
         break;
     case TM_TQ2_LUT:                                // built only where the kernel exists (tq2lut_available)
