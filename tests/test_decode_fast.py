@@ -15,11 +15,13 @@ def bf16_round(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16)
 
 
-@pytest.mark.parametrize("d_state", [16, 24])     # 24: the scalar tail after the 16-wide loop
+# 24: the scalar tail after the 16-wide loop; 32 and 64: the even/odd rows four at a time (AVX512-BF16 builds), and
+# with headdim 6 two rows after them one at a time
+@pytest.mark.parametrize("d_state,d_model,headdim", [(16, 64, 16), (24, 64, 16), (32, 64, 16), (64, 48, 6)])
 @torch.no_grad()
-def test_bf16_state_mixer_step_is_the_fp32_step_rounded_once(d_state):
+def test_bf16_state_mixer_step_is_the_fp32_step_rounded_once(d_state, d_model, headdim):
     from ternary_mamba.ops.kernels import mixer_step_inplace
-    m = random_model(tiny_config(d_state=d_state, ngroups=2))
+    m = random_model(tiny_config(d_state=d_state, ngroups=2, d_model=d_model, headdim=headdim))
     mx = m.backbone.layers[0].mixer
     g = torch.Generator().manual_seed(0)
     nb = 3

@@ -133,6 +133,41 @@ static inline float state_update_dot_bf16_eo(uint16_t *s, float a, float u, cons
     return _mm512_reduce_add_ps(_mm512_add_ps(c0, c1));
 }
 
+// Four consecutive state rows of one head at once (rows s, s + n, s + 2n, s + 3n; u[r] per row): each B and C
+// load serves four rows and the four dot products are reduced together.  Every state value is computed and rounded
+// exactly as in state_update_dot_bf16_eo; y[r] = row r's dot with C (another summation order).  n % 32 == 0.
+static inline void state_update_dot4_bf16_eo(uint16_t *s, float a, const float *u, const float *Bs,
+                                             const float *Cs, int64_t n, float *y) {
+    const __m512 va = _mm512_set1_ps(a);
+    const __m512 vu[4] = {_mm512_set1_ps(u[0]), _mm512_set1_ps(u[1]), _mm512_set1_ps(u[2]), _mm512_set1_ps(u[3])};
+    const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
+    static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i inter = _mm512_loadu_si512((const void *)order);
+    __m512 c[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const int64_t h = n / 2;
+    for (int64_t k = 0; k < n; k += 32) {
+        const __m512 be = _mm512_loadu_ps(Bs + k / 2), bo = _mm512_loadu_ps(Bs + h + k / 2);
+        const __m512 ce = _mm512_loadu_ps(Cs + k / 2), co = _mm512_loadu_ps(Cs + h + k / 2);
+        for (int r = 0; r < 4; r++) {
+            uint16_t *sr = s + r * n + k;
+            const __m512i raw = _mm512_loadu_si512((const void *)sr);
+            const __m512 se = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+            const __m512 so = _mm512_castsi512_ps(_mm512_and_si512(raw, hi));
+            const __m512 ve = _mm512_fmadd_ps(se, va, _mm512_mul_ps(vu[r], be));
+            const __m512 vo = _mm512_fmadd_ps(so, va, _mm512_mul_ps(vu[r], bo));
+            _mm512_storeu_si512((void *)sr, _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(vo, ve)));
+            c[r] = _mm512_fmadd_ps(vo, co, _mm512_fmadd_ps(ve, ce, c[r]));
+        }
+    }
+    // 4 x 16 partial sums -> 4 sums: pairwise interleave, then the four 128-bit lanes
+    const __m512 t01 = _mm512_add_ps(_mm512_unpacklo_ps(c[0], c[1]), _mm512_unpackhi_ps(c[0], c[1]));
+    const __m512 t23 = _mm512_add_ps(_mm512_unpacklo_ps(c[2], c[3]), _mm512_unpackhi_ps(c[2], c[3]));
+    const __m512 q = _mm512_add_ps(_mm512_shuffle_ps(t01, t23, 0x44), _mm512_shuffle_ps(t01, t23, 0xEE));
+    const __m256 q8 = _mm256_add_ps(_mm512_castps512_ps256(q), _mm512_extractf32x8_ps(q, 1));
+    _mm_storeu_ps(y, _mm_add_ps(_mm256_castps256_ps128(q8), _mm256_extractf128_ps(q8, 1)));
+}
+
 static void split_eo(float *v, int64_t n) {      // in place: [v0 v2 v4 ... | v1 v3 v5 ...], n <= 512
     float t[512];
     for (int64_t i = 0; i < n; i++) t[(i % 2) * (n / 2) + i / 2] = v[i];
@@ -187,7 +222,19 @@ static void mixer_step_any(const float *zxbcdt, float *conv_state, const float *
             const float a = expf(-expf(A_log[h]) * dt);
             const float *Bv = B + g * n, *Cv = C + g * n;
             silu_span(z + h * hp, yb + h * hp, hp);               // the gates first, into y
-            for (int64_t p = 0; p < hp; p++) {
+            int64_t p = 0;
+#ifdef BF16_EO
+            for (; eo && p + 4 <= hp; p += 4) {                       // four rows at a time (the same values)
+                const int64_t off = ((b * nh + h) * hp + p) * n;
+                const char *pf = (const char *)ssm_state + off * 2 + STATE_PREFETCH;
+                for (int64_t q = 0; q < 8 * n; q += 64) __builtin_prefetch(pf + q, 0, 3);
+                float uu[4], sy[4];
+                for (int r = 0; r < 4; r++) uu[r] = dt * x[h * hp + p + r];
+                state_update_dot4_bf16_eo((uint16_t *)ssm_state + off, a, uu, Bv, Cv, n, sy);
+                for (int r = 0; r < 4; r++) yb[h * hp + p + r] *= sy[r] + Dp[h] * x[h * hp + p + r];
+            }
+#endif
+            for (; p < hp; p++) {
                 const int64_t off = ((b * nh + h) * hp + p) * n;
                 {   // software prefetch STATE_PREFETCH bytes ahead: the rows after this one (near the end, the
                     // next head's), one row's lines per row
