@@ -201,6 +201,15 @@ def test_paired_share_is_the_median_over_rounds():
     assert paired_share([(20.0, 5.0)], mb) == pytest.approx(200.0)     # the machine sped up within the round
 
 
+def test_share_text_never_prints_a_share_above_100_percent():
+    from ternary_mamba.bench.rounds import share_text
+    assert share_text(57.4, 78.2) == " 57 % of it;  78 % of the bandwidth probed around each round (median)"
+    assert share_text(80.0, None) == " 80 % of it"
+    for text in (share_text(101.0, 50.0), share_text(50.0, 107.0), share_text(120.0, 130.0)):
+        assert "not a limit" in text or "a limit, not >100 %" in text
+        assert not any(f"{v} %" in text for v in range(101, 200))
+
+
 def test_a_paired_timer_after_an_unpaired_one_gets_a_fresh_reading_before_it():
     from ternary_mamba.bench.rounds import interleaved_rounds
     log, readings = [], iter([30.0, 31.0, 32.0, 33.0])

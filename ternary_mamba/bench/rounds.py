@@ -44,3 +44,15 @@ def paired_share(samples: list[tuple[float, float]], bytes_per_item: float) -> f
     samples.  Above 100 % the machine sped up within the round (both readings around it were lower)."""
     shares = [100 * rate * bytes_per_item / 1e9 / bw for rate, bw in samples if bw > 0]
     return statistics.median(shares) if shares else None
+
+
+def share_text(share: float, near: float | None) -> str:
+    """A decode line's roofline shares: of the run's best probe, and the median around each round (`paired_share`,
+    None: not measured).  Never a share above 100 %: a rate above its probe says the probe was no limit there."""
+    text = (f"{share:3.0f} % of it" if share <= 100 else
+            "at the measured bandwidth (the probe read less: a limit, not >100 %)")
+    if near is not None:
+        text += (f"; {near:3.0f} % of the bandwidth probed around each round (median)" if near <= 100 else
+                 "; above the bandwidth probed around its rounds (median: not a limit there; part of the token "
+                 "stayed in the cache, or the machine sped up mid-round)")
+    return text

@@ -13,7 +13,7 @@ from ..runtime.convert import ptq_pack_
 from ..log import say
 from .probes import memory_bandwidth_gbs, thread_scaling
 from .roofline import bytes_breakdown, bytes_per_token, kernel_summary
-from .rounds import interleaved_rounds, paired_share
+from .rounds import interleaved_rounds, paired_share, share_text
 
 LLAMA_CPP = {  # llama.cpp built from source, AVX2 + FMA CPU, 2 threads, random weights (reference points)
     "mamba2-130m": {"decode": {"f32": 41, "tq2": 128, "tq1": 114}, "prefill": {"f32": 330, "tq2": 405}},
@@ -269,10 +269,7 @@ def run_bench_runtime(cfg) -> None:
                 if cfg.what == "decode":
                     share, near = 100 * nbytes * r / 1e9 / bw, paired_share(around.get(k, []), nbytes)
                     line += (f"  {nbytes / 1e6:7.1f} MB/token  roofline {bw * 1e9 / nbytes:7.1f} tok/s  "
-                             + (f"{share:3.0f} % of it" if share <= 100 else
-                                "at the measured bandwidth (the probe read less: a limit, not >100 %)"))
-                    if near is not None:
-                        line += f"; {near:3.0f} % of the bandwidth probed around each round (median)"
+                             + share_text(share, near))
                     parts = bytes_breakdown(variants[k])          # sums to nbytes (tests/test_bench.py)
                     line += "\n" + " " * 24 + "MB/token: " + ", ".join(
                         f"{p} {v / 1e6:.1f}" for p, v in parts.items() if v) + f"; kernels: {kernel_summary(variants[k])}"
