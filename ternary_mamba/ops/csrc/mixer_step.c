@@ -107,6 +107,7 @@ static inline float state_update_dot_bf16(uint16_t *s, float a, float u, const f
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define BF16_EO 1
+#define BF16_EO4 1
 // The bf16 state row with B and C split into even and odd elements ([B0 B2 ... | B1 B3 ...], split_eo): 32 state
 // values per load, widened by one shift (even) and one mask (odd) instead of a zero-extension per 16, rounded
 // back by one vcvtne2ps2bf16 and re-interleaved by one vpermw.  The same values as state_update_dot_bf16 (each
@@ -168,6 +169,37 @@ static inline void state_update_dot4_bf16_eo(uint16_t *s, float a, const float *
     _mm_storeu_ps(y, _mm_add_ps(_mm256_castps256_ps128(q8), _mm256_extractf128_ps(q8, 1)));
 }
 
+#elif defined(__AVX2__) && !defined(__AVX512F__)
+#define BF16_EO 1
+// AVX2 (no AVX-512): the same even / odd split, 16 state values per load.  Widened by one shift (even) and one mask
+// (odd); each new value rounded to nearest even in integers as state_update_dot_bf16 does, and the two halves put
+// back in order by one word blend (even results shifted into the low half of each dword, odd ones kept in the high
+// half): no pack and no lane permute per 8 values.  The same values; only the dot product's summation order differs.
+static inline float state_update_dot_bf16_eo(uint16_t *s, float a, float u, const float *Bs, const float *Cs,
+                                             int64_t n) {
+    const __m256 va = _mm256_set1_ps(a), vu = _mm256_set1_ps(u);
+    const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u), half = _mm256_set1_epi32(0x7fff);
+    const __m256i one = _mm256_set1_epi32(1);
+    __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
+    const int64_t h = n / 2;
+    for (int64_t k = 0; k < n; k += 16) {
+        const __m256i raw = _mm256_loadu_si256((const __m256i *)(const void *)(s + k));
+        const __m256 se = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+        const __m256 so = _mm256_castsi256_ps(_mm256_and_si256(raw, hi));
+        const __m256 ve = _mm256_fmadd_ps(se, va, _mm256_mul_ps(vu, _mm256_loadu_ps(Bs + k / 2)));
+        const __m256 vo = _mm256_fmadd_ps(so, va, _mm256_mul_ps(vu, _mm256_loadu_ps(Bs + h + k / 2)));
+        const __m256i be = _mm256_castps_si256(ve), bo = _mm256_castps_si256(vo);
+        const __m256i re = _mm256_add_epi32(be, _mm256_add_epi32(half, _mm256_and_si256(_mm256_srli_epi32(be, 16), one)));
+        const __m256i ro = _mm256_add_epi32(bo, _mm256_add_epi32(half, _mm256_and_si256(_mm256_srli_epi32(bo, 16), one)));
+        _mm256_storeu_si256((__m256i *)(void *)(s + k), _mm256_blend_epi16(_mm256_srli_epi32(re, 16), ro, 0xAA));
+        c0 = _mm256_fmadd_ps(ve, _mm256_loadu_ps(Cs + k / 2), c0);
+        c1 = _mm256_fmadd_ps(vo, _mm256_loadu_ps(Cs + h + k / 2), c1);
+    }
+    return hsum8(_mm256_add_ps(c0, c1));
+}
+#endif
+
+#ifdef BF16_EO
 static void split_eo(float *v, int64_t n) {      // in place: [v0 v2 v4 ... | v1 v3 v5 ...], n <= 512
     float t[512];
     for (int64_t i = 0; i < n; i++) t[(i % 2) * (n / 2) + i / 2] = v[i];
@@ -223,7 +255,7 @@ static void mixer_step_any(const float *zxbcdt, float *conv_state, const float *
             const float *Bv = B + g * n, *Cv = C + g * n;
             silu_span(z + h * hp, yb + h * hp, hp);               // the gates first, into y
             int64_t p = 0;
-#ifdef BF16_EO
+#ifdef BF16_EO4
             for (; eo && p + 4 <= hp; p += 4) {                       // four rows at a time (the same values)
                 const int64_t off = ((b * nh + h) * hp + p) * n;
                 const char *pf = (const char *)ssm_state + off * 2 + STATE_PREFETCH;
