@@ -25,6 +25,9 @@
 #endif
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__F16C__)
 #define DECODE_R32 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define DECODE_R32 1
+#define R32_AVX2 1                             // the same layout through vpmaddubsw (AVX2, no VNNI): see r32_gemv
 #endif
 #define R32_PREFETCH 16384
 #define R32_MAX_G 65536                        // int32 plane sums stay below 2^31 (4 G/4 * 128 * 127)
@@ -75,7 +78,7 @@ int tq2r32_pack(const uint8_t *codes, const float *scales, uint8_t *dst, uint16_
     return ok ? 0 : -2;
 }
 
-#ifdef DECODE_R32
+#if defined(DECODE_R32) && !defined(R32_AVX2)
 // x (nb, in) -> xa (nb, in) int8 in the layout above, S (nb, in/G) int32 group sums, xs (nb) row scales.
 static void r32_quantize_x(const float *x, int8_t *xa, int32_t *S, float *xs, int64_t in, int64_t G, int64_t nb) {
     const __m128i tr = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);   // 4x4 byte transpose
@@ -144,6 +147,93 @@ static void r32_gemv(const uint8_t *codes, const uint16_t *scales, const int8_t 
             float r[32];
             _mm512_storeu_ps(r, _mm512_mul_ps(f0, _mm512_set1_ps(xs[b])));
             _mm512_storeu_ps(r + 16, _mm512_mul_ps(f1, _mm512_set1_ps(xs[b])));
+            const int64_t R = out - 32 * blk < 32 ? out - 32 * blk : 32;
+            memcpy(y + b * out + 32 * blk, r, (size_t)R * 4);
+        }
+    }
+}
+#endif
+
+#if defined(R32_AVX2)
+// AVX2 without VNNI: the same layout and integer sums.  Per 16 inputs each quarter of a block's 128 bytes (8 rows, a
+// ymm) gives its planes as (byte >> 2p) & 3, multiplied by the broadcast activation dword of plane p with vpmaddubsw
+// (u8 x s8 pairs -> int16: at most 2 x 2 x 127 per plane, 2032 for the four), summed in int16 for up to 16 steps
+// (32512 at most) and widened to int32 by one vpmaddwd against ones.
+static inline int32_t hsum8_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+static void r32_quantize_x(const float *x, int8_t *xa, int32_t *S, float *xs, int64_t in, int64_t G, int64_t nb) {
+    const __m128i tr = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);   // 4x4 byte transpose
+    for (int64_t b = 0; b < nb; b++) {
+        const float *xr = x + b * in;
+        float inv;
+        xs[b] = i8_row_scale(xr, in, &inv);
+        const __m256 vinv = _mm256_set1_ps(inv);
+        for (int64_t g = 0; g < in / G; g++) {
+            __m256i sum = _mm256_setzero_si256();
+            for (int64_t i = g * G; i < (g + 1) * G; i += 16) {
+                const __m256i v0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + i), vinv));
+                const __m256i v1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + i + 8), vinv));
+                sum = _mm256_add_epi32(sum, _mm256_add_epi32(v0, v1));
+                const __m256i p8 = _mm256_packs_epi16(_mm256_packs_epi32(v0, v1), _mm256_setzero_si256());
+                // lane 0 bytes 0-7: x0-3, x8-11; lane 1: x4-7, x12-15 -> in order, then the transpose
+                const __m128i ordered = _mm_unpacklo_epi32(_mm256_castsi256_si128(p8), _mm256_extracti128_si256(p8, 1));
+                _mm_storeu_si128((__m128i *)(void *)(xa + b * in + i), _mm_shuffle_epi8(ordered, tr));
+            }
+            S[b * (in / G) + g] = hsum8_epi32(sum);
+        }
+    }
+}
+
+static void r32_gemv(const uint8_t *codes, const uint16_t *scales, const int8_t *xa, const int32_t *S,
+                     const float *xs, float *y, int64_t out, int64_t in, int64_t G, int64_t nb) {
+    const int64_t ns = in / 16, ng = in / G, spg = G / 16, nblk = (out + 31) / 32;
+    #pragma omp parallel for schedule(static)
+    for (int64_t blk = 0; blk < nblk; blk++) {
+        const __m256i m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+        const uint8_t *w0 = codes + blk * ns * 128;
+        for (int64_t b = 0; b < nb; b++) {
+            const int32_t *xd = (const int32_t *)(const void *)(xa + b * in);
+            __m256 f[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int64_t g = 0; g < ng; g++) {
+                __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                                  _mm256_setzero_si256()};
+                for (int64_t k0 = g * spg; k0 < (g + 1) * spg; k0 += 16) {
+                    const int64_t k1 = k0 + 16 < (g + 1) * spg ? k0 + 16 : (g + 1) * spg;
+                    __m256i a16[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                                      _mm256_setzero_si256()};
+                    for (int64_t k = k0; k < k1; k++) {
+                        const uint8_t *wp = w0 + k * 128;
+                        if (b == 0) {
+                            _mm_prefetch((const char *)wp + R32_PREFETCH, _MM_HINT_T1);
+                            _mm_prefetch((const char *)wp + R32_PREFETCH + 64, _MM_HINT_T1);
+                        }
+                        const int32_t *xk = xd + 4 * k;
+                        const __m256i x0 = _mm256_set1_epi32(xk[0]), x1 = _mm256_set1_epi32(xk[1]);
+                        const __m256i x2 = _mm256_set1_epi32(xk[2]), x3 = _mm256_set1_epi32(xk[3]);
+                        for (int q = 0; q < 4; q++) {
+                            const __m256i w = _mm256_loadu_si256((const __m256i *)(const void *)(wp + 32 * q));
+                            __m256i t = _mm256_maddubs_epi16(_mm256_and_si256(w, m3), x0);
+                            t = _mm256_add_epi16(t, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 2), m3), x1));
+                            t = _mm256_add_epi16(t, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), m3), x2));
+                            t = _mm256_add_epi16(t, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 6), m3), x3));
+                            a16[q] = _mm256_add_epi16(a16[q], t);
+                        }
+                    }
+                    for (int q = 0; q < 4; q++) acc[q] = _mm256_add_epi32(acc[q], _mm256_madd_epi16(a16[q], ones));
+                }
+                const __m256i sg = _mm256_set1_epi32(S[b * ng + g]);
+                const uint16_t *sp = scales + (blk * ng + g) * 32;
+                for (int q = 0; q < 4; q++)
+                    f[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[q], sg)),
+                                           _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sp + 8 * q))), f[q]);
+            }
+            float r[32];
+            for (int q = 0; q < 4; q++) _mm256_storeu_ps(r + 8 * q, _mm256_mul_ps(f[q], _mm256_set1_ps(xs[b])));
             const int64_t R = out - 32 * blk < 32 ? out - 32 * blk : 32;
             memcpy(y + b * out + 32 * blk, r, (size_t)R * 4);
         }
