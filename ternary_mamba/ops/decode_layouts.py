@@ -4,7 +4,8 @@ The engine (runtime/decode_engine.py) packs once and hands the layouts to lm_ste
 ops/kernels.py are their references.
 
   r32  int8 activations; rows in blocks of 32, code bytes interleaved per dword (one vpdpbusd lane = one row, one
-       broadcast activation dword for all 32); G a multiple of 16; AVX512-VNNI.
+       broadcast activation dword for all 32); G a multiple of 16; AVX512-VNNI, or AVX2 + FMA + F16C
+       (vpmaddubsw).
   lut  exact (fp32 activations) by 16-entry subset-sum tables; rows in blocks of 16, per quad of inputs one byte
        pos | neg << 4 per row; G a multiple of 8; AVX-512.
 Both keep the scales in fp16 (the packed file's precision): a scale that is not exactly an fp16 value declines."""

@@ -10,7 +10,8 @@
 // are combined once per group by exact shifts (plane p's sum is a multiple of 4^p).  Per 16 inputs and 32 rows:
 // 2 code loads, 4 broadcasts, 8 ANDs, 8 vpdpbusd — about 1.4-1.5x the rate of the 4-row layout it replaced
 // (vpermb per plane, 64-byte activation loads) in cache on the AMD EPYC kind, which made the decode GEMVs
-// bound by memory instead of arithmetic at 2 threads (docs/SPEED.md).  Scales: fp16 (the packed file's own
+// bound by memory instead of arithmetic at 2 threads (docs/SPEED.md).  Without VNNI, AVX2 + FMA + F16C
+// builds run the same layout through vpmaddubsw (below, R32_AVX2).  Scales: fp16 (the packed file's own
 // precision; the conversion is exact), per block and group the 32 rows' scales in lane order.
 //
 // Activations (tq2r32_quantize_x): x quantized per row to int8 (absmax / 127, round to nearest even, exactly as
