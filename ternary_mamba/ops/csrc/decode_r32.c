@@ -14,7 +14,7 @@
 // builds run the same layout through vpmaddubsw (below, R32_AVX2).  Scales: fp16 (the packed file's own
 // precision; the conversion is exact), per block and group the 32 rows' scales in lane order.
 //
-// Activations (tq2r32_quantize_x): x quantized per row to int8 (absmax / 127, round to nearest even, exactly as
+// Activations (r32_quantize_x): x quantized per row to int8 (absmax / 127, round to nearest even, exactly as
 // tq2_quantize_xz); per 16 inputs, 4 dwords, dword p = the values of inputs 16k + p, +4, +8, +12; per group the sum
 // of the values (codes are t + 1: sum (t + 1) q - sum q = sum t q).
 #include <math.h>
@@ -79,7 +79,37 @@ int tq2r32_pack(const uint8_t *codes, const float *scales, uint8_t *dst, uint16_
     return ok ? 0 : -2;
 }
 
-#if defined(DECODE_R32) && !defined(R32_AVX2)
+#ifdef DECODE_R32
+// The activations' quantizer, shared by both builds: per 16 inputs, 16 floats x inv -> int8 (round to nearest even,
+// as tq2_quantize_xz), 4x4-transposed into the layout above, their int32 values added into the group's sum.
+#ifndef R32_AVX2
+typedef __m512i r32_sum;
+static inline r32_sum r32_sum_zero(void) { return _mm512_setzero_si512(); }
+static inline int32_t r32_sum_total(r32_sum s) { return _mm512_reduce_add_epi32(s); }
+static inline __m128i r32_q16(const float *x, float inv, r32_sum *sum) {
+    const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x), _mm512_set1_ps(inv)));
+    *sum = _mm512_add_epi32(*sum, v);
+    return _mm512_cvtsepi32_epi8(v);
+}
+#else
+typedef __m256i r32_sum;
+static inline r32_sum r32_sum_zero(void) { return _mm256_setzero_si256(); }
+static inline int32_t r32_sum_total(r32_sum v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+static inline __m128i r32_q16(const float *x, float inv, r32_sum *sum) {
+    const __m256 vinv = _mm256_set1_ps(inv);
+    const __m256i v0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x), vinv));
+    const __m256i v1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8), vinv));
+    *sum = _mm256_add_epi32(*sum, _mm256_add_epi32(v0, v1));
+    const __m256i p8 = _mm256_packs_epi16(_mm256_packs_epi32(v0, v1), _mm256_setzero_si256());
+    // 128-bit lane 0 bytes 0-7: x0-3, x8-11; lane 1: x4-7, x12-15 -> in order
+    return _mm_unpacklo_epi32(_mm256_castsi256_si128(p8), _mm256_extracti128_si256(p8, 1));
+}
+#endif
+
 // x (nb, in) -> xa (nb, in) int8 in the layout above, S (nb, in/G) int32 group sums, xs (nb) row scales.
 static void r32_quantize_x(const float *x, int8_t *xa, int32_t *S, float *xs, int64_t in, int64_t G, int64_t nb) {
     const __m128i tr = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);   // 4x4 byte transpose
@@ -87,19 +117,17 @@ static void r32_quantize_x(const float *x, int8_t *xa, int32_t *S, float *xs, in
         const float *xr = x + b * in;
         float inv;
         xs[b] = i8_row_scale(xr, in, &inv);
-        const __m512 vinv = _mm512_set1_ps(inv);
         for (int64_t g = 0; g < in / G; g++) {
-            __m512i sum = _mm512_setzero_si512();
-            for (int64_t i = g * G; i < (g + 1) * G; i += 16) {
-                const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + i), vinv));
-                sum = _mm512_add_epi32(sum, v);
-                _mm_storeu_si128((__m128i *)(xa + b * in + i), _mm_shuffle_epi8(_mm512_cvtsepi32_epi8(v), tr));
-            }
-            S[b * (in / G) + g] = _mm512_reduce_add_epi32(sum);
+            r32_sum sum = r32_sum_zero();
+            for (int64_t i = g * G; i < (g + 1) * G; i += 16)
+                _mm_storeu_si128((__m128i *)(void *)(xa + b * in + i), _mm_shuffle_epi8(r32_q16(xr + i, inv, &sum), tr));
+            S[b * (in / G) + g] = r32_sum_total(sum);
         }
     }
 }
+#endif
 
+#if defined(DECODE_R32) && !defined(R32_AVX2)
 static void r32_gemv(const uint8_t *codes, const uint16_t *scales, const int8_t *xa, const int32_t *S,
                      const float *xs, float *y, int64_t out, int64_t in, int64_t G, int64_t nb) {
     const int64_t ns = in / 16, ng = in / G, spg = G / 16, nblk = (out + 31) / 32;
@@ -160,36 +188,6 @@ static void r32_gemv(const uint8_t *codes, const uint16_t *scales, const int8_t 
 // ymm) gives its planes as (byte >> 2p) & 3, multiplied by the broadcast activation dword of plane p with vpmaddubsw
 // (u8 x s8 pairs -> int16: at most 2 x 2 x 127 per plane, 2032 for the four), summed in int16 for up to 16 steps
 // (32512 at most) and widened to int32 by one vpmaddwd against ones.
-static inline int32_t hsum8_epi32(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-    return _mm_cvtsi128_si32(s);
-}
-
-static void r32_quantize_x(const float *x, int8_t *xa, int32_t *S, float *xs, int64_t in, int64_t G, int64_t nb) {
-    const __m128i tr = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);   // 4x4 byte transpose
-    for (int64_t b = 0; b < nb; b++) {
-        const float *xr = x + b * in;
-        float inv;
-        xs[b] = i8_row_scale(xr, in, &inv);
-        const __m256 vinv = _mm256_set1_ps(inv);
-        for (int64_t g = 0; g < in / G; g++) {
-            __m256i sum = _mm256_setzero_si256();
-            for (int64_t i = g * G; i < (g + 1) * G; i += 16) {
-                const __m256i v0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + i), vinv));
-                const __m256i v1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + i + 8), vinv));
-                sum = _mm256_add_epi32(sum, _mm256_add_epi32(v0, v1));
-                const __m256i p8 = _mm256_packs_epi16(_mm256_packs_epi32(v0, v1), _mm256_setzero_si256());
-                // lane 0 bytes 0-7: x0-3, x8-11; lane 1: x4-7, x12-15 -> in order, then the transpose
-                const __m128i ordered = _mm_unpacklo_epi32(_mm256_castsi256_si128(p8), _mm256_extracti128_si256(p8, 1));
-                _mm_storeu_si128((__m128i *)(void *)(xa + b * in + i), _mm_shuffle_epi8(ordered, tr));
-            }
-            S[b * (in / G) + g] = hsum8_epi32(sum);
-        }
-    }
-}
-
 static void r32_gemv(const uint8_t *codes, const uint16_t *scales, const int8_t *xa, const int32_t *S,
                      const float *xs, float *y, int64_t out, int64_t in, int64_t G, int64_t nb) {
     const int64_t ns = in / 16, ng = in / G, spg = G / 16, nblk = (out + 31) / 32;
