@@ -9,8 +9,9 @@ arithmetic of a packed ternary model.  Supported projections: fp32 `nn.Linear`, 
 `Int8Head`, and a quantized embedding with its tied head (`runtime.tables`, int8 or q4).
 Where the build has the kernels (AVX-512; for int8 activations also AVX2), the engine re-lays each packed
 projection's codes once, for the kernel that runs it: exact products through subset-sum tables
-(csrc/decode_lut.c), int8 activations through row-interleaved codes (csrc/decode_r32.c), both with the file's fp16 scales (USE_LUT / USE_R32 switch them off; the module keeps its own
-tq2 codes for prefill, so resident memory grows by one copy of the codes: 310 MB at 1.3B).
+(csrc/decode_lut.c), int8 activations through row-interleaved codes (csrc/decode_r32.c), both with the file's
+fp16 scales (USE_LUT / USE_R32 switch them off; the module keeps its own tq2 codes for prefill, so resident memory
+grows by one copy of the codes: 310 MB at 1.3B).
 Anything else (fake-quant QAT modules, fp16 weights, forward hooks on any module, no C compiler, a
 `reference_path()` in force) returns None and the module-by-module step runs instead.
 

@@ -120,7 +120,8 @@ static void r32_quantize_x(const float *x, int8_t *xa, int32_t *S, float *xs, in
         for (int64_t g = 0; g < in / G; g++) {
             r32_sum sum = r32_sum_zero();
             for (int64_t i = g * G; i < (g + 1) * G; i += 16)
-                _mm_storeu_si128((__m128i *)(void *)(xa + b * in + i), _mm_shuffle_epi8(r32_q16(xr + i, inv, &sum), tr));
+                _mm_storeu_si128((__m128i *)(void *)(xa + b * in + i),
+                                 _mm_shuffle_epi8(r32_q16(xr + i, inv, &sum), tr));
             S[b * (in / G) + g] = r32_sum_total(sum);
         }
     }
@@ -164,9 +165,11 @@ static void r32_gemv(const uint8_t *codes, const uint16_t *scales, const int8_t 
                 }
                 const __m512i sg = _mm512_set1_epi32(Sb[g]);
                 const __m512i A = _mm512_add_epi32(_mm512_add_epi32(a0, _mm512_srai_epi32(a1, 2)),
-                                                   _mm512_add_epi32(_mm512_srai_epi32(a2, 4), _mm512_srai_epi32(a3, 6)));
+                                                   _mm512_add_epi32(_mm512_srai_epi32(a2, 4),
+                                                                    _mm512_srai_epi32(a3, 6)));
                 const __m512i C = _mm512_add_epi32(_mm512_add_epi32(c0, _mm512_srai_epi32(c1, 2)),
-                                                   _mm512_add_epi32(_mm512_srai_epi32(c2, 4), _mm512_srai_epi32(c3, 6)));
+                                                   _mm512_add_epi32(_mm512_srai_epi32(c2, 4),
+                                                                    _mm512_srai_epi32(c3, 6)));
                 const uint16_t *sp = scales + (blk * ng + g) * 32;
                 f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(A, sg)),
                                      _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)sp)), f0);
@@ -216,10 +219,13 @@ static void r32_gemv(const uint8_t *codes, const uint16_t *scales, const int8_t 
                         const __m256i x2 = _mm256_set1_epi32(xk[2]), x3 = _mm256_set1_epi32(xk[3]);
                         for (int q = 0; q < 4; q++) {
                             const __m256i w = _mm256_loadu_si256((const __m256i *)(const void *)(wp + 32 * q));
-                            __m256i t = _mm256_maddubs_epi16(_mm256_and_si256(w, m3), x0);
-                            t = _mm256_add_epi16(t, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 2), m3), x1));
-                            t = _mm256_add_epi16(t, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), m3), x2));
-                            t = _mm256_add_epi16(t, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 6), m3), x3));
+                            const __m256i p0 = _mm256_and_si256(w, m3);
+                            const __m256i p1 = _mm256_and_si256(_mm256_srli_epi16(w, 2), m3);
+                            const __m256i p2 = _mm256_and_si256(_mm256_srli_epi16(w, 4), m3);
+                            const __m256i p3 = _mm256_and_si256(_mm256_srli_epi16(w, 6), m3);
+                            const __m256i t = _mm256_add_epi16(
+                                _mm256_add_epi16(_mm256_maddubs_epi16(p0, x0), _mm256_maddubs_epi16(p1, x1)),
+                                _mm256_add_epi16(_mm256_maddubs_epi16(p2, x2), _mm256_maddubs_epi16(p3, x3)));
                             a16[q] = _mm256_add_epi16(a16[q], t);
                         }
                     }
@@ -227,9 +233,10 @@ static void r32_gemv(const uint8_t *codes, const uint16_t *scales, const int8_t 
                 }
                 const __m256i sg = _mm256_set1_epi32(S[b * ng + g]);
                 const uint16_t *sp = scales + (blk * ng + g) * 32;
-                for (int q = 0; q < 4; q++)
-                    f[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[q], sg)),
-                                           _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sp + 8 * q))), f[q]);
+                for (int q = 0; q < 4; q++) {
+                    const __m256 sq = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sp + 8 * q)));
+                    f[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[q], sg)), sq, f[q]);
+                }
             }
             float r[32];
             for (int q = 0; q < 4; q++) _mm256_storeu_ps(r + 8 * q, _mm256_mul_ps(f[q], _mm256_set1_ps(xs[b])));

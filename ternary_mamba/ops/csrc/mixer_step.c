@@ -27,6 +27,14 @@ static void silu_span(const float *in, float *out, int64_t n) {
     for (; i < n; i++) out[i] = silu_f(in[i]);
 }
 
+#ifdef __AVX2__
+// fp32 bit patterns b -> b rounded to nearest even at bit 16 (finite values): the bf16 value is the high half.
+static inline __m256i bf16_rne_bits(__m256i b) {
+    return _mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                                _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1))));
+}
+#endif
+
 // s = s * a + u * B (in place), returns s . C — one pass over a state row of n floats.
 static inline float state_update_dot(float *s, float a, float u, const float *B, const float *C, int64_t n) {
     float acc = 0.f;
@@ -82,15 +90,12 @@ static inline float state_update_dot_bf16(uint16_t *s, float a, float u, const f
     // 8 values per step: widen by a shift, round to nearest even in integers, pack back (packus per 128-bit lane,
     // then one 64-bit permute puts the 8 results in order)
     const __m256 va = _mm256_set1_ps(a), vu = _mm256_set1_ps(u);
-    const __m256i half = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
     __m256 c0 = _mm256_setzero_ps();
     for (; k + 8 <= n; k += 8) {
         const __m256 sv = _mm256_castsi256_ps(_mm256_slli_epi32(
             _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s + k))), 16));
         const __m256 v = _mm256_add_ps(_mm256_mul_ps(sv, va), _mm256_mul_ps(vu, _mm256_loadu_ps(B + k)));
-        const __m256i b = _mm256_castps_si256(v);
-        const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(half, _mm256_and_si256(
-            _mm256_srli_epi32(b, 16), one))), 16);
+        const __m256i r = _mm256_srli_epi32(bf16_rne_bits(_mm256_castps_si256(v)), 16);
         const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
         _mm_storeu_si128((__m128i *)(s + k), _mm256_castsi256_si128(p));
         c0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(C + k), c0);
@@ -108,6 +113,9 @@ static inline float state_update_dot_bf16(uint16_t *s, float a, float u, const f
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define BF16_EO 1
 #define BF16_EO4 1
+// vcvtne2ps2bf16's [16 even | 16 odd] words back to element order (vpermw indices)
+static const uint16_t EO_ORDER[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
 // The bf16 state row with B and C split into even and odd elements ([B0 B2 ... | B1 B3 ...], split_eo): 32 state
 // values per load, widened by one shift (even) and one mask (odd) instead of a zero-extension per 16, rounded
 // back by one vcvtne2ps2bf16 and re-interleaved by one vpermw.  The same values as state_update_dot_bf16 (each
@@ -116,9 +124,7 @@ static inline float state_update_dot_bf16_eo(uint16_t *s, float a, float u, cons
                                              int64_t n) {
     const __m512 va = _mm512_set1_ps(a), vu = _mm512_set1_ps(u);
     const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
-    static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-    const __m512i inter = _mm512_loadu_si512((const void *)order);
+    const __m512i inter = _mm512_loadu_si512((const void *)EO_ORDER);
     __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps();
     const int64_t h = n / 2;
     for (int64_t k = 0; k < n; k += 32) {
@@ -142,9 +148,7 @@ static inline void state_update_dot4_bf16_eo(uint16_t *s, float a, const float *
     const __m512 va = _mm512_set1_ps(a);
     const __m512 vu[4] = {_mm512_set1_ps(u[0]), _mm512_set1_ps(u[1]), _mm512_set1_ps(u[2]), _mm512_set1_ps(u[3])};
     const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
-    static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-    const __m512i inter = _mm512_loadu_si512((const void *)order);
+    const __m512i inter = _mm512_loadu_si512((const void *)EO_ORDER);
     __m512 c[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     const int64_t h = n / 2;
     for (int64_t k = 0; k < n; k += 32) {
@@ -178,8 +182,7 @@ static inline void state_update_dot4_bf16_eo(uint16_t *s, float a, const float *
 static inline float state_update_dot_bf16_eo(uint16_t *s, float a, float u, const float *Bs, const float *Cs,
                                              int64_t n) {
     const __m256 va = _mm256_set1_ps(a), vu = _mm256_set1_ps(u);
-    const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u), half = _mm256_set1_epi32(0x7fff);
-    const __m256i one = _mm256_set1_epi32(1);
+    const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
     __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
     const int64_t h = n / 2;
     for (int64_t k = 0; k < n; k += 16) {
@@ -188,9 +191,7 @@ static inline float state_update_dot_bf16_eo(uint16_t *s, float a, float u, cons
         const __m256 so = _mm256_castsi256_ps(_mm256_and_si256(raw, hi));
         const __m256 ve = _mm256_fmadd_ps(se, va, _mm256_mul_ps(vu, _mm256_loadu_ps(Bs + k / 2)));
         const __m256 vo = _mm256_fmadd_ps(so, va, _mm256_mul_ps(vu, _mm256_loadu_ps(Bs + h + k / 2)));
-        const __m256i be = _mm256_castps_si256(ve), bo = _mm256_castps_si256(vo);
-        const __m256i re = _mm256_add_epi32(be, _mm256_add_epi32(half, _mm256_and_si256(_mm256_srli_epi32(be, 16), one)));
-        const __m256i ro = _mm256_add_epi32(bo, _mm256_add_epi32(half, _mm256_and_si256(_mm256_srli_epi32(bo, 16), one)));
+        const __m256i re = bf16_rne_bits(_mm256_castps_si256(ve)), ro = bf16_rne_bits(_mm256_castps_si256(vo));
         _mm256_storeu_si256((__m256i *)(void *)(s + k), _mm256_blend_epi16(_mm256_srli_epi32(re, 16), ro, 0xAA));
         c0 = _mm256_fmadd_ps(ve, _mm256_loadu_ps(Cs + k / 2), c0);
         c1 = _mm256_fmadd_ps(vo, _mm256_loadu_ps(Cs + h + k / 2), c1);
