@@ -142,10 +142,11 @@ def test_int8_head_is_close_to_fp32():
     assert rel < 0.02 and (step - got[:, 4]).abs().max() < 1e-3
 
 
-@pytest.mark.parametrize("conv_bias,ngroups", [(True, 1), (False, 2)])
-def test_fused_mixer_step_matches_the_torch_step(conv_bias, ngroups):
+# d_conv 4: the unrolled conv (Mamba-2's width); 3 and 5: the general loop
+@pytest.mark.parametrize("conv_bias,ngroups,d_conv", [(True, 1, 4), (False, 2, 4), (True, 1, 3), (False, 1, 5)])
+def test_fused_mixer_step_matches_the_torch_step(conv_bias, ngroups, d_conv):
     from conftest import random_model, tiny_config
-    m = random_model(tiny_config(ngroups=ngroups, conv_bias=conv_bias))
+    m = random_model(tiny_config(ngroups=ngroups, conv_bias=conv_bias, d_conv=d_conv))
     ids = torch.randint(0, 512, (3, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref_st, st = m.empty_state(3), m.empty_state(3)

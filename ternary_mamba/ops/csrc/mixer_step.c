@@ -208,6 +208,42 @@ static void split_eo(float *v, int64_t n) {      // in place: [v0 v2 v4 ... | v1
 }
 #endif
 
+// Channels c0..c1 of the causal depthwise conv: u[c] = conv_b[c] + sum_k w[c, k] * window[k] over the window
+// [conv_state[c], x[c]], the window then shifted by one in place.
+static void conv_span(const float *xbc, float *cs, const float *conv_w, const float *conv_b, float *u, int64_t c0,
+                      int64_t c1, int64_t K) {
+    for (int64_t c = c0; c < c1; c++) {
+        float *s = cs + c * (K - 1);
+        const float *w = conv_w + c * K;
+        float acc = conv_b ? conv_b[c] : 0.f;
+        for (int64_t k = 0; k < K - 1; k++) acc += w[k] * s[k];
+        acc += w[K - 1] * xbc[c];
+        for (int64_t k = 0; k + 1 < K - 1; k++) s[k] = s[k + 1];
+        if (K > 1) s[K - 2] = xbc[c];
+        u[c] = acc;
+    }
+}
+
+// The same for K = 4 (Mamba-2's width), unrolled: the same sums in the same order.  The loop above with its run-time
+// K took 0.7-1.0 ms of a 1.3B token (48 layers x 4,352 channels, 2 threads), this one 0.27-0.34 (AMD EPYC kind).
+static void conv4_span(const float *xbc, float *cs, const float *conv_w, const float *conv_b, float *u, int64_t c0,
+                       int64_t c1) {
+    for (int64_t c = c0; c < c1; c++) {
+        float *s = cs + c * 3;
+        const float *w = conv_w + c * 4;
+        const float s0 = s[0], s1 = s[1], s2 = s[2], xv = xbc[c];
+        float acc = conv_b ? conv_b[c] : 0.f;
+        acc += w[0] * s0;
+        acc += w[1] * s1;
+        acc += w[2] * s2;
+        acc += w[3] * xv;
+        s[0] = s1;
+        s[1] = s2;
+        s[2] = xv;
+        u[c] = acc;
+    }
+}
+
 // The SSM state streams through once per step (1.3B: 100 MB in bf16, 201 MB in fp32) in 64-head-row blocks the
 // hardware prefetcher restarts on; prefetching 2 KB ahead took the 1.3B step from 5.4-6.3 to 4.5-6.0 ms per token
 // in bf16, 8.2-8.9 to 7.5-8.8 in fp32 (best of 5, 48 layers, 2 threads, Xeon with AVX-512, a noisy VM: 1, 3 and
@@ -226,16 +262,8 @@ static void mixer_step_any(const float *zxbcdt, float *conv_state, const float *
         #pragma omp parallel for schedule(static)
         for (int64_t c0 = 0; c0 < conv_dim; c0 += 64) {          // 64 channels, then their silu at once
             const int64_t c1 = c0 + 64 < conv_dim ? c0 + 64 : conv_dim;
-            for (int64_t c = c0; c < c1; c++) {
-                float *s = cs + c * (K - 1);
-                const float *w = conv_w + c * K;
-                float acc = conv_b ? conv_b[c] : 0.f;
-                for (int64_t k = 0; k < K - 1; k++) acc += w[k] * s[k];
-                acc += w[K - 1] * xbc[c];
-                for (int64_t k = 0; k + 1 < K - 1; k++) s[k] = s[k + 1];
-                if (K > 1) s[K - 2] = xbc[c];
-                u[c] = acc;
-            }
+            if (K == 4) conv4_span(xbc, cs, conv_w, conv_b, u, c0, c1);
+            else conv_span(xbc, cs, conv_w, conv_b, u, c0, c1, K);
             silu_span(u + c0, u + c0, c1 - c0);
         }
         const float *x = u, *B = u + d_inner, *C = u + d_inner + ng * n;
