@@ -80,7 +80,7 @@ class KernelKind(enum.IntEnum):
     TQ2_BF16 = 6
     Q4_A8 = 7
     TQ2_R32 = 8   # int8 activations, 32-row-interleaved codes + fp16 scales (csrc/decode_r32.c), built by the engine
-    TQ2_LUT = 9   # exact (fp32 activations) by subset-sum tables, 16-row blocks + fp16 scales (csrc/decode_lut.c)
+    TQ2_LUT = 9   # exact (fp32 activations) by triple-sum tables, 64-row blocks + fp16 scales (csrc/decode_lut.c)
 
 
 def check_group_size(group_size: int) -> int:

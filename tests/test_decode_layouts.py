@@ -1,7 +1,7 @@
 """The decode engine's re-laid ternary kernels against their references (ops/decode_layouts.py):
   r32  int8 activations, rows interleaved (csrc/decode_r32.c): the integer reference `ternary_linear_a8_ref` and the
        plane-layout kernel it replaces (the same quantized activations and integer sums);
-  lut  exact products by subset-sum tables (csrc/decode_lut.c): the fake-quant product in fp64 (the bound is fp32
+  lut  exact products by triple-sum tables (csrc/decode_lut.c): the fake-quant product in fp64 (the bound is fp32
        rounding alone) and the FMA kernel it replaces.
 Only the fp32 summation order differs from the kernels they replace."""
 import pytest
@@ -16,7 +16,8 @@ from ternary_mamba.runtime import decode_engine
 CASES = {   # (out, in, G, nb): odd row counts (padded blocks), several groups per row, one group per row, batches
     "r32": [(37, 512, 128, 4), (8, 768, 256, 1), (5, 256, 128, 3), (4, 128, 128, 2), (130, 2048, 2048, 1),
             (33, 96, 16, 2), (64, 192, 64, 1)],
-    "lut": [(37, 512, 128, 4), (16, 768, 256, 1), (5, 256, 64, 3), (3, 64, 8, 2), (130, 2048, 2048, 1)],
+    "lut": [(37, 512, 128, 4), (16, 768, 256, 1), (5, 256, 64, 3), (3, 64, 16, 2), (130, 2048, 2048, 1),
+            (70, 96, 48, 2), (65, 160, 32, 1)],     # G 48 and 32: a group's last slot with 4 and 5 triples
 }
 
 
@@ -56,7 +57,7 @@ def test_product_matches_its_references(layout, case):
 
 
 @pytest.mark.parametrize("layout,bad_G", [pytest.param("r32", 8, marks=needs("r32")),
-                                          pytest.param("lut", 4, marks=needs("lut"))])
+                                          pytest.param("lut", 8, marks=needs("lut"))])
 def test_pack_declines_what_it_cannot_hold_exactly(layout, bad_G):
     g = torch.Generator().manual_seed(0)
     codes, sc = random_tq2(8, 256, 128, g)
@@ -64,6 +65,14 @@ def test_pack_declines_what_it_cannot_hold_exactly(layout, bad_G):
     assert decode_layouts.pack(layout, codes, fp16_scales(sc), 128) is not None
     codes_b, sc_b = random_tq2(8, 256, bad_G, g)
     assert decode_layouts.pack(layout, codes_b, fp16_scales(sc_b), bad_G) is None   # a group size it was not written for
+
+
+@pytest.mark.skipif(not decode_layouts.available("lut"), reason="no lut kernel in this build")
+def test_lut_codes_take_no_more_bytes_than_tq2():
+    for in_f, G in [(2048, 128), (4096, 128), (768, 256), (96, 48), (64, 16), (2048, 2048)]:
+        tq2 = in_f // 4 * 64                                       # a block of 64 rows in tq2
+        assert decode_layouts.block_bytes("lut", in_f, G) <= tq2
+    assert decode_layouts.block_bytes("lut", 2048, 128) == 2048 // 4 * 64
 
 
 @pytest.mark.parametrize("layout", [pytest.param("r32", marks=needs("r32")), pytest.param("lut", marks=needs("lut"))])

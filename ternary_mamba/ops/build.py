@@ -1,7 +1,7 @@
 """Building and loading the compiled kernels (csrc/*.c), once with the system C compiler and loaded with ctypes.
 The sources, one concept each: tq2_gemv.c (ternary GEMV, exact and int8-activation), decode_a8.c and
 decode_r32.c (the decode engine's int8-activation GEMVs: plane layout, and 32 rows interleaved, fp16 scales),
-decode_lut.c (its exact GEMV by subset-sum tables), tq2_bf16.c (bf16-activation
+decode_lut.c (its exact GEMV by triple-sum tables), tq2_bf16.c (bf16-activation
 GEMV), tq2_gemm_a8.c (int8 prefill GEMM), dense_gemv.c (fp32 / fp16 / int8 GEMVs), ssm_step.c (the SSM step),
 mixer_step.c (a mixer's whole step), lm_step.c (the one-call decode step), ssd_prefill.c (conv and chunked scan),
 ssd_train.c, conv_train.c, norm_train.c (training's backward passes and the norms), losses.c (CE and KL),
@@ -187,6 +187,7 @@ def get_kernel():
     lib.tq2r32_available.restype = ctypes.c_int
     lib.tq2lut_available.restype = ctypes.c_int
     lib.tq2lut_pack.argtypes, lib.tq2lut_pack.restype = [p] * 4 + [i64] * 3, ctypes.c_int
+    lib.tq2lut_block_bytes.argtypes, lib.tq2lut_block_bytes.restype = [i64, i64], i64
     lib.tq2lut_work_bytes.argtypes, lib.tq2lut_work_bytes.restype = [i64, i64], i64
     lib.tq2lut_gemv.argtypes, lib.tq2lut_gemv.restype = [p] * 5 + [i64] * 4, ctypes.c_int
     lib.tq2r32_pack.argtypes, lib.tq2r32_pack.restype = [p] * 4 + [i64] * 3, ctypes.c_int

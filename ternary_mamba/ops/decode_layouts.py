@@ -6,8 +6,9 @@ ops/kernels.py are their references.
   r32  int8 activations; rows in blocks of 32, code bytes interleaved per dword (one vpdpbusd lane = one row, one
        broadcast activation dword for all 32); G a multiple of 16; AVX512-VNNI, or AVX2 + FMA + F16C
        (vpmaddubsw).
-  lut  exact (fp32 activations) by 16-entry subset-sum tables; rows in blocks of 16, per quad of inputs one byte
-       pos | neg << 4 per row; G a multiple of 8; AVX-512.
+  lut  exact (fp32 activations) by 27-entry tables of the sums over each triple of inputs; rows in blocks of 64,
+       one 5-bit index per row and triple, six per dword; G a multiple of 16 (at most tq2's bytes, equal at 128);
+       AVX-512.
 Both keep the scales in fp16 (the packed file's precision): a scale that is not exactly an fp16 value declines."""
 from __future__ import annotations
 
@@ -16,7 +17,14 @@ import torch
 from .build import get_kernel
 from .ctypes_checks import require as _check, require_cpu as _cpu, require_dtype as _dtype
 
-ROWS_PER_BLOCK = {"r32": 32, "lut": 16}
+ROWS_PER_BLOCK = {"r32": 32, "lut": 64}
+
+
+def block_bytes(layout: str, in_features: int, group_size: int) -> int:
+    """Bytes of the layout's codes per block of rows."""
+    if layout == "lut":
+        return int(get_kernel().tq2lut_block_bytes(in_features, group_size))
+    return in_features // 4 * ROWS_PER_BLOCK[layout]
 
 
 def available(layout: str) -> bool:
@@ -39,9 +47,11 @@ def pack(layout: str, codes: torch.Tensor, scales: torch.Tensor,
     codes, scales = codes.contiguous(), scales.contiguous()
     out_f, in_f = codes.size(0), codes.size(1) * 4
     _check(scales.shape == (out_f, in_f // group_size), 'scales (out, in / group_size)')
-    rows = ROWS_PER_BLOCK[layout]
+    rows, nbytes = ROWS_PER_BLOCK[layout], block_bytes(layout, in_f, group_size)
+    if nbytes <= 0:
+        return None
     nblk = (out_f + rows - 1) // rows
-    dst = torch.empty(nblk, in_f // 4 * rows, dtype=torch.uint8)
+    dst = torch.empty(nblk, nbytes, dtype=torch.uint8)
     dsc = torch.empty(nblk, in_f // group_size, rows, dtype=torch.int16)
     rc = getattr(lib, f"tq2{layout}_pack")(codes.data_ptr(), scales.data_ptr(), dst.data_ptr(), dsc.data_ptr(),
                                            out_f, in_f, group_size)
@@ -59,8 +69,8 @@ def gemv(layout: str, packed: tuple[torch.Tensor, torch.Tensor], out_features: i
     x = x.contiguous()
     nb, in_f = x.shape
     rows = ROWS_PER_BLOCK[layout]
-    _check(codes.size(1) * 4 == in_f * rows and codes.size(0) * rows >= out_features > (codes.size(0) - 1) * rows,
-           f'{layout} codes match x')
+    _check(codes.size(1) == block_bytes(layout, in_f, group_size)
+           and codes.size(0) * rows >= out_features > (codes.size(0) - 1) * rows, f'{layout} codes match x')
     y = torch.empty(nb, out_features)
     work = torch.empty(getattr(lib, f"tq2{layout}_work_bytes")(in_f, nb), dtype=torch.int8)
     fn = lib.tq2r32_gemv_auto if layout == "r32" else lib.tq2lut_gemv       # the same arguments

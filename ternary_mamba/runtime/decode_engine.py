@@ -8,7 +8,7 @@ arithmetic of a packed ternary model.  Supported projections: fp32 `nn.Linear`, 
 (exact fp32 products, or int8 activations when opted in with `use_a8_activations`), `Fp16Head` and
 `Int8Head`, and a quantized embedding with its tied head (`runtime.tables`, int8 or q4).
 Where the build has the kernels (AVX-512; for int8 activations also AVX2), the engine re-lays each packed
-projection's codes once, for the kernel that runs it: exact products through subset-sum tables
+projection's codes once, for the kernel that runs it: exact products through triple-sum tables
 (csrc/decode_lut.c), int8 activations through row-interleaved codes (csrc/decode_r32.c), both with the file's
 fp16 scales (USE_LUT / USE_R32 switch them off; the module keeps its own tq2 codes for prefill, so resident memory
 grows by one copy of the codes: 310 MB at 1.3B).
@@ -63,7 +63,7 @@ TM_F32, TM_TQ2, TM_TQ2_A8, TM_I8, TM_F16, TM_Q4, TM_TQ2_BF16, TM_Q4_A8, TM_TQ2_R
 # False: the plane-layout kernel (csrc/decode_a8.c) — the same integer sums (tests compare the two).  Both switches
 # are read when an engine is built (engines are cached per model: clear `_ENGINES` after changing them)
 USE_R32 = True
-# exact projections run through the subset-sum table kernel (csrc/decode_lut.c) where the build has it; False: the
+# exact projections run through the triple-sum table kernel (csrc/decode_lut.c) where the build has it; False: the
 # FMA kernel (csrc/tq2_gemv.c) — equal up to fp32 summation order (tests compare the two)
 USE_LUT = True
 
@@ -92,7 +92,7 @@ def _linear(m: nn.Module, keep: list) -> _Linear:
     if isinstance(m, PackedTernaryLinear) and m.paths.gemv:
         kind = TM_TQ2_BF16 if m.bf16 and m.paths.gemv_bf16 else TM_TQ2_A8 if m.a8 and m.paths.gemv_a8 else TM_TQ2
         # re-laid for fewer instructions per weight, fp16 scales: int8 activations -> r32 (the same integer sums),
-        # exact -> subset-sum tables (lut); where the build or the shape has no such kernel, the tq2 one
+        # exact -> triple-sum tables (lut); where the build or the shape has no such kernel, the tq2 one
         layout, on, relaid = {TM_TQ2_A8: ("r32", USE_R32, TM_TQ2_R32), TM_TQ2: ("lut", USE_LUT, TM_TQ2_LUT)}.get(
             kind, (None, False, None))
         packed = (decode_layouts.pack(layout, m.codes, _f32(m.scales), m.group_size)

@@ -139,6 +139,7 @@ int tq2r32_available(void);
 int tq2lut_available(void);
 int tq2lut_pack(const uint8_t *codes, const float *scales, uint8_t *dst, uint16_t *dst_scales, int64_t out,
                 int64_t in, int64_t G);
+int64_t tq2lut_block_bytes(int64_t in, int64_t G);
 int64_t tq2lut_work_bytes(int64_t in, int64_t nb);
 int tq2lut_gemv(const uint8_t *codes, const uint16_t *scales, const float *x, float *y, void *work, int64_t out,
                 int64_t in, int64_t G, int64_t nb);
