@@ -155,6 +155,27 @@ def test_the_bench_names_the_kernels_and_counts_fp16_scales_where_the_engine_kee
         assert bytes_breakdown(m)["scales"] == n_scales * (2 if relaid else 4)
 
 
+def test_the_roofline_counts_lut_codes_at_their_own_size():
+    """The lut layout holds 3 weights per 5 bits, six per dword (ceil(G / 18) dwords per row and group): tq2's
+    bytes at G = 128, 15 of tq2's 16 dwords at G = 256, and the roofline counts what the kernel reads."""
+    from conftest import random_model, tiny_config
+    from ternary_mamba.bench.roofline import bytes_breakdown, kernel_summary
+    from ternary_mamba.bench.runtime import pack_in_place
+    from ternary_mamba.ops import decode_layouts
+    from ternary_mamba.runtime.heads import use_fp16_head
+    for G, dwords in ((128, 8), (256, 15)):
+        m = random_model(tiny_config(d_model=256)).eval()
+        pack_in_place(m, G)
+        use_fp16_head(m)
+        lins = [lin for layer in m.backbone.layers for lin in (layer.mixer.in_proj, layer.mixer.out_proj)]
+        tq2 = sum(lin.codes.numel() for lin in lins)
+        if not decode_layouts.available("lut"):
+            assert bytes_breakdown(m)["codes"] == tq2
+            continue
+        assert "tq2_lut" in kernel_summary(m)
+        assert bytes_breakdown(m)["codes"] == tq2 * dwords * 4 // (G // 4)
+
+
 def test_the_compute_probe_reports_one_thread_as_one():
     from ternary_mamba.bench.probes import thread_scaling
     from ternary_mamba.ops.build import get_kernel, set_threads

@@ -25,16 +25,25 @@ def bytes_per_token(model) -> int:
     return weight_bytes_per_token(model) + state_bytes_per_token(model)
 
 
-def _fp16_scale_ids(model) -> set[int]:
-    """The packed projections' fp32 scale buffers that the decode engine reads as fp16 (its r32 and lut kernels,
-    csrc/decode_r32.c and decode_lut.c, hold them so): half their bytes per token."""
+def _engine_bytes(model) -> dict[int, int]:
+    """Bytes per token of the buffers the decode engine reads in a layout of its own, by id: the packed projections'
+    fp32 scales that its r32 and lut kernels (csrc/decode_r32.c, decode_lut.c) hold in fp16 (half their bytes), and
+    the codes the lut kernel holds as 5-bit indexes of weight triples (ceil(G / 18) dwords per row and group: tq2's
+    bytes at G = 128, fewer at some larger G)."""
     from ..runtime.decode_engine import engine_for
     eng = engine_for(model)
     if eng is None:
-        return set()
+        return {}
     kinds = eng.kernel_kinds()
     lins = [lin for layer in model.backbone.layers for lin in (layer.mixer.in_proj, layer.mixer.out_proj)]
-    return {id(lin.scales) for lin, k in zip(lins, kinds) if k in ("tq2_r32", "tq2_lut")}
+    out = {}
+    for lin, k in zip(lins, kinds):
+        if k in ("tq2_r32", "tq2_lut"):
+            out[id(lin.scales)] = 2 * lin.scales.numel()
+        if k == "tq2_lut":
+            G = lin.group_size
+            out[id(lin.codes)] = lin.out_features * (lin.in_features // G) * -(-G // 18) * 4
+    return out
 
 
 def kernel_summary(model) -> str:
@@ -56,13 +65,13 @@ def bytes_breakdown(model) -> dict[str, int]:
            "conv state": 2 * 4 * c.n_layer * c.conv_dim * (c.d_conv - 1)}
     emb = getattr(model.backbone.embedding, "weight", None)
     head_reads_emb = emb is not None and getattr(model.lm_head, "weight", None) is emb
-    seen, half = set(), _fp16_scale_ids(model)
+    seen, relaid = set(), _engine_bytes(model)
     for mname, mod in model.named_modules():
         for pname, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
             if t is None or id(t) in seen:
                 continue
             seen.add(id(t))
-            n = t.numel() * (2 if id(t) in half else t.element_size())
+            n = relaid.get(id(t), t.numel() * t.element_size())
             if t is emb:
                 out["head" if head_reads_emb else "embedding row"] += n if head_reads_emb else t.size(1) * t.element_size()
             elif mname == "lm_head" or mname.startswith("lm_head."):
@@ -77,13 +86,13 @@ def bytes_breakdown(model) -> dict[str, int]:
 
 
 def weight_bytes_per_token(model) -> int:
-    """Bytes of weights a decode step reads: every buffer/parameter once (the scales the engine keeps in fp16 at
-    2 bytes), but only one embedding row (tied head reads all)."""
-    seen, total, half = set(), 0, _fp16_scale_ids(model)
+    """Bytes of weights a decode step reads: every buffer/parameter once (those the engine keeps in a layout of its
+    own at that layout's size: `_engine_bytes`), but only one embedding row (tied head reads all)."""
+    seen, total, relaid = set(), 0, _engine_bytes(model)
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) not in seen:
             seen.add(id(t))
-            total += t.numel() * (2 if id(t) in half else t.element_size())
+            total += relaid.get(id(t), t.numel() * t.element_size())
     emb = getattr(model.backbone.embedding, "weight", None)   # None: a quantized table the head reads too
     if emb is not None and getattr(model.lm_head, "weight", None) is not emb:  # the head no longer reads the embedding: one row
         total -= emb.numel() * emb.element_size() - emb.size(1) * emb.element_size()
