@@ -30,6 +30,7 @@ def _engine_bytes(model) -> dict[int, int]:
     fp32 scales that its r32 and lut kernels (csrc/decode_r32.c, decode_lut.c) hold in fp16 (half their bytes), and
     the codes the lut kernel holds as 5-bit indexes of weight triples (ceil(G / 18) dwords per row and group: tq2's
     bytes at G = 128, fewer at some larger G)."""
+    from ..ops import decode_layouts
     from ..runtime.decode_engine import engine_for
     eng = engine_for(model)
     if eng is None:
@@ -40,9 +41,9 @@ def _engine_bytes(model) -> dict[int, int]:
     for lin, k in zip(lins, kinds):
         if k in ("tq2_r32", "tq2_lut"):
             out[id(lin.scales)] = 2 * lin.scales.numel()
-        if k == "tq2_lut":
-            G = lin.group_size
-            out[id(lin.codes)] = lin.out_features * (lin.in_features // G) * -(-G // 18) * 4
+        if k == "tq2_lut":      # per row: the layout's bytes per block of rows over its rows (the kernel's own count)
+            per_block = decode_layouts.block_bytes("lut", lin.in_features, lin.group_size)
+            out[id(lin.codes)] = lin.out_features * per_block // decode_layouts.ROWS_PER_BLOCK["lut"]
     return out
 
 
