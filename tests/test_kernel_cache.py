@@ -70,3 +70,11 @@ def test_a_missing_compiler_is_one_line_and_the_pytorch_path_runs(tmp_path):
     assert r.returncode == 0, r.stderr[-500:]
     lines = [l for l in r.stderr.splitlines() if "unavailable" in l]
     assert len(lines) == 1 and "no-such-cc" in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_the_machine_line_says_when_the_kernels_target_another_cpu(monkeypatch):
+    from ternary_mamba.ops.device import cpu_description
+    monkeypatch.delenv("TERNARY_MAMBA_MARCH", raising=False)
+    assert "march" not in cpu_description()
+    monkeypatch.setenv("TERNARY_MAMBA_MARCH", "haswell")   # an emulated AVX2-only kind: its figures must say so
+    assert cpu_description().endswith("C kernels built for -march=haswell (TERNARY_MAMBA_MARCH)")

@@ -144,4 +144,8 @@ def cpu_description() -> str:
     except OSError:
         pass
     isa = [name for flag, name in ISA_FLAGS if flag in flags] or ["no AVX2"]
-    return f"{model} ({', '.join(isa)}), {os.cpu_count()} cores"
+    out = f"{model} ({', '.join(isa)}), {os.cpu_count()} cores"
+    march = os.environ.get("TERNARY_MAMBA_MARCH", "native")
+    if march != "native":   # an emulated kind: the kernels use what -march gives, not every flag the CPU has
+        out += f"; C kernels built for -march={march} (TERNARY_MAMBA_MARCH)"
+    return out
