@@ -134,3 +134,72 @@ def test_a_bad_embedded_tokenizer_is_one_line(tmp_path, case, msg):
     p = _tokenizer_gguf(tmp_path / "t.gguf", tokens, **kw)
     with pytest.raises(UserError, match=msg):
         load_gguf_tokenizer(p)
+
+
+def _theirs(path):
+    """{key: python value} and [(name, shape, type, bytes)] as gguf-py's own reader sees the file."""
+    import numpy as np
+    r = gguf.GGUFReader(path)
+    fields = {}
+    for k, f in r.fields.items():
+        if k.startswith("GGUF."):
+            continue
+        T = gguf.GGUFValueType
+        def one(i, t):  # noqa: E306
+            return bytes(f.parts[i]).decode() if t == T.STRING else f.parts[i].tolist()[0]
+        if f.types[0] == T.ARRAY:
+            fields[k] = [one(i, f.types[-1]) for i in f.data]
+        else:
+            fields[k] = one(f.data[0], f.types[0])
+    tensors = [(t.name, tuple(int(x) for x in reversed(t.shape.tolist())), int(t.tensor_type),
+                np.asarray(t.data).view(np.uint8).tobytes()) for t in r.tensors]
+    return fields, tensors
+
+
+def _plain(v):
+    import numpy as np
+    return v.tolist() if isinstance(v, np.ndarray) else [_plain(x) for x in v] if isinstance(v, list) else v
+
+
+def test_our_reader_agrees_with_gguf_py_on_every_field_and_tensor(tmp_path):
+    """formats/gguf_read.py against gguf-py's GGUFReader: our export (TQ2_0, the tokenizer) and a file with every
+    value type, an array of arrays, a non-default alignment and a tensor of each type we accept."""
+    import numpy as np
+    from conftest import BUNDLED_TOKENIZER
+    from ternary_mamba.formats.gguf import _read
+    export_gguf(student(256), tmp_path / "m.gguf", "tq2_0", BUNDLED_TOKENIZER)
+    T, Q = gguf.GGUFValueType, gguf.GGMLQuantizationType
+    w = gguf.GGUFWriter(tmp_path / "x.gguf", "mamba2")
+    w.add_custom_alignment(64)
+    for i, (t, v) in enumerate([(T.UINT8, 7), (T.INT8, -7), (T.UINT16, 65535), (T.INT16, -300), (T.UINT32, 2**32 - 1),
+                                (T.INT32, -2**31), (T.FLOAT32, 0.5), (T.BOOL, True), (T.UINT64, 2**64 - 1),
+                                (T.INT64, -2**63), (T.FLOAT64, -1e300), (T.STRING, "héllo")]):
+        w.add_key_value(f"k.{i}", v, t)
+        w.add_key_value(f"a.{i}", [v, v], T.ARRAY, t)
+    w.add_key_value("nested", [[1, 2], [3]], T.ARRAY, T.ARRAY)
+    rng = np.random.default_rng(0)
+    for qt in (Q.F32, Q.F16, Q.Q8_0, Q.TQ2_0):
+        block, nbytes = gguf.GGML_QUANT_SIZES[qt]
+        w.add_tensor(f"t.{qt.name}", rng.integers(0, 256, (3, 2 * nbytes), dtype=np.uint8), raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    for pad in range(8):   # the default alignment, whatever the length of the metadata before the data
+        w = gguf.GGUFWriter(tmp_path / f"p{pad}.gguf", "mamba2")
+        w.add_key_value("pad", "x" * (5 * pad), T.STRING)
+        w.add_tensor("t", np.arange(8, dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    for name in ["m.gguf", "x.gguf"] + [f"p{pad}.gguf" for pad in range(8)]:
+        fields, tensors = _theirs(tmp_path / name)
+        ours = _read(tmp_path / name, gguf)
+        got = {k: _plain(v) for k, (v, _) in ours.fields.items()}
+        if name == "x.gguf":   # gguf-py flattens nested arrays into parts; compare those apart
+            assert got.pop("nested") == [[1, 2], [3]]
+            fields.pop("nested")
+            assert got["k.6"] == 0.5 and got["k.11"] == "héllo" and got["a.8"] == [2**64 - 1] * 2
+        assert got == fields
+        assert [(t.name, t.shape, t.ggml_type, t.data.tobytes()) for t in ours.tensors] == tensors

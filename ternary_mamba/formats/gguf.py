@@ -33,6 +33,7 @@ from ..errors import UserError
 from ..spec import group_paths
 from ..quant.qat import TernaryLinear
 from .configs import GGUF_TYPES
+from .gguf_read import STRING, GGUFFile, read_gguf
 from .tokenizer import Tokenizer
 
 ARCH = "mamba2"
@@ -182,10 +183,7 @@ def load_gguf(path: Path):
     """A GGUF file written by `export_gguf` (or llama.cpp's converter for mamba2) -> a dense fp32 Mamba2LM."""
     gguf = _gguf()
     path = Path(path)
-    try:
-        r = gguf.GGUFReader(path)
-    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
-        raise UserError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0][:160]})") from None
+    r = _read(path, gguf)
     try:
         return _model_from_gguf(r, path, gguf)
     except UserError:
@@ -195,14 +193,23 @@ def load_gguf(path: Path):
                         f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
 
 
-def _model_from_gguf(r, path: Path, gguf):
+# the tensor types a mamba2 GGUF of ours (or llama.cpp's converter) holds; anything else is refused unread
+TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "TQ1_0", "TQ2_0")
+
+
+def _read(path: Path, gguf) -> GGUFFile:
+    Q = gguf.GGMLQuantizationType
+    sizes = {int(getattr(Q, n)): gguf.GGML_QUANT_SIZES[getattr(Q, n)] for n in TENSOR_TYPES if hasattr(Q, n)}
+    return read_gguf(path, sizes, {int(t): t.name for t in Q})
+
+
+def _model_from_gguf(r: GGUFFile, path: Path, gguf):
 
     def field(key):
         f = r.fields.get(key)
         if f is None:
             raise UserError(f"{path}: GGUF metadata lacks {key}")
-        v = f.parts[f.data[0]]
-        return bytes(v).decode() if f.types[0] == gguf.GGUFValueType.STRING else v.item()
+        return f[0]
 
     def int_field(key, hi=1 << 24):
         v = field(key)
@@ -212,7 +219,7 @@ def _model_from_gguf(r, path: Path, gguf):
 
     if field("general.architecture") != ARCH:
         raise UserError(f"{path}: architecture {field('general.architecture')!r} is not mamba2")
-    infos = _checked_tensor_infos(r, path, gguf)
+    infos = _checked_tensor_infos(r, path)
     d_model, d_inner = int_field(f"{ARCH}.embedding_length"), int_field(f"{ARCH}.ssm.inner_size")
     nh = int_field(f"{ARCH}.ssm.time_step_rank")
     emb_shape = infos.get("token_embd.weight")
@@ -237,7 +244,7 @@ def _model_from_gguf(r, path: Path, gguf):
                             f"metadata needs {expected[name]}")
     t = {}
     for tensor in r.tensors:
-        data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        data = gguf.quants.dequantize(tensor.data, gguf.GGMLQuantizationType(tensor.ggml_type))
         t[tensor.name] = torch.from_numpy(np.array(data, dtype=np.float32).reshape(infos[tensor.name]))
     emb = t["token_embd.weight"]
     sd = {"backbone.embedding.weight": emb, "backbone.norm_f.weight": t["output_norm.weight"]}
@@ -266,28 +273,17 @@ def _model_from_gguf(r, path: Path, gguf):
     return model.eval()
 
 
-# the tensor types a mamba2 GGUF of ours (or llama.cpp's converter) holds; anything else is refused unread
-TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "TQ1_0", "TQ2_0")
-
-
-def _checked_tensor_infos(r, path: Path, gguf) -> dict[str, tuple[int, ...]]:
-    """name -> shape (PyTorch order) of every tensor, checked before any is read: unique UTF-8 names, a known
-    tensor type, 1-4 positive dimensions."""
+def _checked_tensor_infos(r: GGUFFile, path: Path) -> dict[str, tuple[int, ...]]:
+    """name -> shape (PyTorch order) of every tensor, checked before any is read: unique non-empty names (the
+    reader checked types, dimensions and extents)."""
     infos = {}
-    allowed = {getattr(gguf.GGMLQuantizationType, n) for n in TENSOR_TYPES if hasattr(gguf.GGMLQuantizationType, n)}
     for tensor in r.tensors:
         name = tensor.name
-        if not isinstance(name, str) or not name or len(name) > 256:
+        if not name or len(name) > 256:
             raise UserError(f"{path}: a tensor has an empty or invalid name")
         if name in infos:
             raise UserError(f"{path}: tensor {name!r:.60} appears twice")
-        if tensor.tensor_type not in allowed:
-            raise UserError(f"{path}: tensor {name!r:.60} has type {tensor.tensor_type!r:.30}; a mamba2 file holds "
-                            f"{', '.join(TENSOR_TYPES)}")
-        shape = tuple(int(x) for x in reversed(tensor.shape.tolist()))
-        if not 1 <= len(shape) <= 4 or min(shape) < 1:
-            raise UserError(f"{path}: tensor {name!r:.60} has shape {shape}")
-        infos[name] = shape
+        infos[name] = tensor.shape
     return infos
 
 
@@ -313,10 +309,7 @@ def load_gguf_tokenizer(path: Path):
     gguf = _gguf()
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers
-    try:
-        r = gguf.GGUFReader(path)
-    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
-        raise UserError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0][:160]})") from None
+    r = _read(Path(path), gguf)
 
     def field(key):
         f = r.fields.get(key)
@@ -325,24 +318,22 @@ def load_gguf_tokenizer(path: Path):
         return f
 
     def strings(key):
-        f = field(key)
-        try:
-            return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
-        except UnicodeDecodeError as e:
-            raise UserError(f"{path}: {key} holds a string that is not UTF-8 (byte {e.start})") from None
-        except (TypeError, ValueError, IndexError):
-            raise UserError(f"{path}: {key} is not a list of strings") from None
+        value, vtype = field(key)
+        if vtype == STRING:
+            return [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UserError(f"{path}: {key} is not a list of strings")
+        return value
 
     kinds = strings("tokenizer.ggml.model")
     model_kind = kinds[0] if kinds else ""
     if model_kind != "gpt2":
         raise UserError(f"{path}: embedded tokenizer {model_kind!r} is not supported (gpt2 BPE only); pass --tokenizer")
     tokens = strings("tokenizer.ggml.tokens")
-    f = field("tokenizer.ggml.token_type")
-    try:
-        types = [int(f.parts[i][0]) for i in f.data]
-    except (TypeError, ValueError, IndexError):
-        raise UserError(f"{path}: tokenizer.ggml.token_type is not a list of integers") from None
+    value = field("tokenizer.ggml.token_type")[0]
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "iu":
+        raise UserError(f"{path}: tokenizer.ggml.token_type is not a list of integers")
+    types = value.tolist()
     if len(types) != len(tokens) or not tokens:
         raise UserError(f"{path}: {len(tokens)} tokens but {len(types)} token types")
     vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty != 5}      # drop [PADi]
