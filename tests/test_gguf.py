@@ -104,6 +104,32 @@ def test_generate_from_a_gguf_file_uses_its_embedded_tokenizer(tmp_path, capsys)
     assert capsys.readouterr().out.startswith("Once")
 
 
+@pytest.mark.parametrize("qtype,G", [("tq2_0", 256), ("tq1_0", 256), ("f16", 128)])
+def test_a_ternary_gguf_decodes_packed_as_the_packed_folder_does(tmp_path, capsys, qtype, G):
+    """generate / serve on a ternary GGUF pack its projections in memory as they are (the decode engine runs
+    them): the same greedy tokens as the packed folder exported from the same student; a full-precision GGUF
+    stays dense."""
+    from conftest import BUNDLED_TOKENIZER
+    from ternary_mamba.formats.packed import export_packed
+    from ternary_mamba.runtime.decode_engine import engine_for
+    from ternary_mamba.runtime.generate import generate_text
+    from ternary_mamba.runtime.load import load_for_decoding, load_model_and_tokenizer
+    m = student(G)
+    export_gguf(m, tmp_path / "m.gguf", qtype, BUNDLED_TOKENIZER)
+    export_packed(m, tmp_path / "packed", tokenizer_path=BUNDLED_TOKENIZER)
+    model, tok, note = load_for_decoding(tmp_path / "m.gguf")
+    assert f"groups of {G}) packed in memory" in note and model.packed_header and engine_for(model) is not None
+    ref, _ = load_model_and_tokenizer(tmp_path / "packed")
+    assert generate_text(model, tok, "Dorothy", 12, 0.0) == generate_text(ref, tok, "Dorothy", 12, 0.0)
+    assert main(["generate", str(tmp_path / "m.gguf"), "--prompt", "Once", "--max-new-tokens", "3",
+                 "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "packed in memory" in err and "[decode mode: exact (m.gguf records no measured cost" in err
+    export_gguf(random_model(tiny_config(vocab_size=8192)), tmp_path / "fp.gguf", "f16", BUNDLED_TOKENIZER)
+    model, _, note = load_for_decoding(tmp_path / "fp.gguf")
+    assert "full-precision" in note and not getattr(model, "packed_header", None)
+
+
 def _tokenizer_gguf(path, tokens, types=True, merges=("a b",)):
     w = gguf.GGUFWriter(str(path), "mamba2")
     w.add_tokenizer_model("gpt2")

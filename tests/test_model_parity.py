@@ -80,3 +80,24 @@ def test_the_parity_command_reports_small_differences(capsys):
     from ternary_mamba.eval.parity import parity_report
     for r in parity_report(lambda _: None, seqlen=20).values():
         assert max(v for k, v in r.items() if k != "max_abs_logit") <= 1e-4 < r["max_abs_logit"]
+
+
+def test_a_model_built_to_be_loaded_skips_the_default_inits():
+    """Mamba2LM(cfg, init=False) on the meta device (how every loader builds its model) must not run torch's
+    default embedding init: on meta that goes through torch's Python refs and imports torch._dynamo, ~1.7 s of every
+    `generate` / `serve` start.  In a fresh interpreter, so that nothing else imported it first."""
+    import subprocess
+    import sys
+    code = ("import sys, torch\n"
+            "if 'torch._dynamo' in sys.modules: print('skip'); sys.exit()\n"
+            "from ternary_mamba.core.config import Mamba2Config\n"
+            "from ternary_mamba.core.model import Mamba2LM\n"
+            "with torch.device('meta'):\n"
+            "    m = Mamba2LM(Mamba2Config(d_model=64, n_layer=2, vocab_size=512), init=False)\n"
+            "assert m.backbone.embedding.weight.is_meta\n"
+            "print('dynamo' if 'torch._dynamo' in sys.modules else 'clean')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if out.stdout.strip() == "skip":
+        pytest.skip("this torch imports torch._dynamo at import time")
+    assert out.stdout.strip() == "clean"

@@ -5,7 +5,7 @@ import sys
 import time
 
 from ..errors import UserError
-from ..runtime.load import load_model_and_tokenizer
+from ..runtime.load import load_for_decoding
 from ..ops.device import autocast, precision
 from ..runtime.generate import generate_text
 from ..runtime.heads import use_int8_head
@@ -20,8 +20,10 @@ def generate(cfg: GenerateConfig, stream: bool = False) -> str:
     The Python twin of `ternary-mamba generate`."""
     require(cfg, "model", "prompt", command="generate")
     device, dtype = precision(cfg.device, cfg.dtype)
-    model, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer)
+    model, tok, note = load_for_decoding(cfg.model, cfg.tokenizer)
     model = model.to(device)
+    if stream and note:
+        print(f"[{note}]", file=sys.stderr)
     if cfg.threads is None and device.type == "cpu":
         from ..ops.build import set_threads
         from ..ops.threads import default_threads

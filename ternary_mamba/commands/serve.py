@@ -21,7 +21,7 @@ import uuid
 from ..errors import UserError
 from ..ops.device import precision
 from ..runtime.batching import BatchedGenerator, QueueFull
-from ..runtime.load import load_model_and_tokenizer
+from ..runtime.load import load_for_decoding
 from .flags import require
 from ..log import say
 
@@ -38,7 +38,7 @@ class Engine:
 
     def __init__(self, cfg):
         self.device, self.dtype = precision(cfg.device, "fp32")
-        self.model, self.tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer)
+        self.model, self.tok, self.note = load_for_decoding(cfg.model, cfg.tokenizer)
         self.model = self.model.to(self.device).eval()
         self.mode = None
         if not (cfg.int8_head or cfg.a8):
@@ -279,6 +279,8 @@ def serve(cfg) -> None:
     say(f"serving {cfg.model} at {server.url}/v1 (OpenAI-compatible: /v1/completions, /v1/chat/completions, "
         f"/v1/models; up to {cfg.max_batch} requests decoded together, {cfg.max_queue} waiting); Ctrl-C stops it",
         flush=True)
+    if server.engine.note:
+        say(server.engine.note, flush=True)
     if server.engine.mode:
         say(f"decode mode: {server.engine.mode}", flush=True)
     try:

@@ -158,9 +158,12 @@ class Mamba2Block(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: Mamba2Config):
+    def __init__(self, cfg: Mamba2Config, init: bool = True):
         super().__init__()
-        self.embedding = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
+        shape = (cfg.padded_vocab_size, cfg.d_model)
+        # init=False (a model about to be loaded): no default init of the table.  On the meta device that init runs
+        # through torch's Python refs and imports torch._dynamo (~1.7 s of every load); elsewhere it is thrown away.
+        self.embedding = nn.Embedding(*shape) if init else nn.Embedding(*shape, _weight=torch.empty(shape))
         self.layers = nn.ModuleList(Mamba2Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
 
@@ -169,7 +172,7 @@ class Mamba2LM(nn.Module):
     def __init__(self, cfg: Mamba2Config, init: bool = True):
         super().__init__()
         self.config = cfg
-        self.backbone = Backbone(cfg)
+        self.backbone = Backbone(cfg, init)
         self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight

@@ -49,7 +49,7 @@ class GGUFFile:
 
 class _Cursor:
     def __init__(self, buf, path: Path):
-        self.buf, self.pos, self.path = buf, 0, path
+        self.buf, self.pos, self.path = memoryview(buf), 0, path    # memoryview: slices without numpy views
 
     def need(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > len(self.buf):

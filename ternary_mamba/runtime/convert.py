@@ -30,6 +30,25 @@ def convert_(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+@torch.no_grad()
+def pack_if_ternary_(model: nn.Module) -> int | None:
+    """A dense model whose projections are exactly ternary (read back from a TQ2_0 / TQ1_0 GGUF file, or an f16
+    export of a student): those projections packed as they are (`adopt_ternary_`, then `convert_`: the same codes
+    and scales, nothing re-quantized) and the head read in fp16 where the embedding holds fp16 values, so that the
+    decode engine runs it as it runs a packed folder.  Returns the group size, or None (the model is unchanged)."""
+    from ..quant.adopt import adopt_ternary_
+    from .heads import head_weight, use_fp16_head
+    G = adopt_ternary_(model)
+    if G is None:
+        return None
+    convert_(model)
+    w = head_weight(model).detach()
+    if torch.equal(w.half().float(), w):
+        use_fp16_head(model)
+    model.packed_header = {"packed_in_memory": True, "group_size": G}
+    return G
+
+
 def ptq_pack_(model: nn.Module, group_size: int) -> nn.Module:
     """Absmean PTQ of a full-precision model's projections, packed (what the decode benchmarks run)."""
     return convert_(quantize_(model, TernaryConfig(group_size=group_size)))

@@ -95,6 +95,21 @@ def load_model_and_tokenizer(path: str | os.PathLike, tokenizer: str | None = No
     return load_model(folder), load_tokenizer(tokenizer_path_for(folder, tokenizer))
 
 
+def load_for_decoding(path: str | os.PathLike, tokenizer: str | None = None):
+    """`load_model_and_tokenizer`, except that a GGUF file whose projections are exactly ternary (TQ2_0 / TQ1_0,
+    or an f16 export of a student) has them packed in memory, so that `generate` and `serve` run it on the
+    decode engine instead of as a dense fp32 model.  Returns (model, tokenizer, a line saying so or None)."""
+    model, tok = load_model_and_tokenizer(path, tokenizer)
+    if not is_gguf(path):
+        return model, tok, None
+    from .convert import pack_if_ternary_
+    G = pack_if_ternary_(model)
+    if G is None:
+        return model, tok, f"{Path(path).name}: full-precision projections; decoding it as a dense model"
+    return model, tok, (f"{Path(path).name}: ternary projections (groups of {G}) packed in memory as they are, "
+                        "for the decode engine")
+
+
 def load_tokenizer(path: str | os.PathLike):
     """The tokenizer of any path `load_model` takes: a tokenizer.json, a folder holding one, or a .gguf file."""
     if is_gguf(path):
