@@ -92,7 +92,7 @@ def test_full_precision_model_as_f32_gguf_is_exact(tmp_path):
 
 def test_generate_from_a_gguf_file_uses_its_embedded_tokenizer(tmp_path, capsys):
     from conftest import BUNDLED_TOKENIZER
-    from ternary_mamba.formats.gguf import load_gguf_tokenizer
+    from ternary_mamba.formats.gguf_load import load_gguf_tokenizer
     from ternary_mamba.formats.tokenizer import load_tokenizer
     export_gguf(student(256), tmp_path / "m.gguf", "tq2_0", BUNDLED_TOKENIZER)
     text = "Dorothy lived in the midst of the great Kansas prairies, with Uncle Henry.\n<|endoftext|>"
@@ -117,6 +117,20 @@ def test_a_ternary_gguf_decodes_packed_as_the_packed_folder_does(tmp_path, capsy
     m = student(G)
     export_gguf(m, tmp_path / "m.gguf", qtype, BUNDLED_TOKENIZER)
     export_packed(m, tmp_path / "packed", tokenizer_path=BUNDLED_TOKENIZER)
+    from ternary_mamba.formats.gguf_load import load_gguf
+    from ternary_mamba.quant.qat import packed_codes
+    from ternary_mamba.runtime.packed_linear import PackedTernaryLinear
+    got = []
+
+    def keep(codes, s16, G):
+        got.append((codes, s16, G))
+        return PackedTernaryLinear(codes, s16, codes.shape[1] * 4, G, None)
+    load_gguf(tmp_path / "m.gguf", ternary=keep)
+    assert len(got) == (0 if qtype == "f16" else 4)   # TQ types: the codes and scales as read, never dense
+    for (codes, s16, G_), lin in zip(got, [p for layer in m.backbone.layers
+                                           for p in (layer.mixer.in_proj, layer.mixer.out_proj)]):
+        want_codes, want_s16 = packed_codes(lin, "tq2")
+        assert G_ == 256 and torch.equal(codes.reshape(-1), want_codes) and torch.equal(s16, want_s16)
     model, tok, note = load_for_decoding(tmp_path / "m.gguf")
     assert f"groups of {G}) packed in memory" in note and model.packed_header and engine_for(model) is not None
     ref, _ = load_model_and_tokenizer(tmp_path / "packed")
@@ -148,7 +162,7 @@ def _tokenizer_gguf(path, tokens, types=True, merges=("a b",)):
                                       ("a merge without a space", "not two tokens separated by a space"),
                                       ("a token that is not UTF-8", "not UTF-8")])
 def test_a_bad_embedded_tokenizer_is_one_line(tmp_path, case, msg):
-    from ternary_mamba.formats.gguf import load_gguf_tokenizer
+    from ternary_mamba.formats.gguf_load import load_gguf_tokenizer
     tokens = ["a", "b", "ab"]
     kw = {}
     if case == "no token types":
@@ -192,7 +206,7 @@ def test_our_reader_agrees_with_gguf_py_on_every_field_and_tensor(tmp_path):
     value type, an array of arrays, a non-default alignment and a tensor of each type we accept."""
     import numpy as np
     from conftest import BUNDLED_TOKENIZER
-    from ternary_mamba.formats.gguf import _read
+    from ternary_mamba.formats.gguf_load import read_gguf_file
     export_gguf(student(256), tmp_path / "m.gguf", "tq2_0", BUNDLED_TOKENIZER)
     T, Q = gguf.GGUFValueType, gguf.GGMLQuantizationType
     w = gguf.GGUFWriter(tmp_path / "x.gguf", "mamba2")
@@ -221,7 +235,7 @@ def test_our_reader_agrees_with_gguf_py_on_every_field_and_tensor(tmp_path):
         w.close()
     for name in ["m.gguf", "x.gguf"] + [f"p{pad}.gguf" for pad in range(8)]:
         fields, tensors = _theirs(tmp_path / name)
-        ours = _read(tmp_path / name, gguf)
+        ours = read_gguf_file(tmp_path / name, gguf)
         got = {k: _plain(v) for k, (v, _) in ours.fields.items()}
         if name == "x.gguf":   # gguf-py flattens nested arrays into parts; compare those apart
             assert got.pop("nested") == [[1, 2], [3]]
@@ -229,3 +243,28 @@ def test_our_reader_agrees_with_gguf_py_on_every_field_and_tensor(tmp_path):
             assert got["k.6"] == 0.5 and got["k.11"] == "héllo" and got["a.8"] == [2**64 - 1] * 2
         assert got == fields
         assert [(t.name, t.shape, t.ggml_type, t.data.tobytes()) for t in ours.tensors] == tensors
+
+
+def test_a_tq2_0_block_with_the_fourth_code_stays_dense(tmp_path):
+    """TQ2_0 can hold q = 3, i.e. (3 - 1) d: not ternary.  Such a projection is read densely (its value 2 d kept),
+    the others packed as read."""
+    from conftest import BUNDLED_TOKENIZER
+    from ternary_mamba.formats.gguf_load import load_gguf
+    from ternary_mamba.runtime.load import load_for_decoding
+    from ternary_mamba.runtime.packed_linear import PackedTernaryLinear
+    m = student(256)
+    export_gguf(m, tmp_path / "m.gguf", "tq2_0", BUNDLED_TOKENIZER)
+    t = next(t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors if t.name == "blk.0.ssm_in.weight")
+    raw = bytearray((tmp_path / "m.gguf").read_bytes())
+    raw[t.data_offset] = 0xFF                     # weights 0, 32, 64, 96 of row 0: q = 3
+    (tmp_path / "m.gguf").write_bytes(bytes(raw))
+    dense = load_gguf(tmp_path / "m.gguf")
+    w = dense.backbone.layers[0].mixer.in_proj.weight
+    s = m.backbone.layers[0].mixer.in_proj.export()[1][0, 0].float()
+    assert torch.equal(w[0, [0, 32, 64, 96]], torch.full((4,), 2 * s.item()))
+    model, tok, note = load_for_decoding(tmp_path / "m.gguf")
+    mixers = [layer.mixer for layer in model.backbone.layers]
+    assert not isinstance(mixers[0].in_proj, PackedTernaryLinear)
+    assert all(isinstance(p, PackedTernaryLinear) for p in (mixers[0].out_proj, mixers[1].in_proj, mixers[1].out_proj))
+    with torch.no_grad():
+        assert (model(torch.tensor([[1, 2, 3]])) - dense(torch.tensor([[1, 2, 3]]))).abs().max() < 1e-4

@@ -39,7 +39,7 @@ def info(path: str) -> str:
         return format_info(cfg, path) + "\npacked sizes:\n" + format_size_table(cfg, DEFAULT_GROUP_SIZE)
     p = Path(path)
     if is_gguf(p):
-        from ..formats.gguf import load_gguf
+        from ..formats.gguf_load import load_gguf
         model = load_gguf(p)
         return (format_info(model.config, str(p)) + f"\nGGUF file: {p.stat().st_size / MB:,.2f} MB "
                 f"(read back as a dense model: the ternary projections dequantized)")

@@ -32,16 +32,18 @@ def convert_(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def pack_if_ternary_(model: nn.Module) -> int | None:
-    """A dense model whose projections are exactly ternary (read back from a TQ2_0 / TQ1_0 GGUF file, or an f16
-    export of a student): those projections packed as they are (`adopt_ternary_`, then `convert_`: the same codes
-    and scales, nothing re-quantized) and the head read in fp16 where the embedding holds fp16 values, so that the
-    decode engine runs it as it runs a packed folder.  Returns the group size, or None (the model is unchanged)."""
+    """A model whose projections are packed already (while a TQ2_0 / TQ1_0 GGUF was read: `load_for_decoding`) or
+    exactly ternary though dense (an f16 GGUF export of a student: `adopt_ternary_`, then `convert_`, the same
+    codes and scales, nothing re-quantized), made ready for the decode engine as a packed folder is: the head read
+    in fp16 where the embedding holds fp16 values.  Returns the group size, or None (the model is unchanged)."""
     from ..quant.adopt import adopt_ternary_
     from .heads import head_weight, use_fp16_head
-    G = adopt_ternary_(model)
+    packed = {m.group_size for m in model.modules() if isinstance(m, PackedTernaryLinear)}
+    G = adopt_ternary_(model) if not packed else min(packed)
     if G is None:
         return None
-    convert_(model)
+    if not packed:
+        convert_(model)
     w = head_weight(model).detach()
     if torch.equal(w.half().float(), w):
         use_fp16_head(model)

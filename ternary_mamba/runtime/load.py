@@ -56,7 +56,7 @@ def load_model(path_or_id: str | os.PathLike, device: str = "cpu"):
     finished student/ or model/), a packed folder (ternary weights stay packed), a QAT student (its ternary
     modules rebuilt), a .gguf file, or a hub id."""
     if is_gguf(path_or_id):
-        from ..formats.gguf import load_gguf
+        from ..formats.gguf_load import load_gguf
         return load_gguf(Path(path_or_id)).to(device)
     if in_progress(path_or_id) is not None:
         return load_checkpoint_model(Path(path_or_id)).to(device)
@@ -85,7 +85,7 @@ def load_model_and_tokenizer(path: str | os.PathLike, tokenizer: str | None = No
     embedded tokenizer unless `tokenizer` is given)."""
     from ..formats.tokenizer import load_tokenizer, tokenizer_path_for
     if is_gguf(path):
-        from ..formats.gguf import load_gguf, load_gguf_tokenizer
+        from ..formats.gguf_load import load_gguf, load_gguf_tokenizer
         return load_gguf(Path(path)), (load_tokenizer(tokenizer) if tokenizer else load_gguf_tokenizer(Path(path)))
     run = in_progress(path)
     if run is not None:
@@ -99,10 +99,15 @@ def load_for_decoding(path: str | os.PathLike, tokenizer: str | None = None):
     """`load_model_and_tokenizer`, except that a GGUF file whose projections are exactly ternary (TQ2_0 / TQ1_0,
     or an f16 export of a student) has them packed in memory, so that `generate` and `serve` run it on the
     decode engine instead of as a dense fp32 model.  Returns (model, tokenizer, a line saying so or None)."""
-    model, tok = load_model_and_tokenizer(path, tokenizer)
     if not is_gguf(path):
-        return model, tok, None
+        return (*load_model_and_tokenizer(path, tokenizer), None)
+    from ..formats.gguf_load import load_gguf, load_gguf_tokenizer
+    from ..formats.tokenizer import load_tokenizer as load_tokenizer_file
     from .convert import pack_if_ternary_
+    from .packed_linear import PackedTernaryLinear
+    model = load_gguf(Path(path), ternary=lambda codes, s16, G: PackedTernaryLinear(codes, s16, codes.shape[1] * 4,
+                                                                                    G, None))   # packed as read
+    tok = load_tokenizer_file(tokenizer) if tokenizer else load_gguf_tokenizer(Path(path))
     G = pack_if_ternary_(model)
     if G is None:
         return model, tok, f"{Path(path).name}: full-precision projections; decoding it as a dense model"
@@ -113,7 +118,7 @@ def load_for_decoding(path: str | os.PathLike, tokenizer: str | None = None):
 def load_tokenizer(path: str | os.PathLike):
     """The tokenizer of any path `load_model` takes: a tokenizer.json, a folder holding one, or a .gguf file."""
     if is_gguf(path):
-        from ..formats.gguf import load_gguf_tokenizer
+        from ..formats.gguf_load import load_gguf_tokenizer
         return load_gguf_tokenizer(Path(path))
     from ..formats.tokenizer import load_tokenizer as load_json_tokenizer
     return load_json_tokenizer(path)
