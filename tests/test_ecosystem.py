@@ -53,7 +53,7 @@ def test_target_gguf_exports_tq2_by_default_and_gguf_is_accepted_everywhere(tiny
     assert main(["export", str(tmp_path / "g"), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
     assert "as TQ2_0" in capsys.readouterr().out
     gguf = str(tmp_path / "m.gguf")
-    assert main(["info", gguf]) == 0 and "GGUF file" in capsys.readouterr().out
+    assert main(["info", gguf]) == 0 and "TQ2_0 x16" in capsys.readouterr().out   # the table alone, nothing read
     assert main(["ppl", gguf, "--text", str(text_dir), "--seq-len", "64", "--max-tokens", "512"]) == 0
     assert "m.gguf" in capsys.readouterr().out
     assert main(["export", gguf, "--format", "tq1", "--out", str(tmp_path / "from-gguf")]) == 0

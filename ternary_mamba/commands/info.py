@@ -39,10 +39,11 @@ def info(path: str) -> str:
         return format_info(cfg, path) + "\npacked sizes:\n" + format_size_table(cfg, DEFAULT_GROUP_SIZE)
     p = Path(path)
     if is_gguf(p):
-        from ..formats.gguf_load import load_gguf
-        model = load_gguf(p)
-        return (format_info(model.config, str(p)) + f"\nGGUF file: {p.stat().st_size / MB:,.2f} MB "
-                f"(read back as a dense model: the ternary projections dequantized)")
+        from ..formats.gguf_load import gguf_summary
+        cfg, types = gguf_summary(p)
+        kinds = ", ".join(f"{n} x{k}" for n, k in sorted(types.items(), key=lambda kv: -kv[1]))
+        return (format_info(cfg, str(p)) + f"\nGGUF file: {p.stat().st_size / MB:,.2f} MB; tensors: {kinds} "
+                f"(TQ2_0 / TQ1_0 projections decode packed: `generate`, `serve`)")
     if p.is_file():
         return format_info(config_from_json(p), str(p))
     run = Path(path) if (Path(path) / "run.json").exists() else None

@@ -41,6 +41,26 @@ def load_gguf(path: Path, ternary: Callable[[torch.Tensor, torch.Tensor, int], t
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "TQ1_0", "TQ2_0")
 
 
+def gguf_summary(path: Path) -> tuple[Mamba2Config, dict[str, int]]:
+    """(config, {tensor type: how many tensors}) of a mamba2 GGUF file from its metadata and tensor table alone:
+    no tensor is read (what `info` prints)."""
+    gguf = gguf_module()
+    path = Path(path)
+    r = read_gguf_file(path, gguf)
+    try:
+        cfg, _ = _config_of(r, path)
+    except UserError:
+        raise
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError, ZeroDivisionError) as e:
+        raise UserError(f"{path}: GGUF metadata does not describe a mamba2 model "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    types: dict[str, int] = {}
+    for t in r.tensors:
+        name = gguf.GGMLQuantizationType(t.ggml_type).name
+        types[name] = types.get(name, 0) + 1
+    return cfg, types
+
+
 def read_gguf_file(path: Path, gguf) -> GGUFFile:
     """Parse a mamba2 GGUF file, accepting the tensor types such a file holds (TENSOR_TYPES)."""
     Q = gguf.GGMLQuantizationType
@@ -48,7 +68,8 @@ def read_gguf_file(path: Path, gguf) -> GGUFFile:
     return read_gguf(path, sizes, {int(t): t.name for t in Q})
 
 
-def _model_from_gguf(r: GGUFFile, path: Path, gguf, ternary):
+def _config_of(r: GGUFFile, path: Path) -> tuple[Mamba2Config, dict[str, tuple[int, ...]]]:
+    """The model config from the metadata, and every tensor's shape, checked against that config."""
 
     def field(key):
         f = r.fields.get(key)
@@ -87,6 +108,11 @@ def _model_from_gguf(r: GGUFFile, path: Path, gguf, ternary):
         if math.prod(shape) != expected[name]:
             raise UserError(f"{path}: tensor {name} has shape {shape} ({math.prod(shape)} values); this model's "
                             f"metadata needs {expected[name]}")
+    return cfg, infos
+
+
+def _model_from_gguf(r: GGUFFile, path: Path, gguf, ternary):
+    cfg, infos = _config_of(r, path)
     with torch.device("meta"):          # no random init of weights about to be replaced (~17 s at 1.3B)
         model = Mamba2LM(cfg, init=False)
     sd, kept = {}, {}
