@@ -65,9 +65,10 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load_state_dict_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str,
-                           assign: bool = False) -> None:
+                           assign: bool = False, own: bool = False) -> None:
     """Load `sd` (our names or transformers') after checking every key, shape and dtype against the model; as fp32.
-    assign=True: the tensors replace the model's (a model built on the meta device), the tied head re-tied."""
+    assign=True: the tensors replace the model's (a model built on the meta device), the tied head re-tied; they are
+    copied first unless own=True (the caller made them and hands them over: no second copy of the model)."""
     sd = {_hf_to_ours(k): v for k, v in sd.items()}
     expected = model.state_dict()
     if model.config.tie_embeddings:
@@ -85,7 +86,8 @@ def load_state_dict_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], 
         if not v.is_floating_point():
             raise UserError(f"{source}: {k} has dtype {v.dtype}, expected floating point")
     # assign: own copies (a tensor read from a memory-mapped file must not become a parameter as it is)
-    model.load_state_dict({k: v.to(torch.float32, copy=assign) for k, v in sd.items()}, strict=False, assign=assign)
+    model.load_state_dict({k: v.to(torch.float32, copy=assign and not own) for k, v in sd.items()}, strict=False,
+                          assign=assign)
     if assign and model.config.tie_embeddings and isinstance(getattr(model.lm_head, "weight", None), torch.nn.Parameter):
         model.lm_head.weight = model.backbone.embedding.weight
 

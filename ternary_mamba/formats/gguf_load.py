@@ -131,7 +131,7 @@ def _model_from_gguf(r: GGUFFile, path: Path, gguf, ternary):
     for name, module in kept.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, module)
-    load_state_dict_strict(model, sd, str(path), assign=True)
+    load_state_dict_strict(model, sd, str(path), assign=True, own=True)   # fresh arrays, made above
     meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if meta:
         raise UserError(f"{path}: no tensor for {meta[:3]} in the GGUF file")
