@@ -139,6 +139,9 @@ def test_a_ternary_gguf_decodes_packed_as_the_packed_folder_does(tmp_path, capsy
                  "--temperature", "0"]) == 0
     err = capsys.readouterr().err
     assert "packed in memory" in err and "[decode mode: exact (m.gguf records no measured cost" in err
+    assert main(["generate", str(tmp_path / "m.gguf"), "--prompt", "Once", "--max-new-tokens", "3", "--mode", "a8"]) == 0
+    err = capsys.readouterr().err                 # a8 runs on the packed codes; its cost is nowhere recorded
+    assert "[decode mode: a8: int8 activations" in err and "not measured for a single file" in err
     export_gguf(random_model(tiny_config(vocab_size=8192)), tmp_path / "fp.gguf", "f16", BUNDLED_TOKENIZER)
     model, _, note = load_for_decoding(tmp_path / "fp.gguf")
     assert "full-precision" in note and not getattr(model, "packed_header", None)

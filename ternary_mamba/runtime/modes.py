@@ -140,7 +140,9 @@ def select_mode(model, source: str | None, mode: str = "auto") -> str | None:
             why = (f"exact ({folder.name} records no measured cost of the faster modes: `ternary-mamba export` "
                    "it to a packed folder to measure them, or pass --mode)")
     else:
-        chosen, why = mode, f"{mode}: {DESCRIBE.get(mode, '?')} (asked for; its measured cost: decode_modes.json)"
+        where = ("not measured for a single file: `ternary-mamba export` it to a packed folder to measure it"
+                 if source and Path(source).is_file() else "its measured cost: decode_modes.json")
+        chosen, why = mode, f"{mode}: {DESCRIBE.get(mode, '?')} (asked for; {where})"
     if not apply_mode(model, chosen):
         raise UserError(f"--mode {chosen}: this model cannot run it (int8 activations need groups of a multiple "
                         "of 128)")
