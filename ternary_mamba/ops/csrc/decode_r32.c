@@ -65,6 +65,7 @@ int tq2r32_pack(const uint8_t *codes, const float *scales, uint8_t *dst, uint16_
     if (!r32_shape_ok(in, G)) return -1;
     const int64_t rb = in / 4, ns = in / 16, ng = in / G, nblk = (out + 31) / 32;
     int ok = 1;
+    #pragma omp parallel for schedule(static) reduction(& : ok)     // once per engine
     for (int64_t blk = 0; blk < nblk; blk++)
         for (int r = 0; r < 32; r++) {
             const int64_t o = 32 * blk + r;
