@@ -28,8 +28,13 @@ def load_gguf(path: Path, ternary: Callable[[torch.Tensor, torch.Tensor, int], t
     gguf = gguf_module()
     path = Path(path)
     r = read_gguf_file(path, gguf)
+    return _as_user_error(path, lambda: _model_from_gguf(r, path, gguf, ternary))
+
+
+def _as_user_error(path: Path, build):
+    """build(), any failure of a file that is not a mamba2 model turned into one line."""
     try:
-        return _model_from_gguf(r, path, gguf, ternary)
+        return build()
     except UserError:
         raise
     except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError, ZeroDivisionError) as e:
@@ -47,13 +52,7 @@ def gguf_summary(path: Path) -> tuple[Mamba2Config, dict[str, int]]:
     gguf = gguf_module()
     path = Path(path)
     r = read_gguf_file(path, gguf)
-    try:
-        cfg, _ = _config_of(r, path)
-    except UserError:
-        raise
-    except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError, ZeroDivisionError) as e:
-        raise UserError(f"{path}: GGUF metadata does not describe a mamba2 model "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    cfg, _ = _as_user_error(path, lambda: _config_of(r, path))
     types: dict[str, int] = {}
     for t in r.tensors:
         name = gguf.GGMLQuantizationType(t.ggml_type).name

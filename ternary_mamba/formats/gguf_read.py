@@ -92,8 +92,7 @@ class _Cursor:
 
     def value(self, vtype: int, what: str, depth: int = 0):
         if vtype in _SCALARS:
-            v = self.scalar(_SCALARS[vtype][0], what)
-            return v
+            return self.scalar(_SCALARS[vtype][0], what)
         if vtype == STRING:
             return self.string(what)
         if vtype != ARRAY or depth >= MAX_DEPTH:

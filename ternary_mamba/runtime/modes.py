@@ -135,10 +135,11 @@ def select_mode(model, source: str | None, mode: str = "auto") -> str | None:
         chosen, why = "exact", "exact (asked for)"
     elif mode == "auto":
         folder = Path(source) if source else None
-        chosen, why = choose_mode(read_record(folder) if folder is not None and folder.is_dir() else None)
         if folder is not None and folder.is_file():    # a GGUF file packed in memory: no record to read
-            why = (f"exact ({folder.name} records no measured cost of the faster modes: `ternary-mamba export` "
-                   "it to a packed folder to measure them, or pass --mode)")
+            chosen, why = "exact", (f"exact ({folder.name} records no measured cost of the faster modes: "
+                                    "`ternary-mamba export` it to a packed folder to measure them, or pass --mode)")
+        else:
+            chosen, why = choose_mode(read_record(folder) if folder is not None and folder.is_dir() else None)
     else:
         where = ("not measured for a single file: `ternary-mamba export` it to a packed folder to measure it"
                  if source and Path(source).is_file() else "its measured cost: decode_modes.json")
