@@ -247,3 +247,46 @@ def test_a_paired_timer_after_an_unpaired_one_gets_a_fresh_reading_before_it():
     _, around, top = interleaved_rounds({"llama": timer("llama", 1.0), "a": timer("a", 2.0)}, 1, probe, {"a"})
     assert log == ["probe", "llama", "probe", "a", "probe"]
     assert around == {"a": [(2.0, 32.0)]} and top == 32.0
+
+
+@pytest.mark.parametrize("sizes", [[1], [64, 3, 200], [4096 + 17, 65 * 64, 5]])
+def test_the_read_only_pass_reads_every_byte_and_writes_back_the_same(sizes):
+    """csrc/bandwidth.c stream_ranges: its checksum is the xor of every 8-byte word of each range's whole 64-byte
+    lines and of its tail bytes, over regions of one or more ranges, whatever the split across threads; ranges
+    flagged as written keep their contents."""
+    import ctypes
+    lib = get_kernel()
+    if lib is None:
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(len(sizes))
+    bufs = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g) for n in sizes]
+    before = [b.clone() for b in bufs]
+    want = 0
+    for b in bufs:
+        full = b.numel() // 64 * 64
+        want ^= int(np.bitwise_xor.reduce(b[:full].numpy().view(np.int64))) if full else 0
+        for v in b[full:].tolist():
+            want ^= v
+    k = len(bufs)
+    for flags in ([3] * k, [2] + [1] * (k - 1), [2 + (i % 2) for i in range(k)]):
+        got = lib.stream_ranges((ctypes.c_void_p * k)(*[b.data_ptr() for b in bufs]),
+                                (ctypes.c_int64 * k)(*sizes), (ctypes.c_uint8 * k)(*flags), k, 0)
+        assert got == want, flags
+        assert all(torch.equal(a, b) for a, b in zip(bufs, before))
+
+
+def test_the_read_only_pass_covers_the_bytes_of_the_decode_roofline():
+    """What the read-only pass moves is the roofline's bytes less the small per-layer tensors and the embedding
+    row, for every engine variant (so the ratio the benchmark prints compares a mode with its own bytes); at
+    d_model 256 every projection's rows fill the re-laid layouts' blocks (no padding rows to read)."""
+    from conftest import random_model, tiny_config
+    from ternary_mamba.bench.probes import read_only_timer
+    from ternary_mamba.bench.roofline import bytes_breakdown, bytes_per_token
+    from ternary_mamba.bench.runtime import build_variants
+    if get_kernel() is None:
+        pytest.skip("no C compiler")
+    for name, m in build_variants(random_model(tiny_config(d_model=256)).eval(), "decode").items():
+        timer = read_only_timer(m, 2)
+        assert timer is not None and timer() > 0, name
+        parts = bytes_breakdown(m)
+        assert timer.nbytes == bytes_per_token(m) - parts["small tensors"] - parts["embedding row"], name

@@ -45,3 +45,33 @@ def thread_scaling(iters: int = 20_000_000) -> float | None:
         finally:
             lib.tm_set_threads(n)
     return n * best(1) / best(n)
+
+
+def read_only_timer(model, n: int):
+    """A timer like the decode timers (n per call, returns per second) of a pass that reads a decode step's own
+    bytes and computes nothing: the engine's buffers in the order a token reads them, split over the threads as its
+    kernels split them, the recurrent states written back (csrc/bandwidth.c stream_ranges; the ceiling of the
+    access pattern on this machine at this moment, against which a mode's arithmetic shows).  Its `.nbytes`: the
+    bytes one pass moves (written ones twice).  None where the model does not decode on the engine."""
+    import ctypes
+    from ..ops.build import get_kernel
+    from ..runtime.decode_engine import engine_for
+    eng, lib = engine_for(model), get_kernel()
+    if eng is None or lib is None:
+        return None
+    state = eng.prepare_state(model.empty_state(1), 1)
+    ranges = [(t, w, j == 0) for call in eng.byte_ranges(state) for j, (t, w) in enumerate(call)]
+    k = len(ranges)
+    ptrs = (ctypes.c_void_p * k)(*[t.data_ptr() for t, _, _ in ranges])
+    sizes = (ctypes.c_int64 * k)(*[t.numel() * t.element_size() for t, _, _ in ranges])
+    flags = (ctypes.c_uint8 * k)(*[int(w) | 2 * int(first) for _, w, first in ranges])   # 1: written, 2: new region
+
+    def run() -> float:
+        t = time.perf_counter()
+        for _ in range(n):
+            lib.stream_ranges(ptrs, sizes, flags, k, 0)
+        return n / (time.perf_counter() - t)
+    run.nbytes = sum(sizes) + sum(s for s, f in zip(sizes, flags) if f & 1)
+    run.state = state            # keep the buffers alive with the timer
+    lib.stream_ranges(ptrs, sizes, flags, k, 0)
+    return run

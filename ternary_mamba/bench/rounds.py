@@ -56,3 +56,10 @@ def share_text(share: float, near: float | None) -> str:
                  "; above the bandwidth probed around its rounds (median: not a limit there; part of the token "
                  "stayed in the cache, or the machine sped up mid-round)")
     return text
+
+
+def round_ratio(samples: list[tuple[float, float]], ref: list[tuple[float, float]]) -> float | None:
+    """Median over rounds of a paired timer's rate / another paired timer's rate in the same round, in percent (None
+    without rounds): e.g. a decode mode against the read-only pass over its own bytes timed right after it."""
+    r = [100 * a / b for (a, _), (b, _) in zip(samples, ref) if b > 0]
+    return statistics.median(r) if r else None

@@ -11,9 +11,9 @@ from ..core.model import Mamba2LM
 from ..ops.device import cpu_description
 from ..runtime.convert import ptq_pack_
 from ..log import say
-from .probes import memory_bandwidth_gbs, thread_scaling
+from .probes import memory_bandwidth_gbs, read_only_timer, thread_scaling
 from .roofline import bytes_breakdown, bytes_per_token, kernel_summary
-from .rounds import interleaved_rounds, paired_share, share_text
+from .rounds import interleaved_rounds, paired_share, round_ratio, share_text
 
 LLAMA_CPP = {  # llama.cpp built from source, AVX2 + FMA CPU, 2 threads, random weights (reference points)
     "mamba2-130m": {"decode": {"f32": 41, "tq2": 128, "tq1": 114}, "prefill": {"f32": 330, "tq2": 405}},
@@ -218,6 +218,17 @@ def decode_profile(model, n: int) -> dict[str, float] | None:
 
 
 @torch.no_grad()
+def read_only_text(timer, rate: float, bw: float, ratio: float | None) -> str:
+    """A decode mode's line about the read-only pass over its own bytes (`probes.read_only_timer`)."""
+    gbs = rate * timer.nbytes / 1e9
+    text = (f"read-only pass over these bytes ({timer.nbytes / 1e6:.1f} MB in the engine's order, nothing computed): "
+            f"{rate:.1f} /s = {gbs:.1f} GB/s ({100 * gbs / bw:.0f} % of the best probe)")
+    if ratio is None:
+        return text
+    return text + (f"; this mode at {ratio:.0f} % of its rate (median of the rounds)" if ratio <= 100 else
+                   "; this mode faster than it (median of the rounds: the pass is no limit there)")
+
+
 def run_bench_runtime(cfg) -> None:
     import tempfile
     from pathlib import Path
@@ -246,6 +257,15 @@ def run_bench_runtime(cfg) -> None:
         per_round = max(1, cfg.tokens // rounds) if cfg.what == "decode" else cfg.tokens
         make = _decode_timer if cfg.what == "decode" else _prefill_timer
         timers = {k: make(m, per_round) for k, m in variants.items()}
+        ro: dict[str, object] = {}
+        if cfg.what == "decode":   # each engine mode's bytes read with nothing computed, timed right after the mode
+            ro = {k: t for k, t in ((k, read_only_timer(m, per_round)) for k, m in variants.items()) if t is not None}
+            paired_timers = {}
+            for k, t in timers.items():
+                paired_timers[k] = t
+                if k in ro:
+                    paired_timers[f"{k} read-only"] = ro[k]
+            timers = paired_timers
         if cfg.what == "decode":   # greedy decoding: the same tokens as argmax of the full logits
             timers.update({f"{k} greedy": _decode_timer(variants[k], per_round, greedy=True)
                            for k in ("fp32", "tq2") if k in variants})
@@ -253,8 +273,8 @@ def run_bench_runtime(cfg) -> None:
             llama = llama_cpp_timers(model, cfg.what, per_round, torch.get_num_threads(), tmp)
             timers.update(llama or {})
             # the probe is one more interleaved variant (its best counts), also read around each roofline variant
-            best, around, top = interleaved_rounds(timers, rounds, memory_bandwidth_gbs,
-                                                   set(variants) if cfg.what == "decode" else set())
+            best, around, top = interleaved_rounds(timers, rounds, memory_bandwidth_gbs, set(variants) | {
+                f"{k} read-only" for k in ro} if cfg.what == "decode" else set())
             bw = max(bw, top)
             del timers, llama
         what = "decode" if cfg.what == "decode" else f"prefill 1x{cfg.tokens}"
@@ -262,6 +282,8 @@ def run_bench_runtime(cfg) -> None:
             + ("read at the start of each round and after each variant, the roofline's denominator"
                if cfg.what == "decode" else "one at the start of each round") + f"): {bw:.1f} GB/s")
         for k, r in best.items():
+            if k.endswith(" read-only"):
+                continue
             line = f"{name} {what} {k:>17}: {r:8.1f} tok/s"
             if k in variants:
                 nbytes = bytes_per_token(variants[k])
@@ -273,6 +295,9 @@ def run_bench_runtime(cfg) -> None:
                     parts = bytes_breakdown(variants[k])          # sums to nbytes (tests/test_bench.py)
                     line += "\n" + " " * 24 + "MB/token: " + ", ".join(
                         f"{p} {v / 1e6:.1f}" for p, v in parts.items() if v) + f"; kernels: {kernel_summary(variants[k])}"
+                    if k in ro:
+                        line += "\n" + " " * 24 + read_only_text(ro[k], best[f"{k} read-only"], bw,
+                                                                  round_ratio(around[k], around[f"{k} read-only"]))
             say(line)
         if "llama.cpp F32" in best:
             lf, lt = best["llama.cpp F32"], best["llama.cpp TQ2_0"]

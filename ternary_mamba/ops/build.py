@@ -175,6 +175,7 @@ def get_kernel():
     lib.tq2_has_bf16.restype = ctypes.c_int
     lib.stream_read.argtypes, lib.stream_read.restype = [p, i64], ctypes.c_float
     lib.vector_probe.argtypes, lib.vector_probe.restype = [i64], ctypes.c_float
+    lib.stream_ranges.argtypes, lib.stream_ranges.restype = [p, p, p, i64, i64], i64
     lib.tq2_gemm_a8.argtypes, lib.tq2_gemm_a8.restype = [p, p, p, p, i64, i64, i64, i64], ctypes.c_int
     lib.tq2_has_vnni512.restype = ctypes.c_int
     lib.q4_a8_kernel.restype = ctypes.c_int

@@ -158,18 +158,26 @@ class DecodeEngine:
         keep: list = []
         layers = (_Layer * c.n_layer)()
         max_in = c.d_inner
+        described: list[list[Tensor]] = []   # each projection's tensors as described, in the order a step reads them
+
+        def linear(m: nn.Module) -> _Linear:
+            n0 = len(keep)
+            lin = _linear(m, keep)
+            described.append([t for t in keep[n0:] if t is not None])
+            return lin
+
         for i, layer in enumerate(model.backbone.layers):
             mx = layer.mixer
             t = [_f32(x.detach() if x is not None else None) for x in
                  (layer.norm.weight, mx.conv1d.weight, mx.conv1d.bias, mx.dt_bias, mx.A_log, mx.D, mx.norm.weight)]
             keep += t
-            layers[i] = _Layer(_ptr(t[0]), _linear(mx.in_proj, keep), _linear(mx.out_proj, keep),
-                               *map(_ptr, t[1:]))
+            layers[i] = _Layer(_ptr(t[0]), linear(mx.in_proj), linear(mx.out_proj), *map(_ptr, t[1:]))
             max_in = max(max_in, mx.in_proj.in_features, mx.out_proj.in_features)
         emb_kind, emb, emb_scales = _table(model.backbone.embedding)
         norm_f = _f32(model.backbone.norm_f.weight.detach())
         keep += [emb, emb_scales, norm_f]
-        head = _linear(model.lm_head, keep)
+        head = linear(model.lm_head)
+        self._described = described
         self.state_dtype = torch.bfloat16 if model in _BF16_STATE else torch.float32
         self.model_struct = _Model(c.n_layer, c.d_model, c.d_inner, c.ngroups, c.d_state, c.nheads, c.headdim,
                                    c.d_conv, max(max_in, c.d_model), float(model.backbone.layers[0].norm.eps),
@@ -196,6 +204,18 @@ class DecodeEngine:
         lower case), e.g. for run records and the benchmarks' byte counts."""
         lins = [lin for layer in self.layers for lin in (layer.in_proj, layer.out_proj)] + [self.model_struct.head]
         return [KernelKind(lin.kind).name.lower() for lin in lins]
+
+    def byte_ranges(self, state: list) -> list[list[tuple[Tensor, bool]]]:
+        """The large buffers a step reads, in the order it reads them, one list per kernel call (parallel region)
+        of the step, each buffer with whether the step writes it back: per layer in_proj's weights (as the engine
+        holds them: re-laid codes, fp16 scales), the conv state, the SSM state (`state`: `prepare_state`'s),
+        out_proj's weights; then the head's.  Left out: the per-layer norms, conv weights, A, D and dt bias and
+        the embedding row (KBs)."""
+        out: list[list[tuple[Tensor, bool]]] = []
+        for i, s in enumerate(state):
+            out += [[(t, False) for t in self._described[2 * i]], [(s.conv, True)], [(s.ssm, True)],
+                    [(t, False) for t in self._described[2 * i + 1]]]
+        return out + [[(t, False) for t in self._described[-1]]]
 
     PHASES = ("embedding, norms, residual", "in_proj", "conv + SSM step + gated norm", "out_proj", "lm_head")
 

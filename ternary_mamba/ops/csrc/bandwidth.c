@@ -69,3 +69,64 @@ float vector_probe(int64_t iters) {
     }
     return sink;
 }
+
+// The decode step's own bytes with nothing computed on them (`bench decode`'s read-only pass): n ranges in the order
+// a token visits them (per layer in_proj's codes and scales, the conv and SSM states, out_proj's; then the head), in
+// one parallel region per kernel call of the step (flags[i] & 2: range i starts a region), each range split over the
+// threads as the GEMVs split their rows (one contiguous part per thread), each part read as the probe reads
+// (stream_read: four streams, wide loads, L2 prefetch: the fastest read we know on these machines, 1.2x one stream
+// on the AMD EPYC kind); a range with flags[i] & 1 is read as one stream and written back (x ^ zero, zero = 0 at run time: the same values, the
+// traffic of the state update).  What a mode's arithmetic costs on top of its bytes is the gap between a token and
+// this pass.  Returns a checksum (the loads cannot go away).
+int64_t stream_ranges(uint8_t *const *ptrs, const int64_t *nbytes, const uint8_t *flags, int64_t n, int64_t zero) {
+    typedef int64_t vi8 __attribute__((vector_size(64)));
+    typedef int64_t vi8u __attribute__((vector_size(64), aligned(1)));
+    int64_t sum = 0;
+    for (int64_t r0 = 0, r1; r0 < n; r0 = r1) {
+        for (r1 = r0 + 1; r1 < n && !(flags[r1] & 2); r1++) {}
+        #pragma omp parallel reduction(^ : sum)
+        {
+            const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+            const vi8 z = (vi8){0} + zero;
+            vi8 acc = {0};
+            for (int64_t r = r0; r < r1; r++) {
+                uint8_t *base = ptrs[r];
+                const int64_t lines = nbytes[r] / 64, lo = lines * t / nt, hi = lines * (t + 1) / nt;
+                const int write = flags[r] & 1;
+                int64_t i = lo;
+                if (!write) {           // as the probe reads: four streams (quarters of the part), 8 KB prefetch
+                    const int64_t q = (hi - lo) / 4;
+                    const uint8_t *s0 = base + 64 * lo, *s1 = s0 + 64 * q, *s2 = s1 + 64 * q, *s3 = s2 + 64 * q;
+                    vi8 b1 = {0}, b2 = {0}, b3 = {0};
+                    for (int64_t j = 0; j < 64 * q; j += 64) {
+#ifdef __AVX2__
+                        _mm_prefetch((const char *)s0 + j + 8192, _MM_HINT_T1);
+                        _mm_prefetch((const char *)s1 + j + 8192, _MM_HINT_T1);
+                        _mm_prefetch((const char *)s2 + j + 8192, _MM_HINT_T1);
+                        _mm_prefetch((const char *)s3 + j + 8192, _MM_HINT_T1);
+#endif
+                        acc ^= *(const vi8u *)(const void *)(s0 + j);
+                        b1 ^= *(const vi8u *)(const void *)(s1 + j);
+                        b2 ^= *(const vi8u *)(const void *)(s2 + j);
+                        b3 ^= *(const vi8u *)(const void *)(s3 + j);
+                    }
+                    acc ^= b1 ^ b2 ^ b3;
+                    i = lo + 4 * q;
+                }
+                for (; i < hi; i++) {
+                    vi8u *p = (vi8u *)(void *)(base + 64 * i);
+#ifdef __AVX2__
+                    _mm_prefetch((const char *)p + 16384, _MM_HINT_T1);
+#endif
+                    const vi8 v = *p;
+                    acc ^= v;
+                    if (write) *p = v ^ z;
+                }
+                if (t == nt - 1)
+                    for (int64_t i = 64 * lines; i < nbytes[r]; i++) acc[0] ^= base[i];
+            }
+            for (int k = 0; k < 8; k++) sum ^= acc[k];
+        }
+    }
+    return sum;
+}

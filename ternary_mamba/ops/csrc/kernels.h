@@ -90,6 +90,7 @@ void tq2_dequant_bf16(const uint8_t *codes, const float *scales, uint16_t *w, in
 int tq2_has_bf16(void);
 float stream_read(const float *buf, int64_t n);
 float vector_probe(int64_t iters);
+int64_t stream_ranges(uint8_t *const *ptrs, const int64_t *nbytes, const uint8_t *flags, int64_t n, int64_t zero);
 int tq2_gemm_a8(const uint8_t *codes, const float *scales, const float *x, float *y,
                 int64_t out, int64_t in, int64_t G, int64_t nt);
 int tq2_has_vnni512(void);
