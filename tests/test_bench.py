@@ -290,3 +290,17 @@ def test_the_read_only_pass_covers_the_bytes_of_the_decode_roofline():
         assert timer is not None and timer() > 0, name
         parts = bytes_breakdown(m)
         assert timer.nbytes == bytes_per_token(m) - parts["small tensors"] - parts["embedding row"], name
+
+
+def test_the_read_only_line_never_prints_a_share_above_100_percent():
+    """A pass faster than the best probe, or a mode faster than its pass, is said in words, not as > 100 %."""
+    import re
+    from ternary_mamba.bench.runtime import read_only_text
+
+    class Pass:
+        nbytes = 5e8
+    for rate, bw, ratio in ((100, 40, 90.0), (100, 60, 120.0), (100, 60, None), (60, 60, 100.0)):
+        text = read_only_text(Pass(), rate, bw, ratio)
+        assert all(float(v) <= 100 for v in re.findall(r"(\d+) %", text)), text
+    assert "above the best probe" in read_only_text(Pass(), 100, 40, 90.0)
+    assert "faster than it" in read_only_text(Pass(), 100, 60, 120.0)

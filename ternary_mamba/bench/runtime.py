@@ -222,7 +222,8 @@ def read_only_text(timer, rate: float, bw: float, ratio: float | None) -> str:
     """A decode mode's line about the read-only pass over its own bytes (`probes.read_only_timer`)."""
     gbs = rate * timer.nbytes / 1e9
     text = (f"read-only pass over these bytes ({timer.nbytes / 1e6:.1f} MB in the engine's order, nothing computed): "
-            f"{rate:.1f} /s = {gbs:.1f} GB/s ({100 * gbs / bw:.0f} % of the best probe)")
+            f"{rate:.1f} /s = {gbs:.1f} GB/s (" + (f"{100 * gbs / bw:.0f} % of the best probe)" if gbs <= bw else
+                                                   "above the best probe: a faster moment)"))
     if ratio is None:
         return text
     return text + (f"; this mode at {ratio:.0f} % of its rate (median of the rounds)" if ratio <= 100 else
