@@ -79,6 +79,34 @@ def test_export_cli_gguf(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err and out.read_bytes() == before
 
 
+def test_a_gguf_export_records_the_decode_modes_cost_and_generate_reads_it(tmp_path, capsys):
+    """`export --format gguf` measures each decode mode on the file as `generate` loads it and keeps the record in
+    the file's metadata (nothing left beside it); `generate` picks from a file's record as from a packed folder's
+    decode_modes.json and says so; a record it cannot read means the exact path."""
+    import json
+    from conftest import BUNDLED_TOKENIZER
+    from ternary_mamba.runtime.modes import GGUF_KEY, choose_mode, read_gguf_record
+    save_model(random_model(tiny_config(d_model=256, n_layer=1, headdim=32, vocab_size=8192)), tmp_path / "fp",
+               tokenizer_path=BUNDLED_TOKENIZER)
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(tmp_path / "fp"), "--format", "gguf", "--out", str(out), "--cost-tokens", "24"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp", "m.gguf"]
+    rec = read_gguf_record(out)
+    assert rec["tokens"] == 24 and {"exact", "a8"} <= set(rec["modes"]) and rec["modes"]["exact"]["kl"] == 0.0
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "Once", "--max-new-tokens", "2", "--temperature", "0"]) == 0
+    assert f"[decode mode: {choose_mode(rec)[1]}" in capsys.readouterr().err
+    m = student(256)
+    cheap = {"modes": {"exact": {"kl": 0.0, "top1": 1.0}, "a8": {"kl": 0.001, "top1": 0.99}}, "tokens": 5, "cpu": "x"}
+    for name, value, said in (("a8.gguf", json.dumps(cheap), "[decode mode: a8: int8 activations"),
+                              ("bad.gguf", "{not json", "records no measured cost"),
+                              ("odd.gguf", json.dumps({"modes": {"turbo": {"kl": 0, "top1": 1}}}),
+                               "records no measured cost")):
+        export_gguf(m, tmp_path / name, "tq2_0", BUNDLED_TOKENIZER, metadata={GGUF_KEY: value})
+        assert main(["generate", str(tmp_path / name), "--prompt", "Once", "--max-new-tokens", "2"]) == 0
+        assert said in capsys.readouterr().err, name
+
+
 def test_full_precision_model_as_f32_gguf_is_exact(tmp_path):
     from conftest import BUNDLED_TOKENIZER
     m = random_model(tiny_config(d_model=128, n_layer=2, headdim=32, vocab_size=8192, tie_embeddings=False), seed=3)
@@ -141,7 +169,7 @@ def test_a_ternary_gguf_decodes_packed_as_the_packed_folder_does(tmp_path, capsy
     assert "packed in memory" in err and "[decode mode: exact (m.gguf records no measured cost" in err
     assert main(["generate", str(tmp_path / "m.gguf"), "--prompt", "Once", "--max-new-tokens", "3", "--mode", "a8"]) == 0
     err = capsys.readouterr().err                 # a8 runs on the packed codes; its cost is nowhere recorded
-    assert "[decode mode: a8: int8 activations" in err and "not measured for a single file" in err
+    assert "[decode mode: a8: int8 activations" in err and "not measured for this file" in err
     export_gguf(random_model(tiny_config(vocab_size=8192)), tmp_path / "fp.gguf", "f16", BUNDLED_TOKENIZER)
     model, _, note = load_for_decoding(tmp_path / "fp.gguf")
     assert "full-precision" in note and not getattr(model, "packed_header", None)

@@ -167,9 +167,9 @@ class ExportConfig(Config):
     hf_dtype: str = option("fp16", choices=("fp16", "bf16", "fp32"), help="--format hf: dtype of the weights")
     group_size: int = option(GGUF_TQ_BLOCK, help="for PTQ of a full-precision model, every format (256: what GGUF's "
                              "TQ types hold exactly)")
-    cost_tokens: int = option(256, help="tq2/tq1: held-out tokens on which each faster decode mode's KL and top-1 "
-                              "agreement to the exact path are measured and recorded (generate's fast default "
-                              "reads it); 0: skip")
+    cost_tokens: int = option(256, help="tq2/tq1/gguf: held-out tokens on which each faster decode mode's KL and "
+                              "top-1 agreement to the exact path are measured and recorded (decode_modes.json, or "
+                              "the GGUF's metadata; generate's fast default reads it); 0: skip")
     cost_text: str | None = option(None, help="text file or folder for --cost-tokens (default: the bundled "
                                    "held-out books)")
 

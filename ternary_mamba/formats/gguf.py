@@ -90,8 +90,10 @@ def _vocab(writer, tokenizer_path: Path | None, n_vocab: int) -> None:
         writer.add_eos_token_id(eos)
 
 
-def export_gguf(model, out: Path, qtype: str = "tq2_0", tokenizer_path: Path | None = None, name: str = "") -> dict:
-    """Write `model` (a ternary student) as one GGUF file, atomically. Returns {tensor name: ggml type name}."""
+def export_gguf(model, out: Path, qtype: str = "tq2_0", tokenizer_path: Path | None = None, name: str = "",
+                metadata: dict[str, str] | None = None) -> dict:
+    """Write `model` (a ternary student) as one GGUF file, atomically, with `metadata` as extra string keys.
+    Returns {tensor name: ggml type name}."""
     gguf = gguf_module()
     if qtype not in GGUF_TYPES:
         raise UserError(f"--gguf-type {qtype}: choose from {', '.join(GGUF_TYPES)}")
@@ -133,6 +135,8 @@ def export_gguf(model, out: Path, qtype: str = "tq2_0", tokenizer_path: Path | N
                          "f16": gguf.LlamaFileType.MOSTLY_F16, "f32": gguf.LlamaFileType.ALL_F32}[qtype])
         emb = model.backbone.embedding.weight
         _vocab(w, tokenizer_path, emb.shape[0])
+        for key, value in (metadata or {}).items():
+            w.add_string(key, value)
         edt = torch.float32 if qtype == "f32" else torch.float16
         add("token_embd.weight", emb.detach().to(edt).numpy())
         add("output_norm.weight", model.backbone.norm_f.weight)

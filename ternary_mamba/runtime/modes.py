@@ -9,7 +9,8 @@ A mode is a set of opt-in inference settings (none is exact except "exact"):
           token (`ternary-mamba bench decode` measures each mode's speed and roofline share).
 `measure_modes` decodes the same held-out tokens with every mode, teacher-forced, and compares each one's next-token
 distribution with the exact path's: mean KL(exact || mode) per token and top-1 agreement.  `export` records that in
-the packed folder (decode_modes.json, with the text, the token count and the CPU kind); `generate` then picks the
+the packed folder (decode_modes.json, with the text, the token count and the CPU kind; a GGUF export carries the same
+record in its metadata, measured on the file as `generate` loads it); `generate` then picks the
 fastest mode whose recorded cost is within the thresholds fixed here before any measurement (spec.DECODE_MODE_*),
 says which mode runs and what it costs, and `--exact` always gives the exact path."""
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..formats.fs import read_json, write_json_atomic
 from ..spec import DECODE_MODE_MAX_KL, DECODE_MODE_MIN_TOP1, DECODE_MODES
 
 RECORD = "decode_modes.json"
+GGUF_KEY = "ternary_mamba.decode_modes"                # the same record inside a GGUF file's metadata
 MODES = DECODE_MODES                                   # fastest first
 DESCRIBE = {"exact": "exact fp32 ternary products, 16-bit head, fp32 state",
             "i8head": "8-bit head",
@@ -135,14 +137,19 @@ def select_mode(model, source: str | None, mode: str = "auto") -> str | None:
         chosen, why = "exact", "exact (asked for)"
     elif mode == "auto":
         folder = Path(source) if source else None
-        if folder is not None and folder.is_file():    # a GGUF file packed in memory: no record to read
+        rec = read_gguf_record(folder) if folder is not None and folder.is_file() else None
+        if folder is not None and folder.is_file() and rec is None:   # a GGUF file without a record
             chosen, why = "exact", (f"exact ({folder.name} records no measured cost of the faster modes: "
-                                    "`ternary-mamba export` it to a packed folder to measure them, or pass --mode)")
+                                    "`ternary-mamba export` it again, or to a packed folder, to measure them, or "
+                                    "pass --mode)")
         else:
-            chosen, why = choose_mode(read_record(folder) if folder is not None and folder.is_dir() else None)
+            chosen, why = choose_mode(rec or (read_record(folder) if folder is not None and folder.is_dir()
+                                              else None))
     else:
-        where = ("not measured for a single file: `ternary-mamba export` it to a packed folder to measure it"
-                 if source and Path(source).is_file() else "its measured cost: decode_modes.json")
+        is_file = bool(source) and Path(source).is_file()
+        where = ("its measured cost: the file's metadata" if is_file and read_gguf_record(Path(source)) else
+                 "not measured for this file: `ternary-mamba export` measures it" if is_file else
+                 "its measured cost: decode_modes.json")
         chosen, why = mode, f"{mode}: {DESCRIBE.get(mode, '?')} (asked for; {where})"
     if not apply_mode(model, chosen):
         raise UserError(f"--mode {chosen}: this model cannot run it (int8 activations need groups of a multiple "
@@ -150,15 +157,8 @@ def select_mode(model, source: str | None, mode: str = "auto") -> str | None:
     return why
 
 
-def read_record(folder: Path) -> dict | None:
-    """The folder's decode_modes.json, or None when absent or not a record this version understands."""
-    p = Path(folder) / RECORD
-    if not p.is_file():
-        return None
-    try:
-        rec = read_json(p)
-    except UserError:
-        return None
+def valid_record(rec) -> dict | None:
+    """`rec` when it is a record this version understands (every mode known, numeric KL and top-1), else None."""
     modes = rec.get("modes") if isinstance(rec, dict) else None
     if not isinstance(modes, dict) or not all(
             k in MODES and isinstance(v, dict) and isinstance(v.get("kl"), (int, float))
@@ -167,8 +167,35 @@ def read_record(folder: Path) -> dict | None:
     return rec
 
 
-def write_record(folder: Path, modes: dict, text: str, tokens: int, cpu: str) -> dict:
-    rec = {"modes": modes, "text": text, "tokens": tokens, "cpu": cpu,
-           "thresholds": {"max_kl": DECODE_MODE_MAX_KL, "min_top1": DECODE_MODE_MIN_TOP1}}
+def read_record(folder: Path) -> dict | None:
+    """The folder's decode_modes.json, or None when absent or not a record this version understands."""
+    p = Path(folder) / RECORD
+    if not p.is_file():
+        return None
+    try:
+        return valid_record(read_json(p))
+    except UserError:
+        return None
+
+
+def read_gguf_record(path: Path) -> dict | None:
+    """The record a GGUF file of ours carries in its metadata (GGUF_KEY, the same JSON as decode_modes.json; read
+    from the metadata alone), or None when absent or not one this version understands."""
+    import json
+    from ..formats.gguf import gguf_module
+    from ..formats.gguf_load import read_gguf_file
+    try:
+        value = read_gguf_file(Path(path), gguf_module()).fields.get(GGUF_KEY, (None, None))[0]
+        return valid_record(json.loads(value)) if isinstance(value, str) else None
+    except (UserError, ValueError):
+        return None
+
+
+def make_record(modes: dict, text: str, tokens: int, cpu: str) -> dict:
+    return {"modes": modes, "text": text, "tokens": tokens, "cpu": cpu,
+            "thresholds": {"max_kl": DECODE_MODE_MAX_KL, "min_top1": DECODE_MODE_MIN_TOP1}}
+
+
+def write_record(folder: Path, rec: dict) -> dict:
     write_json_atomic(Path(folder) / RECORD, rec)
     return rec
