@@ -96,6 +96,9 @@ def test_a_gguf_export_records_the_decode_modes_cost_and_generate_reads_it(tmp_p
     capsys.readouterr()
     assert main(["generate", str(out), "--prompt", "Once", "--max-new-tokens", "2", "--temperature", "0"]) == 0
     assert f"[decode mode: {choose_mode(rec)[1]}" in capsys.readouterr().err
+    assert main(["info", str(out)]) == 0      # info reads it from the metadata too
+    said = "".join(capsys.readouterr())
+    assert "decode modes (measured at export on 24 held-out tokens" in said and choose_mode(rec)[1] in said
     m = student(256)
     cheap = {"modes": {"exact": {"kl": 0.0, "top1": 1.0}, "a8": {"kl": 0.001, "top1": 0.99}}, "tokens": 5, "cpu": "x"}
     for name, value, said in (("a8.gguf", json.dumps(cheap), "[decode mode: a8: int8 activations"),
@@ -105,6 +108,7 @@ def test_a_gguf_export_records_the_decode_modes_cost_and_generate_reads_it(tmp_p
         export_gguf(m, tmp_path / name, "tq2_0", BUNDLED_TOKENIZER, metadata={GGUF_KEY: value})
         assert main(["generate", str(tmp_path / name), "--prompt", "Once", "--max-new-tokens", "2"]) == 0
         assert said in capsys.readouterr().err, name
+    assert main(["info", str(tmp_path / "bad.gguf")]) == 0 and "no measured cost recorded" in capsys.readouterr().out
 
 
 def test_full_precision_model_as_f32_gguf_is_exact(tmp_path):

@@ -9,6 +9,7 @@ from ..formats.configs import PACKED_FORMAT_NAME, config_from_json
 from ..formats.fs import read_json
 from ..formats.paths import is_gguf, resolve_student_dir
 from ..formats.sizes import format_info, format_size_table, packed_info
+from ..runtime.modes import describe_record, read_gguf_record, read_record
 from ..spec import DEFAULT_GROUP_SIZE
 from .flags import require
 from ..log import say
@@ -42,8 +43,10 @@ def info(path: str) -> str:
         from ..formats.gguf_load import gguf_summary
         cfg, types = gguf_summary(p)
         kinds = ", ".join(f"{n} x{k}" for n, k in sorted(types.items(), key=lambda kv: -kv[1]))
+        ternary = any(k in types for k in ("TQ2_0", "TQ1_0"))
         return (format_info(cfg, str(p)) + f"\nGGUF file: {p.stat().st_size / MB:,.2f} MB; tensors: {kinds} "
-                f"(TQ2_0 / TQ1_0 projections decode packed: `generate`, `serve`)")
+                f"(TQ2_0 / TQ1_0 projections decode packed: `generate`, `serve`)"
+                + ("\n" + describe_record(read_gguf_record(p)) if ternary else ""))
     if p.is_file():
         return format_info(config_from_json(p), str(p))
     run = Path(path) if (Path(path) / "run.json").exists() else None
@@ -55,7 +58,7 @@ def info(path: str) -> str:
     meta = read_json(folder / "config.json")
     cfg = config_from_json(folder / "config.json")
     if meta.get("format") == PACKED_FORMAT_NAME and (folder / "model.safetensors").exists():
-        return format_info(cfg, str(folder)) + "\n" + packed_info(folder)
+        return format_info(cfg, str(folder)) + "\n" + packed_info(folder) + "\n" + describe_record(read_record(folder))
     q = meta.get("quantization")
     try:
         sizes = format_size_table(cfg, q["group_size"] if q else DEFAULT_GROUP_SIZE)

@@ -127,6 +127,15 @@ def choose_mode(record: dict | None) -> tuple[str, str]:
     return "exact", "exact"
 
 
+def describe_record(rec: dict | None) -> str:
+    """Two lines for `info`: each mode's recorded cost, and what `generate` runs by default on this CPU."""
+    if not rec:
+        return "decode modes: no measured cost recorded (generate runs the exact path; `export` measures them)"
+    costs = "; ".join(f"{m} KL {c['kl']:.4f}, top-1 {c['top1']:.1%}" for m, c in rec["modes"].items() if m != "exact")
+    return (f"decode modes (measured at export on {rec.get('tokens', '?')} held-out tokens, {rec.get('cpu', '?')}): "
+            f"{costs or 'none faster than exact'}\ngenerate's default here: {choose_mode(rec)[1]}")
+
+
 def select_mode(model, source: str | None, mode: str = "auto") -> str | None:
     """Apply `mode` to a packed model loaded from `source` (auto: the fastest mode the folder's record allows) and
     return one line saying which mode runs and what it costs; None for a model that is not packed (it decodes as
