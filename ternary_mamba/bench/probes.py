@@ -1,5 +1,6 @@
 """The machine probes every benchmark prints beside its figures: memory read bandwidth (the roofline's
-denominator) and how many threads' worth of vector arithmetic the threads deliver (C kernels, csrc/bandwidth.c)."""
+denominator), how many threads' worth of vector arithmetic the threads deliver, and a pass that reads a decode
+mode's own bytes without computing (C kernels, csrc/bandwidth.c)."""
 from __future__ import annotations
 
 import time
