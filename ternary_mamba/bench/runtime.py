@@ -217,7 +217,6 @@ def decode_profile(model, n: int) -> dict[str, float] | None:
     return {k: 1e3 * v / n for k, v in zip(DecodeEngine.PHASES, prof.tolist())}
 
 
-@torch.no_grad()
 def read_only_text(timer, rate: float, bw: float, ratio: float | None) -> str:
     """A decode mode's line about the read-only pass over its own bytes (`probes.read_only_timer`)."""
     gbs = rate * timer.nbytes / 1e9
@@ -230,6 +229,7 @@ def read_only_text(timer, rate: float, bw: float, ratio: float | None) -> str:
                    "; this mode faster than it (median of the rounds: the pass is no limit there)")
 
 
+@torch.no_grad()
 def run_bench_runtime(cfg) -> None:
     import tempfile
     from pathlib import Path
