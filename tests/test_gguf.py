@@ -111,6 +111,29 @@ def test_a_gguf_export_records_the_decode_modes_cost_and_generate_reads_it(tmp_p
     assert main(["info", str(tmp_path / "bad.gguf")]) == 0 and "no measured cost recorded" in capsys.readouterr().out
 
 
+def test_ppl_on_a_ternary_gguf_scores_it_packed_with_the_dense_models_values(tmp_path, text_dir, capsys):
+    """`ppl` (and `eval`, through the same loader) on a TQ2_0 / TQ1_0 file packs its projections on a CPU, as
+    `generate` does, and scores exactly what the dense read scores."""
+    from conftest import BUNDLED_TOKENIZER
+    from ternary_mamba.commands.configs import PplConfig
+    from ternary_mamba.commands.evaluate import perplexity
+    from ternary_mamba.eval.perplexity import text_perplexity
+    from ternary_mamba.formats.text import find_text_files, read_documents
+    from ternary_mamba.runtime.load import load_for_scoring, load_model_and_tokenizer
+    texts = [d for f in find_text_files([str(text_dir)]) for d in read_documents(f)]
+    for qtype in ("tq2_0", "tq1_0"):
+        path = tmp_path / f"{qtype}.gguf"
+        export_gguf(student(256, seed=len(qtype)), path, qtype, BUNDLED_TOKENIZER)
+        assert getattr(load_for_scoring(path, "cpu")[0], "packed_header", None)
+        got = perplexity(PplConfig(models=[str(path)], text=[str(text_dir)], seq_len=128, batch_size=2,
+                                   max_tokens=512))[str(path)]
+        assert "packed in memory" in capsys.readouterr().out
+        dense, tok = load_model_and_tokenizer(path)
+        with torch.no_grad():
+            want = text_perplexity(dense, tok, texts, 128, 2, 512)
+        assert got["tokens"] == want["tokens"] and got["ppl"] == pytest.approx(want["ppl"], rel=1e-5), qtype
+
+
 def test_full_precision_model_as_f32_gguf_is_exact(tmp_path):
     from conftest import BUNDLED_TOKENIZER
     m = random_model(tiny_config(d_model=128, n_layer=2, headdim=32, vocab_size=8192, tie_embeddings=False), seed=3)

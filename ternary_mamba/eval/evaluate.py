@@ -10,7 +10,7 @@ import torch
 
 from ..errors import UserError
 from ..formats.fs import atomic_write_bytes
-from ..runtime.load import load_model_and_tokenizer
+from ..runtime.load import load_for_scoring
 from ..ops.device import autocast, precision
 from .scoring import loglikelihoods
 from .tasks import AVERAGE_METRIC, SEVEN, Doc, load_task, parse_tasks
@@ -55,7 +55,7 @@ def average_seven(results: dict) -> float | None:
 def evaluate_model(path: str, tasks: list[str], data_dir: Path, limit: int | None, batch_size: int,
                    max_len: int, log=say, device: str | None = None, dtype: str = "fp32") -> dict:
     dev, dt = precision(device, dtype)
-    model, tok = load_model_and_tokenizer(path)
+    model, tok = load_for_scoring(path, dev)
     model = model.to(dev)
     res = {}
     for name in tasks:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..runtime.load import load_model_and_tokenizer
+from ..runtime.load import load_for_scoring
 from ..runtime.metrics import IGNORE, heldout_windows
 from ..formats.text import find_text_files, read_documents
 from ..ops.device import autocast, module_device, precision
@@ -52,7 +52,7 @@ def run_ppl(args) -> dict:
     texts = [doc for f in find_text_files(args.text) for doc in read_documents(f)]
     say(f"{'model':<40} {'tokens':>10} {'ppl':>10} {'bits/byte':>10} {'time':>8}")
     for m in args.models:
-        model, tok = load_model_and_tokenizer(m)
+        model, tok = load_for_scoring(m, device)
         model = model.to(device)
         variants = [("", model)]
         if args.int8_head:
