@@ -260,14 +260,14 @@ def run_bench_runtime(cfg) -> None:
         timers = {k: make(m, per_round) for k, m in variants.items()}
         ro: dict[str, object] = {}
         if cfg.what == "decode":   # each engine mode's bytes read with nothing computed, timed right after the mode
-            ro = {k: t for k, t in ((k, read_only_timer(m, per_round)) for k, m in variants.items()) if t is not None}
+            ro = {k: t for k, m in variants.items() if (t := read_only_timer(m, per_round)) is not None}
             paired_timers = {}
             for k, t in timers.items():
                 paired_timers[k] = t
                 if k in ro:
                     paired_timers[f"{k} read-only"] = ro[k]
             timers = paired_timers
-        if cfg.what == "decode":   # greedy decoding: the same tokens as argmax of the full logits
+            # greedy decoding: the same tokens as argmax of the full logits
             timers.update({f"{k} greedy": _decode_timer(variants[k], per_round, greedy=True)
                            for k in ("fp32", "tq2") if k in variants})
         with tempfile.TemporaryDirectory() as tmp:

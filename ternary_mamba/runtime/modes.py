@@ -146,14 +146,15 @@ def select_mode(model, source: str | None, mode: str = "auto") -> str | None:
         chosen, why = "exact", "exact (asked for)"
     elif mode == "auto":
         folder = Path(source) if source else None
-        rec = read_gguf_record(folder) if folder is not None and folder.is_file() else None
-        if folder is not None and folder.is_file() and rec is None:   # a GGUF file without a record
+        is_file = folder is not None and folder.is_file()          # a GGUF file: its record is in the metadata
+        rec = (read_gguf_record(folder) if is_file else
+               read_record(folder) if folder is not None and folder.is_dir() else None)
+        if is_file and rec is None:
             chosen, why = "exact", (f"exact ({folder.name} records no measured cost of the faster modes: "
                                     "`ternary-mamba export` it again, or to a packed folder, to measure them, or "
                                     "pass --mode)")
         else:
-            chosen, why = choose_mode(rec or (read_record(folder) if folder is not None and folder.is_dir()
-                                              else None))
+            chosen, why = choose_mode(rec)
     else:
         is_file = bool(source) and Path(source).is_file()
         where = ("its measured cost: the file's metadata" if is_file and read_gguf_record(Path(source)) else
