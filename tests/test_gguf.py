@@ -109,6 +109,8 @@ def test_a_gguf_export_records_the_decode_modes_cost_and_generate_reads_it(tmp_p
         assert main(["generate", str(tmp_path / name), "--prompt", "Once", "--max-new-tokens", "2"]) == 0
         assert said in capsys.readouterr().err, name
     assert main(["info", str(tmp_path / "bad.gguf")]) == 0 and "no measured cost recorded" in capsys.readouterr().out
+    assert main(["generate", str(tmp_path / "a8.gguf"), "--prompt", "Once", "--max-new-tokens", "2", "--mode", "fast"]) == 0
+    assert "(asked for; its measured cost: the file's metadata)" in capsys.readouterr().err
 
 
 def test_ppl_on_a_ternary_gguf_scores_it_packed_with_the_dense_models_values(tmp_path, text_dir, capsys):
