@@ -304,3 +304,31 @@ def test_the_read_only_line_never_prints_a_share_above_100_percent():
         assert all(float(v) <= 100 for v in re.findall(r"(\d+) %", text)), text
     assert "above the best probe" in read_only_text(Pass(), 100, 40, 90.0)
     assert "faster than it" in read_only_text(Pass(), 100, 60, 120.0)
+
+
+def _has_avx512_vnni() -> bool:
+    try:
+        flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return {"avx512f", "avx512bw", "avx512_vnni", "f16c"} <= set(flags)
+
+
+def test_stream_probe_builds_checks_and_times(tmp_path):
+    """scripts/stream_probe.sh (docs/SPEED.md, "The GEMV reads at the one-stream rate") still builds against the shipped
+    r32 kernel, its four-stream variant still equals r32 bit for bit (it exits 1 otherwise), and a bad argument is
+    one usage line and exit 2."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+    if shutil.which("gcc") is None or not _has_avx512_vnni():
+        pytest.skip("needs gcc and an AVX512-VNNI CPU")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "stream_probe.sh"
+    env = {**os.environ, "THREADS": "2", "TMPDIR": str(tmp_path)}
+    r = subprocess.run(["bash", str(script), "1", "2"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    names = ["r32 (shipped)", "r16x4", "read x1", "read x4"]
+    assert all(any(ln.startswith(n) and "GB/s" in ln for ln in r.stdout.splitlines()) for n in names), r.stdout
+    bad = subprocess.run(["bash", str(script), "1", "0"], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "usage" in bad.stderr

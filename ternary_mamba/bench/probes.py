@@ -9,8 +9,9 @@ import torch
 
 
 def memory_bandwidth_gbs(mb: int = 1024) -> float:
-    """Streaming read of a buffer far larger than the L3, best of 7: the C probe (csrc/bandwidth.c) that reads the
-    way the GEMVs read (contiguous range per thread, four streams, wide loads, L2 prefetch), else torch's sum."""
+    """Streaming read of a buffer far larger than the L3, best of 7: the C probe (csrc/bandwidth.c: a contiguous
+    range per thread as the GEMVs split theirs, read as four streams with wide loads and L2 prefetch, the fastest read
+    we know), else torch's sum."""
     from ..ops.build import get_kernel
     x = torch.ones(mb * 2 ** 20 // 4)
     lib = get_kernel()
