@@ -6,8 +6,8 @@
 //            rows: four code streams per thread touched every 64 bytes, as the bandwidth probe reads
 //            (checked equal to r32, bit for bit, before timing; exit 1 if not);
 //   read x1  the same bytes (codes, then scales), nothing computed: one stream per thread, prefetch 16 KB ahead;
-//   read x4  the same bytes read as the benchmarks' probe reads them (csrc/bandwidth.c stream_read: four streams
-//            per thread, prefetch 8 KB ahead) -- the roofline's denominator.
+//   read x4  the same bytes read by the benchmarks' probe itself (csrc/bandwidth.c stream_read, included below: four
+//            streams per thread, prefetch 8 KB ahead) -- the roofline's denominator.
 // Prints each variant's best and median GB/s and, per round, its rate over `read x4` of the same round (median):
 // what each read pattern gives, and whether the four-stream gain survives the arithmetic.
 // Run: bash scripts/stream_probe.sh [rounds] [matrices, default 48] (AVX512-VNNI builds only).
@@ -17,6 +17,7 @@
 #include <time.h>
 #include <omp.h>
 #include "decode_r32.c"
+#include "bandwidth.c"
 #if !defined(DECODE_R32) || defined(R32_AVX2)
 #error "the stream probe needs AVX512-VNNI (the r32 kernel's 512-bit build)"
 #endif
@@ -93,28 +94,28 @@ static void r16x4(const uint8_t *codes, const uint16_t *scales, const int8_t *xa
     }
 }
 
-// The bytes of [lo, hi) per thread read as `streams` streams (1: prefetch 16 KB ahead, as r32; 4: 8 KB, as the
-// probe), nothing computed; returns a checksum so the loads stay.
-static int64_t read_part(const uint8_t *base, int64_t lines, int streams) {
+// The bytes split over the threads, each part read as one stream prefetched 16 KB ahead (as r32 reads), nothing
+// computed; returns a checksum so the loads stay.
+static int64_t read_one_stream(const uint8_t *base, int64_t lines) {
     int64_t sum = 0;
     #pragma omp parallel reduction(^ : sum)
     {
         const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-        const int64_t lo = lines * t / nt, q = (lines * (t + 1) / nt - lo) / streams;
-        const int dist = streams == 1 ? 16384 : 8192;
-        __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
-        for (int64_t j = 0; j < q; j++)
-            for (int s = 0; s < streams; s++) {
-                const uint8_t *p = base + 64 * (lo + s * q + j);
-                _mm_prefetch((const char *)p + dist, _MM_HINT_T1);
-                acc[s] = _mm512_xor_si512(acc[s], _mm512_loadu_si512(p));
-            }
-        for (int s = 0; s < 4; s++) sum ^= _mm512_reduce_add_epi64(acc[s]);
+        const int64_t lo = lines * t / nt, hi = lines * (t + 1) / nt;
+        __m512i acc = _mm512_setzero_si512();
+        for (int64_t j = lo; j < hi; j++) {
+            _mm_prefetch((const char *)base + 64 * j + 16384, _MM_HINT_T1);
+            acc = _mm512_xor_si512(acc, _mm512_loadu_si512(base + 64 * j));
+        }
+        sum ^= _mm512_reduce_add_epi64(acc);
     }
     return sum;
 }
 
-static int cmp(const void *a, const void *b) { const double x = *(const double *)a, y = *(const double *)b; return (x > y) - (x < y); }
+static int cmp(const void *a, const void *b) {
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
 
 int main(int argc, char **argv) {
     const int rounds = argc > 1 ? atoi(argv[1]) : 12, layers = argc > 2 ? atoi(argv[2]) : LAYERS;
@@ -165,10 +166,10 @@ int main(int argc, char **argv) {
             for (int l = 0; l < layers; l++) {
                 if (v == 0) r32_gemv(c32[l], s32[l], xa, S, &xs, y32, OUT, IN, G, 1);
                 else if (v == 1) r16x4(c16[l], s16[l], xa, S, xs, y16);
-                else {
-                    sink ^= read_part(c32[l], CODE_BYTES / 64, v == 2 ? 1 : 4);
-                    sink ^= read_part((const uint8_t *)s32[l], SCALE_BYTES / 64, v == 2 ? 1 : 4);
-                }
+                else if (v == 2)
+                    sink ^= read_one_stream(c32[l], CODE_BYTES / 64) ^ read_one_stream((uint8_t *)s32[l], SCALE_BYTES / 64);
+                else sink ^= (int64_t)(stream_read((const float *)c32[l], CODE_BYTES / 4)
+                                       + stream_read((const float *)s32[l], SCALE_BYTES / 4) == 42.f);
             }
             gbs[v][r] = gb / (now() - t0);
         }

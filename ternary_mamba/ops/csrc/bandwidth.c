@@ -1,7 +1,8 @@
 // The benchmarks' memory-bandwidth probe: a multi-threaded streaming read, each thread one contiguous range (as the
 // GEMVs split their rows) read as four interleaved streams with wide loads and software prefetch 8 KB ahead into L2:
 // the fastest read we know on these machines (1.1-1.2x the one stream per thread the r32 GEMV reads on the AMD EPYC
-// kind, scripts/stream_probe.sh), so that no GEMV can honestly exceed it.  Returns a sum of what it read (the loads cannot be optimised away).
+// kind, scripts/stream_probe.sh), so that no GEMV can honestly exceed it.  Returns a sum of what it read (the loads
+// cannot be optimised away).
 #include "kernels.h"
 #include "vec16.h"
 #ifdef __AVX2__
